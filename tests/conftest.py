@@ -1,0 +1,46 @@
+"""Session-wide test setup.
+
+Hub settings must be in the environment before huggingface_hub is first
+imported: the tests talk to a local Hub-protocol server (tests/hubserver.py)
+on a free loopback port, with a throwaway HF_HOME, and never to the network.
+"""
+
+import os
+import socket
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_port = _free_port()
+os.environ["TVTOOL_TEST_HUB_PORT"] = str(_port)
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_port}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tvtool-hf-home-")
+os.environ.pop("HF_TOKEN", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Tiny (base, reasoner) folders for llama, qwen2 (q/k/v biases) and a tied-embedding llama."""
+    root = tmp_path_factory.mktemp("pairs")
+    return {arch: tiny.make_pair(root, arch) for arch in ("llama", "qwen2", "tied")}
+
+
+@pytest.fixture(scope="session")
+def llama(pairs):
+    return pairs["llama"]

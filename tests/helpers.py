@@ -1,0 +1,42 @@
+"""Shared assertions and runners for the tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from click.testing import CliRunner
+
+from tvtool.cli import main
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit pattern, so that equality is bit for bit (−0.0 ≠ 0.0, NaN payloads count)."""
+    t = t.contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bit_equal(a: dict, b: dict, names=None) -> None:
+    names = names if names is not None else sorted(b)
+    assert set(names) <= set(a), sorted(set(names) - set(a))
+    for n in names:
+        assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, n
+        assert torch.equal(bits(a[n]), bits(b[n])), f"{n}: {(bits(a[n]) != bits(b[n])).sum()} elements differ"
+
+
+def cli(*args: str):
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tvtool", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(result, expected: str) -> None:
+    """Non-zero exit, exactly one line on stderr equal to `tvtool: error: <expected>`, no traceback."""
+    err = result.stderr.strip()
+    assert result.exit_code != 0 if hasattr(result, "exit_code") else result.returncode != 0
+    assert "Traceback" not in err
+    assert err == f"tvtool: error: {expected}", err

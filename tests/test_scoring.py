@@ -1,0 +1,221 @@
+"""Answer extraction and scoring on hand-written responses (GSM8K, ASDiv, MATH-500)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from tvtool import scoring
+from tvtool.scoring import (Score, ScoringError, VerifyWorker, extract_answer, extract_boxed, is_correct,
+                            parse_number, score)
+
+# --- extract_boxed ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so the answer is \boxed{42}.", "42"),
+    (r"So the answer is \boxed{ 42 }", "42"),  # the toy model's spacing
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
+    (r"first \boxed{3} then, correcting, \boxed{5}", "5"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed {8}", "8"),
+    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces do not close the box
+    (r"\boxed{\boxed{9}}", "9"),
+    (r"\boxed{5} and then the output was cut: \boxed{\frac{1}{", "5"),
+    ("no box here, the answer is 12", None),
+    (r"\boxed{", None),
+])
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+# --- extract_answer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,kind,expected", [
+    (r"2 + 2 = 4, so \boxed{4}. Check: 4 + 1 = 5", "gsm8k", "4"),  # the box wins over later numbers
+    ("She pays 3 * 6 = 18 dollars. The answer is 18.", "gsm8k", "18"),
+    ("It costs $1,450,000 in total.", "gsm8k", "1,450,000"),
+    ("The temperature is -10 degrees.", "gsm8k", "-10"),
+    ("10-3 = 7", "gsm8k", "7"),
+    ("x = -5.", "gsm8k", "-5"),
+    ("The answer is .5", "gsm8k", ".5"),
+    ("The answer is 5/2.", "asdiv", "5/2"),
+    ("I do not know.", "gsm8k", None),
+    ("The answer is 18.", "math500", None),  # MATH-500 needs the box
+    (r"The answer is $\boxed{\frac43}$", "math500", r"\frac43"),
+])
+def test_extract_answer(text, kind, expected):
+    assert extract_answer(text, kind=kind) == expected
+
+
+def test_unknown_kind():
+    with pytest.raises(ScoringError) as e:
+        extract_answer("1", kind="svamp")
+    assert str(e.value) == "unknown answer kind 'svamp' (tvtool.scoring). Use one of: gsm8k, math500, asdiv"
+
+
+# --- numbers (gsm8k, asdiv) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("18", "18"), ("18.00", "18"), ("$18", "18"), (r"\$18", "18"), ("18 dollars", "18"),
+    (r"18\text{ dollars}", "18"), (r"\text{18}", "18"), ("1,000", "1000"), ("1{,}000", "1000"),
+    ("1450000", "1450000"), ("-3", "-3"), (r"-\frac{1}{3}", "-1/3"), ("-(1/3)", "-1/3"),
+    ("0.50", ".5"), (".5", "0.5"), (r"\frac{1}{2}", "0.5"), ("1/2", "0.5"), (r"\dfrac{5}{2}", "5/2"),
+    ("2.5", "5/2"), ("9 apples", "9 (apples)"), ("9", "9 (apples)"), ("14", "14  (seats)"),
+    ("25%", "25"), (r"25\%", "25"), ("x = 5", "5"), (r"\left(5\right)", "5"),
+    ("17.9999999", "18"), ("3.1416", "3.14 (square yards)"), ("0.333", "0.333"),
+])
+def test_numbers_that_match(pred, gold):
+    assert is_correct(pred, gold, kind="gsm8k") is True
+    assert is_correct(pred, gold, kind="asdiv") is True
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("17", "18"), ("-18", "18"), ("18", "-18"), ("1.8", "18"), ("0.33", "-1/3"), ("0.33", "1/3"),
+    ("0.54", "0.5"), ("8; 40", "8"), ("5:45", "5"), ("2+3", "5"), ("Yes", "1"), ("", "5"), (None, "5"),
+    ("3.15", "3.14"), ("1/0", "0"),
+])
+def test_numbers_that_do_not_match(pred, gold):
+    assert is_correct(pred, gold, kind="gsm8k") is False
+
+
+@pytest.mark.parametrize("text,value", [
+    ("1,000", 1000), ("-0.25", -0.25), (r"\frac{3}{4}", 0.75), (r"\frac34", 0.75), ("9 (apples)", 9),
+    ("8; 40", None), ("Mrs. Hilt", None), ("5:6", None), ("1" * 5000, None),
+])
+def test_parse_number(text, value):
+    got = parse_number(text)
+    assert (got if got is None else float(got)) == value
+
+
+def test_score_gsm8k_and_asdiv_responses():
+    assert score(r"16 - 3 - 4 = 9 eggs, 9 * 2 = 18. So the answer is \boxed{ 18 }", "18", kind="gsm8k") == \
+        Score(extracted="18", correct=True)
+    assert score("That makes $1,450,000.", "1450000", kind="gsm8k") == Score(extracted="1,450,000", correct=True)
+    assert score(r"\boxed{17}", "18", kind="gsm8k") == Score(extracted="17", correct=False)
+    assert score("no idea", "18", kind="gsm8k") == Score(extracted=None, correct=False)
+    assert score(r"\boxed{9 \text{ apples}}", "9 (apples)", kind="asdiv").correct is True
+    # without a box the LAST number counts (paper A.1), even when an earlier one was right
+    assert score("There are 9 apples, and 2 of them are green.", "9", kind="asdiv") == \
+        Score(extracted="2", correct=False)
+    assert score("7 + 2 = 9 apples", "9", kind="asdiv") == Score(extracted="9", correct=True)
+
+
+# --- MATH-500 (math-verify) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"\frac{4}{3}", r"\frac43"),
+    (r"(3, \pi/2)", r"\left( 3, \frac{\pi}{2} \right)"),
+    ("10080", r"10,\!080"),
+    ("11111111100", r"11,\! 111,\! 111,\! 100"),
+    ("C", r"\text{(C)}"),
+    ("(C)", r"\text{(C)}"),
+    (r"(3, 4]", r"(3,4]"),
+    (r"(-\infty,0]", r"(-\infty, 0]"),
+    (r"(0,9)\cup(9,36)", r"(0,9) \cup (9,36)"),
+    ("-2, 1", "1,-2"),
+    (r"\frac{9}{5}", r"1\frac{4}{5}"),
+    ("0.0000672", ".0000672"),
+    ("32348", r"\$32,\!348"),
+    (r"\sqrt{117}", r"3\sqrt{13}"),
+    ("90", r"90^\circ"),
+    (r"\begin{pmatrix} -\frac13 \\ \frac23 \\ \frac53 \end{pmatrix}",
+     r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}"),
+])
+def test_math500_equivalent_forms(pred, gold):
+    assert is_correct(pred, gold, kind="math500") is True
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("D", r"\text{(C)}"),
+    ("(3,4)", "(3,4]"),
+    ("4.67", r"\frac{14}{3}"),
+    (r"\frac{3}{4}", r"\frac43"),
+    ("(3, \\pi)", r"\left( 3, \frac{\pi}{2} \right)"),
+    ("1, 2", "1,-2"),
+    ("", "5"),
+    (None, "5"),
+])
+def test_math500_wrong_answers(pred, gold):
+    assert is_correct(pred, gold, kind="math500") is False
+
+
+def test_score_math500_response():
+    resp = r"Hence $r = 3$ and $\theta = \pi/2$, i.e. $\boxed{\left(3, \dfrac{\pi}{2}\right)}$."
+    assert score(resp, r"\left( 3, \frac{\pi}{2} \right)", kind="math500") == \
+        Score(extracted=r"\left(3, \dfrac{\pi}{2}\right)", correct=True)
+    assert score("The answer is 4/3.", r"\frac43", kind="math500") == Score(extracted=None, correct=False)
+
+
+def test_pathological_expression_times_out_in_main_thread():
+    t = time.monotonic()
+    assert is_correct(r"9^{9^{9^{9}}}", "5", kind="math500", timeout=1) is False
+    assert time.monotonic() - t < 10
+
+
+# --- non-main threads (math-verify's signal timeouts cannot run there) ---------------------
+
+
+def _in_thread(fn):
+    out, errors = [], []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(e)
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join(120)
+    assert not th.is_alive(), "scoring hung in a worker thread"
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def test_scoring_from_a_non_main_thread():
+    got = _in_thread(lambda: (
+        score(r"\boxed{\frac{4}{3}}", r"\frac43", kind="math500"),
+        score(r"\boxed{\frac{3}{4}}", r"\frac43", kind="math500"),
+        score(r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)", kind="math500").correct,
+        score(r"\boxed{18}", "18", kind="gsm8k").correct,
+    ))
+    assert got == (Score(extracted=r"\frac{4}{3}", correct=True), Score(extracted=r"\frac{3}{4}", correct=False),
+                   True, True)
+
+
+def test_pathological_expression_in_a_thread_does_not_hang():
+    t = time.monotonic()
+    got = _in_thread(lambda: is_correct(r"9^{9^{9^{9}}}", "5", kind="math500", timeout=1))
+    assert got is False
+    assert time.monotonic() - t < 30
+    assert _in_thread(lambda: is_correct(r"\frac{4}{3}", r"\frac43", kind="math500"))  # worker still usable
+
+
+def test_worker_past_the_deadline_is_killed_and_restarted():
+    hang = "print('ready', flush=True)\nimport sys, time\nfor line in sys.stdin:\n    time.sleep(60)\n"
+    worker = VerifyWorker(argv=[sys.executable, "-c", hang])
+    try:
+        t = time.monotonic()
+        assert worker.verify(gold="1", pred="1", timeout=1) is None
+        assert time.monotonic() - t < scoring.HARD_DEADLINE_FACTOR * 1 + 5
+        assert worker._proc is None  # killed; the next call starts a fresh child
+        assert worker.verify(gold="1", pred="1", timeout=1) is None
+    finally:
+        worker.close()
+
+
+def test_worker_that_cannot_start():
+    worker = VerifyWorker(argv=[sys.executable, "-c", "raise SystemExit(1)"])
+    with pytest.raises(ScoringError) as e:
+        worker.verify(gold="1", pred="1", timeout=1)
+    assert str(e.value) == (f"the math-verify worker process did not start ({sys.executable}). "
+                            "Check that `python -c 'import math_verify'` works in this environment")

@@ -1,0 +1,18 @@
+"""tvtool: task-vector arithmetic on LLM checkpoints, for reasoning-length control (CoT-Valve).
+
+Python API (the same functions the CLI calls):
+    tvtool.delta(base=..., reasoner=..., output=...)          Δ = θ2 − θ1 to disk
+    tvtool.materialize(base=..., delta=|reasoner=..., output=..., options=MaterializeOptions(alphas=(0.6,)))
+    tvtool.TaskVector.between(base, reasoner) / TaskVector.load(path)
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint  # noqa: E402
+from .delta import DeltaOptions, delta  # noqa: E402
+from .errors import TvtoolError  # noqa: E402
+from .materialize import MaterializeOptions, materialize  # noqa: E402
+from .taskvector import TaskVector  # noqa: E402
+
+__all__ = ["Checkpoint", "DeltaOptions", "MaterializeOptions", "TaskVector", "TvtoolError", "__version__",
+           "delta", "materialize"]

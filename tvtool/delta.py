@@ -1,0 +1,117 @@
+"""`delta`: write the task vector Δ = θ2 − θ1 of a base/reasoner pair to disk.
+
+Computed in float32 tensor by tensor (in row chunks), rounded once to the stored
+dtype. The output carries its provenance and the reasoner's config/tokenizer files,
+so `materialize --delta` can write complete models without the reasoner at hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import __version__
+from .errors import OutputError
+from .options import opt
+from .output import (ShardedWriter, check_free, discard, finish_dir, human, parse_size, plan_bytes, progress,
+                     start_dir)
+from .safetensors_io import row_chunks
+from .taskvector import TaskVector, common_dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DeltaOptions:
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Stored dtype of Δ. auto: the checkpoints' dtype. float32 makes α=1 give the reasoner bit for bit.")
+    max_shard_size: str = opt("5GB", "Largest shard. A .safetensors output must fit in one; a folder output is sharded.")
+    allow_missing: bool = opt(False, "Keep going when a tensor is in only one model (the names are recorded).")
+    vocab: Literal["error", "intersect"] = opt(
+        "error", "Vocabulary rows differ (embed_tokens/lm_head): error, or intersect = Δ over the shared rows only.")
+    allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
+    overwrite: bool = opt(False, "Replace an existing output.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    output: Path
+    files: list[Path]
+    tensors: int
+    nbytes: int
+    dtype: str
+    skipped: list[dict]
+    missing: dict
+
+    def summary(self) -> str:
+        s = f"wrote Δ: {self.tensors} tensors, {human(self.nbytes)} {self.dtype} → {self.output}"
+        if self.skipped:
+            s += f"; skipped {len(self.skipped)} ({', '.join(d['name'] for d in self.skipped[:3])}…)"
+        if self.missing:
+            s += f"; {sum(map(len, self.missing.values()))} tensors in one model only (recorded)"
+        return s
+
+
+def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str | os.PathLike,
+          options: DeltaOptions = DeltaOptions()) -> DeltaResult:
+    """Write Δ = reasoner − base to `output` (a .safetensors file, or a folder of shards)."""
+    o = options
+    tv = TaskVector.between(base, reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                            allow_pickle=o.allow_pickle)
+    pair = tv.pair
+    dtype = common_dtype(pair.base, pair.reasoner) if o.dtype == "auto" else DTYPES[o.dtype]
+    out = Path(output)
+    single = out.suffix == ".safetensors"
+    max_shard = parse_size(o.max_shard_size)
+    plan = [(n, dtype, tv.shape(n)) for n in tv.names()]
+    if single and plan_bytes(plan) > max_shard:
+        raise OutputError(f"Δ is {human(plan_bytes(plan))}, over --max-shard-size {o.max_shard_size}",
+                          where=str(out), fix="give a folder path for -o (it will be sharded) "
+                                              "or raise --max-shard-size")
+    check_free(out, overwrite=o.overwrite, what="output")
+    prov = tv.provenance()
+    meta = {"format": "pt", "tvtool.kind": "delta", "tvtool.version": __version__,
+            "tvtool.base": json.dumps(prov["base"]), "tvtool.reasoner": json.dumps(prov["reasoner"]),
+            "tvtool.dtype": str(dtype).removeprefix("torch."), "tvtool.vocab": o.vocab,
+            "tvtool.skipped": json.dumps(prov["skipped"]), "tvtool.missing": json.dumps(prov["missing"])}
+    files = tv.side_files()
+    if single:
+        meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
+        tmp = out.with_name(out.name + ".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard, single_file=tmp)
+    else:
+        tmp = start_dir(out)
+        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard)
+    try:
+        with progress(plan_bytes(plan), "delta", o.progress) as bar:
+            for i, (name, _, shape) in enumerate(plan):
+                for s, e in row_chunks(shape):
+                    bar.update(writer.write(name, tv.rows(name, s, e).to(dtype)))  # [rows, ...] fp32 → dtype
+                bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
+        written = writer.close()
+        if not single:
+            for fname, data in files.items():
+                (tmp / fname).write_bytes(data)
+    except BaseException:
+        writer.abort()
+        discard(tmp)
+        raise
+    if single:
+        if out.exists():
+            discard(out)
+        os.replace(tmp, out)
+        written = [out]
+    else:
+        finish_dir(tmp, out)
+        written = [out / f.name for f in written]
+    return DeltaResult(out, written, len(plan), plan_bytes(plan), str(dtype).removeprefix("torch."),
+                       prov["skipped"], prov["missing"])
+

@@ -1,0 +1,102 @@
+"""Options are defined once, as frozen dataclasses with help text beside each field.
+
+The Python API takes the dataclass; the CLI derives its click options from the
+same fields with `click_options`, so a default or a help string lives in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+import click
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None) -> Any:
+    """A dataclass field with CLI help. `flag` overrides the option name, `short` adds e.g. '-a'."""
+    kw = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return dataclasses.field(metadata={"help": help, "flag": flag, "short": short}, **kw)
+
+
+class _FloatList(click.ParamType):
+    """A float, or comma-separated floats ('0.2,0.4'); repeated options are flattened by `from_cli`."""
+
+    name = "FLOAT[,FLOAT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a number (or comma-separated numbers)", param, ctx)
+
+
+FLOAT_LIST = _FloatList()
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _click_type(tp: Any) -> tuple[Any, bool]:
+    """(click type, multiple) for a field's annotation."""
+    tp, _ = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        return (FLOAT_LIST if inner is float else _click_type(inner)[0]), True
+    if origin is Literal:
+        return click.Choice([str(a) for a in typing.get_args(tp)]), False
+    return {int: int, float: float, str: str, bool: bool}.get(tp, str), False
+
+
+def click_options(cls: type, *, exclude: tuple[str, ...] = ()):
+    """Decorator: add one click option per field of dataclass `cls` (names use dashes)."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in exclude or not f.metadata.get("help"):
+                continue
+            ctype, multiple = _click_type(hints[f.name])
+            name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            decls = [name] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if ctype is bool:
+                if default:
+                    no = "--no-" + name[2:]
+                    fn = click.option(f"{name}/{no}", f.name, default=True, help=f.metadata["help"])(fn)
+                else:
+                    fn = click.option(*decls, f.name, is_flag=True, default=False, help=f.metadata["help"])(fn)
+                continue
+            fn = click.option(
+                *decls,
+                f.name,
+                type=ctype,
+                multiple=multiple,
+                default=tuple(default) if multiple else default,
+                show_default=not multiple and default is not None,
+                help=f.metadata["help"],
+            )(fn)
+        return fn
+
+    return decorate
+
+
+def from_cli(cls: type, kwargs: dict[str, Any]) -> Any:
+    """Build `cls` from the click kwargs that belong to it, popping them from `kwargs`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for k in [k for k in kwargs if k in names]:
+        v = kwargs.pop(k)
+        if isinstance(v, tuple) and v and isinstance(v[0], tuple):  # FLOAT_LIST, repeated
+            v = tuple(x for part in v for x in part)
+        out[k] = v
+    return cls(**out)

@@ -1,0 +1,143 @@
+"""Writing outputs: sharded safetensors folders, atomic folders, sizes and progress bars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import OptionsError, OutputError
+from .safetensors_io import StreamWriter
+
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' → 5_000_000_000, '500MiB' → 524_288_000, 1000 → 1000."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise OptionsError(f"bad size {text!r}", where="--max-shard-size", fix="use e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def progress(total: int, desc: str, enabled: bool = True):
+    """A bytes progress bar (tqdm, on stderr), silent when disabled."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+Plan = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def plan_bytes(plan: Plan) -> int:
+    return sum(math.prod(s) * d.itemsize for _, d, s in plan)
+
+
+class ShardedWriter:
+    """Writes `plan` as HF-style shards (+ index) into `folder`, or as one `single_file`.
+
+    Tensors arrive as consecutive row chunks in plan order (`write(name, chunk)`).
+    Shards are split greedily at `max_shard_size`; every shard header carries `metadata`.
+    """
+
+    def __init__(self, *, folder: Path | None, plan: Plan, metadata: dict[str, str], max_shard_size: int,
+                 single_file: Path | None = None, atomic_file: bool = False):
+        groups: list[Plan] = [[]]
+        size = 0
+        for entry in plan:
+            n = math.prod(entry[2]) * entry[1].itemsize
+            if groups[-1] and size + n > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += n
+        if single_file is not None:
+            self.files = [Path(single_file)]
+        elif len(groups) == 1:
+            self.files = [folder / "model.safetensors"]
+        else:
+            self.files = [folder / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        self.groups, self.metadata, self.folder, self.atomic = groups, metadata, folder, atomic_file
+        self._shard_of = {e[0]: i for i, g in enumerate(groups) for e in g}
+        self._open: tuple[int, StreamWriter] | None = None
+        self.total_size = plan_bytes(plan)
+
+    def write(self, name: str, chunk: torch.Tensor) -> int:
+        i = self._shard_of[name]
+        if self._open is None or self._open[0] != i:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = (i, StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic))
+        return self._open[1].write(name, chunk)
+
+    def close(self) -> list[Path]:
+        """Close the last shard and write the index (when sharded); returns the files written."""
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+        for i, f in enumerate(self.files):  # shards with only empty tensors, or a plan with no tensors
+            if not f.exists():
+                w = StreamWriter(f, self.groups[i], self.metadata, atomic=self.atomic)
+                for name, dtype, shape in self.groups[i]:
+                    w.write(name, torch.empty(shape, dtype=dtype))
+                w.close()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size, **self.metadata},
+                     "weight_map": {e[0]: self.files[i].name for i, g in enumerate(self.groups) for e in g}}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return self.files
+
+    def abort(self) -> None:
+        if self._open is not None:
+            self._open[1].abort()
+            self._open = None
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
+
+
+def start_dir(final: Path) -> Path:
+    """A fresh `<final>.partial/` folder (a stale one from an interrupted run is removed)."""
+    tmp = partial_path(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_dir(tmp: Path, final: Path) -> None:
+    """Rename a completed partial folder into place (replacing `final` if it exists)."""
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(tmp, final)
+
+
+def discard(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def check_free(final: Path, *, overwrite: bool, what: str) -> None:
+    if final.exists() and not overwrite:
+        raise OutputError(f"{what} already exists", where=str(final), fix="pass --overwrite or choose another path")

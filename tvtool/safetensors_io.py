@@ -1,0 +1,186 @@
+"""Streaming safetensors I/O: read a header, read row ranges, write a file tensor by tensor.
+
+safetensors' own `save_file` needs every tensor of a file in memory at once, and
+`safe_open` maps whole files (their pages count as resident). We read and write
+the (simple) format ourselves so that peak memory is one row chunk, not a shard.
+Format: u64 little-endian header length N, N bytes of JSON
+{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}},
+then the raw little-endian data of every tensor, row-major.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: ({name: TensorInfo}, metadata)."""
+    size = _file_size(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError("file is too short to be safetensors", where=str(path),
+                                  fix="re-download or re-create it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError("corrupt safetensors header (bad length)", where=str(path),
+                                  fix="the file is truncated or not safetensors; re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError("corrupt safetensors header (not JSON)", where=str(path),
+                                  fix="the file is damaged; re-download it") from None
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        try:
+            dtype = DTYPES[h["dtype"]]
+            shape = tuple(int(d) for d in h["shape"])
+            b, e = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"corrupt safetensors header entry for tensor {name!r}", where=str(path),
+                                  fix="the file is damaged or uses an unsupported dtype") from None
+        if e - b != math.prod(shape) * dtype.itemsize or b < 0:
+            raise CheckpointError(f"tensor {name!r} has a byte range that does not match its shape",
+                                  where=str(path), fix="the file is damaged; re-download it")
+        if start + e > size:
+            raise CheckpointError(f"truncated safetensors file: tensor {name!r} ends past the end of the file "
+                                  f"({start + e} > {size} bytes)", where=str(path),
+                                  fix="the download or copy was cut short; re-download it")
+        infos[name] = TensorInfo(path, dtype, shape, start + b, start + e)
+    return infos, meta
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        raise CheckpointError("file not found", where=str(path), fix="check the path") from None
+
+
+def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the tensor (the whole tensor for 0-d/1-d), read from disk into RAM."""
+    if len(info.shape) == 0:
+        start, stop, row_shape = 0, 1, ()
+    else:
+        stop = info.shape[0] if stop is None else stop
+        row_shape = info.shape[1:]
+    row_bytes = math.prod(row_shape) * info.dtype.itemsize
+    out = torch.empty((stop - start, *row_shape), dtype=info.dtype)
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.begin + start * row_bytes)
+        got = f.readinto(buf) if out.numel() else 0
+    if got != (stop - start) * row_bytes:
+        raise CheckpointError("truncated safetensors file (short read)", where=str(info.file),
+                              fix="re-download it")
+    return out.reshape(info.shape) if len(info.shape) == 0 else out
+
+
+def row_chunks(shape: tuple[int, ...], max_elems: int = 1 << 24) -> list[tuple[int, int]]:
+    """Split the first axis into [start, stop) ranges of at most ~max_elems elements each."""
+    if len(shape) <= 1:
+        return [(0, shape[0] if shape else 1)]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, max_elems // per_row)
+    return [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
+
+
+class StreamWriter:
+    """Write one safetensors file whose layout is known up front, tensor data in order.
+
+    `plan` is [(name, dtype, shape)] in file order. Call `write(name, chunk)` with
+    consecutive row chunks of each tensor, in plan order, then `close()`. The file is
+    `path` + ".partial" until `close()` succeeds (it is then renamed into place).
+    """
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None, *, atomic: bool = True):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial") if atomic else self.path
+        header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
+        offset = 0
+        self._expect: list[tuple[str, int]] = []
+        for name, dtype, shape in plan:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self._expect.append((name, nbytes))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.total = 8 + len(blob) + offset
+        self._f = open(self.tmp, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._i, self._left = 0, (self._expect[0][1] if self._expect else 0)
+
+    def write(self, name: str, chunk: torch.Tensor) -> int:
+        """Append a chunk of tensor `name`; returns the bytes written."""
+        if self._left == 0 and name != self._expect[self._i][0] and self._i + 1 < len(self._expect):
+            self._i += 1
+            self._left = self._expect[self._i][1]
+        want = self._expect[self._i][0]
+        if name != want:
+            raise RuntimeError(f"StreamWriter: got {name!r}, expected {want!r}")
+        data = chunk.contiguous().view(-1).view(torch.uint8).numpy() if chunk.numel() else b""
+        n = len(data)
+        if n > self._left:
+            raise RuntimeError(f"StreamWriter: too many bytes for {name!r}")
+        self._f.write(data)
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        """Flush, fsync and rename into place; fails if any tensor is incomplete."""
+        done = not self._expect or (self._i == len(self._expect) - 1 and self._left == 0)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        if not done:
+            raise RuntimeError(f"StreamWriter: {self.path.name} closed before all tensors were written")
+        if self.tmp != self.path:
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,312 @@
+"""Answer extraction and scoring for GSM8K, ASDiv and MATH-500 responses.
+
+Extraction follows CoT-Valve appendix A.1: take the last `\\boxed{...}`; if there is
+none, use the last number in the response (GSM8K/ASDiv only; MATH-500 needs the box).
+
+GSM8K/ASDiv answers are compared as numbers (exact rationals, then a small tolerance).
+MATH-500 answers are compared with math-verify. math-verify's timeouts use
+`signal.alarm`, which works only in the main thread, so:
+- in the main thread we call math-verify directly with its signal timeouts;
+- in any other thread we send the comparison to one persistent child Python process
+  (its own main thread, so the signal timeouts work there) and kill it if it does not
+  answer within a hard deadline. A pathological expression then costs at most
+  `HARD_DEADLINE_FACTOR * timeout` seconds and scores False; it never hangs evaluation.
+  (In the main thread, a signal cannot interrupt one long call inside C code; math-verify's
+  own timeouts have that limit too.)
+The child process needs POSIX pipes (select); it is started lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import re
+import select
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+
+from tvtool.errors import TvtoolError
+
+KINDS = ("gsm8k", "math500", "asdiv")
+VERIFY_TIMEOUT_S = 5  # math-verify timeout per parse / per comparison, in seconds
+HARD_DEADLINE_FACTOR = 4  # worker is killed after this many timeouts without an answer
+WORKER_START_TIMEOUT_S = 120  # importing sympy + math-verify in the child
+
+
+class ScoringError(TvtoolError):
+    """An answer cannot be scored (bad kind, math-verify missing or its worker broken)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """What was read from one response and whether it matches the reference."""
+
+    extracted: str | None  # the answer read from the response, None if none was found
+    correct: bool
+
+
+# --- extraction ---------------------------------------------------------------
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A number not glued to a preceding word/number (so "10-3" gives 10 and 3, not -3):
+# thousands-grouped or plain integer, optional decimals, or a bare decimal, or a/b.
+_NUMBER_RE = re.compile(
+    r"(?:(?<![\w.)\]}])-)?(?:\d+/\d+(?!\d|\.\d)|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ScoringError(f"unknown answer kind {kind!r}", where="tvtool.scoring",
+                           fix=f"Use one of: {', '.join(KINDS)}")
+
+
+def _balanced(text: str, start: int) -> int | None:
+    """Index of the `}` closing the group that opens just before `start`, or None."""
+    depth, i = 1, start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # \{ and \} are literal braces; skip any escaped char
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` / `\\fbox{...}`, stripped; None if none.
+
+    Braces are balanced, so `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`. A box cut off by
+    the generation limit (never closed) is skipped in favour of the last complete one.
+    """
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        end = _balanced(text, m.end())
+        if end is not None:
+            return text[m.end():end].strip()
+    return None
+
+
+def extract_answer(text: str, *, kind: str) -> str | None:
+    """The boxed answer; for gsm8k/asdiv, if there is no box, the last number in `text`."""
+    _check_kind(kind)
+    boxed = extract_boxed(text)
+    if boxed is not None or kind == "math500":
+        return boxed
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1] if numbers else None
+
+
+# --- numeric comparison (gsm8k, asdiv) ------------------------------------------
+
+_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname|boxed)\s*\{([^{}]*)\}")
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
+_LEAD_RE = re.compile(
+    r"(?P<sign>[-+]?)\s*(?:\(\s*(?P<pnum>-?\s*[\d.]+)\s*\)\s*/\s*\(\s*(?P<pden>[\d.]+)\s*\)"
+    r"|\(\s*(?P<inum>\d+)\s*/\s*(?P<iden>\d+)\s*\)"
+    r"|(?P<num>\d+)\s*/\s*(?P<den>\d+)(?!\d|\.\d)"
+    r"|(?P<dec>\d+(?:\.\d*)?|\.\d+))"
+)
+_THOUSANDS_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?![\d,])")
+
+
+def _clean(text: str) -> str:
+    """Strip LaTeX wrappers, currency, percent and thousands commas from an answer."""
+    s = text.strip()
+    for _ in range(3):  # nested \text{\textbf{...}}
+        s = _TEXT_CMD_RE.sub(r" \1 ", s)
+    s = _FRAC_RE.sub(lambda m: f"({m[1] or m[2]})/({m[3] or m[4]})", s)
+    for tok in ("\\!", "\\,", "\\;", "\\:"):  # thin spaces, also inside numbers: 10,\!080
+        s = s.replace(tok, "")
+    for tok in ("\\left", "\\right", "\\ ", "~", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}",
+                "\\circ", "\\displaystyle"):
+        s = s.replace(tok, " ")
+    s = s.replace("{,}", ",")
+    s = s.replace("\\approx", "=").replace("\\cdot", "*").replace("\\times", "*")
+    if "=" in s:  # "x = 5", "16-3-4=9": the value is after the last '='
+        s = s.rsplit("=", 1)[1]
+    s = s.strip().strip("{}").strip()
+    s = _THOUSANDS_RE.sub(lambda m: m[0].replace(",", ""), s)
+    m = re.fullmatch(r"\(\s*([-+]?[\d.]+)\s*\)", s)  # "(5)"
+    return m[1] if m else s
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """The single number `text` states (units and words after it allowed), or None.
+
+    Accepts `18`, `-3`, `0.50`, `.5`, `1,000`, `$18`, `18 dollars`, `9 (apples)`,
+    `\\text{9 apples}`, `\\frac{1}{2}`, `1/2`, `-(1/3)`, `25%`. Rejects text, several
+    numbers (`8; 40`), ratios and clock times (`5:45`) and expressions (`2+3`).
+    """
+    if text is None:
+        return None
+    s = _clean(text)
+    m = _LEAD_RE.match(s)
+    if not m:
+        return None
+    rest = s[m.end():].strip()
+    if rest and (not re.match(r"[.!]?$|[A-Za-z]|\((?![\s\d.+-])", rest) or re.search(r"[;:]", rest)):
+        return None  # another number, an operator, a second answer after ';' ...
+    try:
+        if m["pnum"] is not None:
+            value = Fraction(m["pnum"].replace(" ", "")) / Fraction(m["pden"])
+        elif m["inum"] is not None:
+            value = Fraction(int(m["inum"]), int(m["iden"]))
+        elif m["num"] is not None:
+            value = Fraction(int(m["num"]), int(m["den"]))
+        else:
+            value = Fraction(m["dec"])
+    except (ValueError, ZeroDivisionError):  # 1/0, or a number over Python's digit limit
+        return None
+    return -value if m["sign"] == "-" else value
+
+
+def _decimals(text: str) -> int:
+    m = re.match(r"\s*-?\d*\.(\d+)", _clean(text))
+    return len(m[1]) if m else 0
+
+
+def numbers_match(pred: str | None, gold: str) -> bool:
+    """Numeric equality of two answers: exact rationals, else within 1e-6 relative.
+
+    If the reference is written with 2+ decimals (ASDiv `3.14 (square yards)`, `3.333`),
+    a more precise prediction that rounds to it also counts (3.1416 == 3.14).
+    """
+    p, g = parse_number(pred), parse_number(gold)
+    if p is None or g is None:
+        return False
+    if p == g or abs(p - g) <= Fraction(1, 10**6) * max(1, abs(g)):
+        return True
+    k = _decimals(gold)
+    return k >= 2 and math.floor(p * 10**k + Fraction(1, 2)) == g * 10**k
+
+
+# --- math-verify comparison (math500) ------------------------------------------
+
+
+def _mv_verify(gold: str, pred: str, timeout: int | None) -> bool:
+    """math-verify on `\\boxed{gold}` vs `\\boxed{pred}` (gold first, as verify expects)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise ScoringError("math-verify is not installed", where="tvtool.scoring",
+                           fix="pip install 'tvtool[eval]' (or math-verify>=0.7)") from e
+    g = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
+    p = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
+    return bool(g and p and verify(g, p, timeout_seconds=timeout))
+
+
+# The child runs this standalone script (it does not import tvtool, whose package
+# imports torch): one JSON request [gold, pred, timeout] per line, one JSON bool back.
+# It mirrors _mv_verify; the child's main thread makes math-verify's signal timeouts work.
+_WORKER_SRC = r"""
+import json, logging, sys
+logging.disable(logging.WARNING)
+from math_verify import parse, verify
+print("ready", flush=True)
+for line in sys.stdin:
+    gold, pred, timeout = json.loads(line)
+    try:
+        g = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
+        p = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
+        ok = bool(g and p and verify(g, p, timeout_seconds=timeout))
+    except Exception:
+        ok = False
+    print(json.dumps(ok), flush=True)
+"""
+
+
+class VerifyWorker:
+    """A persistent child Python process that runs math-verify; killed past a deadline."""
+
+    def __init__(self, *, argv: list[str] | None = None):
+        self._argv = argv or [sys.executable, "-c", _WORKER_SRC]
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        if self._readline(proc, WORKER_START_TIMEOUT_S) != "ready":
+            self._kill(proc)
+            raise ScoringError("the math-verify worker process did not start",
+                               where=self._argv[0],
+                               fix="Check that `python -c 'import math_verify'` works in this environment")
+        return proc
+
+    @staticmethod
+    def _readline(proc: subprocess.Popen, timeout: float) -> str | None:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        return proc.stdout.readline().strip() if ready else None
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        proc.kill()
+        proc.wait()
+
+    def verify(self, *, gold: str, pred: str, timeout: int) -> bool | None:
+        """True/False from math-verify, or None if the worker had to be killed (deadline)."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+            try:
+                self._proc.stdin.write(json.dumps([gold, pred, timeout]) + "\n")
+                self._proc.stdin.flush()
+            except BrokenPipeError:  # the child died between calls
+                self._kill(self._proc)
+                self._proc = None
+                return None
+            answer = self._readline(self._proc, HARD_DEADLINE_FACTOR * timeout)
+            if answer not in ("true", "false"):
+                self._kill(self._proc)
+                self._proc = None
+                return None
+            return answer == "true"
+
+    def close(self) -> None:
+        """Stop the child process (also done at interpreter exit)."""
+        with self._lock:
+            if self._proc is not None:
+                self._kill(self._proc)
+                self._proc = None
+
+
+_WORKER = VerifyWorker()
+atexit.register(_WORKER.close)
+
+
+def math_equal(pred: str | None, gold: str, *, timeout: int = VERIFY_TIMEOUT_S) -> bool:
+    """MATH-500 equivalence of a LaTeX answer and the reference, via math-verify."""
+    if pred is None or not pred.strip():
+        return False
+    if " ".join(pred.split()) == " ".join(gold.split()):
+        return True
+    if threading.current_thread() is threading.main_thread():
+        return _mv_verify(gold, pred, timeout)
+    return bool(_WORKER.verify(gold=gold, pred=pred, timeout=timeout))
+
+
+# --- public entry points --------------------------------------------------------
+
+
+def is_correct(pred: str | None, gold: str, *, kind: str, timeout: int = VERIFY_TIMEOUT_S) -> bool:
+    """Whether an extracted answer matches the reference answer of a `kind` dataset."""
+    _check_kind(kind)
+    if kind == "math500":
+        return math_equal(pred, gold, timeout=timeout)
+    return numbers_match(pred, gold)
+
+
+def score(response: str, gold: str, *, kind: str, timeout: int = VERIFY_TIMEOUT_S) -> Score:
+    """Extract the answer from a model response and check it against the reference."""
+    extracted = extract_answer(response, kind=kind)
+    return Score(extracted=extracted, correct=is_correct(extracted, gold, kind=kind, timeout=timeout))

@@ -1,0 +1,330 @@
+"""`TaskVector`: Δ = θ2 − θ1 by tensor name, read lazily, combined linearly.
+
+A task vector is a sum of terms c·Δ_i, where each Δ_i is a base/reasoner pair,
+a delta file written by `tvtool delta`, or a factored delta (`X.lora_B @ X.lora_A`)
+written by `tvtool svd-rank`. Nothing is read until rows are asked for, and all
+arithmetic is float32. Terms must have the same tensor names and shapes: a
+mismatch raises instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import Checkpoint, Source
+from .errors import CheckpointError, MismatchError
+
+LM_HEAD = "lm_head.weight"
+_VOCAB = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)\.weight$")
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+FACTOR_A, FACTOR_B = ".lora_A", ".lora_B"  # Δ[X] ≈ X.lora_B [out, r] @ X.lora_A [r, in]
+
+
+def is_vocab_tensor(name: str) -> bool:
+    return bool(_VOCAB.search(name))
+
+
+def embed_name(names) -> str | None:
+    """The input-embedding tensor among `names` (what a tied lm_head reuses)."""
+    return next((n for n in names if _EMBED.search(n)), None)
+
+
+@dataclass
+class _Pair:
+    """Δ from two checkpoints; `names` maps Δ name → (base name, reasoner name, Δ shape)."""
+
+    base: Checkpoint
+    reasoner: Checkpoint
+    names: dict[str, tuple[str, str, tuple[int, ...]]]
+    skipped: list[dict] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    vocab: str = "error"
+
+    def shape(self, name):
+        return self.names[name][2]
+
+    def rows(self, name, start, stop):
+        b, r, shape = self.names[name]
+        stop = shape[0] if stop is None and shape else stop  # vocab intersect: only the shared rows
+        return self.reasoner.read(r, start, stop).float() - self.base.read(b, start, stop).float()
+
+
+@dataclass
+class _File:
+    """Δ stored on disk, full (`X`) or factored (`X.lora_A`, `X.lora_B`)."""
+
+    ckpt: Checkpoint
+    factored: dict[str, tuple[str, str]]  # Δ name → (A name, B name)
+    full: list[str]
+
+    def shape(self, name):
+        if name in self.factored:
+            a, b = self.factored[name]
+            return (self.ckpt.info(b).shape[0], self.ckpt.info(a).shape[1])
+        return self.ckpt.info(name).shape
+
+    def rows(self, name, start, stop):
+        if name in self.factored:
+            a, b = self.factored[name]
+            return self.ckpt.read(b, start, stop).float() @ self.ckpt.read(a).float()  # [rows, r] @ [r, in]
+        return self.ckpt.read(name, start, stop).float()
+
+
+class TaskVector:
+    """A lazy linear combination Σ c_i·Δ_i over identical tensor names.
+
+    Build with `TaskVector.between(base, reasoner)` or `TaskVector.load(path)`;
+    combine with `+`, `-`, `* alpha`; read with `rows`/`get`; merge with `apply_to`.
+    """
+
+    def __init__(self, terms: list[tuple[float, _Pair | _File]]):
+        self.terms = terms
+        first = terms[0][1]
+        self._names = list(first.names) if isinstance(first, _Pair) else list(first.factored) + first.full
+        for _, t in terms[1:]:
+            other = list(t.names) if isinstance(t, _Pair) else list(t.factored) + t.full
+            if set(other) != set(self._names):
+                diff = sorted(set(other) ^ set(self._names))
+                raise MismatchError(f"task vectors have different tensors, e.g. {diff[:3]}",
+                                    fix="combine only deltas of the same architecture")
+            for n in self._names:
+                if t.shape(n) != first.shape(n):
+                    raise MismatchError(f"shape mismatch for tensor {n!r}: {first.shape(n)} vs {t.shape(n)}",
+                                        fix="combine only deltas of the same architecture")
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def between(cls, base: str | os.PathLike | Checkpoint, reasoner: str | os.PathLike | Checkpoint, *,
+                allow_missing: bool = False, vocab: str = "error", allow_pickle: bool = False) -> "TaskVector":
+        """Δ = reasoner − base, matched by tensor name (shards may differ)."""
+        b = base if isinstance(base, Checkpoint) else Checkpoint.open(base, allow_pickle=allow_pickle)
+        r = reasoner if isinstance(reasoner, Checkpoint) else Checkpoint.open(reasoner, allow_pickle=allow_pickle)
+        return cls([(1.0, _pair(b, r, allow_missing=allow_missing, vocab=vocab))])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | Source, *, allow_pickle: bool = False) -> "TaskVector":
+        """A delta (full or factored) written by tvtool: a .safetensors file or a folder with an index."""
+        ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)
+        kind = ckpt.metadata.get("tvtool.kind")
+        if kind not in ("delta", "factored-delta"):
+            raise CheckpointError("not a tvtool delta (no tvtool.kind in its metadata)", where=str(ckpt.source.path),
+                                  fix="create it with `tvtool delta`, or pass a model with --reasoner")
+        factored, full = {}, []
+        for n in ckpt.names():
+            if n.endswith(FACTOR_A):
+                x = n[: -len(FACTOR_A)]
+                if x + FACTOR_B not in ckpt:
+                    raise CheckpointError(f"factored delta has {n!r} but no {x + FACTOR_B!r}",
+                                          where=str(ckpt.source.path), fix="re-create it with tvtool svd-rank")
+                factored[x] = (n, x + FACTOR_B)
+            elif not n.endswith(FACTOR_B):
+                full.append(n)
+        return cls([(1.0, _File(ckpt, factored, full))])
+
+    # -- arithmetic ---------------------------------------------------------------
+    def __mul__(self, alpha: float) -> "TaskVector":
+        return TaskVector([(c * float(alpha), t) for c, t in self.terms])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "TaskVector":
+        return self * -1.0
+
+    def __add__(self, other: "TaskVector") -> "TaskVector":
+        return TaskVector(self.terms + other.terms)
+
+    def __sub__(self, other: "TaskVector") -> "TaskVector":
+        return self + (-other)
+
+    # -- reading ------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.terms[0][1].shape(name))
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """float32 rows [start, stop) of Σ c_i·Δ_i[name]."""
+        out = None
+        for c, t in self.terms:
+            part = t.rows(name, start, stop)
+            part = part if c == 1.0 else part * c
+            out = part if out is None else out + part
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.rows(name)
+
+    def endpoint_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """θ2 rows as stored, when this is exactly one base/reasoner pair (so α=1 is θ2 bit for bit)."""
+        if len(self.terms) == 1 and self.terms[0][0] == 1.0 and isinstance(self.terms[0][1], _Pair):
+            p = self.terms[0][1]
+            if p.shape(name) == p.base.info(p.names[name][0]).shape:
+                return p.reasoner.read(p.names[name][1], start, stop)
+        return None
+
+    @property
+    def nbytes_read(self) -> int:
+        """Bytes read from disk to produce every tensor once."""
+        total = 0
+        for _, t in self.terms:
+            ck = [t.base, t.reasoner] if isinstance(t, _Pair) else [t.ckpt]
+            total += sum(c.nbytes for c in ck)
+        return total
+
+    # -- what it came from --------------------------------------------------------
+    @property
+    def pair(self) -> _Pair | None:
+        return self.terms[0][1] if len(self.terms) == 1 and isinstance(self.terms[0][1], _Pair) else None
+
+    def provenance(self) -> dict:
+        """Base/reasoner sources, skipped and missing tensors, vocab policy, dtype, scale."""
+        c, t = self.terms[0]
+        if isinstance(t, _Pair):
+            prov = {"base": t.base.source.describe(), "reasoner": t.reasoner.source.describe(),
+                    "skipped": t.skipped, "missing": t.missing, "vocab": t.vocab,
+                    "dtype": str(common_dtype(t.base, t.reasoner)).removeprefix("torch.")}
+        else:
+            m = t.ckpt.metadata
+            prov = {k.removeprefix("tvtool."): _json_or_str(v) for k, v in m.items()
+                    if k.startswith("tvtool.") and k != "tvtool.files"}
+            prov["delta"] = t.ckpt.source.describe()
+        if len(self.terms) > 1 or c != 1.0:
+            prov["combination"] = [{"coefficient": c, **_term_source(t)} for c, t in self.terms]
+        return prov
+
+    def side_files(self) -> dict[str, bytes]:
+        """The reasoner's config/tokenizer/chat-template files, carried so materialize needs no reasoner."""
+        t = self.terms[0][1]
+        if isinstance(t, _Pair):
+            return t.reasoner.side_files()
+        files = t.ckpt.side_files()
+        packed = t.ckpt.metadata.get("tvtool.files")
+        if packed:
+            files.update({k: base64.b64decode(v) for k, v in json.loads(packed).items()})
+        return files
+
+    def apply_to(self, base: str | os.PathLike | Checkpoint, *, alpha: float = 1.0,
+                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored)."""
+        b = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
+        for name, src in merge_plan(b, self):
+            info = b.info(src)
+            out_dtype = dtype or info.dtype
+            d = self.rows(name) if name in self._names else None
+            end = self.endpoint_rows(name) if alpha == 1.0 and d is not None else None
+            yield name, end.to(out_dtype) if end is not None else merge_rows(b.read(src), d, alpha, out_dtype)
+
+
+def merge_plan(base: Checkpoint, tv: TaskVector) -> list[tuple[str, str]]:
+    """(output name, base name to read) for every output tensor; checks Δ fits the base."""
+    names = base.names()
+    plan = [(n, n) for n in names]
+    prov = tv.provenance()
+    absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
+    for n in sorted(names):
+        if n not in tv and n not in absent:
+            raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
+                                fix="use the base model the delta was computed from")
+    for n in tv.names():
+        src = n
+        if n not in base:
+            emb = embed_name(names)
+            if n == LM_HEAD and emb is not None:  # tied base, untied reasoner
+                plan.append((n, emb))
+                src = emb
+            else:
+                raise MismatchError(f"the delta has tensor {n!r}, which the base does not have",
+                                    fix="use the base model the delta was computed from")
+        bs, ds = base.info(src).shape, tv.shape(n)
+        if bs != ds and not (is_vocab_tensor(n) and bs[1:] == ds[1:] and ds[0] <= bs[0]):
+            raise MismatchError(f"shape mismatch for tensor {n!r}: base {tuple(bs)} vs delta {tuple(ds)}",
+                                fix="use the base model the delta was computed from")
+    return plan
+
+
+def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """θ1 + α·Δ in float32, rounded once to `dtype`; rows past Δ's (vocab intersect) stay θ1."""
+    if delta is None or alpha == 0.0 or not base.dtype.is_floating_point:
+        return base.to(dtype)
+    out = base.float()  # [rows, ...] fp32 copy
+    n = delta.shape[0] if delta.dim() else None
+    if n is None or n == out.shape[0]:
+        out = out + alpha * delta
+    else:
+        out[:n] = out[:n] + alpha * delta
+    return out.to(dtype)
+
+
+def common_dtype(a: Checkpoint, b: Checkpoint) -> torch.dtype:
+    da, db = a.float_dtype(), b.float_dtype()
+    return da if da == db else torch.float32
+
+
+def _pair(b: Checkpoint, r: Checkpoint, *, allow_missing: bool, vocab: str) -> _Pair:
+    bn, rn = b.names(), set(r.names())
+    alias = {}
+    if (LM_HEAD in rn) != (LM_HEAD in b):  # exactly one side ties lm_head to the embedding
+        tied, other = (b, r) if LM_HEAD not in b else (r, b)
+        emb = embed_name(tied.names())
+        if emb is not None:
+            alias[id(tied)] = emb
+    names, skipped = {}, []
+    base_only = sorted(n for n in bn if n not in rn and not (n == LM_HEAD and id(r) in alias))
+    reasoner_only = sorted(n for n in rn if n not in b and not (n == LM_HEAD and id(b) in alias))
+    if (base_only or reasoner_only) and not allow_missing:
+        parts = [f"base only: {base_only[:5]}" if base_only else "", f"reasoner only: {reasoner_only[:5]}" if reasoner_only else ""]
+        raise MismatchError(f"{len(base_only) + len(reasoner_only)} tensors are in only one model ("
+                            + "; ".join(p for p in parts if p) + ")",
+                            fix="check that the reasoner was fine-tuned from this base, "
+                                "or pass --allow-missing to skip them (they are recorded)")
+    order = bn + ([LM_HEAD] if id(b) in alias else [])
+    for n in order:
+        if n in base_only:
+            continue
+        sb = n if n in b else alias[id(b)]
+        sr = n if n in rn else alias[id(r)]
+        ib, ir = b.info(sb), r.info(sr)
+        if not (ib.dtype.is_floating_point and ir.dtype.is_floating_point):
+            skipped.append({"name": n, "reason": f"non-float dtype ({str(ib.dtype).removeprefix('torch.')})"})
+            continue
+        shape = ib.shape
+        if ib.shape != ir.shape:
+            if is_vocab_tensor(n) and ib.shape[1:] == ir.shape[1:]:
+                if vocab != "intersect":
+                    raise MismatchError(f"vocabulary size differs for tensor {n!r}: base has {ib.shape[0]} rows, "
+                                        f"reasoner {ir.shape[0]}",
+                                        fix="pass --vocab intersect to take Δ over the shared rows "
+                                            "(the other rows keep the base's values)")
+                shape = (min(ib.shape[0], ir.shape[0]), *ib.shape[1:])
+            else:
+                raise MismatchError(f"shape mismatch for tensor {n!r}: base {tuple(ib.shape)} vs reasoner "
+                                    f"{tuple(ir.shape)}", fix="base and reasoner must have the same architecture")
+        names[n] = (sb, sr, tuple(shape))
+    missing = {"base_only": base_only, "reasoner_only": reasoner_only} if (base_only or reasoner_only) else {}
+    return _Pair(b, r, names, skipped, missing, vocab)
+
+
+def _term_source(t) -> dict:
+    if isinstance(t, _Pair):
+        return {"base": t.base.source.ref, "reasoner": t.reasoner.source.ref}
+    return {"delta": t.ckpt.source.ref}
+
+
+def _json_or_str(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
