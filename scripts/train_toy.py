@@ -59,6 +59,15 @@ def batches(*, examples, batch_size: int, rng: random.Random, pad_id: int):
         yield ids, labels
 
 
+def solution_loss(*, model, ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token cross-entropy on solution tokens only; the LM head runs only where it counts."""
+    hidden = model.model(input_ids=ids, attention_mask=(ids != pad_id).long()).last_hidden_state  # [B, T, H]
+    target = labels[:, 1:]  # [B, T-1]
+    keep = target != -100
+    logits = model.lm_head(hidden[:, :-1][keep])  # [N, V]
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
 def train(*, model, tokenizer, sampler, steps: int, lr: float, batch_size: int, rng: random.Random,
           label: str) -> None:
     """AdamW with linear warmup and cosine decay; fresh examples from `sampler(n)` per epoch."""
@@ -73,8 +82,7 @@ def train(*, model, tokenizer, sampler, steps: int, lr: float, batch_size: int, 
         for ids, labels in batches(examples=examples, batch_size=batch_size, rng=rng,
                                    pad_id=tokenizer.pad_token_id):
             # float32: bf16 autocast is ~15x slower on CPUs without bf16 instructions (AVX2 only).
-            loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
-                         labels=labels).loss
+            loss = solution_loss(model=model, ids=ids, labels=labels, pad_id=tokenizer.pad_token_id)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -106,9 +114,10 @@ def save(*, model, tokenizer, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=toy.ASSET_DIR)
-    ap.add_argument("--base-steps", type=int, default=900)
+    ap.add_argument("--base-steps", type=int, default=1000)
     ap.add_argument("--reasoner-steps", type=int, default=250)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--reuse-base", action="store_true", help="keep OUT/base, retrain the reasoner only")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -138,10 +147,13 @@ def main() -> None:
         return draw
 
     t0 = time.time()
-    train(model=model, tokenizer=tokenizer, sampler=sampler(base=True), steps=args.base_steps,
-          lr=3e-3, batch_size=args.batch_size, rng=rng, label="base")
+    if args.reuse_base:  # iterate on the reasoner only, starting from the saved bf16 base
+        model.load_state_dict({k: v.float() for k, v in toy.load_state(path=args.out / "base").items()})
+    else:
+        train(model=model, tokenizer=tokenizer, sampler=sampler(base=True), steps=args.base_steps,
+              lr=3e-3, batch_size=args.batch_size, rng=rng, label="base")
+        save(model=model, tokenizer=tokenizer, out=args.out / "base")
     t1 = time.time()
-    save(model=model, tokenizer=tokenizer, out=args.out / "base")
     train(model=model, tokenizer=tokenizer, sampler=sampler(base=False), steps=args.reasoner_steps,
           lr=1e-3, batch_size=args.batch_size, rng=rng, label="reasoner")
     t2 = time.time()

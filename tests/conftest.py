@@ -24,6 +24,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tvtool-hf-home-")
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

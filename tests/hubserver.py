@@ -1,4 +1,4 @@
-"""A small Hugging Face Hub-protocol server for tests, stdlib only.
+"""A small Hugging Face Hub-protocol server for tests (stdlib, plus PyYAML for card metadata).
 
 The tests point the real `huggingface_hub` client (HF_ENDPOINT, HF_HUB_DISABLE_XET=1) at it,
 so uploads, LFS, commits, branches and downloads go through the client's own code paths.
@@ -10,7 +10,8 @@ Routes, payloads and headers follow what huggingface_hub 2.4 sends and expects
 Like the real Hub, a commit whose files equal the parent's still makes a (empty) commit:
 the client avoids it by comparing the `oid`s that preupload returns. Test-only routes:
 `GET /_test/stats` (request counters, also the readiness probe) and `POST /_test/fault`
-({"method", "path_contains", "times"}: drop the connection of the next matching requests).
+({"method", "path_contains", "times", "status"?}: the next matching requests get that HTTP
+status, or without one a dropped connection and no answer).
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ class Handler(BaseHTTPRequestHandler):
                           and f["path_contains"] in path), None)
             if fault is not None:
                 fault["times"] -= 1
+        if fault is not None and fault.get("status"):  # an error answer, e.g. storage refusing a PUT
+            return self.send(fault["status"], {"error": "injected fault"}, {"X-Error-Message": "injected fault"})
         if fault is not None:  # a network failure: the connection drops, no answer at all
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -337,12 +340,8 @@ class Handler(BaseHTTPRequestHandler):
                             "message": c.message})
                 c = repo.commits[c.parents[0]] if c.parents else None
             return self.send(200, out)
-        if verb == "branch" and method in ("POST", "DELETE"):
+        if verb == "branch" and method == "POST":
             repo = self.hub.writable(rtype, rid, user)
-            if method == "DELETE":
-                if arg == "main" or repo.branches.pop(arg, None) is None:
-                    raise Reply(404 if arg != "main" else 403, f"Cannot delete branch {arg}", "RevisionNotFound")
-                return self.send(200, {})
             if arg in repo.branches:
                 raise Reply(409, f"Reference refs/heads/{arg} already exists")
             start = self.json_body().get("startingPoint") or "main"

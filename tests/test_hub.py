@@ -48,9 +48,10 @@ class Hub:
     def stats(self) -> dict[str, int]:
         return self._call("/_test/stats")
 
-    def fault(self, *, method: str, path_contains: str, times: int = 1) -> None:
-        """Drop the connection (no answer) of the next `times` matching requests."""
-        self._call("/_test/fault", {"method": method, "path_contains": path_contains, "times": times})
+    def fault(self, *, method: str, path_contains: str, times: int = 1, status: int | None = None) -> None:
+        """The next `times` matching requests get HTTP `status`, or (None) a dropped connection."""
+        self._call("/_test/fault", {"method": method, "path_contains": path_contains, "times": times,
+                                    "status": status})
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +115,12 @@ def local_files(folder: Path) -> dict[str, bytes]:
 def head(api: HfApi, repo_id: str, branch: str = "main", repo_type: str = "model") -> str:
     refs = api.list_repo_refs(repo_id, repo_type=repo_type)
     return next(b.target_commit for b in refs.branches if b.name == branch)
+
+
+def debug_logs(caplog) -> None:
+    """Capture everything at DEBUG, huggingface_hub's own logger (WARNING by default) included."""
+    for name in (None, "huggingface_hub", "tvtool"):
+        caplog.set_level(logging.DEBUG, logger=name)
 
 
 def pushed_card(repo_id: str, tmp_path: Path, *, revision: str = "main", repo_type: str = "model") -> ModelCard:
@@ -238,21 +245,23 @@ def test_private_push_into_existing_public_repo_is_refused(hub, alice, tmp_path)
 
 def test_wrong_token_fails_with_one_clean_line(hub, tmp_path, caplog):
     folder = make_alpha(tmp_path / "w" / "alpha-0.6")
-    caplog.set_level(logging.DEBUG)
+    debug_logs(caplog)
     with pytest.raises(HubError) as err:
         push(folder=folder, options=PushOptions(repo="alice/never"), token=WRONG)
     assert str(err.value) == (f"The Hub rejected the token (HTTP 401) ({ENDPOINT}). "
                               "Set HF_TOKEN or run `hf auth login` with a valid write token")
+    assert "whoami-v2" in caplog.text  # the request was logged (at DEBUG), the token was not
     assert WRONG not in "".join(traceback.format_exception(err.value)) and WRONG not in caplog.text
 
 
 def test_writing_to_another_users_namespace_is_refused(hub, tmp_path, caplog):
     folder = make_alpha(tmp_path / "n" / "alpha-0.6")
-    caplog.set_level(logging.DEBUG)
+    debug_logs(caplog)
     with pytest.raises(HubError) as err:
         push(folder=folder, options=PushOptions(repo="bob/taken"), token=ALICE)
     assert str(err.value) == (f"The token may not create the repository (HTTP 403) (model bob/taken@main at "
                               f"{ENDPOINT}). Use a write token of the repo's owner, or push to your own namespace")
+    assert "repos/create" in caplog.text
     assert ALICE not in "".join(traceback.format_exception(err.value)) and ALICE not in caplog.text
 
 
@@ -335,7 +344,7 @@ def test_dry_run_writes_nothing(hub, alice, tmp_path):
     sizes = dict(r.files)
     assert sizes["model-00001-of-00002.safetensors"] == (folder / "model-00001-of-00002.safetensors").stat().st_size
     assert set(sizes) == set(local_files(folder)) | {"README.md"}
-    assert "would push" in result.describe() and "README.md" in result.describe()
+    assert "would push" in result.summary() and "README.md" in result.summary()
     assert {k: v for k, v in after.items() if before.get(k) != v} == {"GET /api/whoami-v2": before.get(
         "GET /api/whoami-v2", 0) + 1}
     assert not alice.repo_exists("alice/dry-run")
@@ -367,6 +376,20 @@ def test_connection_lost_midway_then_rerun_completes(hub, alice, tmp_path):
     assert r.new_commit and hub.stats()["PUT /_lfs/upload/*"] - puts == 2  # and were not sent again
     out = Path(snapshot_download("alice/midway", local_dir=tmp_path / "dl", token=ALICE))
     assert local_files(out) == local_files(folder) | {".gitattributes": (out / ".gitattributes").read_bytes()}
+
+
+def test_refused_lfs_upload_is_one_clean_error_then_rerun_completes(hub, alice, tmp_path):
+    folder = make_alpha(tmp_path / "lfsfail" / "alpha-0.6")
+    options = PushOptions(repo="alice/lfs-refused")
+    hub.fault(method="PUT", path_contains="/_lfs/upload/", status=400, times=2)  # 400: the client does not retry
+    with pytest.raises(HubError) as err:
+        push(folder=folder, options=options, token=ALICE)
+    assert str(err.value) == (f"The Hub failed to upload the files (HTTP 400) (model alice/lfs-refused@main at "
+                              f"{ENDPOINT}). {RETRY}")
+    assert alice.list_repo_files("alice/lfs-refused") == [".gitattributes"]
+    (r,) = push(folder=folder, options=options, token=ALICE).repos
+    assert r.new_commit and set(alice.list_repo_files("alice/lfs-refused")) == set(local_files(folder)) | {
+        ".gitattributes"}
 
 
 def test_bad_card_metadata_is_refused_before_any_write(hub, tmp_path):

@@ -12,6 +12,7 @@ import click
 from . import __version__
 from .delta import DeltaOptions, delta
 from .errors import TvtoolError
+from .hub import PushOptions, push
 from .materialize import MaterializeOptions, materialize
 from .options import click_options, from_cli
 
@@ -56,3 +57,11 @@ def materialize_cmd(base: str, delta_path: str | None, reasoner: str | None, out
     result = materialize(base=base, delta=delta_path, reasoner=reasoner, output=output,
                          options=from_cli(MaterializeOptions, kw))
     click.echo(result.summary())
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click_options(PushOptions)
+def push_cmd(folder: str, **kw) -> None:
+    """Push α folder(s), a sweep, a LoRA adapter or a dataset folder to the Hugging Face Hub."""
+    click.echo(push(folder=folder, options=from_cli(PushOptions, kw)).summary())

@@ -18,6 +18,7 @@ evaluation table (markdown) comes from the `evaluation` argument, the `eval_summ
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import re
@@ -47,7 +48,7 @@ class PushOptions:
         "('{user}/{name}' when the folder has no alpha).",
     )
     repo_type: Literal["model", "dataset"] = opt("model", "Hub repository type.")
-    private: bool = opt(False, "Create new repos as private (existing repos keep their visibility).")
+    private: bool = opt(False, "Create new repos as private; refuse to push into an existing public repo.")
     revision: str | None = opt(None, "Branch to push to; created from main if missing. Default: main.")
     commit_message: str | None = opt(None, "Commit message. Default: 'Upload <folder> with tvtool'.")
     eval_summary: str | None = opt(None, "Markdown file with an evaluation table to put in each card.")
@@ -77,7 +78,7 @@ class PushResult:
     repos: tuple[RepoPush, ...]
     dry_run: bool
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         """Human-readable lines: one per repo, then one per file in a dry run."""
         lines = []
         for r in self.repos:
@@ -178,7 +179,7 @@ def _hub_errors(action: str, *, where: str) -> Iterator[None]:
         RevisionNotFoundError,
     )
 
-    transport = _transport_errors()
+    connect, transport = _transport_errors()
     try:
         yield
     except Exception as err:  # noqa: BLE001 - narrowed just below, everything else re-raised as is
@@ -204,24 +205,31 @@ def _hub_errors(action: str, *, where: str) -> Iterator[None]:
             raise HubError("The branch moved during the push (HTTP 412)", where=where, fix=RETRY_FIX) from err
         if isinstance(cause, HfHubHTTPError):
             raise HubError(f"The Hub failed to {action} (HTTP {status})", where=where, fix=RETRY_FIX) from err
-        if isinstance(cause, transport[:1]) or type(cause) is ConnectionRefusedError:
+        if isinstance(cause, connect):
             raise HubError(f"Cannot reach the Hub to {action}", where=where,
                            fix="Check the network and HF_ENDPOINT, then re-run") from err
-        if isinstance(cause, (*transport[1:], ConnectionError)):
+        if isinstance(cause, transport):
             raise HubError(f"Lost the connection to the Hub trying to {action}", where=where,
                            fix=f"Check the network. {RETRY_FIX}") from err
         raise
 
 
-def _transport_errors() -> tuple[type[Exception], ...]:
-    """(connect error, other transport errors...) of the HTTP client of huggingface_hub (httpx2 in 2.x)."""
-    for module in ("httpx2", "httpx"):
+def _transport_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    """(connect errors, all connection-level errors) of the HTTP clients huggingface_hub may use:
+    httpx2 (2.x), httpx (1.x), requests (0.x)."""
+    connect: list[type[Exception]] = [ConnectionRefusedError]
+    transport: list[type[Exception]] = [ConnectionError]
+    for name in ("httpx2", "httpx"):
         with contextlib.suppress(ImportError):
-            mod = __import__(module)
-            return mod.ConnectError, mod.TransportError
-    import requests
+            mod = importlib.import_module(name)
+            connect.append(mod.ConnectError)
+            transport.append(mod.TransportError)
+    with contextlib.suppress(ImportError):
+        import requests
 
-    return requests.exceptions.ConnectionError, requests.exceptions.RequestException
+        connect.append(requests.exceptions.ConnectionError)
+        transport.append(requests.exceptions.RequestException)
+    return tuple(connect), tuple(transport)
 
 
 def _targets(root: Path) -> list[Path]:
