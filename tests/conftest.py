@@ -34,6 +34,8 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
+pytest_plugins = ["engine"]
+
 
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:

@@ -12,9 +12,12 @@ import click
 from . import __version__
 from .delta import DeltaOptions, delta
 from .errors import TvtoolError
+from .evaluate import EvalOptions, evaluate, generate_responses
+from .generate import EngineOptions, PromptOptions, SamplingOptions
 from .hub import PushOptions, push
 from .materialize import MaterializeOptions, materialize
-from .options import click_options, from_cli
+from .mixchain import MixChainOptions, build_mixchain
+from .options import FLOAT_LIST, click_options, from_cli
 
 
 class _Group(click.Group):
@@ -65,3 +68,72 @@ def materialize_cmd(base: str, delta_path: str | None, reasoner: str | None, out
 def push_cmd(folder: str, **kw) -> None:
     """Push α folder(s), a sweep, a LoRA adapter or a dataset folder to the Hugging Face Hub."""
     click.echo(push(folder=folder, options=from_cli(PushOptions, kw)).summary())
+
+
+def _run_options(fn):
+    """The inputs shared by `tvtool eval` and `tvtool generate`."""
+    for deco in reversed([
+        click.argument("checkpoints", nargs=-1),
+        click.option("--model", help="One model folder (or Hub id) to evaluate; with --lora, the adapters' base."),
+        click.option("--base", help="α sweep: the base θ1 (θ1 + α·Δ is loaded in place, one engine)."),
+        click.option("--delta", "delta_path", help="α sweep: a delta written by `tvtool delta`."),
+        click.option("--reasoner", help="α sweep: the reasoner θ2 (Δ computed on the fly)."),
+        click.option("--alpha", "-a", "alphas", type=FLOAT_LIST, multiple=True,
+                     help="α values (repeat, or comma-separate); with --lora: one α label per adapter."),
+        click.option("--lora", "loras", multiple=True,
+                     help="A PEFT LoRA adapter folder (repeat); served by one engine with LoRA enabled."),
+        click.option("-o", "--output", required=True, help="Output folder (resumable: re-run to finish)."),
+        click_options(EvalOptions, exclude=("score",)),
+        click_options(PromptOptions),
+        click_options(SamplingOptions),
+        click_options(EngineOptions),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw) -> dict:
+    return dict(output=output, model=model, base=base, delta=delta_path, reasoner=reasoner,
+                alphas=tuple(a for part in alphas for a in part), checkpoints=checkpoints, loras=loras,
+                options=from_cli(EvalOptions, kw), prompt=from_cli(PromptOptions, kw),
+                sampling=from_cli(SamplingOptions, kw), engine_options=from_cli(EngineOptions, kw))
+
+
+@main.command("eval")
+@_run_options
+def eval_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
+    """Generate with vLLM and score: one --model, CHECKPOINTS folders, an α sweep
+    (--base with --delta|--reasoner and --alpha, one engine, weights swapped in place),
+    or --lora adapters. Writes samples.jsonl, summary.json, run.json per run and, for
+    several runs, a summary table (markdown, JSON) and plot."""
+    result = evaluate(**_run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw))
+    click.echo(result.summary())
+
+
+@main.command("generate")
+@_run_options
+def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
+    """Like `tvtool eval` without scoring: responses, token ids and finish reasons in samples.jsonl."""
+    result = generate_responses(**_run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras,
+                                              output, kw))
+    click.echo(result.summary())
+
+
+@main.command("mixchain")
+@click.argument("base")
+@click.option("--delta", "delta_path", help="A delta written by `tvtool delta` (or give --reasoner).")
+@click.option("--reasoner", help="The reasoner checkpoint (Δ is computed on the fly).")
+@click.option("-o", "--output", required=True, help="Dataset folder to write (parquet, README.md card, mixchain.json).")
+@click_options(MixChainOptions)
+@click_options(SamplingOptions, exclude=("n",))
+@click_options(PromptOptions)
+@click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank"))
+def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
+    """Build a MixChain-Z dataset: the ground-truth solution plus one greedy chain per α from θ1 + α·Δ
+    (one vLLM engine, weights swapped in place), wrong chains removed, β per solution (CoT-Valve eq. 4).
+    Resumable: re-run the same command to continue an interrupted build."""
+    options, sampling = from_cli(MixChainOptions, kw), from_cli(SamplingOptions, kw)
+    prompt, engine_options = from_cli(PromptOptions, kw), from_cli(EngineOptions, kw)
+    result = build_mixchain(base=base, delta=delta_path, reasoner=reasoner, output=output, options=options,
+                            prompt=prompt, sampling=sampling, engine_options=engine_options)
+    click.echo(result.summary())

@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint
 from .delta import DTYPES
 from .errors import MismatchError, OptionsError, OutputError
 from .options import opt
-from .output import ShardedWriter, discard, finish_dir, parse_size, progress, start_dir
+from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
 from .safetensors_io import row_chunks
 from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
 
@@ -100,21 +100,32 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
                                 max_shard_size=parse_size(o.max_shard_size)) for a in todo}
     total_w = sum(w.total_size for w in writers.values())
     read = 0
+
+    def reads():  # (tensor index, name, base rows, Δ rows, θ2 rows), in a prefetch thread
+        for i, (name, src) in enumerate(plan if todo else []):
+            shape = b.info(src).shape
+            n_delta = tv.shape(name)[0] if name in selected and shape else None
+            for s, e in _chunks(shape, n_delta):
+                use = name in selected and (n_delta is None or s < n_delta)
+                yield (i, name, *_read(b, tv, name, src, s, e, use=use))
+
     try:
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
-            for i, (name, src) in enumerate(plan if todo else []):
-                shape = b.info(src).shape
-                n_delta = tv.shape(name)[0] if name in selected and shape else None
-                for s, e in _chunks(shape, n_delta):
-                    base_rows, d, end = _read(b, tv, name, src, s, e, use=name in selected and (n_delta is None or s < n_delta))
+            wb = WriteBehind(on_bytes=bar.update)
+            try:
+                for i, name, base_rows, d, end in prefetch(reads()):
                     read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
+                    base32 = base_rows.float() if d is not None else None  # [rows, ...] shared by every α
                     for a in todo:
                         if a == 1.0 and end is not None:
                             chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
                         else:
-                            chunk = merge_rows(base_rows, d, a, dtype_of[name])
-                        bar.update(writers[a].write(name, chunk))
-                bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
+                            chunk = merge_rows(base_rows, d, a, dtype_of[name], base32=base32)
+                        wb.submit(writers[a], name, chunk)
+                    bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
+                wb.flush()
+            finally:
+                wb.close()
             for a in todo:
                 writers[a].close()
                 _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)

