@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 from .checkpoint import Checkpoint  # noqa: E402
 from .delta import DeltaOptions, delta  # noqa: E402
 from .errors import TvtoolError  # noqa: E402
+from .lowrank import LowRankOptions, svd_rank  # noqa: E402
 from .materialize import MaterializeOptions, materialize  # noqa: E402
 from .taskvector import TaskVector  # noqa: E402
 
 __all__ = ["Checkpoint", "DeltaOptions", "MaterializeOptions", "TaskVector", "TvtoolError", "__version__",
-           "delta", "materialize"]
+           "LowRankOptions", "delta", "materialize", "svd_rank"]

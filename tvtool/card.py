@@ -39,8 +39,9 @@ def model_card(*, alpha: float, base: dict, reasoner: dict | None, delta: dict |
         base_model_relation="merge" if parents else None,
         tags=["tvtool", "merge", "task-arithmetic", "cot-valve"],
         tvtool={"version": __version__, "alpha": alpha, "base": base, "reasoner": reasoner,
-                "delta": delta, "dtype": dtype, "include": include, "exclude": exclude,
-                "config_from": config_from, **({"low_rank": low_rank} if low_rank else {})},
+                "delta": _brief(delta), "dtype": dtype, "include": include, "exclude": exclude,
+                "config_from": config_from,
+                **({"low_rank": {k: v for k, v in low_rank.items() if k != "report"}} if low_rank else {})},
     )
     b = base.get("source")
     r = (reasoner or {}).get("source", "REASONER")
@@ -48,7 +49,11 @@ def model_card(*, alpha: float, base: dict, reasoner: dict | None, delta: dict |
     if include or exclude:
         sel = (f"\nα is applied only to tensors matching `{include or '.*'}`"
                + (f" and not `{exclude}`" if exclude else "") + "; all other tensors are the base's.\n")
-    rank = f"\nΔ was replaced by a rank-{low_rank['rank']} approximation before merging.\n" if low_rank else ""
+    rank = ""
+    if low_rank:
+        how = (f"rank-{low_rank['rank']}" if low_rank.get("rank") else
+               f"energy-{low_rank.get('energy')} (max rank {low_rank.get('max_rank')})")
+        rank = f"\nΔ was replaced by a {how} approximation ({low_rank.get('method')} SVD) before merging.\n"
     body = f"""
 # θ₁ + {alpha}·Δ (tvtool merge)
 
@@ -81,9 +86,18 @@ generation config from the base, tvtool takes them from the {config_from}):
     if include or exclude:
         body += "\nThe mergekit config above applies α to every tensor; it does not express the tensor selection.\n"
     if (delta or {}).get("skipped"):
-        body += f"\nTensors left at the base (not floating point): {[s['name'] for s in delta['skipped']]}\n"
+        left = ", ".join(f"`{s['name']}` ({s['reason']})" for s in delta["skipped"])
+        body += f"\nTensors left at the base: {left}\n"
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
 
 
 def _rev(src: dict | None) -> str:
     return f" @ `{src['revision']}`" if src and src.get("revision") else ""
+
+
+def _brief(delta: dict | None) -> dict | None:
+    """The delta's provenance without bulky per-tensor reports."""
+    if not delta:
+        return delta
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "report"} if isinstance(v, dict) else v)
+            for k, v in delta.items()}

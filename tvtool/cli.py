@@ -15,8 +15,10 @@ from .errors import TvtoolError
 from .evaluate import EvalOptions, evaluate, generate_responses
 from .generate import EngineOptions, PromptOptions, SamplingOptions
 from .hub import PushOptions, push
+from .lowrank import LowRankOptions, svd_rank
 from .materialize import MaterializeOptions, materialize
 from .mixchain import MixChainOptions, build_mixchain
+from .sweep import SweepOptions, sweep
 from .options import FLOAT_LIST, click_options, from_cli
 
 
@@ -137,3 +139,24 @@ def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output
     result = build_mixchain(base=base, delta=delta_path, reasoner=reasoner, output=output, options=options,
                             prompt=prompt, sampling=sampling, engine_options=engine_options)
     click.echo(result.summary())
+
+
+@main.command("sweep")
+@click.argument("recipe", type=click.Path())
+@click_options(SweepOptions)
+def sweep_cmd(recipe: str, **kw) -> None:
+    """Run a recipe end to end (delta, low rank, models, evaluation, report, push); re-run to resume."""
+    click.echo(sweep(recipe=recipe, options=from_cli(SweepOptions, kw)).summary())
+
+
+@main.command("svd-rank")
+@click.argument("delta_path", required=False, metavar="[DELTA]")
+@click.option("--base", help="Base checkpoint; with --reasoner, instead of DELTA (Δ computed on the fly).")
+@click.option("--reasoner", help="Reasoner checkpoint (with --base).")
+@click.option("-o", "--output", required=True, help="Factored delta: a .safetensors file, or a folder (sharded).")
+@click_options(LowRankOptions)
+def svd_rank_cmd(delta_path: str | None, base: str | None, reasoner: str | None, output: str, **kw) -> None:
+    """Factor Δ into rank-R (or energy-E) B·A per 2-D weight; optionally write PEFT/vLLM LoRA adapters."""
+    result = svd_rank(delta=delta_path, base=base, reasoner=reasoner, output=output,
+                      options=from_cli(LowRankOptions, kw))
+    click.echo(result.table())

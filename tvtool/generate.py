@@ -175,8 +175,8 @@ class Engine:
     """
 
     def __init__(self, *, model: str | os.PathLike, options: EngineOptions = EngineOptions(),
-                 dummy_weights: bool = False, seed: int = 0):
-        vllm = vllm_module()
+                 dummy_weights: bool = False, seed: int = 0, lazy: bool = False):
+        vllm_module()
         o = options
         self.options, self.model_dir = o, Path(model)
         if o.cpu_kv_cache_gb is not None:
@@ -193,15 +193,28 @@ class Engine:
                 kw[k] = getattr(o, k)
         if dummy_weights:
             kw["load_format"] = "dummy"
-        try:
-            self.llm = vllm.LLM(**kw)
-        except Exception as e:  # vLLM raises many types at start-up
-            raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=str(model),
-                              fix="check the model folder and the engine options (dtype, max_model_len, "
-                                  "memory)") from e
+        self._kw, self._llm, self.starts = kw, None, 0
+        if not lazy:
+            self._start()
         self.weights: dict[str, Any] = {"kind": "dummy" if dummy_weights else "folder", "path": str(model)}
         self._lora_ids: dict[str, int] = {}
         self.tokenizer = load_tokenizer(model)
+
+    def _start(self) -> None:
+        try:
+            self._llm = vllm_module().LLM(**self._kw)
+        except Exception as e:  # vLLM raises many types at start-up
+            raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
+                              fix="check the model folder and the engine options (dtype, max_model_len, "
+                                  "memory)") from e
+        self.starts += 1
+
+    @property
+    def llm(self):
+        """The vLLM `LLM`, started on first use when the engine was made with `lazy=True`."""
+        if self._llm is None:
+            self._start()
+        return self._llm
 
     # -- weights ---------------------------------------------------------------------
     def set_alpha(self, *, base: str | os.PathLike, alpha: float, delta: str | os.PathLike | None = None,
@@ -286,13 +299,13 @@ class Engine:
 
     def close(self) -> None:
         """Stop the engine's processes and free its memory."""
-        llm = getattr(self, "llm", None)
+        llm = getattr(self, "_llm", None)
         if llm is None:
             return
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-        self.llm = None
+        self._llm = None
         del llm
         gc.collect()
 

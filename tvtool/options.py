@@ -37,7 +37,7 @@ class _FloatList(click.ParamType):
 FLOAT_LIST = _FloatList()
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -47,7 +47,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _click_type(tp: Any) -> tuple[Any, bool]:
     """(click type, multiple) for a field's annotation."""
-    tp, _ = _unwrap_optional(tp)
+    tp, _ = unwrap_optional(tp)
     origin = typing.get_origin(tp)
     if origin is tuple:
         inner = typing.get_args(tp)[0]

@@ -30,7 +30,7 @@ TRAIN_PATH = ASSET_DIR / "train.jsonl"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 BOXED = "\\boxed{"
 MAX_NUMBER = 999  # numbers 0..MAX_NUMBER are single tokens
-MAX_VALUE = 60  # start, intermediate values and answers stay in 0..MAX_VALUE
+MAX_VALUE = 50  # start, intermediate values and answers stay in 0..MAX_VALUE
 MAX_POSITIONS = 256  # prompt (< 40 tokens) + longest solution (< 170 tokens)
 
 NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma")
@@ -90,8 +90,8 @@ def random_problem(*, rng: random.Random) -> Problem:
     """Draw until every running value stays in 0..MAX_VALUE."""
     while True:
         n_steps = rng.choice((2, 3))
-        start = rng.randint(2, 40)
-        steps = tuple(rng.choice((1, -1)) * rng.randint(1, 12) for _ in range(n_steps))
+        start = rng.randint(2, 30)
+        steps = tuple(rng.choice((1, -1)) * rng.randint(1, 10) for _ in range(n_steps))
         p = Problem(name=rng.choice(NAMES), item=rng.choice(ITEMS), start=start, steps=steps)
         if all(0 <= v <= MAX_VALUE for v in p.values):
             return p
@@ -143,7 +143,9 @@ def render_solution(*, problem: Problem, pieces: Pieces) -> str:
             f"Let me think step by step about the {p.item} ."
         )
     if pieces.restate:
-        parts.append(f"The question says {question_text(problem=p)}")
+        # A summary, not a verbatim copy: two copies of the question confuse the tiny model
+        # about which number to fetch, which wrecks accuracy at midway α.
+        parts.append(f"{p.name} starts with {p.start} {p.item} and there are {len(p.steps)} changes .")
     for i, k in enumerate(p.steps):
         if pieces.words:
             verb = f"gets {k} more {p.item}" if k > 0 else f"gives away {-k} {p.item}"
@@ -214,7 +216,7 @@ def vocabulary() -> list[str]:
     words: set[str] = set(PROMPT_FORMAT.replace("{question}", "").split())
     for name in NAMES:
         for item in ITEMS:
-            for steps in ((3, -2, 1), (-2, 3, -1)):
+            for steps in ((3, -2, 1), (-2, 3, -1), (2, -1)):
                 p = Problem(name=name, item=item, start=5, steps=steps)
                 words.update(question_text(problem=p).split())
                 words.update(render_solution(problem=p, pieces=ALL_PIECES).split())
@@ -241,15 +243,15 @@ def build_tokenizer():
 
 
 def build_config(*, vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
-    """Tiny `LlamaConfig` (~1.3M params) that vLLM's CPU backend runs: head_dim 64, untied."""
+    """Tiny `LlamaConfig` (~0.8M params) that vLLM's CPU backend runs: head_dim 64, untied."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=2, head_dim=64,
         max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=False, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, torch_dtype="bfloat16",
+        pad_token_id=pad_token_id, dtype="bfloat16",
     )
 
 

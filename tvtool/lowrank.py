@@ -1,0 +1,437 @@
+"""`svd_rank`: replace Δ by low-rank factors, Δ[X] ≈ X.lora_B @ X.lora_A, per 2-D weight.
+
+CoT-Valve applies Δ through LoRA (rank 2 for QwQ-32B, 32 for Llama), so a low-rank Δ
+is both smaller and servable as an adapter. Each selected 2-D tensor is factorized
+in float32 with a truncated SVD: B = U_k·√S_k [out, k], A = √S_k·V_kᵀ [k, in]. The
+rank is fixed (`rank`) or the smallest k with ΣS²[:k]/‖Δ‖²_F ≥ `energy` (capped by
+`max_rank`). Randomized SVD (torch.svd_lowrank) is the default; `exact` is a full SVD.
+
+Energy with randomized SVD: ‖Δ‖²_F is exact and cheap, and a sketch of width
+k_try + oversample gives the top k_try singular values (power iterations make them
+accurate; they are lower bounds, so the chosen k never undershoots the threshold).
+If the threshold is not met within k_try, k_try doubles; once the sketch would be
+wider than min(shape)/2 a full SVD is cheaper and is used instead.
+
+Two passes, each input tensor read once: pass 1 factorizes and holds only the
+factors (rank·(in+out) per tensor, a few % of the model at rank ≤ 64); pass 2 knows
+the whole layout, so it streams factors and kept-full tensors into the atomic output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import __version__
+from .delta import DTYPES
+from .errors import CheckpointError, OptionsError, OutputError
+from .options import opt
+from .output import ShardedWriter, check_free, discard, finish_dir, human, parse_size, plan_bytes, start_dir
+from .safetensors_io import row_chunks
+from .taskvector import FACTOR_A, FACTOR_B, TaskVector, is_vocab_tensor
+
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    rank: int | None = opt(None, "Rank of every factorized tensor (exclusive with --energy).", short="-r")
+    energy: float | None = opt(None, "Per tensor, the smallest rank keeping this share of ‖Δ‖² (0 < E ≤ 1).")
+    max_rank: int | None = opt(None, "With --energy: never exceed this rank.")
+    method: Literal["randomized", "exact"] = opt("randomized", "randomized: torch.svd_lowrank; exact: full SVD.")
+    oversample: int = opt(16, "Randomized SVD: extra sketch columns beyond the rank.")
+    niter: int = opt(4, "Randomized SVD: power iterations.")
+    include: str | None = opt(None, "Factorize only 2-D tensors matching this regex (default: all 2-D tensors "
+                                    "except embeddings/lm_head, which are kept full unless matched here).")
+    exclude: str | None = opt(None, "Never factorize tensors matching this regex (they are kept full or dropped).")
+    drop_unfactored: bool = opt(False, "Drop 1-D and unselected tensors (recorded; materialize leaves them at base).")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Stored dtype of factors and kept tensors.")
+    peft: str | None = opt(None, "Also write a PEFT/vLLM LoRA adapter folder here (one sub-folder per --peft-alpha).")
+    peft_alpha: tuple[float, ...] = opt((1.0,), "α baked into each adapter (B is scaled by α).")
+    plot: bool = opt(False, "Write a PNG of the singular-value spectra next to the report.")
+    seed: int = opt(0, "Seed of the randomized SVD.")
+    threads: int = opt(0, "torch threads for the SVDs (0: torch's default, all cores).")
+    max_shard_size: str = opt("5GB", "Largest shard. A .safetensors output must fit in one; a folder is sharded.")
+    overwrite: bool = opt(False, "Replace an existing output.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """One tensor's fate: factored (rank, retained energy, relative error), full or dropped."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: Literal["factored", "full", "dropped"]
+    norm_sq: float  # ‖Δ‖²_F
+    rank: int | None = None
+    energy: float | None = None  # ΣS²[:rank] / ‖Δ‖²_F
+    rel_error: float | None = None  # ‖Δ − BA‖_F / ‖Δ‖_F, computed directly
+    method: str | None = None
+    seconds: float | None = None  # SVD and error computation
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class LowRankResult:
+    output: Path
+    files: list[Path]
+    report_path: Path
+    plot_path: Path | None
+    tensors: list[TensorReport]
+    totals: dict
+    adapters: dict[float, Path] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Per-tensor table with totals, as printed by the CLI."""
+        rows = [f"{'tensor':<52} {'shape':>13} {'rank':>5} {'energy':>8} {'rel.err':>8}"]
+        for t in self.tensors:
+            shape = "×".join(map(str, t.shape))
+            if t.kind == "factored":
+                rows.append(f"{t.name:<52} {shape:>13} {t.rank:>5} {t.energy:>8.4f} {t.rel_error:>8.4f}")
+            else:
+                rows.append(f"{t.name:<52} {shape:>13} {t.kind:>5}")
+        s = self.totals
+        rows.append(f"total: {s['factored']} factored, {s['full']} kept full, {s['dropped']} dropped; "
+                    f"‖Δ‖² kept {s['energy_kept']:.4f} (rel. error {s['rel_error']:.4f}); "
+                    f"{human(s['bytes'])} written → {self.output}")
+        ad = s["adapter"]
+        rows.append(f"a LoRA adapter carries {100 * ad['kept']:.2f}% of ‖Δ‖² "
+                    f"(truncation {100 * ad['truncation']:.2f}%, "
+                    f"not carried {100 * ad['not_carried']:.3f}%: "
+                    + ", ".join(f"{k} {100 * v:.3f}%" for k, v in ad["not_carried_by_kind"].items()) + ")")
+        for a, p in self.adapters.items():
+            rows.append(f"adapter α={a:g} → {p}")
+        return "\n".join(rows)
+
+    summary = table
+
+
+def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = None,
+             base: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
+             options: LowRankOptions) -> LowRankResult:
+    """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair."""
+    o = options
+    _check_options(o, delta, base, reasoner)
+    tv = TaskVector.load(delta) if delta is not None else TaskVector.between(base, reasoner)
+    src = str(delta) if delta is not None else f"{base} → {reasoner}"
+    names = tv.names()
+    choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=o, where=src)
+    out = Path(output)
+    check_free(out, overwrite=o.overwrite, what="output")
+    if o.peft:
+        from .peft_adapter import adapter_folders
+        for f in adapter_folders(output=o.peft, alphas=o.peft_alpha).values():
+            check_free(f, overwrite=o.overwrite, what="adapter folder")
+    dtype = DTYPES[o.dtype]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    spectra: dict[str, torch.Tensor] = {}
+    reports: dict[str, TensorReport] = {}
+    threads = torch.get_num_threads()
+    if o.threads > 0:
+        torch.set_num_threads(o.threads)
+    try:
+        from tqdm.auto import tqdm
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(o.seed)
+            for name in tqdm(names, desc="svd-rank", disable=not o.progress, leave=False):
+                if choice[name] != "factor":
+                    kind = "full" if choice[name] == "full" else "dropped"
+                    reason = _drop_reason(tv.shape(name)) if kind == "dropped" else None
+                    reports[name] = TensorReport(name, tv.shape(name), kind, _norm_sq(tv, name), reason=reason)
+                    continue
+                d = tv.get(name)  # [out, in] fp32
+                t0 = time.perf_counter()
+                B, A, S, norm_sq, method = factorize(d, rank=o.rank, energy=o.energy, max_rank=o.max_rank,
+                                                     method=o.method, oversample=o.oversample, niter=o.niter)
+                k = A.shape[0]
+                reports[name] = TensorReport(
+                    name, tuple(d.shape), "factored", norm_sq, rank=k, method=method,
+                    energy=float((S[:k].double() ** 2).sum() / norm_sq) if norm_sq else 1.0,
+                    rel_error=math.sqrt(residual_sq(d, B, A) / norm_sq) if norm_sq else 0.0,
+                    seconds=round(time.perf_counter() - t0, 4))
+                factors[name] = (B.to(dtype), A.to(dtype))
+                spectra[name] = S
+                del d
+    finally:
+        torch.set_num_threads(threads)
+    tensors = [reports[n] for n in names]
+    prov = tv.provenance()
+    skipped = list(prov.get("skipped") or []) + [{"name": t.name, "reason": t.reason}
+                                                 for t in tensors if t.kind == "dropped"]
+    low_rank = {"rank": o.rank, "energy": o.energy, "max_rank": o.max_rank, "method": o.method,
+                "oversample": o.oversample, "niter": o.niter, "dtype": o.dtype,
+                "report": {t.name: compact(t) for t in tensors}}
+    meta = {"format": "pt", "tvtool.kind": "factored-delta", "tvtool.version": __version__,
+            "tvtool.base": json.dumps(prov.get("base")), "tvtool.reasoner": json.dumps(prov.get("reasoner")),
+            "tvtool.dtype": str(prov.get("dtype")), "tvtool.skipped": json.dumps(skipped),
+            "tvtool.missing": json.dumps(prov.get("missing") or {}), "tvtool.low_rank": json.dumps(low_rank)}
+    if "delta" in prov:
+        meta["tvtool.source_delta"] = json.dumps(prov["delta"])
+    plan = []
+    for n in names:
+        if choice[n] == "factor":
+            B, A = factors[n]
+            plan += [(n + FACTOR_A, dtype, tuple(A.shape)), (n + FACTOR_B, dtype, tuple(B.shape))]
+        elif choice[n] == "full":
+            plan.append((n, dtype, tv.shape(n)))
+    files = _write(out, plan, meta, tv, factors, choice, o)
+    totals = _totals(tensors, plan_bytes(plan))
+    report_path = out.with_suffix(".lowrank.json") if out.suffix == ".safetensors" else out / "lowrank.json"
+    plot_path = report_path.with_suffix(".png") if o.plot else None
+    adapters: dict[float, Path] = {}
+    if o.peft:
+        from .peft_adapter import write_peft_adapters
+        adapters = write_peft_adapters(factored=out, output=o.peft, alphas=o.peft_alpha, overwrite=o.overwrite)
+    totals["adapter"] = adapter_shares(tensors)
+    record = {"tvtool_version": __version__, "source": src, "options": asdict(o), "totals": totals,
+              "adapters": {str(a): str(p) for a, p in adapters.items()},
+              "tensors": [asdict(t) for t in tensors]}
+    _atomic_text(report_path, json.dumps(record, indent=2, default=str) + "\n")
+    if plot_path is not None:
+        plot_spectra(spectra=spectra, reports=reports, path=plot_path)
+    return LowRankResult(out, files, report_path, plot_path, tensors, totals, adapters)
+
+
+# -- choosing and factorizing -------------------------------------------------------------
+def select(*, names: list[str], shapes: dict[str, tuple[int, ...]], options: LowRankOptions,
+           where: str) -> dict[str, str]:
+    """name → "factor" | "full" | "drop"; validates the rank against every factorized shape."""
+    o = options
+    inc = re.compile(o.include) if o.include else None
+    exc = re.compile(o.exclude) if o.exclude else None
+    out = {}
+    for n in names:
+        s = shapes[n]
+        picked = len(s) == 2 and (inc.search(n) if inc else not is_vocab_tensor(n)) and not (exc and exc.search(n))
+        out[n] = "factor" if picked else ("drop" if o.drop_unfactored else "full")
+    chosen = [n for n in names if out[n] == "factor"]
+    if not any(len(shapes[n]) == 2 for n in names):
+        raise CheckpointError("the delta has no 2-D tensors to factorize", where=where,
+                              fix="give a delta of a transformer checkpoint")
+    if not chosen:
+        raise OptionsError("no 2-D tensor is selected for factorization",
+                           where=f"--include {o.include!r} --exclude {o.exclude!r}",
+                           fix="loosen --include/--exclude (embeddings/lm_head need an explicit --include)")
+    if o.rank is not None:
+        for n in chosen:
+            if o.rank > min(shapes[n]):
+                raise OptionsError(f"rank {o.rank} exceeds min(shape) = {min(shapes[n])} of tensor {n!r} "
+                                   f"{tuple(shapes[n])}", where="--rank",
+                                   fix="lower --rank, or --exclude that tensor")
+    return out
+
+
+def factorize(d: torch.Tensor, *, rank: int | None, energy: float | None, max_rank: int | None = None,
+              method: str = "randomized", oversample: int = 16, niter: int = 4
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
+    """Δ [m, n] fp32 → (B [m, k], A [k, n], singular values computed, ‖Δ‖²_F, method used)."""
+    m, n = d.shape
+    small = min(m, n)
+    norm_sq = float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
+    cap = min(small, max_rank or small)
+    k_try = rank if rank is not None else min(16, cap)
+    while True:
+        q = min(k_try + oversample, small)
+        if method == "exact" or 2 * q > small:
+            U, S, Vh = torch.linalg.svd(d, full_matrices=False)  # [m, s], [s], [s, n]
+            used = "exact"
+        else:
+            U, S, V = torch.svd_lowrank(d, q=q, niter=niter)  # [m, q], [q], [n, q]
+            Vh, used = V.mT, "randomized"
+        if rank is not None:
+            k = rank
+            break
+        k = choose_rank(S, norm_sq, energy)
+        if used == "exact" or k_try >= cap:  # all values seen, or capped: float rounding may miss E=1
+            k = cap if k is None else min(k, cap)
+            break
+        if k is not None and k <= k_try:  # met within the trusted (non-oversampled) values
+            break
+        k_try = min(2 * k_try, cap)
+    root = S[:k].sqrt()  # [k]
+    B = U[:, :k] * root  # [m, k]
+    A = root[:, None] * Vh[:k]  # [k, n]
+    return B.contiguous(), A.contiguous(), S, norm_sq, used
+
+
+def choose_rank(s: torch.Tensor, norm_sq: float, energy: float) -> int | None:
+    """Smallest k with Σs²[:k] / ‖Δ‖² ≥ energy, or None if the values given do not reach it."""
+    if norm_sq == 0.0:
+        return 0
+    cum = torch.cumsum(s.double() ** 2, 0) / norm_sq  # [len(s)]
+    hit = torch.nonzero(cum >= energy - 1e-12)
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def residual_sq(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖Δ − B·A‖²_F, in row chunks (never a second full-size tensor)."""
+    total = 0.0
+    for s, e in row_chunks(tuple(d.shape), 1 << 22):
+        r = d[s:e] - B[s:e] @ A  # [rows, n]
+        total += float(torch.linalg.vector_norm(r, dtype=torch.float64) ** 2)
+    return total
+
+
+# -- reporting ----------------------------------------------------------------------------
+def _totals(tensors: list[TensorReport], nbytes: int) -> dict:
+    total = sum(t.norm_sq for t in tensors) or 1.0
+    lost = sum(t.norm_sq * t.rel_error ** 2 for t in tensors if t.kind == "factored")
+    lost += sum(t.norm_sq for t in tensors if t.kind == "dropped")
+    count = {k: sum(t.kind == k for t in tensors) for k in ("factored", "full", "dropped")}
+    return {**count, "norm_sq": total, "energy_kept": 1 - lost / total, "rel_error": math.sqrt(lost / total),
+            "bytes": nbytes}
+
+
+def adapter_shares(tensors: list[TensorReport]) -> dict:
+    """What a LoRA adapter carries: share of ‖Δ‖² kept, lost to truncation, and not carried (by tensor)."""
+    total = sum(t.norm_sq for t in tensors) or 1.0
+    carried = [t for t in tensors if carried_by_adapter(t)]
+    kept = sum(t.norm_sq * (1 - t.rel_error ** 2) for t in carried)
+    trunc = sum(t.norm_sq * t.rel_error ** 2 for t in carried)
+    missing = [t for t in tensors if not carried_by_adapter(t)]
+    groups: dict[str, float] = {}
+    for t in missing:
+        g = ("1-D (norms, biases)" if len(t.shape) == 1 else "embeddings/lm_head" if is_vocab_tensor(t.name)
+             else "other 2-D (excluded)")
+        groups[g] = groups.get(g, 0.0) + t.norm_sq / total
+    return {"kept": kept / total, "truncation": trunc / total, "not_carried": sum(groups.values()),
+            "not_carried_by_kind": groups, "not_carried_tensors": [t.name for t in missing]}
+
+
+def carried_by_adapter(t: TensorReport) -> bool:
+    """An adapter carries factorized `X.weight` linear layers; not embeddings/lm_head, 1-D or full tensors."""
+    return t.kind == "factored" and t.name.endswith(".weight") and not is_vocab_tensor(t.name)
+
+
+def plot_spectra(*, spectra: dict[str, torch.Tensor], reports: dict[str, TensorReport], path: Path) -> None:
+    """Normalized singular values σ_i/‖Δ‖ per factorized tensor (log scale), one line each, rank marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n, s in spectra.items():
+        r = reports[n]
+        y = (s.double() / math.sqrt(r.norm_sq or 1.0)).numpy()
+        (line,) = ax.semilogy(range(1, len(y) + 1), y, lw=0.8, alpha=0.7)
+        if r.rank:
+            ax.plot([r.rank], [y[r.rank - 1]], "o", ms=3, color=line.get_color())
+    ax.set_xlabel("index i")
+    ax.set_ylabel("σ_i / ‖Δ‖_F")
+    ax.set_title(f"singular values of Δ ({len(spectra)} tensors; dots: chosen rank)")
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- writing ------------------------------------------------------------------------------
+def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowRankOptions):
+    """Pass 2: stream factors and kept-full tensors into `out` atomically; returns the files written."""
+    single = out.suffix == ".safetensors"
+    max_shard = parse_size(o.max_shard_size)
+    if single and plan_bytes(plan) > max_shard:
+        raise OutputError(f"the factored delta is {human(plan_bytes(plan))}, over --max-shard-size "
+                          f"{o.max_shard_size}", where=str(out), fix="give a folder path for -o or raise it")
+    files = tv.side_files()
+    if single:
+        meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
+        tmp = out.with_name(out.name + ".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard, single_file=tmp)
+    else:
+        tmp = start_dir(out)
+        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard)
+    dtype = DTYPES[o.dtype]
+    try:
+        for n, c in choice.items():
+            if c == "factor":
+                B, A = factors[n]
+                writer.write(n + FACTOR_A, A)
+                writer.write(n + FACTOR_B, B)
+            elif c == "full":
+                for s, e in row_chunks(tv.shape(n)):
+                    writer.write(n, tv.rows(n, s, e).to(dtype))  # [rows, ...] fp32 → dtype
+        written = writer.close()
+        if not single:
+            for fname, data in files.items():
+                (tmp / fname).write_bytes(data)
+    except BaseException:
+        writer.abort()
+        discard(tmp)
+        raise
+    if single:
+        discard(out)
+        os.replace(tmp, out)
+        return [out]
+    finish_dir(tmp, out)
+    return [out / f.name for f in written]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _norm_sq(tv: TaskVector, name: str) -> float:
+    """‖Δ[name]‖²_F, streamed in row chunks."""
+    return sum(float(torch.linalg.vector_norm(tv.rows(name, s, e), dtype=torch.float64) ** 2)
+               for s, e in row_chunks(tv.shape(name)))
+
+
+def compact(t: TensorReport) -> dict:
+    """The per-tensor summary stored in the factored delta's `tvtool.low_rank` metadata."""
+    d = {"kind": t.kind, "shape": list(t.shape), "norm_sq": t.norm_sq}
+    if t.kind == "factored":
+        d.update(rank=t.rank, energy=round(t.energy, 6), rel_error=round(t.rel_error, 6), method=t.method)
+    return d
+
+
+def reports_from_metadata(low_rank: dict) -> list[TensorReport]:
+    """TensorReports back from a factored delta's `tvtool.low_rank` metadata (see `compact`)."""
+    return [TensorReport(n, tuple(d["shape"]), d["kind"], d["norm_sq"], rank=d.get("rank"), energy=d.get("energy"),
+                         rel_error=d.get("rel_error"), method=d.get("method"))
+            for n, d in low_rank.get("report", {}).items()]
+
+
+def _drop_reason(shape: tuple[int, ...]) -> str:
+    if len(shape) != 2:
+        return f"{len(shape)}-D tensor, not factorized (--drop-unfactored)"
+    return "not selected for factorization (--drop-unfactored)"
+
+
+def _check_options(o: LowRankOptions, delta, base, reasoner) -> None:
+    if (delta is None) == (base is None and reasoner is None) or (delta is None and (base is None or reasoner is None)):
+        raise OptionsError("give either a DELTA or both --base and --reasoner", fix="Δ comes from a delta file "
+                                                                                    "or a base/reasoner pair")
+    if (o.rank is None) == (o.energy is None):
+        raise OptionsError("give exactly one of --rank and --energy", fix="e.g. --rank 32 or --energy 0.9")
+    if o.rank is not None and o.rank <= 0:
+        raise OptionsError(f"rank must be a positive integer, got {o.rank}", where="--rank")
+    if o.energy is not None and not 0.0 < o.energy <= 1.0:
+        raise OptionsError(f"energy must be in (0, 1], got {o.energy}", where="--energy",
+                           fix="e.g. 0.9 keeps 90% of ‖Δ‖² per tensor")
+    if o.max_rank is not None and (o.max_rank <= 0 or o.rank is not None):
+        raise OptionsError(f"--max-rank must be a positive integer used with --energy, got {o.max_rank}",
+                           where="--max-rank")
+    if o.oversample < 0 or o.niter < 0:
+        raise OptionsError("--oversample and --niter must be ≥ 0", where=f"{o.oversample=} {o.niter=}")
+    for flag, rx in (("--include", o.include), ("--exclude", o.exclude)):
+        if rx:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise OptionsError(f"bad regular expression {rx!r}: {e}", where=flag) from None
+    if o.peft and not all(math.isfinite(a) for a in o.peft_alpha):
+        raise OptionsError("every --peft-alpha must be a finite number", where="--peft-alpha")
+    if o.peft and not o.peft_alpha:
+        raise OptionsError("no --peft-alpha given", where="--peft-alpha", fix="pass e.g. --peft-alpha 0.6")

@@ -1,0 +1,214 @@
+"""`sweep`: the whole CoT-Valve pipeline from one recipe, resumable, with a report.
+
+Stages, each skipped when its output is already complete (a re-run finishes the job):
+  delta     Δ = θ2 − θ1 on disk (only when kept, or needed for low rank);
+  low rank  a factored Δ (and one LoRA adapter per α for apply: lora), spectra plot;
+  models    θ1 + αΔ folders (apply: materialize, or keep.models);
+  eval      per dataset, one vLLM engine for all α (weights swapped in place for apply: swap);
+  report    REPORT.md, report.json and plots, always rebuilt from the per-sample records;
+  push      models or adapters to the Hub (dry run unless the recipe says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .delta import DeltaOptions, delta
+from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
+from .generate import Engine, shell_model, vllm_version
+from .materialize import MaterializeOptions, format_alpha, materialize
+from .options import opt
+from .recipe import Recipe, load_recipe, to_dict
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    output: str | None = opt(None, "Output folder (default: the recipe's `output`).", short="-o")
+    alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
+    limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
+    progress: bool = opt(True, "Show progress bars.")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    output: Path
+    report: Path
+    tables: dict[str, list[dict]]
+    engine_starts: int
+
+    def summary(self) -> str:
+        return (self.report.read_text().split("## Recipe")[0].strip()
+                + f"\n\nreport: {self.report}  (engine starts: {self.engine_starts})")
+
+
+def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOptions()) -> SweepResult:
+    """Run (or finish) every stage of `recipe`; returns where the report is."""
+    path = None if isinstance(recipe, Recipe) else Path(recipe)
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if options.alphas:
+        r = replace(r, alphas=options.alphas)
+    if options.limit is not None:
+        r = replace(r, datasets=tuple(replace(d, limit=options.limit) for d in r.datasets))
+    alphas = tuple(dict.fromkeys(r.alphas))
+    out = Path(options.output or r.output.format(name=r.name))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
+    pg = options.progress
+
+    d_path = out / "delta"
+    if (r.keep.delta or r.low_rank) and not d_path.exists():
+        delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg))
+    source = {"reasoner": r.reasoner}
+    lowrank = adapters = None
+    if r.low_rank:
+        lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg)
+        source = {"delta": lowrank["factored"]}
+        adapters = lowrank.get("adapters")
+    models = out / "models"
+    if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
+        materialize(base=r.base, output=models, **source,
+                    options=MaterializeOptions(alphas=alphas, progress=pg))
+
+    tables, starts = {}, 0
+    for ds in r.datasets:
+        sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
+        ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
+                         params_b=r.params_b, progress=pg)
+        common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling)
+        if r.apply == "swap":
+            eng = Engine(model=shell_model(base=r.base, folder=out / "eval" / ".engine-model", **source),
+                         options=r.engine, dummy_weights=True, lazy=True)
+            run = lambda: evaluate(base=r.base, alphas=alphas, engine=eng, **source, **common)  # noqa: E731
+        elif r.apply == "materialize":
+            folders = [models / f"alpha-{format_alpha(a)}" for a in alphas]
+            eng = Engine(model=folders[0], options=r.engine, lazy=True)
+            run = lambda: evaluate(checkpoints=folders, engine=eng, **common)  # noqa: E731
+        else:
+            rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
+            eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
+            run = lambda: evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas,  # noqa: E731
+                                   engine=eng, **common)
+        try:
+            res = run()
+        finally:
+            starts += eng.starts
+            eng.close()
+        tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
+
+    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
+    if r.push.enabled:
+        from .hub import PushOptions, push
+
+        folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
+        push(folder=folder, evaluation=_markdown(tables),
+             options=PushOptions(repo=r.push.repo, private=r.push.private, dry_run=r.push.dry_run))
+    return SweepResult(out, report, tables, starts)
+
+
+def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
+    from .lowrank import LowRankOptions, svd_rank
+    from .peft_adapter import adapter_folders, write_peft_adapters
+
+    lr = r.low_rank
+    factored = folder / "delta.safetensors"
+    report = factored.with_suffix(".lowrank.json")
+    if not report.exists():  # the report is written last: its presence marks the stage complete
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        svd_rank(delta=d_path, output=factored, options=LowRankOptions(
+            rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
+            exclude=lr.exclude, plot=True, progress=progress))
+    out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
+    if r.apply == "lora":
+        want = adapter_folders(output=folder / "adapters", alphas=alphas)
+        if not all((p / "adapter_config.json").exists() for p in want.values()):
+            write_peft_adapters(factored=factored, output=folder / "adapters", alphas=alphas, overwrite=True)
+        out["adapters"] = want
+    return out
+
+
+def _markdown(tables: dict[str, list[dict]]) -> str:
+    from .report import markdown_table
+
+    return "\n\n".join(f"**{name}**\n\n{markdown_table(rows=rows)}" for name, rows in tables.items()) + \
+        f"\n\n{ACU_FORMULA}\n"
+
+
+def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables: dict[str, list[dict]],
+                 lowrank: dict | None) -> Path:
+    """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank)."""
+    from .report import plot
+
+    plots = {}
+    for name, rows in tables.items():
+        plots[name] = plot(rows=rows, path=out / f"plot-{name}.png")
+    if lowrank and Path(lowrank["plot"]).exists():
+        shutil.copy(lowrank["plot"], out / "spectra.png")
+        plots["spectra"] = out / "spectra.png"
+    versions = {"tvtool": __version__, "vllm": vllm_version(), "python": platform.python_version()}
+    for mod in ("torch", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    lr = ""
+    if lowrank:
+        tot = json.loads(Path(lowrank["report"]).read_text())["totals"]
+        lr = (f"\n## Low rank\n\nΔ replaced by a rank-{recipe.low_rank.rank or 'energy ' + str(recipe.low_rank.energy)}"
+              f" approximation ({recipe.low_rank.method} SVD): ‖Δ‖² kept {tot['energy_kept']:.4f}, relative "
+              f"Frobenius error {tot['rel_error']:.4f}. Per-tensor report: `{Path(lowrank['report']).name}`; "
+              "spectra: `spectra.png`.\n")
+    src = recipe_path or out / "recipe.yaml"
+    body = [f"# tvtool sweep: {recipe.name}", "",
+            f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
+            f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
+            ACU_FORMULA, ""]
+    from .report import markdown_table
+
+    for name, rows in tables.items():
+        body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
+    body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
+             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out), "```", "",
+             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True).strip(),
+             "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
+    report = out / "REPORT.md"
+    report.write_text("\n".join(body))
+    (out / "report.json").write_text(json.dumps(
+        {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA, "versions": versions,
+         "plots": {k: str(v) for k, v in plots.items()}}, indent=2, default=str) + "\n")
+    return report
+
+
+def _commands(r: Recipe, out: Path) -> list[str]:
+    a = ",".join(format_alpha(x) for x in dict.fromkeys(r.alphas))
+    cmds, src = [], f"--reasoner {r.reasoner}"
+    if r.low_rank or r.keep.delta:
+        cmds.append(f"tvtool delta {r.base} {r.reasoner} -o {out}/delta")
+    if r.low_rank:
+        k = f"--rank {r.low_rank.rank}" if r.low_rank.rank else f"--energy {r.low_rank.energy}"
+        peft = f" --peft {out}/lowrank/adapters --peft-alpha {a}" if r.apply == "lora" else ""
+        cmds.append(f"tvtool svd-rank {k} {out}/delta -o {out}/lowrank/delta.safetensors{peft}")
+        src = f"--delta {out}/lowrank/delta.safetensors"
+    if r.apply == "materialize" or r.keep.models:
+        cmds.append(f"tvtool materialize {r.base} {src} --alpha {a} -o {out}/models")
+    for d in r.datasets:
+        lim = f" --limit {d.limit}" if d.limit else ""
+        mt = d.max_tokens or r.sampling.max_tokens
+        if r.apply == "swap":
+            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a} --dataset {d.name}{lim} --max-tokens {mt} "
+                        f"-o {out}/eval")
+        elif r.apply == "materialize":
+            cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt} -o {out}/eval")
+        else:
+            cmds.append(f"tvtool eval --model {r.base} --lora {out}/lowrank/adapters/alpha-* --alpha {a} "
+                        f"--dataset {d.name}{lim} --max-tokens {mt} -o {out}/eval")
+    return cmds
+
