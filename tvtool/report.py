@@ -23,7 +23,7 @@ def _cell(key: str, v) -> str:
     if key in ("accuracy", "mean_tokens"):
         return f"{v:.1f}"
     if key == "acu":
-        return f"{v:.2f}"
+        return f"{v:.2f}" if abs(v) < 1000 else f"{v:.3g}"  # tiny models give huge ACU
     return str(v)
 
 
