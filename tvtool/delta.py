@@ -7,7 +7,6 @@ so `materialize --delta` can write complete models without the reasoner at hand.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ import torch
 from . import __version__
 from .errors import OutputError
 from .options import opt
-from .output import (ShardedWriter, check_free, discard, finish_dir, human, parse_size, plan_bytes, progress,
-                     start_dir)
+from .output import check_free, human, parse_size, plan_bytes, progress, write_tensors
 from .safetensors_io import row_chunks
 from .taskvector import TaskVector, common_dtype
 
@@ -81,37 +79,15 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
             "tvtool.base": json.dumps(prov["base"]), "tvtool.reasoner": json.dumps(prov["reasoner"]),
             "tvtool.dtype": str(dtype).removeprefix("torch."), "tvtool.vocab": o.vocab,
             "tvtool.skipped": json.dumps(prov["skipped"]), "tvtool.missing": json.dumps(prov["missing"])}
-    files = tv.side_files()
-    if single:
-        meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
-        tmp = out.with_name(out.name + ".partial")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard, single_file=tmp)
-    else:
-        tmp = start_dir(out)
-        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard)
-    try:
+    def fill(writer):
         with progress(plan_bytes(plan), "delta", o.progress) as bar:
             for i, (name, _, shape) in enumerate(plan):
                 for s, e in row_chunks(shape):
                     bar.update(writer.write(name, tv.rows(name, s, e).to(dtype)))  # [rows, ...] fp32 → dtype
                 bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
-        written = writer.close()
-        if not single:
-            for fname, data in files.items():
-                (tmp / fname).write_bytes(data)
-    except BaseException:
-        writer.abort()
-        discard(tmp)
-        raise
-    if single:
-        if out.exists():
-            discard(out)
-        os.replace(tmp, out)
-        written = [out]
-    else:
-        finish_dir(tmp, out)
-        written = [out / f.name for f in written]
+
+    written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(), max_shard_size=max_shard,
+                            fill=fill)
     return DeltaResult(out, written, len(plan), plan_bytes(plan), str(dtype).removeprefix("torch."),
                        prov["skipped"], prov["missing"])
 

@@ -19,7 +19,6 @@ the whole layout, so it streams factors and kept-full tensors into the atomic ou
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -34,8 +33,8 @@ import torch
 from . import __version__
 from .delta import DTYPES
 from .errors import CheckpointError, OptionsError, OutputError
-from .options import opt
-from .output import ShardedWriter, check_free, discard, finish_dir, human, parse_size, plan_bytes, start_dir
+from .options import check_regex, opt
+from .output import check_free, human, parse_size, plan_bytes, write_tensors
 from .safetensors_io import row_chunks
 from .taskvector import FACTOR_A, FACTOR_B, TaskVector, is_vocab_tensor
 
@@ -341,17 +340,9 @@ def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowR
     if single and plan_bytes(plan) > max_shard:
         raise OutputError(f"the factored delta is {human(plan_bytes(plan))}, over --max-shard-size "
                           f"{o.max_shard_size}", where=str(out), fix="give a folder path for -o or raise it")
-    files = tv.side_files()
-    if single:
-        meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
-        tmp = out.with_name(out.name + ".partial")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard, single_file=tmp)
-    else:
-        tmp = start_dir(out)
-        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard)
     dtype = DTYPES[o.dtype]
-    try:
+
+    def fill(writer):
         for n, c in choice.items():
             if c == "factor":
                 B, A = factors[n]
@@ -360,20 +351,9 @@ def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowR
             elif c == "full":
                 for s, e in row_chunks(tv.shape(n)):
                     writer.write(n, tv.rows(n, s, e).to(dtype))  # [rows, ...] fp32 → dtype
-        written = writer.close()
-        if not single:
-            for fname, data in files.items():
-                (tmp / fname).write_bytes(data)
-    except BaseException:
-        writer.abort()
-        discard(tmp)
-        raise
-    if single:
-        discard(out)
-        os.replace(tmp, out)
-        return [out]
-    finish_dir(tmp, out)
-    return [out / f.name for f in written]
+
+    return write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(), max_shard_size=max_shard,
+                         fill=fill)
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -425,12 +405,8 @@ def _check_options(o: LowRankOptions, delta, base, reasoner) -> None:
                            where="--max-rank")
     if o.oversample < 0 or o.niter < 0:
         raise OptionsError("--oversample and --niter must be ≥ 0", where=f"{o.oversample=} {o.niter=}")
-    for flag, rx in (("--include", o.include), ("--exclude", o.exclude)):
-        if rx:
-            try:
-                re.compile(rx)
-            except re.error as e:
-                raise OptionsError(f"bad regular expression {rx!r}: {e}", where=flag) from None
+    check_regex("--include", o.include)
+    check_regex("--exclude", o.exclude)
     if o.peft and not all(math.isfinite(a) for a in o.peft_alpha):
         raise OptionsError("every --peft-alpha must be a finite number", where="--peft-alpha")
     if o.peft and not o.peft_alpha:

@@ -22,7 +22,7 @@ from .card import model_card
 from .checkpoint import Checkpoint
 from .delta import DTYPES
 from .errors import MismatchError, OptionsError, OutputError
-from .options import opt
+from .options import check_regex, opt
 from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
 from .safetensors_io import row_chunks
 from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
@@ -147,12 +147,8 @@ def _check_options(o: MaterializeOptions, delta, reasoner) -> list[float]:
     for a in o.alphas:
         if not math.isfinite(a):
             raise OptionsError(f"α must be a finite number, got {a}", where="--alpha")
-    for flag, rx in (("--include", o.include), ("--exclude", o.exclude)):
-        if rx:
-            try:
-                re.compile(rx)
-            except re.error as e:
-                raise OptionsError(f"bad regular expression {rx!r}: {e}", where=flag) from None
+    check_regex("--include", o.include)
+    check_regex("--exclude", o.exclude)
     if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
         raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
     return list(dict.fromkeys(float(a) for a in o.alphas))

@@ -7,6 +7,7 @@ same fields with `click_options`, so a default or a help string lives in one pla
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -100,3 +101,14 @@ def from_cli(cls: type, kwargs: dict[str, Any]) -> Any:
             v = tuple(x for part in v for x in part)
         out[k] = v
     return cls(**out)
+
+
+def check_regex(flag: str, pattern: str | None) -> None:
+    """Raise a one-line OptionsError naming `flag` when `pattern` is not a valid regular expression."""
+    from .errors import OptionsError
+
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise OptionsError(f"bad regular expression {pattern!r}: {e}", where=flag) from None

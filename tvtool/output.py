@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -228,3 +229,39 @@ class WriteBehind:
     def _check(self):
         if self._error is not None:
             raise self._error
+
+
+def write_tensors(*, out: Path, plan: Plan, metadata: dict[str, str], files: dict[str, bytes],
+                  max_shard_size: int, fill) -> list[Path]:
+    """Write a delta-like output atomically and return its files.
+
+    `out` ending in .safetensors is one file carrying `files` (config, tokenizer…) base64-encoded in
+    its metadata; otherwise a sharded folder with `files` alongside. `fill(writer)` must write every
+    tensor of `plan`, in order, through `writer.write(name, chunk)`.
+    """
+    single = out.suffix == ".safetensors"
+    meta = dict(metadata)
+    if single:
+        meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
+        tmp = out.with_name(out.name + ".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard_size, single_file=tmp)
+    else:
+        tmp = start_dir(out)
+        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard_size)
+    try:
+        fill(writer)
+        written = writer.close()
+        if not single:
+            for fname, data in files.items():
+                (tmp / fname).write_bytes(data)
+    except BaseException:
+        writer.abort()
+        discard(tmp)
+        raise
+    if single:
+        discard(out)
+        os.replace(tmp, out)
+        return [out]
+    finish_dir(tmp, out)
+    return [out / f.name for f in written]

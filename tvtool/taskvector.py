@@ -14,7 +14,6 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
