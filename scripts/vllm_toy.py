@@ -24,7 +24,7 @@ def main() -> int:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    questions = [r["question"] for r in toy.read_jsonl(path=toy.TEST_PATH)[:args.n]]
+    questions = [r["question"] for r in toy.read_jsonl(path=args.model.parent / "test.jsonl")[:args.n]]
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=False) for q in questions]
