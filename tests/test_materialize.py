@@ -224,3 +224,21 @@ def test_delta_for_another_base_is_refused(pairs, f32_deltas, tmp_path):
     assert_one_line_error(r, "base tensor 'model.layers.0.self_attn.k_proj.bias' has no delta, and the delta does "
                              "not record it as skipped. Use the base model the delta was computed from")
     assert not (tmp_path / "out").exists()
+
+
+def test_float32_checkpoints(llama, tmp_path):
+    """With float32 inputs nothing is rounded: α=1 is θ2 and α=0.5 is the float32 formula, bit for bit."""
+    from safetensors.torch import save_file
+
+    folders = []
+    for src, name in zip(llama, ("b32", "r32")):
+        dst = tmp_path / name
+        dst.mkdir()
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (dst / f).write_bytes((src / f).read_bytes())
+        save_file({k: v.float() for k, v in state_dict(src).items()}, dst / "model.safetensors")
+        folders.append(dst)
+    res = tvtool.materialize(base=folders[0], reasoner=folders[1], output=tmp_path / "out", options=_opts(1.0, 0.5))
+    B, R = state_dict(folders[0]), state_dict(folders[1])
+    assert_bit_equal(state_dict(res.folders[1.0]), R)
+    assert_bit_equal(state_dict(res.folders[0.5]), {n: B[n] + 0.5 * (R[n] - B[n]) for n in B})

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from . import __version__
 from .card import model_card
 from .checkpoint import Checkpoint
@@ -107,15 +109,14 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
             n_delta = tv.shape(name)[0] if name in selected and shape else None
             for s, e in _chunks(shape, n_delta):
                 use = name in selected and (n_delta is None or s < n_delta)
-                yield (i, name, *_read(b, tv, name, src, s, e, use=use))
+                yield (i, name, *_read(b, tv, name, src, s, e, use=use))  # in the prefetch thread
 
     try:
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
             wb = WriteBehind(on_bytes=bar.update)
             try:
-                for i, name, base_rows, d, end in prefetch(reads()):
+                for i, name, base_rows, base32, d, end in prefetch(reads()):
                     read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
-                    base32 = base_rows.float() if d is not None else None  # [rows, ...] shared by every α
                     for a in todo:
                         if a == 1.0 and end is not None:
                             chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
@@ -163,15 +164,17 @@ def _chunks(shape, n_delta):
 
 
 def _read(b: Checkpoint, tv: TaskVector, name, src, s, e, *, use: bool):
-    """(base rows, Δ rows or None, θ2 rows or None), reading every input once."""
+    """(base rows, base rows in fp32, Δ rows, θ2 rows), reading every input once; None where unused."""
     pair = tv.pair
     if not use:
-        return b.read(src, s, e), None, None
+        return b.read(src, s, e), None, None, None
     if pair is not None and pair.base is b:
         bn, rn, _ = pair.names[name]
         base_rows, r = b.read(bn, s, e), pair.reasoner.read(rn, s, e)
-        return base_rows, r.float() - base_rows.float(), r
-    return b.read(src, s, e), tv.rows(name, s, e), None
+        base32 = base_rows.float()  # [rows, ...] shared by Δ and every α
+        return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
+    base_rows = b.read(src, s, e)
+    return base_rows, base_rows.float(), tv.rows(name, s, e), None
 
 
 def _side_files(b: Checkpoint, tv: TaskVector, o: MaterializeOptions, wplan) -> dict[str, bytes]:

@@ -148,9 +148,9 @@ def render_solution(*, problem: Problem, pieces: Pieces) -> str:
         parts.append(f"{p.name} starts with {p.start} {p.item} and there are {len(p.steps)} changes .")
     for i, k in enumerate(p.steps):
         if pieces.words:
-            verb = f"gets {k} more {p.item}" if k > 0 else f"gives away {-k} {p.item}"
-            how = "add" if k > 0 else "subtract"
-            parts.append(f"{_ORDINALS[i]} {p.name} {verb} , so we {how} : {_op(vals[i], k)} .")
+            # The amount sits right next to the operation that uses it, so the arithmetic
+            # re-reads the number just written instead of reaching back into the question.
+            parts.append(f"{_ORDINALS[i]} {p.name} {_step_phrase(k)} , so {_op(vals[i], k)} .")
         else:
             parts.append(f"{_op(vals[i], k)} .")
     if pieces.check:
@@ -243,11 +243,11 @@ def build_tokenizer():
 
 
 def build_config(*, vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
-    """Tiny `LlamaConfig` (~0.8M params) that vLLM's CPU backend runs: head_dim 64, untied."""
+    """Tiny `LlamaConfig` (~1.1M params) that vLLM's CPU backend runs: head_dim 64, untied."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=2, num_key_value_heads=2, head_dim=64,
         max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=False, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
