@@ -28,7 +28,6 @@ def _rows(result):
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(strict=True, reason="the shipped toy pair misses the bar's accuracy at mid α (issue 5 open)")
 def test_toy_bar(toy_run):
     """Moving α moves the chain length, and accuracy holds: the bar the shipped pair must meet."""
     rows = _rows(toy_run)

@@ -43,6 +43,15 @@ def test_every_solution_ends_in_boxed_answer():
     assert len(long.split()) > 4 * len(short.split())
 
 
+def test_worded_steps_repeat_the_amount_next_to_the_operation():
+    for p in toy.make_problems(n=100, seed=5):
+        sol = toy.render_solution(problem=p, pieces=toy.Pieces(words=True))
+        for v, k in zip(p.values, p.steps):
+            phrase = f"gets {k} more" if k > 0 else f"gives away {-k}"
+            op = f"{v} + {k} = {v + k}" if k > 0 else f"{v} - {-k} = {v + k}"
+            assert f"{phrase} , so {op} ." in sol
+
+
 def test_parse_answer_takes_the_last_box():
     assert toy.parse_answer(text="\\boxed{ 3 } then \\boxed{ 42 }") == 42
     assert toy.parse_answer(text="no box") is None
