@@ -95,7 +95,7 @@ def load_recipe(path: str | Path) -> Recipe:
     here = path.resolve().parent
 
     def local(v: str) -> str:
-        return str(here / v) if not Path(v).is_absolute() and (here / v).exists() else v
+        return str((here / v).resolve()) if not Path(v).is_absolute() and (here / v).exists() else v
 
     ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
     return dataclasses.replace(r, base=local(r.base), reasoner=local(r.reasoner), datasets=ds)

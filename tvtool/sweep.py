@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 from . import __version__
 from .delta import DeltaOptions, delta
 from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
-from .generate import Engine, shell_model, vllm_version
+from .generate import Engine, PromptOptions, shell_model, vllm_version
 from .materialize import MaterializeOptions, format_alpha, materialize
 from .options import opt
 from .recipe import Recipe, load_recipe, to_dict
@@ -187,9 +188,27 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
     return report
 
 
+def _short(p) -> str:
+    """A path relative to the working folder when it lies inside it (Hub ids unchanged)."""
+    try:
+        return os.path.relpath(p) if Path(p).exists() and not os.path.relpath(p).startswith("..") else str(p)
+    except ValueError:
+        return str(p)
+
+
 def _commands(r: Recipe, out: Path) -> list[str]:
     a = ",".join(format_alpha(x) for x in dict.fromkeys(r.alphas))
+    r = replace(r, base=_short(r.base), reasoner=_short(r.reasoner),
+                datasets=tuple(replace(d, name=_short(d.name)) for d in r.datasets))
+    out = Path(_short(out))
     cmds, src = [], f"--reasoner {r.reasoner}"
+    flags = ""
+    if r.prompt.instruction != PromptOptions().instruction:
+        flags += f" --instruction {shlex.quote(r.prompt.instruction)}"
+    flags += f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else ""
+    flags += f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else ""
+    flags += f" --tensor-parallel-size {r.engine.tensor_parallel_size}" if r.engine.tensor_parallel_size > 1 else ""
+    flags += " --enforce-eager" if r.engine.enforce_eager else ""
     if r.low_rank or r.keep.delta:
         cmds.append(f"tvtool delta {r.base} {r.reasoner} -o {out}/delta")
     if r.low_rank:
@@ -203,12 +222,13 @@ def _commands(r: Recipe, out: Path) -> list[str]:
         lim = f" --limit {d.limit}" if d.limit else ""
         mt = d.max_tokens or r.sampling.max_tokens
         if r.apply == "swap":
-            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a} --dataset {d.name}{lim} --max-tokens {mt} "
-                        f"-o {out}/eval")
+            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a} --dataset {d.name}{lim} --max-tokens {mt}"
+                        f"{flags} -o {out}/eval")
         elif r.apply == "materialize":
-            cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt} -o {out}/eval")
+            cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt}{flags} "
+                        f"-o {out}/eval")
         else:
             cmds.append(f"tvtool eval --model {r.base} --lora {out}/lowrank/adapters/alpha-* --alpha {a} "
-                        f"--dataset {d.name}{lim} --max-tokens {mt} -o {out}/eval")
+                        f"--dataset {d.name}{lim} --max-tokens {mt}{flags} -o {out}/eval")
     return cmds
 
