@@ -94,7 +94,7 @@ def main() -> None:
     fixed = t["in-place"]["engine start"] + t["in-place"]["engine stop"]
     per_in = (t["in-place"]["weight load"] + t["in-place"]["generation"]) / k
     per_fresh = t["fresh"]["total"] / k
-    lines = [f"# 5-α sweep: in-place α swap in one engine vs materialize + fresh engine per α", "",
+    lines = ["# 5-α sweep: in-place α swap in one engine vs materialize + fresh engine per α", "",
              f"α = {alphas}; {len(prompts)} GSM8K prompts, greedy, max_tokens {args.max_tokens}; "
              f"tiny llama (tests/tiny.py, 2 layers, hidden 128), float32 engine, enforce_eager.",
              f"vLLM {vllm_version()} (import {t_import:.1f} s, once, not counted), {platform.machine()}, "

@@ -94,3 +94,24 @@ def lora_pair(pairs, tmp_path_factory):
     merged.save_pretrained(merged_dir)
     AutoTokenizer.from_pretrained(base).save_pretrained(merged_dir)
     return LoraPair(adapters, merged_dir)
+
+
+class Crash(Exception):
+    """Stands for a kill in the middle of a run."""
+
+
+class Flaky:
+    """The engine, but generate() raises `Crash` after `ok` calls; counts the prompts it generated."""
+
+    def __init__(self, engine, ok: int):
+        self._e, self.ok, self.prompts_seen = engine, ok, 0
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def generate(self, **kw):
+        if self.ok == 0:
+            raise Crash
+        self.ok -= 1
+        self.prompts_seen += len(kw["prompts"])
+        return self._e.generate(**kw)

@@ -7,7 +7,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-from engine import ALPHA
+
+from engine import ALPHA, Crash as _Crash, Flaky as _Flaky
 
 from tvtool.evaluate import (ACU_FORMULA, EvalOptions, count_params_b, evaluate, read_samples, run_one,
                              summarize)
@@ -114,27 +115,6 @@ def test_run_files_and_invariants(vengine, tmp_path, dataset, kind):
         subj = summary["by_subject"]
         assert sum(v["n_samples"] for v in subj.values()) == 3 and all(r["subject"] in subj for r in samples)
     assert res.runs[0].summary == summary
-
-
-class _Crash(Exception):
-    pass
-
-
-class _Flaky:
-    """The engine, but generate() raises after `ok` batches; counts the prompts it generated."""
-
-    def __init__(self, engine, ok: int):
-        self._e, self.ok, self.prompts_seen = engine, ok, 0
-
-    def __getattr__(self, name):
-        return getattr(self._e, name)
-
-    def generate(self, **kw):
-        if self.ok == 0:
-            raise _Crash
-        self.ok -= 1
-        self.prompts_seen += len(kw["prompts"])
-        return self._e.generate(**kw)
 
 
 @pytest.mark.vllm

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from engine import Crash as _Crash, Flaky as _Flaky
+
 from tvtool.data import Problem
 from tvtool.errors import OptionsError, OutputError
 from tvtool.mixchain import (DATA_FILE, MixChainOptions, assemble, betas, columns, dataset_card,
@@ -168,27 +170,6 @@ def test_written_dataset_loads_with_its_schema_and_card(tmp_path):
 
 
 # --- real builds (vLLM CPU, the shared session engine) ------------------------------------------
-
-
-class _Crash(Exception):
-    pass
-
-
-class _Flaky:
-    """The engine, but generate() raises after `ok` calls; counts the prompts it generated."""
-
-    def __init__(self, engine, ok: int):
-        self._e, self.ok, self.prompts_seen = engine, ok, 0
-
-    def __getattr__(self, name):
-        return getattr(self._e, name)
-
-    def generate(self, **kw):
-        if self.ok == 0:
-            raise _Crash
-        self.ok -= 1
-        self.prompts_seen += len(kw["prompts"])
-        return self._e.generate(**kw)
 
 
 def _odd_scorer(resp: str, p: Problem) -> bool:
