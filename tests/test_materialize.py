@@ -242,3 +242,28 @@ def test_float32_checkpoints(llama, tmp_path):
     B, R = state_dict(folders[0]), state_dict(folders[1])
     assert_bit_equal(state_dict(res.folders[1.0]), R)
     assert_bit_equal(state_dict(res.folders[0.5]), {n: B[n] + 0.5 * (R[n] - B[n]) for n in B})
+
+
+@pytest.mark.parametrize("via", ["reasoner", "f32-delta"])
+def test_apply_to_reads_each_input_once_and_matches_materialize(llama, f32_deltas, monkeypatch, tmp_path, via):
+    """The in-engine α stream (`apply_to`) reads every input tensor once and equals the written folder."""
+    base, reasoner = llama
+    tv = tvtool.TaskVector.between(base, reasoner) if via == "reasoner" else tvtool.TaskVector.load(f32_deltas["llama"])
+    src = {"reasoner": reasoner} if via == "reasoner" else {"delta": f32_deltas["llama"]}
+    res = tvtool.materialize(base=base, output=tmp_path, options=_opts(0.6, 1.0), **src)
+    seen = Counter()
+    real = ckpt_mod.read_rows
+
+    def counting(info, start=0, stop=None):
+        t = real(info, start, stop)
+        seen[(str(info.file), info.begin)] += t.numel() * t.element_size()
+        return t
+
+    monkeypatch.setattr(ckpt_mod, "read_rows", counting)
+    for a in (0.6, 1.0):
+        seen.clear()
+        streamed = dict(tv.apply_to(base, alpha=a))
+        inputs = [ckpt_mod.Checkpoint.open(p) for p in (base, *src.values())]
+        assert seen == Counter({(str(c.info(n).file), c.info(n).begin): c.info(n).nbytes
+                                for c in inputs for n in c.names()})
+        assert_bit_equal(streamed, state_dict(res.folders[a]))

@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from . import __version__
 from .card import model_card
 from .checkpoint import Checkpoint
@@ -109,7 +107,10 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
             n_delta = tv.shape(name)[0] if name in selected and shape else None
             for s, e in _chunks(shape, n_delta):
                 use = name in selected and (n_delta is None or s < n_delta)
-                yield (i, name, *_read(b, tv, name, src, s, e, use=use))  # in the prefetch thread
+                if use:  # in the prefetch thread
+                    yield (i, name, *tv.merge_inputs(b, name, src, s, e))
+                else:
+                    yield i, name, b.read(src, s, e), None, None, None
 
     try:
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
@@ -161,20 +162,6 @@ def _chunks(shape, n_delta):
         return row_chunks(shape)
     return row_chunks((n_delta, *shape[1:])) + [(s + n_delta, e + n_delta)
                                                for s, e in row_chunks((shape[0] - n_delta, *shape[1:]))]
-
-
-def _read(b: Checkpoint, tv: TaskVector, name, src, s, e, *, use: bool):
-    """(base rows, base rows in fp32, Δ rows, θ2 rows), reading every input once; None where unused."""
-    pair = tv.pair
-    if not use:
-        return b.read(src, s, e), None, None, None
-    if pair is not None and pair.base is b:
-        bn, rn, _ = pair.names[name]
-        base_rows, r = b.read(bn, s, e), pair.reasoner.read(rn, s, e)
-        base32 = base_rows.float()  # [rows, ...] shared by Δ and every α
-        return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
-    base_rows = b.read(src, s, e)
-    return base_rows, base_rows.float(), tv.rows(name, s, e), None
 
 
 def _side_files(b: Checkpoint, tv: TaskVector, o: MaterializeOptions, wplan) -> dict[str, bytes]:

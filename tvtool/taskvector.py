@@ -165,22 +165,23 @@ class TaskVector:
     def get(self, name: str) -> torch.Tensor:
         return self.rows(name)
 
-    def endpoint_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
-        """θ2 rows as stored, when this is exactly one base/reasoner pair (so α=1 is θ2 bit for bit)."""
-        if len(self.terms) == 1 and self.terms[0][0] == 1.0 and isinstance(self.terms[0][1], _Pair):
-            p = self.terms[0][1]
-            if p.shape(name) == p.base.info(p.names[name][0]).shape:
-                return p.reasoner.read(p.names[name][1], start, stop)
-        return None
+    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None):
+        """(θ1 rows as stored, θ1 rows in fp32, Δ rows, θ2 rows or None) for output tensor `name`.
 
-    @property
-    def nbytes_read(self) -> int:
-        """Bytes read from disk to produce every tensor once."""
-        total = 0
-        for _, t in self.terms:
-            ck = [t.base, t.reasoner] if isinstance(t, _Pair) else [t.ckpt]
-            total += sum(c.nbytes for c in ck)
-        return total
+        Reads every input once: for a plain base/reasoner pair over this base, Δ is computed from
+        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit).
+        `src` is the base tensor to read (the embedding for a tied lm_head).
+        """
+        p = self.pair
+        whole = p is not None and p.shape(name) == base.info(src).shape
+        within = p is not None and stop is not None and bool(p.shape(name)) and stop <= p.shape(name)[0]
+        if (whole or within) and p.base.source.path.resolve() == base.source.path.resolve():
+            bn, rn, _ = p.names[name]
+            base_rows, r = p.base.read(bn, start, stop), p.reasoner.read(rn, start, stop)
+            base32 = base_rows.float()  # [rows, ...] shared by Δ and every α
+            return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
+        base_rows = base.read(src, start, stop)  # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
+        return base_rows, base_rows.float(), self.rows(name, start, stop), None
 
     # -- what it came from --------------------------------------------------------
     @property
@@ -219,11 +220,15 @@ class TaskVector:
         """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored)."""
         b = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
         for name, src in merge_plan(b, self):
-            info = b.info(src)
-            out_dtype = dtype or info.dtype
-            d = self.rows(name) if name in self._names else None
-            end = self.endpoint_rows(name) if alpha == 1.0 and d is not None else None
-            yield name, end.to(out_dtype) if end is not None else merge_rows(b.read(src), d, alpha, out_dtype)
+            out_dtype = dtype or b.info(src).dtype
+            if name not in self._names:
+                yield name, b.read(src).to(out_dtype)
+                continue
+            base_rows, base32, d, end = self.merge_inputs(b, name, src)
+            if alpha == 1.0 and end is not None and end.shape == base_rows.shape:
+                yield name, end.to(out_dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
+            else:
+                yield name, merge_rows(base_rows, d, alpha, out_dtype, base32=base32)
 
 
 def merge_plan(base: Checkpoint, tv: TaskVector) -> list[tuple[str, str]]:
