@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .errors import OutputError
-from .options import opt
+from .options import CliOptions, opt
 from .output import check_free, human, parse_size, plan_bytes, progress, write_tensors
 from .safetensors_io import row_chunks
 from .taskvector import TaskVector, common_dtype
@@ -26,7 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass(frozen=True)
-class DeltaOptions:
+class DeltaOptions(CliOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Stored dtype of Δ. auto: the checkpoints' dtype. float32 makes α=1 give the reasoner bit for bit.")
     max_shard_size: str = opt("5GB", "Largest shard. A .safetensors output must fit in one; a folder output is sharded.")

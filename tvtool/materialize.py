@@ -22,7 +22,7 @@ from .card import model_card
 from .checkpoint import Checkpoint
 from .delta import DTYPES
 from .errors import MismatchError, OptionsError, OutputError
-from .options import check_regex, opt
+from .options import CliOptions, check_regex, opt
 from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
 from .safetensors_io import row_chunks
 from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
@@ -31,7 +31,7 @@ SETTINGS_FILE = "tvtool.json"
 
 
 @dataclass(frozen=True)
-class MaterializeOptions:
+class MaterializeOptions(CliOptions):
     alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
                                     flag="--alpha", short="-a")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")

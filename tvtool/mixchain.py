@@ -41,7 +41,7 @@ from .data import Problem, load_problems
 from .errors import OptionsError, OutputError
 from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, load_tokenizer, shell_model,
                        vllm_version)
-from .options import opt
+from .options import CliOptions, opt
 from .output import check_free, discard, finish_dir, start_dir
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
@@ -55,7 +55,7 @@ Scorer = Callable[[str, Problem], bool]  # (response, problem) -> correct
 
 
 @dataclass(frozen=True)
-class MixChainOptions:
+class MixChainOptions(CliOptions):
     dataset: str = opt("gsm8k", "Questions with gold answers: gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id.")
     split: str = opt("train", "Dataset split (the paper uses the GSM8K train questions).")
     limit: int | None = opt(None, "Use only this many questions (the first N, or N random with --seed).")

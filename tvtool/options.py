@@ -15,10 +15,20 @@ from typing import Any, Literal
 import click
 
 
-def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None) -> Any:
-    """A dataclass field with CLI help. `flag` overrides the option name, `short` adds e.g. '-a'."""
+def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None,
+        off: str | None = None) -> Any:
+    """A dataclass field with CLI help. `flag` overrides the option name, `short` adds e.g. '-a';
+    `off` names the switch that turns a default-True bool off (default: '--no-<flag>')."""
     kw = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
-    return dataclasses.field(metadata={"help": help, "flag": flag, "short": short}, **kw)
+    return dataclasses.field(metadata={"help": help, "flag": flag, "short": short, "off": off}, **kw)
+
+
+class CliOptions:
+    """Mixin for the option dataclasses: `to_cli_args()` is the inverse of `from_cli`."""
+
+    def to_cli_args(self, *, exclude: tuple[str, ...] = ()) -> list[str]:
+        """The flags (click syntax) that rebuild these options; defaults are left out."""
+        return to_cli_args(self, exclude=exclude)
 
 
 class _FloatList(click.ParamType):
@@ -58,22 +68,31 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     return {int: int, float: float, str: str, bool: bool}.get(tp, str), False
 
 
+def _cli_fields(cls: type, exclude: tuple[str, ...]):
+    """(field, flag name, default) for every field of `cls` that has a CLI option."""
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or not f.metadata.get("help"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield f, f.metadata.get("flag") or "--" + f.name.replace("_", "-"), default
+
+
+def _off_flag(f: dataclasses.Field, name: str) -> str:
+    return f.metadata.get("off") or "--no-" + name[2:]
+
+
 def click_options(cls: type, *, exclude: tuple[str, ...] = ()):
     """Decorator: add one click option per field of dataclass `cls` (names use dashes)."""
     hints = typing.get_type_hints(cls)
 
     def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name in exclude or not f.metadata.get("help"):
-                continue
+        for f, name, default in reversed(list(_cli_fields(cls, exclude))):
             ctype, multiple = _click_type(hints[f.name])
-            name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             decls = [name] + ([f.metadata["short"]] if f.metadata.get("short") else [])
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if ctype is bool:
                 if default:
-                    no = "--no-" + name[2:]
-                    fn = click.option(f"{name}/{no}", f.name, default=True, help=f.metadata["help"])(fn)
+                    fn = click.option(f"{name}/{_off_flag(f, name)}", f.name, default=True,
+                                      help=f.metadata["help"])(fn)
                 else:
                     fn = click.option(*decls, f.name, is_flag=True, default=False, help=f.metadata["help"])(fn)
                 continue
@@ -101,6 +120,40 @@ def from_cli(cls: type, kwargs: dict[str, Any]) -> Any:
             v = tuple(x for part in v for x in part)
         out[k] = v
     return cls(**out)
+
+
+def to_cli_args(options: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The click arguments that `from_cli` turns back into `options` (non-default fields only).
+
+    Floats are written as short as they round-trip ('0.6', not '0.6000000000000001');
+    float tuples as one comma-separated value. Join with `shlex.join` for a shell line.
+    """
+    cls = type(options)
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f, name, default in _cli_fields(cls, exclude):
+        v = getattr(options, f.name)
+        if v == default:
+            continue
+        ctype, multiple = _click_type(hints[f.name])
+        if v is None:
+            raise ValueError(f"{cls.__name__}.{f.name}=None has no flag (its default is {default!r})")
+        if ctype is bool:
+            out.append(name if v else _off_flag(f, name))
+        elif ctype is FLOAT_LIST:
+            out += [name, ",".join(_num(x) for x in v)] if v else []
+        elif multiple:
+            for x in v:
+                out += [name, str(x)]
+        else:
+            out += [name, _num(v) if isinstance(v, float) else str(v)]
+    return out
+
+
+def _num(x: float) -> str:
+    """The shortest text that parses back to `x`: 0.6 → '0.6', 1.0 → '1'."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 def check_regex(flag: str, pattern: str | None) -> None:

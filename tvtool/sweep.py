@@ -26,12 +26,12 @@ from .delta import DeltaOptions, delta
 from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
 from .generate import Engine, PromptOptions, shell_model, vllm_version
 from .materialize import MaterializeOptions, format_alpha, materialize
-from .options import opt
+from .options import CliOptions, opt
 from .recipe import Recipe, load_recipe, to_dict
 
 
 @dataclass(frozen=True)
-class SweepOptions:
+class SweepOptions(CliOptions):
     output: str | None = opt(None, "Output folder (default: the recipe's `output`).", short="-o")
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
