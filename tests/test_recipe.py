@@ -47,6 +47,17 @@ datasets:
     ("datasets: [{limit: 3}]\n", "missing field datasets[0].name"),
     ("apply: teleport\n", "field apply must be one of swap, materialize, lora, got 'teleport'"),
     ("engine: {tensor_parallel_size: true}\n", "field engine.tensor_parallel_size must be an integer, got True"),
+    ("low_rank: {rank: '8'}\n", "field low_rank.rank must be an integer, got '8'"),
+    ("low_rank: {rank: 8, rnak: 4}\n", "unknown field low_rank.rnak"),
+    ("low_rank: {rank: 8, energy: 0.9}\n", "field low_rank needs exactly one of rank and energy"),
+    ("low_rank: [8]\n", "field low_rank must be a mapping, got list"),
+    ("push: {enabled: yes, privat: false}\n", "unknown field push.privat"),
+    ("datasets: []\n", "field datasets must list at least one dataset"),
+    ("alphas: []\n", "field alphas must list at least one α"),
+    ("alphas: [0, .nan]\n", "field alphas must be finite numbers, got nan"),
+    ("output: runs/{nme}\n", "field output has an unknown key {nme}"),
+    ("name: 3\n", "field name must be a string, got 3"),
+    ("name:\n", "field name must not be empty"),
 ])
 def test_bad_field_is_named(tmp_path, edit, message):
     key = edit.split(":")[0]
@@ -78,3 +89,63 @@ def test_not_yaml(tmp_path):
     p.write_text("name: [unclosed\n")
     r = cli("sweep", p)
     assert r.exit_code == 2 and r.stderr.startswith("tvtool: error: recipe is not valid YAML: ")
+
+
+def test_unknown_field_lists_the_known_ones(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "keep: {delta: true, modles: true}\n")
+    assert_one_line_error(cli("sweep", p), f"unknown field keep.modles ({p}). Known fields: delta, models")
+
+
+def test_output_template_error_names_known_keys(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "output: runs/{nme}\n")
+    assert_one_line_error(cli("sweep", p), f"field output has an unknown key {{nme}} ({p}). Known keys: {{name}}")
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "sampling: {max_tokens: 8}\nname: again\n")
+    assert_one_line_error(cli("sweep", p), f"duplicate key 'name' on line 8 ({p}). Give each field once")
+    p.write_text(GOOD + "sampling: {max_tokens: 8, max_tokens: 9}\n")
+    assert_one_line_error(cli("sweep", p), f"duplicate key 'max_tokens' on line 7 ({p}). Give each field once")
+
+
+def test_not_utf8(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(GOOD.encode() + "# á\n".encode("latin-1"))
+    assert_one_line_error(cli("sweep", p), f"recipe is not UTF-8 text (byte 0xe1 at offset {len(GOOD) + 2}) "
+                                           f"({p}). Save it as UTF-8")
+
+
+def test_not_a_mapping(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("- 1\n- 2\n")
+    assert_one_line_error(cli("sweep", p), f"the recipe must be a mapping of fields, got list ({p})")
+
+
+def test_recipe_nests_the_verbs_options(tmp_path):
+    """low_rank is LowRankOptions and push is PushOptions (private by default, a dry run by default)."""
+    from tvtool.hub import PushOptions
+    from tvtool.lowrank import LowRankOptions
+
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "apply: lora\nlow_rank: {rank: 8, niter: 2}\npush: {enabled: true}\n")
+    r = load_recipe(p)
+    assert r.low_rank == LowRankOptions(rank=8, niter=2)
+    assert isinstance(r.push, PushOptions) and r.push.private and r.push.dry_run and r.push.enabled
+    assert PushOptions().private  # one default for recipes, CLI and API
+    with pytest.raises(Exception):
+        r.name = "other"  # frozen
+
+
+def test_written_recipe_loads_back_equal(tmp_path):
+    """sweep writes the validated recipe as recipe.yaml; loading it gives the same recipe."""
+    import yaml
+
+    from tvtool.recipe import to_dict
+
+    r = load_recipe(RECIPES / "r1-distill-llama-8b.yaml")
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
+    assert load_recipe(p) == r

@@ -13,7 +13,8 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+import shlex
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -213,11 +214,9 @@ def _write_extras(tmp: Path, files, settings, prov, a, o, reasoner, delta, base,
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
     dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
-    src = f"--reasoner {reasoner}" if reasoner else f"--delta {delta}"
-    cmd = f"tvtool materialize {base} {src} --alpha {format_alpha(a)} -o {output}"
-    cmd += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("include", o.include), ("exclude", o.exclude),
-                                                                ("dtype", o.dtype), ("config_from", o.config_from))
-                   if v and v not in ("auto", "reasoner"))
+    src = ["--reasoner", str(reasoner)] if reasoner else ["--delta", str(delta)]
+    flags = replace(o, alphas=(a,), overwrite=False, progress=True).to_cli_args()
+    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *flags, "-o", str(output)])
     reasoner_src = prov.get("reasoner") if isinstance(prov.get("reasoner"), dict) else None
     card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if delta else None,
                       dtype=str(dtype or o.dtype), include=o.include, exclude=o.exclude,

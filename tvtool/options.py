@@ -141,16 +141,16 @@ def to_cli_args(options: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
         if ctype is bool:
             out.append(name if v else _off_flag(f, name))
         elif ctype is FLOAT_LIST:
-            out += [name, ",".join(_num(x) for x in v)] if v else []
+            out += [name, ",".join(cli_number(x) for x in v)] if v else []
         elif multiple:
             for x in v:
                 out += [name, str(x)]
         else:
-            out += [name, _num(v) if isinstance(v, float) else str(v)]
+            out += [name, cli_number(v) if isinstance(v, float) else str(v)]
     return out
 
 
-def _num(x: float) -> str:
+def cli_number(x: float) -> str:
     """The shortest text that parses back to `x`: 0.6 → '0.6', 1.0 → '1'."""
     short = f"{x:g}"
     return short if float(short) == x else repr(float(x))

@@ -1,43 +1,44 @@
-"""Sweep recipes: a YAML file validated at load into frozen dataclasses.
+"""Sweep recipes: a YAML file validated at load by pydantic into frozen, typed settings.
 
-The schema reuses the options the verbs already define (`PromptOptions`,
-`SamplingOptions`, `EngineOptions`), so a field means the same thing in a recipe, on
-the command line and in Python. Errors name the bad field, e.g. `datasets[0].limit`.
+The schema nests the options the verbs already define (`LowRankOptions`,
+`PromptOptions`, `SamplingOptions`, `EngineOptions`, `PushOptions`), so a field means
+the same thing in a recipe, on the command line and in Python. Values are checked
+with JSON's types (pydantic strict JSON mode: a list for a tuple, no `true` for an
+integer, no '0.5' for a number). Every error is one `RecipeError` line naming the
+field path and the file, e.g. `field datasets[0].limit must be an integer, got 'many' (r.yaml)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import string
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import RecipeError
 from .generate import EngineOptions, PromptOptions, SamplingOptions
-from .options import unwrap_optional, opt
+from .hub import PushOptions
+from .lowrank import LowRankOptions
+from .options import opt, unwrap_optional
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str = opt(None, "gsm8k | math500 | toy, a file path (ASDiv.xml, .jsonl) or a Hub dataset id.")
+    name: str = dataclasses.field(
+        metadata={"help": "gsm8k | math500 | toy, a file path (ASDiv.xml, .jsonl) or a Hub dataset id."})
     split: str = opt("test", "Dataset split.")
     limit: int | None = opt(None, "Only the first N problems (N random ones with seed).")
     seed: int | None = opt(None, "Shuffle before limit.")
     kind: str | None = opt(None, "Answer format of a file: gsm8k | math500 | asdiv (default: detected).")
     max_tokens: int | None = opt(None, "Overrides sampling.max_tokens for this dataset (paper: 4192 GSM8K, 8192 hard).")
-
-
-@dataclass(frozen=True)
-class LowRankSpec:
-    rank: int | None = opt(None, "Rank of every factorized tensor.")
-    energy: float | None = opt(None, "Or: the smallest rank keeping this share of ‖Δ‖² per tensor.")
-    max_rank: int | None = opt(None, "Cap for energy-chosen ranks.")
-    method: Literal["randomized", "exact"] = opt("randomized", "SVD method.")
-    include: str | None = opt(None, "Factorize only tensors matching this regex.")
-    exclude: str | None = opt(None, "Never factorize tensors matching this regex.")
 
 
 @dataclass(frozen=True)
@@ -47,106 +48,192 @@ class KeepSpec:
 
 
 @dataclass(frozen=True)
-class PushSpec:
-    enabled: bool = opt(False, "Push the α models (or adapters) at the end.")
+class PushStage(PushOptions):
+    """`tvtool push` options plus whether the stage runs; in a recipe a push is a dry run unless it says not."""
+
     dry_run: bool = opt(True, "Only list what would be uploaded.")
-    repo: str | None = opt(None, "Repo id template with {user}, {name}, {alpha}.")
-    private: bool = opt(True, "Create private repos.")
+    enabled: bool = opt(False, "Push the α models (or adapters) at the end.")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str = opt(None, "Name of the run (used in the default output folder).")
-    base: str = opt(None, "θ1: a model folder or Hub id (relative paths: from the recipe's folder).")
-    reasoner: str = opt(None, "θ2: a model folder or Hub id.")
-    alphas: tuple[float, ...] = opt((), "α values to evaluate.")
-    datasets: tuple[DatasetSpec, ...] = opt((), "Evaluation datasets.")
-    apply: Literal["swap", "materialize", "lora"] = opt(
-        "swap", "How α is applied: swap = θ1 + αΔ loaded into one running engine; materialize = folders on disk; "
-                "lora = one LoRA adapter per α (needs low_rank).")
-    low_rank: LowRankSpec | None = opt(None, "Replace Δ by a low-rank approximation first.")
-    prompt: PromptOptions = field(default_factory=PromptOptions, metadata={"help": "Prompt settings."})
-    sampling: SamplingOptions = field(default_factory=SamplingOptions, metadata={"help": "Decoding settings."})
-    engine: EngineOptions = field(default_factory=EngineOptions, metadata={"help": "vLLM engine settings."})
-    params_b: float | None = opt(None, "Nominal size in billions for ACU (default: counted).")
-    keep: KeepSpec = field(default_factory=KeepSpec, metadata={"help": "What to keep on disk."})
-    push: PushSpec = field(default_factory=PushSpec, metadata={"help": "What to push (dry run by default)."})
-    output: str = opt("runs/{name}", "Output folder.")
+OUTPUT_KEYS = ("name",)
 
 
-REQUIRED = {Recipe: ("name", "base", "reasoner", "alphas", "datasets"), DatasetSpec: ("name",)}
+class _Invalid(ValueError):
+    """A validator's complaint: what, and what to do (kept through pydantic's ValidationError)."""
+
+    def __init__(self, what: str, fix: str | None = None, field: str | None = None):
+        super().__init__(what)
+        self.what, self.fix, self.field = what, fix, field
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Name of the run (used in the default output folder).")
+    base: str = Field(description="θ1: a model folder or Hub id (relative paths: from the recipe's folder).")
+    reasoner: str = Field(description="θ2: a model folder or Hub id.")
+    alphas: tuple[float, ...] = Field(description="α values to evaluate.")
+    datasets: tuple[DatasetSpec, ...] = Field(description="Evaluation datasets.")
+    apply: Literal["swap", "materialize", "lora"] = Field(
+        "swap", description="How α is applied: swap = θ1 + αΔ loaded into one running engine; materialize = "
+                            "folders on disk; lora = one LoRA adapter per α (needs low_rank).")
+    low_rank: LowRankOptions | None = Field(None, description="Replace Δ by a low-rank approximation first.")
+    prompt: PromptOptions = Field(PromptOptions(), description="Prompt settings.")
+    sampling: SamplingOptions = Field(SamplingOptions(), description="Decoding settings.")
+    engine: EngineOptions = Field(EngineOptions(), description="vLLM engine settings.")
+    params_b: float | None = Field(None, description="Nominal size in billions for ACU (default: counted).")
+    keep: KeepSpec = Field(KeepSpec(), description="What to keep on disk.")
+    push: PushStage = Field(PushStage(), description="What to push (private, and a dry run, by default).")
+    output: str = Field("runs/{name}", description="Output folder; {name} is the recipe's name.")
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise _Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]")
+        bad = [a for a in v if not math.isfinite(a)]
+        if bad:
+            raise _Invalid(f"must be finite numbers, got {bad[0]}")
+        return v
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v: tuple[DatasetSpec, ...]) -> tuple[DatasetSpec, ...]:
+        if not v:
+            raise _Invalid("must list at least one dataset", "e.g. datasets: [{name: gsm8k}]")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        try:
+            keys = [k for _, k, _, _ in string.Formatter().parse(v) if k is not None]
+        except ValueError as e:
+            raise _Invalid(f"is not a valid template: {e}", "write braces as {{ and }}") from None
+        for k in keys:
+            if k not in OUTPUT_KEYS:
+                raise _Invalid(f"has an unknown key {{{k}}}", f"known keys: {', '.join('{' + x + '}' for x in OUTPUT_KEYS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _stages(self) -> Recipe:
+        lr = self.low_rank
+        if self.apply == "lora" and lr is None:
+            raise _Invalid("is 'lora' but low_rank is not set", "add low_rank: {rank: N}, or use apply: swap", "apply")
+        if lr is not None and (lr.rank is None) == (lr.energy is None):
+            raise _Invalid("needs exactly one of rank and energy", field="low_rank")
+        if lr is not None and (lr.peft is not None or lr.peft_alpha != LowRankOptions().peft_alpha):
+            raise _Invalid("sets peft/peft_alpha, which the sweep chooses", "use apply: lora for one adapter per α",
+                           "low_rank")
+        return self
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe; relative model/dataset paths are resolved from its folder."""
     path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"the recipe must be a mapping of fields, got {_show(data)}", where=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError("recipe not found", where=str(path), fix="check the path") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe is not valid YAML: {str(e).splitlines()[0]}", where=str(path)) from None
-    r = build(Recipe, data, "", str(path))
-    if r.apply == "lora" and r.low_rank is None:
-        raise RecipeError("field apply is 'lora' but low_rank is not set", where=str(path),
-                          fix="add low_rank: {rank: N}, or use apply: swap")
-    if r.low_rank is not None and (r.low_rank.rank is None) == (r.low_rank.energy is None):
-        raise RecipeError("field low_rank needs exactly one of rank and energy", where=str(path))
+        # YAML data is JSON data; strict JSON mode checks it with JSON's types (see the module docstring).
+        r = Recipe.model_validate_json(json.dumps(data, default=str), strict=True)
+    except pydantic.ValidationError as e:
+        raise _recipe_error(e.errors()[0], str(path)) from None
     here = path.resolve().parent
 
     def local(v: str) -> str:
         return str((here / v).resolve()) if not Path(v).is_absolute() and (here / v).exists() else v
 
     ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
-    return dataclasses.replace(r, base=local(r.base), reasoner=local(r.reasoner), datasets=ds)
+    return r.model_copy(update={"base": local(r.base), "reasoner": local(r.reasoner), "datasets": ds})
 
 
-def build(cls: type, data: Any, where: str, file: str):
-    """`cls(**data)` with every field checked; errors name the field path."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{'field ' + where if where else 'the recipe'} must be a mapping, got {_show(data)}",
-                          where=file)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            raise RecipeError(f"unknown field {_join(where, k)}", where=file, fix=f"known fields: {', '.join(names)}")
-    for k in REQUIRED.get(cls, ()):
-        if data.get(k) is None:
-            raise RecipeError(f"missing field {_join(where, k)}", where=file)
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(hints[k], v, _join(where, k), file) for k, v in data.items()})
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise RecipeError(f"duplicate key {key!r} on line {key_node.start_mark.line + 1}",
+                                  fix="give each field once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-def _coerce(tp, v, where: str, file: str):
-    tp, optional = unwrap_optional(tp)
-    if v is None:
-        if optional:
-            return None
-        raise RecipeError(f"field {where} must not be empty", where=file)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, v, where, file)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        if not isinstance(v, list):
-            raise RecipeError(f"field {where} must be a list, got {_show(v)}", where=file)
-        inner = typing.get_args(tp)[0]
-        return tuple(_coerce(inner, x, f"{where}[{i}]", file) for i, x in enumerate(v))
-    if origin is Literal:
-        if v not in typing.get_args(tp):
-            raise RecipeError(f"field {where} must be one of {', '.join(map(str, typing.get_args(tp)))}, "
-                              f"got {_show(v)}", where=file)
-        return v
-    ok = {float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
-          int: lambda x: isinstance(x, int) and not isinstance(x, bool),
-          bool: lambda x: isinstance(x, bool), str: lambda x: isinstance(x, str)}[tp]
-    if not ok(v):
-        what = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[tp]
-        raise RecipeError(f"field {where} must be {what}, got {_show(v)}", where=file)
-    return float(v) if tp is float else v
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise RecipeError("recipe not found", where=str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise RecipeError("recipe is a folder, not a file", where=str(path), fix="pass the .yaml file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                          where=str(path), fix="save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except RecipeError as e:
+        raise RecipeError(e.what, where=str(path), fix=e.fix) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe is not valid YAML: {str(e).splitlines()[0]}", where=str(path)) from None
 
 
-def _join(where: str, k) -> str:
-    return f"{where}.{k}" if where else str(k)
+_WHAT = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+         "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+         "bool_parsing": "true or false", "string_type": "a string", "tuple_type": "a list", "list_type": "a list",
+         "dataclass_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+         "dict_type": "a mapping"}
+
+
+def _recipe_error(err: dict, file: str) -> RecipeError:
+    """One pydantic error → one RecipeError line naming the field path."""
+    loc, kind, given = err["loc"], err["type"], err.get("input")
+    where = _path(loc)
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = [n for n in _fields(_annotation(loc[:-1]))]
+        return RecipeError(f"unknown field {where}", where=file, fix=f"known fields: {', '.join(known)}")
+    if kind in ("missing", "missing_argument"):
+        return RecipeError(f"missing field {where}", where=file)
+    if kind == "literal_error":
+        choices = ", ".join(map(str, typing.get_args(unwrap_optional(_annotation(loc))[0])))
+        return RecipeError(f"field {where} must be one of {choices}, got {_show(given)}", where=file)
+    if kind in _WHAT:
+        if given is None:
+            return RecipeError(f"field {where} must not be empty", where=file)
+        return RecipeError(f"field {where} must be {_WHAT[kind]}, got {_show(given)}", where=file)
+    bad = (err.get("ctx") or {}).get("error")
+    if isinstance(bad, _Invalid):
+        where = _path((*loc, bad.field) if bad.field else loc)
+        return RecipeError(f"field {where} {bad.what}", where=file, fix=bad.fix)
+    return RecipeError(f"field {where}: {err['msg']}", where=file)
+
+
+def _annotation(loc: tuple) -> Any:
+    """The type at a field path of `Recipe` (list indices step into the element type)."""
+    tp: Any = Recipe
+    for part in loc:
+        tp = unwrap_optional(tp)[0]
+        if isinstance(part, int):
+            tp = typing.get_args(tp)[0]
+        else:
+            tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _fields(tp: Any) -> list[str]:
+    tp = unwrap_optional(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return [f.name for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else []
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _show(v) -> str:
@@ -154,5 +241,5 @@ def _show(v) -> str:
 
 
 def to_dict(r: Recipe) -> dict:
-    """The recipe as plain data (for REPORT.md and report.json)."""
-    return dataclasses.asdict(r)
+    """The recipe as plain data (for recipe.yaml, REPORT.md and report.json)."""
+    return r.model_dump(mode="json")

@@ -24,10 +24,10 @@ import yaml
 from . import __version__
 from .delta import DeltaOptions, delta
 from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
-from .generate import Engine, PromptOptions, shell_model, vllm_version
+from .generate import Engine, SamplingOptions, shell_model, vllm_version
 from .materialize import MaterializeOptions, format_alpha, materialize
-from .options import CliOptions, opt
-from .recipe import Recipe, load_recipe, to_dict
+from .options import CliOptions, cli_number, opt
+from .recipe import DatasetSpec, Recipe, load_recipe, to_dict
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if options.alphas:
-        r = replace(r, alphas=options.alphas)
+        r = r.model_copy(update={"alphas": options.alphas})
     if options.limit is not None:
-        r = replace(r, datasets=tuple(replace(d, limit=options.limit) for d in r.datasets))
+        r = r.model_copy(update={"datasets": tuple(replace(d, limit=options.limit) for d in r.datasets)})
     alphas = tuple(dict.fromkeys(r.alphas))
     out = Path(options.output or r.output.format(name=r.name))
     out.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,7 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
 
     tables, starts = {}, 0
     for ds in r.datasets:
-        sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
-        ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
-                         params_b=r.params_b, progress=pg)
+        ev, sampling = _eval_options(r, ds, pg)
         common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling)
         if r.apply == "swap":
             eng = Engine(model=shell_model(base=r.base, folder=out / "eval" / ".engine-model", **source),
@@ -106,16 +104,15 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
 
     report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
     if r.push.enabled:
-        from .hub import PushOptions, push
+        from .hub import push
 
         folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
-        push(folder=folder, evaluation=_markdown(tables),
-             options=PushOptions(repo=r.push.repo, private=r.push.private, dry_run=r.push.dry_run))
+        push(folder=folder, evaluation=_markdown(tables), options=r.push)
     return SweepResult(out, report, tables, starts)
 
 
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
-    from .lowrank import LowRankOptions, svd_rank
+    from .lowrank import svd_rank
     from .peft_adapter import adapter_folders, write_peft_adapters
 
     lr = r.low_rank
@@ -124,9 +121,7 @@ def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> 
     if not report.exists():  # the report is written last: its presence marks the stage complete
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        svd_rank(delta=d_path, output=factored, options=LowRankOptions(
-            rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
-            exclude=lr.exclude, plot=True, progress=progress))
+        svd_rank(delta=d_path, output=factored, options=replace(lr, plot=True, progress=progress))
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
     if r.apply == "lora":
         want = adapter_folders(output=folder / "adapters", alphas=alphas)
@@ -196,39 +191,48 @@ def _short(p) -> str:
         return str(p)
 
 
-def _commands(r: Recipe, out: Path) -> list[str]:
-    a = ",".join(format_alpha(x) for x in dict.fromkeys(r.alphas))
-    r = replace(r, base=_short(r.base), reasoner=_short(r.reasoner),
-                datasets=tuple(replace(d, name=_short(d.name)) for d in r.datasets))
-    out = Path(_short(out))
-    cmds, src = [], f"--reasoner {r.reasoner}"
-    flags = ""
-    if r.prompt.instruction != PromptOptions().instruction:
-        flags += f" --instruction {shlex.quote(r.prompt.instruction)}"
-    flags += f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else ""
-    flags += f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else ""
-    flags += f" --tensor-parallel-size {r.engine.tensor_parallel_size}" if r.engine.tensor_parallel_size > 1 else ""
-    flags += " --enforce-eager" if r.engine.enforce_eager else ""
-    if r.low_rank or r.keep.delta:
-        cmds.append(f"tvtool delta {r.base} {r.reasoner} -o {out}/delta")
-    if r.low_rank:
-        k = f"--rank {r.low_rank.rank}" if r.low_rank.rank else f"--energy {r.low_rank.energy}"
-        peft = f" --peft {out}/lowrank/adapters --peft-alpha {a}" if r.apply == "lora" else ""
-        cmds.append(f"tvtool svd-rank {k} {out}/delta -o {out}/lowrank/delta.safetensors{peft}")
-        src = f"--delta {out}/lowrank/delta.safetensors"
-    if r.apply == "materialize" or r.keep.models:
-        cmds.append(f"tvtool materialize {r.base} {src} --alpha {a} -o {out}/models")
-    for d in r.datasets:
-        lim = f" --limit {d.limit}" if d.limit else ""
-        mt = d.max_tokens or r.sampling.max_tokens
-        if r.apply == "swap":
-            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a} --dataset {d.name}{lim} --max-tokens {mt}"
-                        f"{flags} -o {out}/eval")
-        elif r.apply == "materialize":
-            cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt}{flags} "
-                        f"-o {out}/eval")
-        else:
-            cmds.append(f"tvtool eval --model {r.base} --lora {out}/lowrank/adapters/alpha-* --alpha {a} "
-                        f"--dataset {d.name}{lim} --max-tokens {mt}{flags} -o {out}/eval")
-    return cmds
+class _Glob(str):
+    """A command word left unquoted so that the shell expands it (e.g. `models/alpha-*`)."""
 
+
+def _sh(words: list[str]) -> str:
+    return " ".join(w if isinstance(w, _Glob) else shlex.quote(str(w)) for w in words)
+
+
+def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool) -> tuple[EvalOptions, SamplingOptions]:
+    """A recipe dataset's evaluation and sampling options (per-dataset max_tokens wins)."""
+    ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
+                     params_b=r.params_b, progress=progress)
+    return ev, replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
+
+
+def _commands(r: Recipe, out: Path) -> list[str]:
+    """The stage-by-stage commands the sweep runs, with every non-default option spelled by `to_cli_args`."""
+    alphas = tuple(dict.fromkeys(r.alphas))
+    base, reasoner, out = _short(r.base), _short(r.reasoner), Path(_short(out))
+    cmds, src = [], ["--reasoner", reasoner]
+    if r.low_rank or r.keep.delta:
+        cmds.append(["tvtool", "delta", base, reasoner, "-o", f"{out}/delta"])
+    if r.low_rank:
+        lora = r.apply == "lora"
+        lr = replace(r.low_rank, plot=True, peft=f"{out}/lowrank/adapters" if lora else None,
+                     peft_alpha=alphas if lora else r.low_rank.peft_alpha)
+        cmds.append(["tvtool", "svd-rank", f"{out}/delta", "-o", f"{out}/lowrank/delta.safetensors",
+                     *lr.to_cli_args()])
+        src = ["--delta", f"{out}/lowrank/delta.safetensors"]
+    if r.apply == "materialize" or r.keep.models:
+        cmds.append(["tvtool", "materialize", base, *src, "-o", f"{out}/models",
+                     *MaterializeOptions(alphas=alphas).to_cli_args()])
+    for d in r.datasets:
+        ev, sampling = _eval_options(r, replace(d, name=_short(d.name)), True)
+        flags = ["--dataset", ev.dataset, *ev.to_cli_args(exclude=("dataset",)), *r.prompt.to_cli_args(), *sampling.to_cli_args(),
+                 *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/eval"]
+        a = ["--alpha", ",".join(cli_number(x) for x in alphas)]
+        if r.apply == "swap":
+            cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])
+        elif r.apply == "materialize":
+            cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + "alpha-*"), *flags])
+        else:
+            cmds.append(["tvtool", "eval", "--model", base, "--lora",
+                         _Glob(shlex.quote(f"{out}/lowrank/adapters/") + "alpha-*"), *a, *flags])
+    return [_sh(c) for c in cmds]
