@@ -17,8 +17,9 @@ from huggingface_hub import ModelCard
 import tvtool
 from tvtool.cli import main
 from tvtool.delta import DeltaOptions
-from tvtool.evaluate import EvalOptions
-from tvtool.generate import EngineOptions, PromptOptions, SamplingOptions
+from tvtool.runs import EvalOptions
+from tvtool.engine import EngineOptions, SamplingOptions
+from tvtool.prompting import PromptOptions
 from tvtool.hub import PushOptions
 from tvtool.lowrank import LowRankOptions
 from tvtool.materialize import MaterializeOptions
@@ -116,3 +117,24 @@ def test_sweep_commands_parse_into_the_sweeps_options(name, tmp_path):
         assert from_cli(PromptOptions, kw) == r.prompt
         assert from_cli(EngineOptions, kw) == r.engine
         assert tuple(a for part in kw["alphas"] for a in part) in ((), tuple(dict.fromkeys(r.alphas)))
+
+
+@pytest.mark.parametrize("apply", ["swap", "materialize"])
+def test_sweep_commands_carry_the_materialize_section(apply, tmp_path):
+    """The recipe's materialize.include/exclude reach `tvtool eval` (swap) or `tvtool materialize`."""
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\nbase: b\nreasoner: r\nalphas: [0, 0.6]\ndatasets: [{name: toy, limit: 3}]\n"
+                 f"apply: {apply}\nmaterialize: {{include: 'mlp|attn', exclude: 'layers\\.0\\.', dtype: float32}}\n")
+    r = load_recipe(p)
+    cmds = _commands(r, tmp_path / "run")
+    ev, _ = _eval_options(r, r.datasets[0], True)
+    ctx = main.commands["eval"].make_context("eval", shlex.split(cmds[-1])[2:])
+    assert from_cli(EvalOptions, dict(ctx.params)) == ev
+    if apply == "swap":
+        assert (ev.include, ev.exclude) == ("mlp|attn", r"layers\.0\.")
+        assert not any(c.startswith("tvtool materialize ") for c in cmds)
+    else:
+        assert (ev.include, ev.exclude) == (None, None)  # the α folders already carry the selection
+        (mat,) = [c for c in cmds if c.startswith("tvtool materialize ")]
+        kw = dict(main.commands["materialize"].make_context("materialize", shlex.split(mat)[2:]).params)
+        assert from_cli(MaterializeOptions, kw) == dataclasses.replace(r.materialize, alphas=(0.0, 0.6))

@@ -40,6 +40,9 @@ datasets:
 
 @pytest.mark.parametrize("edit,message", [
     ("colour: red\n", "unknown field colour"),
+    ("materialize: {include: '('}\n", "field materialize.include is not a valid regular expression: missing ), unterminated "
+                                      "subpattern at position 0"),
+    ("materialize: {alphas: [1]}\n", "field materialize.alphas is chosen by the sweep"),
     ("sampling: {max_tokens: 8, temprature: 0}\n", "unknown field sampling.temprature"),
     ("alphas: [0, x]\n", "field alphas[1] must be a number, got 'x'"),
     ("alphas: 0.5\n", "field alphas must be a list, got 0.5"),
@@ -149,3 +152,38 @@ def test_written_recipe_loads_back_equal(tmp_path):
     p = tmp_path / "recipe.yaml"
     p.write_text(yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
     assert load_recipe(p) == r
+
+
+def test_materialize_section_is_materialize_options(tmp_path):
+    """One tensor selection for in-engine α (swap) and α folders (materialize): MaterializeOptions."""
+    from tvtool.materialize import MaterializeOptions
+
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "materialize: {include: '\\.mlp\\.', dtype: float32}\n")
+    assert load_recipe(p).materialize == MaterializeOptions(include=r"\.mlp\.", dtype="float32")
+    assert load_recipe(RECIPES / "toy.yaml").materialize == MaterializeOptions()  # optional section
+
+
+def test_include_misplaced_or_with_lora(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "include: mlp\n")
+    assert_one_line_error(cli("sweep", p), f"unknown field include ({p}). It belongs in a section: "
+                                           "low_rank.include or materialize.include")
+    p.write_text(GOOD + "apply: lora\nlow_rank: {rank: 4}\nmaterialize: {exclude: attn}\n")
+    assert_one_line_error(cli("sweep", p), f"field materialize.exclude does not apply to apply: lora ({p}). "
+                                           "Select tensors with low_rank.include/exclude instead")
+
+
+def test_recipe_built_in_python_raises_recipe_error(tmp_path):
+    from tvtool.recipe import DatasetSpec, Recipe
+
+    kw = dict(name="t", base="b", reasoner="r", alphas=(0, 0.5), datasets=(DatasetSpec(name="gsm8k", limit=2),))
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    assert Recipe(**kw) == load_recipe(p)
+    with pytest.raises(RecipeError) as e:
+        Recipe(**{**kw, "alphas": ()})
+    assert str(e.value) == "field alphas must list at least one α (Recipe(...)). E.g. alphas: [0, 0.5, 1]"
+    with pytest.raises(RecipeError) as e:
+        Recipe(**kw, colour="red")
+    assert str(e.value).startswith("unknown field colour (Recipe(...)). Known fields: name, base, ")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tvtool.errors import DatasetError, OptionsError
-from tvtool.options import opt
+from tvtool.options import CliOptions, opt
 
 KINDS = ("gsm8k", "math500", "asdiv")
 ASSETS = Path(__file__).parent / "assets"
@@ -75,7 +75,7 @@ class ProblemSet:
 
 
 @dataclass(frozen=True)
-class DatasetOptions:
+class DatasetOptions(CliOptions):
     """Which problems to evaluate on; `load_problems(**dataclasses.asdict(opts))`."""
 
     dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id (openai/gsm8k, "

@@ -1,8 +1,8 @@
 """Sweep recipes: a YAML file validated at load by pydantic into frozen, typed settings.
 
 The schema nests the options the verbs already define (`LowRankOptions`,
-`PromptOptions`, `SamplingOptions`, `EngineOptions`, `PushOptions`), so a field means
-the same thing in a recipe, on the command line and in Python. Values are checked
+`MaterializeOptions`, `PromptOptions`, `SamplingOptions`, `EngineOptions`, `PushOptions`),
+so a field means the same thing in a recipe, on the command line and in Python. Values are checked
 with JSON's types (pydantic strict JSON mode: a list for a tuple, no `true` for an
 integer, no '0.5' for a number). Every error is one `RecipeError` line naming the
 field path and the file, e.g. `field datasets[0].limit must be an integer, got 'many' (r.yaml)`.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import string
 import typing
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .engine import EngineOptions, SamplingOptions
 from .errors import RecipeError
-from .generate import EngineOptions, PromptOptions, SamplingOptions
 from .hub import PushOptions
 from .lowrank import LowRankOptions
+from .materialize import MaterializeOptions
+from .prompting import PromptOptions
 from .options import opt, unwrap_optional
 
 
@@ -56,6 +59,7 @@ class PushStage(PushOptions):
 
 
 OUTPUT_KEYS = ("name",)
+SWEEP_CHOOSES = ("alphas", "name_template", "overwrite", "progress")  # materialize fields a recipe may not set
 
 
 class _Invalid(ValueError):
@@ -66,7 +70,9 @@ class _Invalid(ValueError):
         self.what, self.fix, self.field = what, fix, field
 
 
-class Recipe(BaseModel):
+class _RecipeFields(BaseModel):
+    """The recipe schema (`Recipe` adds only the Python constructor's error handling)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(description="Name of the run (used in the default output folder).")
@@ -78,6 +84,10 @@ class Recipe(BaseModel):
         "swap", description="How α is applied: swap = θ1 + αΔ loaded into one running engine; materialize = "
                             "folders on disk; lora = one LoRA adapter per α (needs low_rank).")
     low_rank: LowRankOptions | None = Field(None, description="Replace Δ by a low-rank approximation first.")
+    materialize: MaterializeOptions = Field(
+        MaterializeOptions(), description="How θ1 + αΔ is built: include/exclude select the tensors α moves for "
+                                          "apply: swap (in-engine) and apply: materialize alike; the rest apply "
+                                          "to the α folders written on disk.")
     prompt: PromptOptions = Field(PromptOptions(), description="Prompt settings.")
     sampling: SamplingOptions = Field(SamplingOptions(), description="Decoding settings.")
     engine: EngineOptions = Field(EngineOptions(), description="vLLM engine settings.")
@@ -115,9 +125,27 @@ class Recipe(BaseModel):
                 raise _Invalid(f"has an unknown key {{{k}}}", f"known keys: {', '.join('{' + x + '}' for x in OUTPUT_KEYS)}")
         return v
 
+    @field_validator("materialize")
+    @classmethod
+    def _materialize(cls, v: MaterializeOptions) -> MaterializeOptions:
+        default = MaterializeOptions()
+        for k in SWEEP_CHOOSES:
+            if getattr(v, k) != getattr(default, k):
+                raise _Invalid("is chosen by the sweep", f"remove materialize.{k}", k)
+        for k in ("include", "exclude"):
+            try:
+                re.compile(getattr(v, k) or "")
+            except re.error as e:
+                raise _Invalid(f"is not a valid regular expression: {e}", field=k) from None
+        return v
+
     @model_validator(mode="after")
-    def _stages(self) -> Recipe:
+    def _stages(self) -> _RecipeFields:
         lr = self.low_rank
+        for k in ("include", "exclude"):
+            if getattr(self.materialize, k) is not None and self.apply == "lora":
+                raise _Invalid("does not apply to apply: lora", "select tensors with low_rank.include/exclude "
+                               "instead", f"materialize.{k}")
         if self.apply == "lora" and lr is None:
             raise _Invalid("is 'lora' but low_rank is not set", "add low_rank: {rank: N}, or use apply: swap", "apply")
         if lr is not None and (lr.rank is None) == (lr.energy is None):
@@ -128,6 +156,18 @@ class Recipe(BaseModel):
         return self
 
 
+class Recipe(_RecipeFields):
+    """A validated sweep recipe (frozen). Built in Python, a bad field raises one RecipeError line."""
+
+    def __init__(self, **data: Any) -> None:
+        # A custom __init__ makes pydantic route every validation through it, in lax Python mode;
+        # files are therefore checked on `_RecipeFields` (strict JSON mode) in `load_recipe`.
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as e:
+            raise _recipe_error(e.errors()[0], "Recipe(...)") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe; relative model/dataset paths are resolved from its folder."""
     path = Path(path)
@@ -136,9 +176,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"the recipe must be a mapping of fields, got {_show(data)}", where=str(path))
     try:
         # YAML data is JSON data; strict JSON mode checks it with JSON's types (see the module docstring).
-        r = Recipe.model_validate_json(json.dumps(data, default=str), strict=True)
+        checked = _RecipeFields.model_validate_json(json.dumps(data, default=str), strict=True)
     except pydantic.ValidationError as e:
         raise _recipe_error(e.errors()[0], str(path)) from None
+    r = Recipe.model_construct(checked.model_fields_set, **dict(checked))  # already validated
     here = path.resolve().parent
 
     def local(v: str) -> str:
@@ -193,7 +234,10 @@ def _recipe_error(err: dict, file: str) -> RecipeError:
     where = _path(loc)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         known = [n for n in _fields(_annotation(loc[:-1]))]
-        return RecipeError(f"unknown field {where}", where=file, fix=f"known fields: {', '.join(known)}")
+        home = [k for k in known if len(loc) == 1 and loc[0] in _fields(_annotation((k,)))]
+        fix = (f"it belongs in a section: {' or '.join(f'{k}.{loc[0]}' for k in home)}" if home
+               else f"known fields: {', '.join(known)}")
+        return RecipeError(f"unknown field {where}", where=file, fix=fix)
     if kind in ("missing", "missing_argument"):
         return RecipeError(f"missing field {where}", where=file)
     if kind == "literal_error":
@@ -212,7 +256,7 @@ def _recipe_error(err: dict, file: str) -> RecipeError:
 
 def _annotation(loc: tuple) -> Any:
     """The type at a field path of `Recipe` (list indices step into the element type)."""
-    tp: Any = Recipe
+    tp: Any = _RecipeFields
     for part in loc:
         tp = unwrap_optional(tp)[0]
         if isinstance(part, int):
