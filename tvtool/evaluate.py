@@ -25,12 +25,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .answers import answer_stats, rescore_file
 from .data import ProblemSet, load_problems
 from .errors import OptionsError, OutputError
+from .logs import RunProgress, vllm_logs
 from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, shell_model, uses_chat_template,
                        vllm_version)
 from .materialize import format_alpha
@@ -38,6 +40,7 @@ from .options import opt
 
 ACU_FORMULA = "ACU = accuracy[%] / (params[B] × mean #tokens) × 10²"
 SAMPLES, SUMMARY, RUN = "samples.jsonl", "summary.json", "run.json"
+STAT_KEYS = ("no_box_share", "length_share", "boxed_accuracy", "reflections_mean")  # tvtool.answers
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,14 @@ class EvalOptions:
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
+    answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = opt(
+        "paper", "paper: last complete \\boxed{}, else the last number (CoT-Valve A.1); boxed-only; or the "
+                 "lm-eval-harness GSM8K filters strict-match (#### N) / flexible-extract (last number).")
+    prompt_budgets: tuple[int, ...] = opt((), "Also evaluate token-budget prompts (Table 12 baseline), e.g. "
+                                              "20,50,100: one run per budget at --budget-alpha.", flag="--prompt-budget")
+    budget_template: Literal["qwq", "llama"] = opt("qwq", "Budget prompt of the paper's appendix: qwq or llama.")
+    budget_alpha: float = opt(1.0, "α of the budget-prompt runs in an α sweep (1: the reasoner θ2).")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/vllm.log).")
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class RunResult:
     alpha: float | None
     folder: Path
     summary: dict
+    budget: int | None = None  # the token budget in the prompt (Table 12 baseline), None for plain runs
 
 
 @dataclass
@@ -67,11 +79,13 @@ class EvalResult:
     runs: list[RunResult] = field(default_factory=list)
     table: dict[str, Path] = field(default_factory=dict)  # md/json/png of a multi-run evaluation
     engine_starts: int = 0
+    answer_rule: str | None = None
 
     def summary(self) -> str:
-        from .report import markdown_table
+        from .report import answer_rule_line, markdown_table
 
         lines = [markdown_table(rows=[table_row(r) for r in self.runs]), "", ACU_FORMULA]
+        lines += [answer_rule_line(self.answer_rule)] if self.answer_rule else []
         lines += [f"{k}: {v}" for k, v in self.table.items()]
         return "\n".join(lines)
 
@@ -110,7 +124,8 @@ def summarize(*, records: Sequence[dict], params_b: float | None, params_source:
     out = {"n_samples": n, "n_problems": len({r["id"] for r in records}), "accuracy": acc,
            "mean_tokens": mean, "median_tokens": statistics.median(toks) if toks else None,
            "truncated": sum(r["finish_reason"] == "length" for r in records),
-           "params_b": params_b, "params_source": params_source, "acu": acu, "acu_formula": ACU_FORMULA}
+           "params_b": params_b, "params_source": params_source, "acu": acu, "acu_formula": ACU_FORMULA,
+           **answer_stats(records)}
     subjects = sorted({r["subject"] for r in records if r.get("subject")})
     if subjects:
         out["by_subject"] = {s: summarize_small([r for r in records if r.get("subject") == s]) for s in subjects}
@@ -133,7 +148,8 @@ def count_params_b(path: str | os.PathLike) -> float:
 def table_row(run: RunResult) -> dict:
     s = run.summary
     return {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
-            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"]}
+            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
+            "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}
 
 
 # --- one run --------------------------------------------------------------------------
@@ -155,6 +171,7 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
                 "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
     _check_settings(folder, settings, options.overwrite)
     run = {"settings": settings, "dataset": _dataset_record(problems), "tvtool_version": __version__,
+           "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_json(folder / RUN, run)
@@ -165,24 +182,21 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     total = len(problems) * sampling.n
     if todo and prepare is not None:
         prepare()
-    from tqdm.auto import tqdm
-
-    desc = f"{folder.parent.name}/{folder.name}"
-    with tqdm(total=total, initial=total - len(todo) * sampling.n, desc=desc, unit="sample",
-              disable=not options.progress) as bar, open(path, "a", encoding="utf-8") as f:
+    desc = f"{folder.parent.name} {folder.name}"
+    with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
+                     records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            lines = []
-            for p, text, samples in zip(batch, texts, outs):
-                for s in samples:
-                    if (p.id, s.index) not in done:
-                        lines.append(json.dumps(_record(p, text, s, problems.kind, options.score)) + "\n")
-            f.write("".join(lines))
+            recs = [_record(p, text, s, problems.kind, options.score and options.answer_rule)
+                    for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch) * sampling.n)
+            bar.update(recs, n=len(batch) * sampling.n)
+    if options.score:  # records scored under another answer rule are re-scored, not regenerated
+        rescore_file(path, kind=problems.kind, rule=options.answer_rule)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
                          params_source=params_source)
     _write_json(folder / SUMMARY, summary)
@@ -198,15 +212,15 @@ def summary_of(*, folder: Path, problems: ProblemSet, n: int, params_b: float | 
     return summarize(records=records, params_b=params_b, params_source=params_source)
 
 
-def _record(p, prompt: str, s, kind: str, score: bool) -> dict:
+def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:
     rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
            "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
            "extracted": None, "correct": None}
-    if score:
+    if rule:
         from .scoring import score as score_fn
 
-        sc = score_fn(s.text, p.gold, kind=kind)
-        rec.update(extracted=sc.extracted, correct=sc.correct)
+        sc = score_fn(s.text, p.gold, kind=kind, rule=rule)
+        rec.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
     for k in ("subject", "level"):
         if k in p.meta:
             rec[k] = p.meta[k]
@@ -269,6 +283,19 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
         rank = max([engine_options.max_lora_rank, *(_lora_rank(p) for p in loras)])
         engine_options = replace(engine_options, enable_lora=True, max_lora_rank=rank)
     own: list[Engine] = []
+    if options.prompt_budgets and mode not in ("model", "sweep"):
+        raise OptionsError("prompt budgets need one model or an α sweep", where="--prompt-budget",
+                           fix="pass --model, or --base with --alpha (budget runs use --budget-alpha)")
+
+    def budgets(e: Engine, m: dict, alpha: float | None, **kw) -> None:  # the Table 12 baseline (tvtool.budget)
+        from .budget import budget_variants
+
+        for b, bp, bpr, extra in budget_variants(problems=problems, prompt=prompt, budgets=options.prompt_budgets,
+                                                 template=options.budget_template):
+            folder = out / f"budget-{b}" / ds
+            s = run_one(engine=e, folder=folder, model={**m, **extra}, problems=bp, prompt=bpr, sampling=sampling,
+                        options=options, **kw)
+            res.runs.append(RunResult(f"budget-{b}", alpha, folder, s, budget=b))
 
     def start(**kw) -> Engine:
         if engine is not None:
@@ -277,6 +304,8 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
         res.engine_starts += 1
         return own[-1]
 
+    logs = vllm_logs(folder=out, verbose=options.verbose)  # vLLM's own lines go to out/vllm.log
+    logs.__enter__()
     try:
         if mode == "model":
             e = start(model=model)
@@ -285,6 +314,7 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
             pb, src = _params(options, model)
             s = run_one(engine=e, folder=out, model={"path": str(model)}, params_b=pb, params_source=src, **common)
             res.runs.append(RunResult(Path(model).name, None, out, s))
+            budgets(e, {"path": str(model)}, None, params_b=pb, params_source=src)
         elif mode == "sweep":
             e = start(model=shell_model(base=base, delta=delta, reasoner=reasoner, folder=out / ".engine-model"),
                       dummy_weights=True)
@@ -297,6 +327,9 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
                 s = run_one(engine=e, folder=folder, model=m, params_b=pb, params_source=src, prepare=load,
                             **common)
                 res.runs.append(RunResult(f"alpha-{format_alpha(a)}", a, folder, s))
+            ba = float(options.budget_alpha)
+            budgets(e, {**m, "alpha": ba}, ba, params_b=pb, params_source=src,
+                    prepare=partial(e.set_alpha, base=base, alpha=ba, delta=delta, reasoner=reasoner))
         elif mode == "checkpoints":
             e, first = None, None
             for ck in checkpoints:
@@ -328,6 +361,8 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     finally:
         for x in own:
             x.close()
+        logs.__exit__(None, None, None)
+    res.answer_rule = options.answer_rule if options.score else None
     if len(res.runs) > 1:
         from .report import write_table
 
