@@ -38,6 +38,23 @@ class _FloatList(click.ParamType):
 FLOAT_LIST = _FloatList()
 
 
+class _IntList(click.ParamType):
+    """An integer, or comma-separated integers ('20,50,100')."""
+
+    name = "INT[,INT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an integer (or comma-separated integers)", param, ctx)
+
+
+INT_LIST = _IntList()
+
+
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
@@ -52,7 +69,7 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin is tuple:
         inner = typing.get_args(tp)[0]
-        return (FLOAT_LIST if inner is float else _click_type(inner)[0]), True
+        return ({float: FLOAT_LIST, int: INT_LIST}.get(inner) or _click_type(inner)[0]), True
     if origin is Literal:
         return click.Choice([str(a) for a in typing.get_args(tp)]), False
     return {int: int, float: float, str: str, bool: bool}.get(tp, str), False

@@ -69,6 +69,11 @@ class Recipe:
     sampling: SamplingOptions = field(default_factory=SamplingOptions, metadata={"help": "Decoding settings."})
     engine: EngineOptions = field(default_factory=EngineOptions, metadata={"help": "vLLM engine settings."})
     params_b: float | None = opt(None, "Nominal size in billions for ACU (default: counted).")
+    answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = opt(
+        "paper", "How answers are read (tvtool.scoring): paper (A.1), boxed-only, strict-match, flexible-extract.")
+    prompt_budgets: tuple[int, ...] = opt((), "Token budgets for the prompt-control baseline (Table 12), e.g. [20, 50].")
+    budget_template: Literal["qwq", "llama"] = opt("qwq", "The paper's budget prompt (appendix B): qwq or llama.")
+    budget_alpha: float = opt(1.0, "α of the budget-prompt runs (1: the reasoner).")
     keep: KeepSpec = field(default_factory=KeepSpec, metadata={"help": "What to keep on disk."})
     push: PushSpec = field(default_factory=PushSpec, metadata={"help": "What to push (dry run by default)."})
     output: str = opt("runs/{name}", "Output folder.")
@@ -90,6 +95,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if r.apply == "lora" and r.low_rank is None:
         raise RecipeError("field apply is 'lora' but low_rank is not set", where=str(path),
                           fix="add low_rank: {rank: N}, or use apply: swap")
+    if r.prompt_budgets and r.apply != "swap":
+        raise RecipeError("field prompt_budgets needs apply: swap", where=str(path),
+                          fix="use apply: swap, or remove prompt_budgets")
     if r.low_rank is not None and (r.low_rank.rank is None) == (r.low_rank.energy is None):
         raise RecipeError("field low_rank needs exactly one of rank and energy", where=str(path))
     here = path.resolve().parent

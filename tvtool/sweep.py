@@ -25,9 +25,11 @@ from . import __version__
 from .delta import DeltaOptions, delta
 from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
 from .generate import Engine, PromptOptions, shell_model, vllm_version
+from .logs import vllm_logs
 from .materialize import MaterializeOptions, format_alpha, materialize
 from .options import opt
 from .recipe import Recipe, load_recipe, to_dict
+from .report import answer_rule_line
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class SweepOptions:
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
     progress: bool = opt(True, "Show progress bars.")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/eval/vllm.log).")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     for ds in r.datasets:
         sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
         ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
-                         params_b=r.params_b, progress=pg)
+                         params_b=r.params_b, progress=pg, answer_rule=r.answer_rule, prompt_budgets=r.prompt_budgets,
+                         budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=options.verbose)
         common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling)
         if r.apply == "swap":
             eng = Engine(model=shell_model(base=r.base, folder=out / "eval" / ".engine-model", **source),
@@ -97,11 +101,12 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
             eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
             run = lambda: evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas,  # noqa: E731
                                    engine=eng, **common)
-        try:
-            res = run()
-        finally:
-            starts += eng.starts
-            eng.close()
+        with vllm_logs(folder=out / "eval", verbose=options.verbose):  # tvtool.logs
+            try:
+                res = run()
+            finally:
+                starts += eng.starts
+                eng.close()
         tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
 
     report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
@@ -171,6 +176,8 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
     body = [f"# tvtool sweep: {recipe.name}", "",
             f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
+            answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
+                             alpha=recipe.budget_alpha), "",
             ACU_FORMULA, ""]
     from .report import markdown_table
 
@@ -209,6 +216,10 @@ def _commands(r: Recipe, out: Path) -> list[str]:
     flags += f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else ""
     flags += f" --tensor-parallel-size {r.engine.tensor_parallel_size}" if r.engine.tensor_parallel_size > 1 else ""
     flags += " --enforce-eager" if r.engine.enforce_eager else ""
+    flags += f" --answer-rule {r.answer_rule}" if r.answer_rule != "paper" else ""
+    if r.prompt_budgets:
+        flags += f" --prompt-budget {','.join(map(str, r.prompt_budgets))} --budget-template {r.budget_template}"
+        flags += f" --budget-alpha {format_alpha(r.budget_alpha)}" if r.budget_alpha != 1 else ""
     if r.low_rank or r.keep.delta:
         cmds.append(f"tvtool delta {r.base} {r.reasoner} -o {out}/delta")
     if r.low_rank:
