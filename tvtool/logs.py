@@ -5,7 +5,8 @@ By default (`verbose=False`) everything vLLM writes goes to `<output>/vllm.log`:
   `vllm.logger`: VLLM_CONFIGURE_LOGGING, VLLM_LOGGING_LEVEL, VLLM_LOGGING_CONFIG_PATH) are
   replaced by one file handler while the evaluation runs, and put back afterwards;
 - the engine processes (EngineCore, workers): they are started while file descriptors 1 and 2
-  point at the log file (`engine_start`), so whatever they print, logging or not, lands there.
+  (and sys.stdout/sys.stderr, which vLLM's handlers bind to when it re-configures logging at
+  start) point at the log file (`engine_start`), so whatever they print, logging or not, lands there.
   Our own descriptors are restored right after the start, so progress bars stay on the terminal.
 With `verbose=True` nothing is redirected.
 
@@ -83,14 +84,18 @@ def engine_start() -> Iterator[None]:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    saved = [os.dup(1), os.dup(2)]
+    saved, streams = [os.dup(1), os.dup(2)], (sys.stdout, sys.stderr)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    text = open(path, "a", encoding="utf-8", buffering=1)  # for handlers vLLM binds to sys.stdout meanwhile
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout = sys.stderr = text
         yield
     finally:
-        for stream in (sys.stdout, sys.stderr):
+        sys.stdout, sys.stderr = streams
+        text.close()
+        for stream in streams:
             with contextlib.suppress(Exception):
                 stream.flush()
         os.dup2(saved[0], 1)
