@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from tvtool.evaluate import EvalOptions, read_samples, run_one
-from tvtool.generate import EngineOptions, SamplingOptions
+from tvtool.engine import EngineOptions, SamplingOptions
+from tvtool.results import read_samples
+from tvtool.runs import EvalOptions, run_one
 from tvtool.reflection import REFLECTION_PHRASES, count_reflections
 
 # CoT-Valve Fig. 4 (the same GSM8K question, long to short)
@@ -49,7 +50,7 @@ class _Canned:
         return list(questions)
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.generate import Sample
+        from tvtool.engine import Sample
 
         self.calls += 1
         return [[Sample(index=0, token_ids=tuple(range(len(self.answers[q][0].split()))), text=self.answers[q][0],

@@ -11,8 +11,8 @@ import pytest
 from tvtool.budget import TEMPLATES, budget_variants
 from tvtool.data import load_problems
 from tvtool.errors import OptionsError
-from tvtool.evaluate import STAT_KEYS, read_samples, summarize
-from tvtool.generate import PromptOptions
+from tvtool.prompting import PromptOptions
+from tvtool.results import STAT_KEYS, read_samples, summarize
 from tvtool.recipe import load_recipe
 from tvtool.sweep import SweepOptions, sweep
 

@@ -102,7 +102,7 @@ def test_eval_options_from_the_command_line():
     import click
     from click.testing import CliRunner
 
-    from tvtool.evaluate import EvalOptions
+    from tvtool.runs import EvalOptions
     from tvtool.options import click_options, from_cli
 
     got = []

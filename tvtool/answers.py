@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .atomic import write_text
 from .reflection import mean_reflections
 from .scoring import extract_boxed, score
 
@@ -45,7 +46,5 @@ def rescore_file(path: str | os.PathLike, *, kind: str, rule: str) -> int:
         sc = score(r["response"], r["gold"], kind=kind, rule=rule)
         r.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
     if stale:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return len(stale)

@@ -29,7 +29,7 @@ from typing import Sequence
 
 from .data import ProblemSet
 from .errors import OptionsError
-from .generate import PromptOptions
+from .prompting import PromptOptions
 
 
 @dataclass(frozen=True)
