@@ -43,7 +43,7 @@ def _other(tp, default, k: int):
         return next(c for c in typing.get_args(tp)[::-1] if c != default)
     if origin is tuple:
         inner = typing.get_args(tp)[0]
-        return (-0.5, 1 / 3, 1e-7, 2.0) if inner is float else ("a b", "--x", "c'd")
+        return {float: (-0.5, 1 / 3, 1e-7, 2.0), int: (20, 50, 100 + k)}.get(inner, ("a b", "--x", "c'd"))
     if tp is int:
         return (default or 0) + 7 + k
     if tp is float:

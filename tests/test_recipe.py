@@ -187,3 +187,45 @@ def test_recipe_built_in_python_raises_recipe_error(tmp_path):
     with pytest.raises(RecipeError) as e:
         Recipe(**kw, colour="red")
     assert str(e.value).startswith("unknown field colour (Recipe(...)). Known fields: name, base, ")
+
+
+def test_prompt_budgets_and_answer_rule(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "prompt_budgets: [20, 50, 100]\nbudget_template: llama\nanswer_rule: boxed-only\n")
+    r = load_recipe(p)
+    assert (r.prompt_budgets, r.budget_template, r.answer_rule, r.budget_alpha) == ((20, 50, 100), "llama",
+                                                                                    "boxed-only", 1.0)
+    p.write_text(GOOD + "prompt_budgets: [20, fifty]\n")
+    with pytest.raises(RecipeError, match=r"^field prompt_budgets\[1\] must be an integer, got 'fifty'"):
+        load_recipe(p)
+    p.write_text(GOOD + "answer_rule: loose\n")
+    with pytest.raises(RecipeError, match="^field answer_rule must be one of paper, boxed-only, strict-match, "
+                                          "flexible-extract, got 'loose'"):
+        load_recipe(p)
+    p.write_text(GOOD + "prompt_budgets: [20]\napply: materialize\n")
+    assert_one_line_error(cli("sweep", p), f"field prompt_budgets needs apply: swap ({p}). "
+                                           "Use apply: swap, or remove prompt_budgets")
+
+
+def test_eval_options_from_the_command_line():
+    import click
+    from click.testing import CliRunner
+
+    from tvtool.runs import EvalOptions
+    from tvtool.options import click_options, from_cli
+
+    got = []
+
+    @click.command()
+    @click_options(EvalOptions)
+    def cmd(**kw):
+        got.append(from_cli(EvalOptions, kw))
+
+    r = CliRunner().invoke(cmd, ["--prompt-budget", "20,50", "--prompt-budget", "100", "--answer-rule",
+                                 "strict-match", "--budget-template", "llama", "--verbose"])
+    assert r.exit_code == 0, r.output
+    o = got[0]
+    assert (o.prompt_budgets, o.answer_rule, o.budget_template, o.verbose) == ((20, 50, 100), "strict-match",
+                                                                               "llama", True)
+    bad = CliRunner().invoke(cmd, ["--prompt-budget", "20,x"])
+    assert bad.exit_code == 2 and "'20,x' is not an integer (or comma-separated integers)" in bad.output

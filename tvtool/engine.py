@@ -166,8 +166,11 @@ class Engine:
         return engine
 
     def _start(self) -> None:
+        from .logs import engine_start
+
         try:
-            self._llm = vllm_module().LLM(**self._kw)
+            with engine_start():  # engine processes print into the run's vllm.log (tvtool.logs)
+                self._llm = vllm_module().LLM(**self._kw)
         except Exception as e:  # vLLM raises many types at start-up
             raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
                               fix="check the model folder and the engine options (dtype, max_model_len, "

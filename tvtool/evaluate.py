@@ -18,6 +18,9 @@ Engines are made lazily, so a finished re-run starts none.
 - checkpoint folders: one engine for consecutive folders whose config.json (dtype aside)
   and tokenizer files equal the first's, weights loaded in place; else a new engine.
 - LoRA adapters: one engine with enable_lora serves them all.
+With `prompt_budgets` (one model or an α sweep) each budget is one more run on the same engine,
+`budget-<N>/<dataset>/`, with the paper's budget prompt (`tvtool.budget`, Table 12).
+vLLM's own logs go to `<output>/vllm.log` unless `verbose` (`tvtool.logs`).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from .data import ProblemSet, load_problems
 from .engine import Engine, EngineOptions, SamplingOptions, alpha_weights, folder_weights
 from .errors import OptionsError
 from .layout import SETTINGS_FILE, alpha_name
+from .logs import vllm_logs
 from .merge import MergeConfig
 from .prompting import PromptOptions
-from .report import markdown_table, write_table
-from .results import ACU_FORMULA, count_params_b
+from .report import answer_rule_line, markdown_table, write_table
+from .results import ACU_FORMULA, STAT_KEYS, count_params_b
 from .runs import EvalOptions, check_settings, is_complete, run_one, run_settings
 from .source import DeltaSource
 
@@ -47,6 +51,7 @@ class RunResult:
     alpha: float | None
     folder: Path
     summary: dict
+    budget: int | None = None  # the token budget in the prompt (Table 12 baseline), None for plain runs
 
 
 @dataclass
@@ -54,9 +59,11 @@ class EvalResult:
     runs: list[RunResult] = field(default_factory=list)
     table: dict[str, Path] = field(default_factory=dict)  # md/json/png of a multi-run evaluation
     engine_starts: int = 0  # vLLM engines started (0 when every run was already complete)
+    answer_rule: str | None = None  # how answers were read (None: not scored)
 
     def summary(self) -> str:
         lines = [markdown_table(rows=[table_row(r) for r in self.runs]), "", ACU_FORMULA]
+        lines += [answer_rule_line(self.answer_rule)] if self.answer_rule else []
         lines += [f"{k}: {v}" for k, v in self.table.items()]
         return "\n".join(lines)
 
@@ -64,7 +71,8 @@ class EvalResult:
 def table_row(run: RunResult) -> dict:
     s = run.summary
     return {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
-            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"]}
+            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
+            "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}
 
 
 # --- planned runs on one engine ------------------------------------------------------------
@@ -83,6 +91,9 @@ class _Planned:
     source: DeltaSource | None = None  # … or θ1 + α·Δ
     config: MergeConfig | None = None
     lora: str | None = None
+    budget: int | None = None  # a prompt-budget run: its own problems (templated questions) and prompt
+    problems: ProblemSet | None = None
+    prompt: PromptOptions | None = None
 
     def weights(self) -> dict:
         return (alpha_weights(source=self.source, config=self.config) if self.config is not None
@@ -121,10 +132,11 @@ class _Session:
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
             for i in order:
                 r = planned[i]
-                kw = dict(problems=self.problems, model=r.model, prompt=self.prompt, sampling=self.sampling,
+                problems = r.problems or self.problems
+                kw = dict(problems=problems, model=r.model, prompt=r.prompt or self.prompt, sampling=self.sampling,
                           options=self.options, lora=r.lora)
                 settings = run_settings(engine=engine, **kw)
-                if not is_complete(folder=r.folder, settings=settings, problems=self.problems, n=self.sampling.n):
+                if not is_complete(folder=r.folder, settings=settings, problems=problems, n=self.sampling.n):
                     check_settings(r.folder, settings, self.options.overwrite)  # refuse before loading
                     r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
@@ -133,7 +145,20 @@ class _Session:
             if self.engine is None:
                 self.result.engine_starts += engine.starts
                 engine.close()
-        self.result.runs += [RunResult(r.label, r.alpha, r.folder, done[i]) for i, r in enumerate(planned)]
+        self.result.runs += [RunResult(r.label, r.alpha, r.folder, done[i], r.budget) for i, r in enumerate(planned)]
+
+    def with_budgets(self, out: Path, run: _Planned) -> list[_Planned]:
+        """`run`, then one run per prompt budget on `run`'s weights (the Table 12 baseline, `tvtool.budget`)."""
+        if not self.options.prompt_budgets:
+            return [run]
+        from .budget import budget_variants
+
+        o = self.options
+        variants = budget_variants(problems=self.problems, prompt=self.prompt, budgets=o.prompt_budgets,
+                                   template=o.budget_template)
+        return [run] + [replace(run, label=f"budget-{b}", folder=out / f"budget-{b}" / _safe(self.problems.name),
+                                model={**run.model, **extra}, budget=b, problems=ps, prompt=po)
+                        for b, ps, po, extra in variants]
 
 
 # --- one function per mode -------------------------------------------------------------------
@@ -141,7 +166,7 @@ class _Session:
 
 def _evaluate_model(s: _Session, out: Path, model) -> None:
     r = _Planned(Path(model).name, None, out, {"path": str(model)}, _params(s.options, model), path=str(model))
-    s.run([r], lambda: Engine(model=model, options=s.engine_options, seed=s.seed, lazy=True))
+    s.run(s.with_budgets(out, r), lambda: Engine(model=model, options=s.engine_options, seed=s.seed, lazy=True))
 
 
 def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequence[float]) -> None:
@@ -152,6 +177,10 @@ def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequenc
     for a in dict.fromkeys(float(x) for x in alphas):
         runs.append(_Planned(alpha_name(a), a, out / alpha_name(a) / ds, {**source.describe(), "alpha": a, **selection},
                              params, source=source, config=MergeConfig(a, o.include, o.exclude)))
+    if o.prompt_budgets:  # budget runs at --budget-alpha, after the α runs (no reload when that α came last)
+        a = float(o.budget_alpha)
+        runs += s.with_budgets(out, _Planned(alpha_name(a), a, out, {**source.describe(), "alpha": a, **selection},
+                                             params, source=source, config=MergeConfig(a, o.include, o.exclude)))[1:]
     s.run(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True))
 
 
@@ -203,15 +232,17 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options)
     out = Path(output)
     s = _Session(problems, prompt, sampling, options, engine_options, engine)
-    if mode == "model":
-        _evaluate_model(s, out, model)
-    elif mode == "sweep":
-        _evaluate_sweep(s, out, source, alphas)
-    elif mode == "checkpoints":
-        _evaluate_checkpoints(s, out, checkpoints)
-    else:
-        _evaluate_loras(s, out, model, loras, alphas)
+    with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
+        if mode == "model":
+            _evaluate_model(s, out, model)
+        elif mode == "sweep":
+            _evaluate_sweep(s, out, source, alphas)
+        elif mode == "checkpoints":
+            _evaluate_checkpoints(s, out, checkpoints)
+        else:
+            _evaluate_loras(s, out, model, loras, alphas)
     res = s.result
+    res.answer_rule = options.answer_rule if options.score else None
     if len(res.runs) > 1:
         res.table = write_table(rows=[table_row(r) for r in res.runs], folder=out, name=f"summary-{_safe(problems.name)}")
     return res
@@ -220,6 +251,9 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
 def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
           options: EvalOptions) -> tuple[str, DeltaSource | None]:
     sweep = source is not None or base is not None or delta is not None or reasoner is not None
+    if options.prompt_budgets and (checkpoints or loras or (model is None and not sweep)):
+        raise OptionsError("prompt budgets need one model or an α sweep", where="--prompt-budget",
+                           fix="pass --model, or --base with --alpha (budget runs use --budget-alpha)")
     if (options.include or options.exclude) and (checkpoints or model is not None or not sweep):
         raise OptionsError("--include/--exclude select the tensors an α sweep applies α to",
                            fix="use them with --base and --alpha (materialize them for other modes)")

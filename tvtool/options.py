@@ -48,6 +48,23 @@ class _FloatList(click.ParamType):
 FLOAT_LIST = _FloatList()
 
 
+class _IntList(click.ParamType):
+    """An integer, or comma-separated integers ('20,50,100')."""
+
+    name = "INT[,INT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an integer (or comma-separated integers)", param, ctx)
+
+
+INT_LIST = _IntList()
+
+
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
@@ -62,7 +79,7 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin is tuple:
         inner = typing.get_args(tp)[0]
-        return (FLOAT_LIST if inner is float else _click_type(inner)[0]), True
+        return ({float: FLOAT_LIST, int: INT_LIST}.get(inner) or _click_type(inner)[0]), True
     if origin is Literal:
         return click.Choice([str(a) for a in typing.get_args(tp)]), False
     return {int: int, float: float, str: str, bool: bool}.get(tp, str), False
@@ -142,6 +159,8 @@ def to_cli_args(options: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
             out.append(name if v else _off_flag(f, name))
         elif ctype is FLOAT_LIST:
             out += [name, ",".join(cli_number(x) for x in v)] if v else []
+        elif ctype is INT_LIST:
+            out += [name, ",".join(str(x) for x in v)] if v else []
         elif multiple:
             for x in v:
                 out += [name, str(x)]

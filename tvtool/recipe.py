@@ -92,6 +92,13 @@ class _RecipeFields(BaseModel):
     sampling: SamplingOptions = Field(SamplingOptions(), description="Decoding settings.")
     engine: EngineOptions = Field(EngineOptions(), description="vLLM engine settings.")
     params_b: float | None = Field(None, description="Nominal size in billions for ACU (default: counted).")
+    answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = Field(
+        "paper", description="How answers are read (tvtool.scoring): paper (A.1), boxed-only, strict-match, "
+                             "flexible-extract.")
+    prompt_budgets: tuple[int, ...] = Field((), description="Token budgets for the prompt-control baseline "
+                                                            "(Table 12), e.g. [20, 50].")
+    budget_template: Literal["qwq", "llama"] = Field("qwq", description="The paper's budget prompt (appendix B).")
+    budget_alpha: float = Field(1.0, description="α of the budget-prompt runs (1: the reasoner).")
     keep: KeepSpec = Field(KeepSpec(), description="What to keep on disk.")
     push: PushStage = Field(PushStage(), description="What to push (private, and a dry run, by default).")
     output: str = Field("runs/{name}", description="Output folder; {name} is the recipe's name.")
@@ -146,6 +153,8 @@ class _RecipeFields(BaseModel):
             if getattr(self.materialize, k) is not None and self.apply == "lora":
                 raise _Invalid("does not apply to apply: lora", "select tensors with low_rank.include/exclude "
                                "instead", f"materialize.{k}")
+        if self.prompt_budgets and self.apply != "swap":
+            raise _Invalid("needs apply: swap", "use apply: swap, or remove prompt_budgets", "prompt_budgets")
         if self.apply == "lora" and lr is None:
             raise _Invalid("is 'lora' but low_rank is not set", "add low_rank: {rank: N}, or use apply: swap", "apply")
         if lr is not None and (lr.rank is None) == (lr.energy is None):

@@ -12,15 +12,16 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from tqdm.auto import tqdm
+from typing import Literal
 
 from . import __version__
+from .answers import rescore_file
 from .atomic import write_json
 from .data import ProblemSet
 from .engine import Engine, SamplingOptions, vllm_version
 from .errors import OutputError
 from .layout import RUN, SAMPLES, SUMMARY
+from .logs import RunProgress
 from .options import CliOptions, opt
 from .prompting import PromptOptions, uses_chat_template
 from .results import read_samples, summary_of
@@ -42,6 +43,14 @@ class EvalOptions(CliOptions):
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
+    answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = opt(
+        "paper", "paper: last complete \\boxed{}, else the last number (CoT-Valve A.1); boxed-only; or the "
+                 "lm-eval-harness GSM8K filters strict-match (#### N) / flexible-extract (last number).")
+    prompt_budgets: tuple[int, ...] = opt((), "Also evaluate token-budget prompts (Table 12 baseline), e.g. "
+                                              "20,50,100: one run per budget at --budget-alpha.", flag="--prompt-budget")
+    budget_template: Literal["qwq", "llama"] = opt("qwq", "Budget prompt of the paper's appendix: qwq or llama.")
+    budget_alpha: float = opt(1.0, "α of the budget-prompt runs in an α sweep (1: the reasoner θ2).")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/vllm.log).")
 
 
 def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
@@ -55,6 +64,7 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
                             sampling=sampling, options=options)
     check_settings(folder, settings, options.overwrite)
     run = {"settings": settings, "dataset": _dataset_record(problems), "tvtool_version": __version__,
+           "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
@@ -63,22 +73,21 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
     total = len(problems) * sampling.n
-    desc = f"{folder.parent.name}/{folder.name}"
-    with tqdm(total=total, initial=total - len(todo) * sampling.n, desc=desc, unit="sample",
-              disable=not options.progress) as bar, open(path, "a", encoding="utf-8") as f:
+    desc = f"{folder.parent.name} {folder.name}"
+    with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
+                     records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            lines = []
-            for p, text, samples in zip(batch, texts, outs):
-                for s in samples:
-                    if (p.id, s.index) not in done:
-                        lines.append(json.dumps(_record(p, text, s, problems.kind, options.score)) + "\n")
-            f.write("".join(lines))
+            recs = [_record(p, text, s, problems.kind, options.score and options.answer_rule)
+                    for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch) * sampling.n)
+            bar.update(recs, n=len(batch) * sampling.n)
+    if options.score:  # records scored under another answer rule are re-scored, not regenerated
+        rescore_file(path, kind=problems.kind, rule=options.answer_rule)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
                          params_source=params_source)
     write_json(folder / SUMMARY, summary)
@@ -107,13 +116,13 @@ def is_complete(*, folder: str | os.PathLike, settings: dict, problems: ProblemS
     return all((p.id, i) in done for p in problems for i in range(n))
 
 
-def _record(p, prompt: str, s, kind: str, score: bool) -> dict:
+def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:
     rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
            "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
            "extracted": None, "correct": None}
-    if score:
-        sc = score_response(s.text, p.gold, kind=kind)
-        rec.update(extracted=sc.extracted, correct=sc.correct)
+    if rule:
+        sc = score_response(s.text, p.gold, kind=kind, rule=rule)
+        rec.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
     for k in ("subject", "level"):
         if k in p.meta:
             rec[k] = p.meta[k]

@@ -26,12 +26,13 @@ from .delta import DeltaOptions, delta
 from .engine import Engine, SamplingOptions, vllm_version
 from .evaluate import evaluate, table_row
 from .hub import push
+from .logs import vllm_logs
 from .lowrank import svd_rank
 from .materialize import materialize
 from .options import CliOptions, cli_number, opt
 from .peft_adapter import adapter_folders, write_peft_adapters
 from .recipe import DatasetSpec, Recipe, load_recipe, to_dict
-from .report import markdown_table, plot
+from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
 from .source import DeltaSource
@@ -43,6 +44,7 @@ class SweepOptions(CliOptions):
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
     progress: bool = opt(True, "Show progress bars.")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/eval/vllm.log).")
 
 
 @dataclass(frozen=True)
@@ -95,20 +97,21 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
         rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
         eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
     tables = {}
-    try:
-        for ds in r.datasets:
-            ev, sampling = _eval_options(r, ds, pg)
-            common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
-            if r.apply == "swap":
-                res = evaluate(source=source, alphas=alphas, **common)
-            elif r.apply == "materialize":
-                res = evaluate(checkpoints=[folders[a] for a in alphas], **common)
-            else:
-                res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
-            tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
-    finally:
-        starts = eng.starts
-        eng.close()
+    with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
+        try:
+            for ds in r.datasets:
+                ev, sampling = _eval_options(r, ds, pg, verbose=options.verbose)
+                common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
+                if r.apply == "swap":
+                    res = evaluate(source=source, alphas=alphas, **common)
+                elif r.apply == "materialize":
+                    res = evaluate(checkpoints=[folders[a] for a in alphas], **common)
+                else:
+                    res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
+                tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
+        finally:
+            starts = eng.starts
+            eng.close()
 
     report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
     if r.push.enabled:
@@ -166,6 +169,8 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
     body = [f"# tvtool sweep: {recipe.name}", "",
             f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
+            answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
+                             alpha=recipe.budget_alpha), "",
             ACU_FORMULA, ""]
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
@@ -196,12 +201,15 @@ def _sh(words: list[str]) -> str:
     return " ".join(w if isinstance(w, _Glob) else shlex.quote(str(w)) for w in words)
 
 
-def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool) -> tuple[EvalOptions, SamplingOptions]:
+def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool, *,
+                  verbose: bool = False) -> tuple[EvalOptions, SamplingOptions]:
     """A recipe dataset's evaluation and sampling options (per-dataset max_tokens wins)."""
     swap = r.apply == "swap"  # in-engine α: the eval applies the recipe's tensor selection itself
     ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
                      params_b=r.params_b, include=r.materialize.include if swap else None,
-                     exclude=r.materialize.exclude if swap else None, progress=progress)
+                     exclude=r.materialize.exclude if swap else None, progress=progress,
+                     answer_rule=r.answer_rule, prompt_budgets=r.prompt_budgets,
+                     budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=verbose)
     return ev, replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
 
 
