@@ -143,6 +143,21 @@ class TaskVector:
     def __sub__(self, other: "TaskVector") -> "TaskVector":
         return self + (-other)
 
+    # -- operators (tvtool.operators; lazy like the rest) --------------------------
+    def merge(self, *others: "TaskVector", **merge):
+        """This and `others` (same base) merged by `tvtool.operators.Merge(**merge)`: TIES, DARE, …"""
+        from .operators import Merge, MergedVector
+
+        return MergedVector([self, *others], Merge(**merge))
+
+    def trim(self, density: float):
+        """Keep the top `density` fraction of |Δ| per tensor (ties in index order)."""
+        return self.merge(method="trim", density=density)
+
+    def dare(self, p: float, *, seed: int = 0):
+        """Drop each element with probability p (hash of seed, name, index), rescale by 1/(1 − p)."""
+        return self.merge(method="dare_linear", p=p, seed=seed)
+
     # -- reading ------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self._names)
