@@ -13,6 +13,7 @@ data, subnormals, ±0, ±inf, NaN and round-half-even cases.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numba
 import numpy as np
@@ -91,6 +92,9 @@ def _merge_f32_f32(base, delta, alphas, out):  # out f32[m, n]
                 out[j, i] = base[i] + a * delta[i]
 
 
+_FUSED = os.environ.get("TVTOOL_FUSED", "1") != "0"  # 0: torch arithmetic (benchmark comparison only)
+
+
 def merge_many(*, base: torch.Tensor, delta: torch.Tensor | None, alphas, dtype: torch.dtype,
                base32: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[θ1 + α·Δ rounded once to `dtype` for α in `alphas`], bit-identical to `merge_rows` per α.
@@ -102,7 +106,7 @@ def merge_many(*, base: torch.Tensor, delta: torch.Tensor | None, alphas, dtype:
     from .taskvector import merge_rows
 
     alphas = [float(a) for a in alphas]
-    fused = (delta is not None and delta.shape == base.shape and delta.dtype == torch.float32
+    fused = (_FUSED and delta is not None and delta.shape == base.shape and delta.dtype == torch.float32
              and base.dtype in (torch.bfloat16, torch.float32) and dtype in (torch.bfloat16, torch.float32)
              and not (base.dtype == torch.bfloat16 and dtype == torch.float32))
     todo = [a for a in alphas if a != 0.0] if fused else []

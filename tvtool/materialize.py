@@ -25,7 +25,8 @@ from .errors import MismatchError, OptionsError, OutputError
 from .options import check_regex, opt
 from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
 from .safetensors_io import row_chunks
-from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
+from .kernels import merge_many
+from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan
 
 SETTINGS_FILE = "tvtool.json"
 
@@ -118,12 +119,12 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
             try:
                 for i, name, base_rows, base32, d, end in prefetch(reads()):
                     read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
+                    arith = [a for a in todo if not (a == 1.0 and end is not None)]
+                    res = dict(zip(arith, merge_many(base=base_rows, delta=d, alphas=arith, dtype=dtype_of[name],
+                                                     base32=base32)))  # one fused pass for every α
                     for a in todo:
-                        if a == 1.0 and end is not None:
-                            chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
-                        else:
-                            chunk = merge_rows(base_rows, d, a, dtype_of[name], base32=base32)
-                        wb.submit(writers[a], name, chunk)
+                        # α=1 with θ2 at hand: θ2 as stored, the reasoner bit for bit
+                        wb.submit(writers[a], name, res[a] if a in res else end.to(dtype_of[name]))
                     bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
                 wb.flush()
             finally:
