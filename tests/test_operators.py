@@ -229,3 +229,19 @@ def test_task_vectors_of_different_architectures(pairs):
         llama.merge(qwen, method="ties", density=0.5)
     assert str(e.value).startswith("task vectors 1 and 2 have different tensors, e.g. ['model.layers.0.self_attn.")
     assert str(e.value).endswith(". Merge only task vectors of one architecture from one base")
+
+
+def test_taskvector_trim_and_dare_are_lazy_and_chunking_free(pairs):
+    tv = TaskVector.between(*pairs["llama"])
+    trimmed, dropped = tv.trim(0.3), tv.dare(0.5, seed=1)
+    for name in tv.names():
+        whole = trimmed.get(name)
+        n = whole.numel()
+        assert int((whole != 0).sum()) <= max(1, int(0.3 * n)) and (whole != 0).sum() > 0
+        kept = whole != 0
+        assert torch.equal(whole[kept], tv.get(name)[kept])  # kept elements are Δ unchanged
+        if whole.dim() == 2 and whole.shape[0] > 3:
+            parts = [trimmed.rows(name, s, min(s + 3, whole.shape[0])) for s in range(0, whole.shape[0], 3)]
+            assert torch.equal(bits(torch.cat(parts)), bits(whole))
+            assert torch.equal(bits(dropped.rows(name, 3, 7)), bits(dropped.get(name)[3:7]))
+    assert torch.equal(bits((trimmed * 0.5).get(name)), bits(trimmed.get(name) * 0.5))
