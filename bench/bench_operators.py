@@ -59,7 +59,7 @@ for s, e in row_chunks(({R}, {C})):
 kept = 0
 """,
     "5 α, torch merge_rows": """
-from tvtool.taskvector import merge_rows
+from tvtool.merge import merge_rows
 from tvtool.safetensors_io import row_chunks
 for s, e in row_chunks(({R}, {C})):
     b32, d = base[s:e].float(), delta(s, e)

@@ -15,7 +15,8 @@ from tvtool import kernels
 from tvtool.errors import MismatchError, OptionsError
 from tvtool.operators import Config, LayerSchedule, Merge, prepare, outputs
 from tvtool.select import top_cuts
-from tvtool.taskvector import TaskVector, merge_rows
+from tvtool.merge import merge_rows
+from tvtool.taskvector import TaskVector
 
 
 # -- the fused many-α kernel equals torch's merge_rows bit for bit --------------------------

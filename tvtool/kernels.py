@@ -95,35 +95,59 @@ def _merge_f32_f32(base, delta, alphas, out):  # out f32[m, n]
 _FUSED = os.environ.get("TVTOOL_FUSED", "1") != "0"  # 0: torch arithmetic (benchmark comparison only)
 
 
+def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype, *,
+               base32: torch.Tensor | None = None) -> torch.Tensor:
+    """θ1 + α·Δ in float32 (α·Δ rounded, then added), rounded once to `dtype`; rows past Δ's stay θ1.
+
+    The torch reference of the fused kernel. `base32` is `base.float()` when the caller already
+    has it (shared across many α).
+    """
+    if delta is None or alpha == 0.0 or not base.dtype.is_floating_point:
+        return base.to(dtype)
+    b32 = base.float() if base32 is None else base32
+    step = torch.mul(delta, alpha)  # [n, ...] fp32
+    n = delta.shape[0] if delta.dim() else None
+    if n is None or n == b32.shape[0]:
+        return step.add_(b32).to(dtype)
+    out = b32.clone()
+    out[:n] += step
+    return out.to(dtype)
+
+
 def merge_many(*, base: torch.Tensor, delta: torch.Tensor | None, alphas, dtype: torch.dtype,
                base32: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """[θ1 + α·Δ rounded once to `dtype` for α in `alphas`], bit-identical to `merge_rows` per α.
-
-    base: θ1 rows as stored [rows, ...]; delta: float32 Δ rows (same shape) or None;
-    base32: `base.float()` when the caller has it (used only on the torch fallback).
-    Fused for bf16/fp32 θ1 → bf16/fp32 output; other dtypes and shapes fall back to torch.
-    """
-    from .taskvector import merge_rows
-
+    """[θ1 + α·Δ rounded once to `dtype` for α in `alphas`]: the fused kernel where it applies,
+    `merge_rows` elsewhere; bit-identical to `merge_rows` per α either way."""
     alphas = [float(a) for a in alphas]
+    res = fused_merge(base=base, delta=delta, alphas=alphas, dtype=dtype)
+    return [res[a] if a in res else merge_rows(base, delta, a, dtype, base32=base32) for a in alphas]
+
+
+def fused_merge(*, base: torch.Tensor, delta: torch.Tensor | None, alphas, dtype: torch.dtype
+                ) -> dict[float, torch.Tensor]:
+    """{α: θ1 + α·Δ rounded once to `dtype`} for the α this kernel fuses (bit-identical to
+    `merge_rows`); α it does not fuse (0, other dtypes or shapes) are left out, and
+    `merge_many` computes those with torch.
+
+    base: θ1 rows as stored [rows, ...]; delta: float32 Δ rows (same shape) or None.
+    """
     fused = (_FUSED and delta is not None and delta.shape == base.shape and delta.dtype == torch.float32
              and base.dtype in (torch.bfloat16, torch.float32) and dtype in (torch.bfloat16, torch.float32)
              and not (base.dtype == torch.bfloat16 and dtype == torch.float32))
-    todo = [a for a in alphas if a != 0.0] if fused else []
-    res = {}
-    if todo:
-        b = base.contiguous().reshape(-1)
-        d = delta.contiguous().reshape(-1).numpy()
-        out = torch.empty((len(todo), b.numel()), dtype=dtype)
-        al = np.asarray(todo, dtype=np.float32)  # torch casts a Python scalar α to float32 first
-        if base.dtype == torch.bfloat16:
-            _merge_bf16_bf16(b.view(torch.int16).numpy().view(np.uint16), d, al, out.view(torch.int16).numpy().view(np.uint16))
-        elif dtype == torch.bfloat16:
-            _merge_f32_bf16(b.numpy(), d, al, out.view(torch.int16).numpy().view(np.uint16))
-        else:
-            _merge_f32_f32(b.numpy(), d, al, out.numpy())
-        res = {a: out[j].view(base.shape) for j, a in enumerate(todo)}
-    return [res[a] if a in res else merge_rows(base, delta, a, dtype, base32=base32) for a in alphas]
+    todo = list(dict.fromkeys(float(a) for a in alphas if a != 0.0)) if fused else []
+    if not todo:
+        return {}
+    b = base.contiguous().reshape(-1)
+    d = delta.contiguous().reshape(-1).numpy()
+    out = torch.empty((len(todo), b.numel()), dtype=dtype)
+    al = np.asarray(todo, dtype=np.float32)  # torch casts a Python scalar α to float32 first
+    if base.dtype == torch.bfloat16:
+        _merge_bf16_bf16(b.view(torch.int16).numpy().view(np.uint16), d, al, out.view(torch.int16).numpy().view(np.uint16))
+    elif dtype == torch.bfloat16:
+        _merge_f32_bf16(b.numpy(), d, al, out.view(torch.int16).numpy().view(np.uint16))
+    else:
+        _merge_f32_f32(b.numpy(), d, al, out.numpy())
+    return {a: out[j].view(base.shape) for j, a in enumerate(todo)}
 
 
 # -- magnitude histograms for the streaming radix select ---------------------------------
