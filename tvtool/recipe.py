@@ -56,11 +56,64 @@ class PushSpec:
     private: bool = opt(True, "Create private repos.")
 
 
+# --- merge operators (issue 12): `merge:` and `vectors:` — kept in this one block --------------
+@dataclass(frozen=True)
+class VectorSpec:
+    model: str = opt(None, "A model of the same base: Δ_i = model − base.")
+    weight: float = opt(1.0, "Its weight w_i in the merge.")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    method: Literal["task_arithmetic", "trim", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                    "breadcrumbs_ties"] = opt("task_arithmetic", "Merge operator (MergeOptions.method).")
+    density: float = opt(1.0, "trim/ties: fraction of |Δ| kept per tensor, in (0, 1].")
+    p: float = opt(0.0, "dare_*: drop probability in [0, 1).")
+    seed: int = opt(0, "dare_*: mask seed.")
+    beta: float = opt(0.0, "breadcrumbs: largest fraction dropped.")
+    gamma: float = opt(0.0, "breadcrumbs: smallest fraction dropped.")
+    alphas: tuple[float, ...] = opt((), "α (λ) values for this operator (default: the recipe's alphas).")
+    rules: tuple[str, ...] = opt((), "REGEX=FACTOR α rules, first match wins (MergeOptions.alpha_rules).")
+    layer_schedule: str | None = opt(None, "FIRST:LAST α factor over the layers.")
+
+
+def merge_configs(r: "Recipe") -> list:
+    """The recipe's `MergeConfig`s: one per (merge entry, α); plain θ1 + α·Δ without `merge:`."""
+    from .merge_options import MergeOptions
+
+    weights = tuple(v.weight for v in r.vectors) or (1.0,)
+    out = []
+    for m in r.merge or (MergeSpec(),):
+        mo = MergeOptions(method=m.method, density=m.density, drop_p=m.p, drop_seed=m.seed, beta=m.beta,
+                          gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule)
+        out += mo.configs(m.alphas or r.alphas, include=r.include, exclude=r.exclude, weights=weights)
+    return list(dict.fromkeys(out))
+
+
+def _check_merge(r: "Recipe", file: str) -> None:
+    from .errors import OptionsError
+
+    if (r.merge or len(r.vectors) > 1) and r.apply == "lora":
+        raise RecipeError("field merge (or several vectors) does not apply to apply: lora", where=file,
+                          fix="use apply: swap or materialize")
+    if not r.alphas and not all(m.alphas for m in r.merge or (MergeSpec(),)):
+        raise RecipeError("missing field alphas", where=file, fix="give alphas, or alphas in every merge entry")
+    for i, m in enumerate(r.merge):
+        try:
+            merge_configs(dataclasses.replace(r, merge=(m,)))
+        except OptionsError as e:
+            key = {"merge.p": "p", "merge.density": "density", "merge.weights": "weights", "merge.beta": "beta",
+                   "--alpha-rule": "rules", "--layer-schedule": "layer_schedule"}.get(e.where, e.where)
+            raise RecipeError(f"field merge[{i}].{key}: {e.what}", where=file, fix=e.fix) from None
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = opt(None, "Name of the run (used in the default output folder).")
     base: str = opt(None, "θ1: a model folder or Hub id (relative paths: from the recipe's folder).")
-    reasoner: str = opt(None, "θ2: a model folder or Hub id.")
+    reasoner: str = opt(None, "θ2: a model folder or Hub id (or give vectors).")
+    vectors: tuple[VectorSpec, ...] = opt((), "Several task vectors of the base, with weights (instead of reasoner).")
+    merge: tuple[MergeSpec, ...] = opt((), "Merge operator(s) over the vectors: one mapping or a list.")
     alphas: tuple[float, ...] = opt((), "α values to evaluate.")
     datasets: tuple[DatasetSpec, ...] = opt((), "Evaluation datasets.")
     apply: Literal["swap", "materialize", "lora"] = opt(
@@ -78,7 +131,7 @@ class Recipe:
     output: str = opt("runs/{name}", "Output folder.")
 
 
-REQUIRED = {Recipe: ("name", "base", "reasoner", "alphas", "datasets"), DatasetSpec: ("name",)}
+REQUIRED = {Recipe: ("name", "base", "datasets"), DatasetSpec: ("name",), VectorSpec: ("model",)}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -90,7 +143,16 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError("recipe not found", where=str(path), fix="check the path") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe is not valid YAML: {str(e).splitlines()[0]}", where=str(path)) from None
+    if isinstance(data, dict) and isinstance(data.get("merge"), dict):
+        data = {**data, "merge": [data["merge"]]}  # one operator: a mapping
     r = build(Recipe, data, "", str(path))
+    if r.vectors and r.reasoner is not None and r.reasoner != r.vectors[0].model:
+        raise RecipeError("give reasoner or vectors, not both", where=str(path), fix="list the reasoner in vectors")
+    if not r.vectors and r.reasoner is None:
+        raise RecipeError("missing field reasoner", where=str(path), fix="or give vectors")
+    if r.vectors:
+        r = dataclasses.replace(r, reasoner=r.vectors[0].model)
+    _check_merge(r, str(path))
     if r.apply == "lora" and r.low_rank is None:
         raise RecipeError("field apply is 'lora' but low_rank is not set", where=str(path),
                           fix="add low_rank: {rank: N}, or use apply: swap")
@@ -111,7 +173,8 @@ def load_recipe(path: str | Path) -> Recipe:
         return str((here / v).resolve()) if not Path(v).is_absolute() and (here / v).exists() else v
 
     ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
-    return dataclasses.replace(r, base=local(r.base), reasoner=local(r.reasoner), datasets=ds)
+    vs = tuple(dataclasses.replace(v, model=local(v.model)) for v in r.vectors)
+    return dataclasses.replace(r, base=local(r.base), reasoner=local(r.reasoner), datasets=ds, vectors=vs)
 
 
 def build(cls: type, data: Any, where: str, file: str):
