@@ -13,7 +13,8 @@ from tvtool.recipe import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml"])
+@pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml",
+                                  "long-to-short-7b.yaml", "long-to-short-32b.yaml"])
 def test_shipped_recipes_validate(name):
     r = load_recipe(RECIPES / name)
     assert r.alphas and r.datasets
@@ -24,6 +25,13 @@ def test_shipped_recipes_validate(name):
         assert {d.name: d.max_tokens for d in r.datasets}["math500"] == 8192
     if name.startswith("r1"):
         assert r.apply == "lora" and r.low_rank.rank == 32
+    if name.startswith("long-to-short"):  # the paper's README settings (density = 1 − trim ratio k)
+        from tvtool.recipe import merge_configs
+
+        ties = {"7b": (0.2, 1.0), "32b": (0.75, 0.55)}[name.split("-")[-1].removesuffix(".yaml")]
+        got = [(c.method, c.alpha, c.density, c.weights) for c in merge_configs(r)]
+        assert got == [("task_arithmetic", 0.7, 1.0, ()), ("ties", ties[1], ties[0], ())]
+        assert r.reasoner == r.vectors[0].model and len(r.vectors) == 2 and r.base.startswith("Qwen/Qwen2.5-")
     if name == "toy.yaml":
         assert Path(r.base).is_dir() and Path(r.reasoner).is_dir()  # resolved from the recipe's folder
 
@@ -61,6 +69,12 @@ datasets:
     ("output: runs/{nme}\n", "field output has an unknown key {nme}"),
     ("name: 3\n", "field name must be a string, got 3"),
     ("name:\n", "field name must not be empty"),
+    ("merge: {method: tie}\n", "field merge[0].method must be one of task_arithmetic, trim, ties, dare_linear, "
+                               "dare_ties, breadcrumbs, breadcrumbs_ties, got 'tie'"),
+    ("merge: {method: ties, density: 0}\n", "field merge[0].density is invalid: density must be in (0, 1], got 0.0"),
+    ("merge: [{method: dare_ties, p: 1.0}]\n", "field merge[0].p is invalid: DARE drop probability p must be in [0, 1), got 1.0"),
+    ("merge: {method: ties, layer_schedule: fast}\n", "field merge[0].layer_schedule is invalid: bad layer schedule 'fast'"),
+    ("vectors: [{weight: 0.5}]\n", "missing field vectors[0].model"),
 ])
 def test_bad_field_is_named(tmp_path, edit, message):
     key = edit.split(":")[0]

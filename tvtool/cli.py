@@ -18,6 +18,7 @@ from .generate import generate_responses
 from .hub import PushOptions, push
 from .lowrank import LowRankOptions, svd_rank
 from .materialize import MaterializeOptions, materialize
+from .merge_options import MergeOptions
 from .mixchain import MixChainOptions, build_mixchain
 from .options import FLOAT_LIST, click_options, from_cli
 from .prompting import PromptOptions
@@ -60,10 +61,12 @@ def delta_cmd(base: str, reasoner: str, output: str, **kw) -> None:
 @click.option("--reasoner", help="The reasoner checkpoint (Δ is computed on the fly).")
 @click.option("-o", "--output", required=True, help="Folder that receives one model folder per α.")
 @click_options(MaterializeOptions)
+@click_options(MergeOptions)
 def materialize_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
-    """Write merged checkpoints θ1 + α·Δ for every --alpha, in one pass over the inputs."""
+    """Write merged checkpoints θ1 + α·Δ for every --alpha, in one pass over the inputs
+    (--method ties|dare_linear|… over one or several --vector: θ1 + α·merge(Δ_1..Δ_n))."""
     result = materialize(base=base, delta=delta_path, reasoner=reasoner, output=output,
-                         options=from_cli(MaterializeOptions, kw))
+                         options=from_cli(MaterializeOptions, kw), merge=from_cli(MergeOptions, kw))
     click.echo(result.summary())
 
 
@@ -89,6 +92,7 @@ def _run_options(fn):
                      help="A PEFT LoRA adapter folder (repeat); served by one engine with LoRA enabled."),
         click.option("-o", "--output", required=True, help="Output folder (resumable: re-run to finish)."),
         click_options(EvalOptions, exclude=("score",)),
+        click_options(MergeOptions),
         click_options(PromptOptions),
         click_options(SamplingOptions),
         click_options(EngineOptions),
@@ -100,7 +104,7 @@ def _run_options(fn):
 def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw) -> dict:
     return dict(output=output, model=model, base=base, delta=delta_path, reasoner=reasoner,
                 alphas=tuple(a for part in alphas for a in part), checkpoints=checkpoints, loras=loras,
-                options=from_cli(EvalOptions, kw), prompt=from_cli(PromptOptions, kw),
+                options=from_cli(EvalOptions, kw), merge=from_cli(MergeOptions, kw), prompt=from_cli(PromptOptions, kw),
                 sampling=from_cli(SamplingOptions, kw), engine_options=from_cli(EngineOptions, kw))
 
 

@@ -38,6 +38,7 @@ from .errors import OptionsError
 from .layout import SETTINGS_FILE, alpha_name
 from .logs import vllm_logs
 from .merge import MergeConfig
+from .merge_options import MergeOptions, config_name, split_vectors
 from .prompting import PromptOptions
 from .report import answer_rule_line, markdown_table, write_table
 from .results import ACU_FORMULA, STAT_KEYS, count_params_b
@@ -169,18 +170,19 @@ def _evaluate_model(s: _Session, out: Path, model) -> None:
     s.run(s.with_budgets(out, r), lambda: Engine(model=model, options=s.engine_options, seed=s.seed, lazy=True))
 
 
-def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequence[float]) -> None:
+def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequence[MergeConfig]) -> None:
     o, ds = s.options, _safe(s.problems.name)
     params = _params(o, source.base)
-    selection = {k: v for k, v in (("include", o.include), ("exclude", o.exclude)) if v}
     runs = []
-    for a in dict.fromkeys(float(x) for x in alphas):
-        runs.append(_Planned(alpha_name(a), a, out / alpha_name(a) / ds, {**source.describe(), "alpha": a, **selection},
-                             params, source=source, config=MergeConfig(a, o.include, o.exclude)))
+    for c in configs:
+        name, rec = config_name(c), c.to_dict()  # the operator settings are recorded with the run
+        runs.append(_Planned(name, c.alpha, out / name / ds, {**source.describe(), **{k: v for k, v in rec.items() if v is not None}},
+                             params, source=source, config=c))
     if o.prompt_budgets:  # budget runs at --budget-alpha, after the α runs (no reload when that α came last)
-        a = float(o.budget_alpha)
-        runs += s.with_budgets(out, _Planned(alpha_name(a), a, out, {**source.describe(), "alpha": a, **selection},
-                                             params, source=source, config=MergeConfig(a, o.include, o.exclude)))[1:]
+        c = MergeConfig(float(o.budget_alpha), o.include, o.exclude)
+        rec = {k: v for k, v in c.to_dict().items() if v is not None}
+        runs += s.with_budgets(out, _Planned(alpha_name(c.alpha), c.alpha, out, {**source.describe(), **rec},
+                                             params, source=source, config=c))[1:]
     s.run(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True))
 
 
@@ -216,6 +218,7 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
              reasoner: str | os.PathLike | None = None, alphas: Sequence[float] = (),
              checkpoints: Sequence[str | os.PathLike] = (), loras: Sequence[str | os.PathLike] = (),
              source: DeltaSource | None = None, options: EvalOptions = EvalOptions(),
+             merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None,
              prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
              engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None) -> EvalResult:
     """Evaluate one model, an α sweep, a list of checkpoints, or a list of LoRA adapters.
@@ -229,14 +232,25 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     """
     problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
                              seed=options.seed, kind=options.kind)
-    mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options)
+    operators = merge != MergeOptions() or configs is not None
+    if operators and source is None:
+        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
+        if base is not None:
+            source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more)
+    else:
+        weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
+    if configs is not None:
+        alphas = alphas or tuple(c.alpha for c in configs)
+    mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options, operators)
     out = Path(output)
     s = _Session(problems, prompt, sampling, options, engine_options, engine)
     with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
         if mode == "model":
             _evaluate_model(s, out, model)
         elif mode == "sweep":
-            _evaluate_sweep(s, out, source, alphas)
+            configs = list(configs) if configs is not None else \
+                merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+            _evaluate_sweep(s, out, source, configs)
         elif mode == "checkpoints":
             _evaluate_checkpoints(s, out, checkpoints)
         else:
@@ -249,13 +263,16 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
 
 
 def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
-          options: EvalOptions) -> tuple[str, DeltaSource | None]:
+          options: EvalOptions, operators: bool = False) -> tuple[str, DeltaSource | None]:
     sweep = source is not None or base is not None or delta is not None or reasoner is not None
     if options.prompt_budgets and (checkpoints or loras or (model is None and not sweep)):
         raise OptionsError("prompt budgets need one model or an α sweep", where="--prompt-budget",
                            fix="pass --model, or --base with --alpha (budget runs use --budget-alpha)")
     if (options.include or options.exclude) and (checkpoints or model is not None or not sweep):
         raise OptionsError("--include/--exclude select the tensors an α sweep applies α to",
+                           fix="use them with --base and --alpha (materialize them for other modes)")
+    if operators and (checkpoints or model is not None or loras or not sweep):
+        raise OptionsError("merge operators (--method, --vector, --alpha-rule, …) apply to an α sweep",
                            fix="use them with --base and --alpha (materialize them for other modes)")
     if checkpoints:
         if model or sweep or loras:

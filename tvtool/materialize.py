@@ -14,9 +14,9 @@ import json
 import math
 import os
 import shlex
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from . import __version__
 from .atomic import atomic_dir
@@ -24,6 +24,7 @@ from .card import model_card
 from .errors import OptionsError, OutputError
 from .layout import SETTINGS_FILE, alpha_name
 from .merge import MergeConfig, merge_chunks, merged_config, output_plan, plan_entries
+from .merge_options import MergeOptions, config_name, split_vectors
 from .options import CliOptions, opt
 from .output import ShardedWriter, WriteBehind, parse_size, progress
 from .source import DeltaSource
@@ -49,66 +50,80 @@ class MaterializeOptions(CliOptions):
 
 @dataclass(frozen=True)
 class MaterializeResult:
-    folders: dict[float, Path]
+    folders: dict[float, Path]  # by α (with several operator settings per α: the last one's)
     written: list[float]
     skipped: list[float]
     bytes_read: int
     bytes_written: int
+    configs: dict[MergeConfig, Path] = field(default_factory=dict)  # every configuration's folder
 
     def summary(self) -> str:
-        s = [f"α={a:g} → {self.folders[a]}" + (" (already complete)" if a in self.skipped else "")
-             for a in self.folders]
+        s = [f"{c.tag() + ' ' if c.tag() else ''}α={c.alpha:g} → {f}"
+             + (" (already complete)" if c.alpha in self.skipped and c.alpha not in self.written else "")
+             for c, f in self.configs.items()]
         return "\n".join(s)
 
 
 def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
-                reasoner: str | os.PathLike | None = None, options: MaterializeOptions) -> MaterializeResult:
-    """Write θ1 + α·Δ for every α in `options.alphas` under `output`, reading each input once.
+                reasoner: str | os.PathLike | None = None, options: MaterializeOptions,
+                merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None
+                ) -> MaterializeResult:
+    """Write θ1 + α·Δ (or an operator's θ1 + α·M, `merge`) for every α in `options.alphas` under
+    `output`, reading each input once per pass. `configs` (instead of α × `merge`) writes several
+    operator settings in the same run.
 
-    The tensors come from the shared merge stream (`tvtool.merge.merge_chunks`), one output per α."""
+    The tensors come from the shared merge stream (`tvtool.merge.merge_chunks`), one output per configuration."""
     o = options
+    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
     source = DeltaSource(base=base, delta=delta, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                         allow_pickle=o.allow_pickle)
-    alphas = _check_options(o)
-    configs = {a: MergeConfig(a, o.include, o.exclude) for a in alphas}
-    b, tv = source.open()
+                         allow_pickle=o.allow_pickle, more=more)
+    alphas = _check_options(o, configs)
+    cfgs = list(dict.fromkeys(configs)) if configs is not None else \
+        merge.configs(alphas, include=o.include, exclude=o.exclude, weights=weights)
+    b, tvs = source.open_vectors()
+    tv = tvs[0]
     plan = output_plan(b, tv, dtype=o.dtype)
     files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
     out = Path(output)
-    folders = {a: out / alpha_name(a, o.name_template) for a in alphas}
+    folders = {c: out / config_name(c, o.name_template) for c in cfgs}
     if len(set(folders.values())) != len(folders):
-        raise OptionsError("two α values map to the same folder name", where=o.name_template,
+        raise OptionsError("two configurations map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
-    settings = {a: _settings(a, b, o, reasoner, delta) for a in alphas}
-    todo = [a for a in alphas if not _complete(folders[a], settings[a], o.overwrite)]
+    settings = {c: _settings(c, b, o, reasoner, delta, more) for c in cfgs}
+    todo = [c for c in cfgs if not _complete(folders[c], settings[c], o.overwrite)]
     entries = plan_entries(plan)
     read = total_w = 0
-    with contextlib.ExitStack() as stack:  # every α folder is renamed into place only if all succeed
-        tmps = {a: stack.enter_context(atomic_dir(folders[a])) for a in todo}
-        writers = {a: stack.enter_context(ShardedWriter(folder=tmps[a], plan=entries, metadata={"format": "pt"},
+    with contextlib.ExitStack() as stack:  # every folder is renamed into place only if all succeed
+        tmps = {c: stack.enter_context(atomic_dir(folders[c])) for c in todo}
+        writers = {c: stack.enter_context(ShardedWriter(folder=tmps[c], plan=entries, metadata={"format": "pt"},
                                                         max_shard_size=parse_size(o.max_shard_size)))
-                   for a in todo}
+                   for c in todo}
         total_w = sum(w.total_size for w in writers.values())
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
             wb = WriteBehind(on_bytes=bar.update)
             try:
-                stream = merge_chunks(base=b, tv=tv, configs=[configs[a] for a in todo], plan=plan) if todo else ()
+                stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan) if todo else ()
                 for chunk in stream:
                     read += chunk.bytes_read
-                    for a, t in zip(todo, chunk.outputs):
-                        wb.submit(writers[a], chunk.name, t)
+                    for c, t in zip(todo, chunk.outputs):
+                        wb.submit(writers[c], chunk.name, t)
                     bar.set_postfix_str(f"tensors {chunk.index + 1}/{len(plan)}", refresh=False)
                 wb.flush()
             finally:
                 wb.close()
-        for a in todo:
-            writers[a].close()
-            _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
-    return MaterializeResult(folders, todo, [a for a in alphas if a not in todo], read, total_w)
+        for c in todo:
+            writers[c].close()
+            _write_extras(tmps[c], files, settings[c], prov, c, o, reasoner, delta, base, output, merge)
+    return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
+                             [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
 
 
-def _check_options(o: MaterializeOptions) -> list[float]:
+def _check_options(o: MaterializeOptions, configs) -> list[float]:
+    if configs is not None:
+        if not configs:
+            raise OptionsError("no configuration given", where="configs", fix="pass at least one MergeConfig")
+        return []
     if not o.alphas:
         raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
     for a in o.alphas:
@@ -120,10 +135,13 @@ def _check_options(o: MaterializeOptions) -> list[float]:
     return list(dict.fromkeys(float(a) for a in o.alphas))
 
 
-def _settings(a, b, o, reasoner, delta) -> dict:
-    keep = ("dtype", "config_from", "include", "exclude", "vocab", "allow_missing")
-    return {"alpha": a, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
-            "delta": str(delta) if delta else None, **{k: v for k, v in asdict(o).items() if k in keep}}
+def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
+    keep = ("dtype", "config_from", "vocab", "allow_missing")
+    op = {k: v for k, v in c.to_dict().items() if k not in ("alpha", "include", "exclude")}
+    return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
+            "delta": str(delta) if delta else None, "include": c.include, "exclude": c.exclude,
+            **{k: v for k, v in asdict(o).items() if k in keep},
+            **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(more)} if more else {})}
 
 
 def _complete(folder: Path, settings: dict, overwrite: bool) -> bool:
@@ -141,16 +159,25 @@ def _complete(folder: Path, settings: dict, overwrite: bool) -> bool:
     return False
 
 
-def _write_extras(tmp: Path, files, settings, prov, a, o, reasoner, delta, base, output) -> None:
+def _write_extras(tmp: Path, files, settings, prov, c: MergeConfig, o, reasoner, delta, base, output,
+                  merge: MergeOptions) -> None:
+    a = c.alpha
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
     dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
     src = ["--reasoner", str(reasoner)] if reasoner else ["--delta", str(delta)]
-    flags = replace(o, alphas=(a,), overwrite=False, progress=True).to_cli_args()
-    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *flags, "-o", str(output)])
+    ops: list[str] = []
+    if not c.is_plain(1 + len(settings.get("more", []))):  # the operator flags of this configuration
+        ops += ["--method", c.method] + [w for v in merge.vectors for w in ("--vector", v)]
+        ops += [w for k, v, d in (("density", c.density, 1.0), ("drop-p", c.p, 0.0), ("drop-seed", c.seed, 0),
+                                  ("beta", c.beta, 0.0), ("gamma", c.gamma, 0.0)) if v != d for w in (f"--{k}", f"{v:g}")]
+        ops += [w for r, f in c.rules for w in ("--alpha-rule", f"{r}={f:g}")]
+        ops += ["--layer-schedule", f"{c.schedule[0]:g}:{c.schedule[1]:g}"] if c.schedule else []
+    flags = replace(o, alphas=(a,), include=c.include, exclude=c.exclude, overwrite=False, progress=True).to_cli_args()
+    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *ops, *flags, "-o", str(output)])
     reasoner_src = prov.get("reasoner") if isinstance(prov.get("reasoner"), dict) else None
     card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if delta else None,
-                      dtype=str(dtype or o.dtype), include=o.include, exclude=o.exclude,
+                      dtype=str(dtype or o.dtype), include=c.include, exclude=c.exclude,
                       config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
     (tmp / "README.md").write_text(card)
     record = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov}

@@ -25,10 +25,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine import EngineOptions, SamplingOptions
-from .errors import RecipeError
+from .errors import OptionsError, RecipeError
 from .hub import PushOptions
 from .lowrank import LowRankOptions
 from .materialize import MaterializeOptions
+from .merge import MergeConfig
+from .merge_options import MergeOptions
 from .prompting import PromptOptions
 from .options import opt, unwrap_optional
 
@@ -58,6 +60,55 @@ class PushStage(PushOptions):
     enabled: bool = opt(False, "Push the α models (or adapters) at the end.")
 
 
+# --- merge operators (issue 12): `merge:` and `vectors:` ----------------------------------------
+@dataclass(frozen=True)
+class VectorSpec:
+    model: str = dataclasses.field(metadata={"help": "A model of the same base: Δ_i = model − base."})
+    weight: float = opt(1.0, "Its weight w_i in the merge.")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    method: Literal["task_arithmetic", "trim", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                    "breadcrumbs_ties"] = opt("task_arithmetic", "Merge operator (MergeOptions.method).")
+    density: float = opt(1.0, "trim/ties: fraction of |Δ| kept per tensor, in (0, 1].")
+    p: float = opt(0.0, "dare_*: drop probability in [0, 1).")
+    seed: int = opt(0, "dare_*: mask seed.")
+    beta: float = opt(0.0, "breadcrumbs: largest fraction dropped.")
+    gamma: float = opt(0.0, "breadcrumbs: smallest fraction dropped.")
+    alphas: tuple[float, ...] = opt((), "α (λ) values for this operator (default: the recipe's alphas).")
+    rules: tuple[str, ...] = opt((), "REGEX=FACTOR α rules, first match wins (MergeOptions.alpha_rules).")
+    layer_schedule: str | None = opt(None, "FIRST:LAST α factor over the layers.")
+
+
+def _normalize(data: dict, file: str) -> dict:
+    """`merge:` may be one mapping; with `vectors:` the first vector is the reasoner."""
+    if isinstance(data.get("merge"), dict):
+        data = {**data, "merge": [data["merge"]]}
+    vs = data.get("vectors")
+    if vs and isinstance(vs, (list, tuple)) and isinstance(vs[0], dict) and "model" in vs[0]:
+        if data.get("reasoner") is not None and data["reasoner"] != vs[0]["model"]:
+            raise RecipeError("give reasoner or vectors, not both", where=file, fix="list the reasoner in vectors")
+        data = {**data, "reasoner": vs[0]["model"]}
+    return data
+
+
+def merge_configs(r: "_RecipeFields") -> list[MergeConfig]:
+    """The recipe's `MergeConfig`s: one per (merge entry, α); plain θ1 + α·Δ without `merge:`."""
+    weights = tuple(v.weight for v in r.vectors) or (1.0,)
+    out = []
+    for m in r.merge or (MergeSpec(),):
+        mo = MergeOptions(method=m.method, density=m.density, drop_p=m.p, drop_seed=m.seed, beta=m.beta,
+                          gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule)
+        out += mo.configs(m.alphas or r.alphas, include=r.materialize.include, exclude=r.materialize.exclude,
+                          weights=weights)
+    return list(dict.fromkeys(out))
+
+
+_MERGE_KEYS = {"merge.p": "p", "merge.density": "density", "merge.weights": "weights", "merge.beta": "beta",
+               "--alpha-rule": "rules", "--layer-schedule": "layer_schedule"}
+
+
 OUTPUT_KEYS = ("name",)
 SWEEP_CHOOSES = ("alphas", "name_template", "overwrite", "progress")  # materialize fields a recipe may not set
 
@@ -77,8 +128,11 @@ class _RecipeFields(BaseModel):
 
     name: str = Field(description="Name of the run (used in the default output folder).")
     base: str = Field(description="θ1: a model folder or Hub id (relative paths: from the recipe's folder).")
-    reasoner: str = Field(description="θ2: a model folder or Hub id.")
-    alphas: tuple[float, ...] = Field(description="α values to evaluate.")
+    reasoner: str = Field(description="θ2: a model folder or Hub id (or give vectors).")
+    vectors: tuple[VectorSpec, ...] = Field((), description="Several task vectors of the base, with weights "
+                                                            "(the first is the reasoner).")
+    merge: tuple[MergeSpec, ...] = Field((), description="Merge operator(s) over the vectors: one mapping or a list.")
+    alphas: tuple[float, ...] = Field((), description="α values to evaluate.")
     datasets: tuple[DatasetSpec, ...] = Field(description="Evaluation datasets.")
     apply: Literal["swap", "materialize", "lora"] = Field(
         "swap", description="How α is applied: swap = θ1 + αΔ loaded into one running engine; materialize = "
@@ -106,8 +160,6 @@ class _RecipeFields(BaseModel):
     @field_validator("alphas")
     @classmethod
     def _alphas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v:
-            raise _Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]")
         bad = [a for a in v if not math.isfinite(a)]
         if bad:
             raise _Invalid(f"must be finite numbers, got {bad[0]}")
@@ -153,6 +205,16 @@ class _RecipeFields(BaseModel):
             if getattr(self.materialize, k) is not None and self.apply == "lora":
                 raise _Invalid("does not apply to apply: lora", "select tensors with low_rank.include/exclude "
                                "instead", f"materialize.{k}")
+        if not self.alphas and not all(m.alphas for m in self.merge or (MergeSpec(),)):
+            raise _Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]", "alphas")
+        if (self.merge or len(self.vectors) > 1) and self.apply == "lora":
+            raise _Invalid("(or several vectors) does not apply to apply: lora", "use apply: swap or materialize",
+                           "merge")
+        for i, m in enumerate(self.merge):
+            try:
+                merge_configs(self.model_copy(update={"merge": (m,)}))
+            except OptionsError as e:
+                raise _Invalid(f"is invalid: {e.what}", e.fix, f"merge[{i}].{_MERGE_KEYS.get(e.where, e.where)}") from None
         if self.prompt_budgets and self.apply != "swap":
             raise _Invalid("needs apply: swap", "use apply: swap, or remove prompt_budgets", "prompt_budgets")
         if self.apply == "lora" and lr is None:
@@ -172,7 +234,7 @@ class Recipe(_RecipeFields):
         # A custom __init__ makes pydantic route every validation through it, in lax Python mode;
         # files are therefore checked on `_RecipeFields` (strict JSON mode) in `load_recipe`.
         try:
-            super().__init__(**data)
+            super().__init__(**_normalize(data, "Recipe(...)"))
         except pydantic.ValidationError as e:
             raise _recipe_error(e.errors()[0], "Recipe(...)") from None
 
@@ -185,7 +247,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"the recipe must be a mapping of fields, got {_show(data)}", where=str(path))
     try:
         # YAML data is JSON data; strict JSON mode checks it with JSON's types (see the module docstring).
-        checked = _RecipeFields.model_validate_json(json.dumps(data, default=str), strict=True)
+        checked = _RecipeFields.model_validate_json(json.dumps(_normalize(data, str(path)), default=str), strict=True)
     except pydantic.ValidationError as e:
         raise _recipe_error(e.errors()[0], str(path)) from None
     r = Recipe.model_construct(checked.model_fields_set, **dict(checked))  # already validated
@@ -195,7 +257,9 @@ def load_recipe(path: str | Path) -> Recipe:
         return str((here / v).resolve()) if not Path(v).is_absolute() and (here / v).exists() else v
 
     ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
-    return r.model_copy(update={"base": local(r.base), "reasoner": local(r.reasoner), "datasets": ds})
+    ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
+    vs = tuple(dataclasses.replace(v, model=local(v.model)) for v in r.vectors)
+    return r.model_copy(update={"base": local(r.base), "reasoner": local(r.reasoner), "datasets": ds, "vectors": vs})
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -40,12 +40,14 @@ class DeltaSource:
     allow_missing: bool = False  # pair only: skip tensors present in one model (recorded)
     vocab: Literal["error", "intersect"] = "error"  # pair only: vocabulary-size mismatch policy
     allow_pickle: bool = False  # accept *.bin checkpoints (torch.load(weights_only=True))
+    more: tuple[str, ...] = ()  # further task vectors of the same base, of the same kind (reasoners or deltas)
 
     def __post_init__(self):
         for k in ("base", "delta", "reasoner"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):
                 object.__setattr__(self, k, os.fspath(v))
+        object.__setattr__(self, "more", tuple(os.fspath(m) for m in self.more))
         if (self.delta is None) == (self.reasoner is None):
             raise OptionsError("give exactly one of --delta and --reasoner", fix="Δ comes from a delta file or a reasoner")
         if self.reasoner is not None and self.base is None:
@@ -69,18 +71,32 @@ class DeltaSource:
         return (Checkpoint.open(self.base, allow_pickle=self.allow_pickle),
                 TaskVector.load(self.delta, allow_pickle=self.allow_pickle))
 
+    def open_vectors(self) -> tuple[Checkpoint, list[TaskVector]]:
+        """(θ1, [Δ_1, …, Δ_n]): the base and every task vector (`more` after the first), opened once."""
+        base, tv = self.open()
+        if self.reasoner is not None:
+            more = [TaskVector.between(base, r, allow_missing=self.allow_missing, vocab=self.vocab,
+                                       allow_pickle=self.allow_pickle) for r in self.more]
+        else:
+            more = [TaskVector.load(d, allow_pickle=self.allow_pickle) for d in self.more]
+        return base, [tv, *more]
+
     # -- plain data ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.more:
+            del d["more"]  # records of one task vector stay as they were
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeltaSource":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: tuple(v) if k == "more" else v for k, v in d.items() if k in known})
 
     def describe(self) -> dict:
         """The inputs as recorded in settings: base, and delta or reasoner."""
-        return {"base": self.base, "delta": self.delta, "reasoner": self.reasoner}
+        return {"base": self.base, "delta": self.delta, "reasoner": self.reasoner,
+                **({"more": list(self.more)} if self.more else {})}
 
     # -- identity --------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -91,6 +107,7 @@ class DeltaSource:
     def fingerprint_record(self) -> dict:
         """The options, and per input (`input_fingerprint`) what identifies its content."""
         refs = {"base": self.base, "delta": self.delta, "reasoner": self.reasoner}
+        refs.update({f"more[{i}]": m for i, m in enumerate(self.more)})
         return {"options": self.to_dict(),
                 "inputs": {k: input_fingerprint(v, allow_pickle=self.allow_pickle) for k, v in refs.items() if v}}
 

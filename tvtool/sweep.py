@@ -31,7 +31,8 @@ from .lowrank import svd_rank
 from .materialize import materialize
 from .options import CliOptions, cli_number, opt
 from .peft_adapter import adapter_folders, write_peft_adapters
-from .recipe import DatasetSpec, Recipe, load_recipe, to_dict
+from .merge_options import MergeOptions
+from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, to_dict
 from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
@@ -64,7 +65,8 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if options.alphas:
-        r = r.model_copy(update={"alphas": options.alphas})
+        r = r.model_copy(update={"alphas": options.alphas,
+                                 "merge": tuple(replace(m, alphas=()) for m in r.merge)})
     if options.limit is not None:
         r = r.model_copy(update={"datasets": tuple(replace(d, limit=options.limit) for d in r.datasets)})
     alphas = tuple(dict.fromkeys(r.alphas))
@@ -76,7 +78,9 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     d_path = out / "delta"
     if (r.keep.delta or r.low_rank) and not d_path.exists():  # written atomically: present = complete
         delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg))
-    source = DeltaSource(base=r.base, reasoner=r.reasoner)
+    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]))
+    configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
+    plain = all(c.is_plain(len(r.vectors) or 1) for c in configs)
     lowrank = adapters = None
     if r.low_rank:
         lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg)
@@ -85,14 +89,19 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     models = out / "models"
     folders = {}
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
-        folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
-                              options=replace(r.materialize, alphas=alphas, progress=pg)).folders
+        if plain:
+            folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+                                  options=replace(r.materialize, alphas=alphas, progress=pg)).folders
+        else:
+            folders = materialize(base=r.base, output=models, reasoner=source.reasoner, configs=configs,
+                                  merge=MergeOptions(vectors=source.more),
+                                  options=replace(r.materialize, progress=pg)).configs
 
     # One engine for every dataset (started only if some run is not complete yet).
     if r.apply == "swap":
         eng = Engine.for_source(source=source, options=r.engine, lazy=True)
     elif r.apply == "materialize":
-        eng = Engine(model=folders[alphas[0]], options=r.engine, lazy=True)
+        eng = Engine(model=next(iter(folders.values())), options=r.engine, lazy=True)
     else:
         rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
         eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
@@ -103,9 +112,11 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
                 ev, sampling = _eval_options(r, ds, pg, verbose=options.verbose)
                 common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
                 if r.apply == "swap":
-                    res = evaluate(source=source, alphas=alphas, **common)
+                    res = evaluate(source=source, configs=configs, **common) if not plain else \
+                        evaluate(source=source, alphas=alphas, **common)
                 elif r.apply == "materialize":
-                    res = evaluate(checkpoints=[folders[a] for a in alphas], **common)
+                    res = evaluate(checkpoints=[folders[a] for a in alphas] if plain else list(folders.values()),
+                                   **common)
                 else:
                     res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
                 tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]

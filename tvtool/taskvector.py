@@ -130,6 +130,21 @@ class TaskVector:
     def __sub__(self, other: "TaskVector") -> "TaskVector":
         return self + (-other)
 
+    # -- operators (tvtool.operators; lazy like the rest) --------------------------
+    def merge(self, *others: "TaskVector", **merge):
+        """This and `others` (same base) merged by `tvtool.operators.Merge(**merge)`: TIES, DARE, …"""
+        from .operators import Merge, MergedVector
+
+        return MergedVector([self, *others], Merge(**merge))
+
+    def trim(self, density: float):
+        """Keep the top `density` fraction of |Δ| per tensor (ties in index order)."""
+        return self.merge(method="trim", density=density)
+
+    def dare(self, p: float, *, seed: int = 0):
+        """Drop each element with probability p (hash of seed, name, index), rescale by 1/(1 − p)."""
+        return self.merge(method="dare_linear", p=p, seed=seed)
+
     # -- reading ------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self._names)
@@ -152,11 +167,13 @@ class TaskVector:
     def get(self, name: str) -> torch.Tensor:
         return self.rows(name)
 
-    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None):
+    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None, *,
+                     base_rows: torch.Tensor | None = None, base32: torch.Tensor | None = None):
         """(θ1 rows as stored, θ1 rows in fp32, Δ rows, θ2 rows or None) for output tensor `name`.
 
         Reads every input once: for a plain base/reasoner pair over this base, Δ is computed from
-        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit).
+        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit). `base_rows`
+        (and `base32`) are θ1's rows when the caller already read them (several task vectors).
         `src` is the base tensor to read (the embedding for a tied lm_head).
         """
         p = self.pair
@@ -164,11 +181,13 @@ class TaskVector:
         within = p is not None and stop is not None and bool(p.shape(name)) and stop <= p.shape(name)[0]
         if (whole or within) and p.base.source.path.resolve() == base.source.path.resolve():
             bn, rn, _ = p.names[name]
-            base_rows, r = p.base.read(bn, start, stop), p.reasoner.read(rn, start, stop)
-            base32 = base_rows.float()  # [rows, ...] shared by Δ and every α
+            base_rows = p.base.read(bn, start, stop) if base_rows is None else base_rows
+            r = p.reasoner.read(rn, start, stop)
+            base32 = base_rows.float() if base32 is None else base32  # [rows, ...] shared by Δ and every α
             return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
-        base_rows = base.read(src, start, stop)  # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
-        return base_rows, base_rows.float(), self.rows(name, start, stop), None
+        base_rows = base.read(src, start, stop) if base_rows is None else base_rows
+        # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
+        return base_rows, base_rows.float() if base32 is None else base32, self.rows(name, start, stop), None
 
     # -- what it came from --------------------------------------------------------
     @property
