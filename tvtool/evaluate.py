@@ -150,9 +150,8 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     (the sweep loads θ1 + α·Δ there, so a finished α costs no weight load)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model, "lora": str(lora) if lora else None, "prompt": asdict(prompt),
-                "sampling": engine.sampling_record(sampling), "score": options.score,
-                "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
+    settings = run_settings(problems=problems, model=model, prompt=prompt,
+                            sampling_record=engine.sampling_record(sampling), score=options.score, lora=lora)
     _check_settings(folder, settings, options.overwrite)
     run = {"settings": settings, "dataset": _dataset_record(problems), "tvtool_version": __version__,
            "vllm_version": vllm_version(),
@@ -188,6 +187,14 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     _write_json(folder / SUMMARY, summary)
     _write_json(folder / RUN, {**run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return summary
+
+
+def run_settings(*, problems: ProblemSet, model: dict, prompt: PromptOptions, sampling_record: dict, score: bool,
+                 lora: str | os.PathLike | None = None) -> dict:
+    """The settings a run folder's run.json records; a run is resumed only under equal settings."""
+    return {"model": model, "lora": str(lora) if lora else None, "prompt": asdict(prompt),
+            "sampling": sampling_record, "score": score,
+            "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
 
 
 def summary_of(*, folder: Path, problems: ProblemSet, n: int, params_b: float | None,

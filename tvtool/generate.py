@@ -178,6 +178,7 @@ class Engine:
                  dummy_weights: bool = False, seed: int = 0, lazy: bool = False):
         vllm_module()
         o = options
+        check_engine_options(o)
         self.options, self.model_dir = o, Path(model)
         if o.cpu_kv_cache_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(o.cpu_kv_cache_gb)
@@ -253,11 +254,7 @@ class Engine:
 
     def sampling_record(self, sampling: SamplingOptions) -> dict:
         """What decoding used, and the checkpoint generation_config.json that was NOT applied."""
-        gen = self.model_dir / "generation_config.json"
-        ignored = json.loads(gen.read_text()) if gen.is_file() else None
-        return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
-                "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
-                "checkpoint_generation_config_ignored": ignored}
+        return sampling_record(model_dir=self.model_dir, sampling=sampling)
 
     def lora_request(self, path: str | os.PathLike):
         """A LoRARequest for an adapter folder; the same path keeps the same id."""
@@ -314,6 +311,30 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:
+    """What decoding uses, and the model folder's generation_config.json that is NOT applied
+    (no engine needed: a cluster driver records the same settings as the engine will)."""
+    gen = Path(model_dir) / "generation_config.json"
+    ignored = json.loads(gen.read_text()) if gen.is_file() else None
+    return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
+            "checkpoint_generation_config_ignored": ignored}
+
+
+def check_engine_options(options: EngineOptions) -> None:
+    """Refuse settings this vLLM build cannot run, before any process starts.
+
+    vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
+    "Engine core initialization failed ... Failed core proc(s): {}"."""
+    if options.distributed_executor_backend == "ray":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise OptionsError("distributed_executor_backend 'ray' is not supported by vLLM's CPU build",
+                               where="--distributed-executor-backend ray",
+                               fix="leave it unset (or use mp); to spread a sweep over a Ray cluster pass --ray")
 
 
 def shell_model(*, base: str | os.PathLike, folder: str | os.PathLike, delta: str | os.PathLike | None = None,

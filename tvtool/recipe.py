@@ -18,6 +18,7 @@ import yaml
 from .errors import RecipeError
 from .generate import EngineOptions, PromptOptions, SamplingOptions
 from .options import unwrap_optional, opt
+from .units import RayOptions
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class PushSpec:
 
 
 @dataclass(frozen=True)
+class ExecutorSpec:  # --- ray: tvtool.cluster ---
+    ray: RayOptions | None = opt(None, "Evaluate on a Ray cluster: {address, engines, gpus_per_engine, "
+                                       "cpus_per_engine, retries, cpu_bind} (see tvtool.cluster).")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = opt(None, "Name of the run (used in the default output folder).")
     base: str = opt(None, "θ1: a model folder or Hub id (relative paths: from the recipe's folder).")
@@ -71,6 +78,7 @@ class Recipe:
     params_b: float | None = opt(None, "Nominal size in billions for ACU (default: counted).")
     keep: KeepSpec = field(default_factory=KeepSpec, metadata={"help": "What to keep on disk."})
     push: PushSpec = field(default_factory=PushSpec, metadata={"help": "What to push (dry run by default)."})
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec, metadata={"help": "Where the evaluation runs."})
     output: str = opt("runs/{name}", "Output folder.")
 
 

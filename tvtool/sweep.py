@@ -28,6 +28,8 @@ from .generate import Engine, PromptOptions, shell_model, vllm_version
 from .materialize import MaterializeOptions, format_alpha, materialize
 from .options import opt
 from .recipe import Recipe, load_recipe, to_dict
+from .errors import OptionsError
+from .units import RayOptions
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class SweepOptions:
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
     progress: bool = opt(True, "Show progress bars.")
+    ray: str | None = opt(None, "Evaluate on a Ray cluster at this address (local: start one); the pool "
+                                "size comes from the recipe's executor.ray.")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,21 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
                     options=MaterializeOptions(alphas=alphas, progress=pg))
 
     tables, starts = {}, 0
-    for ds in r.datasets:
+    ray_opts = r.executor.ray if options.ray is None else replace(r.executor.ray or RayOptions(), address=options.ray)
+    if ray_opts is not None:  # --- ray: the α × dataset plan on a pool of engines (tvtool.cluster) ---
+        if r.apply != "swap":
+            raise OptionsError(f"a Ray sweep loads α in place; apply is {r.apply!r}", where="executor.ray",
+                               fix="use apply: swap, or run without --ray / executor.ray")
+        from .cluster import evaluate_on_ray
+
+        dsets = [(EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
+                              params_b=r.params_b, progress=pg),
+                  replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)) for ds in r.datasets]
+        res = evaluate_on_ray(output=out / "eval", base=r.base, alphas=alphas, datasets=dsets, prompt=r.prompt,
+                              engine_options=r.engine, executor=ray_opts, progress=pg, **source)
+        tables = {ev.runs[0].folder.name: [table_row(x) for x in ev.runs] for ev in res.results}
+        starts = res.pool.engine_starts
+    for ds in (r.datasets if ray_opts is None else ()):
         sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
         ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
                          params_b=r.params_b, progress=pg)

@@ -1,0 +1,386 @@
+"""An α × dataset sweep on a Ray cluster: a pool of actors, each holding ONE tvtool engine.
+
+Plain `@ray.remote` actors, not Ray Data LLM: Ray Data builds its own vLLM engine per stage and
+cannot swap θ1 + α·Δ in place; here each actor starts one `Engine` (placeholder weights) and
+loads each α in place, as the one-engine path does.
+
+- The plan (`tvtool.units`) is made before Ray starts; a finished re-run starts no engine and no Ray.
+- Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first.
+- Every run writes the same resumable folder as `tvtool eval` (`evaluate.run_one`), so a Ray sweep and a
+  local one give the same table and can resume each other.
+- An actor that dies (OOM, node lost, SIGKILL) is replaced and its unit retried, up to `retries`
+  times, resuming from the samples already written; a unit that keeps failing is named in a
+  `ClusterError` after the rest has finished.
+- Each actor checks at start that it can read the inputs and write the output (multi-node: shared
+  storage or Hub ids) and fails fast naming its node. Its vLLM processes are killed by a small
+  reaper process when the actor dies, however it dies; Ctrl-C kills every actor.
+- CPU build: `VLLM_CPU_OMP_THREADS_BIND` gets a distinct core list per actor (vLLM's default bound two
+  engines' workers to the same core), or `nobind`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import ClusterError, OptionsError, TvtoolError
+from .units import Complete, Plan, RayOptions, RunSpec, Unit, plan_units, settings_complete, sweep_runs
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every engine of the pool shares."""
+
+    base: str
+    delta: str | None
+    reasoner: str | None
+    shell: str  # weightless model folder the engines start from
+    output: str  # the output root (checked writable on each node)
+    engine: object  # tvtool.generate.EngineOptions
+    prompt: object  # tvtool.generate.PromptOptions
+    seed: int = 0
+    cwd: str = field(default_factory=os.getcwd)  # relative paths mean the same on every node
+
+
+@dataclass
+class PoolResult:
+    plan: Plan = field(repr=False)
+    done: list[str] = field(default_factory=list)  # unit names
+    failed: dict[str, str] = field(default_factory=dict)  # unit name -> last error
+    attempts: dict[str, int] = field(default_factory=dict)  # unit name -> actor deaths while running it
+    actors: list[dict] = field(default_factory=list)  # start info of every actor (node, pid, vllm_pids, start_s)
+    actor_deaths: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def engine_starts(self) -> int:
+        return len(self.actors)
+
+
+# --- the actor ---------------------------------------------------------------------------
+
+
+class EngineActor:
+    """One tvtool `Engine` in a Ray actor; `ray.remote` wraps it at use (importing needs no Ray)."""
+
+    def __init__(self, job: Job, slot: int, cores: str | None):
+        self.job, self.slot, self.engine = job, slot, None
+        if cores is not None:  # before vLLM reads it at engine start
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
+
+    def start(self) -> dict:
+        import ray
+
+        t0 = time.perf_counter()
+        node = ray.util.get_node_ip_address()
+        _check_access(self.job, node)
+        from .generate import Engine
+
+        self.engine = Engine(model=self.job.shell, options=self.job.engine, dummy_weights=True, seed=self.job.seed)
+        me = os.getpid()
+        kids = _descendants(me)
+        self._reaper = _start_reaper(me, kids)
+        return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": [p for p, _ in kids],
+                "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "start_s": time.perf_counter() - t0}
+
+    def run(self, unit: Unit) -> list[str]:
+        from .data import load_problems
+        from .evaluate import run_one
+
+        j, e = self.job, self.engine
+        for r in unit.runs:
+            o = r.options
+            want = {"kind": "alpha", "base": str(j.base), "alpha": float(r.alpha),
+                    "delta": str(j.delta) if j.delta else None, "reasoner": str(j.reasoner) if j.reasoner else None}
+
+            def load(want=want):  # load this α unless the engine holds it already
+                if e.weights != want:
+                    e.set_alpha(base=j.base, alpha=want["alpha"], delta=j.delta, reasoner=j.reasoner)
+
+            problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+            run_one(engine=e, problems=problems, folder=r.folder, model=r.model, prompt=j.prompt, sampling=r.sampling,
+                    options=replace(o, progress=False), params_b=r.params_b, params_source=r.params_source,
+                    prepare=load)
+        return [r.folder for r in unit.runs]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _check_access(job: Job, node: str) -> None:
+    """Fail fast, naming the node, when it cannot read an input or write the output."""
+    if Path(job.cwd).is_dir():
+        os.chdir(job.cwd)
+    for what, p in (("base", job.base), ("delta", job.delta), ("reasoner", job.reasoner), ("engine folder", job.shell)):
+        if p is None or _hub_id(p):
+            continue
+        if not os.access(p, os.R_OK):
+            raise ClusterError(f"node {node} cannot read the {what} {p}", where=f"node {node}",
+                               fix="put models and the output folder on storage every node mounts, or use Hub ids")
+    probe = Path(job.output) / f".tvtool-node-check-{node}-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ClusterError(f"node {node} cannot write the output folder {job.output}: {e.strerror}",
+                           where=f"node {node}", fix="put the output folder on storage every node mounts") from None
+
+
+def _hub_id(p: str) -> bool:
+    return not Path(p).exists() and not str(p).startswith((".", "/", "~")) and str(p).count("/") == 1
+
+
+# --- vLLM processes die with their actor -------------------------------------------------
+
+_REAPER = r"""
+import os, select, signal, sys
+parent, pids = int(sys.argv[1]), [tuple(x.split(":")) for x in sys.argv[2:]]
+def start(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+me = start(parent)
+while start(parent) == me:  # poll: a SIGKILLed actor cannot tell us (forked children may hold the pipe)
+    if select.select([sys.stdin], [], [], 0.5)[0] and not sys.stdin.readline():
+        break  # the pipe closed: the actor exited
+for pid, st in pids:
+    if start(pid) == st:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a process, from /proc (Linux)."""
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(f[1]), f[19]
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below `root`."""
+    if not Path("/proc").is_dir():
+        return []
+    children: dict[int, list[int]] = {}
+    starts = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (s := _stat(int(d))):
+            children.setdefault(s[0], []).append(int(d))
+            starts[int(d)] = s[1]
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append((c, starts[c]))
+            todo.append(c)
+    return out
+
+
+def _start_reaper(parent: int, pids: list[tuple[int, str]]):
+    """A process in its own session that SIGKILLs `pids` once `parent` is gone."""
+    if not pids:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(parent), *(f"{p}:{s}" for p, s in pids)],
+                            stdin=subprocess.PIPE, start_new_session=True)
+
+
+# --- the pool ------------------------------------------------------------------------------
+
+
+def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = EngineActor,
+              on_start: Callable[[dict], None] | None = None, progress: bool = True) -> PoolResult:
+    """Run `plan.units` on a pool of `executor.engines` actors; returns what was done and what failed.
+
+    Starts (and stops) a Ray cluster only when Ray is not initialized and there is work.
+    `on_start(info)` is called with each actor's start info (node, pid, vllm_pids, start_s)."""
+    res = PoolResult(plan=plan)
+    if not plan.units:
+        return res
+    try:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+    except ImportError:
+        raise OptionsError("Ray is not installed", where="--ray", fix="pip install 'tvtool[ray]'") from None
+    t0 = time.perf_counter()
+    own = not ray.is_initialized()
+    if own:
+        ray.init(address=None if executor.address == "local" else executor.address, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
+    from tqdm.auto import tqdm
+
+    remote = ray.remote(actor_cls)
+    gpus = _gpus(executor, job, ray)
+    n = min(executor.engines, len(plan.units))
+    slots: dict[int, object] = {}
+    futures: dict[object, tuple[str, int, Unit | None]] = {}
+    start_deaths: dict[int, int] = {}
+    queue = deque(plan.units)
+    bar = tqdm(total=len(plan.units), desc="units", unit="unit", disable=not progress)
+
+    def spawn(i: int) -> None:
+        cores = None if gpus else _cores(executor, job, i)
+        a = remote.options(num_cpus=executor.cpus_per_engine, num_gpus=gpus, max_restarts=0).remote(job, i, cores)
+        slots[i] = a
+        futures[a.start.remote()] = ("start", i, None)
+
+    def give(i: int) -> None:
+        if queue:
+            u = queue.popleft()
+            futures[slots[i].run.remote(u)] = ("run", i, u)
+
+    try:
+        for i in range(n):
+            spawn(i)
+        while futures:
+            ready, _ = ray.wait(list(futures), num_returns=1)
+            kind, i, unit = futures.pop(ready[0])
+            try:
+                value = ray.get(ready[0])
+            except RayActorError as e:  # the process died: OOM, node lost, SIGKILL
+                res.actor_deaths += 1
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if unit is not None:
+                    res.attempts[unit.name] = res.attempts.get(unit.name, 0) + 1
+                    if res.attempts[unit.name] <= executor.retries:
+                        queue.appendleft(unit)  # resumes from the samples already written
+                    else:
+                        res.failed[unit.name] = why
+                        bar.update(1)
+                else:
+                    start_deaths[i] = start_deaths.get(i, 0) + 1
+                if queue and start_deaths.get(i, 0) <= executor.retries:
+                    spawn(i)
+                continue
+            except RayTaskError as e:  # an exception inside the actor: deterministic, not retried
+                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+                msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                if kind == "start":
+                    raise ClusterError(msg if isinstance(cause, TvtoolError) else f"an engine could not start: {msg}",
+                                       where=f"engine {i}") from None
+                res.failed[unit.name] = msg
+                bar.update(1)
+                give(i)
+                continue
+            if kind == "start":
+                res.actors.append(value)
+                if on_start is not None:
+                    on_start(value)
+            else:
+                res.done.append(unit.name)
+                bar.update(1)
+            give(i)
+        for u in queue:  # no engine could start for these
+            res.failed[u.name] = "no engine could start"
+        _close(ray, list(slots.values()))
+    except BaseException:  # Ctrl-C or a failed start: stop every actor; reapers stop their vLLM processes
+        for a in slots.values():
+            ray.kill(a, no_restart=True)
+        raise
+    finally:
+        bar.close()
+        if own:
+            ray.shutdown()
+        res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def _close(ray, actors: Sequence) -> None:
+    refs = [a.close.remote() for a in actors]
+    ray.wait(refs, num_returns=len(refs), timeout=120)
+    for a in actors:
+        ray.kill(a, no_restart=True)
+
+
+def _gpus(o: RayOptions, job: Job, ray) -> float:
+    if o.gpus_per_engine is not None:
+        return o.gpus_per_engine
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return job.engine.tensor_parallel_size * job.engine.pipeline_parallel_size
+    return 0
+
+
+def _cores(o: RayOptions, job: Job, slot: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for slot `slot`: cores slot·c … slot·c+c−1 (mod the node's cores), split
+    over the engine's ranks ('|'-separated lists); or 'nobind'."""
+    if o.cpu_bind == "nobind":
+        return "nobind"
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    c = max(1, int(o.cpus_per_engine))
+    mine = [cores[(slot * c + k) % len(cores)] for k in range(c)]
+    ranks = job.engine.tensor_parallel_size * job.engine.pipeline_parallel_size
+    per = max(1, len(mine) // ranks)
+    return "|".join(",".join(map(str, mine[r * per:(r + 1) * per] or mine[-1:])) for r in range(ranks))
+
+
+# --- the verb --------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterEvalResult:
+    results: list  # one tvtool.evaluate.EvalResult per dataset, runs in the one-engine order
+    pool: PoolResult
+
+    def summary(self) -> str:
+        p = self.pool
+        tail = (f"ray: {len(p.plan.units)} unit(s) run, {len(p.plan.skipped)} run(s) complete already; "
+                f"engine starts: {p.engine_starts}, actor deaths: {p.actor_deaths}, {p.wall_s:.0f} s")
+        return "\n\n".join([*(r.summary() for r in self.results), tail])
+
+
+def evaluate_on_ray(*, output: str | os.PathLike, base: str | os.PathLike, alphas: Sequence[float],
+                    delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
+                    datasets: Sequence[tuple[object, object]] | None = None, options=None, prompt=None,
+                    sampling=None, engine_options=None, executor: RayOptions = RayOptions(),
+                    complete: Complete = settings_complete, progress: bool = True,
+                    on_start: Callable[[dict], None] | None = None) -> ClusterEvalResult:
+    """An α sweep (one or more datasets) on a Ray pool, into `evaluate`'s folder layout.
+
+    `datasets`: (EvalOptions, SamplingOptions) per dataset, or the one of `options`/`sampling`.
+    Per dataset an `EvalResult` (runs in the one-engine order, its summary table written as
+    `evaluate` writes it). Raises `ClusterError` naming the failed units after the others finished."""
+    import json
+
+    from .evaluate import SUMMARY, EvalOptions, EvalResult, RunResult, _safe, table_row
+    from .generate import EngineOptions, PromptOptions, SamplingOptions, check_engine_options
+    from .report import write_table
+
+    options = options or EvalOptions()
+    prompt, engine_options = prompt or PromptOptions(), engine_options or EngineOptions()
+    datasets = list(datasets or [(options, sampling or SamplingOptions())])
+    check_engine_options(engine_options)
+    runs = sweep_runs(output=output, base=base, delta=delta, reasoner=reasoner, alphas=alphas, datasets=datasets,
+                      prompt=prompt)
+    plan = plan_units(runs=runs, engines=executor.engines, complete=complete)
+    job = Job(base=str(base), delta=str(delta) if delta else None, reasoner=str(reasoner) if reasoner else None,
+              shell=str(Path(output) / ".engine-model"), output=str(output), engine=engine_options, prompt=prompt,
+              seed=datasets[0][1].sample_seed or 0)
+    pool = run_units(plan=plan, job=job, executor=executor, progress=progress, on_start=on_start)
+    if pool.failed:
+        raise ClusterError(f"{len(pool.failed)} unit(s) failed: "
+                           + "; ".join(f"{k}: {v}" for k, v in pool.failed.items()),
+                           where=str(output), fix="re-run to retry them (finished runs are kept)")
+    by_ds: dict[str, list[RunSpec]] = {}
+    for r in runs:
+        by_ds.setdefault(Path(r.folder).name, []).append(r)
+    results = []
+    for ds, rs in by_ds.items():
+        ev = EvalResult(engine_starts=pool.engine_starts)
+        for r in rs:
+            summary = json.loads((Path(r.folder) / SUMMARY).read_text())
+            ev.runs.append(RunResult(r.label, r.alpha, Path(r.folder), summary))
+        if len(ev.runs) > 1:
+            ev.table = write_table(rows=[table_row(x) for x in ev.runs], folder=output, name=f"summary-{_safe(ds)}")
+        results.append(ev)
+    return ClusterEvalResult(results, pool)
