@@ -56,6 +56,8 @@ class PoolResult:
     attempts: dict[str, int] = field(default_factory=dict)  # unit name -> actor deaths while running it
     actors: list[dict] = field(default_factory=list)  # start info of every actor (node, pid, vllm_pids, start_s)
     actor_deaths: int = 0
+    spawned: int = 0  # actors created (a replacement still starting when the work ran out is killed)
+    unit_s: dict[str, float] = field(default_factory=dict)  # unit name -> seconds of its last (finished) try
     wall_s: float = 0.0
 
     @property
@@ -82,11 +84,12 @@ class EngineActor:
         _check_access(self.job, node)
         from .generate import Engine
 
-        self.engine = Engine(model=self.job.shell, options=self.job.engine, dummy_weights=True, seed=self.job.seed)
         me = os.getpid()
-        kids = _descendants(me)
-        self._reaper = _start_reaper(me, kids)
-        return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": [p for p, _ in kids],
+        self._reaper = _start_reaper(me)  # before vLLM starts: a kill during start-up is covered too
+        self.engine = Engine(model=self.job.shell, options=self.job.engine, dummy_weights=True, seed=self.job.seed)
+        reaper = self._reaper.pid if self._reaper else None
+        kids = [p for p, _ in _descendants(me) if p != reaper]
+        return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": kids,
                 "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "start_s": time.perf_counter() - t0}
 
     def run(self, unit: Unit) -> list[str]:
@@ -141,21 +144,32 @@ def _hub_id(p: str) -> bool:
 # --- vLLM processes die with their actor -------------------------------------------------
 
 _REAPER = r"""
-import os, select, signal, sys
-parent, pids = int(sys.argv[1]), [tuple(x.split(":")) for x in sys.argv[2:]]
-def start(pid):
+import os, signal, sys, time
+parent, me = int(sys.argv[1]), os.getpid()
+def stat(pid):
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[1]), f[19]
+    except (OSError, IndexError, ValueError):
         return None
-me = start(parent)
-while start(parent) == me:  # poll: a SIGKILLed actor cannot tell us (forked children may hold the pipe)
-    if select.select([sys.stdin], [], [], 0.5)[0] and not sys.stdin.readline():
-        break  # the pipe closed: the actor exited
-for pid, st in pids:
-    if start(pid) == st:
+born = stat(parent)[1]
+known = {}
+while (s := stat(parent)) is not None and s[1] == born:  # a SIGKILLed actor cannot tell us: poll
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (x := stat(int(d))):
+            kids.setdefault(x[0], []).append((int(d), x[1]))
+    todo = [parent]
+    while todo:
+        for pid, st in kids.get(todo.pop(), []):
+            if pid != me:
+                known[pid] = st
+                todo.append(pid)
+    time.sleep(1.0)
+for pid, st in known.items():
+    if (x := stat(pid)) is not None and x[1] == st:  # the same process, not a reused pid
         try:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 """
@@ -188,12 +202,13 @@ def _descendants(root: int) -> list[tuple[int, str]]:
     return out
 
 
-def _start_reaper(parent: int, pids: list[tuple[int, str]]):
-    """A process in its own session that SIGKILLs `pids` once `parent` is gone."""
-    if not pids:
+def _start_reaper(parent: int):
+    """A process in its own session that watches `parent`'s descendants (each second) and SIGKILLs
+    them once `parent` is gone, however it died (Linux /proc; elsewhere nothing is started)."""
+    if not Path("/proc").is_dir():
         return None
-    return subprocess.Popen([sys.executable, "-c", _REAPER, str(parent), *(f"{p}:{s}" for p, s in pids)],
-                            stdin=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(parent)], start_new_session=True,
+                            stdin=subprocess.DEVNULL)
 
 
 # --- the pool ------------------------------------------------------------------------------
@@ -225,6 +240,7 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
     n = min(executor.engines, len(plan.units))
     slots: dict[int, object] = {}
     futures: dict[object, tuple[str, int, Unit | None]] = {}
+    given: dict[str, float] = {}
     start_deaths: dict[int, int] = {}
     queue = deque(plan.units)
     bar = tqdm(total=len(plan.units), desc="units", unit="unit", disable=not progress)
@@ -233,17 +249,21 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
         cores = None if gpus else _cores(executor, job, i)
         a = remote.options(num_cpus=executor.cpus_per_engine, num_gpus=gpus, max_restarts=0).remote(job, i, cores)
         slots[i] = a
+        res.spawned += 1
         futures[a.start.remote()] = ("start", i, None)
 
     def give(i: int) -> None:
         if queue:
             u = queue.popleft()
             futures[slots[i].run.remote(u)] = ("run", i, u)
+            given[u.name] = time.perf_counter()
 
     try:
         for i in range(n):
             spawn(i)
-        while futures:
+        while queue or any(k == "run" for k, _, _ in futures.values()):
+            if not futures:
+                break
             ready, _ = ray.wait(list(futures), num_returns=1)
             kind, i, unit = futures.pop(ready[0])
             try:
@@ -279,11 +299,15 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
                     on_start(value)
             else:
                 res.done.append(unit.name)
+                res.unit_s[unit.name] = time.perf_counter() - given[unit.name]
                 bar.update(1)
             give(i)
         for u in queue:  # no engine could start for these
             res.failed[u.name] = "no engine could start"
-        _close(ray, list(slots.values()))
+        starting = {i for k, i, _ in futures.values() if k == "start"}  # not needed any more: killed
+        _close(ray, [a for i, a in slots.items() if i not in starting])
+        for i in starting:
+            ray.kill(slots[i], no_restart=True)
     except BaseException:  # Ctrl-C or a failed start: stop every actor; reapers stop their vLLM processes
         for a in slots.values():
             ray.kill(a, no_restart=True)
