@@ -44,14 +44,22 @@ def main() -> None:
     import ray
 
     from tvtool.cluster import evaluate_on_ray
-    from tvtool.evaluate import SAMPLES, EvalOptions, evaluate, read_samples
-    from tvtool.generate import Engine, EngineOptions, PromptOptions, SamplingOptions, shell_model
+    from tvtool.data import Problem, ProblemSet
+    from tvtool.engine import Engine, EngineOptions, SamplingOptions
+    from tvtool.evaluate import evaluate
+    from tvtool.layout import SAMPLES
+    from tvtool.merge import MergeConfig
+    from tvtool.prompting import PromptOptions
+    from tvtool.results import read_samples
+    from tvtool.runs import EvalOptions
+    from tvtool.source import DeltaSource
     from tvtool.units import RayOptions, plan_units
 
     import vllm  # noqa: F401  - import cost kept out of both columns
 
     eo = EngineOptions(dtype="float32", max_model_len=256, cpu_kv_cache_gb=1, enforce_eager=True)
-    common = dict(base=TOY / "base", reasoner=TOY / "reasoner", alphas=alphas, prompt=PromptOptions(instruction=""),
+    source = DeltaSource(base=str(TOY / "base"), reasoner=str(TOY / "reasoner"))
+    common = dict(source=source, alphas=alphas, prompt=PromptOptions(instruction=""),
                   sampling=SamplingOptions(max_tokens=args.max_tokens),
                   options=EvalOptions(dataset="toy", limit=args.limit, progress=False))
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
@@ -59,8 +67,7 @@ def main() -> None:
 
     # 1 engine: what `tvtool eval --base … --reasoner … --alpha …` does
     t0 = time.perf_counter()
-    eng = Engine(model=shell_model(base=TOY / "base", reasoner=TOY / "reasoner", folder=tmp / "one" / ".engine-model"),
-                 options=eo, dummy_weights=True)
+    eng = Engine.for_source(source=source, options=eo)
     one_start = time.perf_counter() - t0
     t1 = time.perf_counter()
     evaluate(output=tmp / "one", engine=eng, engine_options=eo, **common)
@@ -97,8 +104,12 @@ def main() -> None:
 
     sets = [("gsm8k", "gsm8k", 1319, 4192), ("math500", "math500", 500, 8192), ("asdiv", "asdiv", 2000, 4192)]
     qa = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5)
-    q = [RunSpec(alpha=a, folder=f"/q/alpha-{a:g}/{d}", options=EvalOptions(), model={}, settings={},
-                 sampling=SamplingOptions(max_tokens=m), ids=tuple(range(n)), kind=k)
+    def problems(d: str, k: str, n: int) -> ProblemSet:
+        return ProblemSet(name=d, kind=k, source=d, split="test", excluded={}, description="",
+                          problems=tuple(Problem(id=str(i), question="", gold="") for i in range(n)))
+
+    q = [RunSpec(folder=f"/q/alpha-{a:g}/{d}", source=source, config=MergeConfig(a), options=EvalOptions(),
+                 sampling=SamplingOptions(max_tokens=m), problems=problems(d, k, n), model={}, settings={})
          for d, k, n, m in sets for a in qa]
     rows_q = []
     for n in (1, 4, 8, 32):

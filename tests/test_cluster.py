@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tvtool.evaluate import SAMPLES, EvalOptions, evaluate, read_samples
-from tvtool.generate import Engine, EngineOptions, PromptOptions, SamplingOptions
+from tvtool.data import Problem, ProblemSet
+from tvtool.engine import Engine, EngineOptions, SamplingOptions
+from tvtool.evaluate import evaluate
+from tvtool.layout import SAMPLES
+from tvtool.merge import MergeConfig
+from tvtool.prompting import PromptOptions
+from tvtool.results import read_samples
+from tvtool.runs import EvalOptions
+from tvtool.source import DeltaSource
 from tvtool.units import RayOptions, RunSpec, plan_units
 
 ray = pytest.importorskip("ray")
@@ -27,6 +34,7 @@ LIMIT, BATCH = 24, 4
 PROMPT = PromptOptions(instruction="")
 SAMPLING = SamplingOptions(max_tokens=120)
 ENGINE = EngineOptions(dtype="float32", max_model_len=256, cpu_kv_cache_gb=1, enforce_eager=True)
+SOURCE = DeltaSource(base=str(TOY / "base"), reasoner=str(TOY / "reasoner"))
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +69,17 @@ class FakeActor:
 
 
 def _spec(alpha: float) -> RunSpec:
-    return RunSpec(alpha=alpha, folder=f"/x/alpha-{alpha:g}/toy", options=EvalOptions(), sampling=SamplingOptions(),
-                   model={}, settings={}, ids=("a",))
+    problems = ProblemSet(name="toy", kind="gsm8k", source="toy", split="test", excluded={}, description="",
+                          problems=(Problem(id="a", question="q", gold="1"),))
+    return RunSpec(folder=f"/x/alpha-{alpha:g}/toy", source=SOURCE, config=MergeConfig(alpha), options=EvalOptions(),
+                   sampling=SamplingOptions(), problems=problems, model={}, settings={})
 
 
 def test_dead_actors_are_replaced_and_a_failing_unit_is_named(local_ray, tmp_path):
     from tvtool.cluster import Job, run_units
 
     plan = plan_units(runs=[_spec(a) for a in (1, 5, 9, 2, 3)], engines=2, complete=lambda r: False)
-    job = Job(base="b", delta=None, reasoner="r", shell="s", output=str(tmp_path), engine=ENGINE, prompt=PROMPT)
+    job = Job(source=SOURCE, output=str(tmp_path), engine=ENGINE, prompt=PROMPT)
     res = run_units(plan=plan, job=job, executor=RayOptions(engines=2, retries=2), actor_cls=FakeActor,
                     progress=False)
     assert set(res.done) == {"alpha-1", "alpha-2", "alpha-3", "alpha-5"}
@@ -120,7 +130,7 @@ def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
     from tvtool.cluster import evaluate_on_ray
 
     opts = EvalOptions(dataset="toy", limit=LIMIT, batch_size=BATCH, progress=False)
-    common = dict(base=TOY / "base", reasoner=TOY / "reasoner", alphas=ALPHAS, options=opts, prompt=PROMPT,
+    common = dict(source=SOURCE, alphas=ALPHAS, options=opts, prompt=PROMPT,
                   sampling=SAMPLING, engine_options=ENGINE)
     ref = evaluate(output=tmp_path / "local", **common)  # the one-engine `tvtool eval`, closed on return
 
@@ -138,7 +148,8 @@ def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
     pool = res.pool
     assert pool.actor_deaths == 1 and pool.spawned == 3 and 2 <= pool.engine_starts <= 3 and not pool.failed
     assert sorted(pool.done) == ["alpha-0", "alpha-0.5", "alpha-1"] and sum(pool.attempts.values()) == 1
-    assert len({a["bind"] for a in pool.actors[:2]}) == 2  # distinct core lists
+    binds = {a["slot"]: a["bind"] for a in pool.actors}  # a replacement takes its slot's cores
+    assert len(binds) == 2 and len(set(binds.values())) == 2  # distinct core lists per slot
 
     # the same records (token ids) and the same table as one engine; no sample lost or duplicated
     for f, a in zip(folders, ALPHAS):
@@ -163,6 +174,7 @@ def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
     # either path resumes the other: a finished re-run starts no engine (Ray's or a local one)
     again = evaluate_on_ray(output=out, executor=RayOptions(engines=2), progress=False, **common)
     assert again.pool.engine_starts == 0 and len(again.pool.plan.skipped) == 3
-    lazy = Engine(model=out / ".engine-model", options=ENGINE, dummy_weights=True, lazy=True)
+    lazy = Engine.for_source(source=SOURCE, options=ENGINE, lazy=True)
     local = evaluate(output=out, engine=lazy, **common)
+    lazy.close()
     assert lazy.starts == 0 and [r.summary for r in local.runs] == [r.summary for r in ref.runs]

@@ -10,19 +10,28 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
+from tvtool.data import Problem, ProblemSet
+from tvtool.engine import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
-from tvtool.evaluate import RUN, SAMPLES, SUMMARY, EvalOptions, summarize
-from tvtool.generate import EngineOptions, PromptOptions, SamplingOptions
+from tvtool.layout import RUN, SAMPLES, SUMMARY
+from tvtool.merge import MergeConfig
+from tvtool.prompting import PromptOptions
+from tvtool.results import read_samples, summarize
+from tvtool.runs import EvalOptions
+from tvtool.source import DeltaSource
 from tvtool.units import RayOptions, RunSpec, plan_units, settings_complete, sweep_runs
 
 TOY = Path(__file__).resolve().parents[1] / "tvtool" / "assets" / "toy"
 PROMPT = PromptOptions(instruction="")
+SOURCE = DeltaSource(base=str(TOY / "base"), reasoner=str(TOY / "reasoner"))
 
 
 def _spec(alpha: float, ds: str, kind: str, n: int, max_tokens: int) -> RunSpec:
-    return RunSpec(alpha=alpha, folder=f"/out/alpha-{alpha:g}/{ds}", options=EvalOptions(dataset=ds),
-                   sampling=SamplingOptions(max_tokens=max_tokens), model={}, settings={},
-                   ids=tuple(f"{ds}/{i}" for i in range(n)), kind=kind)
+    problems = ProblemSet(name=ds, kind=kind, source=ds, split="test", excluded={}, description="",
+                          problems=tuple(Problem(id=f"{ds}/{i}", question="q", gold="1") for i in range(n)))
+    return RunSpec(folder=f"/out/alpha-{alpha:g}/{ds}", source=SOURCE, config=MergeConfig(alpha),
+                   options=EvalOptions(dataset=ds), sampling=SamplingOptions(max_tokens=max_tokens),
+                   problems=problems, model={}, settings={})
 
 
 def _qwq_runs() -> list[RunSpec]:
@@ -70,7 +79,8 @@ def _finish(run: RunSpec, *, drop: int = 0, settings: dict | None = None) -> Non
     f = Path(run.folder)
     f.mkdir(parents=True, exist_ok=True)
     (f / RUN).write_text(json.dumps({"settings": settings or run.settings, "finished": "now"}))
-    recs = [{"id": i, "index": 0, "num_tokens": 3, "finish_reason": "stop", "correct": True} for i in run.ids[drop:]]
+    recs = [{"id": p.id, "index": 0, "num_tokens": 3 + k, "finish_reason": "stop", "correct": k % 2 == 0}
+            for k, p in enumerate(run.problems.problems[drop:])]
     (f / SAMPLES).write_text("".join(json.dumps(x) + "\n" for x in recs))
     (f / SUMMARY).write_text(json.dumps(summarize(records=recs, params_b=None)))
 
@@ -78,35 +88,38 @@ def _finish(run: RunSpec, *, drop: int = 0, settings: dict | None = None) -> Non
 @pytest.fixture
 def toy_runs(tmp_path):
     datasets = [(EvalOptions(dataset="toy", limit=6), SamplingOptions(max_tokens=40))]
-    return sweep_runs(output=tmp_path, base=TOY / "base", reasoner=TOY / "reasoner", alphas=(0.0, 0.5, 1.0, 0.5),
-                      datasets=datasets, prompt=PROMPT)
+    return sweep_runs(output=tmp_path, source=SOURCE, alphas=(0.0, 0.5, 1.0, 0.5), datasets=datasets, prompt=PROMPT)
 
 
 def test_sweep_runs_match_the_one_engine_layout(toy_runs, tmp_path):
     assert [r.name for r in toy_runs] == ["alpha-0/toy", "alpha-0.5/toy", "alpha-1/toy"]  # α de-duplicated
     r = toy_runs[1]
-    assert r.folder == str(tmp_path / "alpha-0.5" / "toy") and len(r.ids) == 6
+    assert r.folder == str(tmp_path / "alpha-0.5" / "toy") and len(r.problems) == 6
     assert r.settings["model"] == {"base": str(TOY / "base"), "delta": None, "reasoner": str(TOY / "reasoner"),
                                    "alpha": 0.5}
+    assert r.config == MergeConfig(0.5) and r.params_source == "counted" and r.params_b > 0
     # the engine folder's generation_config.json is recorded as not applied, as Engine.sampling_record does
     assert r.settings["sampling"]["checkpoint_generation_config_ignored"]["max_new_tokens"] == 200
-    assert (tmp_path / ".engine-model" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # planning writes nothing
+    # --include/--exclude reach the MergeConfig the actor loads and the recorded model, as in `evaluate`
+    (m,) = sweep_runs(output=tmp_path, source=SOURCE, alphas=(0.5,), prompt=PROMPT,
+                      datasets=[(EvalOptions(dataset="toy", limit=2, include="mlp", params_b=7.0),
+                                 SamplingOptions(max_tokens=40))])
+    assert m.config == MergeConfig(0.5, include="mlp") and m.model["include"] == "mlp" and "exclude" not in m.model
+    assert (m.params_b, m.params_source) == (7.0, "nominal")
     with pytest.raises(OptionsError, match="a Ray sweep needs --base"):
-        sweep_runs(output=tmp_path, base=TOY / "base", alphas=(1.0,), datasets=[], prompt=PROMPT)
+        sweep_runs(output=tmp_path, source=SOURCE, alphas=(), datasets=[], prompt=PROMPT)
 
 
-def test_settings_complete_is_the_finished_run_rule(toy_runs):
+def test_settings_complete_is_the_one_engine_precheck(toy_runs):
     a0, a05, a1 = toy_runs
     _finish(a0)
     _finish(a05, drop=1)  # one sample missing
     _finish(a1, settings={**a1.settings, "score": False})  # made with other settings
     assert [settings_complete(r) for r in toy_runs] == [True, False, False]
-    (Path(a0.folder) / SUMMARY).unlink()
-    assert not settings_complete(a0)
-    _finish(a0)
-    rec = json.loads((Path(a0.folder) / RUN).read_text())
-    del rec["finished"]  # a run that was restarted and not finished
-    (Path(a0.folder) / RUN).write_text(json.dumps(rec))
+    (Path(a0.folder) / SUMMARY).unlink()  # the summary is rebuilt from the samples: still complete
+    assert settings_complete(a0)
+    (Path(a0.folder) / RUN).unlink()
     assert not settings_complete(a0)
 
 
@@ -115,18 +128,34 @@ def test_a_finished_rerun_starts_no_engine_and_no_ray(toy_runs, tmp_path, monkey
 
     for r in toy_runs:
         _finish(r)
+    (Path(toy_runs[1].folder) / SUMMARY).unlink()
     monkeypatch.setitem(sys.modules, "ray", None)  # importing ray would now fail
-    res = evaluate_on_ray(output=tmp_path, base=TOY / "base", reasoner=TOY / "reasoner", alphas=(0.0, 0.5, 1.0),
-                          options=EvalOptions(dataset="toy", limit=6), sampling=SamplingOptions(max_tokens=40),
-                          prompt=PROMPT, executor=RayOptions(engines=2), progress=False)
+    kw = dict(output=tmp_path, source=SOURCE, alphas=(0.0, 0.5, 1.0), options=EvalOptions(dataset="toy", limit=6),
+              sampling=SamplingOptions(max_tokens=40), prompt=PROMPT, executor=RayOptions(engines=2), progress=False)
+    res = evaluate_on_ray(**kw)
     assert res.pool.engine_starts == 0 and res.pool.plan.units == () and len(res.pool.plan.skipped) == 3
     assert [r.label for r in res.results[0].runs] == ["alpha-0", "alpha-0.5", "alpha-1"]
-    # one unit left: now Ray is needed, and its absence is one clear error
-    (Path(toy_runs[2].folder) / SUMMARY).unlink()
+    # summaries are rebuilt from the samples (with the counted size), as the one-engine path does
+    recs = read_samples(Path(toy_runs[1].folder) / SAMPLES)
+    want = summarize(records=recs, params_b=toy_runs[1].params_b)
+    assert res.results[0].runs[1].summary == want == json.loads((Path(toy_runs[1].folder) / SUMMARY).read_text())
+    assert (tmp_path / "summary-toy.md").is_file()
+    # one sample missing: now Ray is needed, and its absence is one clear error
+    f = Path(toy_runs[2].folder) / SAMPLES
+    f.write_text("".join(f.read_text().splitlines(keepends=True)[:-1]))
     with pytest.raises(OptionsError, match=r"Ray is not installed \(--ray\)\. Pip install 'tvtool\[ray\]'"):
-        evaluate_on_ray(output=tmp_path, base=TOY / "base", reasoner=TOY / "reasoner", alphas=(0.0, 0.5, 1.0),
-                        options=EvalOptions(dataset="toy", limit=6), sampling=SamplingOptions(max_tokens=40),
-                        prompt=PROMPT, executor=RayOptions(engines=2), progress=False)
+        evaluate_on_ray(**kw)
+
+
+def test_other_settings_are_refused_before_ray_starts(toy_runs, tmp_path, monkeypatch):
+    from tvtool.cluster import evaluate_on_ray
+    from tvtool.errors import OutputError
+
+    _finish(toy_runs[0], drop=2, settings={**toy_runs[0].settings, "score": False})
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(OutputError, match="holds results made with other settings"):
+        evaluate_on_ray(output=tmp_path, source=SOURCE, alphas=(0.0,), options=EvalOptions(dataset="toy", limit=6),
+                        sampling=SamplingOptions(max_tokens=40), prompt=PROMPT, progress=False)
 
 
 def test_ray_refuses_non_sweep_modes_in_one_line(tmp_path):
@@ -155,7 +184,7 @@ def test_recipe_executor_ray(tmp_path):
 def test_cpu_core_lists_are_distinct_per_engine():
     from tvtool.cluster import Job, _cores
 
-    job = Job(base="b", delta=None, reasoner="r", shell="s", output="o", engine=EngineOptions(), prompt=PROMPT)
+    job = Job(source=DeltaSource(base="b", reasoner="r"), output="o", engine=EngineOptions(), prompt=PROMPT)
     cores = sorted(__import__("os").sched_getaffinity(0))
     lists = [_cores(RayOptions(cpus_per_engine=1), job, i) for i in range(len(cores))]
     assert lists == [str(c) for c in cores]  # one distinct core each
@@ -166,7 +195,7 @@ def test_cpu_core_lists_are_distinct_per_engine():
 
 @pytest.mark.vllm
 def test_cpu_build_refuses_vllms_ray_executor_before_starting():
-    from tvtool.generate import Engine
+    from tvtool.engine import Engine
 
     with pytest.raises(OptionsError) as e:
         Engine(model=TOY / "base", options=EngineOptions(distributed_executor_backend="ray"))

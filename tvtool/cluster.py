@@ -2,12 +2,15 @@
 
 Plain `@ray.remote` actors, not Ray Data LLM: Ray Data builds its own vLLM engine per stage and
 cannot swap θ1 + α·Δ in place; here each actor starts one `Engine` (placeholder weights) and
-loads each α in place, as the one-engine path does.
+loads each α in place, as the one-engine path does (its shell model is written on its own node by
+`Engine.for_source`, and removed when the engine closes).
 
 - The plan (`tvtool.units`) is made before Ray starts; a finished re-run starts no engine and no Ray.
 - Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first.
-- Every run writes the same resumable folder as `tvtool eval` (`evaluate.run_one`), so a Ray sweep and a
-  local one give the same table and can resume each other.
+- Each actor does what the one-engine path does per run: `Engine.hold_alpha(source, config)` (a
+  `DeltaSource` and a `MergeConfig`, plain data; loaded only if not held), then `runs.run_one`, into
+  the same resumable folder as `tvtool eval`; so a Ray sweep and a local one give the same table and
+  can resume each other.
 - An actor that dies (OOM, node lost, SIGKILL) is replaced and its unit retried, up to `retries`
   times, resuming from the samples already written; a unit that keeps failing is named in a
   `ClusterError` after the rest has finished.
@@ -29,21 +32,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .atomic import write_json
+from .engine import Engine, EngineOptions, SamplingOptions, check_engine_options
 from .errors import ClusterError, OptionsError, TvtoolError
-from .units import Complete, Plan, RayOptions, RunSpec, Unit, plan_units, settings_complete, sweep_runs
+from .evaluate import EvalResult, RunResult, table_row
+from .layout import SUMMARY, parse_hub_ref, summary_table
+from .prompting import PromptOptions
+from .report import write_table
+from .results import summary_of
+from .runs import EvalOptions, check_settings, run_one
+from .source import DeltaSource
+from .units import Complete, Plan, RayOptions, Unit, plan_units, settings_complete, sweep_runs
 
 
 @dataclass(frozen=True)
 class Job:
-    """What every engine of the pool shares."""
+    """What every engine of the pool shares (plain data, pickled to each actor)."""
 
-    base: str
-    delta: str | None
-    reasoner: str | None
-    shell: str  # weightless model folder the engines start from
+    source: DeltaSource  # Δ and θ1: each actor's engine starts from its shell model (`Engine.for_source`)
     output: str  # the output root (checked writable on each node)
-    engine: object  # tvtool.generate.EngineOptions
-    prompt: object  # tvtool.generate.PromptOptions
+    engine: EngineOptions
+    prompt: PromptOptions
     seed: int = 0
     cwd: str = field(default_factory=os.getcwd)  # relative paths mean the same on every node
 
@@ -82,34 +91,23 @@ class EngineActor:
         t0 = time.perf_counter()
         node = ray.util.get_node_ip_address()
         _check_access(self.job, node)
-        from .generate import Engine
-
         me = os.getpid()
         self._reaper = _start_reaper(me)  # before vLLM starts: a kill during start-up is covered too
-        self.engine = Engine(model=self.job.shell, options=self.job.engine, dummy_weights=True, seed=self.job.seed)
+        j = self.job
+        self.engine = Engine.for_source(source=j.source, options=j.engine, seed=j.seed)
         reaper = self._reaper.pid if self._reaper else None
         kids = [p for p, _ in _descendants(me) if p != reaper]
         return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": kids,
                 "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "start_s": time.perf_counter() - t0}
 
     def run(self, unit: Unit) -> list[str]:
-        from .data import load_problems
-        from .evaluate import run_one
-
-        j, e = self.job, self.engine
+        """The one-engine path's per-run steps: hold θ1 + α·Δ (loaded only if not held), then `run_one`
+        (which resumes from the samples already written)."""
         for r in unit.runs:
-            o = r.options
-            want = {"kind": "alpha", "base": str(j.base), "alpha": float(r.alpha),
-                    "delta": str(j.delta) if j.delta else None, "reasoner": str(j.reasoner) if j.reasoner else None}
-
-            def load(want=want):  # load this α unless the engine holds it already
-                if e.weights != want:
-                    e.set_alpha(base=j.base, alpha=want["alpha"], delta=j.delta, reasoner=j.reasoner)
-
-            problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-            run_one(engine=e, problems=problems, folder=r.folder, model=r.model, prompt=j.prompt, sampling=r.sampling,
-                    options=replace(o, progress=False), params_b=r.params_b, params_source=r.params_source,
-                    prepare=load)
+            self.engine.hold_alpha(source=r.source, config=r.config)
+            run_one(engine=self.engine, problems=r.problems, folder=r.folder, model=r.model, prompt=self.job.prompt,
+                    sampling=r.sampling, options=replace(r.options, progress=False), params_b=r.params_b,
+                    params_source=r.params_source)
         return [r.folder for r in unit.runs]
 
     def close(self) -> None:
@@ -122,8 +120,8 @@ def _check_access(job: Job, node: str) -> None:
     """Fail fast, naming the node, when it cannot read an input or write the output."""
     if Path(job.cwd).is_dir():
         os.chdir(job.cwd)
-    for what, p in (("base", job.base), ("delta", job.delta), ("reasoner", job.reasoner), ("engine folder", job.shell)):
-        if p is None or _hub_id(p):
+    for what, p in job.source.describe().items():
+        if p is None or (not Path(p).exists() and parse_hub_ref(p) is not None):  # a Hub id: resolved on the node
             continue
         if not os.access(p, os.R_OK):
             raise ClusterError(f"node {node} cannot read the {what} {p}", where=f"node {node}",
@@ -135,10 +133,6 @@ def _check_access(job: Job, node: str) -> None:
     except OSError as e:
         raise ClusterError(f"node {node} cannot write the output folder {job.output}: {e.strerror}",
                            where=f"node {node}", fix="put the output folder on storage every node mounts") from None
-
-
-def _hub_id(p: str) -> bool:
-    return not Path(p).exists() and not str(p).startswith((".", "/", "~")) and str(p).count("/") == 1
 
 
 # --- vLLM processes die with their actor -------------------------------------------------
@@ -363,48 +357,50 @@ class ClusterEvalResult:
         return "\n\n".join([*(r.summary() for r in self.results), tail])
 
 
-def evaluate_on_ray(*, output: str | os.PathLike, base: str | os.PathLike, alphas: Sequence[float],
+def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float], base: str | os.PathLike | None = None,
                     delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-                    datasets: Sequence[tuple[object, object]] | None = None, options=None, prompt=None,
-                    sampling=None, engine_options=None, executor: RayOptions = RayOptions(),
-                    complete: Complete = settings_complete, progress: bool = True,
-                    on_start: Callable[[dict], None] | None = None) -> ClusterEvalResult:
+                    source: DeltaSource | None = None,
+                    datasets: Sequence[tuple[EvalOptions, SamplingOptions]] | None = None,
+                    options: EvalOptions = EvalOptions(), prompt: PromptOptions = PromptOptions(),
+                    sampling: SamplingOptions = SamplingOptions(), engine_options: EngineOptions = EngineOptions(),
+                    executor: RayOptions = RayOptions(), complete: Complete = settings_complete,
+                    progress: bool = True, on_start: Callable[[dict], None] | None = None) -> ClusterEvalResult:
     """An α sweep (one or more datasets) on a Ray pool, into `evaluate`'s folder layout.
 
-    `datasets`: (EvalOptions, SamplingOptions) per dataset, or the one of `options`/`sampling`.
-    Per dataset an `EvalResult` (runs in the one-engine order, its summary table written as
-    `evaluate` writes it). Raises `ClusterError` naming the failed units after the others finished."""
-    import json
-
-    from .evaluate import SUMMARY, EvalOptions, EvalResult, RunResult, _safe, table_row
-    from .generate import EngineOptions, PromptOptions, SamplingOptions, check_engine_options
-    from .report import write_table
-
-    options = options or EvalOptions()
-    prompt, engine_options = prompt or PromptOptions(), engine_options or EngineOptions()
-    datasets = list(datasets or [(options, sampling or SamplingOptions())])
+    `source` (or `base` with `delta`|`reasoner`) and `alphas` as for `evaluate`; `datasets`:
+    (EvalOptions, SamplingOptions) per dataset, or the one of `options`/`sampling`. Runs that
+    `complete` accepts are skipped before Ray starts; folders holding other settings are refused
+    (or, with overwrite, discarded) before any engine starts, as on one engine. Per dataset an
+    `EvalResult` (runs in the one-engine order, its summary table written as `evaluate` writes it).
+    Raises `ClusterError` naming the failed units after the others finished."""
+    if source is None:
+        if base is None:
+            raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+        source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
+    datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
-    runs = sweep_runs(output=output, base=base, delta=delta, reasoner=reasoner, alphas=alphas, datasets=datasets,
-                      prompt=prompt)
+    runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt)
     plan = plan_units(runs=runs, engines=executor.engines, complete=complete)
-    job = Job(base=str(base), delta=str(delta) if delta else None, reasoner=str(reasoner) if reasoner else None,
-              shell=str(Path(output) / ".engine-model"), output=str(output), engine=engine_options, prompt=prompt,
+    for u in plan.units:  # refuse (or discard) other settings' results now, not in an actor
+        for r in u.runs:
+            check_settings(Path(r.folder), r.settings, r.options.overwrite)
+    if plan.units:
+        Path(output).mkdir(parents=True, exist_ok=True)  # each actor checks it can write here
+    job = Job(source=source, output=str(output), engine=engine_options, prompt=prompt,
               seed=datasets[0][1].sample_seed or 0)
     pool = run_units(plan=plan, job=job, executor=executor, progress=progress, on_start=on_start)
     if pool.failed:
         raise ClusterError(f"{len(pool.failed)} unit(s) failed: "
                            + "; ".join(f"{k}: {v}" for k, v in pool.failed.items()),
                            where=str(output), fix="re-run to retry them (finished runs are kept)")
-    by_ds: dict[str, list[RunSpec]] = {}
-    for r in runs:
-        by_ds.setdefault(Path(r.folder).name, []).append(r)
-    results = []
-    for ds, rs in by_ds.items():
-        ev = EvalResult(engine_starts=pool.engine_starts)
-        for r in rs:
-            summary = json.loads((Path(r.folder) / SUMMARY).read_text())
-            ev.runs.append(RunResult(r.label, r.alpha, Path(r.folder), summary))
+    results: dict[str, EvalResult] = {}
+    for r in runs:  # every run re-summarised from its samples, as `run_one` does for a complete run
+        summary = summary_of(folder=Path(r.folder), problems=r.problems, n=r.sampling.n, params_b=r.params_b,
+                             params_source=r.params_source)
+        write_json(Path(r.folder) / SUMMARY, summary)
+        ev = results.setdefault(r.problems.name, EvalResult(engine_starts=pool.engine_starts))
+        ev.runs.append(RunResult(r.label, r.alpha, Path(r.folder), summary))
+    for name, ev in results.items():
         if len(ev.runs) > 1:
-            ev.table = write_table(rows=[table_row(x) for x in ev.runs], folder=output, name=f"summary-{_safe(ds)}")
-        results.append(ev)
-    return ClusterEvalResult(results, pool)
+            ev.table = write_table(rows=[table_row(x) for x in ev.runs], folder=output, name=summary_table(name))
+    return ClusterEvalResult(list(results.values()), pool)

@@ -32,17 +32,26 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from huggingface_hub import DatasetCard, DatasetCardData
+
 from . import __version__
+from .atomic import atomic_dir
 from .data import Problem, load_problems
+from .engine import Engine, EngineOptions, SamplingOptions, vllm_version, write_shell_model
 from .errors import OptionsError, OutputError
-from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, load_tokenizer, shell_model,
-                       vllm_version)
+from .evaluate import evaluate
+from .layout import SAMPLES
 from .options import opt
-from .output import check_free, discard, finish_dir, start_dir
+from .output import check_free
+from .prompting import PromptOptions, load_tokenizer
+from .results import read_samples
+from .runs import EvalOptions
+from .source import DeltaSource
 from .units import RayOptions
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
@@ -127,7 +136,7 @@ def columns(k: int) -> list[str]:
 
 def features(k: int):
     """The `datasets` schema, explicit so that columns that are all None keep their types."""
-    from datasets import Features, Value
+    from datasets import Features, Value  # optional dependency (tvtool[eval])
 
     def kind(name: str) -> str:
         if name.startswith("correct_"):
@@ -215,7 +224,7 @@ def table9(*, rows: Sequence[dict], alphas: Sequence[float]) -> list[dict]:
 def write_dataset(*, rows: Sequence[dict], k: int, folder: str | os.PathLike, card: str, record: dict,
                   jsonl: bool = True) -> Path:
     """parquet (+ jsonl), README.md and mixchain.json into `folder` (which must be empty or new)."""
-    from datasets import Dataset
+    from datasets import Dataset  # optional dependency (tvtool[eval])
 
     out = Path(folder)
     ds = Dataset.from_list(list(rows), features=features(k))
@@ -235,8 +244,6 @@ def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: li
     No `configs:` block: `datasets` (5.2) caches a local folder whose card lists data_files by the
     folder name only, so a rebuilt folder would load stale rows; the file name
     data/train-00000-of-00001.parquet is found by its default patterns instead."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     n = stats["kept"]
     size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "n>100K"
     data = DatasetCardData(
@@ -327,8 +334,6 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
     `executor`: generate on a Ray pool (one unit per α; tvtool.cluster) instead of one engine.
     """
-    from .evaluate import SAMPLES, EvalOptions, evaluate, read_samples
-
     o = options
     alphas = sorted(dict.fromkeys(float(a) for a in o.alphas))
     if not alphas:
@@ -337,9 +342,7 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if sampling.n != 1:
         raise OptionsError("MixChain takes one solution per question and α", where=f"n={sampling.n}",
                            fix="use n=1 (add α values for more solutions)")
-    if (delta is None) == (reasoner is None):
-        raise OptionsError("give exactly one of delta and reasoner", where="build_mixchain",
-                           fix="pass --delta or --reasoner")
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
     out = Path(output)
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".generations")
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
@@ -349,19 +352,20 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
     ev_options = EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
                              batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress)
-    if executor is not None:  # --- ray: tvtool.cluster ---
+    if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.cluster) ---
         from .cluster import evaluate_on_ray
 
-        ev = evaluate_on_ray(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,
-                             sampling=sampling, engine_options=engine_options, options=ev_options,
-                             executor=executor, progress=o.progress).results[0]
+        ev = evaluate_on_ray(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+                             engine_options=engine_options, options=ev_options, executor=executor,
+                             progress=o.progress).results[0]
     else:
-        ev = evaluate(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,
-                      sampling=sampling, engine_options=engine_options, engine=engine, options=ev_options)
+        ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+                      engine_options=engine_options, engine=engine, options=ev_options)
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
     gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]
-    tok = load_tokenizer(shell_model(base=base, delta=delta, reasoner=reasoner, folder=work / ".engine-model"))
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
+        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
                            count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
                            keep_truncated=o.keep_truncated, scorer=scorer)
@@ -369,13 +373,8 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
     lic = o.license or LICENSES.get(problems.name, "other")
     card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
-    tmp = start_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
-        finish_dir(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return MixChainResult(out, work, len(rows), stats, ev.engine_starts)
 
 

@@ -11,21 +11,29 @@ actor starts, so a finished re-run costs neither an engine nor a Ray cluster.
   α descending (a larger α gives longer chains, CoT-Valve Fig. 3), then the hardest set first by
   `HARDNESS` (answer kind: MATH-500 > GSM8K > ASDiv; chains grow with difficulty), then by expected
   tokens = problems × samples × max_tokens (the budget a run may spend), then by name.
-- A run is skipped when `complete(run)` says so; the default `settings_complete` is today's
-  finished-run rule (run.json with these settings, marked finished; summary.json; every sample).
-  Pass another callable (e.g. an input-fingerprint rule) to change it.
+- A run is skipped when `complete(run)` says so. The default, `settings_complete`, is the one-engine
+  path's pre-check (`tvtool.runs.is_complete`: run.json holds these settings and samples.jsonl every
+  sample); pass another callable (e.g. a fingerprint-based finished-work rule) to change it.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from .errors import OptionsError, OutputError
+from .data import ProblemSet, load_problems
+from .engine import SamplingOptions, sampling_record, write_shell_model
+from .errors import OptionsError
+from .evaluate import run_params, sweep_model
+from .layout import alpha_name, dataset_dir
+from .merge import MergeConfig
 from .options import opt
+from .prompting import PromptOptions
+from .runs import EvalOptions, is_complete, run_settings
+from .source import DeltaSource
 
 HARDNESS = {"math500": 2, "gsm8k": 1, "asdiv": 0}  # by answer kind; unknown kinds count as gsm8k
 
@@ -48,18 +56,23 @@ class RayOptions:
 
 @dataclass(frozen=True, eq=False)
 class RunSpec:
-    """One α on one dataset: what `evaluate.run_one` needs, and what its run.json will record."""
+    """One α on one dataset: what `runs.run_one` needs, and what its run.json will record (plain data,
+    pickled to the actors: the problems travel with it, so nodes need no dataset access)."""
 
-    alpha: float
     folder: str  # <output>/alpha-<a>/<dataset>
-    options: object = field(repr=False)  # tvtool.evaluate.EvalOptions (dataset, split, limit, seed, kind, …)
-    sampling: object = field(repr=False)  # tvtool.generate.SamplingOptions
-    model: dict = field(repr=False)  # {"base", "delta", "reasoner", "alpha"}: run.json's settings.model
-    settings: dict = field(repr=False)  # the settings run.json records (tvtool.evaluate.run_settings)
-    ids: tuple[str, ...] = field(repr=False)  # problem ids, in order
-    kind: str = "gsm8k"  # answer kind of the dataset
+    source: DeltaSource = field(repr=False)
+    config: MergeConfig  # α and the tensors it applies to
+    options: EvalOptions = field(repr=False)  # dataset, split, limit, seed, kind, batch_size, score, …
+    sampling: SamplingOptions = field(repr=False)
+    problems: ProblemSet = field(repr=False)
+    model: dict = field(repr=False)  # run.json's settings.model (`evaluate.sweep_model`)
+    settings: dict = field(repr=False)  # the settings run.json records (`runs.run_settings`)
     params_b: float | None = None
     params_source: str = "counted"
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
 
     @property
     def label(self) -> str:
@@ -71,11 +84,11 @@ class RunSpec:
 
     @property
     def expected_tokens(self) -> int:
-        return len(self.ids) * self.sampling.n * self.sampling.max_tokens
+        return len(self.problems) * self.sampling.n * self.sampling.max_tokens
 
     @property
     def hardness(self) -> int:
-        return HARDNESS.get(self.kind, HARDNESS["gsm8k"])
+        return HARDNESS.get(self.problems.kind, HARDNESS["gsm8k"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,24 +115,9 @@ Complete = Callable[[RunSpec], bool]
 
 
 def settings_complete(run: RunSpec) -> bool:
-    """Today's finished-run rule: run.json holds these settings and is marked finished, summary.json
-    exists, and samples.jsonl has every (problem, sample index)."""
-    from .evaluate import RUN, SAMPLES, SUMMARY, read_samples
-
-    folder = Path(run.folder)
-    try:
-        rec = json.loads((folder / RUN).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if rec.get("settings") != json.loads(json.dumps(run.settings)) or "finished" not in rec:
-        return False
-    if not (folder / SUMMARY).is_file():
-        return False
-    try:
-        done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES)}
-    except OutputError:
-        return False
-    return all((i, k) in done for i in run.ids for k in range(run.sampling.n))
+    """The one-engine path's rule (`runs.is_complete`): run.json holds these settings and samples.jsonl
+    has every (problem, sample index); the summary is rebuilt from the samples."""
+    return is_complete(folder=run.folder, settings=run.settings, problems=run.problems, n=run.sampling.n)
 
 
 def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto", "alpha", "run"] = "auto",
@@ -134,7 +132,7 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto"
         per = "alpha" if len(alphas) >= engines else "run"
     hard_first = lambda r: (-r.hardness, -r.expected_tokens, r.name)  # noqa: E731
     if per == "alpha":
-        units = [Unit(f"alpha-{_fmt(a)}", a, tuple(sorted((r for r in todo if r.alpha == a), key=hard_first)))
+        units = [Unit(alpha_name(a), a, tuple(sorted((r for r in todo if r.alpha == a), key=hard_first)))
                  for a in alphas]
     elif per == "run":
         units = [Unit(r.name, r.alpha, (r,)) for r in todo]
@@ -144,44 +142,30 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto"
     return Plan(tuple(units), skipped, tuple(runs))
 
 
-def sweep_runs(*, output: str | os.PathLike, base: str | os.PathLike, alphas: Sequence[float],
-               datasets: Sequence[tuple[object, object]], prompt: object,
-               delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None) -> list[RunSpec]:
-    """The runs of an α sweep, in the one-engine path's order (dataset, then α as given).
+def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequence[float],
+               datasets: Sequence[tuple[EvalOptions, SamplingOptions]], prompt: PromptOptions) -> list[RunSpec]:
+    """The runs of an α sweep, in the one-engine path's order (dataset, then α as given), with the
+    folders, settings and parameter counts `evaluate` gives them.
 
-    `datasets`: (EvalOptions, SamplingOptions) per dataset. Writes the weightless engine folder
-    `<output>/.engine-model` (as `evaluate` does), whose generation_config.json run.json records."""
-    from .data import load_problems
-    from .evaluate import _safe, count_params_b, run_settings
-    from .generate import sampling_record, shell_model
-    from .materialize import format_alpha
-
-    if (delta is None) == (reasoner is None) or not alphas:
+    `datasets`: (EvalOptions, SamplingOptions) per dataset. The settings record the shell-model folder's
+    generation_config.json as not applied, as an engine made by `Engine.for_source` does."""
+    if not alphas:
         raise OptionsError("a Ray sweep needs --base, one of --delta|--reasoner, and --alpha",
                            fix="pass them (checkpoint, --model and --lora evaluations run on one engine)")
     out = Path(output)
-    shell = shell_model(base=base, delta=delta, reasoner=reasoner, folder=out / ".engine-model")
-    runs, params = [], None
-    for o, sampling in datasets:
+    with tempfile.TemporaryDirectory(prefix="tvtool-plan-") as shell:  # what each actor's engine starts from
+        write_shell_model(source=source, folder=shell)
+        records = [sampling_record(model_dir=shell, sampling=sampling) for _, sampling in datasets]
+    runs = []
+    for (o, sampling), rec in zip(datasets, records):
         problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-        if o.params_b:
-            pb, src = o.params_b, "nominal"
-        else:
-            params = params if params is not None else count_params_b(base)
-            pb, src = params, "counted"
-        rec = sampling_record(model_dir=shell, sampling=sampling)
+        params_b, params_source = run_params(o, source.base)
         for a in dict.fromkeys(float(x) for x in alphas):
-            m = {"base": str(base), "delta": str(delta) if delta else None,
-                 "reasoner": str(reasoner) if reasoner else None, "alpha": a}
-            settings = run_settings(problems=problems, model=m, prompt=prompt, sampling_record=rec, score=o.score)
-            runs.append(RunSpec(alpha=a, folder=str(out / f"alpha-{format_alpha(a)}" / _safe(problems.name)),
-                                options=o, sampling=sampling, model=m, settings=settings,
-                                ids=tuple(p.id for p in problems), kind=problems.kind, params_b=pb,
-                                params_source=src))
+            config = MergeConfig(a, o.include, o.exclude)
+            model = sweep_model(source=source, config=config)
+            settings = run_settings(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
+                                    sampling=sampling, options=o, sampling_record=rec)
+            runs.append(RunSpec(folder=str(out / alpha_name(a) / dataset_dir(problems.name)), source=source,
+                                config=config, options=o, sampling=sampling, problems=problems, model=model,
+                                settings=settings, params_b=params_b, params_source=params_source))
     return runs
-
-
-def _fmt(a: float) -> str:
-    from .materialize import format_alpha
-
-    return format_alpha(a)
