@@ -96,6 +96,30 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     return out
 
 
+def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:
+    """What decoding uses with an engine started from `model_dir`, and its generation_config.json that is
+    NOT applied. A function, so that a planner without an engine (tvtool.units) records the same."""
+    gen = Path(model_dir) / "generation_config.json"
+    ignored = json.loads(gen.read_text()) if gen.is_file() else None
+    return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
+            "checkpoint_generation_config_ignored": ignored}
+
+
+def check_engine_options(options: EngineOptions) -> None:
+    """Refuse settings this vLLM build cannot run, before any process starts.
+
+    vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
+    "Engine core initialization failed ... Failed core proc(s): {}"."""
+    if options.distributed_executor_backend == "ray":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise OptionsError("distributed_executor_backend 'ray' is not supported by vLLM's CPU build",
+                               where="--distributed-executor-backend ray",
+                               fix="leave it unset (or use mp); to spread a sweep over a Ray cluster pass --ray")
+
+
 def vllm_module():
     try:
         import vllm
@@ -125,6 +149,7 @@ class Engine:
                  dummy_weights: bool = False, seed: int = 0, lazy: bool = False):
         vllm_module()
         o = options
+        check_engine_options(o)
         self.options, self.model_dir = o, Path(model)
         if o.cpu_kv_cache_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(o.cpu_kv_cache_gb)
@@ -239,11 +264,7 @@ class Engine:
 
     def sampling_record(self, sampling: SamplingOptions) -> dict:
         """What decoding used, and the checkpoint generation_config.json that was NOT applied."""
-        gen = self.model_dir / "generation_config.json"
-        ignored = json.loads(gen.read_text()) if gen.is_file() else None
-        return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
-                "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
-                "checkpoint_generation_config_ignored": ignored}
+        return sampling_record(model_dir=self.model_dir, sampling=sampling)
 
     def lora_request(self, path: str | os.PathLike):
         """A LoRARequest for an adapter folder; the same path keeps the same id."""

@@ -60,3 +60,7 @@ class RecipeError(TvtoolError):
 
 class HubError(TvtoolError):
     """The Hugging Face Hub (or a Hub-compatible server) refused or failed."""
+
+
+class ClusterError(TvtoolError):
+    """A Ray cluster cannot run the work: a node cannot see the inputs or output, or units failed."""

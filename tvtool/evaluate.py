@@ -35,7 +35,7 @@ from .checkpoint import Checkpoint
 from .data import ProblemSet, load_problems
 from .engine import Engine, EngineOptions, SamplingOptions, alpha_weights, folder_weights
 from .errors import OptionsError
-from .layout import SETTINGS_FILE, alpha_name
+from .layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from .logs import vllm_logs
 from .merge import MergeConfig
 from .merge_options import MergeOptions, config_name, split_vectors
@@ -157,7 +157,7 @@ class _Session:
         o = self.options
         variants = budget_variants(problems=self.problems, prompt=self.prompt, budgets=o.prompt_budgets,
                                    template=o.budget_template)
-        return [run] + [replace(run, label=f"budget-{b}", folder=out / f"budget-{b}" / _safe(self.problems.name),
+        return [run] + [replace(run, label=f"budget-{b}", folder=out / f"budget-{b}" / dataset_dir(self.problems.name),
                                 model={**run.model, **extra}, budget=b, problems=ps, prompt=po)
                         for b, ps, po, extra in variants]
 
@@ -166,28 +166,32 @@ class _Session:
 
 
 def _evaluate_model(s: _Session, out: Path, model) -> None:
-    r = _Planned(Path(model).name, None, out, {"path": str(model)}, _params(s.options, model), path=str(model))
+    r = _Planned(Path(model).name, None, out, {"path": str(model)}, run_params(s.options, model), path=str(model))
     s.run(s.with_budgets(out, r), lambda: Engine(model=model, options=s.engine_options, seed=s.seed, lazy=True))
 
 
 def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequence[MergeConfig]) -> None:
-    o, ds = s.options, _safe(s.problems.name)
-    params = _params(o, source.base)
+    o, ds = s.options, dataset_dir(s.problems.name)
+    params = run_params(o, source.base)
     runs = []
-    for c in configs:
-        name, rec = config_name(c), c.to_dict()  # the operator settings are recorded with the run
-        runs.append(_Planned(name, c.alpha, out / name / ds, {**source.describe(), **{k: v for k, v in rec.items() if v is not None}},
+    for c in configs:  # the operator settings are recorded with the run
+        name = config_name(c)
+        runs.append(_Planned(name, c.alpha, out / name / ds, sweep_model(source=source, config=c),
                              params, source=source, config=c))
     if o.prompt_budgets:  # budget runs at --budget-alpha, after the α runs (no reload when that α came last)
         c = MergeConfig(float(o.budget_alpha), o.include, o.exclude)
-        rec = {k: v for k, v in c.to_dict().items() if v is not None}
-        runs += s.with_budgets(out, _Planned(alpha_name(c.alpha), c.alpha, out, {**source.describe(), **rec},
+        runs += s.with_budgets(out, _Planned(alpha_name(c.alpha), c.alpha, out, sweep_model(source=source, config=c),
                                              params, source=source, config=c))[1:]
     s.run(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True))
 
 
+def sweep_model(*, source: DeltaSource, config: MergeConfig) -> dict:
+    """run.json's `settings.model` of one α-sweep run (also planned by tvtool.units for a Ray pool)."""
+    return {**source.describe(), **{k: v for k, v in config.to_dict().items() if v is not None}}
+
+
 def _evaluate_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> None:
-    ds, groups = _safe(s.problems.name), []
+    ds, groups = dataset_dir(s.problems.name), []
     for ck in checkpoints:  # consecutive folders of the same model share an engine
         if groups and _same_model(groups[-1][0], ck):
             groups[-1].append(ck)
@@ -195,16 +199,16 @@ def _evaluate_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> None
             groups.append([ck])
     for group in groups:
         runs = [_Planned(Path(ck).name, _alpha_of(ck), out / Path(ck).name / ds, {"path": str(ck)},
-                         _params(s.options, ck), path=str(ck)) for ck in group]
+                         run_params(s.options, ck), path=str(ck)) for ck in group]
         s.run(runs, lambda: Engine(model=group[0], options=s.engine_options, seed=s.seed, lazy=True))
 
 
 def _evaluate_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequence[float]) -> None:
-    ds = _safe(s.problems.name)
+    ds = dataset_dir(s.problems.name)
     rank = max([s.engine_options.max_lora_rank, *(_lora_rank(p) for p in loras)])
     eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank)
     labels = [alpha_name(a) for a in alphas] if alphas else [Path(p).name for p in loras]
-    params = _params(s.options, model)
+    params = run_params(s.options, model)
     runs = [_Planned(lab, float(alphas[i]) if alphas else None, out / lab / ds, {"path": str(model), "label": lab},
                      params, path=str(model), lora=str(path)) for i, (lab, path) in enumerate(zip(labels, loras))]
     s.run(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True))
@@ -258,7 +262,7 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     res = s.result
     res.answer_rule = options.answer_rule if options.score else None
     if len(res.runs) > 1:
-        res.table = write_table(rows=[table_row(r) for r in res.runs], folder=out, name=f"summary-{_safe(problems.name)}")
+        res.table = write_table(rows=[table_row(r) for r in res.runs], folder=out, name=summary_table(problems.name))
     return res
 
 
@@ -308,7 +312,8 @@ def _lora_rank(path) -> int:
                            fix="save the adapter with peft's save_pretrained") from None
 
 
-def _params(o: EvalOptions, path) -> tuple[float, str]:
+def run_params(o: EvalOptions, path) -> tuple[float, str]:
+    """(params_b, "nominal" | "counted") that a run's ACU uses: the option, else counted from `path`."""
     return (o.params_b, "nominal") if o.params_b else (count_params_b(path), "counted")
 
 
@@ -333,9 +338,5 @@ def _alpha_of(path) -> float | None:
         return None
 
 
-def _safe(name: str) -> str:
-    return name.replace("/", "-").replace("\\", "-").removesuffix(".jsonl").removesuffix(".xml")
-
-
 __all__ = ["ACU_FORMULA", "EvalOptions", "EvalResult", "RunResult", "evaluate", "is_complete", "run_one",
-           "run_settings", "table_row"]
+           "run_params", "run_settings", "sweep_model", "table_row"]

@@ -52,6 +52,7 @@ from .prompting import PromptOptions, load_tokenizer
 from .results import read_samples
 from .runs import EvalOptions
 from .source import DeltaSource
+from .units import RayOptions
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -326,11 +327,12 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                    reasoner: str | os.PathLike | None = None, options: MixChainOptions = MixChainOptions(),
                    prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
                    engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None,
-                   scorer: Scorer | None = None) -> MixChainResult:
+                   scorer: Scorer | None = None, executor: RayOptions | None = None) -> MixChainResult:
     """Generate (resuming) one solution per question and α, filter, compute β, write the dataset folder.
 
     `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
     tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
+    `executor`: generate on a Ray pool (one unit per α; tvtool.cluster) instead of one engine.
     """
     o = options
     alphas = sorted(dict.fromkeys(float(a) for a in o.alphas))
@@ -348,10 +350,17 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                            fix="choose another --work-dir")
     check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-    ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt,
-                  sampling=sampling, engine_options=engine_options, engine=engine,
-                  options=EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
-                                      batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress))
+    ev_options = EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
+                             batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress)
+    if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.cluster) ---
+        from .cluster import evaluate_on_ray
+
+        ev = evaluate_on_ray(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+                             engine_options=engine_options, options=ev_options, executor=executor,
+                             progress=o.progress).results[0]
+    else:
+        ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+                      engine_options=engine_options, engine=engine, options=ev_options)
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
     gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]

@@ -33,6 +33,7 @@ from .merge import MergeConfig
 from .merge_options import MergeOptions
 from .prompting import PromptOptions
 from .options import opt, unwrap_optional
+from .units import RayOptions
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class MergeSpec:
     alphas: tuple[float, ...] = opt((), "α (λ) values for this operator (default: the recipe's alphas).")
     rules: tuple[str, ...] = opt((), "REGEX=FACTOR α rules, first match wins (MergeOptions.alpha_rules).")
     layer_schedule: str | None = opt(None, "FIRST:LAST α factor over the layers.")
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:  # --- ray: tvtool.cluster ---
+    ray: RayOptions | None = opt(None, "Evaluate on a Ray cluster: {address, engines, gpus_per_engine, "
+                                       "cpus_per_engine, retries, cpu_bind} (see tvtool.cluster).")
 
 
 def _normalize(data: dict, file: str) -> dict:
@@ -155,6 +162,7 @@ class _RecipeFields(BaseModel):
     budget_alpha: float = Field(1.0, description="α of the budget-prompt runs (1: the reasoner).")
     keep: KeepSpec = Field(KeepSpec(), description="What to keep on disk.")
     push: PushStage = Field(PushStage(), description="What to push (private, and a dry run, by default).")
+    executor: ExecutorSpec = Field(ExecutorSpec(), description="Where the evaluation runs (executor.ray: a Ray pool).")
     output: str = Field("runs/{name}", description="Output folder; {name} is the recipe's name.")
 
     @field_validator("alphas")

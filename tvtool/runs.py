@@ -95,11 +95,15 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     return summary
 
 
-def run_settings(*, engine: Engine, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
-                 sampling: SamplingOptions, options: EvalOptions) -> dict:
-    """What a run's results depend on (run.json `settings`); other settings in the folder are refused."""
+def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+                 sampling: SamplingOptions, options: EvalOptions, sampling_record: dict | None = None) -> dict:
+    """What a run's results depend on (run.json `settings`); other settings in the folder are refused.
+
+    `sampling_record` replaces `engine.sampling_record(sampling)` for a planner that has no engine yet
+    (tvtool.units, via `tvtool.engine.sampling_record` on the same model folder)."""
+    record = sampling_record if sampling_record is not None else engine.sampling_record(sampling)
     return {"model": model, "lora": str(lora) if lora else None, "prompt": asdict(prompt),
-            "sampling": engine.sampling_record(sampling), "score": options.score,
+            "sampling": record, "score": options.score,
             "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
 
 

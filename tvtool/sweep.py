@@ -24,6 +24,7 @@ from . import __version__
 from .atomic import discard, write_bytes, write_json, write_text
 from .delta import DeltaOptions, delta
 from .engine import Engine, SamplingOptions, vllm_version
+from .errors import OptionsError
 from .evaluate import evaluate, table_row
 from .hub import push
 from .logs import vllm_logs
@@ -37,6 +38,7 @@ from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
 from .source import DeltaSource
+from .units import RayOptions
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class SweepOptions(CliOptions):
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
     progress: bool = opt(True, "Show progress bars.")
     verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/eval/vllm.log).")
+    ray: str | None = opt(None, "Evaluate on a Ray cluster at this address (local: start one); the pool "
+                                "size comes from the recipe's executor.ray.")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     if options.limit is not None:
         r = r.model_copy(update={"datasets": tuple(replace(d, limit=options.limit) for d in r.datasets)})
     alphas = tuple(dict.fromkeys(r.alphas))
+    ray_opts = r.executor.ray if options.ray is None else replace(r.executor.ray or RayOptions(), address=options.ray)
+    if ray_opts is not None and r.apply != "swap":
+        raise OptionsError(f"a Ray sweep loads α in place; apply is {r.apply!r}", where="executor.ray",
+                           fix="use apply: swap, or run without --ray / executor.ray")
     out = Path(options.output or r.output.format(name=r.name))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
@@ -97,7 +105,26 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
                                   merge=MergeOptions(vectors=source.more),
                                   options=replace(r.materialize, progress=pg)).configs
 
-    # One engine for every dataset (started only if some run is not complete yet).
+    evals = [_eval_options(r, ds, pg, verbose=options.verbose) for ds in r.datasets]
+    with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
+        if ray_opts is not None:  # --- ray: the α × dataset plan on a pool of engines (tvtool.cluster) ---
+            if not plain:
+                raise OptionsError("a Ray sweep runs plain θ1 + αΔ only", where="merge",
+                                   fix="run merge operators without --ray / executor.ray")
+            tables, starts = _eval_on_ray(r, source, out / "eval", alphas, evals, ray_opts, pg)
+        else:
+            tables, starts = _eval_one_engine(r, source, out / "eval", alphas, evals, folders, adapters,
+                                              configs, plain)
+
+    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
+    if r.push.enabled:
+        folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
+        push(folder=folder, evaluation=_markdown(tables), options=r.push)
+    return SweepResult(out, report, tables, starts)
+
+
+def _eval_one_engine(r: Recipe, source: DeltaSource, out: Path, alphas, evals, folders, adapters, configs, plain):
+    """Every dataset on one engine (started only if some run is not complete yet)."""
     if r.apply == "swap":
         eng = Engine.for_source(source=source, options=r.engine, lazy=True)
     elif r.apply == "materialize":
@@ -106,29 +133,30 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
         rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
         eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
     tables = {}
-    with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
-        try:
-            for ds in r.datasets:
-                ev, sampling = _eval_options(r, ds, pg, verbose=options.verbose)
-                common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
-                if r.apply == "swap":
-                    res = evaluate(source=source, configs=configs, **common) if not plain else \
-                        evaluate(source=source, alphas=alphas, **common)
-                elif r.apply == "materialize":
-                    res = evaluate(checkpoints=[folders[a] for a in alphas] if plain else list(folders.values()),
-                                   **common)
-                else:
-                    res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
-                tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
-        finally:
-            starts = eng.starts
-            eng.close()
+    try:
+        for ev, sampling in evals:
+            common = dict(output=out, options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
+            if r.apply == "swap":
+                res = evaluate(source=source, configs=configs, **common) if not plain else \
+                    evaluate(source=source, alphas=alphas, **common)
+            elif r.apply == "materialize":
+                res = evaluate(checkpoints=[folders[a] for a in alphas] if plain else list(folders.values()),
+                               **common)
+            else:
+                res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
+            tables[res.runs[0].folder.name if res.runs else ev.dataset] = [table_row(x) for x in res.runs]
+    finally:
+        eng.close()
+    return tables, eng.starts
 
-    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
-    if r.push.enabled:
-        folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
-        push(folder=folder, evaluation=_markdown(tables), options=r.push)
-    return SweepResult(out, report, tables, starts)
+
+def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_opts: RayOptions, pg: bool):
+    """Every α × dataset run on a Ray pool: the same run folders, so the same table as one engine."""
+    from .cluster import evaluate_on_ray
+
+    res = evaluate_on_ray(output=out, source=source, alphas=alphas, datasets=evals, prompt=r.prompt,
+                          engine_options=r.engine, executor=ray_opts, progress=pg)
+    return {ev.runs[0].folder.name: [table_row(x) for x in ev.runs] for ev in res.results}, res.pool.engine_starts
 
 
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
