@@ -38,7 +38,8 @@ def test_templates_are_the_papers():
 @pytest.mark.vllm
 def test_prompt_budget_sweep_writes_table_12_rows(tmp_path, capfd):
     r = load_recipe(RECIPE)
-    r = replace(r, alphas=(0.0, 1.0), prompt_budgets=(20, 50), datasets=(replace(r.datasets[0], limit=4),))
+    r = r.model_copy(update={"alphas": (0.0, 1.0), "prompt_budgets": (20, 50),
+                             "datasets": (replace(r.datasets[0], limit=4),)})
     res = sweep(recipe=r, options=SweepOptions(output=str(tmp_path), progress=False))
     assert res.engine_starts == 1
     (name, rows), = res.tables.items()
