@@ -23,24 +23,30 @@ Filtering, as in the released data ("we filter out all the solutions with incorr
 so the shortest solution gets β = 1 and the longest β = 0. Degenerate case (one solution, or
 all of the same length): β = 1 for every one — each is a shortest solution, and β → 1 as
 m → m_min is what eq. 4 gives the shortest one.
-Token lengths: solution_0 is tokenized with the reasoner's tokenizer (no special tokens);
-a generated solution counts its generated token ids (as `evaluate` does, with the final EOS).
+Token lengths are counted one way for every solution, as the paper counts generated tokens: the
+token ids a model emits for it, the final EOS included. A generated solution counts its generated
+token ids (as `evaluate` records them); solution_0 (and any text) counts its ids under the reasoner's
+tokenizer (no special tokens) plus one for the EOS that would end it (`solution_length`).
+
+max_tokens is clamped to the engine's context (--max-model-len, else the model's
+max_position_embeddings) minus the longest prompt, with a note, before the engine starts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import __version__
 from .data import Problem, load_problems
 from .errors import OptionsError, OutputError
-from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, load_tokenizer, shell_model,
-                       vllm_version)
+from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, build_prompt, load_tokenizer,
+                       shell_model, uses_chat_template, vllm_version)
 from .options import opt
 from .output import check_free, discard, finish_dir, start_dir
 
@@ -82,10 +88,11 @@ class MixChainResult:
     rows: int
     stats: dict
     engine_starts: int
+    notes: tuple[str, ...] = field(default=())  # e.g. max_tokens clamped to the context
 
     def summary(self) -> str:
         s = self.stats
-        lines = [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
+        lines = [f"note: {n}" for n in self.notes] + [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
                  f"→ {self.folder}", f"generations: {self.generations} (engine starts: {self.engine_starts})"]
         lines += [f"  {r['label']}: {r['samples']} solutions, mean {_f(r['mean_tokens'])} tokens" for r in s["table9"]]
         lines += [f"  α={a['alpha']:g}: accuracy {_f(a['accuracy'])} %, kept {a['kept']}, truncated {a['truncated']}"
@@ -115,6 +122,27 @@ def betas(lengths: Sequence[int | None]) -> list[float | None]:
         return [None] * len(lengths)
     lo, hi = min(present), max(present)
     return [None if m is None else 1.0 if hi == lo else 1.0 - (m - lo) / (hi - lo) for m in lengths]
+
+
+def solution_length(*, text: str, tokenizer: Any) -> int:
+    """Tokens a model emits for `text` as a solution: its ids (no special tokens) + the final EOS.
+
+    The one rule for every MixChain length: a generated solution that stopped at EOS has exactly
+    this many generated token ids, so solution_0 and solution_k are measured alike."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+
+def clamp_max_tokens(*, max_tokens: int, context: int, longest_prompt: int) -> tuple[int, str | None]:
+    """(max_tokens that fits `context` after the longest prompt, a note when it was lowered)."""
+    room = context - longest_prompt
+    if room < 1:
+        raise OptionsError(f"the longest prompt ({longest_prompt} tokens) fills the engine's context of "
+                           f"{context} tokens", where="--max-model-len",
+                           fix="raise --max-model-len (within the model's limit) or shorten the prompts")
+    if max_tokens <= room:
+        return max_tokens, None
+    return room, (f"max_tokens lowered from {max_tokens} to {room}: the context is {context} tokens and the "
+                  f"longest prompt has {longest_prompt}")
 
 
 def columns(k: int) -> list[str]:
@@ -292,8 +320,9 @@ Questions by number of kept generated solutions: {hist}.
 - `question`; `answer` (the ground-truth solution; GSM8K: calculator annotations and the `#### N` line
   removed); `target` (the gold final answer); `id` (tvtool's question id).
 - `solution_0` = `answer`; `solution_k` (k ≥ 1) = the chain generated with α = `alpha_k`.
-- `solution_k_token`: token length — `solution_0` tokenized with the reasoner's tokenizer (no special
-  tokens), generated chains: the number of generated token ids (with the final EOS).
+- `solution_k_token`: token length, counted one way for every solution as the paper counts generated
+  tokens: the token ids a model emits for it, the final EOS included (generated chains: their generated
+  token ids; `solution_0`: its ids under the reasoner's tokenizer, no special tokens, plus the EOS).
 - `correct_k`: the chain reached the gold answer (and finished). A removed chain has `solution_k`,
   `solution_k_token` and `beta_k` = null and `correct_k` = false; `alpha_k` is always set.
 - `beta_k` (CoT-Valve eq. 4) over the question's present solutions, `solution_0` included:
@@ -345,6 +374,12 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                            fix="choose another --work-dir")
     check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+    shell = shell_model(base=base, delta=delta, reasoner=reasoner, folder=work / ".engine-model")
+    tok = load_tokenizer(shell)
+    sampling, note = _fit_context(problems=problems, tokenizer=tok, shell=shell, prompt=prompt, sampling=sampling,
+                                  engine_options=engine.options if engine is not None else engine_options)
+    if note:
+        logging.getLogger("tvtool").warning("tvtool: note: %s", note)
     ev = evaluate(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,
                   sampling=sampling, engine_options=engine_options, engine=engine,
                   options=EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
@@ -352,9 +387,8 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
     gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]
-    tok = load_tokenizer(shell_model(base=base, delta=delta, reasoner=reasoner, folder=work / ".engine-model"))
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
-                           count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+                           count_tokens=lambda t: solution_length(text=t, tokenizer=tok),
                            keep_truncated=o.keep_truncated, scorer=scorer)
     record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, problems=problems, o=o,
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
@@ -367,7 +401,22 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     except BaseException:
         discard(tmp)
         raise
-    return MixChainResult(out, work, len(rows), stats, ev.engine_starts)
+    return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
+
+
+def _fit_context(*, problems, tokenizer, shell: Path, prompt: PromptOptions, sampling: SamplingOptions,
+                 engine_options: EngineOptions) -> tuple[SamplingOptions, str | None]:
+    """`sampling` with max_tokens clamped to the context left after the longest prompt (and the note)."""
+    cfg = json.loads((shell / "config.json").read_text())
+    context = engine_options.max_model_len or cfg.get("max_position_embeddings") or \
+        cfg.get("text_config", {}).get("max_position_embeddings")
+    if not context:
+        return sampling, None
+    special = not uses_chat_template(tokenizer=tokenizer, options=prompt)
+    longest = max((len(tokenizer(build_prompt(question=p.question, tokenizer=tokenizer, options=prompt),
+                                 add_special_tokens=special)["input_ids"]) for p in problems), default=0)
+    n, note = clamp_max_tokens(max_tokens=sampling.max_tokens, context=int(context), longest_prompt=longest)
+    return replace(sampling, max_tokens=n), note
 
 
 def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,
