@@ -325,7 +325,7 @@ def shell_model(*, base: str | os.PathLike, folder: str | os.PathLike, delta: st
 
     b = Checkpoint.open(base)
     tv = TaskVector.between(b, reasoner) if reasoner is not None else TaskVector.load(delta)
-    files = tv.side_files()
+    files = tv.side_files(base=b)
     if "config.json" not in files:
         raise EngineError("the reasoner/delta carries no config.json", where=str(reasoner or delta),
                           fix="evaluate materialized checkpoints instead")

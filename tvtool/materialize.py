@@ -165,7 +165,7 @@ def _chunks(shape, n_delta):
 
 
 def _side_files(b: Checkpoint, tv: TaskVector, o: MaterializeOptions, wplan) -> dict[str, bytes]:
-    files = tv.side_files() if o.config_from == "reasoner" else b.side_files()
+    files = tv.side_files(base=b) if o.config_from == "reasoner" else b.side_files()
     if "config.json" not in files:
         raise MismatchError(f"no config.json in the {o.config_from}'s files",
                             fix="use --config-from base" if o.config_from == "reasoner" else "add a config.json")
