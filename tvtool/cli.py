@@ -19,6 +19,7 @@ from .lowrank import LowRankOptions, svd_rank
 from .materialize import MaterializeOptions, materialize
 from .mixchain import MixChainOptions, build_mixchain
 from .sweep import SweepOptions, sweep
+from .train import TrainOptions, train
 from .options import FLOAT_LIST, click_options, from_cli
 
 
@@ -139,6 +140,23 @@ def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output
     result = build_mixchain(base=base, delta=delta_path, reasoner=reasoner, output=output, options=options,
                             prompt=prompt, sampling=sampling, engine_options=engine_options)
     click.echo(result.summary())
+
+
+@main.command("train")
+@click.argument("mode", type=click.Choice(["valve", "valve++", "progressive"]))
+@click.option("--model", required=True, help="The model θ to train a LoRA on (folder or Hub id).")
+@click.option("--data", required=True, help="A `tvtool mixchain` folder, MixChain-Z .parquet/.jsonl, or .jsonl "
+                                            "question/solution pairs.")
+@click.option("-o", "--output", required=True, help="Adapter folder to write (resumable: re-run to continue).")
+@click_options(TrainOptions)
+@click_options(PromptOptions)
+def train_cmd(mode: str, model: str, data: str, output: str, **kw) -> None:
+    """Train a CoT-Valve LoRA: valve (one column), valve++ (per-sample β, eq. 3-4) or progressive (+P).
+    Runs unchanged under `accelerate launch` (DDP)."""
+    result = train(mode=mode, model=model, data=data, output=output, options=from_cli(TrainOptions, kw),
+                   prompt=from_cli(PromptOptions, kw))
+    if result.record:
+        click.echo(result.summary())
 
 
 @main.command("sweep")

@@ -18,6 +18,7 @@ import yaml
 from .errors import RecipeError
 from .generate import EngineOptions, PromptOptions, SamplingOptions
 from .options import unwrap_optional, opt
+from .train import TrainOptions
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,28 @@ class PushSpec:
     private: bool = opt(True, "Create private repos.")
 
 
+# --- CoT-Valve training stages (mixchain, train) ---
+@dataclass(frozen=True)
+class MixChainSpec:
+    dataset: str = opt("gsm8k", "Questions with gold answers (relative paths: from the recipe's folder).")
+    split: str = opt("train", "Dataset split.")
+    limit: int | None = opt(None, "Only the first N questions.")
+    alphas: tuple[float, ...] = opt((0.2, 0.4, 0.6, 0.8), "α values, one solution each (paper: 0.2 0.4 0.6 0.8).")
+    min_correct: str = opt("all", "all | any | a number: correct generated solutions a question needs.")
+    max_tokens: int | None = opt(None, "Overrides sampling.max_tokens (clamped to the context in any case).")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    name: str = opt(None, "Name of the trained valve (folder train/<name>, label in the report).")
+    mode: Literal["valve", "valve++", "progressive"] = opt("valve++", "valve | valve++ | progressive.")
+    model: str = opt("reasoner", "The θ the LoRA is trained on: reasoner, base, or a model path.")
+    data: str = opt("mixchain", "mixchain (the recipe's MixChain stage) or a dataset path.")
+    alphas: tuple[float, ...] = opt((1.0,), "α values of the valve's in-engine sweep (θ + α·Δθ).")
+    options: TrainOptions = field(default_factory=TrainOptions, metadata={"help": "tvtool train options."})
+# --- end CoT-Valve training stages ---
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = opt(None, "Name of the run (used in the default output folder).")
@@ -72,9 +95,11 @@ class Recipe:
     keep: KeepSpec = field(default_factory=KeepSpec, metadata={"help": "What to keep on disk."})
     push: PushSpec = field(default_factory=PushSpec, metadata={"help": "What to push (dry run by default)."})
     output: str = opt("runs/{name}", "Output folder.")
+    mixchain: MixChainSpec | None = opt(None, "Build MixChain-Z from θ1 + αΔ (CoT-Valve §3.2).")
+    train: tuple[TrainSpec, ...] = opt((), "Valves to train (valve, valve++, progressive) and sweep over α.")
 
 
-REQUIRED = {Recipe: ("name", "base", "reasoner", "alphas", "datasets"), DatasetSpec: ("name",)}
+REQUIRED = {Recipe: ("name", "base", "reasoner", "alphas", "datasets"), DatasetSpec: ("name",), TrainSpec: ("name",)}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -98,7 +123,17 @@ def load_recipe(path: str | Path) -> Recipe:
         return str((here / v).resolve()) if not Path(v).is_absolute() and (here / v).exists() else v
 
     ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
-    return dataclasses.replace(r, base=local(r.base), reasoner=local(r.reasoner), datasets=ds)
+    mc = dataclasses.replace(r.mixchain, dataset=local(r.mixchain.dataset)) if r.mixchain else None
+    names = [t.name for t in r.train]
+    if len(set(names)) != len(names):
+        raise RecipeError("two train entries have the same name", where=str(path), fix="give each a unique name")
+    if any(t.data == "mixchain" for t in r.train) and mc is None:
+        raise RecipeError("a train entry uses data: mixchain but the recipe has no mixchain stage", where=str(path),
+                          fix="add mixchain: {...}, or give the train entry a dataset path")
+    tr = tuple(dataclasses.replace(t, data=t.data if t.data == "mixchain" else local(t.data),
+                                   model=t.model if t.model in ("reasoner", "base") else local(t.model))
+               for t in r.train)
+    return dataclasses.replace(r, base=local(r.base), reasoner=local(r.reasoner), datasets=ds, mixchain=mc, train=tr)
 
 
 def build(cls: type, data: Any, where: str, file: str):

@@ -104,7 +104,14 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
             eng.close()
         tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
 
-    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
+    # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
+    from .valve_stages import run_valve_stages
+
+    vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg)
+    tables.update(vt)
+    starts += vs
+    # --- end CoT-Valve stages ---
+    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank, valves=valves)
     if r.push.enabled:
         from .hub import PushOptions, push
 
@@ -144,7 +151,7 @@ def _markdown(tables: dict[str, list[dict]]) -> str:
 
 
 def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables: dict[str, list[dict]],
-                 lowrank: dict | None) -> Path:
+                 lowrank: dict | None, valves: dict | None = None) -> Path:
     """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank)."""
     from .report import plot
 
@@ -169,22 +176,29 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
               "spectra: `spectra.png`.\n")
     src = recipe_path or out / "recipe.yaml"
     body = [f"# tvtool sweep: {recipe.name}", "",
-            f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
+            f"θ1 = `{_short(recipe.base)}`, θ2 = `{_short(recipe.reasoner)}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
             ACU_FORMULA, ""]
     from .report import markdown_table
 
+    from .valve_stages import valve_commands, valve_section
+
+    if valves:  # --- CoT-Valve: Table 1 and the bars (tvtool.valve_stages) ---
+        body += valve_section(recipe=recipe, tables=tables, valves=valves)
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
     body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
-             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out), "```", "",
-             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True).strip(),
+             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out),
+             *valve_commands(recipe=recipe, out=_short(out)), "```", "",
+             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(replace(recipe, base=_short(recipe.base),
+                                                                      reasoner=_short(recipe.reasoner))),
+                                                      sort_keys=False, allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(body))
     (out / "report.json").write_text(json.dumps(
         {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA, "versions": versions,
-         "plots": {k: str(v) for k, v in plots.items()}}, indent=2, default=str) + "\n")
+         "plots": {k: v.name for k, v in plots.items()}, "valves": valves}, indent=2, default=str) + "\n")
     return report
 
 
