@@ -13,7 +13,7 @@ from tvtool.recipe import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml"])
+@pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml", "toy-valve.yaml"])
 def test_shipped_recipes_validate(name):
     r = load_recipe(RECIPES / name)
     assert r.alphas and r.datasets
@@ -78,3 +78,29 @@ def test_not_yaml(tmp_path):
     p.write_text("name: [unclosed\n")
     r = cli("sweep", p)
     assert r.exit_code == 2 and r.stderr.startswith("tvtool: error: recipe is not valid YAML: ")
+
+
+def test_valve_recipes_carry_the_papers_training_settings():
+    from tvtool.train import resolve
+
+    qwq = load_recipe(RECIPES / "qwq-32b-preview.yaml")
+    assert qwq.mixchain.alphas == (0.2, 0.4, 0.6, 0.8) and [t.mode for t in qwq.train] == ["valve++", "progressive"]
+    o = resolve(qwq.train[0].options, mode="valve++")
+    assert (o.rank, o.lora_alpha, o.lr, o.batch_size, o.epochs) == (2, 8.0, 1e-5, 64, 5)
+    assert resolve(qwq.train[1].options, mode="progressive").epochs == 2
+    toy = load_recipe(RECIPES / "toy-valve.yaml")
+    assert Path(toy.mixchain.dataset).is_file() and toy.train[0].alphas == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def test_a_bad_train_entry_names_its_field(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nbase: b\nreasoner: r\nalphas: [0]\ndatasets: [{name: toy}]\n"
+                   "train: [{name: v, mode: valve++, data: mixchain, options: {rank: two}}]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert str(e.value) == f"field train[0].options.rank must be an integer, got 'two' ({bad})"
+    bad.write_text("name: x\nbase: b\nreasoner: r\nalphas: [0]\ndatasets: [{name: toy}]\n"
+                   "train: [{name: v, mode: valve++}]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert str(e.value).startswith("a train entry uses data: mixchain but the recipe has no mixchain stage")

@@ -158,9 +158,9 @@ def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, outpu
     if result is None:  # not the main process: wait for the main one to finish the folder
         barrier()
         return TrainResult(out, [], [], None, {})
-    tmp, losses, stage_dirs, world = result
+    tmp, losses, stage_dirs, where = result
     final = losses[-1]["loss"] if losses else None
-    record = {**settings, "steps": len(losses), "final_loss": final, "losses": losses, "processes": world,
+    record = {**settings, "steps": len(losses), "final_loss": final, "losses": losses, **where,
               "seconds": round(time.time() - t0, 1), "stage_folders": [f"stages/{d.name}" for d in stage_dirs],
               "stages": [{k: (len(v) if k == "samples" else v) for k, v in e.items()} | {
                   "steps": sum(1 for x in losses if x["stage"] == e["name"])} for e in encoded]}

@@ -168,7 +168,7 @@ def barrier() -> None:
 
 def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, settings: dict, pad_id: int):
     """Train every stage; on the main process returns (partial folder, per-step losses, stage adapter folders,
-    process count); None on the others."""
+    {processes, device}); None on the others."""
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -261,7 +261,7 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
     if acc.is_main_process:
         net.save_pretrained(tmp)
     acc.wait_for_everyone()
-    return (tmp, losses, stage_dirs, world) if acc.is_main_process else None
+    return (tmp, losses, stage_dirs, {"processes": world, "device": str(acc.device)}) if acc.is_main_process else None
 
 
 __all__ = ["BetaScale", "barrier", "build_peft_model", "forward_nll", "load_checkpoint", "run", "token_nll"]

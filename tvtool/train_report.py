@@ -20,9 +20,12 @@ _WHAT = {
 }
 
 
-def write_plot(*, losses: list[dict], path: str | Path) -> Path:
-    """Loss per optimizer step; stage boundaries marked (progressive)."""
-    import matplotlib
+def write_plot(*, losses: list[dict], path: str | Path) -> Path | None:
+    """Loss per optimizer step; stage boundaries marked (progressive). None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:  # the eval extra is not installed: the losses stay in train.json
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
