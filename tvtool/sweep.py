@@ -190,16 +190,23 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
     body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
              "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out),
              *valve_commands(recipe=recipe, out=_short(out)), "```", "",
-             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(replace(recipe, base=_short(recipe.base),
-                                                                      reasoner=_short(recipe.reasoner))),
-                                                      sort_keys=False, allow_unicode=True).strip(),
+             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(_relative(recipe)), sort_keys=False,
+                                                      allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(body))
     (out / "report.json").write_text(json.dumps(
-        {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA, "versions": versions,
+        {"recipe": to_dict(_relative(recipe)), "tables": tables, "acu_formula": ACU_FORMULA, "versions": versions,
          "plots": {k: v.name for k, v in plots.items()}, "valves": valves}, indent=2, default=str) + "\n")
     return report
+
+
+def _relative(r: Recipe) -> Recipe:
+    """The recipe with local paths relative to the working folder (committed reports carry no absolute paths)."""
+    mc = replace(r.mixchain, dataset=_short(r.mixchain.dataset)) if r.mixchain else None
+    return replace(r, base=_short(r.base), reasoner=_short(r.reasoner), mixchain=mc,
+                   datasets=tuple(replace(d, name=_short(d.name)) for d in r.datasets),
+                   train=tuple(replace(t, model=_short(t.model), data=_short(t.data)) for t in r.train))
 
 
 def _short(p) -> str:
