@@ -151,12 +151,14 @@ def valve_section(*, recipe, tables: dict[str, list[dict]], valves: dict) -> lis
 def valve_commands(*, recipe, out: str) -> list[str]:
     """The shell commands of the CoT-Valve stages (what `run_valve_stages` calls)."""
     r, cmds = recipe, []
+    eng = (f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else "") + \
+        (f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else "")
     if r.mixchain:
         m = r.mixchain
         lim = f" --limit {m.limit}" if m.limit else ""
         cmds.append(f"tvtool mixchain {_rel(r.base)} --reasoner {_rel(r.reasoner)} --dataset {_rel(m.dataset)} "
                     f"--split {m.split}{lim} --alpha {','.join(map(format_alpha, m.alphas))} --min-correct "
-                    f"{m.min_correct} --instruction {r.prompt.instruction!r} -o {out}/mixchain")
+                    f"{m.min_correct} --instruction {r.prompt.instruction!r}{eng} -o {out}/mixchain")
     for t in r.train:
         model = _rel({"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model))
         data = f"{out}/mixchain" if t.data == "mixchain" else _rel(t.data)
@@ -168,7 +170,9 @@ def valve_commands(*, recipe, out: str) -> list[str]:
         for d in r.datasets:
             lim = f" --limit {d.limit}" if d.limit else ""
             cmds.append(f"tvtool eval --base {model} --delta {out}/train/{t.name} --alpha "
-                        f"{','.join(map(format_alpha, t.alphas))} --dataset {_rel(d.name)}{lim} -o {out}/valves/{t.name}")
+                        f"{','.join(map(format_alpha, t.alphas))} --dataset {_rel(d.name)}{lim} --max-tokens "
+                        f"{d.max_tokens or r.sampling.max_tokens} --instruction {r.prompt.instruction!r}{eng} "
+                        f"-o {out}/valves/{t.name}")
     return cmds
 
 
