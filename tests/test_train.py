@@ -271,7 +271,9 @@ def test_two_processes_under_accelerate_launch_train_the_same_adapter(tmp_path):
     one = subprocess.run([sys.executable, "-m", "tvtool", *args, "-o", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate's --cpu launcher starts several processes only through MPI; --multi_gpu is its torchrun
+    # launcher, and with no CUDA tvtool's Accelerator runs DDP over gloo (accelerate's MULTI_CPU)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "tvtool", *args, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -179,7 +179,9 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
     o = options
     if o.threads > 0:
         torch.set_num_threads(o.threads)
-    acc = Accelerator(mixed_precision="bf16" if o.precision == "bf16" else "no")
+    # cpu=True without CUDA: under torchrun / `accelerate launch --multi_gpu` accelerate then runs DDP on
+    # gloo (MULTI_CPU); without it, each CPU process would train alone, as if it were the only one.
+    acc = Accelerator(mixed_precision="bf16" if o.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     net = build_peft_model(model, rank=o.rank, lora_alpha=o.lora_alpha, target_modules=o.target_modules,
                            dropout=o.dropout, rslora=o.rslora, seed=o.seed,
                            dtype=torch.bfloat16 if o.precision == "bf16" else torch.float32)
