@@ -178,7 +178,7 @@ def _odd_scorer(resp: str, p: Problem) -> bool:
 
 
 def _build(vengine, out: Path, engine, **kw):
-    from tvtool.generate import SamplingOptions
+    from tvtool.engine import SamplingOptions
     from tvtool.mixchain import build_mixchain
 
     opts = dict(limit=3, alphas=(0.6, 0.2), batch_size=1, progress=False, keep_truncated=True, min_correct="any")
@@ -193,7 +193,7 @@ def test_build_on_a_tiny_pair_matches_its_generations(vengine, tmp_path):
     from transformers import AutoTokenizer
 
     from tvtool.data import load_problems
-    from tvtool.evaluate import read_samples
+    from tvtool.results import read_samples
 
     out = tmp_path / "mc"
     res = _build(vengine, out, vengine.engine, min_correct="0")
@@ -251,7 +251,7 @@ def test_interrupted_build_resumes_to_the_same_dataset(vengine, tmp_path):
 
 
 def test_bad_requests_fail_before_any_generation(tmp_path):
-    from tvtool.generate import SamplingOptions
+    from tvtool.engine import SamplingOptions
     from tvtool.mixchain import build_mixchain
 
     kw = dict(base="b", reasoner="r", output=tmp_path / "mc")  # paths never opened: the checks come first
@@ -303,8 +303,9 @@ def test_a_generated_solution_and_the_same_text_as_ground_truth_get_the_same_cou
 def test_max_tokens_is_clamped_to_the_context_left_after_the_longest_prompt():
     from tvtool import toy
     from tvtool.data import load_problems
-    from tvtool.generate import EngineOptions, PromptOptions, SamplingOptions, load_tokenizer
-    from tvtool.mixchain import _fit_context, clamp_max_tokens
+    from tvtool.engine import EngineOptions, SamplingOptions
+    from tvtool.mixchain_length import clamp_max_tokens, fit_context
+    from tvtool.prompting import PromptOptions, load_tokenizer
 
     assert clamp_max_tokens(max_tokens=100, context=256, longest_prompt=40) == (100, None)
     n, note = clamp_max_tokens(max_tokens=4096, context=256, longest_prompt=40)
@@ -321,9 +322,9 @@ def test_max_tokens_is_clamped_to_the_context_left_after_the_longest_prompt():
     longest = max(len(tok(tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
                                                   add_generation_prompt=True), add_special_tokens=False)["input_ids"])
                   for p in probs)
-    s, note = _fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
+    s, note = fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
                            sampling=SamplingOptions(), engine_options=EngineOptions())
     assert s.max_tokens == toy.MAX_POSITIONS - longest and "lowered from 4096" in note
-    s, note = _fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
+    s, note = fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
                            sampling=SamplingOptions(max_tokens=100), engine_options=EngineOptions(max_model_len=200))
     assert s.max_tokens == 100 and note is None

@@ -179,7 +179,7 @@ def test_progressive_trains_each_stage_for_its_epochs_and_keeps_every_stage(tmp_
 
 
 def _prompt():
-    from tvtool.generate import PromptOptions
+    from tvtool.prompting import PromptOptions
 
     return PromptOptions(instruction="")
 

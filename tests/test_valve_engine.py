@@ -45,7 +45,8 @@ def test_a_trained_adapter_gives_the_same_greedy_tokens_everywhere(vengine, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tvtool import MaterializeOptions, materialize
-    from tvtool.generate import PromptOptions, SamplingOptions, build_prompt
+    from tvtool.engine import SamplingOptions
+    from tvtool.prompting import PromptOptions, build_prompt
     from tvtool.train import TrainOptions, train
 
     base = _fp32_copy(vengine.base, tmp_path / "base32")
@@ -105,10 +106,11 @@ def test_the_toy_valve_pipeline_passes_through_every_stage(tmp_path):
     from tvtool.sweep import SweepOptions, sweep
 
     r = load_recipe(ROOT / "recipes" / "toy-valve.yaml")
-    r = dc.replace(r, alphas=(0.0, 1.0), datasets=tuple(dc.replace(d, limit=8) for d in r.datasets),
-                   mixchain=dc.replace(r.mixchain, limit=24, min_correct="any"),
-                   train=tuple(dc.replace(t, alphas=(0.0, 1.0) if t.mode == "valve++" else (1.0,),
-                                          options=dc.replace(t.options, max_steps=2, batch_size=8)) for t in r.train))
+    r = r.model_copy(update=dict(
+        alphas=(0.0, 1.0), datasets=tuple(dc.replace(d, limit=8) for d in r.datasets),
+        mixchain=dc.replace(r.mixchain, limit=24, min_correct="any"),
+        train=tuple(dc.replace(t, alphas=(0.0, 1.0) if t.mode == "valve++" else (1.0,),
+                               options=dc.replace(t.options, max_steps=2, batch_size=8)) for t in r.train)))
     out = tmp_path / "run"
     res = sweep(recipe=r, options=SweepOptions(output=str(out), progress=False))
     mc = json.loads((out / "mixchain" / "mixchain.json").read_text())

@@ -11,22 +11,23 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 
 from .errors import CheckpointError
+from .layout import INDEX, parse_hub_ref
 from .safetensors_io import TensorInfo, read_header, read_rows
 
-INDEX = "model.safetensors.index.json"
 # Everything but the weights that a model folder needs to load and chat.
 SIDE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                  "added_tokens.json", "vocab.*", "merges.txt", "chat_template*", "*.tiktoken")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,11 @@ def resolve(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
     ref = str(ref)
     if os.path.exists(ref):
         return Source(Path(ref), ref)
-    if not _HUB_ID.match(ref):
+    hub = parse_hub_ref(ref)
+    if hub is None:
         raise CheckpointError("checkpoint not found", where=ref,
                               fix="give a model folder, a .safetensors file or a Hub id like org/name[@revision]")
-    repo_id, _, revision = ref.partition("@")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
+    repo_id, revision = hub
     patterns = ["*.safetensors", "*.json", *SIDE_PATTERNS] + (["*.bin"] if allow_pickle else [])
     try:
         path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
@@ -123,12 +121,14 @@ class Checkpoint:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError("malformed index (no weight_map)", where=str(index_path),
                                   fix="re-download or re-create the index") from None
-        root = src.path.resolve()
+        root = Path(os.path.normpath(src.path.absolute()))
         headers: dict[str, tuple[dict, dict]] = {}
         infos: dict[str, TensorInfo] = {}
         meta: dict[str, str] = {}
         for name, fname in weight_map.items():
-            if not isinstance(fname, str) or os.path.isabs(fname) or (root / fname).resolve().parent != root:
+            # lexical check: shards in the HF cache are symlinks into ../../blobs, which is fine
+            if not isinstance(fname, str) or os.path.isabs(fname) or \
+                    Path(os.path.normpath(root / fname)).parent != root:
                 raise CheckpointError(f"index names a file outside the checkpoint folder: {fname!r}",
                                       where=str(index_path), fix="the index is unsafe or damaged; re-create it")
             if fname not in headers:
@@ -185,6 +185,10 @@ class Checkpoint:
         """(name, tensor) for every tensor, one at a time."""
         for name in self.names():
             yield name, self.read(name)
+
+    def files(self) -> list[Path]:
+        """The weight files the tensors are read from (shards, a single file, or pickles), sorted."""
+        return sorted({i.file for i in self._infos.values()})
 
     @property
     def nbytes(self) -> int:

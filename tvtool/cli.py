@@ -12,15 +12,19 @@ import click
 from . import __version__
 from .delta import DeltaOptions, delta
 from .errors import TvtoolError
-from .evaluate import EvalOptions, evaluate, generate_responses
-from .generate import EngineOptions, PromptOptions, SamplingOptions
+from .engine import EngineOptions, SamplingOptions
+from .evaluate import evaluate
+from .generate import generate_responses
 from .hub import PushOptions, push
 from .lowrank import LowRankOptions, svd_rank
 from .materialize import MaterializeOptions, materialize
+from .merge_options import MergeOptions
 from .mixchain import MixChainOptions, build_mixchain
+from .options import FLOAT_LIST, click_options, from_cli
+from .prompting import PromptOptions
+from .runs import EvalOptions
 from .sweep import SweepOptions, sweep
 from .train import TrainOptions, train
-from .options import FLOAT_LIST, click_options, from_cli
 
 
 class _Group(click.Group):
@@ -58,10 +62,12 @@ def delta_cmd(base: str, reasoner: str, output: str, **kw) -> None:
 @click.option("--reasoner", help="The reasoner checkpoint (Δ is computed on the fly).")
 @click.option("-o", "--output", required=True, help="Folder that receives one model folder per α.")
 @click_options(MaterializeOptions)
+@click_options(MergeOptions)
 def materialize_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
-    """Write merged checkpoints θ1 + α·Δ for every --alpha, in one pass over the inputs."""
+    """Write merged checkpoints θ1 + α·Δ for every --alpha, in one pass over the inputs
+    (--method ties|dare_linear|… over one or several --vector: θ1 + α·merge(Δ_1..Δ_n))."""
     result = materialize(base=base, delta=delta_path, reasoner=reasoner, output=output,
-                         options=from_cli(MaterializeOptions, kw))
+                         options=from_cli(MaterializeOptions, kw), merge=from_cli(MergeOptions, kw))
     click.echo(result.summary())
 
 
@@ -87,6 +93,7 @@ def _run_options(fn):
                      help="A PEFT LoRA adapter folder (repeat); served by one engine with LoRA enabled."),
         click.option("-o", "--output", required=True, help="Output folder (resumable: re-run to finish)."),
         click_options(EvalOptions, exclude=("score",)),
+        click_options(MergeOptions),
         click_options(PromptOptions),
         click_options(SamplingOptions),
         click_options(EngineOptions),
@@ -98,7 +105,7 @@ def _run_options(fn):
 def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw) -> dict:
     return dict(output=output, model=model, base=base, delta=delta_path, reasoner=reasoner,
                 alphas=tuple(a for part in alphas for a in part), checkpoints=checkpoints, loras=loras,
-                options=from_cli(EvalOptions, kw), prompt=from_cli(PromptOptions, kw),
+                options=from_cli(EvalOptions, kw), merge=from_cli(MergeOptions, kw), prompt=from_cli(PromptOptions, kw),
                 sampling=from_cli(SamplingOptions, kw), engine_options=from_cli(EngineOptions, kw))
 
 
@@ -106,7 +113,8 @@ def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, o
 @_run_options
 def eval_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
     """Generate with vLLM and score: one --model, CHECKPOINTS folders, an α sweep
-    (--base with --delta|--reasoner and --alpha, one engine, weights swapped in place),
+    (--base with --delta|--reasoner and --alpha, one engine, weights swapped in place;
+    --include/--exclude pick the tensors α applies to),
     or --lora adapters. Writes samples.jsonl, summary.json, run.json per run and, for
     several runs, a summary table (markdown, JSON) and plot."""
     result = evaluate(**_run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw))

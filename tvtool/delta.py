@@ -13,20 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from . import __version__
 from .errors import OutputError
-from .options import opt
+from .layout import DTYPES, dtype_name
+from .options import CliOptions, opt
 from .output import check_free, human, parse_size, plan_bytes, progress, write_tensors
 from .safetensors_io import row_chunks
-from .taskvector import TaskVector, common_dtype
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .source import DeltaSource
+from .taskvector import common_dtype
 
 
 @dataclass(frozen=True)
-class DeltaOptions:
+class DeltaOptions(CliOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Stored dtype of Δ. auto: the checkpoints' dtype. float32 makes α=1 give the reasoner bit for bit.")
     max_shard_size: str = opt("5GB", "Largest shard. A .safetensors output must fit in one; a folder output is sharded.")
@@ -61,8 +59,8 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
           options: DeltaOptions = DeltaOptions()) -> DeltaResult:
     """Write Δ = reasoner − base to `output` (a .safetensors file, or a folder of shards)."""
     o = options
-    tv = TaskVector.between(base, reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                            allow_pickle=o.allow_pickle)
+    tv = DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                     allow_pickle=o.allow_pickle).task_vector()
     pair = tv.pair
     dtype = common_dtype(pair.base, pair.reasoner) if o.dtype == "auto" else DTYPES[o.dtype]
     out = Path(output)
@@ -77,7 +75,7 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
     prov = tv.provenance()
     meta = {"format": "pt", "tvtool.kind": "delta", "tvtool.version": __version__,
             "tvtool.base": json.dumps(prov["base"]), "tvtool.reasoner": json.dumps(prov["reasoner"]),
-            "tvtool.dtype": str(dtype).removeprefix("torch."), "tvtool.vocab": o.vocab,
+            "tvtool.dtype": dtype_name(dtype), "tvtool.vocab": o.vocab,
             "tvtool.skipped": json.dumps(prov["skipped"]), "tvtool.missing": json.dumps(prov["missing"])}
     def fill(writer):
         with progress(plan_bytes(plan), "delta", o.progress) as bar:
@@ -88,6 +86,6 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
 
     written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(), max_shard_size=max_shard,
                             fill=fill)
-    return DeltaResult(out, written, len(plan), plan_bytes(plan), str(dtype).removeprefix("torch."),
+    return DeltaResult(out, written, len(plan), plan_bytes(plan), dtype_name(dtype),
                        prov["skipped"], prov["missing"])
 

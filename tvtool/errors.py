@@ -46,6 +46,10 @@ class DatasetError(TvtoolError):
     """An evaluation or training dataset cannot be read."""
 
 
+class ScoringError(TvtoolError):
+    """An answer cannot be scored (bad kind or rule, math-verify missing or its worker broken)."""
+
+
 class EngineError(TvtoolError):
     """vLLM is missing or could not run the request."""
 

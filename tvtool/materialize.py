@@ -9,29 +9,28 @@ looks done, and re-running finishes the job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import re
-from dataclasses import asdict, dataclass
+import shlex
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from . import __version__
+from .atomic import atomic_dir
 from .card import model_card
-from .checkpoint import Checkpoint
-from .delta import DTYPES
-from .errors import MismatchError, OptionsError, OutputError
-from .options import check_regex, opt
-from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
-from .safetensors_io import row_chunks
-from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
-
-SETTINGS_FILE = "tvtool.json"
-
+from .errors import OptionsError, OutputError
+from .layout import SETTINGS_FILE, alpha_name
+from .merge import MergeConfig, merge_chunks, merged_config, output_plan, plan_entries
+from .merge_options import MergeOptions, config_name, split_vectors
+from .options import CliOptions, opt
+from .output import ShardedWriter, WriteBehind, parse_size, progress
+from .source import DeltaSource
 
 @dataclass(frozen=True)
-class MaterializeOptions:
+class MaterializeOptions(CliOptions):
     alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
                                     flag="--alpha", short="-a")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")
@@ -51,147 +50,98 @@ class MaterializeOptions:
 
 @dataclass(frozen=True)
 class MaterializeResult:
-    folders: dict[float, Path]
+    folders: dict[float, Path]  # by α (with several operator settings per α: the last one's)
     written: list[float]
     skipped: list[float]
     bytes_read: int
     bytes_written: int
+    configs: dict[MergeConfig, Path] = field(default_factory=dict)  # every configuration's folder
 
     def summary(self) -> str:
-        s = [f"α={a:g} → {self.folders[a]}" + (" (already complete)" if a in self.skipped else "")
-             for a in self.folders]
+        s = [f"{c.tag() + ' ' if c.tag() else ''}α={c.alpha:g} → {f}"
+             + (" (already complete)" if c.alpha in self.skipped and c.alpha not in self.written else "")
+             for c, f in self.configs.items()]
         return "\n".join(s)
 
 
-def format_alpha(a: float) -> str:
-    """0.6 → '0.6', 1.0 → '1', -0.5 → '-0.5'."""
-    return f"{a:g}" if abs(a) < 1e16 else repr(a)
-
-
 def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
-                reasoner: str | os.PathLike | None = None, options: MaterializeOptions) -> MaterializeResult:
-    """Write θ1 + α·Δ for every α in `options.alphas` under `output`, reading each input once."""
+                reasoner: str | os.PathLike | None = None, options: MaterializeOptions,
+                merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None
+                ) -> MaterializeResult:
+    """Write θ1 + α·Δ (or an operator's θ1 + α·M, `merge`) for every α in `options.alphas` under
+    `output`, reading each input once per pass. `configs` (instead of α × `merge`) writes several
+    operator settings in the same run.
+
+    The tensors come from the shared merge stream (`tvtool.merge.merge_chunks`), one output per configuration."""
     o = options
-    alphas = _check_options(o, delta, reasoner)
-    if reasoner is not None:
-        tv = TaskVector.between(base, reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                                allow_pickle=o.allow_pickle)
-        b = tv.pair.base
-    else:
-        b = Checkpoint.open(base, allow_pickle=o.allow_pickle)
-        tv = TaskVector.load(delta)
-    plan = merge_plan(b, tv)
-    inc, exc = (re.compile(o.include) if o.include else None), (re.compile(o.exclude) if o.exclude else None)
-    selected = {n for n, _ in plan if n in tv and (not inc or inc.search(n)) and not (exc and exc.search(n))}
-    dtype_of = {n: (DTYPES[o.dtype] if o.dtype != "auto" and b.info(src).dtype.is_floating_point
-                    else b.info(src).dtype) for n, src in plan}
-    wplan = [(n, dtype_of[n], b.info(src).shape) for n, src in plan]
-    files = _side_files(b, tv, o, wplan)
+    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                         allow_pickle=o.allow_pickle, more=more)
+    alphas = _check_options(o, configs)
+    cfgs = list(dict.fromkeys(configs)) if configs is not None else \
+        merge.configs(alphas, include=o.include, exclude=o.exclude, weights=weights)
+    b, tvs = source.open_vectors()
+    tv = tvs[0]
+    plan = output_plan(b, tv, dtype=o.dtype)
+    files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
     out = Path(output)
-    folders = {a: out / o.name_template.format(alpha=format_alpha(a)) for a in alphas}
+    folders = {c: out / config_name(c, o.name_template) for c in cfgs}
     if len(set(folders.values())) != len(folders):
-        raise OptionsError("two α values map to the same folder name", where=o.name_template,
+        raise OptionsError("two configurations map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
-    settings = {a: _settings(a, b, tv, o, reasoner, delta) for a in alphas}
-    todo = [a for a in alphas if not _complete(folders[a], settings[a], o.overwrite)]
-    tmps = {a: start_dir(folders[a]) for a in todo}
-    writers = {a: ShardedWriter(folder=tmps[a], plan=wplan, metadata={"format": "pt"},
-                                max_shard_size=parse_size(o.max_shard_size)) for a in todo}
-    total_w = sum(w.total_size for w in writers.values())
-    read = 0
-
-    def reads():  # (tensor index, name, base rows, Δ rows, θ2 rows), in a prefetch thread
-        for i, (name, src) in enumerate(plan if todo else []):
-            shape = b.info(src).shape
-            n_delta = tv.shape(name)[0] if name in selected and shape else None
-            for s, e in _chunks(shape, n_delta):
-                use = name in selected and (n_delta is None or s < n_delta)
-                if use:  # in the prefetch thread
-                    yield (i, name, *tv.merge_inputs(b, name, src, s, e))
-                else:
-                    yield i, name, b.read(src, s, e), None, None, None
-
-    try:
+    settings = {c: _settings(c, b, o, reasoner, delta, more) for c in cfgs}
+    todo = [c for c in cfgs if not _complete(folders[c], settings[c], o.overwrite)]
+    entries = plan_entries(plan)
+    read = total_w = 0
+    with contextlib.ExitStack() as stack:  # every folder is renamed into place only if all succeed
+        tmps = {c: stack.enter_context(atomic_dir(folders[c])) for c in todo}
+        writers = {c: stack.enter_context(ShardedWriter(folder=tmps[c], plan=entries, metadata={"format": "pt"},
+                                                        max_shard_size=parse_size(o.max_shard_size)))
+                   for c in todo}
+        total_w = sum(w.total_size for w in writers.values())
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
             wb = WriteBehind(on_bytes=bar.update)
             try:
-                for i, name, base_rows, base32, d, end in prefetch(reads()):
-                    read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
-                    for a in todo:
-                        if a == 1.0 and end is not None:
-                            chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
-                        else:
-                            chunk = merge_rows(base_rows, d, a, dtype_of[name], base32=base32)
-                        wb.submit(writers[a], name, chunk)
-                    bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
+                stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan) if todo else ()
+                for chunk in stream:
+                    read += chunk.bytes_read
+                    for c, t in zip(todo, chunk.outputs):
+                        wb.submit(writers[c], chunk.name, t)
+                    bar.set_postfix_str(f"tensors {chunk.index + 1}/{len(plan)}", refresh=False)
                 wb.flush()
             finally:
                 wb.close()
-            for a in todo:
-                writers[a].close()
-                _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
-    except BaseException:
-        for a in todo:
-            writers[a].abort()
-            discard(tmps[a])
-        raise
-    for a in todo:
-        finish_dir(tmps[a], folders[a])
-    return MaterializeResult(folders, todo, [a for a in alphas if a not in todo], read, total_w)
+        for c in todo:
+            writers[c].close()
+            _write_extras(tmps[c], files, settings[c], prov, c, o, reasoner, delta, base, output, merge)
+    return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
+                             [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
 
 
-def _check_options(o: MaterializeOptions, delta, reasoner) -> list[float]:
-    if (delta is None) == (reasoner is None):
-        raise OptionsError("give exactly one of --delta and --reasoner", fix="Δ comes from a delta file or a reasoner")
+def _check_options(o: MaterializeOptions, configs) -> list[float]:
+    if configs is not None:
+        if not configs:
+            raise OptionsError("no configuration given", where="configs", fix="pass at least one MergeConfig")
+        return []
     if not o.alphas:
         raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
     for a in o.alphas:
         if not math.isfinite(a):
             raise OptionsError(f"α must be a finite number, got {a}", where="--alpha")
-    check_regex("--include", o.include)
-    check_regex("--exclude", o.exclude)
+    MergeConfig(0.0, o.include, o.exclude)  # checks the regular expressions
     if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
         raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
     return list(dict.fromkeys(float(a) for a in o.alphas))
 
 
-def _chunks(shape, n_delta):
-    """Row chunks that never straddle the end of Δ's rows (vocab intersect)."""
-    if n_delta is None or not shape or n_delta >= shape[0]:
-        return row_chunks(shape)
-    return row_chunks((n_delta, *shape[1:])) + [(s + n_delta, e + n_delta)
-                                               for s, e in row_chunks((shape[0] - n_delta, *shape[1:]))]
-
-
-def _side_files(b: Checkpoint, tv: TaskVector, o: MaterializeOptions, wplan) -> dict[str, bytes]:
-    files = tv.side_files(base=b) if o.config_from == "reasoner" else b.side_files()
-    if "config.json" not in files:
-        raise MismatchError(f"no config.json in the {o.config_from}'s files",
-                            fix="use --config-from base" if o.config_from == "reasoner" else "add a config.json")
-    cfg = json.loads(files["config.json"])
-    names = {n: s for n, _, s in wplan}
-    for n, shape in names.items():
-        vs = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-        if is_vocab_tensor(n) and vs and shape[0] != vs:
-            raise MismatchError(f"output tensor {n!r} has {shape[0]} vocabulary rows but the {o.config_from}'s "
-                                f"config.json says vocab_size {vs}", fix="use --config-from base")
-    dtypes = {d for _, d, _ in wplan if d.is_floating_point}
-    if len(dtypes) == 1:
-        name = str(dtypes.pop()).removeprefix("torch.")
-        for key in ("torch_dtype", "dtype"):
-            if key in cfg:
-                cfg[key] = name
-    if LM_HEAD in names and cfg.get("tie_word_embeddings"):
-        cfg["tie_word_embeddings"] = False  # the output has its own lm_head
-    files["config.json"] = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
-    return files
-
-
-def _settings(a, b, tv, o, reasoner, delta) -> dict:
-    keep = ("dtype", "config_from", "include", "exclude", "vocab", "allow_missing")
-    return {"alpha": a, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
-            "delta": str(delta) if delta else None, **{k: v for k, v in asdict(o).items() if k in keep}}
+def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
+    keep = ("dtype", "config_from", "vocab", "allow_missing")
+    op = {k: v for k, v in c.to_dict().items() if k not in ("alpha", "include", "exclude")}
+    return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
+            "delta": str(delta) if delta else None, "include": c.include, "exclude": c.exclude,
+            **{k: v for k, v in asdict(o).items() if k in keep},
+            **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(more)} if more else {})}
 
 
 def _complete(folder: Path, settings: dict, overwrite: bool) -> bool:
@@ -209,18 +159,25 @@ def _complete(folder: Path, settings: dict, overwrite: bool) -> bool:
     return False
 
 
-def _write_extras(tmp: Path, files, settings, prov, a, o, reasoner, delta, base, output) -> None:
+def _write_extras(tmp: Path, files, settings, prov, c: MergeConfig, o, reasoner, delta, base, output,
+                  merge: MergeOptions) -> None:
+    a = c.alpha
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
     dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
-    src = f"--reasoner {reasoner}" if reasoner else f"--delta {delta}"
-    cmd = f"tvtool materialize {base} {src} --alpha {format_alpha(a)} -o {output}"
-    cmd += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("include", o.include), ("exclude", o.exclude),
-                                                                ("dtype", o.dtype), ("config_from", o.config_from))
-                   if v and v not in ("auto", "reasoner"))
+    src = ["--reasoner", str(reasoner)] if reasoner else ["--delta", str(delta)]
+    ops: list[str] = []
+    if not c.is_plain(1 + len(settings.get("more", []))):  # the operator flags of this configuration
+        ops += ["--method", c.method] + [w for v in merge.vectors for w in ("--vector", v)]
+        ops += [w for k, v, d in (("density", c.density, 1.0), ("drop-p", c.p, 0.0), ("drop-seed", c.seed, 0),
+                                  ("beta", c.beta, 0.0), ("gamma", c.gamma, 0.0)) if v != d for w in (f"--{k}", f"{v:g}")]
+        ops += [w for r, f in c.rules for w in ("--alpha-rule", f"{r}={f:g}")]
+        ops += ["--layer-schedule", f"{c.schedule[0]:g}:{c.schedule[1]:g}"] if c.schedule else []
+    flags = replace(o, alphas=(a,), include=c.include, exclude=c.exclude, overwrite=False, progress=True).to_cli_args()
+    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *ops, *flags, "-o", str(output)])
     reasoner_src = prov.get("reasoner") if isinstance(prov.get("reasoner"), dict) else None
     card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if delta else None,
-                      dtype=str(dtype or o.dtype), include=o.include, exclude=o.exclude,
+                      dtype=str(dtype or o.dtype), include=c.include, exclude=c.exclude,
                       config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
     (tmp / "README.md").write_text(card)
     record = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov}

@@ -38,17 +38,27 @@ import json
 import logging
 import os
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from huggingface_hub import DatasetCard, DatasetCardData
+
 from . import __version__
+from .atomic import atomic_dir
 from .data import Problem, load_problems
+from .engine import Engine, EngineOptions, SamplingOptions, vllm_version, write_shell_model
 from .errors import OptionsError, OutputError
-from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, build_prompt, load_tokenizer,
-                       shell_model, uses_chat_template, vllm_version)
-from .options import opt
-from .output import check_free, discard, finish_dir, start_dir
+from .evaluate import evaluate
+from .layout import SAMPLES
+from .mixchain_length import fit_context, solution_length
+from .options import CliOptions, opt
+from .output import check_free
+from .prompting import PromptOptions, load_tokenizer
+from .results import read_samples
+from .runs import EvalOptions
+from .source import DeltaSource
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -61,7 +71,7 @@ Scorer = Callable[[str, Problem], bool]  # (response, problem) -> correct
 
 
 @dataclass(frozen=True)
-class MixChainOptions:
+class MixChainOptions(CliOptions):
     dataset: str = opt("gsm8k", "Questions with gold answers: gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id.")
     split: str = opt("train", "Dataset split (the paper uses the GSM8K train questions).")
     limit: int | None = opt(None, "Use only this many questions (the first N, or N random with --seed).")
@@ -124,27 +134,6 @@ def betas(lengths: Sequence[int | None]) -> list[float | None]:
     return [None if m is None else 1.0 if hi == lo else 1.0 - (m - lo) / (hi - lo) for m in lengths]
 
 
-def solution_length(*, text: str, tokenizer: Any) -> int:
-    """Tokens a model emits for `text` as a solution: its ids (no special tokens) + the final EOS.
-
-    The one rule for every MixChain length: a generated solution that stopped at EOS has exactly
-    this many generated token ids, so solution_0 and solution_k are measured alike."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-
-
-def clamp_max_tokens(*, max_tokens: int, context: int, longest_prompt: int) -> tuple[int, str | None]:
-    """(max_tokens that fits `context` after the longest prompt, a note when it was lowered)."""
-    room = context - longest_prompt
-    if room < 1:
-        raise OptionsError(f"the longest prompt ({longest_prompt} tokens) fills the engine's context of "
-                           f"{context} tokens", where="--max-model-len",
-                           fix="raise --max-model-len (within the model's limit) or shorten the prompts")
-    if max_tokens <= room:
-        return max_tokens, None
-    return room, (f"max_tokens lowered from {max_tokens} to {room}: the context is {context} tokens and the "
-                  f"longest prompt has {longest_prompt}")
-
-
 def columns(k: int) -> list[str]:
     """Column order: the released MixChain-Z columns first, then solution_0_token, alpha_k, beta_k, id."""
     return (["question", "answer", "target"] + [f"solution_{i}" for i in range(k + 1)]
@@ -154,7 +143,7 @@ def columns(k: int) -> list[str]:
 
 def features(k: int):
     """The `datasets` schema, explicit so that columns that are all None keep their types."""
-    from datasets import Features, Value
+    from datasets import Features, Value  # optional dependency (tvtool[eval])
 
     def kind(name: str) -> str:
         if name.startswith("correct_"):
@@ -242,7 +231,7 @@ def table9(*, rows: Sequence[dict], alphas: Sequence[float]) -> list[dict]:
 def write_dataset(*, rows: Sequence[dict], k: int, folder: str | os.PathLike, card: str, record: dict,
                   jsonl: bool = True) -> Path:
     """parquet (+ jsonl), README.md and mixchain.json into `folder` (which must be empty or new)."""
-    from datasets import Dataset
+    from datasets import Dataset  # optional dependency (tvtool[eval])
 
     out = Path(folder)
     ds = Dataset.from_list(list(rows), features=features(k))
@@ -262,8 +251,6 @@ def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: li
     No `configs:` block: `datasets` (5.2) caches a local folder whose card lists data_files by the
     folder name only, so a rebuilt folder would load stale rows; the file name
     data/train-00000-of-00001.parquet is found by its default patterns instead."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     n = stats["kept"]
     size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "n>100K"
     data = DatasetCardData(
@@ -354,8 +341,6 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
     tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
     """
-    from .evaluate import SAMPLES, EvalOptions, evaluate, read_samples
-
     o = options
     alphas = sorted(dict.fromkeys(float(a) for a in o.alphas))
     if not alphas:
@@ -364,9 +349,7 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if sampling.n != 1:
         raise OptionsError("MixChain takes one solution per question and α", where=f"n={sampling.n}",
                            fix="use n=1 (add α values for more solutions)")
-    if (delta is None) == (reasoner is None):
-        raise OptionsError("give exactly one of delta and reasoner", where="build_mixchain",
-                           fix="pass --delta or --reasoner")
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
     out = Path(output)
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".generations")
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
@@ -374,13 +357,13 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                            fix="choose another --work-dir")
     check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-    shell = shell_model(base=base, delta=delta, reasoner=reasoner, folder=work / ".engine-model")
-    tok = load_tokenizer(shell)
-    sampling, note = _fit_context(problems=problems, tokenizer=tok, shell=shell, prompt=prompt, sampling=sampling,
-                                  engine_options=engine.options if engine is not None else engine_options)
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
+        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
+        sampling, note = fit_context(problems=problems, tokenizer=tok, shell=shell, prompt=prompt, sampling=sampling,
+                                     engine_options=engine.options if engine is not None else engine_options)
     if note:
         logging.getLogger("tvtool").warning("tvtool: note: %s", note)
-    ev = evaluate(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,
+    ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt,
                   sampling=sampling, engine_options=engine_options, engine=engine,
                   options=EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
                                       batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress))
@@ -394,29 +377,9 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
     lic = o.license or LICENSES.get(problems.name, "other")
     card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
-    tmp = start_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
-        finish_dir(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
-
-
-def _fit_context(*, problems, tokenizer, shell: Path, prompt: PromptOptions, sampling: SamplingOptions,
-                 engine_options: EngineOptions) -> tuple[SamplingOptions, str | None]:
-    """`sampling` with max_tokens clamped to the context left after the longest prompt (and the note)."""
-    cfg = json.loads((shell / "config.json").read_text())
-    context = engine_options.max_model_len or cfg.get("max_position_embeddings") or \
-        cfg.get("text_config", {}).get("max_position_embeddings")
-    if not context:
-        return sampling, None
-    special = not uses_chat_template(tokenizer=tokenizer, options=prompt)
-    longest = max((len(tokenizer(build_prompt(question=p.question, tokenizer=tokenizer, options=prompt),
-                                 add_special_tokens=special)["input_ids"]) for p in problems), default=0)
-    n, note = clamp_max_tokens(max_tokens=sampling.max_tokens, context=int(context), longest_prompt=longest)
-    return replace(sampling, max_tokens=n), note
 
 
 def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,

@@ -5,20 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import queue
 import re
-import shutil
 import threading
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir, atomic_write
 from .errors import OptionsError, OutputError
+from .layout import INDEX
 from .safetensors_io import StreamWriter
 
-INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -57,45 +57,59 @@ def plan_bytes(plan: Plan) -> int:
 class ShardedWriter:
     """Writes `plan` as HF-style shards (+ index) into `folder`, or as one `single_file`.
 
-    Tensors arrive as consecutive row chunks in plan order (`write(name, chunk)`).
-    Shards are split greedily at `max_shard_size`; every shard header carries `metadata`.
+    Tensors arrive as consecutive row chunks in plan order (`write(name, chunk)`). The
+    grouping into shards and the file names are huggingface_hub's
+    (`split_state_dict_into_shards_factory`, fed names and byte sizes only, so nothing is
+    loaded): a tensor larger than `max_shard_size` gets a shard of its own while the
+    current shard stays open, so at most two shard files are open at once. Every shard
+    header carries `metadata`.
     """
 
     def __init__(self, *, folder: Path | None, plan: Plan, metadata: dict[str, str], max_shard_size: int,
                  single_file: Path | None = None, atomic_file: bool = False):
-        groups: list[Plan] = [[]]
-        size = 0
-        for entry in plan:
-            n = math.prod(entry[2]) * entry[1].itemsize
-            if groups[-1] and size + n > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(entry)
-            size += n
+        entries = {e[0]: e for e in plan}
         if single_file is not None:
-            self.files = [Path(single_file)]
-        elif len(groups) == 1:
-            self.files = [folder / "model.safetensors"]
+            self.files, groups = [Path(single_file)], [list(plan)]
         else:
-            self.files = [folder / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+            split = split_state_dict_into_shards_factory(
+                entries, get_storage_size=lambda e: math.prod(e[2]) * e[1].itemsize,
+                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+            self.files = [folder / f for f in split.filename_to_tensors]
+            groups = [[entries[n] for n in names] for names in split.filename_to_tensors.values()]
         self.groups, self.metadata, self.folder, self.atomic = groups, metadata, folder, atomic_file
         self._shard_of = {e[0]: i for i, g in enumerate(groups) for e in g}
-        self._open: tuple[int, StreamWriter] | None = None
+        self._last = {g[-1][0]: i for i, g in enumerate(groups) if g}  # the tensor that completes each shard
+        self._open: dict[int, StreamWriter] = {}
+        self._current: str | None = None
+        self._closed = False
         self.total_size = plan_bytes(plan)
 
     def write(self, name: str, chunk: torch.Tensor) -> int:
+        if self._current is not None and name != self._current:
+            self._finish(self._current)
+        self._current = name
         i = self._shard_of[name]
-        if self._open is None or self._open[0] != i:
-            if self._open is not None:
-                self._open[1].close()
-            self._open = (i, StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic))
-        return self._open[1].write(name, chunk)
+        if i not in self._open:
+            self._open[i] = StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic)
+        return self._open[i].write(name, chunk)
+
+    def _finish(self, name: str) -> None:
+        """Close the shard that `name` completes (its last tensor has had all its chunks)."""
+        i = self._last.get(name)
+        if i is not None and i in self._open:
+            self._open.pop(i).close()
 
     def close(self) -> list[Path]:
-        """Close the last shard and write the index (when sharded); returns the files written."""
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None
+        """Close the last shard and write the index (when sharded); returns the files written. Idempotent."""
+        if self._closed:
+            return self.files
+        self._closed = True
+        if self._current is not None:
+            self._finish(self._current)
+            self._current = None
+        for i, w in sorted(self._open.items()):  # incomplete shards: StreamWriter.close raises
+            self._open.pop(i)
+            w.close()
         for i, f in enumerate(self.files):  # shards with only empty tensors, or a plan with no tensors
             if not f.exists():
                 w = StreamWriter(f, self.groups[i], self.metadata, atomic=self.atomic)
@@ -109,36 +123,20 @@ class ShardedWriter:
         return self.files
 
     def abort(self) -> None:
-        if self._open is not None:
-            self._open[1].abort()
-            self._open = None
+        for w in self._open.values():
+            w.abort()
+        self._open.clear()
 
+    def __enter__(self) -> "ShardedWriter":
+        return self
 
-def partial_path(final: Path) -> Path:
-    return final.with_name(final.name + ".partial")
-
-
-def start_dir(final: Path) -> Path:
-    """A fresh `<final>.partial/` folder (a stale one from an interrupted run is removed)."""
-    tmp = partial_path(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_dir(tmp: Path, final: Path) -> None:
-    """Rename a completed partial folder into place (replacing `final` if it exists)."""
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(tmp, final)
-
-
-def discard(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close (shards + index) on success; on an error, close the open shard and leave the rest to
+        the enclosing `atomic_dir`/`atomic_write`, which removes the partial output."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def check_free(final: Path, *, overwrite: bool, what: str) -> None:
@@ -243,25 +241,11 @@ def write_tensors(*, out: Path, plan: Plan, metadata: dict[str, str], files: dic
     meta = dict(metadata)
     if single:
         meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
-        tmp = out.with_name(out.name + ".partial")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard_size, single_file=tmp)
-    else:
-        tmp = start_dir(out)
-        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard_size)
-    try:
-        fill(writer)
-        written = writer.close()
+    with (atomic_write(out) if single else atomic_dir(out)) as tmp:
+        with ShardedWriter(folder=None if single else tmp, plan=plan, metadata=meta, max_shard_size=max_shard_size,
+                           single_file=tmp if single else None) as writer:
+            fill(writer)
         if not single:
             for fname, data in files.items():
                 (tmp / fname).write_bytes(data)
-    except BaseException:
-        writer.abort()
-        discard(tmp)
-        raise
-    if single:
-        discard(out)
-        os.replace(tmp, out)
-        return [out]
-    finish_dir(tmp, out)
-    return [out / f.name for f in written]
+    return [out] if single else [out / f.name for f in writer.files]

@@ -15,27 +15,38 @@ import json
 import os
 import platform
 import shlex
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from . import __version__
+from .atomic import discard, write_bytes, write_json, write_text
 from .delta import DeltaOptions, delta
-from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
-from .generate import Engine, PromptOptions, shell_model, vllm_version
-from .materialize import MaterializeOptions, format_alpha, materialize
-from .options import opt
-from .recipe import Recipe, load_recipe, to_dict
+from .engine import Engine, SamplingOptions, vllm_version
+from .evaluate import evaluate, table_row
+from .hub import push
+from .logs import vllm_logs
+from .lowrank import svd_rank
+from .materialize import materialize
+from .options import CliOptions, cli_number, opt
+from .peft_adapter import adapter_folders, write_peft_adapters
+from .merge_options import MergeOptions
+from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, to_dict
+from .report import answer_rule_line, markdown_table, plot
+from .results import ACU_FORMULA
+from .runs import EvalOptions
+from .source import DeltaSource
+from .valve_stages import run_valve_stages, valve_commands, valve_section
 
 
 @dataclass(frozen=True)
-class SweepOptions:
+class SweepOptions(CliOptions):
     output: str | None = opt(None, "Output folder (default: the recipe's `output`).", short="-o")
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
     progress: bool = opt(True, "Show progress bars.")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/eval/vllm.log).")
 
 
 @dataclass(frozen=True)
@@ -55,85 +66,85 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if options.alphas:
-        r = replace(r, alphas=options.alphas)
+        r = r.model_copy(update={"alphas": options.alphas,
+                                 "merge": tuple(replace(m, alphas=()) for m in r.merge)})
     if options.limit is not None:
-        r = replace(r, datasets=tuple(replace(d, limit=options.limit) for d in r.datasets))
+        r = r.model_copy(update={"datasets": tuple(replace(d, limit=options.limit) for d in r.datasets)})
     alphas = tuple(dict.fromkeys(r.alphas))
     out = Path(options.output or r.output.format(name=r.name))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
+    write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
     pg = options.progress
 
     d_path = out / "delta"
-    if (r.keep.delta or r.low_rank) and not d_path.exists():
+    if (r.keep.delta or r.low_rank) and not d_path.exists():  # written atomically: present = complete
         delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg))
-    source = {"reasoner": r.reasoner}
+    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]))
+    configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
+    plain = all(c.is_plain(len(r.vectors) or 1) for c in configs)
     lowrank = adapters = None
     if r.low_rank:
         lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg)
-        source = {"delta": lowrank["factored"]}
+        source = DeltaSource(base=r.base, delta=str(lowrank["factored"]))
         adapters = lowrank.get("adapters")
     models = out / "models"
+    folders = {}
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
-        materialize(base=r.base, output=models, **source,
-                    options=MaterializeOptions(alphas=alphas, progress=pg))
-
-    tables, starts = {}, 0
-    for ds in r.datasets:
-        sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
-        ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
-                         params_b=r.params_b, progress=pg)
-        common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling)
-        if r.apply == "swap":
-            eng = Engine(model=shell_model(base=r.base, folder=out / "eval" / ".engine-model", **source),
-                         options=r.engine, dummy_weights=True, lazy=True)
-            run = lambda: evaluate(base=r.base, alphas=alphas, engine=eng, **source, **common)  # noqa: E731
-        elif r.apply == "materialize":
-            folders = [models / f"alpha-{format_alpha(a)}" for a in alphas]
-            eng = Engine(model=folders[0], options=r.engine, lazy=True)
-            run = lambda: evaluate(checkpoints=folders, engine=eng, **common)  # noqa: E731
+        if plain:
+            folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+                                  options=replace(r.materialize, alphas=alphas, progress=pg)).folders
         else:
-            rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
-            eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
-            run = lambda: evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas,  # noqa: E731
-                                   engine=eng, **common)
+            folders = materialize(base=r.base, output=models, reasoner=source.reasoner, configs=configs,
+                                  merge=MergeOptions(vectors=source.more),
+                                  options=replace(r.materialize, progress=pg)).configs
+
+    # One engine for every dataset (started only if some run is not complete yet).
+    if r.apply == "swap":
+        eng = Engine.for_source(source=source, options=r.engine, lazy=True)
+    elif r.apply == "materialize":
+        eng = Engine(model=next(iter(folders.values())), options=r.engine, lazy=True)
+    else:
+        rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
+        eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
+    tables = {}
+    with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
         try:
-            res = run()
+            for ds in r.datasets:
+                ev, sampling = _eval_options(r, ds, pg, verbose=options.verbose)
+                common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
+                if r.apply == "swap":
+                    res = evaluate(source=source, configs=configs, **common) if not plain else \
+                        evaluate(source=source, alphas=alphas, **common)
+                elif r.apply == "materialize":
+                    res = evaluate(checkpoints=[folders[a] for a in alphas] if plain else list(folders.values()),
+                                   **common)
+                else:
+                    res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
+                tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
         finally:
-            starts += eng.starts
+            starts = eng.starts
             eng.close()
-        tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
 
     # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
-    from .valve_stages import run_valve_stages
-
-    vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg)
+    vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg, verbose=options.verbose)
     tables.update(vt)
     starts += vs
     # --- end CoT-Valve stages ---
     report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank, valves=valves)
     if r.push.enabled:
-        from .hub import PushOptions, push
-
         folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
-        push(folder=folder, evaluation=_markdown(tables),
-             options=PushOptions(repo=r.push.repo, private=r.push.private, dry_run=r.push.dry_run))
+        push(folder=folder, evaluation=_markdown(tables), options=r.push)
     return SweepResult(out, report, tables, starts)
 
 
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
-    from .lowrank import LowRankOptions, svd_rank
-    from .peft_adapter import adapter_folders, write_peft_adapters
-
     lr = r.low_rank
     factored = folder / "delta.safetensors"
     report = factored.with_suffix(".lowrank.json")
     if not report.exists():  # the report is written last: its presence marks the stage complete
-        shutil.rmtree(folder, ignore_errors=True)
+        discard(folder)
         folder.mkdir(parents=True)
-        svd_rank(delta=d_path, output=factored, options=LowRankOptions(
-            rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
-            exclude=lr.exclude, plot=True, progress=progress))
+        svd_rank(delta=d_path, output=factored, options=replace(lr, plot=True, progress=progress))
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
     if r.apply == "lora":
         want = adapter_folders(output=folder / "adapters", alphas=alphas)
@@ -144,22 +155,19 @@ def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> 
 
 
 def _markdown(tables: dict[str, list[dict]]) -> str:
-    from .report import markdown_table
-
     return "\n\n".join(f"**{name}**\n\n{markdown_table(rows=rows)}" for name, rows in tables.items()) + \
         f"\n\n{ACU_FORMULA}\n"
 
 
 def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables: dict[str, list[dict]],
                  lowrank: dict | None, valves: dict | None = None) -> Path:
-    """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank)."""
-    from .report import plot
-
+    """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank),
+    each written atomically; `valves`: the CoT-Valve stages' Table 1 and bars (tvtool.valve_stages)."""
     plots = {}
     for name, rows in tables.items():
         plots[name] = plot(rows=rows, path=out / f"plot-{name}.png")
     if lowrank and Path(lowrank["plot"]).exists():
-        shutil.copy(lowrank["plot"], out / "spectra.png")
+        write_bytes(out / "spectra.png", Path(lowrank["plot"]).read_bytes())
         plots["spectra"] = out / "spectra.png"
     versions = {"tvtool": __version__, "vllm": vllm_version(), "python": platform.python_version()}
     for mod in ("torch", "transformers"):
@@ -178,35 +186,35 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
     body = [f"# tvtool sweep: {recipe.name}", "",
             f"θ1 = `{_short(recipe.base)}`, θ2 = `{_short(recipe.reasoner)}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
+            answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
+                             alpha=recipe.budget_alpha), "",
             ACU_FORMULA, ""]
-    from .report import markdown_table
-
-    from .valve_stages import valve_commands, valve_section
-
     if valves:  # --- CoT-Valve: Table 1 and the bars (tvtool.valve_stages) ---
         body += valve_section(recipe=recipe, tables=tables, valves=valves)
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
     body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
              "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out),
-             *valve_commands(recipe=recipe, out=_short(out)), "```", "",
+             *(_sh(c) for c in valve_commands(recipe=recipe, out=_short(out))), "```", "",
              "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(_relative(recipe)), sort_keys=False,
                                                       allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
-    report = out / "REPORT.md"
-    report.write_text("\n".join(body))
-    (out / "report.json").write_text(json.dumps(
-        {"recipe": to_dict(_relative(recipe)), "tables": tables, "acu_formula": ACU_FORMULA, "versions": versions,
-         "plots": {k: v.name for k, v in plots.items()}, "valves": valves}, indent=2, default=str) + "\n")
+    report = write_text(out / "REPORT.md", "\n".join(body))
+    write_json(out / "report.json", {"recipe": to_dict(_relative(recipe)), "tables": tables,
+                                     "acu_formula": ACU_FORMULA, "versions": versions,
+                                     "plots": {k: v.name for k, v in plots.items()}, "valves": valves},
+               sort_keys=False)
     return report
 
 
 def _relative(r: Recipe) -> Recipe:
     """The recipe with local paths relative to the working folder (committed reports carry no absolute paths)."""
     mc = replace(r.mixchain, dataset=_short(r.mixchain.dataset)) if r.mixchain else None
-    return replace(r, base=_short(r.base), reasoner=_short(r.reasoner), mixchain=mc,
-                   datasets=tuple(replace(d, name=_short(d.name)) for d in r.datasets),
-                   train=tuple(replace(t, model=_short(t.model), data=_short(t.data)) for t in r.train))
+    return r.model_copy(update={
+        "base": _short(r.base), "reasoner": _short(r.reasoner), "mixchain": mc,
+        "datasets": tuple(replace(d, name=_short(d.name)) for d in r.datasets),
+        "vectors": tuple(replace(v, model=_short(v.model)) for v in r.vectors),
+        "train": tuple(replace(t, model=_short(t.model), data=_short(t.data)) for t in r.train)})
 
 
 def _short(p) -> str:
@@ -217,39 +225,53 @@ def _short(p) -> str:
         return str(p)
 
 
-def _commands(r: Recipe, out: Path) -> list[str]:
-    a = ",".join(format_alpha(x) for x in dict.fromkeys(r.alphas))
-    r = replace(r, base=_short(r.base), reasoner=_short(r.reasoner),
-                datasets=tuple(replace(d, name=_short(d.name)) for d in r.datasets))
-    out = Path(_short(out))
-    cmds, src = [], f"--reasoner {r.reasoner}"
-    flags = ""
-    if r.prompt.instruction != PromptOptions().instruction:
-        flags += f" --instruction {shlex.quote(r.prompt.instruction)}"
-    flags += f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else ""
-    flags += f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else ""
-    flags += f" --tensor-parallel-size {r.engine.tensor_parallel_size}" if r.engine.tensor_parallel_size > 1 else ""
-    flags += " --enforce-eager" if r.engine.enforce_eager else ""
-    if r.low_rank or r.keep.delta:
-        cmds.append(f"tvtool delta {r.base} {r.reasoner} -o {out}/delta")
-    if r.low_rank:
-        k = f"--rank {r.low_rank.rank}" if r.low_rank.rank else f"--energy {r.low_rank.energy}"
-        peft = f" --peft {out}/lowrank/adapters --peft-alpha {a}" if r.apply == "lora" else ""
-        cmds.append(f"tvtool svd-rank {k} {out}/delta -o {out}/lowrank/delta.safetensors{peft}")
-        src = f"--delta {out}/lowrank/delta.safetensors"
-    if r.apply == "materialize" or r.keep.models:
-        cmds.append(f"tvtool materialize {r.base} {src} --alpha {a} -o {out}/models")
-    for d in r.datasets:
-        lim = f" --limit {d.limit}" if d.limit else ""
-        mt = d.max_tokens or r.sampling.max_tokens
-        if r.apply == "swap":
-            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a} --dataset {d.name}{lim} --max-tokens {mt}"
-                        f"{flags} -o {out}/eval")
-        elif r.apply == "materialize":
-            cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt}{flags} "
-                        f"-o {out}/eval")
-        else:
-            cmds.append(f"tvtool eval --model {r.base} --lora {out}/lowrank/adapters/alpha-* --alpha {a} "
-                        f"--dataset {d.name}{lim} --max-tokens {mt}{flags} -o {out}/eval")
-    return cmds
+class _Glob(str):
+    """A command word left unquoted so that the shell expands it (e.g. `models/alpha-*`)."""
 
+
+def _sh(words: list[str]) -> str:
+    return " ".join(w if isinstance(w, _Glob) else shlex.quote(str(w)) for w in words)
+
+
+def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool, *,
+                  verbose: bool = False) -> tuple[EvalOptions, SamplingOptions]:
+    """A recipe dataset's evaluation and sampling options (per-dataset max_tokens wins)."""
+    swap = r.apply == "swap"  # in-engine α: the eval applies the recipe's tensor selection itself
+    ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
+                     params_b=r.params_b, include=r.materialize.include if swap else None,
+                     exclude=r.materialize.exclude if swap else None, progress=progress,
+                     answer_rule=r.answer_rule, prompt_budgets=r.prompt_budgets,
+                     budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=verbose)
+    return ev, replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
+
+
+def _commands(r: Recipe, out: Path) -> list[str]:
+    """The stage-by-stage commands the sweep runs, with every non-default option spelled by `to_cli_args`."""
+    alphas = tuple(dict.fromkeys(r.alphas))
+    base, reasoner, out = _short(r.base), _short(r.reasoner), Path(_short(out))
+    cmds, src = [], ["--reasoner", reasoner]
+    if r.low_rank or r.keep.delta:
+        cmds.append(["tvtool", "delta", base, reasoner, "-o", f"{out}/delta"])
+    if r.low_rank:
+        lora = r.apply == "lora"
+        lr = replace(r.low_rank, plot=True, peft=f"{out}/lowrank/adapters" if lora else None,
+                     peft_alpha=alphas if lora else r.low_rank.peft_alpha)
+        cmds.append(["tvtool", "svd-rank", f"{out}/delta", "-o", f"{out}/lowrank/delta.safetensors",
+                     *lr.to_cli_args()])
+        src = ["--delta", f"{out}/lowrank/delta.safetensors"]
+    if r.apply == "materialize" or r.keep.models:
+        cmds.append(["tvtool", "materialize", base, *src, "-o", f"{out}/models",
+                     *replace(r.materialize, alphas=alphas).to_cli_args()])
+    for d in r.datasets:
+        ev, sampling = _eval_options(r, replace(d, name=_short(d.name)), True)
+        flags = ["--dataset", ev.dataset, *ev.to_cli_args(exclude=("dataset",)), *r.prompt.to_cli_args(), *sampling.to_cli_args(),
+                 *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/eval"]
+        a = ["--alpha", ",".join(cli_number(x) for x in alphas)]
+        if r.apply == "swap":
+            cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])
+        elif r.apply == "materialize":
+            cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + "alpha-*"), *flags])
+        else:
+            cmds.append(["tvtool", "eval", "--model", base, "--lora",
+                         _Glob(shlex.quote(f"{out}/lowrank/adapters/") + "alpha-*"), *a, *flags])
+    return [_sh(c) for c in cmds]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -20,20 +19,8 @@ import torch
 
 from .checkpoint import Checkpoint, Source
 from .errors import CheckpointError, MismatchError
-
-LM_HEAD = "lm_head.weight"
-_VOCAB = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)\.weight$")
-_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
-FACTOR_A, FACTOR_B = ".lora_A", ".lora_B"  # Δ[X] ≈ X.lora_B [out, r] @ X.lora_A [r, in]
-
-
-def is_vocab_tensor(name: str) -> bool:
-    return bool(_VOCAB.search(name))
-
-
-def embed_name(names) -> str | None:
-    """The input-embedding tensor among `names` (what a tied lm_head reuses)."""
-    return next((n for n in names if _EMBED.search(n)), None)
+from .layout import FACTOR_A, FACTOR_B, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
+from .merge import MergeConfig, merged_tensors
 
 
 @dataclass
@@ -150,6 +137,21 @@ class TaskVector:
     def __sub__(self, other: "TaskVector") -> "TaskVector":
         return self + (-other)
 
+    # -- operators (tvtool.operators; lazy like the rest) --------------------------
+    def merge(self, *others: "TaskVector", **merge):
+        """This and `others` (same base) merged by `tvtool.operators.Merge(**merge)`: TIES, DARE, …"""
+        from .operators import Merge, MergedVector
+
+        return MergedVector([self, *others], Merge(**merge))
+
+    def trim(self, density: float):
+        """Keep the top `density` fraction of |Δ| per tensor (ties in index order)."""
+        return self.merge(method="trim", density=density)
+
+    def dare(self, p: float, *, seed: int = 0):
+        """Drop each element with probability p (hash of seed, name, index), rescale by 1/(1 − p)."""
+        return self.merge(method="dare_linear", p=p, seed=seed)
+
     # -- reading ------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self._names)
@@ -172,11 +174,13 @@ class TaskVector:
     def get(self, name: str) -> torch.Tensor:
         return self.rows(name)
 
-    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None):
+    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None, *,
+                     base_rows: torch.Tensor | None = None, base32: torch.Tensor | None = None):
         """(θ1 rows as stored, θ1 rows in fp32, Δ rows, θ2 rows or None) for output tensor `name`.
 
         Reads every input once: for a plain base/reasoner pair over this base, Δ is computed from
-        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit).
+        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit). `base_rows`
+        (and `base32`) are θ1's rows when the caller already read them (several task vectors).
         `src` is the base tensor to read (the embedding for a tied lm_head).
         """
         p = self.pair
@@ -184,11 +188,13 @@ class TaskVector:
         within = p is not None and stop is not None and bool(p.shape(name)) and stop <= p.shape(name)[0]
         if (whole or within) and p.base.source.path.resolve() == base.source.path.resolve():
             bn, rn, _ = p.names[name]
-            base_rows, r = p.base.read(bn, start, stop), p.reasoner.read(rn, start, stop)
-            base32 = base_rows.float()  # [rows, ...] shared by Δ and every α
+            base_rows = p.base.read(bn, start, stop) if base_rows is None else base_rows
+            r = p.reasoner.read(rn, start, stop)
+            base32 = base_rows.float() if base32 is None else base32  # [rows, ...] shared by Δ and every α
             return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
-        base_rows = base.read(src, start, stop)  # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
-        return base_rows, base_rows.float(), self.rows(name, start, stop), None
+        base_rows = base.read(src, start, stop) if base_rows is None else base_rows
+        # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
+        return base_rows, base_rows.float() if base32 is None else base32, self.rows(name, start, stop), None
 
     # -- what it came from --------------------------------------------------------
     @property
@@ -201,7 +207,7 @@ class TaskVector:
         if isinstance(t, _Pair):
             prov = {"base": t.base.source.describe(), "reasoner": t.reasoner.source.describe(),
                     "skipped": t.skipped, "missing": t.missing, "vocab": t.vocab,
-                    "dtype": str(common_dtype(t.base, t.reasoner)).removeprefix("torch.")}
+                    "dtype": dtype_name(common_dtype(t.base, t.reasoner))}
         elif hasattr(t, "provenance"):  # a PEFT adapter (tvtool.adapter_tv)
             prov = t.provenance()
         else:
@@ -235,64 +241,13 @@ class TaskVector:
         return files
 
     def apply_to(self, base: str | os.PathLike | Checkpoint, *, alpha: float = 1.0,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored)."""
+                 dtype: torch.dtype | None = None, include: str | None = None,
+                 exclude: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored).
+
+        The shared merge path (`tvtool.merge.merged_tensors`): the same bytes as `materialize`."""
         b = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
-        for name, src in merge_plan(b, self):
-            out_dtype = dtype or b.info(src).dtype
-            if name not in self._names:
-                yield name, b.read(src).to(out_dtype)
-                continue
-            base_rows, base32, d, end = self.merge_inputs(b, name, src)
-            if alpha == 1.0 and end is not None and end.shape == base_rows.shape:
-                yield name, end.to(out_dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
-            else:
-                yield name, merge_rows(base_rows, d, alpha, out_dtype, base32=base32)
-
-
-def merge_plan(base: Checkpoint, tv: TaskVector) -> list[tuple[str, str]]:
-    """(output name, base name to read) for every output tensor; checks Δ fits the base."""
-    names = base.names()
-    plan = [(n, n) for n in names]
-    prov = tv.provenance()
-    absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
-    for n in sorted(names):
-        if n not in tv and n not in absent and not prov.get("zero_elsewhere"):  # an adapter: Δ = 0 off its modules
-            raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
-                                fix="use the base model the delta was computed from")
-    for n in tv.names():
-        src = n
-        if n not in base:
-            emb = embed_name(names)
-            if n == LM_HEAD and emb is not None:  # tied base, untied reasoner
-                plan.append((n, emb))
-                src = emb
-            else:
-                raise MismatchError(f"the delta has tensor {n!r}, which the base does not have",
-                                    fix="use the base model the delta was computed from")
-        bs, ds = base.info(src).shape, tv.shape(n)
-        if bs != ds and not (is_vocab_tensor(n) and bs[1:] == ds[1:] and ds[0] <= bs[0]):
-            raise MismatchError(f"shape mismatch for tensor {n!r}: base {tuple(bs)} vs delta {tuple(ds)}",
-                                fix="use the base model the delta was computed from")
-    return plan
-
-
-def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype, *,
-               base32: torch.Tensor | None = None) -> torch.Tensor:
-    """θ1 + α·Δ in float32 (α·Δ rounded, then added), rounded once to `dtype`; rows past Δ's stay θ1.
-
-    `base32` is `base.float()` when the caller already has it (shared across many α).
-    """
-    if delta is None or alpha == 0.0 or not base.dtype.is_floating_point:
-        return base.to(dtype)
-    b32 = base.float() if base32 is None else base32
-    step = torch.mul(delta, alpha)  # [n, ...] fp32
-    n = delta.shape[0] if delta.dim() else None
-    if n is None or n == b32.shape[0]:
-        return step.add_(b32).to(dtype)
-    out = b32.clone()
-    out[:n] += step
-    return out.to(dtype)
+        return merged_tensors(base=b, tv=self, config=MergeConfig(alpha, include, exclude), dtype=dtype)
 
 
 def common_dtype(a: Checkpoint, b: Checkpoint) -> torch.dtype:
@@ -345,6 +300,8 @@ def _pair(b: Checkpoint, r: Checkpoint, *, allow_missing: bool, vocab: str) -> _
 
 
 def _term_source(t) -> dict:
+    if hasattr(t, "provenance"):  # a PEFT adapter (tvtool.adapter_tv)
+        return {"adapter": str(t.path)}
     if isinstance(t, _Pair):
         return {"base": t.base.source.ref, "reasoner": t.reasoner.source.ref}
     return {"delta": t.ckpt.source.ref}

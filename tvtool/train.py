@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from .atomic import commit_dir, discard, write_json
 from .errors import OptionsError, OutputError
-from .generate import PromptOptions, load_tokenizer
-from .options import opt
-from .output import discard, finish_dir
+from .options import CliOptions, opt
+from .prompting import PromptOptions, load_tokenizer
 
 MODES = ("valve", "valve++", "progressive")
 RECORD = "train.json"
@@ -49,7 +49,7 @@ DEFAULTS = dict(rank=8, lr=2e-4, scheduler="linear", weight_decay=0.0, batch_siz
 
 
 @dataclass(frozen=True)
-class TrainOptions:
+class TrainOptions(CliOptions):
     preset: Literal["none", "qwq", "llama"] = opt(
         "none", "Paper settings (A.2). qwq: r 2, lora_alpha 8, lr 1e-5, batch 64, 5 epochs, weight decay 0.01; "
                 "llama: r 32, lora_alpha 64, lr 4e-5, cosine, weight decay 0.01, batch 64, 8 epochs. "
@@ -153,7 +153,7 @@ def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, outpu
     t0 = time.time()
     result = run(mode=mode, model=str(model), out=out, encoded=encoded, options=o, settings=settings,
                  pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    from .train_loop import CHECKPOINT, SETTINGS, barrier
+    from .train_loop import CHECKPOINT, barrier
 
     if result is None:  # not the main process: wait for the main one to finish the folder
         barrier()
@@ -169,9 +169,8 @@ def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, outpu
     write_plot(losses=losses, path=tmp / "loss.png")
     (tmp / "README.md").write_text(write_card(record=record))
     (tmp / CHECKPOINT).unlink(missing_ok=True)
-    (tmp / SETTINGS).unlink(missing_ok=True)
-    (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")  # last: marks it finished
-    finish_dir(tmp, out)
+    write_json(tmp / RECORD, record, sort_keys=False)  # last: marks it finished
+    commit_dir(tmp, out)  # the resumable <output>.partial/ (tvtool.atomic.resumable_dir) into place
     barrier()
     return TrainResult(out, [out / "stages" / d.name for d in stage_dirs], losses, final, record)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import DatasetError, OptionsError
-from .generate import PromptOptions, build_prompt, uses_chat_template
+from .prompting import PromptOptions, build_prompt, uses_chat_template
 
 _SOL = re.compile(r"^solution_(\d+)$")
 IGNORE = -100  # label of a position outside the loss
@@ -135,7 +135,8 @@ def _present(v: Any) -> bool:
 
 def _row_betas(row: dict, cols: Sequence[str], tokenizer: Any) -> dict[str, float]:
     """β per present solution of a row (eq. 4): stored beta_k, else from token counts."""
-    from .mixchain import betas, solution_length
+    from .mixchain import betas
+    from .mixchain_length import solution_length
 
     present = [c for c in cols if _present(row.get(c))]
     stored = {c: row.get(c.replace("solution_", "beta_")) for c in present}

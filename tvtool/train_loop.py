@@ -9,18 +9,17 @@ gradient sync (`no_sync` on all but the last micro-batch), autocast and the redu
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .atomic import atomic_write, partial_path, resumable_dir
 from .errors import OptionsError
-from .output import partial_path
 
 CHECKPOINT = "checkpoint.pt"
-SETTINGS = "settings.json"
 
 
 # --- per-sample β on the LoRA branch ---------------------------------------------------------
@@ -131,25 +130,9 @@ def forward_nll(net, batch: dict, beta: BetaScale | None, autocast=contextlib.nu
 # --- checkpoints ----------------------------------------------------------------------------
 
 
-def prepare_partial(tmp: Path, settings: dict) -> None:
-    """Keep `tmp` when it was started with the same settings (resume); else start it afresh."""
-    import json
-    import shutil
-
-    f = tmp / SETTINGS
-    want = json.dumps(settings, sort_keys=True, default=str)
-    if f.is_file() and f.read_text() == want:
-        return
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    f.write_text(want)
-
-
 def save_checkpoint(tmp: Path, state: dict) -> None:
-    part = tmp / (CHECKPOINT + ".partial")
-    torch.save(state, part)
-    os.replace(part, tmp / CHECKPOINT)
+    with atomic_write(tmp / CHECKPOINT) as part:
+        torch.save(state, part)
 
 
 def load_checkpoint(tmp: Path) -> dict | None:
@@ -187,8 +170,8 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
                            dtype=torch.bfloat16 if o.precision == "bf16" else torch.float32)
     beta = BetaScale(net) if mode == "valve++" else None  # refuses what it cannot scale, before any output
     tmp = partial_path(out)
-    if acc.is_main_process:
-        prepare_partial(tmp, settings)
+    if acc.is_main_process:  # kept when started with the same settings: training resumes from its checkpoint
+        resumable_dir(out, key=json.dumps(settings, sort_keys=True, default=str))
     acc.wait_for_everyone()
     ck = load_checkpoint(tmp)
     if ck is not None:

@@ -10,62 +10,75 @@ All stages share one lazily started engine with the recipe's engine settings.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .materialize import format_alpha
+from .atomic import discard, write_text
+from .layout import format_alpha
+from .source import DeltaSource
 
 
-def run_valve_stages(*, recipe, out: Path, progress: bool) -> tuple[dict[str, list[dict]], dict, int]:
+def run_valve_stages(*, recipe, out: Path, progress: bool,
+                     verbose: bool = False) -> tuple[dict[str, list[dict]], dict, int]:
     """({table name: rows}, {valve name: info}, engine starts) for the recipe's mixchain/train entries."""
-    from .evaluate import EvalOptions, evaluate, table_row
-    from .generate import Engine, shell_model
-    from .mixchain import MixChainOptions, build_mixchain
-    from .train import train
+    from .engine import Engine
+    from .logs import vllm_logs
 
     r = recipe
     if r.mixchain is None and not r.train:
         return {}, {}, 0
-    eng = Engine(model=shell_model(base=r.base, reasoner=r.reasoner, folder=out / "valves" / ".engine-model"),
-                 options=r.engine, dummy_weights=True, lazy=True)
-    tables, info = {}, {}
+    # One engine (placeholder weights) for MixChain's θ1 + αΔ and every valve's θ + α·Δθ′ (loaded in place).
+    eng = Engine.for_source(source=DeltaSource(base=r.base, reasoner=r.reasoner), options=r.engine, lazy=True)
     try:
-        if r.mixchain is not None:
-            mc, folder = r.mixchain, out / "mixchain"
-            spec = json.dumps(asdict(mc), sort_keys=True)
-            stale = folder.exists() and (not (folder / "spec.json").is_file() or (folder / "spec.json").read_text() != spec)
-            if not folder.exists() or stale:
-                sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
-                build_mixchain(base=r.base, reasoner=r.reasoner, output=folder, engine=eng, prompt=r.prompt,
-                               sampling=sampling, engine_options=r.engine,
-                               options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
-                                                       alphas=mc.alphas, min_correct=mc.min_correct,
-                                                       overwrite=True, progress=progress))
-                (folder / "spec.json").write_text(spec)
-            info["mixchain"] = json.loads((folder / "mixchain.json").read_text())["stats"]["table9"]
-        for t in r.train:
-            model = {"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model)
-            data = out / "mixchain" if t.data == "mixchain" else t.data
-            res = train(mode=t.mode, model=model, data=data, output=out / "train" / t.name, prompt=r.prompt,
-                        options=replace(t.options, progress=progress, overwrite=True))
-            ev_dir = out / "valves" / t.name
-            if not res.skipped and ev_dir.exists():
-                shutil.rmtree(ev_dir)  # the valve changed: its old α sweep is stale
-            info[t.name] = {"mode": t.mode, "model": _rel(model), "adapter": _rel(res.folder), "final_loss": res.final_loss,
-                            "steps": len(res.losses)}
-            for ds in r.datasets:
-                sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
-                ev = evaluate(base=model, delta=res.folder, alphas=t.alphas, engine=eng, output=ev_dir,
-                              prompt=r.prompt, sampling=sampling,
-                              options=EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed,
-                                                  kind=ds.kind, params_b=r.params_b, progress=progress))
-                name = (ev.runs[0].folder.name if ev.runs else ds.name) + f"-{t.name}"
-                tables[name] = [table_row(x) for x in ev.runs]
+        with vllm_logs(folder=out / "valves", verbose=verbose):  # vLLM's lines go to valves/vllm.log
+            tables, info = _stages(r, out, eng, progress, verbose)
     finally:
         starts = eng.starts
         eng.close()
     return tables, info, starts
+
+
+def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str, list[dict]], dict]:
+    from .evaluate import evaluate, table_row
+    from .mixchain import MixChainOptions, build_mixchain
+    from .runs import EvalOptions
+    from .train import train
+
+    tables, info = {}, {}
+    if r.mixchain is not None:
+        mc, folder = r.mixchain, out / "mixchain"
+        spec = json.dumps(asdict(mc), sort_keys=True)  # the stage key: rebuilt when the entry changes
+        stale = folder.exists() and (not (folder / "spec.json").is_file() or (folder / "spec.json").read_text() != spec)
+        if not folder.exists() or stale:
+            sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
+            build_mixchain(base=r.base, reasoner=r.reasoner, output=folder, engine=eng, prompt=r.prompt,
+                           sampling=sampling, engine_options=r.engine,
+                           options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
+                                                   alphas=mc.alphas, min_correct=mc.min_correct,
+                                                   overwrite=True, progress=progress))
+            write_text(folder / "spec.json", spec)
+        info["mixchain"] = json.loads((folder / "mixchain.json").read_text())["stats"]["table9"]
+    for t in r.train:
+        model = {"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model)
+        data = out / "mixchain" if t.data == "mixchain" else t.data
+        res = train(mode=t.mode, model=model, data=data, output=out / "train" / t.name, prompt=r.prompt,
+                    options=replace(t.options, progress=progress, overwrite=True))
+        ev_dir = out / "valves" / t.name
+        if not res.skipped:
+            discard(ev_dir)  # the valve changed: its old α sweep is stale
+        info[t.name] = {"mode": t.mode, "model": _rel(model), "adapter": _rel(res.folder), "final_loss": res.final_loss,
+                        "steps": len(res.losses)}
+        source = DeltaSource(base=str(model), delta=str(res.folder))  # the adapter is a task vector
+        for ds in r.datasets:
+            sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
+            ev = evaluate(source=source, alphas=t.alphas, engine=eng, output=ev_dir, prompt=r.prompt,
+                          sampling=sampling,
+                          options=EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed,
+                                              kind=ds.kind, params_b=r.params_b, answer_rule=r.answer_rule,
+                                              progress=progress, verbose=verbose))
+            name = (ev.runs[0].folder.name if ev.runs else ds.name) + f"-{t.name}"
+            tables[name] = [table_row(x) for x in ev.runs]
+    return tables, info
 
 
 def table1(*, recipe, tables: dict[str, list[dict]], dataset: str) -> list[dict]:
@@ -148,38 +161,37 @@ def valve_section(*, recipe, tables: dict[str, list[dict]], valves: dict) -> lis
     return body + [""]
 
 
-def valve_commands(*, recipe, out: str) -> list[str]:
-    """The shell commands of the CoT-Valve stages (what `run_valve_stages` calls)."""
+def valve_commands(*, recipe, out: str) -> list[list[str]]:
+    """The commands (as words) of the CoT-Valve stages, what `run_valve_stages` calls; every non-default
+    option spelled by the options' `to_cli_args`."""
+    from .mixchain import MixChainOptions
+    from .options import cli_number
+    from .runs import EvalOptions
+
     r, cmds = recipe, []
-    eng = (f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else "") + \
-        (f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else "")
+    prompt = r.prompt.to_cli_args()
+    engine = r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank"))
     if r.mixchain:
         m = r.mixchain
-        lim = f" --limit {m.limit}" if m.limit else ""
-        cmds.append(f"tvtool mixchain {_rel(r.base)} --reasoner {_rel(r.reasoner)} --dataset {_rel(m.dataset)} "
-                    f"--split {m.split}{lim} --alpha {','.join(map(format_alpha, m.alphas))} --min-correct "
-                    f"{m.min_correct} --instruction {r.prompt.instruction!r}{eng} -o {out}/mixchain")
+        mo = MixChainOptions(dataset=_rel(m.dataset), split=m.split, limit=m.limit, alphas=m.alphas,
+                             min_correct=m.min_correct)
+        sampling = replace(r.sampling, max_tokens=m.max_tokens or r.sampling.max_tokens)
+        cmds.append(["tvtool", "mixchain", _rel(r.base), "--reasoner", _rel(r.reasoner), *mo.to_cli_args(),
+                     *sampling.to_cli_args(exclude=("n",)), *prompt, *engine, "-o", f"{out}/mixchain"])
     for t in r.train:
         model = _rel({"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model))
         data = f"{out}/mixchain" if t.data == "mixchain" else _rel(t.data)
-        flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in asdict(t.options).items()
-                        if v is not None and k not in ("progress", "overwrite") and v != getattr(_default(), k)
-                        and not isinstance(v, bool))
-        cmds.append(f"tvtool train {t.mode} --model {model} --data {data}{flags} --instruction "
-                    f"{r.prompt.instruction!r} -o {out}/train/{t.name}")
+        cmds.append(["tvtool", "train", t.mode, "--model", model, "--data", data,
+                     *t.options.to_cli_args(exclude=("progress", "overwrite")), *prompt, "-o", f"{out}/train/{t.name}"])
         for d in r.datasets:
-            lim = f" --limit {d.limit}" if d.limit else ""
-            cmds.append(f"tvtool eval --base {model} --delta {out}/train/{t.name} --alpha "
-                        f"{','.join(map(format_alpha, t.alphas))} --dataset {_rel(d.name)}{lim} --max-tokens "
-                        f"{d.max_tokens or r.sampling.max_tokens} --instruction {r.prompt.instruction!r}{eng} "
-                        f"-o {out}/valves/{t.name}")
+            ev = EvalOptions(dataset=_rel(d.name), split=d.split, limit=d.limit, seed=d.seed, kind=d.kind,
+                             params_b=r.params_b, answer_rule=r.answer_rule)
+            sampling = replace(r.sampling, max_tokens=d.max_tokens or r.sampling.max_tokens)
+            cmds.append(["tvtool", "eval", "--base", model, "--delta", f"{out}/train/{t.name}", "--alpha",
+                         ",".join(cli_number(a) for a in t.alphas), "--dataset", ev.dataset,
+                         *ev.to_cli_args(exclude=("dataset",)), *prompt, *sampling.to_cli_args(), *engine,
+                         "-o", f"{out}/valves/{t.name}"])
     return cmds
-
-
-def _default():
-    from .train import TrainOptions
-
-    return TrainOptions()
 
 
 def _rel(p) -> str:

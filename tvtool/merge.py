@@ -1,0 +1,362 @@
+"""The one merge path: θ1 + α·Δ for one or many configurations, as a stream of row chunks.
+
+`merge_chunks` is the only place where merged weights are computed. `materialize`
+writes its chunks to disk; the vLLM worker (`tvtool.worker`) streams `merged_tensors`
+(the same chunks, whole tensors) into the running engine. So both receive the same bytes
+for the same settings:
+
+    for every output tensor (the base's names, plus lm_head for a tied base/untied reasoner):
+        read θ1 rows (and Δ rows, or θ2 rows and Δ = θ2 − θ1) once,        # tv.merge_inputs
+        for every MergeConfig:
+            not selected (include/exclude) or no Δ  →  θ1 rows, as stored (cast to the output dtype)
+            α = 1 and θ2 rows at hand               →  θ2 rows, bit for bit
+            otherwise                               →  round_once(fp32(θ1) + fp32(α·Δ))
+
+`merged_config` builds the config/tokenizer files of the merged model for both paths.
+
+Where a merge operator plugs in (TIES, DARE, trim): as a field of `MergeConfig`, applied
+to the Δ rows in `_merge_one` before `merge_rows` (an operator that needs whole tensors
+asks for `whole=True` chunks), or as a lazy `TaskVector` term.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import hashlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cached_property
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import MismatchError, OptionsError
+from .kernels import merge_many, merge_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
+from .layout import DTYPES, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
+from .operators import METHODS, Config, LayerSchedule, Merge, Prepared, check_vectors, merged_delta, prepare
+from .options import check_regex
+from .output import prefetch
+from .safetensors_io import row_chunks
+
+if TYPE_CHECKING:  # a type only: taskvector imports this module for TaskVector.apply_to
+    from .taskvector import TaskVector
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """One merged model: θ1 + α_eff·M on the tensors that `include`/`exclude` select (others stay θ1).
+
+    M is Δ for the plain CoT-Valve path (`method="task_arithmetic"`, one task vector), else the
+    operator's merge of the task vectors Δ_1..Δ_n (`tvtool.operators`: TIES, DARE, trim,
+    breadcrumbs). α is the global coefficient (mergekit's λ); α_eff = α · the first matching
+    `rules` factor · the layer `schedule` factor. Frozen and plain data, so it crosses process
+    boundaries (`to_dict`/`from_dict`) and is recorded.
+    """
+
+    alpha: float
+    include: str | None = None  # regex: apply α only to tensors whose name matches
+    exclude: str | None = None  # regex: never apply α to tensors whose name matches
+    method: str = "task_arithmetic"  # operators.METHODS
+    weights: tuple[float, ...] = ()  # per task vector (mergekit `weight`); () = 1 each
+    density: float | tuple[float, ...] = 1.0  # trim/TIES: fraction of |Δ_i| kept, in (0, 1]
+    p: float | tuple[float, ...] = 0.0  # DARE: drop probability, in [0, 1)
+    beta: float = 0.0  # breadcrumbs: largest fraction dropped
+    gamma: float = 0.0  # breadcrumbs: smallest fraction dropped
+    seed: int = 0  # DARE mask seed
+    normalize: bool | None = None  # divide by the summed weights (None: the method's default)
+    rules: tuple[tuple[str, float], ...] = ()  # (regex, α factor): the first match scales α
+    schedule: tuple[float, float] | None = None  # α factor linear from layer 0 to the last layer
+
+    def __post_init__(self):
+        tup = lambda v: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        object.__setattr__(self, "density", tup(self.density))
+        object.__setattr__(self, "p", tup(self.p))
+        object.__setattr__(self, "rules", tuple((str(r), float(a)) for r, a in self.rules))
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
+            if len(self.schedule) != 2:
+                raise OptionsError(f"a layer schedule is (first, last), got {self.schedule}", where="merge.schedule")
+        check_regex("--include", self.include)
+        check_regex("--exclude", self.exclude)
+        for rx, _ in self.rules:
+            check_regex("--alpha-rule", rx)
+        lens = [len(v) for v in (self.weights, self.density, self.p) if isinstance(v, tuple) and v]
+        self.merge.check(max(lens, default=1))
+
+    @cached_property
+    def _patterns(self) -> tuple[re.Pattern | None, re.Pattern | None]:
+        return (re.compile(self.include) if self.include else None,
+                re.compile(self.exclude) if self.exclude else None)
+
+    def selects(self, name: str) -> bool:
+        """Whether α·Δ is applied to tensor `name`."""
+        inc, exc = self._patterns
+        return (not inc or bool(inc.search(name))) and not (exc and exc.search(name))
+
+    @cached_property
+    def merge(self) -> Merge:
+        """How the task vectors become M (`operators.Merge`)."""
+        return Merge(method=self.method, weights=self.weights or 1.0, density=self.density, p=self.p,
+                     beta=self.beta, gamma=self.gamma, seed=self.seed, normalize=self.normalize)
+
+    def is_plain(self, n_vectors: int = 1) -> bool:
+        """θ1 + α·Δ exactly (one task vector, weight 1, no operator, one α for every tensor)."""
+        return (n_vectors == 1 and self.method == "task_arithmetic" and self.weights in ((), (1.0,))
+                and not self.merge.normalized and not self.rules and self.schedule is None)
+
+    def alphas(self, names: Sequence[str]) -> dict[str, float]:
+        """α_eff per tensor name (rules, then the layer schedule over the layers in `names`)."""
+        sched = LayerSchedule(first=self.schedule[0], last=self.schedule[1]) if self.schedule else None
+        return Config(merge=self.merge, alpha=self.alpha, rules=self.rules, schedule=sched).alphas(names)
+
+    def tag(self) -> str:
+        """A short name for the operator settings ('' for plain θ1 + α·Δ): folder and run names."""
+        if self.is_plain(len(self.weights) or 1):
+            return ""
+        part = {"magnitude": f"-d{_g(self.density)}", "random": f"-p{_g(self.p)}-s{self.seed}",
+                "breadcrumbs": f"-b{_g(self.beta)}-g{_g(self.gamma)}", None: ""}[METHODS[self.method][0]]
+        extra = {k: v for k, v in self.to_dict().items()
+                 if k in ("weights", "normalize", "rules", "schedule") and v not in ((), None)}
+        digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8] if extra else ""
+        return self.method + part + (f"-{digest}" if digest else "")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in ("alpha", "include", "exclude") or v != _DEFAULTS[k]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MergeConfig":
+        d = dict(d)
+        if d.get("rules"):
+            d["rules"] = tuple(tuple(r) for r in d["rules"])
+        return cls(**d)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(MergeConfig) if f.default is not MISSING}
+
+
+def _g(v) -> str:
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: its name, the base tensor it starts from, output dtype and shape."""
+
+    name: str
+    src: str  # the base tensor read (the embedding, for the lm_head of a tied base)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class MergedChunk:
+    """Rows [start, stop) of output tensor `name` (`index` in the plan), one tensor per configuration."""
+
+    index: int
+    name: str
+    start: int
+    stop: int | None
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def merge_plan(base: Checkpoint, tv: "TaskVector") -> list[tuple[str, str]]:
+    """(output name, base name to read) for every output tensor; checks Δ fits the base."""
+    names = base.names()
+    plan = [(n, n) for n in names]
+    prov = tv.provenance()
+    absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
+    for n in sorted(names):
+        if n not in tv and n not in absent and not prov.get("zero_elsewhere"):  # an adapter: Δ = 0 off its modules
+            raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
+                                fix="use the base model the delta was computed from")
+    for n in tv.names():
+        src = n
+        if n not in base:
+            emb = embed_name(names)
+            if n == LM_HEAD and emb is not None:  # tied base, untied reasoner
+                plan.append((n, emb))
+                src = emb
+            else:
+                raise MismatchError(f"the delta has tensor {n!r}, which the base does not have",
+                                    fix="use the base model the delta was computed from")
+        bs, ds = base.info(src).shape, tv.shape(n)
+        if bs != ds and not (is_vocab_tensor(n) and bs[1:] == ds[1:] and ds[0] <= bs[0]):
+            raise MismatchError(f"shape mismatch for tensor {n!r}: base {tuple(bs)} vs delta {tuple(ds)}",
+                                fix="use the base model the delta was computed from")
+    return plan
+
+
+def output_plan(base: Checkpoint, tv: "TaskVector", *,
+                dtype: Literal["auto", "float32", "bfloat16", "float16"] | torch.dtype | None = "auto"
+                ) -> list[PlannedTensor]:
+    """Every output tensor with its dtype: `dtype` for float tensors, or as stored ("auto"/None)."""
+    want = DTYPES[dtype] if isinstance(dtype, str) and dtype != "auto" else dtype if isinstance(dtype, torch.dtype) \
+        else None
+    out = []
+    for n, src in merge_plan(base, tv):
+        info = base.info(src)
+        dt = want if want is not None and info.dtype.is_floating_point else info.dtype
+        out.append(PlannedTensor(n, src, dt, tuple(info.shape)))
+    return out
+
+
+def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", configs: Sequence[MergeConfig],
+                 plan: Sequence[PlannedTensor] | None = None, whole: bool = False,
+                 read_ahead: int = 2) -> Iterator[MergedChunk]:
+    """Stream every output tensor, in plan order and row chunks, merged for each of `configs`.
+
+    `tv` is one task vector, or several of the same base (Δ_1..Δ_n, for the operators); the
+    first gives the plan, config and provenance. Each input is read once per pass however many
+    configurations are asked for: one pass, plus two selection passes over a tensor when a
+    configuration trims by magnitude (TIES, trim, breadcrumbs) and the tensor spans several
+    chunks (`tvtool.operators`). Reads run `read_ahead` chunks ahead in a thread. `whole=True`
+    gives one chunk per tensor (what a model loader wants); chunks never change the values.
+    """
+    configs = list(configs)
+    tvs = list(tv) if isinstance(tv, (list, tuple)) else [tv]
+    if len(tvs) > 1:
+        check_vectors([{n: t.shape(n) for n in t.names()} for t in tvs])
+    for c in configs:
+        c.merge.check(len(tvs))
+    plan = list(plan) if plan is not None else output_plan(base, tvs[0])
+    names = [p.name for p in plan]
+    alphas = [None if c.is_plain(len(tvs)) else c.alphas(names) for c in configs]
+    reads = _reads(base, tvs, configs, plan, whole)
+    for i, name, start, stop, base_rows, base32, ds, end, prep, nbytes in (
+            prefetch(reads, read_ahead) if read_ahead else reads):
+        p = plan[i]
+        chunk = MergedChunk(i, name, start, stop, bytes_read=nbytes)
+        chunk.outputs = _merge_one(configs, alphas, name, start, base_rows, base32, ds, end, prep, p.dtype)
+        yield chunk
+
+
+def merged_tensors(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", config: MergeConfig,
+                   dtype: str | torch.dtype | None = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole merged tensor) for one configuration: what the in-engine load streams."""
+    plan = output_plan(base, tv[0] if isinstance(tv, (list, tuple)) else tv, dtype=dtype)
+    for chunk in merge_chunks(base=base, tv=tv, configs=[config], plan=plan, whole=True):
+        yield chunk.name, chunk.outputs[0]
+
+
+def merged_config(*, base: Checkpoint, tv: "TaskVector", plan: Sequence[PlannedTensor],
+                  config_from: Literal["reasoner", "base"] = "reasoner") -> dict[str, bytes]:
+    """The merged model's config/tokenizer/chat-template files, by name.
+
+    config.json comes from `config_from` (a delta without one, e.g. a PEFT adapter: the base's);
+    its vocab_size must match the output's vocabulary rows;
+    its dtype is the output's; a tied-embedding config is untied when the output has its own lm_head.
+    """
+    files = tv.side_files(base=base) if config_from == "reasoner" else base.side_files()
+    if "config.json" not in files:
+        raise MismatchError(f"no config.json in the {config_from}'s files",
+                            fix="use --config-from base" if config_from == "reasoner" else "add a config.json")
+    cfg = json.loads(files["config.json"])
+    vs = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    for p in plan:
+        if is_vocab_tensor(p.name) and vs and p.shape[0] != vs:
+            raise MismatchError(f"output tensor {p.name!r} has {p.shape[0]} vocabulary rows but the {config_from}'s "
+                                f"config.json says vocab_size {vs}", fix="use --config-from base")
+    dtypes = {p.dtype for p in plan if p.dtype.is_floating_point}
+    if len(dtypes) == 1:
+        name = dtype_name(dtypes.pop())
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = name
+    if any(p.name == LM_HEAD for p in plan) and cfg.get("tie_word_embeddings"):
+        cfg["tie_word_embeddings"] = False  # the output has its own lm_head
+    files["config.json"] = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+    return files
+
+
+def plan_entries(plan: Sequence[PlannedTensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) per tensor: the layout a `ShardedWriter` takes."""
+    return [(p.name, p.dtype, p.shape) for p in plan]
+
+
+def plan_nbytes(plan: Sequence[PlannedTensor]) -> int:
+    return sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _merge_one(configs: list[MergeConfig], alphas: list[dict | None], name: str, start: int,
+               base_rows: torch.Tensor, base32: torch.Tensor | None, ds: list[torch.Tensor] | None,
+               end: torch.Tensor | None, prep: Prepared | None, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every configuration's rows of one chunk: selection, the α = 1 rule, M once per distinct
+    operator, then all α of that operator through one fused kernel (one rounding each)."""
+    out: list[torch.Tensor | None] = [None] * len(configs)
+    groups: dict[Merge, list[tuple[int, float]]] = {}
+    for j, c in enumerate(configs):
+        if ds is None or not c.selects(name):
+            out[j] = base_rows.to(dtype)
+            continue
+        a = c.alpha if alphas[j] is None else alphas[j][name]
+        if alphas[j] is None and a == 1.0 and end is not None and end.shape == base_rows.shape:
+            out[j] = end.to(dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
+            continue
+        groups.setdefault(c.merge, []).append((j, a))
+    for m, items in groups.items():
+        delta = merged_delta(m, prep, ds, start) if prep is not None else ds[0]  # [rows, ...] fp32
+        res = merge_many(base=base_rows, delta=delta, alphas=[a for _, a in items], dtype=dtype, base32=base32)
+        for (j, _), r in zip(items, res):
+            out[j] = r
+    return out
+
+
+def _inputs(base: Checkpoint, tvs: list, name: str, src: str, start: int, stop: int | None):
+    """(θ1 rows, θ1 fp32 rows, [Δ_i rows], θ2 rows of the first vector | None); θ1 read once."""
+    base_rows, base32, d, end = tvs[0].merge_inputs(base, name, src, start, stop)
+    ds = [d] + [t.merge_inputs(base, name, src, start, stop, base_rows=base_rows, base32=base32)[2] for t in tvs[1:]]
+    return base_rows, base32, ds, end
+
+
+def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[PlannedTensor], whole: bool):
+    """Per chunk: (index, name, start, stop, θ1 rows, θ1 fp32 | None, [Δ_i rows] | None, θ2 rows | None,
+    the tensor's selection cuts | None, bytes read). A tensor that a magnitude operator trims gets its
+    selection passes (`operators.prepare`) here, before its first chunk, in the read-ahead thread."""
+    n = len(tvs)
+    for i, p in enumerate(plan):
+        sel = [c for c in configs if c.selects(p.name)]
+        used = p.name in tvs[0] and bool(sel)
+        n_delta = tvs[0].shape(p.name)[0] if used and p.shape else None
+        chunks = [(0, None)] if whole else _chunks(p.shape, n_delta)
+        ops = [c.merge for c in sel if not c.is_plain(n)]
+        prep, extra, cached = None, 0, None
+        if used and ops:
+            shape = tuple(tvs[0].shape(p.name))
+            ranges = row_chunks(shape)
+            if len(ranges) == 1 or whole:  # one read serves the selection and the output
+                cached = _inputs(base, tvs, p.name, p.src, 0, None if whole else chunks[0][1])
+                ranges, read = [(0, shape[0] if shape else 1)], lambda s, e: cached[2]
+            else:
+                def read(s, e):
+                    nonlocal extra
+                    b, _, ds, _ = _inputs(base, tvs, p.name, p.src, s, e)
+                    extra += b.numel() * b.element_size() * (1 + n)
+                    return ds
+            prep = prepare(ops, name=p.name, shape=shape, n_vectors=n, ranges=ranges, read=read)
+        for k, (s, e) in enumerate(chunks):
+            if used and (n_delta is None or s < n_delta):
+                base_rows, base32, ds, end = cached if (cached is not None and k == 0) else \
+                    _inputs(base, tvs, p.name, p.src, s, e)
+                nbytes = base_rows.numel() * base_rows.element_size() * ((2 if end is not None else 1) + n - 1) \
+                    + (extra if k == 0 else 0)
+                yield i, p.name, s, e, base_rows, base32, ds, end, prep, nbytes
+            else:
+                b = base.read(p.src, s, e)
+                yield i, p.name, s, e, b, None, None, None, None, b.numel() * b.element_size()
+
+
+def _chunks(shape, n_delta):
+    """Row chunks that never straddle the end of Δ's rows (vocab intersect)."""
+    if n_delta is None or not shape or n_delta >= shape[0]:
+        return row_chunks(shape)
+    return row_chunks((n_delta, *shape[1:])) + [(s + n_delta, e + n_delta)
+                                               for s, e in row_chunks((shape[0] - n_delta, *shape[1:]))]
