@@ -13,7 +13,7 @@ from tvtool.recipe import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml",
+@pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml", "toy-valve.yaml",
                                   "long-to-short-7b.yaml", "long-to-short-32b.yaml"])
 def test_shipped_recipes_validate(name):
     r = load_recipe(RECIPES / name)
@@ -243,3 +243,45 @@ def test_eval_options_from_the_command_line():
                                                                                "llama", True)
     bad = CliRunner().invoke(cmd, ["--prompt-budget", "20,x"])
     assert bad.exit_code == 2 and "'20,x' is not an integer (or comma-separated integers)" in bad.output
+
+
+def test_valve_recipes_carry_the_papers_training_settings():
+    from tvtool.train import resolve
+
+    qwq = load_recipe(RECIPES / "qwq-32b-preview.yaml")
+    assert qwq.mixchain.alphas == (0.2, 0.4, 0.6, 0.8) and [t.mode for t in qwq.train] == ["valve++", "progressive"]
+    o = resolve(qwq.train[0].options, mode="valve++")
+    assert (o.rank, o.lora_alpha, o.lr, o.batch_size, o.epochs) == (2, 8.0, 1e-5, 64, 5)
+    assert resolve(qwq.train[1].options, mode="progressive").epochs == 2
+    toy = load_recipe(RECIPES / "toy-valve.yaml")
+    assert Path(toy.mixchain.dataset).is_file() and toy.train[0].alphas == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def test_a_bad_train_entry_names_its_field(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nbase: b\nreasoner: r\nalphas: [0]\ndatasets: [{name: toy}]\n"
+                   "train: [{name: v, mode: valve++, data: mixchain, options: {rank: two}}]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert str(e.value) == f"field train[0].options.rank must be an integer, got 'two' ({bad})"
+    bad.write_text("name: x\nbase: b\nreasoner: r\nalphas: [0]\ndatasets: [{name: toy}]\n"
+                   "train: [{name: v, mode: valve++}]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert str(e.value) == (f"field train[0].data is mixchain but the recipe has no mixchain stage ({bad}). "
+                            "Add mixchain: {...}, or give a dataset path")
+    head = "name: x\nbase: b\nreasoner: r\nalphas: [0]\ndatasets: [{name: toy}]\nmixchain: {alphas: [0.5]}\n"
+    for stage, msg in [
+        ("train: [{name: v}, {name: v}]", "field train[1].name repeats the name 'v'"),
+        ("train: [{name: v, options: {rank: 0}}]", "field train[0].options.rank LoRA rank must be ≥ 1, got 0"),
+        ("train: [{name: v, alphas: []}]", "field train[0].alphas must list at least one α"),
+        ("train: [{name: v, mode: valv}]", "field train[0].mode must be one of valve, valve++, progressive, got 'valv'"),
+        ("train: [{mode: valve}]", "missing field train[0].name"),
+    ]:
+        bad.write_text(head + stage + "\n")
+        with pytest.raises(RecipeError) as e:
+            load_recipe(bad)
+        assert str(e.value).startswith(f"{msg} ({bad})"), str(e.value)
+    bad.write_text(head.replace("{alphas: [0.5]}", "{alphas: [0.5], min_correct: three}") + "train: [{name: v}]\n")
+    with pytest.raises(RecipeError, match=r"^field mixchain.min_correct "):
+        load_recipe(bad)

@@ -25,6 +25,7 @@ from .options import FLOAT_LIST, click_options, from_cli
 from .prompting import PromptOptions
 from .runs import EvalOptions
 from .sweep import SweepOptions, sweep
+from .train import TrainOptions, train
 from .units import RayOptions
 
 # --- ray: `--ray [ADDRESS]` hands an α sweep to tvtool.cluster ---
@@ -184,6 +185,23 @@ def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output
                             prompt=prompt, sampling=sampling, engine_options=engine_options,
                             executor=_ray_options(kw))
     click.echo(result.summary())
+
+
+@main.command("train")
+@click.argument("mode", type=click.Choice(["valve", "valve++", "progressive"]))
+@click.option("--model", required=True, help="The model θ to train a LoRA on (folder or Hub id).")
+@click.option("--data", required=True, help="A `tvtool mixchain` folder, MixChain-Z .parquet/.jsonl, or .jsonl "
+                                            "question/solution pairs.")
+@click.option("-o", "--output", required=True, help="Adapter folder to write (resumable: re-run to continue).")
+@click_options(TrainOptions)
+@click_options(PromptOptions)
+def train_cmd(mode: str, model: str, data: str, output: str, **kw) -> None:
+    """Train a CoT-Valve LoRA: valve (one column), valve++ (per-sample β, eq. 3-4) or progressive (+P).
+    Runs unchanged under `accelerate launch` (DDP)."""
+    result = train(mode=mode, model=model, data=data, output=output, options=from_cli(TrainOptions, kw),
+                   prompt=from_cli(PromptOptions, kw))
+    if result.record:
+        click.echo(result.summary())
 
 
 @main.command("sweep")

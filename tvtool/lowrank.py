@@ -159,6 +159,8 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
             "tvtool.base": json.dumps(prov.get("base")), "tvtool.reasoner": json.dumps(prov.get("reasoner")),
             "tvtool.dtype": str(prov.get("dtype")), "tvtool.skipped": json.dumps(skipped),
             "tvtool.missing": json.dumps(prov.get("missing") or {}), "tvtool.low_rank": json.dumps(low_rank)}
+    if prov.get("zero_elsewhere"):  # from a PEFT adapter: Δ = 0 on the tensors it does not name
+        meta["tvtool.zero_elsewhere"] = "true"
     if "delta" in prov:
         meta["tvtool.source_delta"] = json.dumps(prov["delta"])
     plan = []

@@ -172,7 +172,7 @@ def merge_plan(base: Checkpoint, tv: "TaskVector") -> list[tuple[str, str]]:
     prov = tv.provenance()
     absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
     for n in sorted(names):
-        if n not in tv and n not in absent:
+        if n not in tv and n not in absent and not prov.get("zero_elsewhere"):  # an adapter: Δ = 0 off its modules
             raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
                                 fix="use the base model the delta was computed from")
     for n in tv.names():
@@ -248,10 +248,11 @@ def merged_config(*, base: Checkpoint, tv: "TaskVector", plan: Sequence[PlannedT
                   config_from: Literal["reasoner", "base"] = "reasoner") -> dict[str, bytes]:
     """The merged model's config/tokenizer/chat-template files, by name.
 
-    config.json comes from `config_from`; its vocab_size must match the output's vocabulary rows;
+    config.json comes from `config_from` (a delta without one, e.g. a PEFT adapter: the base's);
+    its vocab_size must match the output's vocabulary rows;
     its dtype is the output's; a tied-embedding config is untied when the output has its own lm_head.
     """
-    files = tv.side_files() if config_from == "reasoner" else base.side_files()
+    files = tv.side_files(base=base) if config_from == "reasoner" else base.side_files()
     if "config.json" not in files:
         raise MismatchError(f"no config.json in the {config_from}'s files",
                             fix="use --config-from base" if config_from == "reasoner" else "add a config.json")

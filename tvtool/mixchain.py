@@ -23,17 +23,23 @@ Filtering, as in the released data ("we filter out all the solutions with incorr
 so the shortest solution gets β = 1 and the longest β = 0. Degenerate case (one solution, or
 all of the same length): β = 1 for every one — each is a shortest solution, and β → 1 as
 m → m_min is what eq. 4 gives the shortest one.
-Token lengths: solution_0 is tokenized with the reasoner's tokenizer (no special tokens);
-a generated solution counts its generated token ids (as `evaluate` does, with the final EOS).
+Token lengths are counted one way for every solution, as the paper counts generated tokens: the
+token ids a model emits for it, the final EOS included. A generated solution counts its generated
+token ids (as `evaluate` records them); solution_0 (and any text) counts its ids under the reasoner's
+tokenizer (no special tokens) plus one for the EOS that would end it (`solution_length`).
+
+max_tokens is clamped to the engine's context (--max-model-len, else the model's
+max_position_embeddings) minus the longest prompt, with a note, before the engine starts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,6 +52,7 @@ from .engine import Engine, EngineOptions, SamplingOptions, vllm_version, write_
 from .errors import OptionsError, OutputError
 from .evaluate import evaluate
 from .layout import SAMPLES
+from .mixchain_length import fit_context, solution_length
 from .options import CliOptions, opt
 from .output import check_free
 from .prompting import PromptOptions, load_tokenizer
@@ -92,10 +99,11 @@ class MixChainResult:
     rows: int
     stats: dict
     engine_starts: int
+    notes: tuple[str, ...] = field(default=())  # e.g. max_tokens clamped to the context
 
     def summary(self) -> str:
         s = self.stats
-        lines = [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
+        lines = [f"note: {n}" for n in self.notes] + [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
                  f"→ {self.folder}", f"generations: {self.generations} (engine starts: {self.engine_starts})"]
         lines += [f"  {r['label']}: {r['samples']} solutions, mean {_f(r['mean_tokens'])} tokens" for r in s["table9"]]
         lines += [f"  α={a['alpha']:g}: accuracy {_f(a['accuracy'])} %, kept {a['kept']}, truncated {a['truncated']}"
@@ -300,8 +308,9 @@ Questions by number of kept generated solutions: {hist}.
 - `question`; `answer` (the ground-truth solution; GSM8K: calculator annotations and the `#### N` line
   removed); `target` (the gold final answer); `id` (tvtool's question id).
 - `solution_0` = `answer`; `solution_k` (k ≥ 1) = the chain generated with α = `alpha_k`.
-- `solution_k_token`: token length — `solution_0` tokenized with the reasoner's tokenizer (no special
-  tokens), generated chains: the number of generated token ids (with the final EOS).
+- `solution_k_token`: token length, counted one way for every solution as the paper counts generated
+  tokens: the token ids a model emits for it, the final EOS included (generated chains: their generated
+  token ids; `solution_0`: its ids under the reasoner's tokenizer, no special tokens, plus the EOS).
 - `correct_k`: the chain reached the gold answer (and finished). A removed chain has `solution_k`,
   `solution_k_token` and `beta_k` = null and `correct_k` = false; `alpha_k` is always set.
 - `beta_k` (CoT-Valve eq. 4) over the question's present solutions, `solution_0` included:
@@ -350,6 +359,12 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                            fix="choose another --work-dir")
     check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
+        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
+        sampling, note = fit_context(problems=problems, tokenizer=tok, shell=shell, prompt=prompt, sampling=sampling,
+                                     engine_options=engine.options if engine is not None else engine_options)
+    if note:
+        logging.getLogger("tvtool").warning("tvtool: note: %s", note)
     ev_options = EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
                              batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress)
     if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.cluster) ---
@@ -364,10 +379,8 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
     gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]
-    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
-        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
-                           count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+                           count_tokens=lambda t: solution_length(text=t, tokenizer=tok),
                            keep_truncated=o.keep_truncated, scorer=scorer)
     record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, problems=problems, o=o,
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
@@ -375,7 +388,7 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
     with atomic_dir(out) as tmp:
         write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
-    return MixChainResult(out, work, len(rows), stats, ev.engine_starts)
+    return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
 
 
 def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,

@@ -34,6 +34,7 @@ from .merge_options import MergeOptions
 from .prompting import PromptOptions
 from .options import opt, unwrap_optional
 from .units import RayOptions
+from .valve_spec import MixChainSpec, TrainSpec, check_valve_stages
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class PushStage(PushOptions):
 class VectorSpec:
     model: str = dataclasses.field(metadata={"help": "A model of the same base: Δ_i = model − base."})
     weight: float = opt(1.0, "Its weight w_i in the merge.")
+
+
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class _RecipeFields(BaseModel):
     push: PushStage = Field(PushStage(), description="What to push (private, and a dry run, by default).")
     executor: ExecutorSpec = Field(ExecutorSpec(), description="Where the evaluation runs (executor.ray: a Ray pool).")
     output: str = Field("runs/{name}", description="Output folder; {name} is the recipe's name.")
+    mixchain: MixChainSpec | None = Field(None, description="Build MixChain-Z from θ1 + αΔ (CoT-Valve §3.2).")
+    train: tuple[TrainSpec, ...] = Field((), description="Valves to train (valve, valve++, progressive) and "
+                                                         "sweep over α.")
 
     @field_validator("alphas")
     @classmethod
@@ -232,6 +238,10 @@ class _RecipeFields(BaseModel):
         if lr is not None and (lr.peft is not None or lr.peft_alpha != LowRankOptions().peft_alpha):
             raise _Invalid("sets peft/peft_alpha, which the sweep chooses", "use apply: lora for one adapter per α",
                            "low_rank")
+        try:  # the CoT-Valve stages (tvtool.valve_spec)
+            check_valve_stages(mixchain=self.mixchain, train=self.train)
+        except OptionsError as e:
+            raise _Invalid(e.what, e.fix, e.where) from None
         return self
 
 
@@ -265,9 +275,13 @@ def load_recipe(path: str | Path) -> Recipe:
         return str((here / v).resolve()) if not Path(v).is_absolute() and (here / v).exists() else v
 
     ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
-    ds = tuple(dataclasses.replace(d, name=local(d.name)) for d in r.datasets)
     vs = tuple(dataclasses.replace(v, model=local(v.model)) for v in r.vectors)
-    return r.model_copy(update={"base": local(r.base), "reasoner": local(r.reasoner), "datasets": ds, "vectors": vs})
+    mc = dataclasses.replace(r.mixchain, dataset=local(r.mixchain.dataset)) if r.mixchain else None
+    tr = tuple(dataclasses.replace(t, data=t.data if t.data == "mixchain" else local(t.data),
+                                   model=t.model if t.model in ("reasoner", "base") else local(t.model))
+               for t in r.train)
+    return r.model_copy(update={"base": local(r.base), "reasoner": local(r.reasoner), "datasets": ds, "vectors": vs,
+                                "mixchain": mc, "train": tr})
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from .adapter_tv import ADAPTER_CONFIG
 from .checkpoint import Checkpoint, resolve
 from .errors import OptionsError
 from .layout import INDEX
@@ -118,7 +119,8 @@ def input_fingerprint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> 
     A Hub id: its repo id and resolved commit. A local checkpoint: per weight file its name,
     size and the sha256 of its safetensors header (names, dtypes, shapes, offsets, metadata);
     for a pickle (*.bin) file, of its first and last MiB. Plus the sha256 of the index and of
-    every config/tokenizer file, which change the merged model too.
+    every config/tokenizer file (and a PEFT adapter's adapter_config.json), which change the merged
+    model too.
     """
     src = resolve(ref, allow_pickle=allow_pickle)
     if src.repo_id is not None:
@@ -127,8 +129,9 @@ def input_fingerprint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> 
     root = ckpt.folder
     files = [{"file": _rel(f, root), "size": f.stat().st_size, "sha256": _head_hash(f)} for f in ckpt.files()]
     side = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(ckpt.side_files().items())}
-    if src.path.is_dir() and (src.path / INDEX).is_file():
-        side[INDEX] = hashlib.sha256((src.path / INDEX).read_bytes()).hexdigest()
+    for name in (INDEX, ADAPTER_CONFIG):  # a PEFT adapter's config sets its scale s = lora_alpha / r
+        if src.path.is_dir() and (src.path / name).is_file():
+            side[name] = hashlib.sha256((src.path / name).read_bytes()).hexdigest()
     return {"files": files, "side_files": side}
 
 

@@ -39,6 +39,7 @@ from .results import ACU_FORMULA
 from .runs import EvalOptions
 from .source import DeltaSource
 from .units import RayOptions
+from .valve_stages import run_valve_stages, valve_commands, valve_section
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,11 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
             tables, starts = _eval_one_engine(r, source, out / "eval", alphas, evals, folders, adapters,
                                               configs, plain)
 
-    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
+    # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
+    vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg, verbose=options.verbose)
+    tables.update(vt)
+    starts += vs
+    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank, valves=valves)
     if r.push.enabled:
         folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
         push(folder=folder, evaluation=_markdown(tables), options=r.push)
@@ -182,9 +187,9 @@ def _markdown(tables: dict[str, list[dict]]) -> str:
 
 
 def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables: dict[str, list[dict]],
-                 lowrank: dict | None) -> Path:
+                 lowrank: dict | None, valves: dict | None = None) -> Path:
     """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank),
-    each written atomically."""
+    each written atomically; `valves`: the CoT-Valve stages' Table 1 and bars (tvtool.valve_stages)."""
     plots = {}
     for name, rows in tables.items():
         plots[name] = plot(rows=rows, path=out / f"plot-{name}.png")
@@ -206,22 +211,37 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
               "spectra: `spectra.png`.\n")
     src = recipe_path or out / "recipe.yaml"
     body = [f"# tvtool sweep: {recipe.name}", "",
-            f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
+            f"θ1 = `{_short(recipe.base)}`, θ2 = `{_short(recipe.reasoner)}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
             answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
                              alpha=recipe.budget_alpha), "",
             ACU_FORMULA, ""]
+    if valves:  # --- CoT-Valve: Table 1 and the bars (tvtool.valve_stages) ---
+        body += valve_section(recipe=recipe, tables=tables, valves=valves)
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
     body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
-             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out), "```", "",
-             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True).strip(),
+             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out),
+             *(_sh(c) for c in valve_commands(recipe=recipe, out=_short(out))), "```", "",
+             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(_relative(recipe)), sort_keys=False,
+                                                      allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
     report = write_text(out / "REPORT.md", "\n".join(body))
-    write_json(out / "report.json", {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA,
-                                     "versions": versions, "plots": {k: str(v) for k, v in plots.items()}},
+    write_json(out / "report.json", {"recipe": to_dict(_relative(recipe)), "tables": tables,
+                                     "acu_formula": ACU_FORMULA, "versions": versions,
+                                     "plots": {k: v.name for k, v in plots.items()}, "valves": valves},
                sort_keys=False)
     return report
+
+
+def _relative(r: Recipe) -> Recipe:
+    """The recipe with local paths relative to the working folder (committed reports carry no absolute paths)."""
+    mc = replace(r.mixchain, dataset=_short(r.mixchain.dataset)) if r.mixchain else None
+    return r.model_copy(update={
+        "base": _short(r.base), "reasoner": _short(r.reasoner), "mixchain": mc,
+        "datasets": tuple(replace(d, name=_short(d.name)) for d in r.datasets),
+        "vectors": tuple(replace(v, model=_short(v.model)) for v in r.vectors),
+        "train": tuple(replace(t, model=_short(t.model), data=_short(t.data)) for t in r.train)})
 
 
 def _short(p) -> str:

@@ -97,7 +97,14 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike | Source, *, allow_pickle: bool = False) -> "TaskVector":
-        """A delta (full or factored) written by tvtool: a .safetensors file or a folder with an index."""
+        """A delta (full or factored) written by tvtool: a .safetensors file or a folder with an index;
+        or a PEFT LoRA adapter folder (Δ = s·B·A per module, zero elsewhere; see tvtool.adapter_tv)."""
+        # --- PEFT adapters (tvtool.adapter_tv) ---
+        from .adapter_tv import AdapterTerm, is_adapter
+
+        if not isinstance(path, Source) and is_adapter(path):
+            return cls([(1.0, AdapterTerm(path))])
+        # --- end PEFT adapters ---
         ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)
         kind = ckpt.metadata.get("tvtool.kind")
         if kind not in ("delta", "factored-delta"):
@@ -201,6 +208,8 @@ class TaskVector:
             prov = {"base": t.base.source.describe(), "reasoner": t.reasoner.source.describe(),
                     "skipped": t.skipped, "missing": t.missing, "vocab": t.vocab,
                     "dtype": dtype_name(common_dtype(t.base, t.reasoner))}
+        elif hasattr(t, "provenance"):  # a PEFT adapter (tvtool.adapter_tv)
+            prov = t.provenance()
         else:
             m = t.ckpt.metadata
             prov = {k.removeprefix("tvtool."): _json_or_str(v) for k, v in m.items()
@@ -210,9 +219,19 @@ class TaskVector:
             prov["combination"] = [{"coefficient": c, **_term_source(t)} for c, t in self.terms]
         return prov
 
-    def side_files(self) -> dict[str, bytes]:
-        """The reasoner's config/tokenizer/chat-template files, carried so materialize needs no reasoner."""
+    def side_files(self, base: Checkpoint | None = None) -> dict[str, bytes]:
+        """The reasoner's config/tokenizer/chat-template files, carried so materialize needs no reasoner.
+
+        A delta with no config.json (a PEFT adapter, or svd-rank of one) gets `base`'s files under its own."""
+        files = self._own_side_files()
+        if base is not None and "config.json" not in files:
+            files = {**base.side_files(), **files}
+        return files
+
+    def _own_side_files(self) -> dict[str, bytes]:
         t = self.terms[0][1]
+        if hasattr(t, "side_files"):  # a PEFT adapter (tvtool.adapter_tv)
+            return t.side_files()
         if isinstance(t, _Pair):
             return t.reasoner.side_files()
         files = t.ckpt.side_files()
@@ -281,6 +300,8 @@ def _pair(b: Checkpoint, r: Checkpoint, *, allow_missing: bool, vocab: str) -> _
 
 
 def _term_source(t) -> dict:
+    if hasattr(t, "provenance"):  # a PEFT adapter (tvtool.adapter_tv)
+        return {"adapter": str(t.path)}
     if isinstance(t, _Pair):
         return {"base": t.base.source.ref, "reasoner": t.reasoner.source.ref}
     return {"delta": t.ckpt.source.ref}
