@@ -25,7 +25,8 @@ from tvtool.lowrank import LowRankOptions
 from tvtool.materialize import MaterializeOptions
 from tvtool.mixchain import MixChainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
-from tvtool.recipe import load_recipe
+from tvtool.merge_options import MergeOptions
+from tvtool.recipe import load_recipe, merge_configs
 from tvtool.sweep import SweepOptions, _commands, _eval_options
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
@@ -117,6 +118,23 @@ def test_sweep_commands_parse_into_the_sweeps_options(name, tmp_path):
         assert from_cli(PromptOptions, kw) == r.prompt
         assert from_cli(EngineOptions, kw) == r.engine
         assert tuple(a for part in kw["alphas"] for a in part) in ((), tuple(dict.fromkeys(r.alphas)))
+
+
+@pytest.mark.parametrize("name", ["toy-operators.yaml", "long-to-short-7b.yaml"])
+def test_sweep_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_path):
+    """One `tvtool eval` per `merge:` entry; together they parse back into the sweep's configurations."""
+    r = load_recipe(RECIPES / name)
+    evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
+    assert len(evals) == len(r.merge) * len(r.datasets)
+    got = []
+    for cmd in evals[:len(r.merge)]:
+        kw = dict(main.commands["eval"].make_context("eval", shlex.split(cmd)[2:]).params)
+        mo = from_cli(MergeOptions, kw)
+        vecs = mo.weighted_vectors() or [(kw["reasoner"], 1.0)]
+        if r.vectors:  # every task vector as --vector MODEL:WEIGHT, the first being the reasoner
+            assert (kw["reasoner"], vecs) == (None, [(v.model, v.weight) for v in r.vectors])
+        got += mo.configs([a for part in kw["alphas"] for a in part], weights=[w for _, w in vecs])
+    assert got == merge_configs(r)
 
 
 @pytest.mark.parametrize("apply", ["swap", "materialize"])

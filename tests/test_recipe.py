@@ -14,10 +14,10 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.mark.parametrize("name", ["qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml", "toy.yaml", "toy-valve.yaml",
-                                  "long-to-short-7b.yaml", "long-to-short-32b.yaml"])
+                                  "long-to-short-7b.yaml", "long-to-short-32b.yaml", "toy-operators.yaml"])
 def test_shipped_recipes_validate(name):
     r = load_recipe(RECIPES / name)
-    assert r.alphas and r.datasets
+    assert (r.alphas or all(m.alphas for m in r.merge)) and r.datasets
     if name.startswith("qwq"):
         assert r.base == "Qwen/Qwen2.5-32B-Instruct" and r.reasoner == "Qwen/QwQ-32B-Preview"
         assert r.engine.tensor_parallel_size == 2
@@ -32,6 +32,16 @@ def test_shipped_recipes_validate(name):
         got = [(c.method, c.alpha, c.density, c.weights) for c in merge_configs(r)]
         assert got == [("task_arithmetic", 0.7, 1.0, ()), ("ties", ties[1], ties[0], ())]
         assert r.reasoner == r.vectors[0].model and len(r.vectors) == 2 and r.base.startswith("Qwen/Qwen2.5-")
+    if name == "toy-operators.yaml":  # reports/toy-operators: the α curve of toy.yaml plus TIES, DARE, breadcrumbs
+        from tvtool.merge_options import config_name
+        from tvtool.recipe import merge_configs
+
+        cs = merge_configs(r)
+        plain = [c.alpha for c in cs if c.is_plain()]
+        assert set(load_recipe(RECIPES / "toy.yaml").alphas) <= set(plain) and r.apply == "swap"
+        assert {c.method for c in cs} == {"task_arithmetic", "ties", "dare_linear", "breadcrumbs"}
+        assert "ties-d0.2-alpha-0.7" in {config_name(c) for c in cs} and len(cs) == len(set(map(config_name, cs)))
+        assert Path(r.base).is_dir() and Path(r.reasoner).is_dir()
     if name == "toy.yaml":
         assert Path(r.base).is_dir() and Path(r.reasoner).is_dir()  # resolved from the recipe's folder
 

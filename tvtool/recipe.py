@@ -103,14 +103,19 @@ def _normalize(data: dict, file: str) -> dict:
     return data
 
 
+def merge_options(m: MergeSpec) -> MergeOptions:
+    """The `MergeOptions` (CLI/API settings) of one `merge:` entry."""
+    return MergeOptions(method=m.method, density=m.density, drop_p=m.p, drop_seed=m.seed, beta=m.beta,
+                        gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule)
+
+
 def merge_configs(r: "_RecipeFields") -> list[MergeConfig]:
     """The recipe's `MergeConfig`s: one per (merge entry, α); plain θ1 + α·Δ without `merge:`."""
     weights = tuple(v.weight for v in r.vectors) or (1.0,)
     out = []
     for m in r.merge or (MergeSpec(),):
-        mo = MergeOptions(method=m.method, density=m.density, drop_p=m.p, drop_seed=m.seed, beta=m.beta,
-                          gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule)
-        out += mo.configs(m.alphas or r.alphas, include=r.materialize.include, exclude=r.materialize.exclude,
+        out += merge_options(m).configs(m.alphas or r.alphas, include=r.materialize.include,
+                                        exclude=r.materialize.exclude,
                           weights=weights)
     return list(dict.fromkeys(out))
 

@@ -1,6 +1,7 @@
 """Tables and plots across runs (α sweeps): markdown, JSON and a PNG in the style of CoT-Valve Fig. 3.
 
-Rows are the per-run summaries (`tvtool.evaluate.table_row`): label, α, the token budget asked
+Rows are the per-run summaries (`tvtool.evaluate.table_row`): label, α, the merge operator and its
+settings (`method`, `params`: rows of a sweep over several operators, set by `tvtool.sweep`), the token budget asked
 for in the prompt (prompt-control rows, Table 12), accuracy (%), mean #tokens (= Table 12's
 "#Token Generated"), ACU (paper units), #truncated, #samples, and the answer statistics of
 `tvtool.answers` (no-box share, hit-max share, accuracy on boxed responses, reflections per response).
@@ -17,11 +18,12 @@ from typing import Sequence
 from .atomic import atomic_write, write_text
 from .results import ACU_FORMULA
 
-COLUMNS = (("label", "run"), ("alpha", "α"), ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"),
+COLUMNS = (("label", "run"), ("method", "method"), ("params", "params"), ("alpha", "α"),
+           ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"),
            ("mean_tokens", "mean #tokens"), ("acu", "ACU"), ("truncated", "#truncated"), ("n_samples", "#samples"),
            ("no_box_share", "no box %"), ("length_share", "hit max %"), ("boxed_accuracy", "acc. boxed %"),
            ("reflections_mean", "reflections/resp."))
-_OPTIONAL = {"prompt_budget", "no_box_share", "length_share", "boxed_accuracy", "reflections_mean"}
+_OPTIONAL = {"method", "params", "prompt_budget", "no_box_share", "length_share", "boxed_accuracy", "reflections_mean"}
 
 
 def _cell(key: str, v) -> str:
@@ -59,32 +61,41 @@ def write_table(*, rows: Sequence[dict], folder: str | os.PathLike, name: str = 
 
 
 def plot(*, rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Left: mean #tokens vs α (runs with an α). Right: accuracy vs mean #tokens, labelled by run (PNG, atomic)."""
+    """Left: mean #tokens vs α (runs with an α). Right: accuracy vs mean #tokens, labelled by run (PNG, atomic).
+
+    Rows of several merge operators (a `method` column) give one series per operator setting
+    (method + params) in both panels, each point of the right panel labelled by its α."""
     import matplotlib  # optional dependency (tvtool[eval]): imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ar = sorted((r for r in rows if r.get("alpha") is not None and r.get("mean_tokens") is not None
-                 and r.get("prompt_budget") is None),
-                key=lambda r: r["alpha"])
-    ax1.plot([r["alpha"] for r in ar], [r["mean_tokens"] for r in ar], "o-")
+    groups = series(rows=rows)
+    many = len(groups) > 1
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5) if many else (10, 4))
+    for name, part in groups.items():
+        ar = sorted((r for r in part if r.get("alpha") is not None and r.get("mean_tokens") is not None),
+                    key=lambda r: r["alpha"])
+        ax1.plot([r["alpha"] for r in ar], [r["mean_tokens"] for r in ar], "o-", label=name)
+    if many:
+        ax1.legend(fontsize=7)
     ax1.set_xlabel("α")
     ax1.set_ylabel("#Token")
     ax1.set_title("#tokens vs α")
-    sr = [r for r in rows if r.get("accuracy") is not None and r.get("mean_tokens") is not None]
+    scored = lambda r: r.get("accuracy") is not None and r.get("mean_tokens") is not None  # noqa: E731
+    budgets = [r for r in rows if r.get("prompt_budget") is not None]
     pts, labels = [], []
-    for budget, style, name in ((False, "o-", "α (task vector)"), (True, "s--", "prompt budget")):
-        part = sorted((r for r in sr if (r.get("prompt_budget") is not None) == budget), key=lambda r: r["mean_tokens"])
+    for name, part, budget in [*((n, p, False) for n, p in groups.items()), ("prompt budget", budgets, True)]:
+        part = sorted(filter(scored, part), key=lambda r: r["mean_tokens"])
         if part:
-            ax2.plot([r["mean_tokens"] for r in part], [r["accuracy"] for r in part], style, label=name)
+            ax2.plot([r["mean_tokens"] for r in part], [r["accuracy"] for r in part], "s--" if budget else "o-",
+                     label=name)
         for r in part:
             pts.append((r["mean_tokens"], r["accuracy"]))
             labels.append(f"{r['prompt_budget']} tok" if budget else
                           f"α={r['alpha']:g}" if r.get("alpha") is not None else r["label"])
-    if any(r.get("prompt_budget") is not None for r in sr):
-        ax2.legend(fontsize=8)
+    if any(map(scored, budgets)) or many:
+        ax2.legend(fontsize=7)
     ax2.set_xlabel("#Token")
     ax2.set_ylabel("Accuracy")
     ax2.set_title("accuracy vs #tokens")
@@ -96,6 +107,19 @@ def plot(*, rows: Sequence[dict], path: str | os.PathLike) -> Path:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def series(*, rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """The plot's series of the non-budget rows, in row order: one per operator setting, named
+    "method params" (e.g. "ties density=0.2"), or a single "α (task vector)" without operators."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("prompt_budget") is not None:
+            continue
+        m = r.get("method")
+        name = " ".join(x for x in (m.replace("_", " "), r.get("params")) if x) if m else "α (task vector)"
+        out.setdefault(name, []).append(r)
+    return out
 
 
 RULES = {"paper": "last complete \\boxed{}, else the last number in the response (CoT-Valve A.1)",

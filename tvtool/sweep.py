@@ -30,10 +30,10 @@ from .hub import push
 from .logs import vllm_logs
 from .lowrank import svd_rank
 from .materialize import materialize
-from .options import CliOptions, cli_number, opt
+from .options import CliOptions, cli_number, opt, to_cli_args
 from .peft_adapter import adapter_folders, write_peft_adapters
-from .merge_options import MergeOptions
-from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, to_dict
+from .merge_options import MergeOptions, config_name
+from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, merge_options, to_dict
 from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
@@ -116,6 +116,8 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
         else:
             tables, starts = _eval_one_engine(r, source, out / "eval", alphas, evals, folders, adapters,
                                               configs, plain)
+            if not plain:
+                tables = operator_rows(tables=tables, configs=configs)
 
     # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
     vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg, verbose=options.verbose)
@@ -162,6 +164,28 @@ def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_o
     res = evaluate_on_ray(output=out, source=source, alphas=alphas, datasets=evals, prompt=r.prompt,
                           engine_options=r.engine, executor=ray_opts, progress=pg)
     return {ev.runs[0].folder.name: [table_row(x) for x in ev.runs] for ev in res.results}, res.pool.engine_starts
+
+
+def operator_rows(*, tables: dict[str, list[dict]], configs) -> dict[str, list[dict]]:
+    """Each row of an operator run with its `method` and `params` (the report's table and plot series);
+    rows of other runs (budget rows) unchanged."""
+    by_name = {config_name(c): c for c in configs}
+    return {name: [{**row, **_describe(by_name[row["label"]])} if row["label"] in by_name else row
+                   for row in rows] for name, rows in tables.items()}
+
+
+def _describe(c) -> dict:
+    """`method` and `params` ("density=0.2", "p=0.5 seed=0", …: the non-default operator settings; None: none)."""
+    skip = ("alpha", "include", "exclude", "method")
+    d = {k: v for k, v in c.to_dict().items() if k not in skip}
+    if c.method.startswith("dare"):
+        d["seed"] = c.seed  # the mask seed matters to every DARE run
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in d.items())
+    return {"method": c.method, "params": params or None}
+
+
+def _fmt(v) -> str:
+    return ",".join(map(_fmt, v)) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
@@ -294,7 +318,12 @@ def _commands(r: Recipe, out: Path) -> list[str]:
         flags = ["--dataset", ev.dataset, *ev.to_cli_args(exclude=("dataset",)), *r.prompt.to_cli_args(), *sampling.to_cli_args(),
                  *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/eval"]
         a = ["--alpha", ",".join(cli_number(x) for x in alphas)]
-        if r.apply == "swap":
+        if r.apply == "swap" and r.merge:  # one eval per merge entry, each with its own α list
+            vec = [w for v in r.vectors for w in ("--vector", f"{_short(v.model)}:{cli_number(v.weight)}")]
+            for m in r.merge:
+                cmds.append(["tvtool", "eval", "--base", base, *(vec or src), *to_cli_args(merge_options(m)),
+                             "--alpha", ",".join(cli_number(x) for x in m.alphas or alphas), *flags])
+        elif r.apply == "swap":
             cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])
         elif r.apply == "materialize":
             cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + "alpha-*"), *flags])
