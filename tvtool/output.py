@@ -81,6 +81,7 @@ class ShardedWriter:
         self.groups, self.metadata, self.folder, self.atomic = groups, metadata, folder, atomic_file
         self._shard_of = {e[0]: i for i, g in enumerate(groups) for e in g}
         self._open: tuple[int, StreamWriter] | None = None
+        self._opened: set[int] = set()
         self.total_size = plan_bytes(plan)
 
     def write(self, name: str, chunk: torch.Tensor) -> int:
@@ -89,6 +90,7 @@ class ShardedWriter:
             if self._open is not None:
                 self._open[1].close()
             self._open = (i, StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic))
+            self._opened.add(i)
         return self._open[1].write(name, chunk)
 
     def close(self) -> list[Path]:
@@ -96,12 +98,11 @@ class ShardedWriter:
         if self._open is not None:
             self._open[1].close()
             self._open = None
-        for i, f in enumerate(self.files):  # shards with only empty tensors, or a plan with no tensors
-            if not f.exists():
-                w = StreamWriter(f, self.groups[i], self.metadata, atomic=self.atomic)
-                for name, dtype, shape in self.groups[i]:
-                    w.write(name, torch.empty(shape, dtype=dtype))
-                w.close()
+        for i, f in enumerate(self.files):  # never opened: only a shard with no bytes to write may be made here
+            if i not in self._opened:
+                if plan_bytes(self.groups[i]):
+                    raise RuntimeError(f"ShardedWriter: shard {f.name} was never written")
+                StreamWriter(f, self.groups[i], self.metadata, atomic=self.atomic).close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size, **self.metadata},
                      "weight_map": {e[0]: self.files[i].name for i, g in enumerate(self.groups) for e in g}}
