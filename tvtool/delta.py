@@ -17,8 +17,11 @@ import torch
 
 from . import __version__
 from .errors import OutputError
+from .finite import check_finite, warn_nonfinite
+from .lock import output_lock
 from .options import opt
 from .output import check_free, human, parse_size, plan_bytes, progress, write_tensors
+from .paths import check_output_apart
 from .safetensors_io import row_chunks
 from .taskvector import TaskVector, common_dtype
 
@@ -34,6 +37,8 @@ class DeltaOptions:
     vocab: Literal["error", "intersect"] = opt(
         "error", "Vocabulary rows differ (embed_tokens/lm_head): error, or intersect = Δ over the shared rows only.")
     allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
+    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the checkpoints into Δ (with a warning) instead of "
+                                       "stopping at the first one.")
     overwrite: bool = opt(False, "Replace an existing output.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -73,21 +78,33 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
         raise OutputError(f"Δ is {human(plan_bytes(plan))}, over --max-shard-size {o.max_shard_size}",
                           where=str(out), fix="give a folder path for -o (it will be sharded) "
                                               "or raise --max-shard-size")
-    check_free(out, overwrite=o.overwrite, what="output")
+    check_output_apart(out, tv.sources())
     prov = tv.provenance()
     meta = {"format": "pt", "tvtool.kind": "delta", "tvtool.version": __version__,
             "tvtool.base": json.dumps(prov["base"]), "tvtool.reasoner": json.dumps(prov["reasoner"]),
             "tvtool.dtype": str(dtype).removeprefix("torch."), "tvtool.vocab": o.vocab,
             "tvtool.skipped": json.dumps(prov["skipped"]), "tvtool.missing": json.dumps(prov["missing"])}
+    nonfinite: dict[str, int] = {}
+    where = f"{base} → {reasoner}"
+
     def fill(writer):
         with progress(plan_bytes(plan), "delta", o.progress) as bar:
             for i, (name, _, shape) in enumerate(plan):
                 for s, e in row_chunks(shape):
-                    bar.update(writer.write(name, tv.rows(name, s, e).to(dtype)))  # [rows, ...] fp32 → dtype
+                    d = tv.rows(name, s, e)  # [rows, ...] fp32
+                    bad = check_finite(name, d, s, counts=nonfinite, allow=o.allow_nonfinite, where=where)
+                    chunk = d.to(dtype)
+                    if not bad and dtype != torch.float32:
+                        check_finite(name, chunk, s, where=where,
+                                     overflow=f"Δ in {str(dtype).removeprefix('torch.')}")
+                    bar.update(writer.write(name, chunk))
                 bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
 
-    written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(), max_shard_size=max_shard,
-                            fill=fill)
+    with output_lock(out):
+        check_free(out, overwrite=o.overwrite, what="output")
+        written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(),
+                                max_shard_size=max_shard, fill=fill)
+    warn_nonfinite(nonfinite)
     return DeltaResult(out, written, len(plan), plan_bytes(plan), str(dtype).removeprefix("torch."),
                        prov["skipped"], prov["missing"])
 

@@ -31,10 +31,13 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .data import ProblemSet, load_problems
 from .errors import OptionsError, OutputError
-from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, shell_model, uses_chat_template,
-                       vllm_version)
+from .finite import check_alphas
+from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, check_sampling, shell_model,
+                       uses_chat_template, vllm_version)
+from .lock import output_lock
 from .materialize import format_alpha
 from .options import opt
+from .paths import check_output_apart, check_writable
 
 ACU_FORMULA = "ACU = accuracy[%] / (params[B] × mean #tokens) × 10²"
 SAMPLES, SUMMARY, RUN = "samples.jsonl", "summary.json", "run.json"
@@ -259,10 +262,30 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     - `model` + `loras` (+ `alphas` as labels, one per adapter) → `output/<alpha-a|adapter>/<dataset>/`.
     Pass `engine` to reuse a running one (it must suit the mode; it is not closed).
     """
-    problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
-                             seed=options.seed, kind=options.kind)
     out, res = Path(output), EvalResult()
     mode = _mode(model, base, delta, reasoner, alphas, checkpoints, loras)
+    _precheck(out, options, sampling, alphas, [model, base, delta, reasoner, *checkpoints, *loras])
+    with output_lock(out):
+        return _evaluate(out, res, mode, model=model, base=base, delta=delta, reasoner=reasoner, alphas=alphas,
+                         checkpoints=checkpoints, loras=loras, options=options, prompt=prompt, sampling=sampling,
+                         engine_options=engine_options, engine=engine)
+
+
+def _precheck(out: Path, options: EvalOptions, sampling: SamplingOptions, alphas, inputs) -> None:
+    """What can fail before the ~30 s engine start: options, α, and where the results go."""
+    if options.batch_size < 1:
+        raise OptionsError(f"--batch-size must be at least 1, got {options.batch_size}", where="--batch-size")
+    check_sampling(sampling)
+    check_alphas(alphas)
+    check_output_apart(out, inputs)
+    check_writable(out)
+
+
+def _evaluate(out: Path, res: EvalResult, mode: str, *, model, base, delta, reasoner, alphas, checkpoints, loras,
+              options: EvalOptions, prompt: PromptOptions, sampling: SamplingOptions,
+              engine_options: EngineOptions, engine: Engine | None) -> EvalResult:
+    problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
+                             seed=options.seed, kind=options.kind)
     common = dict(problems=problems, prompt=prompt, sampling=sampling, options=options)
     ds = _safe(problems.name)
     if loras:

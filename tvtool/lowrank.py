@@ -33,8 +33,11 @@ import torch
 from . import __version__
 from .delta import DTYPES
 from .errors import CheckpointError, OptionsError, OutputError
+from .finite import check_alphas, check_finite
+from .lock import output_lock
 from .options import check_regex, opt
 from .output import check_free, human, parse_size, plan_bytes, write_tensors
+from .paths import check_output_apart
 from .safetensors_io import row_chunks
 from .taskvector import FACTOR_A, FACTOR_B, TaskVector, is_vocab_tensor
 
@@ -124,6 +127,15 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
     names = tv.names()
     choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=o, where=src)
     out = Path(output)
+    check_output_apart(out, tv.sources())
+    if o.peft:
+        check_output_apart(o.peft, [*tv.sources(), out], flag="--peft")
+    with output_lock(out):
+        return _svd_rank(tv, src, names, choice, out, o)
+
+
+def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str], out: Path,
+              o: LowRankOptions) -> LowRankResult:
     check_free(out, overwrite=o.overwrite, what="output")
     if o.peft:
         from .peft_adapter import adapter_folders
@@ -147,6 +159,7 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
                     reports[name] = TensorReport(name, tv.shape(name), kind, _norm_sq(tv, name), reason=reason)
                     continue
                 d = tv.get(name)  # [out, in] fp32
+                check_finite(name, d, where=src)  # an SVD of NaN/Inf fails with a LinAlgError naming nothing
                 t0 = time.perf_counter()
                 B, A, S, norm_sq, method = factorize(d, rank=o.rank, energy=o.energy, max_rank=o.max_rank,
                                                      method=o.method, oversample=o.oversample, niter=o.niter)
@@ -407,7 +420,7 @@ def _check_options(o: LowRankOptions, delta, base, reasoner) -> None:
         raise OptionsError("--oversample and --niter must be ≥ 0", where=f"{o.oversample=} {o.niter=}")
     check_regex("--include", o.include)
     check_regex("--exclude", o.exclude)
-    if o.peft and not all(math.isfinite(a) for a in o.peft_alpha):
-        raise OptionsError("every --peft-alpha must be a finite number", where="--peft-alpha")
+    if o.peft:
+        check_alphas(o.peft_alpha, where="--peft-alpha")
     if o.peft and not o.peft_alpha:
         raise OptionsError("no --peft-alpha given", where="--peft-alpha", fix="pass e.g. --peft-alpha 0.6")

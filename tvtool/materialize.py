@@ -10,7 +10,6 @@ looks done, and re-running finishes the job.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -22,8 +21,11 @@ from .card import model_card
 from .checkpoint import Checkpoint
 from .delta import DTYPES
 from .errors import MismatchError, OptionsError, OutputError
+from .finite import check_alphas, check_finite, warn_nonfinite
+from .lock import output_lock
 from .options import check_regex, opt
 from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
+from .paths import check_inside, check_output_apart
 from .safetensors_io import row_chunks
 from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
 
@@ -45,6 +47,8 @@ class MaterializeOptions:
     vocab: Literal["error", "intersect"] = opt(
         "error", "With --reasoner: on a vocabulary-size mismatch, error or interpolate only the shared rows.")
     allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
+    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
+                                       "of stopping at the first one.")
     overwrite: bool = opt(False, "Replace existing α folders made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -83,61 +87,77 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
     plan = merge_plan(b, tv)
     inc, exc = (re.compile(o.include) if o.include else None), (re.compile(o.exclude) if o.exclude else None)
     selected = {n for n, _ in plan if n in tv and (not inc or inc.search(n)) and not (exc and exc.search(n))}
+    _check_selection(tv, inc, exc, selected)
     dtype_of = {n: (DTYPES[o.dtype] if o.dtype != "auto" and b.info(src).dtype.is_floating_point
                     else b.info(src).dtype) for n, src in plan}
     wplan = [(n, dtype_of[n], b.info(src).shape) for n, src in plan]
     files = _side_files(b, tv, o, wplan)
     prov = tv.provenance()
     out = Path(output)
-    folders = {a: out / o.name_template.format(alpha=format_alpha(a)) for a in alphas}
+    folders = {a: out / _folder_name(o.name_template, a) for a in alphas}
+    for f in folders.values():
+        check_inside(f, out, flag=f"--name-template {o.name_template}")
+        check_output_apart(f, [b.source.path, *tv.sources()], flag="-o/--name-template")
     if len(set(folders.values())) != len(folders):
         raise OptionsError("two α values map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
-    settings = {a: _settings(a, b, tv, o, reasoner, delta) for a in alphas}
-    todo = [a for a in alphas if not _complete(folders[a], settings[a], o.overwrite)]
-    tmps = {a: start_dir(folders[a]) for a in todo}
-    writers = {a: ShardedWriter(folder=tmps[a], plan=wplan, metadata={"format": "pt"},
-                                max_shard_size=parse_size(o.max_shard_size)) for a in todo}
-    total_w = sum(w.total_size for w in writers.values())
-    read = 0
+    nonfinite: dict[str, int] = {}
+    with output_lock(out):
+        settings = {a: _settings(a, b, tv, o, reasoner, delta) for a in alphas}
+        todo = [a for a in alphas if not _complete(folders[a], settings[a], o.overwrite)]
+        tmps = {a: start_dir(folders[a]) for a in todo}
+        writers = {a: ShardedWriter(folder=tmps[a], plan=wplan, metadata={"format": "pt"},
+                                    max_shard_size=parse_size(o.max_shard_size)) for a in todo}
+        total_w = sum(w.total_size for w in writers.values())
+        read = 0
 
-    def reads():  # (tensor index, name, base rows, Δ rows, θ2 rows), in a prefetch thread
-        for i, (name, src) in enumerate(plan if todo else []):
-            shape = b.info(src).shape
-            n_delta = tv.shape(name)[0] if name in selected and shape else None
-            for s, e in _chunks(shape, n_delta):
-                use = name in selected and (n_delta is None or s < n_delta)
-                if use:  # in the prefetch thread
-                    yield (i, name, *tv.merge_inputs(b, name, src, s, e))
-                else:
-                    yield i, name, b.read(src, s, e), None, None, None
+        def reads():  # (tensor index, name, base rows, Δ rows, θ2 rows), in a prefetch thread
+            for i, (name, src) in enumerate(plan if todo else []):
+                shape = b.info(src).shape
+                n_delta = tv.shape(name)[0] if name in selected and shape else None
+                for s, e in _chunks(shape, n_delta):
+                    use = name in selected and (n_delta is None or s < n_delta)
+                    if use:  # in the prefetch thread
+                        yield (i, name, s, *tv.merge_inputs(b, name, src, s, e))
+                    else:
+                        yield i, name, s, b.read(src, s, e), None, None, None
 
-    try:
-        with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
-            wb = WriteBehind(on_bytes=bar.update)
-            try:
-                for i, name, base_rows, base32, d, end in prefetch(reads()):
-                    read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
-                    for a in todo:
-                        if a == 1.0 and end is not None:
-                            chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
-                        else:
-                            chunk = merge_rows(base_rows, d, a, dtype_of[name], base32=base32)
-                        wb.submit(writers[a], name, chunk)
-                    bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
-                wb.flush()
-            finally:
-                wb.close()
+        try:
+            with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
+                wb = WriteBehind(on_bytes=bar.update)
+                try:
+                    for i, name, s, base_rows, base32, d, end in prefetch(reads()):
+                        read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
+                        bad = check_finite(name, base_rows, s, counts=nonfinite, allow=o.allow_nonfinite,
+                                           what="the base", where=str(base))
+                        if d is not None:
+                            bad += check_finite(name, d, s, counts=nonfinite, allow=o.allow_nonfinite,
+                                                where=str(reasoner or delta))
+                        for a in todo:
+                            if a == 1.0 and end is not None:
+                                chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
+                            else:
+                                chunk = merge_rows(base_rows, d, a, dtype_of[name], base32=base32)
+                                if not bad:
+                                    check_finite(name, chunk, s, where=str(folders[a]), overflow=(
+                                        f"θ1 + α·Δ in {str(dtype_of[name]).removeprefix('torch.')} at α={a:g}"),
+                                        overflow_fix="use a smaller |α|, or --dtype float32")
+                            wb.submit(writers[a], name, chunk)
+                        bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
+                    wb.flush()
+                finally:
+                    wb.close()
+                for a in todo:
+                    writers[a].close()
+                    _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
+        except BaseException:
             for a in todo:
-                writers[a].close()
-                _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
-    except BaseException:
+                writers[a].abort()
+                discard(tmps[a])
+            raise
         for a in todo:
-            writers[a].abort()
-            discard(tmps[a])
-        raise
-    for a in todo:
-        finish_dir(tmps[a], folders[a])
+            finish_dir(tmps[a], folders[a])
+    warn_nonfinite(nonfinite)
     return MaterializeResult(folders, todo, [a for a in alphas if a not in todo], read, total_w)
 
 
@@ -146,14 +166,34 @@ def _check_options(o: MaterializeOptions, delta, reasoner) -> list[float]:
         raise OptionsError("give exactly one of --delta and --reasoner", fix="Δ comes from a delta file or a reasoner")
     if not o.alphas:
         raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
-    for a in o.alphas:
-        if not math.isfinite(a):
-            raise OptionsError(f"α must be a finite number, got {a}", where="--alpha")
+    check_alphas(o.alphas)
     check_regex("--include", o.include)
     check_regex("--exclude", o.exclude)
     if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
         raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
     return list(dict.fromkeys(float(a) for a in o.alphas))
+
+
+def _folder_name(template: str, a: float) -> str:
+    """The α folder's name from --name-template; an unknown {key} is a one-line error."""
+    try:
+        return template.format(alpha=format_alpha(a))
+    except (KeyError, IndexError, ValueError) as e:
+        raise OptionsError(f"--name-template has an unknown or malformed field ({type(e).__name__}: {e})",
+                           where=template, fix="the only field is {alpha}, e.g. alpha-{alpha}") from None
+
+
+def _check_selection(tv: TaskVector, inc, exc, selected: set[str]) -> None:
+    """--include must match some Δ tensor and --exclude must leave some: else the 'merges' are base copies."""
+    names = tv.names()
+    hint = ", ".join(repr(n) for n in names[:4])
+    if inc is not None and not any(inc.search(n) for n in names):
+        raise OptionsError(f"--include matches no tensor of the delta ({len(names)} tensors, e.g. {hint})",
+                           where=f"--include {inc.pattern}", fix="use a regex that matches some of these names")
+    if not selected:
+        raise OptionsError(f"--exclude leaves no tensor to merge ({len(names)} tensors, e.g. {hint})",
+                           where=f"--exclude {exc.pattern if exc else None}",
+                           fix="loosen --exclude (or --include) so that some tensors get α·Δ")
 
 
 def _chunks(shape, n_delta):

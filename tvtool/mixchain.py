@@ -41,8 +41,11 @@ from .data import Problem, load_problems
 from .errors import OptionsError, OutputError
 from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, load_tokenizer, shell_model,
                        vllm_version)
+from .finite import check_alphas
+from .lock import output_lock
 from .options import opt
 from .output import check_free, discard, finish_dir, start_dir
+from .paths import check_output_apart
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -343,6 +346,20 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise OptionsError("the work folder cannot be inside the dataset folder", where=str(work),
                            fix="choose another --work-dir")
+    check_alphas(alphas)
+    check_output_apart(out, [base, delta, reasoner])
+    check_output_apart(work, [base, delta, reasoner], flag="--work-dir")
+    with output_lock(out):
+        return _build(out=out, work=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas,
+                      min_correct=min_correct, o=o, prompt=prompt, sampling=sampling,
+                      engine_options=engine_options, engine=engine, scorer=scorer)
+
+
+def _build(*, out: Path, work: Path, base, delta, reasoner, alphas: list[float], min_correct: int,
+           o: MixChainOptions, prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions,
+           engine: Engine | None, scorer: Scorer | None) -> MixChainResult:
+    from .evaluate import SAMPLES, EvalOptions, evaluate, read_samples
+
     check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
     ev = evaluate(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,

@@ -24,7 +24,9 @@ import yaml
 from . import __version__
 from .delta import DeltaOptions, delta
 from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
+from .finite import check_alphas
 from .generate import Engine, PromptOptions, shell_model, vllm_version
+from .lock import output_lock
 from .materialize import MaterializeOptions, format_alpha, materialize
 from .options import opt
 from .recipe import Recipe, load_recipe, to_dict
@@ -35,6 +37,7 @@ class SweepOptions:
     output: str | None = opt(None, "Output folder (default: the recipe's `output`).", short="-o")
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
+    overwrite: bool = opt(False, "Discard the results of every stage in the output folder and redo them.")
     progress: bool = opt(True, "Show progress bars.")
 
 
@@ -59,8 +62,20 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     if options.limit is not None:
         r = replace(r, datasets=tuple(replace(d, limit=options.limit) for d in r.datasets))
     alphas = tuple(dict.fromkeys(r.alphas))
+    check_alphas(alphas, where=f"alphas in {path}" if path else "alphas")
     out = Path(options.output or r.output.format(name=r.name))
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if options.overwrite:
+            for stage in STAGES:
+                shutil.rmtree(out / stage, ignore_errors=True)
+        return _sweep(r, path, alphas, out, options)
+
+
+STAGES = ("delta", "lowrank", "models", "eval")  # the folders `sweep --overwrite` discards
+
+
+def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, options: SweepOptions) -> SweepResult:
     (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
     pg = options.progress
 
