@@ -206,7 +206,7 @@ def test_existing_folder_with_other_settings_is_an_error(llama, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["-a", "0.5"], "give exactly one of --delta and --reasoner. Δ comes from a delta file or a reasoner"),
     (["--reasoner", "R"], "no α given (--alpha). Pass e.g. --alpha 0.6 (repeat for more)"),
-    (["--reasoner", "R", "-a", "nan"], "α must be a finite number, got nan (--alpha)"),
+    (["--reasoner", "R", "-a", "nan"], "α must be a finite number, got nan (--alpha). Pass real numbers such as 0.2,0.6,1"),
     (["--reasoner", "R", "-a", "1", "--include", "("],
      "bad regular expression '(': missing ), unterminated subpattern at position 0 (--include)"),
 ])
