@@ -33,7 +33,9 @@ def main() -> None:
     import tiny
     from tvtool import MaterializeOptions, materialize
     from tvtool.data import load_problems
-    from tvtool.generate import Engine, EngineOptions, PromptOptions, SamplingOptions, shell_model, vllm_version
+    from tvtool import DeltaSource
+    from tvtool.engine import Engine, EngineOptions, SamplingOptions, vllm_version
+    from tvtool.prompting import PromptOptions
 
     t_import = time.perf_counter()
     import vllm  # noqa: F401  - imports are paid once by either strategy; kept out of both columns
@@ -51,8 +53,7 @@ def main() -> None:
 
     # in-place: one engine with placeholder weights, θ1 + α·Δ loaded by the worker for each α
     t0 = time.perf_counter()
-    eng = Engine(model=shell_model(base=base, reasoner=reasoner, folder=tmp / "shell"), options=eo,
-                 dummy_weights=True)
+    eng = Engine.for_source(source=DeltaSource(base=base, reasoner=reasoner), options=eo)
     t["in-place"]["engine start"] = time.perf_counter() - t0
     t["in-place"]["checkpoint write"] = 0.0
     load = gen = 0.0

@@ -26,7 +26,7 @@ MAX_TOKENS = 24
 
 
 def engine_options(**kw):
-    from tvtool.generate import EngineOptions
+    from tvtool.engine import EngineOptions
 
     base = dict(dtype="float32", enforce_eager=True, cpu_kv_cache_gb=1, max_num_seqs=16)
     return EngineOptions(**{**base, **kw})
@@ -34,7 +34,7 @@ def engine_options(**kw):
 
 @dataclass
 class VEngine:
-    engine: object  # tvtool.generate.Engine
+    engine: object  # tvtool.engine.Engine
     base: Path
     reasoner: Path
     materialized: Path  # θ1 + ALPHA·Δ written by tvtool.materialize
@@ -46,7 +46,8 @@ class VEngine:
 def vengine(pairs, tmp_path_factory):
     pytest.importorskip("vllm")
     from tvtool import MaterializeOptions, materialize
-    from tvtool.generate import Engine, PromptOptions, SamplingOptions
+    from tvtool.engine import Engine, SamplingOptions
+    from tvtool.prompting import PromptOptions
 
     base, reasoner = pairs["llama"]
     out = tmp_path_factory.mktemp("vengine")

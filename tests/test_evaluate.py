@@ -10,9 +10,11 @@ import pytest
 
 from engine import ALPHA, Crash as _Crash, Flaky as _Flaky
 
-from tvtool.evaluate import (ACU_FORMULA, EvalOptions, count_params_b, evaluate, read_samples, run_one,
-                             summarize)
-from tvtool.generate import EngineOptions, PromptOptions, SamplingOptions
+from tvtool.engine import EngineOptions, SamplingOptions
+from tvtool.evaluate import evaluate
+from tvtool.prompting import PromptOptions
+from tvtool.results import ACU_FORMULA, count_params_b, read_samples, summarize
+from tvtool.runs import EvalOptions, run_one
 
 FIXTURE_ASDIV = Path(__file__).parent / "fixtures" / "asdiv_sample.xml"
 SAMPLING = SamplingOptions(max_tokens=16)
@@ -60,7 +62,7 @@ class _Scripted:
         return list(questions)
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.generate import Sample
+        from tvtool.engine import Sample
 
         out = []
         for q in prompts:

@@ -408,10 +408,20 @@ def test_include_matching_nothing_and_exclude_leaving_nothing(tmp_path):
 
 # --- 10. OS errors, and what can be checked before the engine starts ---------------------------------------
 
-def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import tvtool.atomic
+
     out = tmp_path / "d.safetensors"
     partial = out.with_name(out.name + ".partial")
-    partial.symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
+    real, calls = tvtool.atomic.discard, []
+
+    def discard_then_fill_the_disk(p):  # atomic_write clears a stale partial first: then the disk is "full"
+        real(p)
+        if p == partial and not calls:
+            calls.append(p)
+            partial.symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
+
+    monkeypatch.setattr(tvtool.atomic, "discard", discard_then_fill_the_disk)
     r = cli("delta", TOY / "base", TOY / "reasoner", "-o", out, "--no-progress")
     assert_one_line_error(r, "no space left on the device [ENOSPC]. Free some space or write the output elsewhere, "
                              "then re-run (partial outputs were removed; finished ones are kept)")
@@ -430,7 +440,7 @@ def test_os_errors_are_one_line(tmp_path, monkeypatch, code, expected):
     def fail(final):
         raise OSError(code, os.strerror(code), str(target))
 
-    monkeypatch.setattr(sys.modules["tvtool.materialize"], "start_dir", fail)
+    monkeypatch.setattr(sys.modules["tvtool.materialize"], "atomic_dir", fail)
     r = cli("materialize", TOY / "base", "--reasoner", TOY / "reasoner", "-a", "0.5", "-o", tmp_path / "m")
     assert_one_line_error(r, expected.replace("(P)", f"({target})"))
 
@@ -439,8 +449,8 @@ def test_output_path_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     r = cli("materialize", TOY / "base", "--reasoner", TOY / "reasoner", "-a", "0.5", "-o", f)
-    assert_one_line_error(r, f"a path component is a file, not a folder [ENOTDIR] ({f / 'alpha-0.5.partial'}). "
-                             "Remove that file or choose another output path")
+    assert_one_line_error(r, f"the output path is a file, not a folder (-o {f}). Give a folder path (or remove the "
+                             "file)")
     r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "-o", f)
     assert_one_line_error(r, f"the output path is a file, not a folder (-o {f}). Give a folder path (or remove the "
                              "file)")
@@ -454,9 +464,9 @@ def test_output_path_that_is_a_file(tmp_path):
                                             "max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1"),
 ])
 def test_eval_options_are_checked_before_the_engine_starts(tmp_path, monkeypatch, args, expected):
-    import tvtool.generate
+    import tvtool.engine
 
-    monkeypatch.setattr(tvtool.generate, "vllm_module", lambda: pytest.fail("the engine was started"))
+    monkeypatch.setattr(tvtool.engine, "vllm_module", lambda: pytest.fail("the engine was started"))
     r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "-o", tmp_path / "ev", *args)
     assert_one_line_error(r, expected)
 
@@ -482,12 +492,10 @@ def test_offline_push_says_offline(tmp_path, monkeypatch):
 
 
 def test_unwritable_cache_does_not_blame_the_network(tmp_path, monkeypatch):
-    import huggingface_hub
-
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", "/ro/hub/models--org--m")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", denied)
+    monkeypatch.setattr(sys.modules["tvtool.checkpoint"], "snapshot_download", denied)
     r = cli("delta", "org/m", "org/r", "-o", tmp_path / "d.safetensors")
     assert_one_line_error(r, "cannot write to the Hugging Face cache: Permission denied (/ro/hub/models--org--m). "
                              "Make the cache writable, or set HF_HOME (or HF_HUB_CACHE) to a writable folder")

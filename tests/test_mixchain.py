@@ -178,7 +178,7 @@ def _odd_scorer(resp: str, p: Problem) -> bool:
 
 
 def _build(vengine, out: Path, engine, **kw):
-    from tvtool.generate import SamplingOptions
+    from tvtool.engine import SamplingOptions
     from tvtool.mixchain import build_mixchain
 
     opts = dict(limit=3, alphas=(0.6, 0.2), batch_size=1, progress=False, keep_truncated=True, min_correct="any")
@@ -193,7 +193,7 @@ def test_build_on_a_tiny_pair_matches_its_generations(vengine, tmp_path):
     from transformers import AutoTokenizer
 
     from tvtool.data import load_problems
-    from tvtool.evaluate import read_samples
+    from tvtool.results import read_samples
 
     out = tmp_path / "mc"
     res = _build(vengine, out, vengine.engine, min_correct="0")
@@ -251,7 +251,7 @@ def test_interrupted_build_resumes_to_the_same_dataset(vengine, tmp_path):
 
 
 def test_bad_requests_fail_before_any_generation(tmp_path):
-    from tvtool.generate import SamplingOptions
+    from tvtool.engine import SamplingOptions
     from tvtool.mixchain import build_mixchain
 
     kw = dict(base="b", reasoner="r", output=tmp_path / "mc")  # paths never opened: the checks come first

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tvtool.evaluate import read_samples, summarize
+from tvtool.results import read_samples, summarize
 from tvtool.sweep import SweepOptions, sweep
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy.yaml"

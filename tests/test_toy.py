@@ -8,6 +8,7 @@ import random
 import pytest
 
 from tvtool import toy
+from tvtool.taskvector import TaskVector
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -117,7 +118,7 @@ def test_base_and_reasoner_line_up():
     base, reasoner = toy.load_state(path=toy.BASE_DIR), toy.load_state(path=toy.REASONER_DIR)
     assert base.keys() == reasoner.keys()
     assert all(base[k].shape == reasoner[k].shape for k in base)
-    merged = toy.merge_states(base=base, reasoner=reasoner, alpha=0.0)
+    merged = dict(TaskVector.between(toy.BASE_DIR, toy.REASONER_DIR).apply_to(toy.BASE_DIR, alpha=0.0))
     assert all((merged[k] == base[k]).all() for k in base)
 
 

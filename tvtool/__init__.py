@@ -4,6 +4,9 @@ Python API (the same functions the CLI calls):
     tvtool.delta(base=..., reasoner=..., output=...)          Δ = θ2 − θ1 to disk
     tvtool.materialize(base=..., delta=|reasoner=..., output=..., options=MaterializeOptions(alphas=(0.6,)))
     tvtool.TaskVector.between(base, reasoner) / TaskVector.load(path)
+    tvtool.DeltaSource(base=..., delta=|reasoner=...)              where Δ comes from (fingerprint(), open())
+    tvtool.merge_chunks(base=..., tv=..., configs=[MergeConfig(alpha=0.6)])   the one merge stream
+See ARCHITECTURE.md for the modules and data paths.
 """
 
 __version__ = "0.1.0"
@@ -13,7 +16,10 @@ from .delta import DeltaOptions, delta  # noqa: E402
 from .errors import TvtoolError  # noqa: E402
 from .lowrank import LowRankOptions, svd_rank  # noqa: E402
 from .materialize import MaterializeOptions, materialize  # noqa: E402
+from .merge import MergeConfig, merge_chunks, merged_config, merged_tensors  # noqa: E402
+from .source import DeltaSource  # noqa: E402
 from .taskvector import TaskVector  # noqa: E402
 
-__all__ = ["Checkpoint", "DeltaOptions", "MaterializeOptions", "TaskVector", "TvtoolError", "__version__",
-           "LowRankOptions", "delta", "materialize", "svd_rank"]
+__all__ = ["Checkpoint", "DeltaOptions", "DeltaSource", "MaterializeOptions", "MergeConfig", "TaskVector",
+           "TvtoolError", "__version__", "LowRankOptions", "delta", "materialize", "merge_chunks", "merged_config",
+           "merged_tensors", "svd_rank"]

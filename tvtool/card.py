@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from .layout import is_hub_id
 
 
 def _hub_id(src: dict | None) -> str | None:
@@ -17,7 +14,7 @@ def _hub_id(src: dict | None) -> str | None:
     if not src:
         return None
     rid = src.get("repo_id") or src.get("source", "")
-    return rid if _HUB_ID.match(rid or "") else None
+    return rid if is_hub_id(rid) else None
 
 
 def mergekit_config(*, base: str, reasoner: str, alpha: float, out_dtype: str) -> str:

@@ -12,23 +12,24 @@ import errno
 import fnmatch
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 
 from .errors import CheckpointError
+from .layout import INDEX, parse_hub_ref
 from .safetensors_io import TensorInfo, read_header, read_rows
 
-INDEX = "model.safetensors.index.json"
 # Everything but the weights that a model folder needs to load and chat.
 SIDE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                  "added_tokens.json", "vocab.*", "merges.txt", "chat_template*", "*.tiktoken")
 _CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,11 @@ def resolve(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
     ref = str(ref)
     if os.path.exists(ref):
         return Source(Path(ref), ref)
-    if not _HUB_ID.match(ref):
+    hub = parse_hub_ref(ref)
+    if hub is None:
         raise CheckpointError("checkpoint not found", where=ref,
                               fix="give a model folder, a .safetensors file or a Hub id like org/name[@revision]")
-    repo_id, _, revision = ref.partition("@")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
+    repo_id, revision = hub
     patterns = ["*.safetensors", "*.json", *SIDE_PATTERNS] + (["*.bin"] if allow_pickle else [])
     try:
         path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
@@ -224,6 +222,10 @@ class Checkpoint:
         """(name, tensor) for every tensor, one at a time."""
         for name in self.names():
             yield name, self.read(name)
+
+    def files(self) -> list[Path]:
+        """The weight files the tensors are read from (shards, a single file, or pickles), sorted."""
+        return sorted({i.file for i in self._infos.values()})
 
     @property
     def nbytes(self) -> int:

@@ -13,14 +13,17 @@ import click
 from . import __version__
 from .delta import DeltaOptions, delta
 from .errors import TvtoolError, os_error
-from .evaluate import EvalOptions, evaluate, generate_responses
-from .generate import EngineOptions, PromptOptions, SamplingOptions
+from .engine import EngineOptions, SamplingOptions
+from .evaluate import evaluate
+from .generate import generate_responses
 from .hub import PushOptions, push
 from .lowrank import LowRankOptions, svd_rank
 from .materialize import MaterializeOptions, materialize
 from .mixchain import MixChainOptions, build_mixchain
-from .sweep import SweepOptions, sweep
 from .options import FLOAT_LIST, click_options, from_cli
+from .prompting import PromptOptions
+from .runs import EvalOptions
+from .sweep import SweepOptions, sweep
 
 
 class _Group(click.Group):
@@ -116,7 +119,8 @@ def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, o
 @_run_options
 def eval_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
     """Generate with vLLM and score: one --model, CHECKPOINTS folders, an α sweep
-    (--base with --delta|--reasoner and --alpha, one engine, weights swapped in place),
+    (--base with --delta|--reasoner and --alpha, one engine, weights swapped in place;
+    --include/--exclude pick the tensors α applies to),
     or --lora adapters. Writes samples.jsonl, summary.json, run.json per run and, for
     several runs, a summary table (markdown, JSON) and plot."""
     result = evaluate(**_run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw))

@@ -13,19 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from . import __version__
 from .errors import OutputError
 from .finite import check_finite, warn_nonfinite
+from .layout import DTYPES, dtype_name
 from .lock import output_lock
 from .options import opt
 from .output import check_free, human, parse_size, plan_bytes, progress, write_tensors
 from .paths import check_output_apart
 from .safetensors_io import row_chunks
-from .taskvector import TaskVector, common_dtype
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .source import DeltaSource
+from .taskvector import common_dtype
 
 
 @dataclass(frozen=True)
@@ -66,8 +64,8 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
           options: DeltaOptions = DeltaOptions()) -> DeltaResult:
     """Write Δ = reasoner − base to `output` (a .safetensors file, or a folder of shards)."""
     o = options
-    tv = TaskVector.between(base, reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                            allow_pickle=o.allow_pickle)
+    tv = DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                     allow_pickle=o.allow_pickle).task_vector()
     pair = tv.pair
     dtype = common_dtype(pair.base, pair.reasoner) if o.dtype == "auto" else DTYPES[o.dtype]
     out = Path(output)
@@ -82,7 +80,7 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
     prov = tv.provenance()
     meta = {"format": "pt", "tvtool.kind": "delta", "tvtool.version": __version__,
             "tvtool.base": json.dumps(prov["base"]), "tvtool.reasoner": json.dumps(prov["reasoner"]),
-            "tvtool.dtype": str(dtype).removeprefix("torch."), "tvtool.vocab": o.vocab,
+            "tvtool.dtype": dtype_name(dtype), "tvtool.vocab": o.vocab,
             "tvtool.skipped": json.dumps(prov["skipped"]), "tvtool.missing": json.dumps(prov["missing"])}
     nonfinite: dict[str, int] = {}
     where = f"{base} → {reasoner}"
@@ -94,9 +92,8 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
                     d = tv.rows(name, s, e)  # [rows, ...] fp32
                     bad = check_finite(name, d, s, counts=nonfinite, allow=o.allow_nonfinite, where=where)
                     chunk = d.to(dtype)
-                    if not bad and dtype != torch.float32:
-                        check_finite(name, chunk, s, where=where,
-                                     overflow=f"Δ in {str(dtype).removeprefix('torch.')}")
+                    if not bad and dtype != DTYPES["float32"]:
+                        check_finite(name, chunk, s, where=where, overflow=f"Δ in {dtype_name(dtype)}")
                     bar.update(writer.write(name, chunk))
                 bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
 
@@ -105,6 +102,6 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
         written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(),
                                 max_shard_size=max_shard, fill=fill)
     warn_nonfinite(nonfinite)
-    return DeltaResult(out, written, len(plan), plan_bytes(plan), str(dtype).removeprefix("torch."),
+    return DeltaResult(out, written, len(plan), plan_bytes(plan), dtype_name(dtype),
                        prov["skipped"], prov["missing"])
 

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from tvtool.errors import CheckpointError, HubError, OptionsError
+from tvtool.layout import ALPHA_DIR, is_hub_id
 from tvtool.options import opt
 
 log = logging.getLogger(__name__)
 
-ALPHA_DIR = re.compile(r"^alpha[-_=]?(-?\d+(?:\.\d+)?(?:e-?\d+)?)$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SKIP_PARTS = {".git", "__pycache__"}
 RETRY_FIX = "Re-run the same push: files already uploaded are not sent again"
 
@@ -313,7 +312,7 @@ def _hub_ids(*sources) -> list[str]:
     out = []
     for src in sources:
         rid = (src.get("repo_id") or src.get("source")) if isinstance(src, dict) else src
-        if isinstance(rid, str) and HUB_ID.match(rid) and rid not in out:
+        if isinstance(rid, str) and is_hub_id(rid) and rid not in out:
             out.append(rid)
     return out
 

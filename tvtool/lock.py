@@ -1,8 +1,9 @@
 """One writer per output: an exclusive advisory lock held for the whole run.
 
 Two runs writing the same output at once would interleave their partial files (the
-second run's `start_dir` removes the first's), so every stage that writes an output
-holds `output_lock(output)` while it works. The lock is `fcntl.flock` on a small file
+second run's `atomic_dir` removes the first's `.partial` folder as stale), so every stage
+that writes an output holds `output_lock(output)` while it works, and `atomic_dir` holds
+the lock of the folder it writes (re-entrant: a verb already holding it goes on). The lock is `fcntl.flock` on a small file
 next to the output (`.<name>.tvtool-lock`, outside it, since atomic outputs are replaced
 as a whole) that records the holder's pid; a second writer fails at once with one line
 naming that pid. The kernel drops the lock when the holder dies, so a killed run never
@@ -14,10 +15,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
+
+# Locks this process holds: lock file → (pid, depth). Re-entrant within one process, so a verb that
+# holds its output's lock can write that output through `atomic.atomic_dir`, which takes it too.
+_held: dict[Path, tuple[int, int]] = {}
+_guard = threading.Lock()
 
 
 def lock_path(output: str | os.PathLike) -> Path:
@@ -30,10 +37,22 @@ def lock_path(output: str | os.PathLike) -> Path:
 def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     """Hold the exclusive lock of `output` (a file or folder, existing or not) for the block.
 
-    Raises OutputError naming the holder's pid when another process (or another block in
-    this process) holds it. The lock file is removed on release.
+    Raises OutputError naming the holder's pid when another process holds it; within one
+    process the lock is re-entrant. The lock file is removed on release.
     """
     path = lock_path(output)
+    with _guard:
+        pid, depth = _held.get(path, (None, 0))
+        mine = pid == os.getpid()  # (a forked child does not hold its parent's lock)
+        if mine:
+            _held[path] = (pid, depth + 1)
+    if mine:
+        try:
+            yield path
+        finally:
+            with _guard:
+                _held[path] = (pid, _held[path][1] - 1)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -54,8 +73,12 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with _guard:
+            _held[path] = (os.getpid(), 1)
         yield path
     finally:
+        with _guard:
+            _held.pop(path, None)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)

@@ -29,17 +29,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
-from .delta import DTYPES
+from .atomic import write_text
 from .errors import CheckpointError, OptionsError, OutputError
 from .finite import check_alphas, check_finite
+from .layout import DTYPES, FACTOR_A, FACTOR_B, is_vocab_tensor
 from .lock import output_lock
+from .lowrank_report import TensorReport, adapter_shares, compact, plot_spectra, totals
 from .options import check_regex, opt
 from .output import check_free, human, parse_size, plan_bytes, write_tensors
 from .paths import check_output_apart
+from .peft_adapter import adapter_folders, write_peft_adapters
 from .safetensors_io import row_chunks
-from .taskvector import FACTOR_A, FACTOR_B, TaskVector, is_vocab_tensor
+from .source import DeltaSource
+from .taskvector import TaskVector
 
 
 @dataclass(frozen=True)
@@ -63,22 +68,6 @@ class LowRankOptions:
     max_shard_size: str = opt("5GB", "Largest shard. A .safetensors output must fit in one; a folder is sharded.")
     overwrite: bool = opt(False, "Replace an existing output.")
     progress: bool = opt(True, "Show a progress bar.")
-
-
-@dataclass(frozen=True)
-class TensorReport:
-    """One tensor's fate: factored (rank, retained energy, relative error), full or dropped."""
-
-    name: str
-    shape: tuple[int, ...]
-    kind: Literal["factored", "full", "dropped"]
-    norm_sq: float  # ‖Δ‖²_F
-    rank: int | None = None
-    energy: float | None = None  # ΣS²[:rank] / ‖Δ‖²_F
-    rel_error: float | None = None  # ‖Δ − BA‖_F / ‖Δ‖_F, computed directly
-    method: str | None = None
-    seconds: float | None = None  # SVD and error computation
-    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +111,7 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
     """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair."""
     o = options
     _check_options(o, delta, base, reasoner)
-    tv = TaskVector.load(delta) if delta is not None else TaskVector.between(base, reasoner)
+    tv = DeltaSource(base=base, delta=delta, reasoner=reasoner).task_vector()
     src = str(delta) if delta is not None else f"{base} → {reasoner}"
     names = tv.names()
     choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=o, where=src)
@@ -138,7 +127,6 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
               o: LowRankOptions) -> LowRankResult:
     check_free(out, overwrite=o.overwrite, what="output")
     if o.peft:
-        from .peft_adapter import adapter_folders
         for f in adapter_folders(output=o.peft, alphas=o.peft_alpha).values():
             check_free(f, overwrite=o.overwrite, what="adapter folder")
     dtype = DTYPES[o.dtype]
@@ -149,7 +137,6 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
     if o.threads > 0:
         torch.set_num_threads(o.threads)
     try:
-        from tqdm.auto import tqdm
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(o.seed)
             for name in tqdm(names, desc="svd-rank", disable=not o.progress, leave=False):
@@ -195,21 +182,20 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
         elif choice[n] == "full":
             plan.append((n, dtype, tv.shape(n)))
     files = _write(out, plan, meta, tv, factors, choice, o)
-    totals = _totals(tensors, plan_bytes(plan))
+    tot = totals(tensors, plan_bytes(plan))
     report_path = out.with_suffix(".lowrank.json") if out.suffix == ".safetensors" else out / "lowrank.json"
     plot_path = report_path.with_suffix(".png") if o.plot else None
     adapters: dict[float, Path] = {}
     if o.peft:
-        from .peft_adapter import write_peft_adapters
         adapters = write_peft_adapters(factored=out, output=o.peft, alphas=o.peft_alpha, overwrite=o.overwrite)
-    totals["adapter"] = adapter_shares(tensors)
-    record = {"tvtool_version": __version__, "source": src, "options": asdict(o), "totals": totals,
+    tot["adapter"] = adapter_shares(tensors)
+    record = {"tvtool_version": __version__, "source": src, "options": asdict(o), "totals": tot,
               "adapters": {str(a): str(p) for a, p in adapters.items()},
               "tensors": [asdict(t) for t in tensors]}
-    _atomic_text(report_path, json.dumps(record, indent=2, default=str) + "\n")
+    write_text(report_path, json.dumps(record, indent=2, default=str) + "\n")
     if plot_path is not None:
         plot_spectra(spectra=spectra, reports=reports, path=plot_path)
-    return LowRankResult(out, files, report_path, plot_path, tensors, totals, adapters)
+    return LowRankResult(out, files, report_path, plot_path, tensors, tot, adapters)
 
 
 # -- choosing and factorizing -------------------------------------------------------------
@@ -292,59 +278,6 @@ def residual_sq(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
     return total
 
 
-# -- reporting ----------------------------------------------------------------------------
-def _totals(tensors: list[TensorReport], nbytes: int) -> dict:
-    total = sum(t.norm_sq for t in tensors) or 1.0
-    lost = sum(t.norm_sq * t.rel_error ** 2 for t in tensors if t.kind == "factored")
-    lost += sum(t.norm_sq for t in tensors if t.kind == "dropped")
-    count = {k: sum(t.kind == k for t in tensors) for k in ("factored", "full", "dropped")}
-    return {**count, "norm_sq": total, "energy_kept": 1 - lost / total, "rel_error": math.sqrt(lost / total),
-            "bytes": nbytes}
-
-
-def adapter_shares(tensors: list[TensorReport]) -> dict:
-    """What a LoRA adapter carries: share of ‖Δ‖² kept, lost to truncation, and not carried (by tensor)."""
-    total = sum(t.norm_sq for t in tensors) or 1.0
-    carried = [t for t in tensors if carried_by_adapter(t)]
-    kept = sum(t.norm_sq * (1 - t.rel_error ** 2) for t in carried)
-    trunc = sum(t.norm_sq * t.rel_error ** 2 for t in carried)
-    missing = [t for t in tensors if not carried_by_adapter(t)]
-    groups: dict[str, float] = {}
-    for t in missing:
-        g = ("1-D (norms, biases)" if len(t.shape) == 1 else "embeddings/lm_head" if is_vocab_tensor(t.name)
-             else "other 2-D (excluded)")
-        groups[g] = groups.get(g, 0.0) + t.norm_sq / total
-    return {"kept": kept / total, "truncation": trunc / total, "not_carried": sum(groups.values()),
-            "not_carried_by_kind": groups, "not_carried_tensors": [t.name for t in missing]}
-
-
-def carried_by_adapter(t: TensorReport) -> bool:
-    """An adapter carries factorized `X.weight` linear layers; not embeddings/lm_head, 1-D or full tensors."""
-    return t.kind == "factored" and t.name.endswith(".weight") and not is_vocab_tensor(t.name)
-
-
-def plot_spectra(*, spectra: dict[str, torch.Tensor], reports: dict[str, TensorReport], path: Path) -> None:
-    """Normalized singular values σ_i/‖Δ‖ per factorized tensor (log scale), one line each, rank marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for n, s in spectra.items():
-        r = reports[n]
-        y = (s.double() / math.sqrt(r.norm_sq or 1.0)).numpy()
-        (line,) = ax.semilogy(range(1, len(y) + 1), y, lw=0.8, alpha=0.7)
-        if r.rank:
-            ax.plot([r.rank], [y[r.rank - 1]], "o", ms=3, color=line.get_color())
-    ax.set_xlabel("index i")
-    ax.set_ylabel("σ_i / ‖Δ‖_F")
-    ax.set_title(f"singular values of Δ ({len(spectra)} tensors; dots: chosen rank)")
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 # -- writing ------------------------------------------------------------------------------
 def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowRankOptions):
     """Pass 2: stream factors and kept-full tensors into `out` atomically; returns the files written."""
@@ -369,31 +302,10 @@ def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowR
                          fill=fill)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _norm_sq(tv: TaskVector, name: str) -> float:
     """‖Δ[name]‖²_F, streamed in row chunks."""
     return sum(float(torch.linalg.vector_norm(tv.rows(name, s, e), dtype=torch.float64) ** 2)
                for s, e in row_chunks(tv.shape(name)))
-
-
-def compact(t: TensorReport) -> dict:
-    """The per-tensor summary stored in the factored delta's `tvtool.low_rank` metadata."""
-    d = {"kind": t.kind, "shape": list(t.shape), "norm_sq": t.norm_sq}
-    if t.kind == "factored":
-        d.update(rank=t.rank, energy=round(t.energy, 6), rel_error=round(t.rel_error, 6), method=t.method)
-    return d
-
-
-def reports_from_metadata(low_rank: dict) -> list[TensorReport]:
-    """TensorReports back from a factored delta's `tvtool.low_rank` metadata (see `compact`)."""
-    return [TensorReport(n, tuple(d["shape"]), d["kind"], d["norm_sq"], rank=d.get("rank"), energy=d.get("energy"),
-                         rel_error=d.get("rel_error"), method=d.get("method"))
-            for n, d in low_rank.get("report", {}).items()]
 
 
 def _drop_reason(shape: tuple[int, ...]) -> str:

@@ -9,28 +9,25 @@ looks done, and re-running finishes the job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from . import __version__
+from .atomic import atomic_dir
 from .card import model_card
-from .checkpoint import Checkpoint
-from .delta import DTYPES
-from .errors import MismatchError, OptionsError, OutputError
-from .finite import check_alphas, check_finite, warn_nonfinite
+from .errors import OptionsError, OutputError
+from .finite import check_alphas, warn_nonfinite
+from .layout import SETTINGS_FILE, alpha_name, format_alpha
 from .lock import output_lock
-from .options import check_regex, opt
-from .output import ShardedWriter, WriteBehind, discard, finish_dir, parse_size, prefetch, progress, start_dir
-from .paths import check_inside, check_output_apart
-from .safetensors_io import row_chunks
-from .taskvector import LM_HEAD, TaskVector, is_vocab_tensor, merge_plan, merge_rows
-
-SETTINGS_FILE = "tvtool.json"
-
+from .merge import MergeConfig, check_selection, merge_chunks, merged_config, output_plan, plan_entries
+from .options import opt
+from .output import ShardedWriter, WriteBehind, parse_size, progress
+from .paths import check_inside, check_output_apart, check_writable
+from .source import DeltaSource
 
 @dataclass(frozen=True)
 class MaterializeOptions:
@@ -67,31 +64,20 @@ class MaterializeResult:
         return "\n".join(s)
 
 
-def format_alpha(a: float) -> str:
-    """0.6 → '0.6', 1.0 → '1', -0.5 → '-0.5'."""
-    return f"{a:g}" if abs(a) < 1e16 else repr(a)
-
-
 def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
                 reasoner: str | os.PathLike | None = None, options: MaterializeOptions) -> MaterializeResult:
-    """Write θ1 + α·Δ for every α in `options.alphas` under `output`, reading each input once."""
+    """Write θ1 + α·Δ for every α in `options.alphas` under `output`, reading each input once.
+
+    The tensors come from the shared merge stream (`tvtool.merge.merge_chunks`), one output per α."""
     o = options
-    alphas = _check_options(o, delta, reasoner)
-    if reasoner is not None:
-        tv = TaskVector.between(base, reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                                allow_pickle=o.allow_pickle)
-        b = tv.pair.base
-    else:
-        b = Checkpoint.open(base, allow_pickle=o.allow_pickle)
-        tv = TaskVector.load(delta)
-    plan = merge_plan(b, tv)
-    inc, exc = (re.compile(o.include) if o.include else None), (re.compile(o.exclude) if o.exclude else None)
-    selected = {n for n, _ in plan if n in tv and (not inc or inc.search(n)) and not (exc and exc.search(n))}
-    _check_selection(tv, inc, exc, selected)
-    dtype_of = {n: (DTYPES[o.dtype] if o.dtype != "auto" and b.info(src).dtype.is_floating_point
-                    else b.info(src).dtype) for n, src in plan}
-    wplan = [(n, dtype_of[n], b.info(src).shape) for n, src in plan]
-    files = _side_files(b, tv, o, wplan)
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                         allow_pickle=o.allow_pickle)
+    alphas = _check_options(o)
+    configs = {a: MergeConfig(a, o.include, o.exclude) for a in alphas}
+    b, tv = source.open()
+    check_selection(tv, configs[alphas[0]])
+    plan = output_plan(b, tv, dtype=o.dtype)
+    files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
     out = Path(output)
     folders = {a: out / _folder_name(o.name_template, a) for a in alphas}
@@ -101,74 +87,45 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
     if len(set(folders.values())) != len(folders):
         raise OptionsError("two α values map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
+    settings = {a: _settings(a, b, o, reasoner, delta) for a in alphas}
+    entries = plan_entries(plan)
+    read = total_w = 0
     nonfinite: dict[str, int] = {}
-    with output_lock(out):
-        settings = {a: _settings(a, b, tv, o, reasoner, delta) for a in alphas}
+    check_writable(out)
+    with contextlib.ExitStack() as stack:  # every α folder is renamed into place only if all succeed
+        stack.enter_context(output_lock(out))  # one writer per output folder
         todo = [a for a in alphas if not _complete(folders[a], settings[a], o.overwrite)]
-        tmps = {a: start_dir(folders[a]) for a in todo}
-        writers = {a: ShardedWriter(folder=tmps[a], plan=wplan, metadata={"format": "pt"},
-                                    max_shard_size=parse_size(o.max_shard_size)) for a in todo}
+        tmps = {a: stack.enter_context(atomic_dir(folders[a])) for a in todo}
+        writers = {a: stack.enter_context(ShardedWriter(folder=tmps[a], plan=entries, metadata={"format": "pt"},
+                                                        max_shard_size=parse_size(o.max_shard_size)))
+                   for a in todo}
         total_w = sum(w.total_size for w in writers.values())
-        read = 0
-
-        def reads():  # (tensor index, name, base rows, Δ rows, θ2 rows), in a prefetch thread
-            for i, (name, src) in enumerate(plan if todo else []):
-                shape = b.info(src).shape
-                n_delta = tv.shape(name)[0] if name in selected and shape else None
-                for s, e in _chunks(shape, n_delta):
-                    use = name in selected and (n_delta is None or s < n_delta)
-                    if use:  # in the prefetch thread
-                        yield (i, name, s, *tv.merge_inputs(b, name, src, s, e))
-                    else:
-                        yield i, name, s, b.read(src, s, e), None, None, None
-
-        try:
-            with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
-                wb = WriteBehind(on_bytes=bar.update)
-                try:
-                    for i, name, s, base_rows, base32, d, end in prefetch(reads()):
-                        read += base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1)
-                        bad = check_finite(name, base_rows, s, counts=nonfinite, allow=o.allow_nonfinite,
-                                           what="the base", where=str(base))
-                        if d is not None:
-                            bad += check_finite(name, d, s, counts=nonfinite, allow=o.allow_nonfinite,
-                                                where=str(reasoner or delta))
-                        for a in todo:
-                            if a == 1.0 and end is not None:
-                                chunk = end.to(dtype_of[name])  # θ2 as stored: α=1 is the reasoner bit for bit
-                            else:
-                                chunk = merge_rows(base_rows, d, a, dtype_of[name], base32=base32)
-                                if not bad:
-                                    check_finite(name, chunk, s, where=str(folders[a]), overflow=(
-                                        f"θ1 + α·Δ in {str(dtype_of[name]).removeprefix('torch.')} at α={a:g}"),
-                                        overflow_fix="use a smaller |α|, or --dtype float32")
-                            wb.submit(writers[a], name, chunk)
-                        bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
-                    wb.flush()
-                finally:
-                    wb.close()
-                for a in todo:
-                    writers[a].close()
-                    _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
-        except BaseException:
-            for a in todo:
-                writers[a].abort()
-                discard(tmps[a])
-            raise
+        with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
+            wb = WriteBehind(on_bytes=bar.update)
+            try:
+                stream = merge_chunks(base=b, tv=tv, configs=[configs[a] for a in todo], plan=plan,
+                                      allow_nonfinite=o.allow_nonfinite, nonfinite=nonfinite,
+                                      outputs=[str(folders[a]) for a in todo]) if todo else ()
+                for chunk in stream:
+                    read += chunk.bytes_read
+                    for a, t in zip(todo, chunk.outputs):
+                        wb.submit(writers[a], chunk.name, t)
+                    bar.set_postfix_str(f"tensors {chunk.index + 1}/{len(plan)}", refresh=False)
+                wb.flush()
+            finally:
+                wb.close()
         for a in todo:
-            finish_dir(tmps[a], folders[a])
+            writers[a].close()
+            _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
     warn_nonfinite(nonfinite)
     return MaterializeResult(folders, todo, [a for a in alphas if a not in todo], read, total_w)
 
 
-def _check_options(o: MaterializeOptions, delta, reasoner) -> list[float]:
-    if (delta is None) == (reasoner is None):
-        raise OptionsError("give exactly one of --delta and --reasoner", fix="Δ comes from a delta file or a reasoner")
+def _check_options(o: MaterializeOptions) -> list[float]:
     if not o.alphas:
         raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
     check_alphas(o.alphas)
-    check_regex("--include", o.include)
-    check_regex("--exclude", o.exclude)
+    MergeConfig(0.0, o.include, o.exclude)  # checks the regular expressions
     if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
         raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
     return list(dict.fromkeys(float(a) for a in o.alphas))
@@ -177,58 +134,13 @@ def _check_options(o: MaterializeOptions, delta, reasoner) -> list[float]:
 def _folder_name(template: str, a: float) -> str:
     """The α folder's name from --name-template; an unknown {key} is a one-line error."""
     try:
-        return template.format(alpha=format_alpha(a))
+        return alpha_name(a, template)
     except (KeyError, IndexError, ValueError) as e:
         raise OptionsError(f"--name-template has an unknown or malformed field ({type(e).__name__}: {e})",
                            where=template, fix="the only field is {alpha}, e.g. alpha-{alpha}") from None
 
 
-def _check_selection(tv: TaskVector, inc, exc, selected: set[str]) -> None:
-    """--include must match some Δ tensor and --exclude must leave some: else the 'merges' are base copies."""
-    names = tv.names()
-    hint = ", ".join(repr(n) for n in names[:4])
-    if inc is not None and not any(inc.search(n) for n in names):
-        raise OptionsError(f"--include matches no tensor of the delta ({len(names)} tensors, e.g. {hint})",
-                           where=f"--include {inc.pattern}", fix="use a regex that matches some of these names")
-    if not selected:
-        raise OptionsError(f"--exclude leaves no tensor to merge ({len(names)} tensors, e.g. {hint})",
-                           where=f"--exclude {exc.pattern if exc else None}",
-                           fix="loosen --exclude (or --include) so that some tensors get α·Δ")
-
-
-def _chunks(shape, n_delta):
-    """Row chunks that never straddle the end of Δ's rows (vocab intersect)."""
-    if n_delta is None or not shape or n_delta >= shape[0]:
-        return row_chunks(shape)
-    return row_chunks((n_delta, *shape[1:])) + [(s + n_delta, e + n_delta)
-                                               for s, e in row_chunks((shape[0] - n_delta, *shape[1:]))]
-
-
-def _side_files(b: Checkpoint, tv: TaskVector, o: MaterializeOptions, wplan) -> dict[str, bytes]:
-    files = tv.side_files() if o.config_from == "reasoner" else b.side_files()
-    if "config.json" not in files:
-        raise MismatchError(f"no config.json in the {o.config_from}'s files",
-                            fix="use --config-from base" if o.config_from == "reasoner" else "add a config.json")
-    cfg = json.loads(files["config.json"])
-    names = {n: s for n, _, s in wplan}
-    for n, shape in names.items():
-        vs = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-        if is_vocab_tensor(n) and vs and shape[0] != vs:
-            raise MismatchError(f"output tensor {n!r} has {shape[0]} vocabulary rows but the {o.config_from}'s "
-                                f"config.json says vocab_size {vs}", fix="use --config-from base")
-    dtypes = {d for _, d, _ in wplan if d.is_floating_point}
-    if len(dtypes) == 1:
-        name = str(dtypes.pop()).removeprefix("torch.")
-        for key in ("torch_dtype", "dtype"):
-            if key in cfg:
-                cfg[key] = name
-    if LM_HEAD in names and cfg.get("tie_word_embeddings"):
-        cfg["tie_word_embeddings"] = False  # the output has its own lm_head
-    files["config.json"] = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
-    return files
-
-
-def _settings(a, b, tv, o, reasoner, delta) -> dict:
+def _settings(a, b, o, reasoner, delta) -> dict:
     keep = ("dtype", "config_from", "include", "exclude", "vocab", "allow_missing")
     return {"alpha": a, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
             "delta": str(delta) if delta else None, **{k: v for k, v in asdict(o).items() if k in keep}}

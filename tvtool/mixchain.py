@@ -32,20 +32,29 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from huggingface_hub import DatasetCard, DatasetCardData
+
 from . import __version__
+from .atomic import atomic_dir
 from .data import Problem, load_problems
+from .engine import Engine, EngineOptions, SamplingOptions, vllm_version, write_shell_model
 from .errors import OptionsError, OutputError
-from .generate import (Engine, EngineOptions, PromptOptions, SamplingOptions, load_tokenizer, shell_model,
-                       vllm_version)
+from .evaluate import evaluate
 from .finite import check_alphas
+from .layout import SAMPLES
 from .lock import output_lock
 from .options import opt
-from .output import check_free, discard, finish_dir, start_dir
+from .output import check_free
 from .paths import check_output_apart
+from .prompting import PromptOptions, load_tokenizer
+from .results import read_samples
+from .runs import EvalOptions
+from .source import DeltaSource
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -129,7 +138,7 @@ def columns(k: int) -> list[str]:
 
 def features(k: int):
     """The `datasets` schema, explicit so that columns that are all None keep their types."""
-    from datasets import Features, Value
+    from datasets import Features, Value  # optional dependency (tvtool[eval])
 
     def kind(name: str) -> str:
         if name.startswith("correct_"):
@@ -217,7 +226,7 @@ def table9(*, rows: Sequence[dict], alphas: Sequence[float]) -> list[dict]:
 def write_dataset(*, rows: Sequence[dict], k: int, folder: str | os.PathLike, card: str, record: dict,
                   jsonl: bool = True) -> Path:
     """parquet (+ jsonl), README.md and mixchain.json into `folder` (which must be empty or new)."""
-    from datasets import Dataset
+    from datasets import Dataset  # optional dependency (tvtool[eval])
 
     out = Path(folder)
     ds = Dataset.from_list(list(rows), features=features(k))
@@ -237,8 +246,6 @@ def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: li
     No `configs:` block: `datasets` (5.2) caches a local folder whose card lists data_files by the
     folder name only, so a rebuilt folder would load stale rows; the file name
     data/train-00000-of-00001.parquet is found by its default patterns instead."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     n = stats["kept"]
     size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "n>100K"
     data = DatasetCardData(
@@ -328,8 +335,6 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
     tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
     """
-    from .evaluate import SAMPLES, EvalOptions, evaluate, read_samples
-
     o = options
     alphas = sorted(dict.fromkeys(float(a) for a in o.alphas))
     if not alphas:
@@ -338,9 +343,7 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if sampling.n != 1:
         raise OptionsError("MixChain takes one solution per question and α", where=f"n={sampling.n}",
                            fix="use n=1 (add α values for more solutions)")
-    if (delta is None) == (reasoner is None):
-        raise OptionsError("give exactly one of delta and reasoner", where="build_mixchain",
-                           fix="pass --delta or --reasoner")
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
     out = Path(output)
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".generations")
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
@@ -350,26 +353,25 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     check_output_apart(out, [base, delta, reasoner])
     check_output_apart(work, [base, delta, reasoner], flag="--work-dir")
     with output_lock(out):
-        return _build(out=out, work=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas,
-                      min_correct=min_correct, o=o, prompt=prompt, sampling=sampling,
-                      engine_options=engine_options, engine=engine, scorer=scorer)
+        return _build(out=out, work=work, source=source, alphas=alphas, min_correct=min_correct, o=o,
+                      prompt=prompt, sampling=sampling, engine_options=engine_options, engine=engine, scorer=scorer)
 
 
-def _build(*, out: Path, work: Path, base, delta, reasoner, alphas: list[float], min_correct: int,
+def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], min_correct: int,
            o: MixChainOptions, prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions,
            engine: Engine | None, scorer: Scorer | None) -> MixChainResult:
-    from .evaluate import SAMPLES, EvalOptions, evaluate, read_samples
-
+    base, delta, reasoner = source.base, source.delta, source.reasoner
     check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-    ev = evaluate(output=work, base=base, delta=delta, reasoner=reasoner, alphas=alphas, prompt=prompt,
+    ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt,
                   sampling=sampling, engine_options=engine_options, engine=engine,
                   options=EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
                                       batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress))
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
     gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]
-    tok = load_tokenizer(shell_model(base=base, delta=delta, reasoner=reasoner, folder=work / ".engine-model"))
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
+        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
                            count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
                            keep_truncated=o.keep_truncated, scorer=scorer)
@@ -377,13 +379,8 @@ def _build(*, out: Path, work: Path, base, delta, reasoner, alphas: list[float],
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
     lic = o.license or LICENSES.get(problems.name, "other")
     card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
-    tmp = start_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
-        finish_dir(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return MixChainResult(out, work, len(rows), stats, ev.engine_starts)
 
 

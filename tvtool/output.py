@@ -5,20 +5,19 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import queue
 import re
-import shutil
 import threading
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir, atomic_write
 from .errors import OptionsError, OutputError
+from .layout import INDEX
 from .safetensors_io import StreamWriter
 
-INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -82,6 +81,7 @@ class ShardedWriter:
         self._shard_of = {e[0]: i for i, g in enumerate(groups) for e in g}
         self._open: tuple[int, StreamWriter] | None = None
         self._opened: set[int] = set()
+        self._closed = False
         self.total_size = plan_bytes(plan)
 
     def write(self, name: str, chunk: torch.Tensor) -> int:
@@ -94,7 +94,10 @@ class ShardedWriter:
         return self._open[1].write(name, chunk)
 
     def close(self) -> list[Path]:
-        """Close the last shard and write the index (when sharded); returns the files written."""
+        """Close the last shard and write the index (when sharded); returns the files written. Idempotent."""
+        if self._closed:
+            return self.files
+        self._closed = True
         if self._open is not None:
             self._open[1].close()
             self._open = None
@@ -114,32 +117,16 @@ class ShardedWriter:
             self._open[1].abort()
             self._open = None
 
+    def __enter__(self) -> "ShardedWriter":
+        return self
 
-def partial_path(final: Path) -> Path:
-    return final.with_name(final.name + ".partial")
-
-
-def start_dir(final: Path) -> Path:
-    """A fresh `<final>.partial/` folder (a stale one from an interrupted run is removed)."""
-    tmp = partial_path(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_dir(tmp: Path, final: Path) -> None:
-    """Rename a completed partial folder into place (replacing `final` if it exists)."""
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(tmp, final)
-
-
-def discard(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close (shards + index) on success; on an error, close the open shard and leave the rest to
+        the enclosing `atomic_dir`/`atomic_write`, which removes the partial output."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def check_free(final: Path, *, overwrite: bool, what: str) -> None:
@@ -244,25 +231,11 @@ def write_tensors(*, out: Path, plan: Plan, metadata: dict[str, str], files: dic
     meta = dict(metadata)
     if single:
         meta["tvtool.files"] = json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()})
-        tmp = out.with_name(out.name + ".partial")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(folder=None, plan=plan, metadata=meta, max_shard_size=max_shard_size, single_file=tmp)
-    else:
-        tmp = start_dir(out)
-        writer = ShardedWriter(folder=tmp, plan=plan, metadata=meta, max_shard_size=max_shard_size)
-    try:
-        fill(writer)
-        written = writer.close()
+    with (atomic_write(out) if single else atomic_dir(out)) as tmp:
+        with ShardedWriter(folder=None if single else tmp, plan=plan, metadata=meta, max_shard_size=max_shard_size,
+                           single_file=tmp if single else None) as writer:
+            fill(writer)
         if not single:
             for fname, data in files.items():
                 (tmp / fname).write_bytes(data)
-    except BaseException:
-        writer.abort()
-        discard(tmp)
-        raise
-    if single:
-        discard(out)
-        os.replace(tmp, out)
-        return [out]
-    finish_dir(tmp, out)
-    return [out / f.name for f in written]
+    return [out] if single else [out / f.name for f in writer.files]

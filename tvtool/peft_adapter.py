@@ -16,23 +16,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from .atomic import atomic_dir
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
-from .materialize import format_alpha
-from .output import check_free, discard, finish_dir, start_dir
-from .lowrank import TensorReport, adapter_shares, carried_by_adapter, reports_from_metadata
+from .layout import ALPHA_TEMPLATE, FACTOR_A, FACTOR_B, alpha_name, format_alpha, is_hub_id
+from .lowrank_report import TensorReport, adapter_shares, carried_by_adapter, reports_from_metadata
+from .output import check_free
 from .safetensors_io import StreamWriter
-from .taskvector import FACTOR_A, FACTOR_B
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def padded_rank(r: int) -> int:
@@ -40,9 +38,10 @@ def padded_rank(r: int) -> int:
     return next((v for v in VLLM_RANKS if v >= r), r)
 
 
-def adapter_folders(*, output: str | os.PathLike, alphas: tuple[float, ...]) -> dict[float, Path]:
+def adapter_folders(*, output: str | os.PathLike, alphas: tuple[float, ...],
+                    name_template: str = ALPHA_TEMPLATE) -> dict[float, Path]:
     """α → `<output>/alpha-<α>` (the same naming as `materialize`)."""
-    return {float(a): Path(output) / f"alpha-{format_alpha(a)}" for a in dict.fromkeys(alphas)}
+    return {float(a): Path(output) / alpha_name(a, name_template) for a in dict.fromkeys(alphas)}
 
 
 def target_modules(reports: list[TensorReport]) -> list[str]:
@@ -87,16 +86,11 @@ def write_peft_adapters(*, factored: str | os.PathLike, output: str | os.PathLik
     for f in folders.values():
         check_free(f, overwrite=overwrite, what="adapter folder")
     for a, folder in folders.items():
-        tmp = start_dir(folder)
-        try:
+        with atomic_dir(folder) as tmp:
             _write_weights(tmp / "adapter_model.safetensors", ckpt, carried, r, a)
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "README.md").write_text(adapter_card(alpha=a, rank=r, base=base, shares=shares, meta=meta,
                                                         targets=config["target_modules"]))
-        except BaseException:
-            discard(tmp)
-            raise
-        finish_dir(tmp, folder)
     return folders
 
 
@@ -134,7 +128,7 @@ def adapter_card(*, alpha: float, rank: int, base: dict, shares: dict, meta: dic
     reasoner = json.loads(meta.get("tvtool.reasoner") or "null") or {}
     data = ModelCardData(
         library_name="peft",
-        base_model=base_id if _HUB_ID.match(base_id) else None,
+        base_model=base_id if is_hub_id(base_id) else None,
         tags=["tvtool", "lora", "peft", "task-arithmetic", "cot-valve"],
         tvtool={"version": __version__, "alpha": alpha, "rank": rank, "base": base, "reasoner": reasoner,
                 "rank_option": low_rank.get("rank"), "energy_option": low_rank.get("energy"),

@@ -8,6 +8,7 @@ the command line and in Python. Errors name the bad field, e.g. `datasets[0].lim
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+from .engine import EngineOptions, SamplingOptions
 from .errors import RecipeError
-from .generate import EngineOptions, PromptOptions, SamplingOptions
+from .prompting import PromptOptions
 from .options import unwrap_optional, opt
 
 
@@ -65,6 +67,8 @@ class Recipe:
         "swap", "How α is applied: swap = θ1 + αΔ loaded into one running engine; materialize = folders on disk; "
                 "lora = one LoRA adapter per α (needs low_rank).")
     low_rank: LowRankSpec | None = opt(None, "Replace Δ by a low-rank approximation first.")
+    include: str | None = opt(None, "Apply α only to tensors matching this regex (apply: swap or materialize).")
+    exclude: str | None = opt(None, "Do not apply α to tensors matching this regex (apply: swap or materialize).")
     prompt: PromptOptions = field(default_factory=PromptOptions, metadata={"help": "Prompt settings."})
     sampling: SamplingOptions = field(default_factory=SamplingOptions, metadata={"help": "Decoding settings."})
     engine: EngineOptions = field(default_factory=EngineOptions, metadata={"help": "vLLM engine settings."})
@@ -92,6 +96,15 @@ def load_recipe(path: str | Path) -> Recipe:
                           fix="add low_rank: {rank: N}, or use apply: swap")
     if r.low_rank is not None and (r.low_rank.rank is None) == (r.low_rank.energy is None):
         raise RecipeError("field low_rank needs exactly one of rank and energy", where=str(path))
+    for key in ("include", "exclude"):
+        pattern = getattr(r, key)
+        if pattern is not None and r.apply == "lora":
+            raise RecipeError(f"field {key} does not apply to apply: lora", where=str(path),
+                              fix="select tensors with low_rank.include/exclude instead")
+        try:
+            re.compile(pattern or "")
+        except re.error as e:
+            raise RecipeError(f"field {key} is not a valid regular expression: {e}", where=str(path)) from None
     here = path.resolve().parent
 
     def local(v: str) -> str:

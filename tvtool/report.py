@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .atomic import atomic_write, write_text
+from .results import ACU_FORMULA
+
 COLUMNS = (("label", "run"), ("alpha", "α"), ("accuracy", "accuracy %"), ("mean_tokens", "mean #tokens"),
            ("acu", "ACU"), ("truncated", "#truncated"), ("n_samples", "#samples"))
 
@@ -36,21 +39,19 @@ def markdown_table(*, rows: Sequence[dict]) -> str:
 
 
 def write_table(*, rows: Sequence[dict], folder: str | os.PathLike, name: str = "summary") -> dict[str, Path]:
-    """`<name>.md`, `<name>.json` and `<name>.png` in `folder`; returns their paths by kind."""
-    from .evaluate import ACU_FORMULA
-
+    """`<name>.md`, `<name>.json` and `<name>.png` in `folder` (each written atomically); their paths by kind."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     md, js, png = out / f"{name}.md", out / f"{name}.json", out / f"{name}.png"
-    md.write_text(markdown_table(rows=rows) + f"\n\n{ACU_FORMULA}\n")
-    js.write_text(json.dumps({"rows": list(rows), "acu_formula": ACU_FORMULA}, indent=2) + "\n")
+    write_text(md, markdown_table(rows=rows) + f"\n\n{ACU_FORMULA}\n")
+    write_text(js, json.dumps({"rows": list(rows), "acu_formula": ACU_FORMULA}, indent=2) + "\n")
     plot(rows=rows, path=png)
     return {"markdown": md, "json": js, "png": png}
 
 
 def plot(*, rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Left: mean #tokens vs α (runs with an α). Right: accuracy vs mean #tokens, labelled by run."""
-    import matplotlib
+    """Left: mean #tokens vs α (runs with an α). Right: accuracy vs mean #tokens, labelled by run (PNG, atomic)."""
+    import matplotlib  # optional dependency (tvtool[eval]): imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,6 +75,7 @@ def plot(*, rows: Sequence[dict], path: str | os.PathLike) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(path)

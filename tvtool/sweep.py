@@ -15,21 +15,30 @@ import json
 import os
 import platform
 import shlex
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from . import __version__
+from .atomic import discard, write_bytes, write_json, write_text
 from .delta import DeltaOptions, delta
-from .evaluate import ACU_FORMULA, EvalOptions, evaluate, table_row
+from .engine import Engine, vllm_version
+from .evaluate import evaluate, table_row
 from .finite import check_alphas
-from .generate import Engine, PromptOptions, shell_model, vllm_version
+from .hub import PushOptions, push
+from .layout import format_alpha
 from .lock import output_lock
-from .materialize import MaterializeOptions, format_alpha, materialize
+from .lowrank import LowRankOptions, svd_rank
+from .materialize import MaterializeOptions, materialize
 from .options import opt
+from .peft_adapter import adapter_folders, write_peft_adapters
+from .prompting import PromptOptions
 from .recipe import Recipe, load_recipe, to_dict
+from .report import markdown_table, plot
+from .results import ACU_FORMULA
+from .runs import EvalOptions
+from .source import DeltaSource
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     with output_lock(out):
         if options.overwrite:
             for stage in STAGES:
-                shutil.rmtree(out / stage, ignore_errors=True)
+                discard(out / stage)
         return _sweep(r, path, alphas, out, options)
 
 
@@ -76,53 +85,54 @@ STAGES = ("delta", "lowrank", "models", "eval")  # the folders `sweep --overwrit
 
 
 def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, options: SweepOptions) -> SweepResult:
-    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
+    write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
     pg = options.progress
 
     d_path = out / "delta"
-    if (r.keep.delta or r.low_rank) and not d_path.exists():
+    if (r.keep.delta or r.low_rank) and not d_path.exists():  # written atomically: present = complete
         delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg))
-    source = {"reasoner": r.reasoner}
+    source = DeltaSource(base=r.base, reasoner=r.reasoner)
     lowrank = adapters = None
     if r.low_rank:
         lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg)
-        source = {"delta": lowrank["factored"]}
+        source = DeltaSource(base=r.base, delta=str(lowrank["factored"]))
         adapters = lowrank.get("adapters")
     models = out / "models"
+    folders = {}
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
-        materialize(base=r.base, output=models, **source,
-                    options=MaterializeOptions(alphas=alphas, progress=pg))
+        folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+                              options=MaterializeOptions(alphas=alphas, include=r.include, exclude=r.exclude,
+                                                         progress=pg)).folders
 
-    tables, starts = {}, 0
-    for ds in r.datasets:
-        sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
-        ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
-                         params_b=r.params_b, progress=pg)
-        common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling)
-        if r.apply == "swap":
-            eng = Engine(model=shell_model(base=r.base, folder=out / "eval" / ".engine-model", **source),
-                         options=r.engine, dummy_weights=True, lazy=True)
-            run = lambda: evaluate(base=r.base, alphas=alphas, engine=eng, **source, **common)  # noqa: E731
-        elif r.apply == "materialize":
-            folders = [models / f"alpha-{format_alpha(a)}" for a in alphas]
-            eng = Engine(model=folders[0], options=r.engine, lazy=True)
-            run = lambda: evaluate(checkpoints=folders, engine=eng, **common)  # noqa: E731
-        else:
-            rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
-            eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
-            run = lambda: evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas,  # noqa: E731
-                                   engine=eng, **common)
-        try:
-            res = run()
-        finally:
-            starts += eng.starts
-            eng.close()
-        tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
+    # One engine for every dataset (started only if some run is not complete yet).
+    if r.apply == "swap":
+        eng = Engine.for_source(source=source, options=r.engine, lazy=True)
+    elif r.apply == "materialize":
+        eng = Engine(model=folders[alphas[0]], options=r.engine, lazy=True)
+    else:
+        rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
+        eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
+    tables = {}
+    try:
+        for ds in r.datasets:
+            sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
+            ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
+                             params_b=r.params_b, include=r.include if r.apply == "swap" else None,
+                             exclude=r.exclude if r.apply == "swap" else None, progress=pg)
+            common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
+            if r.apply == "swap":
+                res = evaluate(source=source, alphas=alphas, **common)
+            elif r.apply == "materialize":
+                res = evaluate(checkpoints=[folders[a] for a in alphas], **common)
+            else:
+                res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
+            tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
+    finally:
+        starts = eng.starts
+        eng.close()
 
     report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
     if r.push.enabled:
-        from .hub import PushOptions, push
-
         folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
         push(folder=folder, evaluation=_markdown(tables),
              options=PushOptions(repo=r.push.repo, private=r.push.private, dry_run=r.push.dry_run))
@@ -130,14 +140,11 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
 
 
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
-    from .lowrank import LowRankOptions, svd_rank
-    from .peft_adapter import adapter_folders, write_peft_adapters
-
     lr = r.low_rank
     factored = folder / "delta.safetensors"
     report = factored.with_suffix(".lowrank.json")
     if not report.exists():  # the report is written last: its presence marks the stage complete
-        shutil.rmtree(folder, ignore_errors=True)
+        discard(folder)
         folder.mkdir(parents=True)
         svd_rank(delta=d_path, output=factored, options=LowRankOptions(
             rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
@@ -152,22 +159,19 @@ def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> 
 
 
 def _markdown(tables: dict[str, list[dict]]) -> str:
-    from .report import markdown_table
-
     return "\n\n".join(f"**{name}**\n\n{markdown_table(rows=rows)}" for name, rows in tables.items()) + \
         f"\n\n{ACU_FORMULA}\n"
 
 
 def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables: dict[str, list[dict]],
                  lowrank: dict | None) -> Path:
-    """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank)."""
-    from .report import plot
-
+    """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank),
+    each written atomically."""
     plots = {}
     for name, rows in tables.items():
         plots[name] = plot(rows=rows, path=out / f"plot-{name}.png")
     if lowrank and Path(lowrank["plot"]).exists():
-        shutil.copy(lowrank["plot"], out / "spectra.png")
+        write_bytes(out / "spectra.png", Path(lowrank["plot"]).read_bytes())
         plots["spectra"] = out / "spectra.png"
     versions = {"tvtool": __version__, "vllm": vllm_version(), "python": platform.python_version()}
     for mod in ("torch", "transformers"):
@@ -187,19 +191,16 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
             f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
             ACU_FORMULA, ""]
-    from .report import markdown_table
-
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
     body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
              "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out), "```", "",
              "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
-    report = out / "REPORT.md"
-    report.write_text("\n".join(body))
-    (out / "report.json").write_text(json.dumps(
-        {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA, "versions": versions,
-         "plots": {k: str(v) for k, v in plots.items()}}, indent=2, default=str) + "\n")
+    report = write_text(out / "REPORT.md", "\n".join(body))
+    write_json(out / "report.json", {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA,
+                                     "versions": versions, "plots": {k: str(v) for k, v in plots.items()}},
+               sort_keys=False)
     return report
 
 
@@ -218,6 +219,7 @@ def _commands(r: Recipe, out: Path) -> list[str]:
     out = Path(_short(out))
     cmds, src = [], f"--reasoner {r.reasoner}"
     flags = ""
+    sel = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("include", r.include), ("exclude", r.exclude)) if v)
     if r.prompt.instruction != PromptOptions().instruction:
         flags += f" --instruction {shlex.quote(r.prompt.instruction)}"
     flags += f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else ""
@@ -232,12 +234,12 @@ def _commands(r: Recipe, out: Path) -> list[str]:
         cmds.append(f"tvtool svd-rank {k} {out}/delta -o {out}/lowrank/delta.safetensors{peft}")
         src = f"--delta {out}/lowrank/delta.safetensors"
     if r.apply == "materialize" or r.keep.models:
-        cmds.append(f"tvtool materialize {r.base} {src} --alpha {a} -o {out}/models")
+        cmds.append(f"tvtool materialize {r.base} {src} --alpha {a}{sel} -o {out}/models")
     for d in r.datasets:
         lim = f" --limit {d.limit}" if d.limit else ""
         mt = d.max_tokens or r.sampling.max_tokens
         if r.apply == "swap":
-            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a} --dataset {d.name}{lim} --max-tokens {mt}"
+            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a}{sel} --dataset {d.name}{lim} --max-tokens {mt}"
                         f"{flags} -o {out}/eval")
         elif r.apply == "materialize":
             cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt}{flags} "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,20 +20,8 @@ import torch
 
 from .checkpoint import Checkpoint, Source
 from .errors import CheckpointError, MismatchError
-
-LM_HEAD = "lm_head.weight"
-_VOCAB = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)\.weight$")
-_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
-FACTOR_A, FACTOR_B = ".lora_A", ".lora_B"  # Δ[X] ≈ X.lora_B [out, r] @ X.lora_A [r, in]
-
-
-def is_vocab_tensor(name: str) -> bool:
-    return bool(_VOCAB.search(name))
-
-
-def embed_name(names) -> str | None:
-    """The input-embedding tensor among `names` (what a tied lm_head reuses)."""
-    return next((n for n in names if _EMBED.search(n)), None)
+from .layout import FACTOR_A, FACTOR_B, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
+from .merge import MergeConfig, merged_tensors
 
 
 @dataclass
@@ -203,7 +190,7 @@ class TaskVector:
         if isinstance(t, _Pair):
             prov = {"base": t.base.source.describe(), "reasoner": t.reasoner.source.describe(),
                     "skipped": t.skipped, "missing": t.missing, "vocab": t.vocab,
-                    "dtype": str(common_dtype(t.base, t.reasoner)).removeprefix("torch.")}
+                    "dtype": dtype_name(common_dtype(t.base, t.reasoner))}
         else:
             m = t.ckpt.metadata
             prov = {k.removeprefix("tvtool."): _json_or_str(v) for k, v in m.items()
@@ -225,64 +212,13 @@ class TaskVector:
         return files
 
     def apply_to(self, base: str | os.PathLike | Checkpoint, *, alpha: float = 1.0,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored)."""
+                 dtype: torch.dtype | None = None, include: str | None = None,
+                 exclude: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored).
+
+        The shared merge path (`tvtool.merge.merged_tensors`): the same bytes as `materialize`."""
         b = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
-        for name, src in merge_plan(b, self):
-            out_dtype = dtype or b.info(src).dtype
-            if name not in self._names:
-                yield name, b.read(src).to(out_dtype)
-                continue
-            base_rows, base32, d, end = self.merge_inputs(b, name, src)
-            if alpha == 1.0 and end is not None and end.shape == base_rows.shape:
-                yield name, end.to(out_dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
-            else:
-                yield name, merge_rows(base_rows, d, alpha, out_dtype, base32=base32)
-
-
-def merge_plan(base: Checkpoint, tv: TaskVector) -> list[tuple[str, str]]:
-    """(output name, base name to read) for every output tensor; checks Δ fits the base."""
-    names = base.names()
-    plan = [(n, n) for n in names]
-    prov = tv.provenance()
-    absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
-    for n in sorted(names):
-        if n not in tv and n not in absent:
-            raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
-                                fix="use the base model the delta was computed from")
-    for n in tv.names():
-        src = n
-        if n not in base:
-            emb = embed_name(names)
-            if n == LM_HEAD and emb is not None:  # tied base, untied reasoner
-                plan.append((n, emb))
-                src = emb
-            else:
-                raise MismatchError(f"the delta has tensor {n!r}, which the base does not have",
-                                    fix="use the base model the delta was computed from")
-        bs, ds = base.info(src).shape, tv.shape(n)
-        if bs != ds and not (is_vocab_tensor(n) and bs[1:] == ds[1:] and ds[0] <= bs[0]):
-            raise MismatchError(f"shape mismatch for tensor {n!r}: base {tuple(bs)} vs delta {tuple(ds)}",
-                                fix="use the base model the delta was computed from")
-    return plan
-
-
-def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype, *,
-               base32: torch.Tensor | None = None) -> torch.Tensor:
-    """θ1 + α·Δ in float32 (α·Δ rounded, then added), rounded once to `dtype`; rows past Δ's stay θ1.
-
-    `base32` is `base.float()` when the caller already has it (shared across many α).
-    """
-    if delta is None or alpha == 0.0 or not base.dtype.is_floating_point:
-        return base.to(dtype)
-    b32 = base.float() if base32 is None else base32
-    step = torch.mul(delta, alpha)  # [n, ...] fp32
-    n = delta.shape[0] if delta.dim() else None
-    if n is None or n == b32.shape[0]:
-        return step.add_(b32).to(dtype)
-    out = b32.clone()
-    out[:n] += step
-    return out.to(dtype)
+        return merged_tensors(base=b, tv=self, config=MergeConfig(alpha, include, exclude), dtype=dtype)
 
 
 def common_dtype(a: Checkpoint, b: Checkpoint) -> torch.dtype:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tvtool.errors import CheckpointError, DatasetError
+from tvtool.taskvector import TaskVector
 
 ASSET_DIR = Path(__file__).parent / "assets" / "toy"
 BASE_DIR = ASSET_DIR / "base"
@@ -272,17 +273,6 @@ def load_state(*, path: Path) -> dict:
     return state
 
 
-def merge_states(*, base: dict, reasoner: dict, alpha: float) -> dict:
-    """bf16(f32(θ1) + α·(f32(θ2) − f32(θ1))): compute in float32, round once to bf16."""
-    import torch
-
-    out = {}
-    for name, t1 in base.items():
-        a, b = t1.float(), reasoner[name].float()
-        out[name] = (a + alpha * (b - a)).to(torch.bfloat16)
-    return out
-
-
 def load_model(*, path: Path, state: dict | None = None):
     """float32 `LlamaForCausalLM` from `path`'s config, with `state` (default: its own weights)."""
     import torch
@@ -335,10 +325,10 @@ def greedy_lengths(*, alphas: Sequence[float], base_dir: Path = BASE_DIR,
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     rows = read_jsonl(path=test_path)[:limit]
-    base, reasoner = load_state(path=base_dir), load_state(path=reasoner_dir)
+    tv = TaskVector.between(base_dir, reasoner_dir)
     table = []
-    for alpha in alphas:
-        model = load_model(path=base_dir, state=merge_states(base=base, reasoner=reasoner, alpha=alpha))
+    for alpha in alphas:  # θ1 + αΔ through tvtool's one merge path (what materialize writes)
+        model = load_model(path=base_dir, state=dict(tv.apply_to(base_dir, alpha=alpha)))
         gens = greedy_generate(model=model, tokenizer=tokenizer, questions=[r["question"] for r in rows],
                                batch_size=batch_size)
         correct = sum(parse_answer(text=tokenizer.decode(g)) == r["gold"] for g, r in zip(gens, rows))

@@ -1,4 +1,4 @@
-"""Prompting, the vLLM engine wrapper, in-place θ1 + α·Δ loads and LoRA serving."""
+"""The vLLM engine wrapper: in-place θ1 + α·Δ loads, model-folder loads and LoRA serving."""
 
 from __future__ import annotations
 
@@ -7,48 +7,11 @@ import sys
 import pytest
 from engine import ALPHA, MAX_TOKENS, engine_options
 
+from tvtool.engine import Engine, SamplingOptions
 from tvtool.errors import EngineError
-from tvtool.generate import INSTRUCTION, PromptOptions, SamplingOptions, build_prompt, load_tokenizer, \
-    uses_chat_template
-
-
-# --- prompting (no engine) ------------------------------------------------------------
-
-
-def test_chat_template_default_instruction(llama):
-    base, reasoner = llama
-    tok = load_tokenizer(reasoner)  # template: "{% for m %}think {{content}} {% endfor %}step"
-    p = build_prompt(question="what is 2 + 2", tokenizer=tok, options=PromptOptions())
-    assert p == f"think what is 2 + 2\n{INSTRUCTION} step"
-    assert uses_chat_template(tokenizer=tok, options=PromptOptions())
-
-
-def test_chat_template_system_prompt_and_custom_instruction(llama):
-    tok = load_tokenizer(llama[0])  # template: "{% for m %}{{content}} {% endfor %}"
-    opts = PromptOptions(system_prompt="be brief", instruction="answer now")
-    assert build_prompt(question="q1", tokenizer=tok, options=opts) == "be brief q1\nanswer now "
-    assert build_prompt(question="q1", tokenizer=tok, options=PromptOptions(instruction="")) == "q1 "
-
-
-def test_plain_format_without_chat_template(llama):
-    tok = load_tokenizer(llama[0])
-    tok.chat_template = None
-    assert not uses_chat_template(tokenizer=tok, options=PromptOptions())
-    assert build_prompt(question="q1", tokenizer=tok, options=PromptOptions()) == \
-        f"Question: q1\n{INSTRUCTION}\nAnswer:"
-    opts = PromptOptions(system_prompt="sys", instruction="")
-    assert build_prompt(question="q1", tokenizer=tok, options=opts) == "sys\n\nQuestion: q1\nAnswer:"
-
-
-def test_chat_template_can_be_turned_off(llama):
-    tok = load_tokenizer(llama[0])
-    opts = PromptOptions(chat_template=False, instruction="go")
-    assert build_prompt(question="q1", tokenizer=tok, options=opts) == "Question: q1\ngo\nAnswer:"
 
 
 def test_missing_vllm_is_an_engine_error(monkeypatch, llama):
-    from tvtool.generate import Engine
-
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(EngineError) as info:
         Engine(model=llama[0])
@@ -113,8 +76,6 @@ def test_sampling_is_explicit_and_recorded(vengine):
 
 @pytest.mark.vllm
 def test_lora_adapter_equals_fresh_engine_on_peft_merged_model(vengine, lora_pair):
-    from tvtool.generate import Engine
-
     s = SamplingOptions(max_tokens=MAX_TOKENS)
     e = vengine.engine
     e.load_weights(path=vengine.base)  # the adapter was trained on the base

@@ -1,0 +1,143 @@
+"""One evaluation run: generate with the engine's current weights (resuming), score, summarise.
+
+A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
+run.json (`settings` first, `finished` last). Settings other than the folder's are refused
+(or, with overwrite, discarded); samples already written are not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import __version__
+from .atomic import write_json
+from .data import ProblemSet
+from .engine import Engine, SamplingOptions, vllm_version
+from .errors import OutputError
+from .layout import RUN, SAMPLES, SUMMARY
+from .options import opt
+from .prompting import PromptOptions, uses_chat_template
+from .results import read_samples, summary_of
+from .scoring import score as score_response
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path (ASDiv.xml), or a Hub id.")
+    split: str = opt("test", "Dataset split.")
+    limit: int | None = opt(None, "Evaluate only this many problems (the first N, or N random with --seed).")
+    seed: int | None = opt(None, "Shuffle problems with this seed before --limit.")
+    kind: str | None = opt(None, "Answer format of a file dataset: gsm8k | math500 | asdiv (default: detected).")
+    batch_size: int = opt(64, "Problems per generation batch; results are saved after each batch.")
+    params_b: float | None = opt(None, "Nominal model size in billions for ACU (default: counted from weights).")
+    include: str | None = opt(None, "α sweep: apply α only to tensors whose name matches this regex; others stay "
+                                    "at the base (e.g. 'mlp' for an MLP-only Δ).")
+    exclude: str | None = opt(None, "α sweep: do not apply α to tensors whose name matches this regex.")
+    score: bool = opt(True, "Score the responses (off: generation only).")
+    overwrite: bool = opt(False, "Discard existing results made with other settings.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+            prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
+            options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
+            params_b: float | None = None, params_source: str = "counted") -> dict:
+    """Generate (resuming), score and summarise `problems` with the engine's current weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
+                            sampling=sampling, options=options)
+    check_settings(folder, settings, options.overwrite)
+    run = {"settings": settings, "dataset": _dataset_record(problems), "tvtool_version": __version__,
+           "vllm_version": vllm_version(),
+           "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(folder / RUN, run)
+    path = folder / SAMPLES
+    done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
+    todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
+    special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
+    total = len(problems) * sampling.n
+    desc = f"{folder.parent.name}/{folder.name}"
+    with tqdm(total=total, initial=total - len(todo) * sampling.n, desc=desc, unit="sample",
+              disable=not options.progress) as bar, open(path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), options.batch_size):
+            batch = todo[start:start + options.batch_size]
+            texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
+            outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
+            lines = []
+            for p, text, samples in zip(batch, texts, outs):
+                for s in samples:
+                    if (p.id, s.index) not in done:
+                        lines.append(json.dumps(_record(p, text, s, problems.kind, options.score)) + "\n")
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch) * sampling.n)
+    summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
+                         params_source=params_source)
+    write_json(folder / SUMMARY, summary)
+    write_json(folder / RUN, {**run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return summary
+
+
+def run_settings(*, engine: Engine, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+                 sampling: SamplingOptions, options: EvalOptions) -> dict:
+    """What a run's results depend on (run.json `settings`); other settings in the folder are refused."""
+    return {"model": model, "lora": str(lora) if lora else None, "prompt": asdict(prompt),
+            "sampling": engine.sampling_record(sampling), "score": options.score,
+            "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
+
+
+def is_complete(*, folder: str | os.PathLike, settings: dict, problems: ProblemSet, n: int) -> bool:
+    """True when `folder` holds every sample of `problems` made with `settings` (nothing to generate)."""
+    folder = Path(folder)
+    try:
+        old = json.loads((folder / RUN).read_text()).get("settings")
+    except (OSError, json.JSONDecodeError):
+        return False
+    if old != json.loads(json.dumps(settings)):
+        return False
+    done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES)}
+    return all((p.id, i) in done for p in problems for i in range(n))
+
+
+def _record(p, prompt: str, s, kind: str, score: bool) -> dict:
+    rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
+           "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
+           "extracted": None, "correct": None}
+    if score:
+        sc = score_response(s.text, p.gold, kind=kind)
+        rec.update(extracted=sc.extracted, correct=sc.correct)
+    for k in ("subject", "level"):
+        if k in p.meta:
+            rec[k] = p.meta[k]
+    return rec
+
+
+def _dataset_record(ps: ProblemSet) -> dict:
+    return {"name": ps.name, "kind": ps.kind, "source": ps.source, "split": ps.split, "n": len(ps),
+            "description": ps.description, "excluded": ps.excluded}
+
+
+def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse a folder holding results made with other settings; with `overwrite`, discard them."""
+    f = folder / RUN
+    if not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text()).get("settings")
+    except json.JSONDecodeError:
+        old = None
+    if old == json.loads(json.dumps(settings)):
+        return
+    if not overwrite:
+        raise OutputError("the output folder holds results made with other settings", where=str(folder),
+                          fix="pass --overwrite to discard them, or choose another output folder")
+    for name in (SAMPLES, SUMMARY, RUN):
+        (folder / name).unlink(missing_ok=True)
