@@ -249,7 +249,7 @@ def test_two_materialize_processes_at_once_one_refuses_and_the_output_is_whole(l
         time.sleep(0.5)
     results = [(p.wait(), p.stderr.read()) for p in procs]
     refused = [e for rc, e in results if rc != 0]
-    assert all("is writing this output" in e or "already exists" in e or "other settings" in e for e in refused)
+    assert all("is writing this output" in e or "other inputs or options" in e for e in refused)
     ok = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path / "ref",
                             options=MaterializeOptions(alphas=(0.5,), dtype=json.loads(
                                 (out / "alpha-0.5" / "tvtool.json").read_text())["settings"]["dtype"],
@@ -582,3 +582,176 @@ def test_killed_eval_leaves_no_engine_process(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if p.poll() is None:
             p.kill()
+
+
+# --- 1. one rule for finished work: options + inputs' content, written last ----------------------------------
+
+class _FakeEngine:
+    """A stand-in for the vLLM engine (no vLLM): remembers what it generated for which weights."""
+
+    made: list["_FakeEngine"] = []
+
+    def __init__(self, options):
+        from tvtool.engine import EngineOptions
+
+        self.options, self.weights, self.tokenizer, self.starts = options or EngineOptions(), {"kind": "dummy"}, None, 0
+        self.generated: list[tuple[str, str]] = []  # (weights held, prompt)
+        _FakeEngine.made.append(self)
+
+    @classmethod
+    def for_source(cls, *, source, options=None, lazy=True, **kw):
+        return cls(options)
+
+    def hold_alpha(self, *, source, config):
+        from tvtool.engine import alpha_weights
+
+        self.weights = alpha_weights(source=source, config=config)
+        return True
+
+    def hold_folder(self, *, path):
+        self.weights = {"kind": "folder", "path": str(path)}
+        return True
+
+    def sampling_record(self, sampling):
+        return {"max_tokens": sampling.max_tokens, "n": sampling.n, "temperature": sampling.temperature}
+
+    def prompts(self, *, questions, options):
+        return list(questions)
+
+    def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
+        from tvtool.engine import Sample
+
+        self.generated += [(json.dumps(self.weights, sort_keys=True), p) for p in prompts]
+        return [[Sample(index=0, token_ids=(1, 2, 3), text="so \\boxed{0}", finish_reason="stop")] for _ in prompts]
+
+    def close(self):
+        pass
+
+
+def _recipe(path: Path, **low_rank) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "name": "t", "base": str(TOY / "base"), "reasoner": str(TOY / "reasoner"), "alphas": [0.5],
+        "apply": "swap", "datasets": [{"name": "toy", "limit": 2}], "prompt": {"instruction": ""},
+        "sampling": {"max_tokens": 8}, "low_rank": low_rank}))
+    return path
+
+
+def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.modules["tvtool.sweep"], "Engine", _FakeEngine)
+    from tvtool.sweep import SweepOptions, sweep
+
+    out = tmp_path / "sweep"
+    opts = SweepOptions(output=str(out), progress=False)
+    run_folder = out / "eval" / "alpha-0.5" / "toy"
+
+    def generated() -> int:
+        n = sum(len(e.generated) for e in _FakeEngine.made)
+        _FakeEngine.made.clear()
+        return n
+
+    sweep(recipe=_recipe(tmp_path / "r.yaml", rank=2), options=opts)
+    assert generated() == 2
+    report = json.loads((out / "lowrank" / "delta.lowrank.json").read_text())
+    assert report["options"]["rank"] == 2 and {t["rank"] for t in report["tensors"] if t["rank"]} == {2}
+    capsys.readouterr()
+
+    sweep(recipe=_recipe(tmp_path / "r.yaml", rank=32), options=opts)  # edited: rank 2 → 32
+    err = capsys.readouterr().err
+    assert "tvtool: rank 2 → 32: redoing svd-rank delta.safetensors" in err
+    assert "delta changed: redoing eval alpha-0.5/toy" in err
+    assert generated() == 2  # both samples generated again, with the rank-32 Δ
+    report = json.loads((out / "lowrank" / "delta.lowrank.json").read_text())
+    assert {t["rank"] for t in report["tensors"] if t["rank"]} == {32}
+    run = json.loads((run_folder / "run.json").read_text())
+    factored = tvtool.source.input_fingerprint(out / "lowrank" / "delta.safetensors")
+    assert run["record"]["inputs"]["delta"] == factored
+    assert "REPORT.md" in os.listdir(out) and "rank-32" in (out / "REPORT.md").read_text()
+
+    sweep(recipe=_recipe(tmp_path / "r.yaml", rank=32), options=opts)  # unchanged: nothing redone
+    assert generated() == 0 and "redoing" not in capsys.readouterr().err
+
+    moved = tmp_path / "elsewhere" / "sweep"
+    moved.parent.mkdir()
+    shutil.move(out, moved)  # a moved (or copied) sweep folder resumes: fingerprints, not paths
+    sweep(recipe=_recipe(tmp_path / "r.yaml", rank=32), options=replace_output(opts, moved))
+    assert generated() == 0 and "redoing" not in capsys.readouterr().err
+    assert str(tmp_path) not in (moved / "REPORT.md").read_text()  # inputs named relative to the recipe
+
+    sweep(recipe=_recipe(tmp_path / "r.yaml", rank=32, include="mlp"), options=replace_output(opts, moved))
+    assert "include null → mlp: redoing svd-rank" in capsys.readouterr().err and generated() == 2
+
+
+def replace_output(opts, out: Path):
+    from dataclasses import replace
+
+    return replace(opts, output=str(out))
+
+
+def test_delta_rewritten_at_the_same_path_redoes_materialize(tmp_path):
+    d = tmp_path / "d.safetensors"
+    assert cli("delta", TOY / "base", TOY / "reasoner", "-o", d, "--no-progress").exit_code == 0
+    args = ["materialize", TOY / "base", "--delta", d, "-a", "0.5", "-o", tmp_path / "m", "--no-progress"]
+    assert cli(*args).exit_code == 0
+    r2 = tmp_path / "r2"
+    _edit(TOY / "reasoner", r2, lambda sd: {k: (v * 1.5 if v.is_floating_point() else v) for k, v in sd.items()})
+    r = cli("delta", TOY / "base", r2, "-o", d, "--no-progress")  # same path, other inputs: not "finished"
+    assert_one_line_error(r, f"the output holds a result made from other inputs or options (reasoner changed) ({d}). "
+                             "Pass --overwrite to redo it, or choose another output")
+    assert cli("delta", TOY / "base", r2, "-o", d, "--overwrite", "--no-progress").exit_code == 0
+    r = cli(*args)
+    assert_one_line_error(r, f"the output holds a result made from other inputs or options (delta changed) "
+                             f"({tmp_path / 'm' / 'alpha-0.5'}). Pass --overwrite to redo it, or choose another output")
+    r = cli(*args, "--overwrite")
+    assert r.exit_code == 0 and "already complete" not in r.stdout
+    assert "tvtool: delta changed: redoing materialize alpha-0.5" in r.stderr
+    fresh = tvtool.materialize(base=TOY / "base", delta=d, output=tmp_path / "fresh",
+                               options=MaterializeOptions(alphas=(0.5,), progress=False))
+    assert_bit_equal(state_dict(tmp_path / "m" / "alpha-0.5"), state_dict(fresh.folders[0.5]))
+    assert cli(*args).stdout.strip().endswith("(already complete)")  # unchanged: finished
+
+
+@pytest.mark.parametrize("change", [{"dtype": "bfloat16"}, {"max_model_len": 128}])
+def test_changed_engine_dtype_or_max_model_len_redoes_the_eval_run(tmp_path, capsys, change):
+    from dataclasses import replace as dc_replace
+
+    from tvtool.engine import EngineOptions
+    from tvtool.errors import OutputError
+    from tvtool.evaluate import evaluate
+    from tvtool.runs import EvalOptions
+
+    out = tmp_path / "ev"
+    kw = dict(output=out, base=TOY / "base", reasoner=TOY / "reasoner", alphas=[0.5],
+              options=EvalOptions(dataset="toy", limit=2, progress=False))
+    e1 = _FakeEngine(EngineOptions(dtype="float32", max_model_len=256))
+    evaluate(engine=e1, **kw)
+    assert len(e1.generated) == 2
+    e2 = _FakeEngine(dc_replace(e1.options, **change))
+    with pytest.raises(OutputError, match="other settings or inputs"):
+        evaluate(engine=e2, **kw)
+    capsys.readouterr()
+    evaluate(engine=e2, **{**kw, "options": dc_replace(kw["options"], overwrite=True)})
+    (k, v), = change.items()
+    assert len(e2.generated) == 2
+    before = {"dtype": "float32", "max_model_len": 256}[k]
+    assert f"tvtool: engine.{k} {before} → {v}: redoing eval alpha-0.5/toy" in capsys.readouterr().err
+    e3 = _FakeEngine(e2.options)
+    evaluate(engine=e3, **kw)  # unchanged: finished
+    assert e3.generated == []
+
+
+def test_changed_include_redoes_the_swept_eval_run(tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from tvtool.evaluate import evaluate
+    from tvtool.runs import EvalOptions
+
+    kw = dict(output=tmp_path / "ev", base=TOY / "base", reasoner=TOY / "reasoner", alphas=[0.5])
+    o = EvalOptions(dataset="toy", limit=2, progress=False, overwrite=True)
+    e = _FakeEngine(None)
+    evaluate(engine=e, options=o, **kw)
+    evaluate(engine=e, options=dc_replace(o, include="mlp"), **kw)
+    evaluate(engine=e, options=dc_replace(o, include="mlp", exclude="up_proj"), **kw)
+    evaluate(engine=e, options=dc_replace(o, include="mlp", exclude="up_proj"), **kw)
+    assert len(e.generated) == 6

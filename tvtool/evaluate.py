@@ -41,8 +41,8 @@ from .paths import check_output_apart, check_writable
 from .prompting import PromptOptions
 from .report import markdown_table, write_table
 from .results import ACU_FORMULA, count_params_b
-from .runs import EvalOptions, check_settings, is_complete, run_one, run_settings
-from .source import DeltaSource
+from .runs import EvalOptions, check_settings, is_complete, run_one, run_record, run_settings
+from .source import DeltaSource, input_fingerprint
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,16 @@ class _Planned:
         return (alpha_weights(source=self.source, config=self.config) if self.config is not None
                 else folder_weights(self.path))
 
+    def fingerprint(self, cache: dict) -> dict:
+        """The content of this run's weights (cached per source/folder within one evaluation)."""
+        if self.config is not None:
+            if self.source not in cache:
+                cache[self.source] = self.source.fingerprint_record()
+            return {"source": cache[self.source], "merge": self.config.to_dict()}
+        if self.path not in cache:
+            cache[self.path] = input_fingerprint(self.path)
+        return {"folder": cache[self.path]}
+
     def hold(self, engine: Engine) -> None:
         """Load this run's weights into `engine` unless it already holds them."""
         if self.config is not None:
@@ -121,15 +131,16 @@ class _Session:
         whose weights the engine already holds goes first (no reload)."""
         engine = self.engine if self.engine is not None else new_engine()
         done: dict[int, dict] = {}
+        fps: dict = {}
         try:
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
             for i in order:
                 r = planned[i]
                 kw = dict(problems=self.problems, model=r.model, prompt=self.prompt, sampling=self.sampling,
-                          options=self.options, lora=r.lora)
-                settings = run_settings(engine=engine, **kw)
-                if not is_complete(folder=r.folder, settings=settings, problems=self.problems, n=self.sampling.n):
-                    check_settings(r.folder, settings, self.options.overwrite)  # refuse before loading
+                          options=self.options, lora=r.lora, weights=r.fingerprint(fps))
+                record = run_record(engine=engine, **kw)
+                if not is_complete(folder=r.folder, record=record, problems=self.problems, n=self.sampling.n):
+                    check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
                     r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
                                   **kw)
@@ -238,7 +249,8 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
         _evaluate_loras(s, out, model, loras, alphas)
     res = s.result
     if len(res.runs) > 1:
-        res.table = write_table(rows=[table_row(r) for r in res.runs], folder=out, name=f"summary-{_safe(problems.name)}")
+        res.table = write_table(rows=[table_row(r) for r in res.runs], folder=out,
+                                name=f"summary-{_safe(problems.name)}")
     return res
 
 

@@ -3,8 +3,8 @@
 Two runs writing the same output at once would interleave their partial files (the
 second run's `atomic_dir` removes the first's `.partial` folder as stale), so every stage
 that writes an output holds `output_lock(output)` while it works, and `atomic_dir` holds
-the lock of the folder it writes (re-entrant: a verb already holding it goes on). The lock is `fcntl.flock` on a small file
-next to the output (`.<name>.tvtool-lock`, outside it, since atomic outputs are replaced
+the lock of the folder it writes (re-entrant: a verb already holding it goes on).
+The lock is `fcntl.flock` on a small file next to the output (`.<name>.tvtool-lock`, outside it, since atomic outputs are replaced
 as a whole) that records the holder's pid; a second writer fails at once with one line
 naming that pid. The kernel drops the lock when the holder dies, so a killed run never
 leaves a stale lock behind.

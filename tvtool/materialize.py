@@ -19,7 +19,8 @@ from typing import Literal
 from . import __version__
 from .atomic import atomic_dir
 from .card import model_card
-from .errors import OptionsError, OutputError
+from .errors import OptionsError
+from .finished import RECORD_KEY, is_finished, stage_record
 from .finite import check_alphas, warn_nonfinite
 from .layout import SETTINGS_FILE, alpha_name, format_alpha
 from .lock import output_lock
@@ -88,17 +89,20 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
         raise OptionsError("two α values map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
     settings = {a: _settings(a, b, o, reasoner, delta) for a in alphas}
+    inputs = source.fingerprint_record()
+    records = {a: materialize_record(inputs, configs[a], o) for a in alphas}
     entries = plan_entries(plan)
     read = total_w = 0
     nonfinite: dict[str, int] = {}
     check_writable(out)
     with contextlib.ExitStack() as stack:  # every α folder is renamed into place only if all succeed
         stack.enter_context(output_lock(out))  # one writer per output folder
-        todo = [a for a in alphas if not _complete(folders[a], settings[a], o.overwrite)]
+        todo = [a for a in alphas if not is_finished(folders[a], records[a], overwrite=o.overwrite,
+                                                     what=f"materialize {folders[a].name}", name=SETTINGS_FILE)]
         tmps = {a: stack.enter_context(atomic_dir(folders[a])) for a in todo}
-        writers = {a: stack.enter_context(ShardedWriter(folder=tmps[a], plan=entries, metadata={"format": "pt"},
-                                                        max_shard_size=parse_size(o.max_shard_size)))
-                   for a in todo}
+        writers = {a: stack.enter_context(ShardedWriter(  # the fingerprint in the headers: a model rebuilt from
+            folder=tmps[a], plan=entries, max_shard_size=parse_size(o.max_shard_size),  # other inputs differs
+            metadata={"format": "pt", "tvtool.fingerprint": records[a]["fingerprint"]})) for a in todo}
         total_w = sum(w.total_size for w in writers.values())
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
             wb = WriteBehind(on_bytes=bar.update)
@@ -116,7 +120,7 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
                 wb.close()
         for a in todo:
             writers[a].close()
-            _write_extras(tmps[a], files, settings[a], prov, a, o, reasoner, delta, base, output)
+            _write_extras(tmps[a], files, settings[a], records[a], prov, a, o, reasoner, delta, base, output)
     warn_nonfinite(nonfinite)
     return MaterializeResult(folders, todo, [a for a in alphas if a not in todo], read, total_w)
 
@@ -129,6 +133,13 @@ def _check_options(o: MaterializeOptions) -> list[float]:
     if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
         raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
     return list(dict.fromkeys(float(a) for a in o.alphas))
+
+
+def materialize_record(inputs: dict, config: MergeConfig, o: MaterializeOptions) -> dict:
+    """The finished-work record of one α folder: the merge settings and the inputs' content (`DeltaSource`)."""
+    keep = ("dtype", "config_from", "allow_nonfinite")
+    return stage_record(stage="materialize", options={**inputs["options"], **config.to_dict(),
+                                                      **{k: getattr(o, k) for k in keep}}, inputs=inputs["inputs"])
 
 
 def _folder_name(template: str, a: float) -> str:
@@ -146,22 +157,7 @@ def _settings(a, b, o, reasoner, delta) -> dict:
             "delta": str(delta) if delta else None, **{k: v for k, v in asdict(o).items() if k in keep}}
 
 
-def _complete(folder: Path, settings: dict, overwrite: bool) -> bool:
-    """True when `folder` is a finished output with these settings; error if it holds something else."""
-    f = folder / SETTINGS_FILE
-    if f.is_file():
-        try:
-            if json.loads(f.read_text()).get("settings") == settings and not overwrite:
-                return True
-        except json.JSONDecodeError:
-            pass
-    if folder.exists() and not overwrite:
-        raise OutputError("output folder exists with other settings or contents", where=str(folder),
-                          fix="pass --overwrite, or choose another output folder")
-    return False
-
-
-def _write_extras(tmp: Path, files, settings, prov, a, o, reasoner, delta, base, output) -> None:
+def _write_extras(tmp: Path, files, settings, record, prov, a, o, reasoner, delta, base, output) -> None:
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
     dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
@@ -175,6 +171,6 @@ def _write_extras(tmp: Path, files, settings, prov, a, o, reasoner, delta, base,
                       dtype=str(dtype or o.dtype), include=o.include, exclude=o.exclude,
                       config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
     (tmp / "README.md").write_text(card)
-    record = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov}
-    (tmp / SETTINGS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    info = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov, RECORD_KEY: record}
+    (tmp / SETTINGS_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -191,8 +191,9 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector", configs: Sequence[MergeC
         for k, c in enumerate(configs):
             out = _merge_one(c, name, base_rows, base32, d, end, p.dtype)
             if not bad:  # finite inputs: a non-finite output overflowed the output dtype
-                check_finite(name, out, start, where=outputs[k] if outputs else where_b, overflow=f"θ1 + α·Δ in {dtype_name(p.dtype)} "
-                             f"at α={c.alpha:g}", overflow_fix="use a smaller |α|, or --dtype float32")
+                check_finite(name, out, start, where=outputs[k] if outputs else where_b,
+                             overflow=f"θ1 + α·Δ in {dtype_name(p.dtype)} at α={c.alpha:g}",
+                             overflow_fix="use a smaller |α|, or --dtype float32")
             chunk.outputs.append(out)
         yield chunk
 

@@ -1,6 +1,8 @@
 """`sweep`: the whole CoT-Valve pipeline from one recipe, resumable, with a report.
 
-Stages, each skipped when its output is already complete (a re-run finishes the job):
+Stages, each skipped when its output is already finished: its record holds the same fingerprint
+(options + inputs' content, `tvtool.finished`); a changed option or input redoes exactly the stages
+it reaches, saying so in one line (a re-run finishes the job; a moved sweep folder still resumes):
   delta     Δ = θ2 − θ1 on disk (only when kept, or needed for low rank);
   low rank  a factored Δ (and one LoRA adapter per α for apply: lora), spectra plot;
   models    θ1 + αΔ folders (apply: materialize, or keep.models);
@@ -25,6 +27,7 @@ from .atomic import discard, write_bytes, write_json, write_text
 from .delta import DeltaOptions, delta
 from .engine import Engine, vllm_version
 from .evaluate import evaluate, table_row
+from .finished import read_record, say, changes, stage_record, write_record
 from .finite import check_alphas
 from .hub import PushOptions, push
 from .layout import format_alpha
@@ -38,7 +41,7 @@ from .recipe import Recipe, load_recipe, to_dict
 from .report import markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
-from .source import DeltaSource
+from .source import DeltaSource, input_fingerprint
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,12 @@ STAGES = ("delta", "lowrank", "models", "eval")  # the folders `sweep --overwrit
 
 
 def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, options: SweepOptions) -> SweepResult:
-    write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
+    write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False, allow_unicode=True))
     pg = options.progress
 
     d_path = out / "delta"
-    if (r.keep.delta or r.low_rank) and not d_path.exists():  # written atomically: present = complete
-        delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg))
+    if r.keep.delta or r.low_rank:  # skipped inside when its record matches (redone, saying why, if not)
+        delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg, overwrite=True))
     source = DeltaSource(base=r.base, reasoner=r.reasoner)
     lowrank = adapters = None
     if r.low_rank:
@@ -102,7 +105,7 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
         folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
                               options=MaterializeOptions(alphas=alphas, include=r.include, exclude=r.exclude,
-                                                         progress=pg)).folders
+                                                         progress=pg, overwrite=True)).folders
 
     # One engine for every dataset (started only if some run is not complete yet).
     if r.apply == "swap":
@@ -118,7 +121,7 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
             sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
             ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
                              params_b=r.params_b, include=r.include if r.apply == "swap" else None,
-                             exclude=r.exclude if r.apply == "swap" else None, progress=pg)
+                             exclude=r.exclude if r.apply == "swap" else None, progress=pg, overwrite=True)
             common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
             if r.apply == "swap":
                 res = evaluate(source=source, alphas=alphas, **common)
@@ -142,20 +145,27 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
     lr = r.low_rank
     factored = folder / "delta.safetensors"
-    report = factored.with_suffix(".lowrank.json")
-    if not report.exists():  # the report is written last: its presence marks the stage complete
-        discard(folder)
-        folder.mkdir(parents=True)
-        svd_rank(delta=d_path, output=factored, options=LowRankOptions(
-            rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
-            exclude=lr.exclude, plot=True, progress=progress))
+    folder.mkdir(parents=True, exist_ok=True)
+    res = svd_rank(delta=d_path, output=factored, options=LowRankOptions(  # skipped inside when finished
+        rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
+        exclude=lr.exclude, plot=True, progress=progress, overwrite=True))
+    report = res.report_path
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
     if r.apply == "lora":
         want = adapter_folders(output=folder / "adapters", alphas=alphas)
-        if not all((p / "adapter_config.json").exists() for p in want.values()):
+        rec = stage_record(stage="adapters", options={"alphas": list(alphas)},
+                           inputs={"factored": input_fingerprint(factored)})
+        old = read_record(folder / ADAPTERS_RECORD)
+        if (old or {}).get("fingerprint") != rec["fingerprint"] or not all(p.exists() for p in want.values()):
+            if old is not None:
+                say(f"{changes(old, rec)}: redoing the LoRA adapters")
             write_peft_adapters(factored=factored, output=folder / "adapters", alphas=alphas, overwrite=True)
+            write_record(folder, rec, name=ADAPTERS_RECORD)  # last
         out["adapters"] = want
     return out
+
+
+ADAPTERS_RECORD = "adapters.json"  # the finished-work record of the LoRA adapters (beside their folder)
 
 
 def _markdown(tables: dict[str, list[dict]]) -> str:
@@ -187,36 +197,44 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
               f"Frobenius error {tot['rel_error']:.4f}. Per-tensor report: `{Path(lowrank['report']).name}`; "
               "spectra: `spectra.png`.\n")
     src = recipe_path or out / "recipe.yaml"
+    shown = portable(recipe, src.parent)  # inputs named relative to the recipe (or by Hub id): no machine paths
     body = [f"# tvtool sweep: {recipe.name}", "",
-            f"θ1 = `{recipe.base}`, θ2 = `{recipe.reasoner}`; α applied by **{recipe.apply}**; "
+            f"θ1 = `{shown.base}`, θ2 = `{shown.reasoner}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
             ACU_FORMULA, ""]
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
-    body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
-             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out), "```", "",
-             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True).strip(),
+    here = src.parent
+    body += [lr, "## Reproduce", "", "From the recipe's folder:", "", "```bash",
+             f"tvtool sweep {_short(src, here)} -o {_short(out, here)}", "```", "",
+             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out, here), "```", "",
+             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(shown), sort_keys=False, allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
     report = write_text(out / "REPORT.md", "\n".join(body))
-    write_json(out / "report.json", {"recipe": to_dict(recipe), "tables": tables, "acu_formula": ACU_FORMULA,
-                                     "versions": versions, "plots": {k: str(v) for k, v in plots.items()}},
+    write_json(out / "report.json", {"recipe": to_dict(shown), "tables": tables, "acu_formula": ACU_FORMULA,
+                                     "versions": versions, "plots": {k: Path(v).name for k, v in plots.items()}},
                sort_keys=False)
     return report
 
 
-def _short(p) -> str:
-    """A path relative to the working folder when it lies inside it (Hub ids unchanged)."""
+def _short(p, start: str | os.PathLike | None = None) -> str:
+    """A local path relative to `start` (default: the working folder); Hub ids and names unchanged."""
     try:
-        return os.path.relpath(p) if Path(p).exists() and not os.path.relpath(p).startswith("..") else str(p)
-    except ValueError:
+        return os.path.relpath(p, start) if os.path.isabs(p) or Path(p).exists() else str(p)
+    except ValueError:  # another drive
         return str(p)
 
 
-def _commands(r: Recipe, out: Path) -> list[str]:
+def portable(r: Recipe, start: Path) -> Recipe:
+    """`r` with its local inputs relative to `start` (the recipe's folder), as a recipe there would name them."""
+    return replace(r, base=_short(r.base, start), reasoner=_short(r.reasoner, start),
+                   datasets=tuple(replace(d, name=_short(d.name, start)) for d in r.datasets))
+
+
+def _commands(r: Recipe, out: Path, here: Path) -> list[str]:
     a = ",".join(format_alpha(x) for x in dict.fromkeys(r.alphas))
-    r = replace(r, base=_short(r.base), reasoner=_short(r.reasoner),
-                datasets=tuple(replace(d, name=_short(d.name)) for d in r.datasets))
-    out = Path(_short(out))
+    r = portable(r, here)
+    out = Path(_short(out, here))
     cmds, src = [], f"--reasoner {r.reasoner}"
     flags = ""
     sel = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("include", r.include), ("exclude", r.exclude)) if v)
