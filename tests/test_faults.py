@@ -387,8 +387,7 @@ def test_nan_alpha_is_refused_by_eval_and_by_recipes(tmp_path):
         "alphas: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]", "alphas: [0.5, .nan]").replace(
         "../tvtool/assets/toy", str(TOY)))
     r = cli("sweep", recipe, "-o", tmp_path / "sw")
-    assert_one_line_error(r, f"α must be a finite number, got nan (alphas in {recipe}). "
-                             "Pass real numbers such as 0.2,0.6,1")
+    assert_one_line_error(r, f"field alphas must be finite numbers, got nan ({recipe})")  # the recipe schema
 
 
 # --- 5. --include / --exclude that select nothing -------------------------------------------------------------
@@ -526,14 +525,15 @@ def test_push_refuses_links_leaving_the_folder(tmp_path):
 def test_dry_run_says_what_becomes_public(tmp_path):
     folder = tmp_path / "alpha-0.5"
     shutil.copytree(TOY / "base", folder)
-    r = cli("push", folder, "--repo", "alice/x", "--dry-run")
+    r = cli("push", folder, "--repo", "alice/x", "--dry-run")  # private by default
     assert r.exit_code == 0, r.stderr
-    head = r.stdout.splitlines()[0]
-    assert head.endswith(", PUBLIC: anyone can download these files (a new repo is created public; pass --private "
-                         "to keep it private)")
-    r = cli("push", folder, "--repo", "alice/x", "--dry-run", "--private")
     assert r.stdout.splitlines()[0].endswith(", PRIVATE (a new repo is created private; an existing public repo is "
                                              "refused)")
+    r = cli("push", folder, "--repo", "alice/x", "--dry-run", "--public")
+    assert r.exit_code == 0, r.stderr
+    head = r.stdout.splitlines()[0]
+    assert head.endswith(", PUBLIC: anyone can download these files (a new repo is created public; drop --public "
+                         "to keep it private)")
 
 
 # --- 9. a killed eval leaves no engine process behind -------------------------------------------------------

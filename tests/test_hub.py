@@ -25,6 +25,7 @@ from huggingface_hub import DatasetCard, HfApi, ModelCard, ModelCardData, hf_hub
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import save_file
 
+from helpers import cli
 from tvtool.errors import CheckpointError, HubError, OptionsError
 from tvtool.hub import PushOptions, push
 
@@ -223,7 +224,7 @@ def test_lora_adapter_card(hub, tmp_path):
 
 def test_private_repo_is_invisible_to_others(hub, alice, tmp_path):
     folder = make_alpha(tmp_path / "p" / "alpha-0.6")
-    push(folder=folder, options=PushOptions(repo="alice/secret", private=True), token=ALICE)
+    push(folder=folder, options=PushOptions(repo="alice/secret"), token=ALICE)  # private by default
     assert alice.repo_info("alice/secret").private is True
     for token in (False, BOB):
         with pytest.raises(RepositoryNotFoundError):
@@ -237,10 +238,18 @@ def test_private_push_into_existing_public_repo_is_refused(hub, alice, tmp_path)
     alice.create_repo("alice/public-one")
     before = head(alice, "alice/public-one")
     with pytest.raises(HubError) as err:
-        push(folder=folder, options=PushOptions(repo="alice/public-one", private=True), token=ALICE)
-    assert str(err.value) == ("The repository exists and is public, but --private was asked (model alice/public-one@main"
-                              f" at {ENDPOINT}). Make it private on the Hub first, or push without --private")
+        push(folder=folder, options=PushOptions(repo="alice/public-one"), token=ALICE)
+    assert str(err.value) == ("The repository exists and is public, but the push is private (model alice/public-one@main"
+                              f" at {ENDPOINT}). Make it private on the Hub first, or pass --public")
     assert head(alice, "alice/public-one") == before
+
+
+def test_public_flag_creates_a_public_repo(hub, alice, tmp_path, monkeypatch):
+    folder = make_alpha(tmp_path / "open" / "alpha-0.6")
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    r = cli("push", folder, "--repo", "alice/open", "--public", "--endpoint", ENDPOINT)
+    assert r.exit_code == 0, r.output
+    assert HfApi(endpoint=ENDPOINT, token=False).repo_info("alice/open").private is False
 
 
 def test_wrong_token_fails_with_one_clean_line(hub, tmp_path, caplog):

@@ -268,3 +268,30 @@ def test_apply_to_reads_each_input_once_and_matches_materialize(llama, f32_delta
         assert seen == Counter({(str(c.info(n).file), c.info(n).begin): c.info(n).nbytes
                                 for c in inputs for n in c.names()})
         assert_bit_equal(streamed, state_dict(res.folders[a]))
+
+
+def test_sharded_writer_groups_like_huggingface_hub_and_streams(tmp_path):
+    """Shards and index are huggingface_hub's split of the same tensors, written chunk by chunk in plan
+    order even when an oversized tensor gets a shard of its own in the middle of another shard."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a": torch.randn(40, 64, generator=g), "big": torch.randn(300, 64, generator=g).bfloat16(),
+          "b": torch.randn(64, generator=g), "empty": torch.zeros(0, 64), "c": torch.randn(100, 64, generator=g)}
+    limit = 30_000
+    ref = split_torch_state_dict_into_shards(sd, max_shard_size=limit)
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
+    w = ShardedWriter(folder=tmp_path, plan=plan, metadata={"format": "pt"}, max_shard_size=limit)
+    for n, t in sd.items():
+        for s in range(0, max(1, t.shape[0]), 16) if t.dim() > 1 else [0]:
+            w.write(n, t[s:s + 16] if t.dim() > 1 else t)
+    files = w.close()
+    assert [f.name for f in files] == list(ref.filename_to_tensors) and len(files) == 3
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index == {"metadata": {"total_size": ref.metadata["total_size"], "format": "pt"},
+                     "weight_map": ref.tensor_to_filename}
+    for fname, names in ref.filename_to_tensors.items():
+        got = load_file(tmp_path / fname)
+        assert set(got) == set(names)
+        assert_bit_equal(got, {n: sd[n] for n in names})

@@ -207,7 +207,7 @@ def test_build_on_a_tiny_pair_matches_its_generations(vengine, tmp_path):
             for a in ("0.2", "0.6")]
     for row, p in zip(ds, probs):
         assert row["solution_0"] == p.solution and row["target"] == p.gold
-        assert row["solution_0_token"] == len(tok(p.solution, add_special_tokens=False)["input_ids"])
+        assert row["solution_0_token"] == len(tok(p.solution, add_special_tokens=False)["input_ids"]) + 1  # + EOS
         lengths = [row["solution_0_token"]]
         for k, (a, gen) in enumerate(zip((0.2, 0.6), gens), start=1):
             g = gen[p.id]
@@ -266,3 +266,65 @@ def test_bad_requests_fail_before_any_generation(tmp_path):
     (tmp_path / "mc").mkdir()
     with pytest.raises(OutputError, match="already exists"):
         build_mixchain(**kw)
+
+
+# --- one way of counting lengths; max_tokens fits the context ------------------------------------
+
+
+def test_a_generated_solution_and_the_same_text_as_ground_truth_get_the_same_count():
+    """The toy reasoner's greedy chains (EOS included in the generated ids, as vLLM records them),
+    given again as solution_0: the same length, so β is not skewed towards the ground truth."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tvtool import toy
+    from tvtool.mixchain import solution_length
+
+    tok = AutoTokenizer.from_pretrained(str(toy.REASONER_DIR))
+    rows = toy.read_jsonl(path=toy.TEST_PATH)[:4]
+    torch.manual_seed(0)
+    model = toy.load_model(path=toy.REASONER_DIR)
+    gens = toy.greedy_generate(model=model, tokenizer=tok, questions=[r["question"] for r in rows])
+    probs, gen = [], {}
+    for i, (r, ids) in enumerate(zip(rows, gens)):
+        token_ids = ids + [tok.eos_token_id]  # what the engine records for a chain that stopped at EOS
+        text = tok.decode(ids)
+        probs.append(Problem(id=f"t/{i}", question=r["question"], gold=str(r["gold"]), solution=text))
+        gen[f"t/{i}"] = {"response": text, "num_tokens": len(token_ids), "finish_reason": "stop", "correct": True}
+        assert solution_length(text=text, tokenizer=tok) == len(token_ids)
+    out, _ = assemble(problems=probs, alphas=(0.5,), generations=[gen], min_correct=1,
+                      count_tokens=lambda t: solution_length(text=t, tokenizer=tok))
+    for row in out:
+        assert row["solution_0"] == row["solution_1"]
+        assert row["solution_0_token"] == row["solution_1_token"] > 10
+        assert row["beta_0"] == row["beta_1"] == 1.0
+
+
+def test_max_tokens_is_clamped_to_the_context_left_after_the_longest_prompt():
+    from tvtool import toy
+    from tvtool.data import load_problems
+    from tvtool.engine import EngineOptions, SamplingOptions
+    from tvtool.mixchain_length import clamp_max_tokens, fit_context
+    from tvtool.prompting import PromptOptions, load_tokenizer
+
+    assert clamp_max_tokens(max_tokens=100, context=256, longest_prompt=40) == (100, None)
+    n, note = clamp_max_tokens(max_tokens=4096, context=256, longest_prompt=40)
+    assert n == 216 and note == ("max_tokens lowered from 4096 to 216: the context is 256 tokens and the longest "
+                                 "prompt has 40")
+    with pytest.raises(OptionsError) as e:
+        clamp_max_tokens(max_tokens=10, context=30, longest_prompt=30)
+    assert str(e.value) == ("the longest prompt (30 tokens) fills the engine's context of 30 tokens "
+                            "(--max-model-len). Raise --max-model-len (within the model's limit) or shorten the prompts")
+    # the toy build: default max_tokens (4096) against the toy's 256 positions, no --max-tokens needed
+    probs = load_problems(dataset="toy", split="train", limit=50)
+    tok = load_tokenizer(toy.REASONER_DIR)
+    prompt = PromptOptions(instruction="")
+    longest = max(len(tok(tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+                  for p in probs)
+    s, note = fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
+                           sampling=SamplingOptions(), engine_options=EngineOptions())
+    assert s.max_tokens == toy.MAX_POSITIONS - longest and "lowered from 4096" in note
+    s, note = fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
+                           sampling=SamplingOptions(max_tokens=100), engine_options=EngineOptions(max_model_len=200))
+    assert s.max_tokens == 100 and note is None

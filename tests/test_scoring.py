@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tvtool import scoring
-from tvtool.scoring import (Score, ScoringError, VerifyWorker, extract_answer, extract_boxed, is_correct,
-                            parse_number, score)
+from tvtool import mathverify
+from tvtool.mathverify import VerifyWorker
+from tvtool.scoring import (Score, ScoringError, extract_answer, extract_boxed, is_correct, parse_number, score)
 
 # --- extract_boxed ----------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def test_extract_boxed(text, expected):
     ("The answer is .5", "gsm8k", ".5"),
     ("The answer is 5/2.", "asdiv", "5/2"),
     ("I do not know.", "gsm8k", None),
-    ("The answer is 18.", "math500", None),  # MATH-500 needs the box
+    ("The answer is 18.", "math500", "18"),  # paper A.1: the fallback holds on every dataset
     (r"The answer is $\boxed{\frac43}$", "math500", r"\frac43"),
 ])
 def test_extract_answer(text, kind, expected):
@@ -56,7 +56,11 @@ def test_extract_answer(text, kind, expected):
 def test_unknown_kind():
     with pytest.raises(ScoringError) as e:
         extract_answer("1", kind="svamp")
-    assert str(e.value) == "unknown answer kind 'svamp' (tvtool.scoring). Use one of: gsm8k, math500, asdiv"
+    assert str(e.value) == "unknown answer kind 'svamp' (tvtool.scoring). Use one of: gsm8k, math500, asdiv, aime"
+    with pytest.raises(ScoringError) as e:
+        extract_answer("1", kind="gsm8k", rule="loose")
+    assert str(e.value) == ("unknown answer rule 'loose' (tvtool.scoring). "
+                            "Use one of: paper, boxed-only, strict-match, flexible-extract")
 
 
 # --- numbers (gsm8k, asdiv) -------------------------------------------------------------
@@ -96,9 +100,9 @@ def test_parse_number(text, value):
 
 def test_score_gsm8k_and_asdiv_responses():
     assert score(r"16 - 3 - 4 = 9 eggs, 9 * 2 = 18. So the answer is \boxed{ 18 }", "18", kind="gsm8k") == \
-        Score(extracted="18", correct=True)
+        Score(extracted="18", correct=True, boxed=True)
     assert score("That makes $1,450,000.", "1450000", kind="gsm8k") == Score(extracted="1,450,000", correct=True)
-    assert score(r"\boxed{17}", "18", kind="gsm8k") == Score(extracted="17", correct=False)
+    assert score(r"\boxed{17}", "18", kind="gsm8k") == Score(extracted="17", correct=False, boxed=True)
     assert score("no idea", "18", kind="gsm8k") == Score(extracted=None, correct=False)
     assert score(r"\boxed{9 \text{ apples}}", "9 (apples)", kind="asdiv").correct is True
     # without a box the LAST number counts (paper A.1), even when an earlier one was right
@@ -150,8 +154,10 @@ def test_math500_wrong_answers(pred, gold):
 def test_score_math500_response():
     resp = r"Hence $r = 3$ and $\theta = \pi/2$, i.e. $\boxed{\left(3, \dfrac{\pi}{2}\right)}$."
     assert score(resp, r"\left( 3, \frac{\pi}{2} \right)", kind="math500") == \
-        Score(extracted=r"\left(3, \dfrac{\pi}{2}\right)", correct=True)
-    assert score("The answer is 4/3.", r"\frac43", kind="math500") == Score(extracted=None, correct=False)
+        Score(extracted=r"\left(3, \dfrac{\pi}{2}\right)", correct=True, boxed=True)
+    assert score("The answer is 4/3.", r"\frac43", kind="math500") == Score(extracted="4/3", correct=True)
+    assert score("The answer is 4/3.", r"\frac43", kind="math500", rule="boxed-only") == \
+        Score(extracted=None, correct=False)
 
 
 def test_pathological_expression_times_out_in_main_thread():
@@ -188,7 +194,8 @@ def test_scoring_from_a_non_main_thread():
         score(r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)", kind="math500").correct,
         score(r"\boxed{18}", "18", kind="gsm8k").correct,
     ))
-    assert got == (Score(extracted=r"\frac{4}{3}", correct=True), Score(extracted=r"\frac{3}{4}", correct=False),
+    assert got == (Score(extracted=r"\frac{4}{3}", correct=True, boxed=True),
+                   Score(extracted=r"\frac{3}{4}", correct=False, boxed=True),
                    True, True)
 
 
@@ -206,7 +213,7 @@ def test_worker_past_the_deadline_is_killed_and_restarted():
     try:
         t = time.monotonic()
         assert worker.verify(gold="1", pred="1", timeout=1) is None
-        assert time.monotonic() - t < scoring.HARD_DEADLINE_FACTOR * 1 + 5
+        assert time.monotonic() - t < mathverify.HARD_DEADLINE_FACTOR * 1 + 5
         assert worker._proc is None  # killed; the next call starts a fresh child
         assert worker.verify(gold="1", pred="1", timeout=1) is None
     finally:
@@ -219,3 +226,83 @@ def test_worker_that_cannot_start():
         worker.verify(gold="1", pred="1", timeout=1)
     assert str(e.value) == (f"the math-verify worker process did not start ({sys.executable}). "
                             "Check that `python -c 'import math_verify'` works in this environment")
+
+
+# --- answers that real models write (issue 11): exact response tail, gold, verdict -----------
+
+# (response tail, gold, kind, extracted by the paper rule, verdict)
+FORMATS = [
+    # GSM8K/ASDiv numbers that were missed
+    (r"So Mark earns \boxed{\$9 500} a month.", "9500", "gsm8k", r"\$9 500", True),
+    (r"The house now costs \boxed{\$118 000}", "118000", "gsm8k", r"\$118 000", True),
+    ("Therefore, the house is now worth $118 000.", "118000", "gsm8k", "118 000", True),
+    (r"She spent \boxed{€77}", "77", "gsm8k", "€77", True),
+    ('The TV is \\boxed{67"} wide.', "67", "gsm8k", '67"', True),
+    (r"He earns \boxed{\$18,000/year}", "18000", "gsm8k", r"\$18,000/year", True),
+    (r"\boxed{Seth is 16 years old}", "16", "gsm8k", "Seth is 16 years old", True),
+    (r"\boxed{Seth is 16 years old}", "17", "gsm8k", "Seth is 16 years old", False),
+    # MATH-500
+    (r"She is in \boxed{12^{\text{th}}\text{ grade}}.", "12", "math500", r"12^{\text{th}}\text{ grade}", True),
+    (r"$\boxed{12^{\text{th}}\text{ grade}}$", "11", "math500", r"12^{\text{th}}\text{ grade}", False),
+    (r"so $\boxed{\frac{\cos x}{\sin x}}$", r"\cot x", "math500", r"\frac{\cos x}{\sin x}", True),
+    # kept right (other graders got these wrong)
+    (r"The bag weighs \boxed{5 pounds}", "5", "gsm8k", "5 pounds", True),
+    (r"The bag weighs \boxed{5 pounds}", "80", "gsm8k", "5 pounds", False),
+    (r"Total: \boxed{86+42=128}", "128", "gsm8k", "86+42=128", True),
+    (r"Total: \boxed{86+42=128}", "86", "gsm8k", "86+42=128", False),
+    (r"She pays \boxed{\$50}", "0.5", "gsm8k", r"\$50", False),  # gold × 100 (cents) is not the dollars answer
+    (r"She pays \boxed{50}", "0.5", "gsm8k", "50", False),
+    (r"$x \in \boxed{[2,\infty)}$", r"(2,\infty)", "math500", r"[2,\infty)", False),
+    (r"\boxed{11,111,111,110}", r"11,\! 111,\! 111,\! 100", "math500", "11,111,111,110", False),
+    (r"\boxed{11,111,111,110}", "11111111100", "gsm8k", "11,111,111,110", False),
+    # a box cut off by the length limit: the last complete box counts
+    (r"so \boxed{7}. Let me double-check: the final answer is \boxed{\frac{1}{", "7", "gsm8k", "7", True),
+    (r"so \boxed{7}. Hmm, wait, it is \boxed{\frac{15}{", r"\frac{15}{2}", "math500", "7", False),
+]
+
+
+@pytest.mark.parametrize("tail,gold,kind,extracted,verdict", FORMATS)
+def test_answer_formats_real_models_write(tail, gold, kind, extracted, verdict):
+    boxed = "\\boxed" in tail  # every boxed case here has a complete box
+    assert score(tail, gold, kind=kind) == Score(extracted=extracted, correct=verdict, boxed=boxed)
+
+
+def test_unboxed_math500_gets_the_last_number_and_boxed_only_gets_none():
+    tail = "…So, the result is 23. I think that's the answer."
+    assert score(tail, "23", kind="math500") == Score(extracted="23", correct=True, boxed=False)
+    assert score(tail, "23", kind="math500", rule="boxed-only") == Score(extracted=None, correct=False, boxed=False)
+
+
+def test_partial_box_is_skipped_also_by_the_number_fallback():
+    # no complete box: the digits of the cut-off box are not an answer, the last number before it is
+    assert extract_answer(r"5 + 3 = 8, so the answer is \boxed{12", kind="gsm8k") == "8"
+    assert extract_answer(r"\boxed{12", kind="gsm8k", rule="boxed-only") is None
+
+
+# --- lm-evaluation-harness GSM8K filters ---------------------------------------------------
+
+
+@pytest.mark.parametrize("response,strict,flexible", [
+    ("3 + 4 = 7 apples.\n#### 7", "7", "7"),
+    ("The answer is 1,234.", None, "1,234."),  # strict needs '####'
+    ("#### 12\nThen I kept going: 13 14", "12", "14"),  # strict: first '####'; flexible: last number
+    ("It costs $18.00 in total", None, "$18.00"),
+    ("#### -5.5 and then #### 6", "-5.5", "6"),
+    ("x = 7", None, "7"),  # one digit: the second alternative
+    ("no numbers", None, None),
+])
+def test_harness_regexes(response, strict, flexible):
+    assert extract_answer(response, kind="gsm8k", rule="strict-match") == strict
+    assert extract_answer(response, kind="gsm8k", rule="flexible-extract") == flexible
+
+
+def test_harness_exact_match():
+    assert score("so #### 1,234", "1234", kind="gsm8k", rule="strict-match").correct is True
+    assert score("The answer is 1,234.", "1234", kind="gsm8k", rule="strict-match").correct is False
+    assert score("The answer is 1,234.", "1234", kind="gsm8k", rule="flexible-extract").correct is True
+    assert score("It costs $18.", "18", kind="gsm8k", rule="flexible-extract").correct is True
+    # exact string match, as the harness: 18.00 is not 18 (the paper rule compares numbers)
+    assert score("It costs 18.00", "18", kind="gsm8k", rule="flexible-extract").correct is False
+    assert score("It costs 18.00", "18", kind="gsm8k").correct is True
+    # flexible takes the last number even after a box (LLaMA-3.1-8B repeats: why A.1 used strict there)
+    assert score(r"\boxed{18} Question: 5 more", "18", kind="gsm8k", rule="flexible-extract").correct is False

@@ -132,3 +132,18 @@ def test_test_and_train_sets_are_gsm8k_style_and_disjoint():
         work, gold = r["answer"].rsplit("\n#### ", 1)
         assert int(gold) == r["gold"] and 0 <= r["gold"] <= 99
         assert work.strip()
+
+
+def test_loading_the_toy_model_leaves_gradients_on():
+    """load_model must not switch autograd off for the whole process (training after it would learn nothing)."""
+    import torch
+
+    model = toy.load_model(path=toy.BASE_DIR)
+    assert torch.is_grad_enabled()
+    model.train()
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 from .layout import PARTIAL
 from .lock import output_lock
 
+RESUME_KEY = ".resume-key"  # in a resumable partial folder: the settings it was started with
+
 
 def partial_path(final: str | os.PathLike) -> Path:
     """Where `final` is written before it is complete."""
@@ -49,8 +51,33 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         except BaseException:
             discard(tmp)
             raise
-        discard(final)
-        os.replace(tmp, final)
+        commit_dir(tmp, final)
+
+
+def commit_dir(tmp: Path, final: str | os.PathLike) -> Path:
+    """Put a finished `<final>.partial/` folder in place of `final` (a resume key in it is dropped)."""
+    final = Path(final)
+    (Path(tmp) / RESUME_KEY).unlink(missing_ok=True)
+    discard(final)
+    os.replace(tmp, final)
+    return final
+
+
+def resumable_dir(final: str | os.PathLike, *, key: str) -> Path:
+    """`<final>.partial/` for long work that checkpoints into it and resumes: kept when an earlier run
+    started it with the same `key` (its settings), else made afresh. `commit_dir` puts it in place.
+
+    Unlike `atomic_dir`, an interrupt leaves it (that is the point); a partial folder never looks
+    complete, as its name says. The caller holds `final`'s output lock (`tvtool.lock.output_lock`)
+    for the whole work, so a partial folder found here is a killed run's, never a live writer's."""
+    tmp = partial_path(final)
+    f = tmp / RESUME_KEY
+    if f.is_file() and f.read_text(encoding="utf-8") == key:
+        return tmp
+    discard(tmp)
+    tmp.mkdir(parents=True)
+    write_text(f, key)
+    return tmp
 
 
 @contextlib.contextmanager

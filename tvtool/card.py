@@ -165,8 +165,9 @@ Questions by number of kept generated solutions: {hist}.
 - `question`; `answer` (the ground-truth solution; GSM8K: calculator annotations and the `#### N` line
   removed); `target` (the gold final answer); `id` (tvtool's question id).
 - `solution_0` = `answer`; `solution_k` (k ≥ 1) = the chain generated with α = `alpha_k`.
-- `solution_k_token`: token length — `solution_0` tokenized with the reasoner's tokenizer (no special
-  tokens), generated chains: the number of generated token ids (with the final EOS).
+- `solution_k_token`: token length, counted one way for every solution as the paper counts generated
+  tokens: the token ids a model emits for it, the final EOS included (generated chains: their generated
+  token ids; `solution_0`: its ids under the reasoner's tokenizer, no special tokens, plus the EOS).
 - `correct_k`: the chain reached the gold answer (and finished). A removed chain has `solution_k`,
   `solution_k_token` and `beta_k` = null and `correct_k` = false; `alpha_k` is always set.
 - `beta_k` (CoT-Valve eq. 4) over the question's present solutions, `solution_0` included:

@@ -7,23 +7,38 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import replace
 
 import click
 
 from . import __version__
 from .delta import DeltaOptions, delta
-from .errors import TvtoolError, os_error
+from .errors import OptionsError, TvtoolError, os_error
 from .engine import EngineOptions, SamplingOptions
 from .evaluate import evaluate
 from .generate import generate_responses
 from .hub import PushOptions, push
 from .lowrank import LowRankOptions, svd_rank
 from .materialize import MaterializeOptions, materialize
+from .merge_options import MergeOptions
 from .mixchain import MixChainOptions, build_mixchain
 from .options import FLOAT_LIST, click_options, from_cli
 from .prompting import PromptOptions
 from .runs import EvalOptions
 from .sweep import SweepOptions, sweep
+from .train import TrainOptions, train
+from .units import RayOptions
+
+# --- ray: `--ray [ADDRESS]` hands an α sweep to tvtool.cluster ---
+_RAY = click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                    help="Spread the α sweep over a pool of engines on a Ray cluster: no value = a local cluster, "
+                         "or auto, host:port, ray://host:port.")
+
+
+def _ray_options(kw: dict) -> RayOptions | None:
+    address = kw.pop("ray")
+    opts = from_cli(RayOptions, kw)
+    return None if address is None else replace(opts, address=address)
 
 
 class _Group(click.Group):
@@ -71,10 +86,12 @@ def delta_cmd(base: str, reasoner: str, output: str, **kw) -> None:
 @click.option("--reasoner", help="The reasoner checkpoint (Δ is computed on the fly).")
 @click.option("-o", "--output", required=True, help="Folder that receives one model folder per α.")
 @click_options(MaterializeOptions)
+@click_options(MergeOptions)
 def materialize_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
-    """Write merged checkpoints θ1 + α·Δ for every --alpha, in one pass over the inputs."""
+    """Write merged checkpoints θ1 + α·Δ for every --alpha, in one pass over the inputs
+    (--method ties|dare_linear|… over one or several --vector: θ1 + α·merge(Δ_1..Δ_n))."""
     result = materialize(base=base, delta=delta_path, reasoner=reasoner, output=output,
-                         options=from_cli(MaterializeOptions, kw))
+                         options=from_cli(MaterializeOptions, kw), merge=from_cli(MergeOptions, kw))
     click.echo(result.summary())
 
 
@@ -100,9 +117,12 @@ def _run_options(fn):
                      help="A PEFT LoRA adapter folder (repeat); served by one engine with LoRA enabled."),
         click.option("-o", "--output", required=True, help="Output folder (resumable: re-run to finish)."),
         click_options(EvalOptions, exclude=("score",)),
+        click_options(MergeOptions),
         click_options(PromptOptions),
         click_options(SamplingOptions),
         click_options(EngineOptions),
+        _RAY,
+        click_options(RayOptions, exclude=("address",)),
     ]):
         fn = deco(fn)
     return fn
@@ -111,7 +131,7 @@ def _run_options(fn):
 def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw) -> dict:
     return dict(output=output, model=model, base=base, delta=delta_path, reasoner=reasoner,
                 alphas=tuple(a for part in alphas for a in part), checkpoints=checkpoints, loras=loras,
-                options=from_cli(EvalOptions, kw), prompt=from_cli(PromptOptions, kw),
+                options=from_cli(EvalOptions, kw), merge=from_cli(MergeOptions, kw), prompt=from_cli(PromptOptions, kw),
                 sampling=from_cli(SamplingOptions, kw), engine_options=from_cli(EngineOptions, kw))
 
 
@@ -123,16 +143,35 @@ def eval_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, outp
     --include/--exclude pick the tensors α applies to),
     or --lora adapters. Writes samples.jsonl, summary.json, run.json per run and, for
     several runs, a summary table (markdown, JSON) and plot."""
-    result = evaluate(**_run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw))
+    executor = _ray_options(kw)
+    result = _run(evaluate, executor, _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras,
+                                                  output, kw))
     click.echo(result.summary())
+
+
+def _run(local, executor: RayOptions | None, kwargs: dict):
+    """The one-engine verb, or (`--ray`) the α sweep on a Ray pool."""
+    if executor is None:
+        return local(**kwargs)
+    from .cluster import evaluate_on_ray
+
+    if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"]:
+        raise OptionsError("--ray runs α sweeps", where="--ray",
+                          fix="pass --base with --delta|--reasoner and --alpha (or drop --ray)")
+    if local is generate_responses:
+        kwargs["options"] = replace(kwargs["options"], score=False)
+    for k in ("model", "checkpoints", "loras"):
+        kwargs.pop(k)
+    return evaluate_on_ray(executor=executor, **kwargs)
 
 
 @main.command("generate")
 @_run_options
 def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
     """Like `tvtool eval` without scoring: responses, token ids and finish reasons in samples.jsonl."""
-    result = generate_responses(**_run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras,
-                                              output, kw))
+    executor = _ray_options(kw)
+    result = _run(generate_responses, executor, _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas,
+                                                             loras, output, kw))
     click.echo(result.summary())
 
 
@@ -145,6 +184,8 @@ def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, 
 @click_options(SamplingOptions, exclude=("n",))
 @click_options(PromptOptions)
 @click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank"))
+@_RAY
+@click_options(RayOptions, exclude=("address",))
 def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
     """Build a MixChain-Z dataset: the ground-truth solution plus one greedy chain per α from θ1 + α·Δ
     (one vLLM engine, weights swapped in place), wrong chains removed, β per solution (CoT-Valve eq. 4).
@@ -152,13 +193,32 @@ def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output
     options, sampling = from_cli(MixChainOptions, kw), from_cli(SamplingOptions, kw)
     prompt, engine_options = from_cli(PromptOptions, kw), from_cli(EngineOptions, kw)
     result = build_mixchain(base=base, delta=delta_path, reasoner=reasoner, output=output, options=options,
-                            prompt=prompt, sampling=sampling, engine_options=engine_options)
+                            prompt=prompt, sampling=sampling, engine_options=engine_options,
+                            executor=_ray_options(kw))
     click.echo(result.summary())
+
+
+@main.command("train")
+@click.argument("mode", type=click.Choice(["valve", "valve++", "progressive"]))
+@click.option("--model", required=True, help="The model θ to train a LoRA on (folder or Hub id).")
+@click.option("--data", required=True, help="A `tvtool mixchain` folder, MixChain-Z .parquet/.jsonl, or .jsonl "
+                                            "question/solution pairs.")
+@click.option("-o", "--output", required=True, help="Adapter folder to write (resumable: re-run to continue).")
+@click_options(TrainOptions)
+@click_options(PromptOptions)
+def train_cmd(mode: str, model: str, data: str, output: str, **kw) -> None:
+    """Train a CoT-Valve LoRA: valve (one column), valve++ (per-sample β, eq. 3-4) or progressive (+P).
+    Runs unchanged under `accelerate launch` (DDP)."""
+    result = train(mode=mode, model=model, data=data, output=output, options=from_cli(TrainOptions, kw),
+                   prompt=from_cli(PromptOptions, kw))
+    if result.record:
+        click.echo(result.summary())
 
 
 @main.command("sweep")
 @click.argument("recipe", type=click.Path())
-@click_options(SweepOptions)
+@click_options(SweepOptions, exclude=("ray",))
+@_RAY
 def sweep_cmd(recipe: str, **kw) -> None:
     """Run a recipe end to end (delta, low rank, models, evaluation, report, push); re-run to resume."""
     click.echo(sweep(recipe=recipe, options=from_cli(SweepOptions, kw)).summary())

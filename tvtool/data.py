@@ -6,6 +6,12 @@ file (`.jsonl` in GSM8K or MATH-500 format, `.xml` in ASDiv format) or a Hub id
 
 GSM8K (test/train) and MATH-500 are bundled (MIT, see assets/DATA_LICENSES.md).
 ASDiv is CC BY-NC and is not bundled: pass the path of ASDiv.xml or its Hub id.
+AIME 2024 (the paper's other benchmark: QwQ 14/30 at 6827 tokens) is not bundled either: no copy
+with a clear licence is available offline (the problems are MAA's; the Hub copies state none or
+MIT without the MAA's grant). Pass a file: `.jsonl` (or a `.json` list) of
+{problem|question|Problem, answer|Answer} records with integer answers 0–999 (kind `aime`,
+detected from capitalised keys, integer answers or "aime" in the file name), or a Hub id
+(`HuggingFaceH4/aime_2024`, `Maxwell-Jia/AIME_2024`; needs a network).
 ASDiv problems whose answer is not one number (several answers, ratios, clock times,
 text) are excluded and counted by reason; fractions such as `5/2` and `-(1/3)` are kept
 (gold `5/2`, `-1/3`) because `tvtool.scoring` compares them as exact rationals.
@@ -23,9 +29,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tvtool.errors import DatasetError, OptionsError
-from tvtool.options import opt
+from tvtool.options import CliOptions, opt
 
-KINDS = ("gsm8k", "math500", "asdiv")
+KINDS = ("gsm8k", "math500", "asdiv", "aime")
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED: dict[str, dict[str, Path]] = {
     "gsm8k": {"test": ASSETS / "gsm8k" / "test.jsonl", "train": ASSETS / "gsm8k" / "train.jsonl"},
@@ -38,8 +44,10 @@ HUB: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "openai/gsm8k": ("gsm8k", "main", {"test": "test", "train": "train"}),
     "HuggingFaceH4/MATH-500": ("math500", None, {"test": "test"}),
     "EleutherAI/asdiv": ("asdiv", None, {"test": "validation", "validation": "validation"}),
+    "HuggingFaceH4/aime_2024": ("aime", None, {"test": "train", "train": "train"}),
+    "Maxwell-Jia/AIME_2024": ("aime", None, {"test": "train", "train": "train"}),
 }
-LABEL = {"gsm8k": "GSM8K", "math500": "MATH-500", "asdiv": "ASDiv"}
+LABEL = {"gsm8k": "GSM8K", "math500": "MATH-500", "asdiv": "ASDiv", "aime": "AIME"}
 _LOCAL_FIX = ("Pass a local file instead: a GSM8K-format .jsonl, a MATH-500 .jsonl, "
               "or ASDiv.xml (e.g. dataset='/data/ASDiv.xml')")
 
@@ -75,7 +83,7 @@ class ProblemSet:
 
 
 @dataclass(frozen=True)
-class DatasetOptions:
+class DatasetOptions(CliOptions):
     """Which problems to evaluate on; `load_problems(**dataclasses.asdict(opts))`."""
 
     dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id (openai/gsm8k, "
@@ -116,6 +124,23 @@ def _math500(rec: dict, *, pid: str, where: str) -> Problem:
     meta = {k: rec[k] for k in ("subject", "level", "unique_id") if k in rec}
     return Problem(id=rec.get("unique_id") or pid, question=rec["problem"], gold=rec["answer"],
                    solution=rec.get("solution"), meta=meta)
+
+
+def _aime(rec: dict, *, pid: str, where: str) -> Problem:
+    """{problem|question|Problem, answer|Answer, id|ID?} with an integer answer 0–999."""
+    get = lambda *keys: next((rec[k] for k in keys if rec.get(k) is not None), None)  # noqa: E731
+    question, answer = get("problem", "question", "Problem", "Question"), get("answer", "Answer")
+    if not isinstance(question, str):
+        raise DatasetError("AIME record has no problem text", where=where,
+                           fix='Each record needs "problem" (or "question", "Problem") and "answer" (or "Answer")')
+    text = str(answer).strip() if isinstance(answer, (int, str)) and not isinstance(answer, bool) else ""
+    if not re.fullmatch(r"0*\d{1,3}", text):
+        raise DatasetError(f"AIME answer is not an integer 0–999: {answer!r}", where=where,
+                           fix="AIME answers are integers from 0 to 999; pass kind='math500' for other answers")
+    meta = {k: rec[k] for k in ("url", "year") if rec.get(k) is not None}
+    rid = get("id", "ID", "idx")
+    return Problem(id=str(rid) if rid is not None else pid, question=question, gold=str(int(text)),
+                   solution=get("solution", "Solution"), meta=meta)
 
 
 _NUM = r"-?\d+(?:\.\d+)?"
@@ -186,6 +211,19 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
+def _read_json_list(path: Path) -> list[tuple[int, dict]]:
+    """(index + 1, record) of a .json file holding one list of objects (as some AIME copies ship)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read JSON: {type(e).__name__}", where=str(path),
+                           fix="Pass a .json list of objects, or a .jsonl file") from e
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        raise DatasetError("not a non-empty JSON list of objects", where=str(path),
+                           fix="Pass a .json list of objects, or a .jsonl file")
+    return list(enumerate(data, start=1))
+
+
 def _read_asdiv_xml(path: Path) -> list[dict]:
     try:
         root = ET.parse(path).getroot()
@@ -209,6 +247,11 @@ def _read_asdiv_xml(path: Path) -> list[dict]:
 
 
 def _detect_jsonl_kind(path: Path, rec: dict) -> str:
+    if ("Problem" in rec and "Answer" in rec) or (isinstance(rec.get("answer"), int)
+                                                  and ("problem" in rec or "question" in rec)):
+        return "aime"
+    if "aime" in path.name.lower() and "answer" in rec and ("problem" in rec or "question" in rec):
+        return "aime"
     if "problem" in rec and "answer" in rec:
         return "math500"
     if "question" in rec and "####" in str(rec.get("answer", "")):
@@ -227,6 +270,8 @@ def _convert(rows: list[tuple[str, dict]], *, kind: str, prefix: str) -> tuple[l
             problems.append(_gsm8k(rec, pid=pid, where=where))
         elif kind == "math500":
             problems.append(_math500(rec, pid=pid, where=where))
+        elif kind == "aime":
+            problems.append(_aime(rec, pid=pid, where=where))
         else:
             problem, reason = _asdiv(rec, pid=pid, where=where)
             if problem is None:
@@ -238,7 +283,7 @@ def _convert(rows: list[tuple[str, dict]], *, kind: str, prefix: str) -> tuple[l
 
 def _from_file(path: Path, *, kind: str | None, prefix: str | None = None) -> tuple[str, list[Problem], Counter]:
     suffix = path.suffix.lower()
-    if kind is None and suffix not in (".jsonl", ".xml"):
+    if kind is None and suffix not in (".jsonl", ".xml", ".json"):
         raise DatasetError(f"unsupported file type {suffix or '(none)'!r}", where=str(path),
                            fix="Use a .jsonl file (GSM8K or MATH-500 format) or an ASDiv .xml file, "
                                "or pass kind=")
@@ -246,7 +291,7 @@ def _from_file(path: Path, *, kind: str | None, prefix: str | None = None) -> tu
         rows = [(f"{path}, problem {r['id'] or i + 1}", r) for i, r in enumerate(_read_asdiv_xml(path))]
         kind = "asdiv"
     else:
-        records = _read_jsonl(path)
+        records = _read_json_list(path) if suffix == ".json" else _read_jsonl(path)
         kind = kind or _detect_jsonl_kind(path, records[0][1])
         rows = [(f"{path}, line {n}", rec) for n, rec in records]
     problems, excluded = _convert(rows, kind=kind, prefix=prefix or path.stem)

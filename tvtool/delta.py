@@ -19,7 +19,7 @@ from .finished import META_KEY, is_finished, stage_record
 from .finite import check_finite, warn_nonfinite
 from .layout import DTYPES, dtype_name
 from .lock import output_lock
-from .options import opt
+from .options import CliOptions, opt
 from .output import human, parse_size, plan_bytes, progress, write_tensors
 from .paths import check_output_apart
 from .safetensors_io import row_chunks
@@ -28,7 +28,7 @@ from .taskvector import common_dtype
 
 
 @dataclass(frozen=True)
-class DeltaOptions:
+class DeltaOptions(CliOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Stored dtype of Δ. auto: the checkpoints' dtype. float32 makes α=1 give the reasoner bit for bit.")
     max_shard_size: str = opt("5GB", "Largest shard. A .safetensors output must fit in one; a folder output is sharded.")

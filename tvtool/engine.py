@@ -27,7 +27,7 @@ from typing import Any, Literal, Sequence
 
 from .errors import EngineError, OptionsError
 from .merge import MergeConfig, merged_config, output_plan
-from .options import opt
+from .options import CliOptions, opt
 from .prompting import PromptOptions, build_prompt, load_tokenizer
 from .reaper import reap_on_death
 from .source import DeltaSource
@@ -37,7 +37,7 @@ _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
+class SamplingOptions(CliOptions):
     max_tokens: int = opt(4096, "Largest number of generated tokens per sample (paper: 4192 on GSM8K).")
     temperature: float = opt(0.0, "Sampling temperature; 0 is greedy.")
     top_p: float = opt(1.0, "Nucleus sampling mass.")
@@ -46,7 +46,7 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(CliOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine dtype (auto: the checkpoint's).")
     max_model_len: int | None = opt(None, "Context length (prompt + generation); default: the model's.")
     tensor_parallel_size: int = opt(1, "GPUs per model replica (tensor parallel).")
@@ -108,6 +108,30 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     return out
 
 
+def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:
+    """What decoding uses with an engine started from `model_dir`, and its generation_config.json that is
+    NOT applied. A function, so that a planner without an engine (tvtool.units) records the same."""
+    gen = Path(model_dir) / "generation_config.json"
+    ignored = json.loads(gen.read_text()) if gen.is_file() else None
+    return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
+            "checkpoint_generation_config_ignored": ignored}
+
+
+def check_engine_options(options: EngineOptions) -> None:
+    """Refuse settings this vLLM build cannot run, before any process starts.
+
+    vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
+    "Engine core initialization failed ... Failed core proc(s): {}"."""
+    if options.distributed_executor_backend == "ray":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise OptionsError("distributed_executor_backend 'ray' is not supported by vLLM's CPU build",
+                               where="--distributed-executor-backend ray",
+                               fix="leave it unset (or use mp); to spread a sweep over a Ray cluster pass --ray")
+
+
 def vllm_module():
     try:
         import vllm
@@ -137,6 +161,7 @@ class Engine:
                  dummy_weights: bool = False, seed: int = 0, lazy: bool = False):
         vllm_module()
         o = options
+        check_engine_options(o)
         self.options, self.model_dir = o, Path(model)
         if o.cpu_kv_cache_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(o.cpu_kv_cache_gb)
@@ -180,8 +205,11 @@ class Engine:
     def _start(self) -> None:
         self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
         self._reaper.__enter__()
+        from .logs import engine_start
+
         try:
-            self._llm = vllm_module().LLM(**self._kw)
+            with engine_start():  # engine processes print into the run's vllm.log (tvtool.logs)
+                self._llm = vllm_module().LLM(**self._kw)
         except Exception as e:  # vLLM raises many types at start-up
             self._end_reaper()
             raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
@@ -248,11 +276,7 @@ class Engine:
 
     def sampling_record(self, sampling: SamplingOptions) -> dict:
         """What decoding used, and the checkpoint generation_config.json that was NOT applied."""
-        gen = self.model_dir / "generation_config.json"
-        ignored = json.loads(gen.read_text()) if gen.is_file() else None
-        return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
-                "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
-                "checkpoint_generation_config_ignored": ignored}
+        return sampling_record(model_dir=self.model_dir, sampling=sampling)
 
     def lora_request(self, path: str | os.PathLike):
         """A LoRARequest for an adapter folder; the same path keeps the same id."""

@@ -46,6 +46,10 @@ class DatasetError(TvtoolError):
     """An evaluation or training dataset cannot be read."""
 
 
+class ScoringError(TvtoolError):
+    """An answer cannot be scored (bad kind or rule, math-verify missing or its worker broken)."""
+
+
 class EngineError(TvtoolError):
     """vLLM is missing or could not run the request."""
 
@@ -84,3 +88,7 @@ def os_error(err: OSError) -> TvtoolError:
     what, fix = _OS_ERRORS.get(name, (err.strerror or type(err).__name__, "check the path and re-run"))
     where = " → ".join(str(f) for f in (err.filename, err.filename2) if f is not None) or None
     return OutputError(f"{what} [{name or type(err).__name__}]", where=where, fix=fix)
+
+
+class ClusterError(TvtoolError):
+    """A Ray cluster cannot run the work: a node cannot see the inputs or output, or units failed."""

@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 
 from tvtool.errors import CheckpointError, HubError, OptionsError
 from tvtool.layout import ALPHA_DIR, is_hub_id
-from tvtool.options import opt
+from tvtool.options import CliOptions, opt
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ RETRY_FIX = "Re-run the same push: files already uploaded are not sent again"
 
 
 @dataclass(frozen=True)
-class PushOptions:
+class PushOptions(CliOptions):
     """How and where to push; the CLI derives its flags from these fields."""
 
     repo: str | None = opt(
@@ -47,7 +47,8 @@ class PushOptions:
         "('{user}/{name}' when the folder has no alpha).",
     )
     repo_type: Literal["model", "dataset"] = opt("model", "Hub repository type.")
-    private: bool = opt(False, "Create new repos as private; refuse to push into an existing public repo.")
+    private: bool = opt(True, "Create new repos as private (the default) and refuse to push into an existing public "
+                              "repo; --public creates public repos and pushes into public ones.", off="--public")
     revision: str | None = opt(None, "Branch to push to; created from main if missing. Default: main.")
     commit_message: str | None = opt(None, "Commit message. Default: 'Upload <folder> with tvtool'.")
     eval_summary: str | None = opt(None, "Markdown file with an evaluation table to put in each card.")
@@ -161,8 +162,8 @@ def _push_one(api, plan: RepoPush, card: bytes, options: PushOptions) -> RepoPus
     with _hub_errors("read the branch head", where=where):
         info = api.repo_info(rid, repo_type=rtype, revision=rev)
     if options.private and not info.private:  # exist_ok kept an existing public repo: do not publish into it
-        raise HubError("The repository exists and is public, but --private was asked", where=where,
-                       fix="Make it private on the Hub first, or push without --private")
+        raise HubError("The repository exists and is public, but the push is private", where=where,
+                       fix="Make it private on the Hub first, or pass --public")
     head = info.sha
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in _files(plan.folder)
            if p != "README.md"]
@@ -274,7 +275,7 @@ def _visibility(options: PushOptions) -> str:
     """What a dry run tells about who will see the files."""
     if options.private:
         return "PRIVATE (a new repo is created private; an existing public repo is refused)"
-    return "PUBLIC: anyone can download these files (a new repo is created public; pass --private to keep it private)"
+    return "PUBLIC: anyone can download these files (a new repo is created public; drop --public to keep it private)"
 
 
 def _metadata(folder: Path) -> tuple[str | None, str | list[str] | None]:

@@ -20,6 +20,17 @@ SETTINGS_FILE = "tvtool.json"  # a materialized α folder's settings + provenanc
 SAMPLES, SUMMARY, RUN = "samples.jsonl", "summary.json", "run.json"  # one evaluation run's files
 PARTIAL = ".partial"  # suffix of an output being written (see tvtool.atomic)
 
+
+def dataset_dir(name: str) -> str:
+    """A dataset's folder inside an evaluation's run folder: 'org/set' → 'org-set', 'x.jsonl' → 'x'."""
+    return name.replace("/", "-").replace("\\", "-").removesuffix(".jsonl").removesuffix(".xml")
+
+
+def summary_table(name: str) -> str:
+    """The file stem of a multi-run evaluation's table for dataset `name` (summary-<dataset>.md/.json/.png)."""
+    return f"summary-{dataset_dir(name)}"
+
+
 # --- dtypes --------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices

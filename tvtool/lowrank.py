@@ -39,7 +39,7 @@ from .finite import check_alphas, check_finite
 from .layout import DTYPES, FACTOR_A, FACTOR_B, is_vocab_tensor
 from .lock import output_lock
 from .lowrank_report import TensorReport, adapter_shares, compact, plot_spectra, totals
-from .options import check_regex, opt
+from .options import CliOptions, check_regex, opt
 from .output import check_free, human, parse_size, plan_bytes, write_tensors
 from .paths import check_output_apart
 from .peft_adapter import adapter_folders, write_peft_adapters
@@ -49,7 +49,7 @@ from .taskvector import TaskVector
 
 
 @dataclass(frozen=True)
-class LowRankOptions:
+class LowRankOptions(CliOptions):
     rank: int | None = opt(None, "Rank of every factorized tensor (exclusive with --energy).", short="-r")
     energy: float | None = opt(None, "Per tensor, the smallest rank keeping this share of ‖Δ‖² (0 < E ≤ 1).")
     max_rank: int | None = opt(None, "With --energy: never exceed this rank.")
@@ -204,6 +204,8 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
             "tvtool.base": json.dumps(prov.get("base")), "tvtool.reasoner": json.dumps(prov.get("reasoner")),
             "tvtool.dtype": str(prov.get("dtype")), "tvtool.skipped": json.dumps(skipped),
             "tvtool.missing": json.dumps(prov.get("missing") or {}), "tvtool.low_rank": json.dumps(low_rank)}
+    if prov.get("zero_elsewhere"):  # from a PEFT adapter: Δ = 0 on the tensors it does not name
+        meta["tvtool.zero_elsewhere"] = "true"
     if "delta" in prov:
         meta["tvtool.source_delta"] = json.dumps(prov["delta"])
     meta[META_KEY] = json.dumps(record, sort_keys=True)  # the factored delta's own fingerprint

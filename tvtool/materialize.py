@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+import shlex
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from . import __version__
 from .atomic import atomic_dir
@@ -22,16 +23,17 @@ from .card import model_card
 from .errors import OptionsError
 from .finished import RECORD_KEY, is_finished, stage_record
 from .finite import check_alphas, warn_nonfinite
-from .layout import SETTINGS_FILE, alpha_name, format_alpha
+from .layout import SETTINGS_FILE
 from .lock import output_lock
 from .merge import MergeConfig, check_selection, merge_chunks, merged_config, output_plan, plan_entries
-from .options import opt
+from .merge_options import MergeOptions, config_name, split_vectors
+from .options import CliOptions, opt
 from .output import ShardedWriter, WriteBehind, parse_size, progress
 from .paths import check_inside, check_output_apart, check_writable
 from .source import DeltaSource
 
 @dataclass(frozen=True)
-class MaterializeOptions:
+class MaterializeOptions(CliOptions):
     alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
                                     flag="--alpha", short="-a")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")
@@ -53,79 +55,94 @@ class MaterializeOptions:
 
 @dataclass(frozen=True)
 class MaterializeResult:
-    folders: dict[float, Path]
+    folders: dict[float, Path]  # by α (with several operator settings per α: the last one's)
     written: list[float]
     skipped: list[float]
     bytes_read: int
     bytes_written: int
+    configs: dict[MergeConfig, Path] = field(default_factory=dict)  # every configuration's folder
 
     def summary(self) -> str:
-        s = [f"α={a:g} → {self.folders[a]}" + (" (already complete)" if a in self.skipped else "")
-             for a in self.folders]
+        s = [f"{c.tag() + ' ' if c.tag() else ''}α={c.alpha:g} → {f}"
+             + (" (already complete)" if c.alpha in self.skipped and c.alpha not in self.written else "")
+             for c, f in self.configs.items()]
         return "\n".join(s)
 
 
 def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
-                reasoner: str | os.PathLike | None = None, options: MaterializeOptions) -> MaterializeResult:
-    """Write θ1 + α·Δ for every α in `options.alphas` under `output`, reading each input once.
+                reasoner: str | os.PathLike | None = None, options: MaterializeOptions,
+                merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None
+                ) -> MaterializeResult:
+    """Write θ1 + α·Δ (or an operator's θ1 + α·M, `merge`) for every α in `options.alphas` under
+    `output`, reading each input once per pass. `configs` (instead of α × `merge`) writes several
+    operator settings in the same run.
 
-    The tensors come from the shared merge stream (`tvtool.merge.merge_chunks`), one output per α."""
+    The tensors come from the shared merge stream (`tvtool.merge.merge_chunks`), one output per configuration."""
     o = options
+    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
     source = DeltaSource(base=base, delta=delta, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                         allow_pickle=o.allow_pickle)
-    alphas = _check_options(o)
-    configs = {a: MergeConfig(a, o.include, o.exclude) for a in alphas}
-    b, tv = source.open()
-    check_selection(tv, configs[alphas[0]])
+                         allow_pickle=o.allow_pickle, more=more)
+    alphas = _check_options(o, configs)
+    cfgs = list(dict.fromkeys(configs)) if configs is not None else \
+        merge.configs(alphas, include=o.include, exclude=o.exclude, weights=weights)
+    check_alphas([c.alpha for c in cfgs])
+    b, tvs = source.open_vectors()
+    tv = tvs[0]
+    for sel in dict.fromkeys((c.include, c.exclude) for c in cfgs):  # a selection that merges nothing
+        check_selection(tv, MergeConfig(0.0, *sel))
     plan = output_plan(b, tv, dtype=o.dtype)
     files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
     out = Path(output)
-    folders = {a: out / _folder_name(o.name_template, a) for a in alphas}
+    folders = {c: out / _folder_name(o.name_template, c) for c in cfgs}
     for f in folders.values():
         check_inside(f, out, flag=f"--name-template {o.name_template}")
-        check_output_apart(f, [b.source.path, *tv.sources()], flag="-o/--name-template")
+        check_output_apart(f, [b.source.path, *(p for t in tvs for p in t.sources())], flag="-o/--name-template")
     if len(set(folders.values())) != len(folders):
-        raise OptionsError("two α values map to the same folder name", where=o.name_template,
+        raise OptionsError("two configurations map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
-    settings = {a: _settings(a, b, o, reasoner, delta) for a in alphas}
+    settings = {c: _settings(c, b, o, reasoner, delta, more) for c in cfgs}
     inputs = source.fingerprint_record()
-    records = {a: materialize_record(inputs, configs[a], o) for a in alphas}
+    records = {c: materialize_record(inputs, c, o) for c in cfgs}
     entries = plan_entries(plan)
     read = total_w = 0
     nonfinite: dict[str, int] = {}
     check_writable(out)
-    with contextlib.ExitStack() as stack:  # every α folder is renamed into place only if all succeed
+    with contextlib.ExitStack() as stack:  # every folder is renamed into place only if all succeed
         stack.enter_context(output_lock(out))  # one writer per output folder
-        todo = [a for a in alphas if not is_finished(folders[a], records[a], overwrite=o.overwrite,
-                                                     what=f"materialize {folders[a].name}", name=SETTINGS_FILE)]
-        tmps = {a: stack.enter_context(atomic_dir(folders[a])) for a in todo}
-        writers = {a: stack.enter_context(ShardedWriter(  # the fingerprint in the headers: a model rebuilt from
-            folder=tmps[a], plan=entries, max_shard_size=parse_size(o.max_shard_size),  # other inputs differs
-            metadata={"format": "pt", "tvtool.fingerprint": records[a]["fingerprint"]})) for a in todo}
+        todo = [c for c in cfgs if not is_finished(folders[c], records[c], overwrite=o.overwrite,
+                                                   what=f"materialize {folders[c].name}", name=SETTINGS_FILE)]
+        tmps = {c: stack.enter_context(atomic_dir(folders[c])) for c in todo}
+        writers = {c: stack.enter_context(ShardedWriter(  # the fingerprint in the headers: a model rebuilt from
+            folder=tmps[c], plan=entries, max_shard_size=parse_size(o.max_shard_size),  # other inputs differs
+            metadata={"format": "pt", "tvtool.fingerprint": records[c]["fingerprint"]})) for c in todo}
         total_w = sum(w.total_size for w in writers.values())
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
             wb = WriteBehind(on_bytes=bar.update)
             try:
-                stream = merge_chunks(base=b, tv=tv, configs=[configs[a] for a in todo], plan=plan,
-                                      allow_nonfinite=o.allow_nonfinite, nonfinite=nonfinite,
-                                      outputs=[str(folders[a]) for a in todo]) if todo else ()
+                stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan, allow_nonfinite=o.allow_nonfinite,
+                                      nonfinite=nonfinite, outputs=[str(folders[c]) for c in todo]) if todo else ()
                 for chunk in stream:
                     read += chunk.bytes_read
-                    for a, t in zip(todo, chunk.outputs):
-                        wb.submit(writers[a], chunk.name, t)
+                    for c, t in zip(todo, chunk.outputs):
+                        wb.submit(writers[c], chunk.name, t)
                     bar.set_postfix_str(f"tensors {chunk.index + 1}/{len(plan)}", refresh=False)
                 wb.flush()
             finally:
                 wb.close()
-        for a in todo:
-            writers[a].close()
-            _write_extras(tmps[a], files, settings[a], records[a], prov, a, o, reasoner, delta, base, output)
+        for c in todo:
+            writers[c].close()
+            _write_extras(tmps[c], files, settings[c], records[c], prov, c, o, reasoner, delta, base, output, merge)
     warn_nonfinite(nonfinite)
-    return MaterializeResult(folders, todo, [a for a in alphas if a not in todo], read, total_w)
+    return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
+                             [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
 
 
-def _check_options(o: MaterializeOptions) -> list[float]:
+def _check_options(o: MaterializeOptions, configs) -> list[float]:
+    if configs is not None:
+        if not configs:
+            raise OptionsError("no configuration given", where="configs", fix="pass at least one MergeConfig")
+        return []
     if not o.alphas:
         raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
     check_alphas(o.alphas)
@@ -136,39 +153,50 @@ def _check_options(o: MaterializeOptions) -> list[float]:
 
 
 def materialize_record(inputs: dict, config: MergeConfig, o: MaterializeOptions) -> dict:
-    """The finished-work record of one α folder: the merge settings and the inputs' content (`DeltaSource`)."""
+    """The finished-work record of one folder: the merge settings (operator included) and the inputs'
+    content (`DeltaSource.fingerprint_record`)."""
     keep = ("dtype", "config_from", "allow_nonfinite")
-    return stage_record(stage="materialize", options={**inputs["options"], **config.to_dict(),
+    return stage_record(stage="materialize", options={**inputs["options"], **json.loads(json.dumps(config.to_dict())),
                                                       **{k: getattr(o, k) for k in keep}}, inputs=inputs["inputs"])
 
 
-def _folder_name(template: str, a: float) -> str:
-    """The α folder's name from --name-template; an unknown {key} is a one-line error."""
+def _folder_name(template: str, c: MergeConfig) -> str:
+    """The folder's name from --name-template; an unknown {key} is a one-line error."""
     try:
-        return alpha_name(a, template)
+        return config_name(c, template)
     except (KeyError, IndexError, ValueError) as e:
         raise OptionsError(f"--name-template has an unknown or malformed field ({type(e).__name__}: {e})",
                            where=template, fix="the only field is {alpha}, e.g. alpha-{alpha}") from None
 
 
-def _settings(a, b, o, reasoner, delta) -> dict:
-    keep = ("dtype", "config_from", "include", "exclude", "vocab", "allow_missing")
-    return {"alpha": a, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
-            "delta": str(delta) if delta else None, **{k: v for k, v in asdict(o).items() if k in keep}}
+def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
+    keep = ("dtype", "config_from", "vocab", "allow_missing")
+    op = {k: v for k, v in c.to_dict().items() if k not in ("alpha", "include", "exclude")}
+    return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
+            "delta": str(delta) if delta else None, "include": c.include, "exclude": c.exclude,
+            **{k: v for k, v in asdict(o).items() if k in keep},
+            **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(more)} if more else {})}
 
 
-def _write_extras(tmp: Path, files, settings, record, prov, a, o, reasoner, delta, base, output) -> None:
+def _write_extras(tmp: Path, files, settings, record, prov, c: MergeConfig, o, reasoner, delta, base, output,
+                  merge: MergeOptions) -> None:
+    a = c.alpha
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
     dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
-    src = f"--reasoner {reasoner}" if reasoner else f"--delta {delta}"
-    cmd = f"tvtool materialize {base} {src} --alpha {format_alpha(a)} -o {output}"
-    cmd += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("include", o.include), ("exclude", o.exclude),
-                                                                ("dtype", o.dtype), ("config_from", o.config_from))
-                   if v and v not in ("auto", "reasoner"))
+    src = ["--reasoner", str(reasoner)] if reasoner else ["--delta", str(delta)]
+    ops: list[str] = []
+    if not c.is_plain(1 + len(settings.get("more", []))):  # the operator flags of this configuration
+        ops += ["--method", c.method] + [w for v in merge.vectors for w in ("--vector", v)]
+        ops += [w for k, v, d in (("density", c.density, 1.0), ("drop-p", c.p, 0.0), ("drop-seed", c.seed, 0),
+                                  ("beta", c.beta, 0.0), ("gamma", c.gamma, 0.0)) if v != d for w in (f"--{k}", f"{v:g}")]
+        ops += [w for r, f in c.rules for w in ("--alpha-rule", f"{r}={f:g}")]
+        ops += ["--layer-schedule", f"{c.schedule[0]:g}:{c.schedule[1]:g}"] if c.schedule else []
+    flags = replace(o, alphas=(a,), include=c.include, exclude=c.exclude, overwrite=False, progress=True).to_cli_args()
+    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *ops, *flags, "-o", str(output)])
     reasoner_src = prov.get("reasoner") if isinstance(prov.get("reasoner"), dict) else None
     card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if delta else None,
-                      dtype=str(dtype or o.dtype), include=o.include, exclude=o.exclude,
+                      dtype=str(dtype or o.dtype), include=c.include, exclude=c.exclude,
                       config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
     (tmp / "README.md").write_text(card)
     info = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov, RECORD_KEY: record}

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+import hashlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
@@ -33,7 +34,9 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import MismatchError, OptionsError
 from .finite import check_finite
+from .kernels import merge_many, merge_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
 from .layout import DTYPES, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
+from .operators import METHODS, Config, LayerSchedule, Merge, Prepared, check_vectors, merged_delta, prepare
 from .options import check_regex
 from .output import prefetch
 from .safetensors_io import row_chunks
@@ -44,20 +47,46 @@ if TYPE_CHECKING:  # a type only: taskvector imports this module for TaskVector.
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """One merged model: θ1 + α·Δ on the tensors that `include`/`exclude` select (others stay θ1).
+    """One merged model: θ1 + α_eff·M on the tensors that `include`/`exclude` select (others stay θ1).
 
-    Frozen and plain data, so it crosses process boundaries (`to_dict`/`from_dict`) and can be
-    recorded. Operator settings (TIES/DARE/trim) are added here as fields.
+    M is Δ for the plain CoT-Valve path (`method="task_arithmetic"`, one task vector), else the
+    operator's merge of the task vectors Δ_1..Δ_n (`tvtool.operators`: TIES, DARE, trim,
+    breadcrumbs). α is the global coefficient (mergekit's λ); α_eff = α · the first matching
+    `rules` factor · the layer `schedule` factor. Frozen and plain data, so it crosses process
+    boundaries (`to_dict`/`from_dict`) and is recorded.
     """
 
     alpha: float
     include: str | None = None  # regex: apply α only to tensors whose name matches
     exclude: str | None = None  # regex: never apply α to tensors whose name matches
+    method: str = "task_arithmetic"  # operators.METHODS
+    weights: tuple[float, ...] = ()  # per task vector (mergekit `weight`); () = 1 each
+    density: float | tuple[float, ...] = 1.0  # trim/TIES: fraction of |Δ_i| kept, in (0, 1]
+    p: float | tuple[float, ...] = 0.0  # DARE: drop probability, in [0, 1)
+    beta: float = 0.0  # breadcrumbs: largest fraction dropped
+    gamma: float = 0.0  # breadcrumbs: smallest fraction dropped
+    seed: int = 0  # DARE mask seed
+    normalize: bool | None = None  # divide by the summed weights (None: the method's default)
+    rules: tuple[tuple[str, float], ...] = ()  # (regex, α factor): the first match scales α
+    schedule: tuple[float, float] | None = None  # α factor linear from layer 0 to the last layer
 
     def __post_init__(self):
+        tup = lambda v: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
         object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        object.__setattr__(self, "density", tup(self.density))
+        object.__setattr__(self, "p", tup(self.p))
+        object.__setattr__(self, "rules", tuple((str(r), float(a)) for r, a in self.rules))
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
+            if len(self.schedule) != 2:
+                raise OptionsError(f"a layer schedule is (first, last), got {self.schedule}", where="merge.schedule")
         check_regex("--include", self.include)
         check_regex("--exclude", self.exclude)
+        for rx, _ in self.rules:
+            check_regex("--alpha-rule", rx)
+        lens = [len(v) for v in (self.weights, self.density, self.p) if isinstance(v, tuple) and v]
+        self.merge.check(max(lens, default=1))
 
     @cached_property
     def _patterns(self) -> tuple[re.Pattern | None, re.Pattern | None]:
@@ -69,12 +98,50 @@ class MergeConfig:
         inc, exc = self._patterns
         return (not inc or bool(inc.search(name))) and not (exc and exc.search(name))
 
+    @cached_property
+    def merge(self) -> Merge:
+        """How the task vectors become M (`operators.Merge`)."""
+        return Merge(method=self.method, weights=self.weights or 1.0, density=self.density, p=self.p,
+                     beta=self.beta, gamma=self.gamma, seed=self.seed, normalize=self.normalize)
+
+    def is_plain(self, n_vectors: int = 1) -> bool:
+        """θ1 + α·Δ exactly (one task vector, weight 1, no operator, one α for every tensor)."""
+        return (n_vectors == 1 and self.method == "task_arithmetic" and self.weights in ((), (1.0,))
+                and not self.merge.normalized and not self.rules and self.schedule is None)
+
+    def alphas(self, names: Sequence[str]) -> dict[str, float]:
+        """α_eff per tensor name (rules, then the layer schedule over the layers in `names`)."""
+        sched = LayerSchedule(first=self.schedule[0], last=self.schedule[1]) if self.schedule else None
+        return Config(merge=self.merge, alpha=self.alpha, rules=self.rules, schedule=sched).alphas(names)
+
+    def tag(self) -> str:
+        """A short name for the operator settings ('' for plain θ1 + α·Δ): folder and run names."""
+        if self.is_plain(len(self.weights) or 1):
+            return ""
+        part = {"magnitude": f"-d{_g(self.density)}", "random": f"-p{_g(self.p)}-s{self.seed}",
+                "breadcrumbs": f"-b{_g(self.beta)}-g{_g(self.gamma)}", None: ""}[METHODS[self.method][0]]
+        extra = {k: v for k, v in self.to_dict().items()
+                 if k in ("weights", "normalize", "rules", "schedule") and v not in ((), None)}
+        digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8] if extra else ""
+        return self.method + part + (f"-{digest}" if digest else "")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in ("alpha", "include", "exclude") or v != _DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MergeConfig":
+        d = dict(d)
+        if d.get("rules"):
+            d["rules"] = tuple(tuple(r) for r in d["rules"])
         return cls(**d)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(MergeConfig) if f.default is not MISSING}
+
+
+def _g(v) -> str:
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +173,7 @@ def merge_plan(base: Checkpoint, tv: "TaskVector") -> list[tuple[str, str]]:
     prov = tv.provenance()
     absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
     for n in sorted(names):
-        if n not in tv and n not in absent:
+        if n not in tv and n not in absent and not prov.get("zero_elsewhere"):  # an adapter: Δ = 0 off its modules
             raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
                                 fix="use the base model the delta was computed from")
     for n in tv.names():
@@ -140,33 +207,18 @@ def output_plan(base: Checkpoint, tv: "TaskVector", *,
     return out
 
 
-def merge_rows(base: torch.Tensor, delta: torch.Tensor | None, alpha: float, dtype: torch.dtype, *,
-               base32: torch.Tensor | None = None) -> torch.Tensor:
-    """θ1 + α·Δ in float32 (α·Δ rounded, then added), rounded once to `dtype`; rows past Δ's stay θ1.
-
-    `base32` is `base.float()` when the caller already has it (shared across many α).
-    """
-    if delta is None or alpha == 0.0 or not base.dtype.is_floating_point:
-        return base.to(dtype)
-    b32 = base.float() if base32 is None else base32
-    step = torch.mul(delta, alpha)  # [n, ...] fp32
-    n = delta.shape[0] if delta.dim() else None
-    if n is None or n == b32.shape[0]:
-        return step.add_(b32).to(dtype)
-    out = b32.clone()
-    out[:n] += step
-    return out.to(dtype)
-
-
-def merge_chunks(*, base: Checkpoint, tv: "TaskVector", configs: Sequence[MergeConfig],
+def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", configs: Sequence[MergeConfig],
                  plan: Sequence[PlannedTensor] | None = None, whole: bool = False, read_ahead: int = 2,
                  allow_nonfinite: bool = False, nonfinite: dict[str, int] | None = None,
                  outputs: Sequence[str] | None = None) -> Iterator[MergedChunk]:
     """Stream every output tensor, in plan order and row chunks, merged for each of `configs`.
 
-    Each input is read once however many configurations are asked for (reads run `read_ahead`
-    chunks ahead in a thread, so they overlap the arithmetic). `whole=True` gives one chunk per
-    tensor (what a model loader wants); chunks never change the values, only the peak memory.
+    `tv` is one task vector, or several of the same base (Δ_1..Δ_n, for the operators); the
+    first gives the plan, config and provenance. Each input is read once per pass however many
+    configurations are asked for: one pass, plus two selection passes over a tensor when a
+    configuration trims by magnitude (TIES, trim, breadcrumbs) and the tensor spans several
+    chunks (`tvtool.operators`). Reads run `read_ahead` chunks ahead in a thread. `whole=True`
+    gives one chunk per tensor (what a model loader wants); chunks never change the values.
 
     Non-finite values: NaN/Inf in θ1 or Δ rows are an error naming the tensor and the first index
     (`allow_nonfinite` keeps them, counted per tensor in `nonfinite`); an output that is not finite
@@ -174,27 +226,33 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector", configs: Sequence[MergeC
     naming `outputs[i]` (where configuration i goes) when given.
     """
     configs = list(configs)
+    tvs = list(tv) if isinstance(tv, (list, tuple)) else [tv]
+    if len(tvs) > 1:
+        check_vectors([{n: t.shape(n) for n in t.names()} for t in tvs])
     for c in configs:
-        check_selection(tv, c)
-    plan = list(plan) if plan is not None else output_plan(base, tv)
+        c.merge.check(len(tvs))
+        check_selection(tvs[0], c)
+    plan = list(plan) if plan is not None else output_plan(base, tvs[0])
+    names = [p.name for p in plan]
+    alphas = [None if c.is_plain(len(tvs)) else c.alphas(names) for c in configs]
     counts = nonfinite if nonfinite is not None else {}
-    where_b, where_d = str(base.source.ref), " → ".join(str(p) for p in tv.sources())
-    reads = _reads(base, tv, configs, plan, whole)
-    for i, name, start, stop, base_rows, base32, d, end in (prefetch(reads, read_ahead) if read_ahead else reads):
+    where_b, where_d = str(base.source.ref), [" → ".join(str(p) for p in t.sources()) for t in tvs]
+    reads = _reads(base, tvs, configs, plan, whole)
+    for i, name, start, stop, base_rows, base32, ds, end, prep, nbytes in (
+            prefetch(reads, read_ahead) if read_ahead else reads):
         p = plan[i]
-        chunk = MergedChunk(i, name, start, stop,
-                            bytes_read=base_rows.numel() * base_rows.element_size() * (2 if end is not None else 1))
+        chunk = MergedChunk(i, name, start, stop, bytes_read=nbytes)
         bad = check_finite(name, base_rows, start, counts=counts, allow=allow_nonfinite, what="the base",
                            where=where_b)
-        if d is not None:
-            bad += check_finite(name, d, start, counts=counts, allow=allow_nonfinite, where=where_d)
-        for k, c in enumerate(configs):
-            out = _merge_one(c, name, base_rows, base32, d, end, p.dtype)
-            if not bad:  # finite inputs: a non-finite output overflowed the output dtype
+        for d, where in zip(ds or (), where_d):
+            bad += check_finite(name, d, start, counts=counts, allow=allow_nonfinite, where=where)
+        chunk.outputs = _merge_one(configs, alphas, name, start, base_rows, base32, ds, end, prep, p.dtype)
+        if not bad:  # finite inputs: a non-finite output overflowed the output dtype
+            for k, (c, out) in enumerate(zip(configs, chunk.outputs)):
                 check_finite(name, out, start, where=outputs[k] if outputs else where_b,
-                             overflow=f"θ1 + α·Δ in {dtype_name(p.dtype)} at α={c.alpha:g}",
+                             overflow=f"θ1 + α·{'Δ' if alphas[k] is None else 'M'} in {dtype_name(p.dtype)} "
+                                      f"at α={c.alpha:g}",
                              overflow_fix="use a smaller |α|, or --dtype float32")
-            chunk.outputs.append(out)
         yield chunk
 
 
@@ -215,10 +273,10 @@ def check_selection(tv: "TaskVector", config: MergeConfig) -> None:
                        fix="loosen --exclude (or --include) so that some tensors get α·Δ")
 
 
-def merged_tensors(*, base: Checkpoint, tv: "TaskVector", config: MergeConfig,
+def merged_tensors(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", config: MergeConfig,
                    dtype: str | torch.dtype | None = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole merged tensor) for one configuration: what the in-engine load streams."""
-    plan = output_plan(base, tv, dtype=dtype)
+    plan = output_plan(base, tv[0] if isinstance(tv, (list, tuple)) else tv, dtype=dtype)
     for chunk in merge_chunks(base=base, tv=tv, configs=[config], plan=plan, whole=True):
         yield chunk.name, chunk.outputs[0]
 
@@ -227,10 +285,11 @@ def merged_config(*, base: Checkpoint, tv: "TaskVector", plan: Sequence[PlannedT
                   config_from: Literal["reasoner", "base"] = "reasoner") -> dict[str, bytes]:
     """The merged model's config/tokenizer/chat-template files, by name.
 
-    config.json comes from `config_from`; its vocab_size must match the output's vocabulary rows;
+    config.json comes from `config_from` (a delta without one, e.g. a PEFT adapter: the base's);
+    its vocab_size must match the output's vocabulary rows;
     its dtype is the output's; a tied-embedding config is untied when the output has its own lm_head.
     """
-    files = tv.side_files() if config_from == "reasoner" else base.side_files()
+    files = tv.side_files(base=base) if config_from == "reasoner" else base.side_files()
     if "config.json" not in files:
         raise MismatchError(f"no config.json in the {config_from}'s files",
                             fix="use --config-from base" if config_from == "reasoner" else "add a config.json")
@@ -264,26 +323,72 @@ def plan_nbytes(plan: Sequence[PlannedTensor]) -> int:
 # --- internals ---------------------------------------------------------------------------------
 
 
-def _merge_one(c: MergeConfig, name: str, base_rows: torch.Tensor, base32: torch.Tensor | None,
-               d: torch.Tensor | None, end: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """One configuration's rows of one chunk (the α = 1 rule, selection, one rounding)."""
-    if d is None or not c.selects(name):
-        return base_rows.to(dtype)
-    if c.alpha == 1.0 and end is not None and end.shape == base_rows.shape:
-        return end.to(dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
-    return merge_rows(base_rows, d, c.alpha, dtype, base32=base32)
+def _merge_one(configs: list[MergeConfig], alphas: list[dict | None], name: str, start: int,
+               base_rows: torch.Tensor, base32: torch.Tensor | None, ds: list[torch.Tensor] | None,
+               end: torch.Tensor | None, prep: Prepared | None, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every configuration's rows of one chunk: selection, the α = 1 rule, M once per distinct
+    operator, then all α of that operator through one fused kernel (one rounding each)."""
+    out: list[torch.Tensor | None] = [None] * len(configs)
+    groups: dict[Merge, list[tuple[int, float]]] = {}
+    for j, c in enumerate(configs):
+        if ds is None or not c.selects(name):
+            out[j] = base_rows.to(dtype)
+            continue
+        a = c.alpha if alphas[j] is None else alphas[j][name]
+        if alphas[j] is None and a == 1.0 and end is not None and end.shape == base_rows.shape:
+            out[j] = end.to(dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
+            continue
+        groups.setdefault(c.merge, []).append((j, a))
+    for m, items in groups.items():
+        delta = merged_delta(m, prep, ds, start) if prep is not None else ds[0]  # [rows, ...] fp32
+        res = merge_many(base=base_rows, delta=delta, alphas=[a for _, a in items], dtype=dtype, base32=base32)
+        for (j, _), r in zip(items, res):
+            out[j] = r
+    return out
 
 
-def _reads(base: Checkpoint, tv: "TaskVector", configs: list[MergeConfig], plan: list[PlannedTensor], whole: bool):
-    """(index, name, start, stop, θ1 rows, θ1 fp32 rows | None, Δ rows | None, θ2 rows | None) per chunk."""
+def _inputs(base: Checkpoint, tvs: list, name: str, src: str, start: int, stop: int | None):
+    """(θ1 rows, θ1 fp32 rows, [Δ_i rows], θ2 rows of the first vector | None); θ1 read once."""
+    base_rows, base32, d, end = tvs[0].merge_inputs(base, name, src, start, stop)
+    ds = [d] + [t.merge_inputs(base, name, src, start, stop, base_rows=base_rows, base32=base32)[2] for t in tvs[1:]]
+    return base_rows, base32, ds, end
+
+
+def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[PlannedTensor], whole: bool):
+    """Per chunk: (index, name, start, stop, θ1 rows, θ1 fp32 | None, [Δ_i rows] | None, θ2 rows | None,
+    the tensor's selection cuts | None, bytes read). A tensor that a magnitude operator trims gets its
+    selection passes (`operators.prepare`) here, before its first chunk, in the read-ahead thread."""
+    n = len(tvs)
     for i, p in enumerate(plan):
-        used = p.name in tv and any(c.selects(p.name) for c in configs)
-        n_delta = tv.shape(p.name)[0] if used and p.shape else None
-        for s, e in ([(0, None)] if whole else _chunks(p.shape, n_delta)):
-            if used and (n_delta is None or s < n_delta):
-                yield (i, p.name, s, e, *tv.merge_inputs(base, p.name, p.src, s, e))
+        sel = [c for c in configs if c.selects(p.name)]
+        used = p.name in tvs[0] and bool(sel)
+        n_delta = tvs[0].shape(p.name)[0] if used and p.shape else None
+        chunks = [(0, None)] if whole else _chunks(p.shape, n_delta)
+        ops = [c.merge for c in sel if not c.is_plain(n)]
+        prep, extra, cached = None, 0, None
+        if used and ops:
+            shape = tuple(tvs[0].shape(p.name))
+            ranges = row_chunks(shape)
+            if len(ranges) == 1 or whole:  # one read serves the selection and the output
+                cached = _inputs(base, tvs, p.name, p.src, 0, None if whole else chunks[0][1])
+                ranges, read = [(0, shape[0] if shape else 1)], lambda s, e: cached[2]
             else:
-                yield i, p.name, s, e, base.read(p.src, s, e), None, None, None
+                def read(s, e):
+                    nonlocal extra
+                    b, _, ds, _ = _inputs(base, tvs, p.name, p.src, s, e)
+                    extra += b.numel() * b.element_size() * (1 + n)
+                    return ds
+            prep = prepare(ops, name=p.name, shape=shape, n_vectors=n, ranges=ranges, read=read)
+        for k, (s, e) in enumerate(chunks):
+            if used and (n_delta is None or s < n_delta):
+                base_rows, base32, ds, end = cached if (cached is not None and k == 0) else \
+                    _inputs(base, tvs, p.name, p.src, s, e)
+                nbytes = base_rows.numel() * base_rows.element_size() * ((2 if end is not None else 1) + n - 1) \
+                    + (extra if k == 0 else 0)
+                yield i, p.name, s, e, base_rows, base32, ds, end, prep, nbytes
+            else:
+                b = base.read(p.src, s, e)
+                yield i, p.name, s, e, b, None, None, None, None, b.numel() * b.element_size()
 
 
 def _chunks(shape, n_delta):

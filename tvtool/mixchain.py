@@ -23,17 +23,23 @@ Filtering, as in the released data ("we filter out all the solutions with incorr
 so the shortest solution gets β = 1 and the longest β = 0. Degenerate case (one solution, or
 all of the same length): β = 1 for every one — each is a shortest solution, and β → 1 as
 m → m_min is what eq. 4 gives the shortest one.
-Token lengths: solution_0 is tokenized with the reasoner's tokenizer (no special tokens);
-a generated solution counts its generated token ids (as `evaluate` does, with the final EOS).
+Token lengths are counted one way for every solution, as the paper counts generated tokens: the
+token ids a model emits for it, the final EOS included. A generated solution counts its generated
+token ids (as `evaluate` records them); solution_0 (and any text) counts its ids under the reasoner's
+tokenizer (no special tokens) plus one for the EOS that would end it (`solution_length`).
+
+max_tokens is clamped to the engine's context (--max-model-len, else the model's
+max_position_embeddings) minus the longest prompt, with a note, before the engine starts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,13 +54,15 @@ from .finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
 from .finite import check_alphas
 from .layout import SAMPLES
 from .lock import output_lock
-from .options import opt
+from .mixchain_length import fit_context, solution_length
+from .options import CliOptions, opt
 from .output import check_free
 from .paths import check_output_apart
 from .prompting import PromptOptions, load_tokenizer
 from .results import read_samples
 from .runs import EvalOptions
 from .source import DeltaSource
+from .units import RayOptions
 
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -66,7 +74,7 @@ Scorer = Callable[[str, Problem], bool]  # (response, problem) -> correct
 
 
 @dataclass(frozen=True)
-class MixChainOptions:
+class MixChainOptions(CliOptions):
     dataset: str = opt("gsm8k", "Questions with gold answers: gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id.")
     split: str = opt("train", "Dataset split (the paper uses the GSM8K train questions).")
     limit: int | None = opt(None, "Use only this many questions (the first N, or N random with --seed).")
@@ -93,10 +101,11 @@ class MixChainResult:
     rows: int
     stats: dict
     engine_starts: int
+    notes: tuple[str, ...] = field(default=())  # e.g. max_tokens clamped to the context
 
     def summary(self) -> str:
         s = self.stats
-        lines = [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
+        lines = [f"note: {n}" for n in self.notes] + [f"MixChain: {self.rows} of {s['questions']} questions kept (min_correct={s['min_correct']}) "
                  f"→ {self.folder}", f"generations: {self.generations} (engine starts: {self.engine_starts})"]
         lines += [f"  {r['label']}: {r['samples']} solutions, mean {_f(r['mean_tokens'])} tokens" for r in s["table9"]]
         lines += [f"  α={a['alpha']:g}: accuracy {_f(a['accuracy'])} %, kept {a['kept']}, truncated {a['truncated']}"
@@ -246,11 +255,12 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                    reasoner: str | os.PathLike | None = None, options: MixChainOptions = MixChainOptions(),
                    prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
                    engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None,
-                   scorer: Scorer | None = None) -> MixChainResult:
+                   scorer: Scorer | None = None, executor: RayOptions | None = None) -> MixChainResult:
     """Generate (resuming) one solution per question and α, filter, compute β, write the dataset folder.
 
     `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
     tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
+    `executor`: generate on a Ray pool (one unit per α; tvtool.cluster) instead of one engine.
     """
     o = options
     alphas = sorted(dict.fromkeys(float(a) for a in o.alphas))
@@ -267,42 +277,51 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
         raise OptionsError("the work folder cannot be inside the dataset folder", where=str(work),
                            fix="choose another --work-dir")
     check_alphas(alphas)
-    check_output_apart(out, [base, delta, reasoner])
-    check_output_apart(work, [base, delta, reasoner], flag="--work-dir")
+    check_output_apart(out, [base, delta, reasoner, *source.more])
+    check_output_apart(work, [base, delta, reasoner, *source.more], flag="--work-dir")
     with output_lock(out):
-        return _build(out=out, work=work, source=source, alphas=alphas, min_correct=min_correct, o=o,
-                      prompt=prompt, sampling=sampling, engine_options=engine_options, engine=engine, scorer=scorer)
+        return _build(out=out, work=work, source=source, alphas=alphas, min_correct=min_correct, o=o, prompt=prompt,
+                      sampling=sampling, engine_options=engine_options, engine=engine, scorer=scorer,
+                      executor=executor)
 
 
 def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], min_correct: int,
            o: MixChainOptions, prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions,
-           engine: Engine | None, scorer: Scorer | None) -> MixChainResult:
+           engine: Engine | None, scorer: Scorer | None, executor: RayOptions | None) -> MixChainResult:
     base, delta, reasoner = source.base, source.delta, source.reasoner
     if not (out / RECORD).is_file():  # not a MixChain folder: refused before any input is read
         check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-    fp, keep = source.fingerprint_record(), ("limit", "seed", "min_correct", "keep_truncated", "license", "jsonl")
-    finished = stage_record(stage="mixchain", inputs={**fp["inputs"], "dataset": dataset_fingerprint(
-        problems.source, name=problems.name, kind=problems.kind, split=problems.split)}, options={
-        **fp["options"], "alphas": alphas, **{k: getattr(o, k) for k in keep}, "prompt": asdict(prompt),
-        "sampling": asdict(sampling), "engine": {k: getattr(engine_options, k) for k in ("dtype", "max_model_len")},
-        "scorer": "custom" if scorer is not None else "tvtool.scoring"})
+    finished = _finished_record(source=source, problems=problems, alphas=alphas, o=o, prompt=prompt,
+                                sampling=sampling, engine_options=engine.options if engine is not None
+                                else engine_options, scorer=scorer)
     if scorer is not None:  # a custom scorer has no fingerprint: the dataset is always rebuilt
         check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     elif is_finished(out, finished, overwrite=o.overwrite, what="mixchain", name=RECORD):
         stats = json.loads((out / RECORD).read_text())["stats"]
         return MixChainResult(out, work, stats["kept"], stats, 0)
-    ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt,
-                  sampling=sampling, engine_options=engine_options, engine=engine,
-                  options=EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
-                                      batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress))
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
+        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
+        sampling, note = fit_context(problems=problems, tokenizer=tok, shell=shell, prompt=prompt, sampling=sampling,
+                                     engine_options=engine.options if engine is not None else engine_options)
+    if note:
+        logging.getLogger("tvtool").warning("tvtool: note: %s", note)
+    ev_options = EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
+                             batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress)
+    if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.cluster) ---
+        from .cluster import evaluate_on_ray
+
+        ev = evaluate_on_ray(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+                             engine_options=engine_options, options=ev_options, executor=executor,
+                             progress=o.progress).results[0]
+    else:
+        ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+                      engine_options=engine_options, engine=engine, options=ev_options)
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
     gens = [{r["id"]: r for r in read_samples(run.folder / SAMPLES) if r["index"] == 0} for run in ev.runs]
-    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
-        tok = load_tokenizer(write_shell_model(source=source, folder=shell))
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
-                           count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+                           count_tokens=lambda t: solution_length(text=t, tokenizer=tok),
                            keep_truncated=o.keep_truncated, scorer=scorer)
     record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, problems=problems, o=o,
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
@@ -311,7 +330,19 @@ def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], m
     card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
     with atomic_dir(out) as tmp:
         write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
-    return MixChainResult(out, work, len(rows), stats, ev.engine_starts)
+    return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
+
+
+def _finished_record(*, source: DeltaSource, problems, alphas, o: MixChainOptions, prompt: PromptOptions,
+                     sampling: SamplingOptions, engine_options: EngineOptions, scorer) -> dict:
+    """The finished-work record of the dataset folder (`tvtool.finished`): the options, the
+    sampling as asked (the context clamp follows from the inputs), the inputs' and dataset's content."""
+    fp, keep = source.fingerprint_record(), ("limit", "seed", "min_correct", "keep_truncated", "license", "jsonl")
+    return stage_record(stage="mixchain", inputs={**fp["inputs"], "dataset": dataset_fingerprint(
+        problems.source, name=problems.name, kind=problems.kind, split=problems.split)}, options={
+        **fp["options"], "alphas": alphas, **{k: getattr(o, k) for k in keep}, "prompt": asdict(prompt),
+        "sampling": asdict(sampling), "engine": {k: getattr(engine_options, k) for k in ("dtype", "max_model_len")},
+        "scorer": "custom" if scorer is not None else "tvtool.scoring"})
 
 
 def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,
@@ -326,3 +357,7 @@ def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prom
             "scorer": "custom" if custom_scorer else "tvtool.scoring",
             "sampling": {**asdict(sampling), "greedy": sampling.temperature == 0},
             "prompt": asdict(prompt), "stats": stats}
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"

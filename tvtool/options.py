@@ -15,10 +15,20 @@ from typing import Any, Literal
 import click
 
 
-def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None) -> Any:
-    """A dataclass field with CLI help. `flag` overrides the option name, `short` adds e.g. '-a'."""
+def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None,
+        off: str | None = None) -> Any:
+    """A dataclass field with CLI help. `flag` overrides the option name, `short` adds e.g. '-a';
+    `off` names the switch that turns a default-True bool off (default: '--no-<flag>')."""
     kw = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
-    return dataclasses.field(metadata={"help": help, "flag": flag, "short": short}, **kw)
+    return dataclasses.field(metadata={"help": help, "flag": flag, "short": short, "off": off}, **kw)
+
+
+class CliOptions:
+    """Mixin for the option dataclasses: `to_cli_args()` is the inverse of `from_cli`."""
+
+    def to_cli_args(self, *, exclude: tuple[str, ...] = ()) -> list[str]:
+        """The flags (click syntax) that rebuild these options; defaults are left out."""
+        return to_cli_args(self, exclude=exclude)
 
 
 class _FloatList(click.ParamType):
@@ -38,6 +48,23 @@ class _FloatList(click.ParamType):
 FLOAT_LIST = _FloatList()
 
 
+class _IntList(click.ParamType):
+    """An integer, or comma-separated integers ('20,50,100')."""
+
+    name = "INT[,INT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an integer (or comma-separated integers)", param, ctx)
+
+
+INT_LIST = _IntList()
+
+
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
@@ -52,10 +79,23 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin is tuple:
         inner = typing.get_args(tp)[0]
-        return (FLOAT_LIST if inner is float else _click_type(inner)[0]), True
+        return ({float: FLOAT_LIST, int: INT_LIST}.get(inner) or _click_type(inner)[0]), True
     if origin is Literal:
         return click.Choice([str(a) for a in typing.get_args(tp)]), False
     return {int: int, float: float, str: str, bool: bool}.get(tp, str), False
+
+
+def _cli_fields(cls: type, exclude: tuple[str, ...]):
+    """(field, flag name, default) for every field of `cls` that has a CLI option."""
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or not f.metadata.get("help"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield f, f.metadata.get("flag") or "--" + f.name.replace("_", "-"), default
+
+
+def _off_flag(f: dataclasses.Field, name: str) -> str:
+    return f.metadata.get("off") or "--no-" + name[2:]
 
 
 def click_options(cls: type, *, exclude: tuple[str, ...] = ()):
@@ -63,17 +103,13 @@ def click_options(cls: type, *, exclude: tuple[str, ...] = ()):
     hints = typing.get_type_hints(cls)
 
     def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name in exclude or not f.metadata.get("help"):
-                continue
+        for f, name, default in reversed(list(_cli_fields(cls, exclude))):
             ctype, multiple = _click_type(hints[f.name])
-            name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             decls = [name] + ([f.metadata["short"]] if f.metadata.get("short") else [])
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if ctype is bool:
                 if default:
-                    no = "--no-" + name[2:]
-                    fn = click.option(f"{name}/{no}", f.name, default=True, help=f.metadata["help"])(fn)
+                    fn = click.option(f"{name}/{_off_flag(f, name)}", f.name, default=True,
+                                      help=f.metadata["help"])(fn)
                 else:
                     fn = click.option(*decls, f.name, is_flag=True, default=False, help=f.metadata["help"])(fn)
                 continue
@@ -101,6 +137,42 @@ def from_cli(cls: type, kwargs: dict[str, Any]) -> Any:
             v = tuple(x for part in v for x in part)
         out[k] = v
     return cls(**out)
+
+
+def to_cli_args(options: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The click arguments that `from_cli` turns back into `options` (non-default fields only).
+
+    Floats are written as short as they round-trip ('0.6', not '0.6000000000000001');
+    float tuples as one comma-separated value. Join with `shlex.join` for a shell line.
+    """
+    cls = type(options)
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f, name, default in _cli_fields(cls, exclude):
+        v = getattr(options, f.name)
+        if v == default:
+            continue
+        ctype, multiple = _click_type(hints[f.name])
+        if v is None:
+            raise ValueError(f"{cls.__name__}.{f.name}=None has no flag (its default is {default!r})")
+        if ctype is bool:
+            out.append(name if v else _off_flag(f, name))
+        elif ctype is FLOAT_LIST:
+            out += [name, ",".join(cli_number(x) for x in v)] if v else []
+        elif ctype is INT_LIST:
+            out += [name, ",".join(str(x) for x in v)] if v else []
+        elif multiple:
+            for x in v:
+                out += [name, str(x)]
+        else:
+            out += [name, cli_number(v) if isinstance(v, float) else str(v)]
+    return out
+
+
+def cli_number(x: float) -> str:
+    """The shortest text that parses back to `x`: 0.6 → '0.6', 1.0 → '1'."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 def check_regex(flag: str, pattern: str | None) -> None:

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, atomic_write
@@ -56,51 +57,61 @@ def plan_bytes(plan: Plan) -> int:
 class ShardedWriter:
     """Writes `plan` as HF-style shards (+ index) into `folder`, or as one `single_file`.
 
-    Tensors arrive as consecutive row chunks in plan order (`write(name, chunk)`).
-    Shards are split greedily at `max_shard_size`; every shard header carries `metadata`.
+    Tensors arrive as consecutive row chunks in plan order (`write(name, chunk)`). The
+    grouping into shards and the file names are huggingface_hub's
+    (`split_state_dict_into_shards_factory`, fed names and byte sizes only, so nothing is
+    loaded): a tensor larger than `max_shard_size` gets a shard of its own while the
+    current shard stays open, so at most two shard files are open at once. Every shard
+    header carries `metadata`.
     """
 
     def __init__(self, *, folder: Path | None, plan: Plan, metadata: dict[str, str], max_shard_size: int,
                  single_file: Path | None = None, atomic_file: bool = False):
-        groups: list[Plan] = [[]]
-        size = 0
-        for entry in plan:
-            n = math.prod(entry[2]) * entry[1].itemsize
-            if groups[-1] and size + n > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(entry)
-            size += n
+        entries = {e[0]: e for e in plan}
         if single_file is not None:
-            self.files = [Path(single_file)]
-        elif len(groups) == 1:
-            self.files = [folder / "model.safetensors"]
+            self.files, groups = [Path(single_file)], [list(plan)]
         else:
-            self.files = [folder / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+            split = split_state_dict_into_shards_factory(
+                entries, get_storage_size=lambda e: math.prod(e[2]) * e[1].itemsize,
+                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+            self.files = [folder / f for f in split.filename_to_tensors]
+            groups = [[entries[n] for n in names] for names in split.filename_to_tensors.values()]
         self.groups, self.metadata, self.folder, self.atomic = groups, metadata, folder, atomic_file
         self._shard_of = {e[0]: i for i, g in enumerate(groups) for e in g}
-        self._open: tuple[int, StreamWriter] | None = None
+        self._last = {g[-1][0]: i for i, g in enumerate(groups) if g}  # the tensor that completes each shard
+        self._open: dict[int, StreamWriter] = {}
+        self._current: str | None = None
         self._opened: set[int] = set()
         self._closed = False
         self.total_size = plan_bytes(plan)
 
     def write(self, name: str, chunk: torch.Tensor) -> int:
+        if self._current is not None and name != self._current:
+            self._finish(self._current)
+        self._current = name
         i = self._shard_of[name]
-        if self._open is None or self._open[0] != i:
-            if self._open is not None:
-                self._open[1].close()
-            self._open = (i, StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic))
+        if i not in self._open:
+            self._open[i] = StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic)
             self._opened.add(i)
-        return self._open[1].write(name, chunk)
+        return self._open[i].write(name, chunk)
+
+    def _finish(self, name: str) -> None:
+        """Close the shard that `name` completes (its last tensor has had all its chunks)."""
+        i = self._last.get(name)
+        if i is not None and i in self._open:
+            self._open.pop(i).close()
 
     def close(self) -> list[Path]:
         """Close the last shard and write the index (when sharded); returns the files written. Idempotent."""
         if self._closed:
             return self.files
         self._closed = True
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None
+        if self._current is not None:
+            self._finish(self._current)
+            self._current = None
+        for i, w in sorted(self._open.items()):  # incomplete shards: StreamWriter.close raises
+            self._open.pop(i)
+            w.close()
         for i, f in enumerate(self.files):  # never opened: only a shard with no bytes to write may be made here
             if i not in self._opened:
                 if plan_bytes(self.groups[i]):
@@ -113,9 +124,9 @@ class ShardedWriter:
         return self.files
 
     def abort(self) -> None:
-        if self._open is not None:
-            self._open[1].abort()
-            self._open = None
+        for w in self._open.values():
+            w.abort()
+        self._open.clear()
 
     def __enter__(self) -> "ShardedWriter":
         return self

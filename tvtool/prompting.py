@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import EngineError
-from .options import opt
+from .options import CliOptions, opt
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 @dataclass(frozen=True)
-class PromptOptions:
+class PromptOptions(CliOptions):
     system_prompt: str | None = opt(None, "System message (default: none).")
     instruction: str = opt(INSTRUCTION, "Appended to every question on a new line ('' for none).")
     chat_template: bool = opt(True, "Use the checkpoint's chat template (else the plain prompt format).")

@@ -1,7 +1,10 @@
 """Tables and plots across runs (α sweeps): markdown, JSON and a PNG in the style of CoT-Valve Fig. 3.
 
-Rows are the per-run summaries (`tvtool.evaluate.table_row`): label, α, accuracy (%),
-mean #tokens, ACU (paper units), #truncated, #samples.
+Rows are the per-run summaries (`tvtool.evaluate.table_row`): label, α, the token budget asked
+for in the prompt (prompt-control rows, Table 12), accuracy (%), mean #tokens (= Table 12's
+"#Token Generated"), ACU (paper units), #truncated, #samples, and the answer statistics of
+`tvtool.answers` (no-box share, hit-max share, accuracy on boxed responses, reflections per response).
+Columns that no row fills are left out.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from typing import Sequence
 from .atomic import atomic_write, write_text
 from .results import ACU_FORMULA
 
-COLUMNS = (("label", "run"), ("alpha", "α"), ("accuracy", "accuracy %"), ("mean_tokens", "mean #tokens"),
-           ("acu", "ACU"), ("truncated", "#truncated"), ("n_samples", "#samples"))
+COLUMNS = (("label", "run"), ("alpha", "α"), ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"),
+           ("mean_tokens", "mean #tokens"), ("acu", "ACU"), ("truncated", "#truncated"), ("n_samples", "#samples"),
+           ("no_box_share", "no box %"), ("length_share", "hit max %"), ("boxed_accuracy", "acc. boxed %"),
+           ("reflections_mean", "reflections/resp."))
+_OPTIONAL = {"prompt_budget", "no_box_share", "length_share", "boxed_accuracy", "reflections_mean"}
 
 
 def _cell(key: str, v) -> str:
@@ -23,8 +29,10 @@ def _cell(key: str, v) -> str:
         return "–"
     if key == "alpha":
         return f"{v:g}"
-    if key in ("accuracy", "mean_tokens"):
+    if key in ("accuracy", "mean_tokens", "no_box_share", "length_share", "boxed_accuracy"):
         return f"{v:.1f}"
+    if key == "reflections_mean":
+        return f"{v:.2f}"
     if key == "acu":
         return f"{v:.2f}" if abs(v) < 1000 else f"{v:.3g}"  # tiny models give huge ACU
     return str(v)
@@ -32,9 +40,10 @@ def _cell(key: str, v) -> str:
 
 def markdown_table(*, rows: Sequence[dict]) -> str:
     """One line per run; ACU = accuracy[%] / (params[B] × mean #tokens) × 10²."""
-    head = "| " + " | ".join(t for _, t in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    cols = [(k, t) for k, t in COLUMNS if k not in _OPTIONAL or any(r.get(k) is not None for r in rows)]
+    head = "| " + " | ".join(t for _, t in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -57,25 +66,99 @@ def plot(*, rows: Sequence[dict], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ar = sorted((r for r in rows if r.get("alpha") is not None and r.get("mean_tokens") is not None),
+    ar = sorted((r for r in rows if r.get("alpha") is not None and r.get("mean_tokens") is not None
+                 and r.get("prompt_budget") is None),
                 key=lambda r: r["alpha"])
     ax1.plot([r["alpha"] for r in ar], [r["mean_tokens"] for r in ar], "o-")
     ax1.set_xlabel("α")
     ax1.set_ylabel("#Token")
     ax1.set_title("#tokens vs α")
     sr = [r for r in rows if r.get("accuracy") is not None and r.get("mean_tokens") is not None]
-    sr = sorted(sr, key=lambda r: r["mean_tokens"])
-    ax2.plot([r["mean_tokens"] for r in sr], [r["accuracy"] for r in sr], "o-")
-    for r in sr:
-        lab = f"α={r['alpha']:g}" if r.get("alpha") is not None else r["label"]
-        ax2.annotate(lab, (r["mean_tokens"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    pts, labels = [], []
+    for budget, style, name in ((False, "o-", "α (task vector)"), (True, "s--", "prompt budget")):
+        part = sorted((r for r in sr if (r.get("prompt_budget") is not None) == budget), key=lambda r: r["mean_tokens"])
+        if part:
+            ax2.plot([r["mean_tokens"] for r in part], [r["accuracy"] for r in part], style, label=name)
+        for r in part:
+            pts.append((r["mean_tokens"], r["accuracy"]))
+            labels.append(f"{r['prompt_budget']} tok" if budget else
+                          f"α={r['alpha']:g}" if r.get("alpha") is not None else r["label"])
+    if any(r.get("prompt_budget") is not None for r in sr):
+        ax2.legend(fontsize=8)
     ax2.set_xlabel("#Token")
     ax2.set_ylabel("Accuracy")
     ax2.set_title("accuracy vs #tokens")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    place_labels(ax2, pts=pts, labels=labels)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(path)
+
+
+RULES = {"paper": "last complete \\boxed{}, else the last number in the response (CoT-Valve A.1)",
+         "boxed-only": "last complete \\boxed{}, else no answer",
+         "strict-match": "lm-eval-harness GSM8K strict-match, `#### N` (A.1, LLaMA-3.1-8B)",
+         "flexible-extract": "lm-eval-harness GSM8K flexible-extract, the last number (A.1, LLaMA-3.2-1B)"}
+
+
+# Label positions around a point (offset in points, alignment), tried nearest first, then farther out.
+_SPOTS = [((5, 4), "left", "bottom"), ((5, -4), "left", "top"), ((-5, 4), "right", "bottom"),
+          ((-5, -4), "right", "top"), ((0, 7), "center", "bottom"), ((0, -7), "center", "top")]
+
+
+def place_labels(ax, *, pts: Sequence[tuple[float, float]], labels: Sequence[str]) -> list:
+    """Annotate each point so that no label overlaps another label, a data point or the axes edge
+    when that can be helped: greedy, each label takes the free spot (of 6 directions × 4 distances)
+    with the least overlap; a label moved away from its point gets a thin leader line."""
+    fig = ax.figure
+    fig.canvas.draw()
+    rend = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(rend)
+    px = ax.transData.transform(pts) if len(pts) else []
+    legend = ax.get_legend()
+    placed, texts = ([legend.get_window_extent(rend)] if legend else []), []
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    for i, ((x, y), lab) in enumerate(zip(pts, labels)):
+        best = None
+        for ring, scale in enumerate((1, 2.5, 4.5, 7)):
+            for (dx, dy), ha, va in _SPOTS:
+                t = ax.annotate(lab, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points",
+                                ha=ha, va=va, fontsize=8)
+                bb = t.get_window_extent(rend)
+                cost = 10 * sum(overlap(bb, o) for o in placed) + 4 * ring
+                cost += sum(400 for j, (u, v) in enumerate(px) if bb.x0 - 3 <= u <= bb.x1 + 3 and bb.y0 - 3 <= v <= bb.y1 + 3)
+                cost += 1000 * (bb.x0 < frame.x0 or bb.x1 > frame.x1 or bb.y0 < frame.y0 or bb.y1 > frame.y1)
+                if best is None or cost < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (cost, t, bb, ring)
+                else:
+                    t.remove()
+        _, t, bb, ring = best
+        if ring:
+            t.arrow_patch = None
+            t.remove()
+            t = ax.annotate(lab, (x, y), xytext=t.xyann, textcoords="offset points", ha=t.get_ha(), va=t.get_va(),
+                            fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
+        placed.append(bb)
+        texts.append(t)
+    return texts
+
+
+def answer_rule_line(rule: str, *, budgets=(), template: str = "qwq", alpha: float = 1.0) -> str:
+    """One REPORT.md line: how answers were read, and the prompt-budget rows if any."""
+    line = f"Answer rule: **{rule}**, {RULES[rule]}. \"no box %\": responses without a complete box; " \
+           "\"hit max %\": responses that reached max_tokens; \"acc. boxed %\": accuracy on the boxed ones; " \
+           "\"reflections/resp.\": reflection phrases per response (tvtool.reflection)."
+    if budgets:
+        line += (f" Rows `budget-N`: prompt control at α = {alpha:g}, the paper's {template} template asking for "
+                 "fewer than N tokens (appendix B, Table 12: tokens in prompt vs mean #tokens generated).")
+    return line

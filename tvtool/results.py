@@ -13,12 +13,14 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from .answers import answer_stats
 from .checkpoint import Checkpoint
 from .data import ProblemSet
 from .errors import OutputError
 from .layout import SAMPLES
 
 ACU_FORMULA = "ACU = accuracy[%] / (params[B] × mean #tokens) × 10²"
+STAT_KEYS = ("no_box_share", "length_share", "boxed_accuracy", "reflections_mean")  # tvtool.answers
 
 
 def read_samples(path: Path, *, repair: bool = False) -> list[dict]:
@@ -42,7 +44,8 @@ def read_samples(path: Path, *, repair: bool = False) -> list[dict]:
 
 
 def summarize(*, records: Sequence[dict], params_b: float | None, params_source: str = "counted") -> dict:
-    """Accuracy (%), mean/median #tokens, #truncated and ACU over `records` (+ per subject)."""
+    """Accuracy (%), mean/median #tokens, #truncated, ACU and the answer statistics of
+    `tvtool.answers.answer_stats` over `records` (+ per subject)."""
     n = len(records)
     scored = [r for r in records if r.get("correct") is not None]
     toks = [r["num_tokens"] for r in records]
@@ -52,7 +55,8 @@ def summarize(*, records: Sequence[dict], params_b: float | None, params_source:
     out = {"n_samples": n, "n_problems": len({r["id"] for r in records}), "accuracy": acc,
            "mean_tokens": mean, "median_tokens": statistics.median(toks) if toks else None,
            "truncated": sum(r["finish_reason"] == "length" for r in records),
-           "params_b": params_b, "params_source": params_source, "acu": acu, "acu_formula": ACU_FORMULA}
+           "params_b": params_b, "params_source": params_source, "acu": acu, "acu_formula": ACU_FORMULA,
+           **answer_stats(records)}
     subjects = sorted({r["subject"] for r in records if r.get("subject")})
     if subjects:
         out["by_subject"] = {s: summarize_small([r for r in records if r.get("subject") == s]) for s in subjects}

@@ -15,24 +15,25 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from tqdm.auto import tqdm
+from typing import Literal
 
 from . import __version__
+from .answers import rescore_file
 from .atomic import write_json
 from .data import ProblemSet
 from .engine import Engine, SamplingOptions, vllm_version
 from .errors import OutputError
 from .finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
 from .layout import RUN, SAMPLES, SUMMARY
-from .options import opt
+from .logs import RunProgress
+from .options import CliOptions, opt
 from .prompting import PromptOptions, uses_chat_template
 from .results import read_samples, summary_of
 from .scoring import score as score_response
 
 
 @dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(CliOptions):
     dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path (ASDiv.xml), or a Hub id.")
     split: str = opt("test", "Dataset split.")
     limit: int | None = opt(None, "Evaluate only this many problems (the first N, or N random with --seed).")
@@ -46,6 +47,14 @@ class EvalOptions:
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
+    answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = opt(
+        "paper", "paper: last complete \\boxed{}, else the last number (CoT-Valve A.1); boxed-only; or the "
+                 "lm-eval-harness GSM8K filters strict-match (#### N) / flexible-extract (last number).")
+    prompt_budgets: tuple[int, ...] = opt((), "Also evaluate token-budget prompts (Table 12 baseline), e.g. "
+                                              "20,50,100: one run per budget at --budget-alpha.", flag="--prompt-budget")
+    budget_template: Literal["qwq", "llama"] = opt("qwq", "Budget prompt of the paper's appendix: qwq or llama.")
+    budget_alpha: float = opt(1.0, "α of the budget-prompt runs in an α sweep (1: the reasoner θ2).")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/vllm.log).")
 
 
 def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
@@ -63,7 +72,7 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
                         options=options, weights=weights)
     check_settings(folder, record, options.overwrite)
     run = {"settings": settings, RECORD_KEY: record, "dataset": _dataset_record(problems),
-           "tvtool_version": __version__,
+           "tvtool_version": __version__, "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
@@ -72,22 +81,21 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
     total = len(problems) * sampling.n
-    desc = f"{folder.parent.name}/{folder.name}"
-    with tqdm(total=total, initial=total - len(todo) * sampling.n, desc=desc, unit="sample",
-              disable=not options.progress) as bar, open(path, "a", encoding="utf-8") as f:
+    desc = f"{folder.parent.name} {folder.name}"
+    with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
+                     records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            lines = []
-            for p, text, samples in zip(batch, texts, outs):
-                for s in samples:
-                    if (p.id, s.index) not in done:
-                        lines.append(json.dumps(_record(p, text, s, problems.kind, options.score)) + "\n")
-            f.write("".join(lines))
+            recs = [_record(p, text, s, problems.kind, options.score and options.answer_rule)
+                    for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch) * sampling.n)
+            bar.update(recs, n=len(batch) * sampling.n)
+    if options.score:  # records scored under another answer rule are re-scored, not regenerated
+        rescore_file(path, kind=problems.kind, rule=options.answer_rule)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
                          params_source=params_source)
     write_json(folder / SUMMARY, summary)
@@ -95,20 +103,28 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     return summary
 
 
-def run_settings(*, engine: Engine, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
-                 sampling: SamplingOptions, options: EvalOptions) -> dict:
-    """What a run's results depend on (run.json `settings`); other settings in the folder are refused."""
+def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+                 sampling: SamplingOptions, options: EvalOptions, sampling_record: dict | None = None) -> dict:
+    """What a run's results depend on (run.json `settings`); other settings in the folder are refused.
+
+    `sampling_record` replaces `engine.sampling_record(sampling)` for a planner that has no engine yet
+    (tvtool.units, via `tvtool.engine.sampling_record` on the same model folder)."""
+    record = sampling_record if sampling_record is not None else engine.sampling_record(sampling)
     return {"model": model, "lora": str(lora) if lora else None, "prompt": asdict(prompt),
-            "sampling": engine.sampling_record(sampling), "score": options.score,
+            "sampling": record, "score": options.score,
             "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
 
 
-def run_record(*, engine: Engine, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
-               sampling: SamplingOptions, options: EvalOptions, weights: dict | None = None) -> dict:
+def run_record(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+               sampling: SamplingOptions, options: EvalOptions, weights: dict | None = None,
+               sampling_record: dict | None = None, engine_options=None) -> dict:
     """The finished-work record of a run: what its samples depend on, inputs by content, never by path.
 
     `weights` fingerprints the model (`DeltaSource.fingerprint_record()` + the merge, or a folder's
-    `input_fingerprint`); `model`'s non-path entries (α, include/exclude, label) are options."""
+    `input_fingerprint`); `model`'s non-path entries (α, include/exclude, label) are options. The
+    answer rule is not in it: a changed rule re-scores the samples (`answers.rescore_file`), it does
+    not generate them again. A planner with no engine yet (tvtool.units) passes `sampling_record`
+    and `engine_options`."""
     from .source import input_fingerprint
 
     paths = ("path", "base", "delta", "reasoner")
@@ -120,8 +136,9 @@ def run_record(*, engine: Engine, problems: ProblemSet, model: dict, lora, promp
     if lora:
         inputs["lora"] = input_fingerprint(lora)
     opts = {**merge, "model": {k: v for k, v in model.items() if k not in paths and k not in merge},
-            "prompt": asdict(prompt), "sampling": engine.sampling_record(sampling), "score": options.score,
-            "engine": {k: getattr(engine.options, k) for k in ("dtype", "max_model_len")}}
+            "prompt": asdict(prompt), "score": options.score,
+            "sampling": sampling_record if sampling_record is not None else engine.sampling_record(sampling),
+            "engine": {k: getattr(engine_options or engine.options, k) for k in ("dtype", "max_model_len")}}
     return stage_record(stage="eval", options=opts, inputs=inputs)
 
 
@@ -135,13 +152,13 @@ def is_complete(*, folder: str | os.PathLike, record: dict, problems: ProblemSet
     return all((p.id, i) in done for p in problems for i in range(n))
 
 
-def _record(p, prompt: str, s, kind: str, score: bool) -> dict:
+def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:
     rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
            "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
            "extracted": None, "correct": None}
-    if score:
-        sc = score_response(s.text, p.gold, kind=kind)
-        rec.update(extracted=sc.extracted, correct=sc.correct)
+    if rule:
+        sc = score_response(s.text, p.gold, kind=kind, rule=rule)
+        rec.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
     for k in ("subject", "level"):
         if k in p.meta:
             rec[k] = p.meta[k]

@@ -1,8 +1,12 @@
 """Streaming safetensors I/O: read a header, read row ranges, write a file tensor by tensor.
 
-safetensors' own `save_file` needs every tensor of a file in memory at once, and
-`safe_open` maps whole files (their pages count as resident). We read and write
-the (simple) format ourselves so that peak memory is one row chunk, not a shard.
+safetensors' own `save_file` needs every tensor of a file in memory at once, so the
+writer is ours. The reader is ours for a measured reason (bench/bench_reader.py,
+BENCHMARKS.md): reading a 2.5 GB-per-checkpoint Llama-8B-shaped pair in row chunks,
+`safe_open(...).get_slice(name)[a:b]` peaked at 7× the RSS of `read_rows` (2.9 GB vs
+0.4 GB: every page read stays mapped until the file is closed, so RSS grows to the
+largest shard per open input) at no measurable difference in time. The header
+checks below reject a damaged file with one line naming the file and tensor.
 Format: u64 little-endian header length N, N bytes of JSON
 {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}},
 then the raw little-endian data of every tensor, row-major.
@@ -25,8 +29,10 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # safetensors.torch's table (0.8), so every file it can load, we can read
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 

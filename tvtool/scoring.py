@@ -1,44 +1,36 @@
-"""Answer extraction and scoring for GSM8K, ASDiv and MATH-500 responses.
+"""Answer extraction and scoring for GSM8K, ASDiv, MATH-500 and AIME responses.
 
-Extraction follows CoT-Valve appendix A.1: take the last `\\boxed{...}`; if there is
-none, use the last number in the response (GSM8K/ASDiv only; MATH-500 needs the box).
+Answer rules (`ANSWER_RULES`; `EvalOptions.answer_rule`):
+- `paper` (default), CoT-Valve appendix A.1 for QwQ, R1-Distill and LIMO: "we first extract
+  the result enclosed within \\boxed{}. If no such boxed answer is found, we default to using
+  the last digit in the response as the final answer." Applied on EVERY dataset (A.1 does not
+  restrict it to GSM8K): the last complete box, else the last number. A box cut off by the
+  length limit is skipped (and its digits are not used as the fallback number).
+- `boxed-only`: the last complete box, else no answer.
+- `strict-match` / `flexible-extract`: lm-evaluation-harness's GSM8K filters, which A.1 uses
+  for the LLaMA models (strict for LLaMA-3.1-8B, flexible for LLaMA-3.2-1B-Instruct):
+  regex `#### (\\-?[0-9\\.\\,]+)` (first match) and `(-?[$0-9.,]{2,})|(-?[0-9]+)` (last match),
+  compared as the harness's exact_match does (ignore case; drop `,`, `$`, a trailing `.`).
 
-GSM8K/ASDiv answers are compared as numbers (exact rationals, then a small tolerance).
-MATH-500 answers are compared with math-verify. math-verify's timeouts use
-`signal.alarm`, which works only in the main thread, so:
-- in the main thread we call math-verify directly with its signal timeouts;
-- in any other thread we send the comparison to one persistent child Python process
-  (its own main thread, so the signal timeouts work there) and kill it if it does not
-  answer within a hard deadline. A pathological expression then costs at most
-  `HARD_DEADLINE_FACTOR * timeout` seconds and scores False; it never hangs evaluation.
-  (In the main thread, a signal cannot interrupt one long call inside C code; math-verify's
-  own timeouts have that limit too.)
-The child process needs POSIX pipes (select); it is started lazily, on first use.
+GSM8K/ASDiv/AIME answers are compared as numbers (exact rationals, then a small tolerance).
+MATH-500 answers are compared with math-verify; ordinal marks and trailing `\\text{...}` units
+(`12^{\\text{th}}\\text{ grade}`) are stripped when the first comparison fails.
+math-verify runs in this process or in a worker process (`tvtool.mathverify`), so a
+pathological expression never hangs evaluation.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import math
 import re
-import select
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
-from tvtool.errors import TvtoolError
+from .errors import ScoringError
+from .mathverify import VERIFY_TIMEOUT_S, verify_equal
 
-KINDS = ("gsm8k", "math500", "asdiv")
-VERIFY_TIMEOUT_S = 5  # math-verify timeout per parse / per comparison, in seconds
-HARD_DEADLINE_FACTOR = 4  # worker is killed after this many timeouts without an answer
-WORKER_START_TIMEOUT_S = 120  # importing sympy + math-verify in the child
-
-
-class ScoringError(TvtoolError):
-    """An answer cannot be scored (bad kind, math-verify missing or its worker broken)."""
+KINDS = ("gsm8k", "math500", "asdiv", "aime")
+ANSWER_RULES = ("paper", "boxed-only", "strict-match", "flexible-extract")
 
 
 @dataclass(frozen=True)
@@ -47,22 +39,30 @@ class Score:
 
     extracted: str | None  # the answer read from the response, None if none was found
     correct: bool
+    boxed: bool = False  # the response has a complete \\boxed{} (else a fallback, or nothing, was used)
 
 
 # --- extraction ---------------------------------------------------------------
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A number not glued to a preceding word/number (so "10-3" gives 10 and 3, not -3):
-# thousands-grouped or plain integer, optional decimals, or a bare decimal, or a/b.
+# comma- or space-grouped thousands ("118 000") or a plain integer, optional decimals, a bare decimal, or a/b.
 _NUMBER_RE = re.compile(
-    r"(?:(?<![\w.)\]}])-)?(?:\d+/\d+(?!\d|\.\d)|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+    r"(?:(?<![\w.)\]}])-)?(?:\d+/\d+(?!\d|\.\d)|(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?!\d)|\d+)"
+    r"(?:\.\d+)?|\.\d+)"
 )
+# lm-evaluation-harness gsm8k.yaml filters (strict-match: first match; flexible-extract: last match).
+HARNESS_STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+HARNESS_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
-def _check_kind(kind: str) -> None:
+def _check_kind(kind: str, rule: str = "paper") -> None:
     if kind not in KINDS:
         raise ScoringError(f"unknown answer kind {kind!r}", where="tvtool.scoring",
                            fix=f"Use one of: {', '.join(KINDS)}")
+    if rule not in ANSWER_RULES:
+        raise ScoringError(f"unknown answer rule {rule!r}", where="tvtool.scoring",
+                           fix=f"Use one of: {', '.join(ANSWER_RULES)}")
 
 
 def _balanced(text: str, start: int) -> int | None:
@@ -96,14 +96,35 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str, *, kind: str) -> str | None:
-    """The boxed answer; for gsm8k/asdiv, if there is no box, the last number in `text`."""
-    _check_kind(kind)
-    boxed = extract_boxed(text)
-    if boxed is not None or kind == "math500":
-        return boxed
-    numbers = _NUMBER_RE.findall(text)
+def _harness_extract(text: str, regex: re.Pattern, select: int) -> str | None:
+    """lm-eval's RegexFilter: findall, pick a match, the first non-empty group of a tuple."""
+    found = regex.findall(text)
+    if not found:
+        return None  # the harness writes "[invalid]", which never matches
+    m = found[select]
+    if isinstance(m, tuple):
+        m = next((g for g in m if g), "")
+    return m.strip()
+
+
+def last_number(text: str) -> str | None:
+    """The last number in `text`, ignoring an unclosed box at the end (a cut-off answer)."""
+    opens = [m for m in _BOX_RE.finditer(text) if _balanced(text, m.end()) is None]
+    numbers = _NUMBER_RE.findall(text[:opens[0].start()] if opens else text)
     return numbers[-1] if numbers else None
+
+
+def extract_answer(text: str, *, kind: str, rule: str = "paper") -> str | None:
+    """The answer `rule` reads from `text` (see the module docstring), None if there is none."""
+    _check_kind(kind, rule)
+    if rule == "strict-match":
+        return _harness_extract(text, HARNESS_STRICT_RE, 0)
+    if rule == "flexible-extract":
+        return _harness_extract(text, HARNESS_FLEXIBLE_RE, -1)
+    boxed = extract_boxed(text)
+    if boxed is not None or rule == "boxed-only":
+        return boxed
+    return last_number(text)
 
 
 # --- numeric comparison (gsm8k, asdiv) ------------------------------------------
@@ -117,6 +138,12 @@ _LEAD_RE = re.compile(
     r"|(?P<dec>\d+(?:\.\d*)?|\.\d+))"
 )
 _THOUSANDS_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?![\d,])")
+_SPACE_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?!\d)")  # "9 500", "118 000"
+_CURRENCY = ("\\$", "$", "\\euro", "\\pounds", "€", "£", "¥", "₹")
+# What may follow the number: end, a word (unit), an inch/foot/degree mark, a rate ("/year"), "(unit)".
+_REST_OK_RE = re.compile(r"[.!]?$|[A-Za-z\"'″′”°]|/\s*[A-Za-z]|\((?![\s\d.+-])")
+# One number in a short sentence: "Seth is 16 years old".
+_SENTENCE_RE = re.compile(r"(?:[A-Za-z'’]+\s+)+(?P<n>-?\d+(?:\.\d+)?)(?:\s+[A-Za-z'’]+)*\s*\.?")
 
 
 def _clean(text: str) -> str:
@@ -127,7 +154,7 @@ def _clean(text: str) -> str:
     s = _FRAC_RE.sub(lambda m: f"({m[1] or m[2]})/({m[3] or m[4]})", s)
     for tok in ("\\!", "\\,", "\\;", "\\:"):  # thin spaces, also inside numbers: 10,\!080
         s = s.replace(tok, "")
-    for tok in ("\\left", "\\right", "\\ ", "~", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}",
+    for tok in ("\\left", "\\right", "\\ ", "~", *_CURRENCY, "\\%", "%", "^\\circ", "^{\\circ}",
                 "\\circ", "\\displaystyle"):
         s = s.replace(tok, " ")
     s = s.replace("{,}", ",")
@@ -136,6 +163,7 @@ def _clean(text: str) -> str:
         s = s.rsplit("=", 1)[1]
     s = s.strip().strip("{}").strip()
     s = _THOUSANDS_RE.sub(lambda m: m[0].replace(",", ""), s)
+    s = _SPACE_THOUSANDS_RE.sub(lambda m: re.sub(r"\s", "", m[0]), s)
     m = re.fullmatch(r"\(\s*([-+]?[\d.]+)\s*\)", s)  # "(5)"
     return m[1] if m else s
 
@@ -143,18 +171,20 @@ def _clean(text: str) -> str:
 def parse_number(text: str | None) -> Fraction | None:
     """The single number `text` states (units and words after it allowed), or None.
 
-    Accepts `18`, `-3`, `0.50`, `.5`, `1,000`, `$18`, `18 dollars`, `9 (apples)`,
-    `\\text{9 apples}`, `\\frac{1}{2}`, `1/2`, `-(1/3)`, `25%`. Rejects text, several
-    numbers (`8; 40`), ratios and clock times (`5:45`) and expressions (`2+3`).
+    Accepts `18`, `-3`, `0.50`, `.5`, `1,000`, `9 500`, `$18`, `€77`, `67"`, `$18,000/year`,
+    `18 dollars`, `9 (apples)`, `\\text{9 apples}`, `Seth is 16 years old`, `\\frac{1}{2}`, `1/2`,
+    `-(1/3)`, `25%`. Rejects text, several numbers (`8; 40`), ratios and clock times (`5:45`)
+    and expressions (`2+3`).
     """
     if text is None:
         return None
     s = _clean(text)
     m = _LEAD_RE.match(s)
     if not m:
-        return None
+        m = _SENTENCE_RE.fullmatch(s)
+        return Fraction(m["n"]) if m else None
     rest = s[m.end():].strip()
-    if rest and (not re.match(r"[.!]?$|[A-Za-z]|\((?![\s\d.+-])", rest) or re.search(r"[;:]", rest)):
+    if rest and (not _REST_OK_RE.match(rest) or re.search(r"[;:]", rest)):
         return None  # another number, an operator, a second answer after ';' ...
     try:
         if m["pnum"] is not None:
@@ -176,7 +206,7 @@ def _decimals(text: str) -> int:
 
 
 def numbers_match(pred: str | None, gold: str) -> bool:
-    """Numeric equality of two answers: exact rationals, else within 1e-6 relative.
+    """Numeric equality of two answers: exact rationals (always for two integers), else within 1e-6 relative.
 
     If the reference is written with 2+ decimals (ASDiv `3.14 (square yards)`, `3.333`),
     a more precise prediction that rounds to it also counts (3.1416 == 3.14).
@@ -184,129 +214,74 @@ def numbers_match(pred: str | None, gold: str) -> bool:
     p, g = parse_number(pred), parse_number(gold)
     if p is None or g is None:
         return False
-    if p == g or abs(p - g) <= Fraction(1, 10**6) * max(1, abs(g)):
+    if p == g:
+        return True
+    if p.denominator == 1 and g.denominator == 1:  # integers: exact (11,111,111,110 is not 11,111,111,100)
+        return False
+    if abs(p - g) <= Fraction(1, 10**6) * max(1, abs(g)):
         return True
     k = _decimals(gold)
     return k >= 2 and math.floor(p * 10**k + Fraction(1, 2)) == g * 10**k
 
 
-# --- math-verify comparison (math500) ------------------------------------------
+# --- MATH-500 comparison (math-verify, tvtool.mathverify) ----------------------
 
 
-def _mv_verify(gold: str, pred: str, timeout: int | None) -> bool:
-    """math-verify on `\\boxed{gold}` vs `\\boxed{pred}` (gold first, as verify expects)."""
-    try:
-        from math_verify import parse, verify
-    except ImportError as e:
-        raise ScoringError("math-verify is not installed", where="tvtool.scoring",
-                           fix="pip install 'tvtool[eval]' (or math-verify>=0.7)") from e
-    g = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
-    p = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
-    return bool(g and p and verify(g, p, timeout_seconds=timeout))
+_ORDINAL_RE = re.compile(r"(?<=\d)\s*\^\s*\{?\s*(?:\\(?:text|textrm|mathrm)\s*\{\s*)?(?:st|nd|rd|th)\s*\}?\s*\}?")
+_TEXT_UNIT_RE = re.compile(r"(?:\\[,;:! ]|\s)*\\(?:text|textrm|mathrm|mbox)\s*\{\s*[A-Za-z][A-Za-z .]*\}"
+                           r"(?:\s*\^\s*\{?\d\}?)?\s*$")
 
 
-# The child runs this standalone script (it does not import tvtool, whose package
-# imports torch): one JSON request [gold, pred, timeout] per line, one JSON bool back.
-# It mirrors _mv_verify; the child's main thread makes math-verify's signal timeouts work.
-_WORKER_SRC = r"""
-import json, logging, sys
-logging.disable(logging.WARNING)
-from math_verify import parse, verify
-print("ready", flush=True)
-for line in sys.stdin:
-    gold, pred, timeout = json.loads(line)
-    try:
-        g = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
-        p = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
-        ok = bool(g and p and verify(g, p, timeout_seconds=timeout))
-    except Exception:
-        ok = False
-    print(json.dumps(ok), flush=True)
-"""
-
-
-class VerifyWorker:
-    """A persistent child Python process that runs math-verify; killed past a deadline."""
-
-    def __init__(self, *, argv: list[str] | None = None):
-        self._argv = argv or [sys.executable, "-c", _WORKER_SRC]
-        self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-
-    def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        if self._readline(proc, WORKER_START_TIMEOUT_S) != "ready":
-            self._kill(proc)
-            raise ScoringError("the math-verify worker process did not start",
-                               where=self._argv[0],
-                               fix="Check that `python -c 'import math_verify'` works in this environment")
-        return proc
-
-    @staticmethod
-    def _readline(proc: subprocess.Popen, timeout: float) -> str | None:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        return proc.stdout.readline().strip() if ready else None
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
-        proc.kill()
-        proc.wait()
-
-    def verify(self, *, gold: str, pred: str, timeout: int) -> bool | None:
-        """True/False from math-verify, or None if the worker had to be killed (deadline)."""
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = self._start()
-            try:
-                self._proc.stdin.write(json.dumps([gold, pred, timeout]) + "\n")
-                self._proc.stdin.flush()
-            except BrokenPipeError:  # the child died between calls
-                self._kill(self._proc)
-                self._proc = None
-                return None
-            answer = self._readline(self._proc, HARD_DEADLINE_FACTOR * timeout)
-            if answer not in ("true", "false"):
-                self._kill(self._proc)
-                self._proc = None
-                return None
-            return answer == "true"
-
-    def close(self) -> None:
-        """Stop the child process (also done at interpreter exit)."""
-        with self._lock:
-            if self._proc is not None:
-                self._kill(self._proc)
-                self._proc = None
-
-
-_WORKER = VerifyWorker()
-atexit.register(_WORKER.close)
+def strip_units(answer: str) -> str:
+    """`12^{\\text{th}}\\text{ grade}` -> `12`: drop ordinal marks and trailing `\\text{...}` words
+    (math-verify cannot parse them). An answer that is only text is kept as it is."""
+    s = _ORDINAL_RE.sub("", answer)
+    while (m := _TEXT_UNIT_RE.search(s)) and s[:m.start()].strip():
+        s = s[:m.start()]
+    return s.strip()
 
 
 def math_equal(pred: str | None, gold: str, *, timeout: int = VERIFY_TIMEOUT_S) -> bool:
-    """MATH-500 equivalence of a LaTeX answer and the reference, via math-verify."""
+    """MATH-500 equivalence of a LaTeX answer and the reference, via math-verify (again without
+    ordinal marks and text units when that fails and stripping changed something)."""
     if pred is None or not pred.strip():
         return False
-    if " ".join(pred.split()) == " ".join(gold.split()):
+    if verify_equal(pred=pred, gold=gold, timeout=timeout):
         return True
-    if threading.current_thread() is threading.main_thread():
-        return _mv_verify(gold, pred, timeout)
-    return bool(_WORKER.verify(gold=gold, pred=pred, timeout=timeout))
+    sp, sg = strip_units(pred), strip_units(gold)
+    return (sp, sg) != (pred.strip(), gold.strip()) and bool(sp) and verify_equal(pred=sp, gold=sg, timeout=timeout)
+
+
+def harness_match(pred: str | None, gold: str) -> bool:
+    """lm-eval's exact_match for gsm8k: ignore_case, regexes_to_ignore `,` `\\$` `(?s).*#### ` `\\.$`."""
+    if pred is None:
+        return False
+
+    def norm(x: str) -> str:
+        for rx in (",", "\\$", "(?s).*#### ", "\\.$"):
+            x = re.sub(rx, "", x)
+        return x.lower()
+
+    return norm(pred) == norm(gold)
 
 
 # --- public entry points --------------------------------------------------------
 
 
-def is_correct(pred: str | None, gold: str, *, kind: str, timeout: int = VERIFY_TIMEOUT_S) -> bool:
-    """Whether an extracted answer matches the reference answer of a `kind` dataset."""
-    _check_kind(kind)
+def is_correct(pred: str | None, gold: str, *, kind: str, rule: str = "paper",
+               timeout: int = VERIFY_TIMEOUT_S) -> bool:
+    """Whether an extracted answer matches the reference answer of a `kind` dataset (the lm-eval
+    rules compare as the harness does; the others as numbers, or with math-verify for MATH-500)."""
+    _check_kind(kind, rule)
+    if rule in ("strict-match", "flexible-extract"):
+        return harness_match(pred, gold)
     if kind == "math500":
         return math_equal(pred, gold, timeout=timeout)
     return numbers_match(pred, gold)
 
 
-def score(response: str, gold: str, *, kind: str, timeout: int = VERIFY_TIMEOUT_S) -> Score:
-    """Extract the answer from a model response and check it against the reference."""
-    extracted = extract_answer(response, kind=kind)
-    return Score(extracted=extracted, correct=is_correct(extracted, gold, kind=kind, timeout=timeout))
+def score(response: str, gold: str, *, kind: str, rule: str = "paper", timeout: int = VERIFY_TIMEOUT_S) -> Score:
+    """Extract the answer from a model response with `rule` and check it against the reference."""
+    extracted = extract_answer(response, kind=kind, rule=rule)
+    return Score(extracted=extracted, correct=is_correct(extracted, gold, kind=kind, rule=rule, timeout=timeout),
+                 boxed=extract_boxed(response) is not None)

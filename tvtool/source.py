@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from .adapter_tv import ADAPTER_CONFIG
 from .checkpoint import Checkpoint, resolve
 from .errors import OptionsError
 from .layout import INDEX
@@ -41,12 +42,14 @@ class DeltaSource:
     allow_missing: bool = False  # pair only: skip tensors present in one model (recorded)
     vocab: Literal["error", "intersect"] = "error"  # pair only: vocabulary-size mismatch policy
     allow_pickle: bool = False  # accept *.bin checkpoints (torch.load(weights_only=True))
+    more: tuple[str, ...] = ()  # further task vectors of the same base, of the same kind (reasoners or deltas)
 
     def __post_init__(self):
         for k in ("base", "delta", "reasoner"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):
                 object.__setattr__(self, k, os.fspath(v))
+        object.__setattr__(self, "more", tuple(os.fspath(m) for m in self.more))
         if (self.delta is None) == (self.reasoner is None):
             raise OptionsError("give exactly one of --delta and --reasoner", fix="Δ comes from a delta file or a reasoner")
         if self.reasoner is not None and self.base is None:
@@ -70,18 +73,32 @@ class DeltaSource:
         return (Checkpoint.open(self.base, allow_pickle=self.allow_pickle),
                 TaskVector.load(self.delta, allow_pickle=self.allow_pickle))
 
+    def open_vectors(self) -> tuple[Checkpoint, list[TaskVector]]:
+        """(θ1, [Δ_1, …, Δ_n]): the base and every task vector (`more` after the first), opened once."""
+        base, tv = self.open()
+        if self.reasoner is not None:
+            more = [TaskVector.between(base, r, allow_missing=self.allow_missing, vocab=self.vocab,
+                                       allow_pickle=self.allow_pickle) for r in self.more]
+        else:
+            more = [TaskVector.load(d, allow_pickle=self.allow_pickle) for d in self.more]
+        return base, [tv, *more]
+
     # -- plain data ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.more:
+            del d["more"]  # records of one task vector stay as they were
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeltaSource":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: tuple(v) if k == "more" else v for k, v in d.items() if k in known})
 
     def describe(self) -> dict:
         """The inputs as recorded in settings: base, and delta or reasoner."""
-        return {"base": self.base, "delta": self.delta, "reasoner": self.reasoner}
+        return {"base": self.base, "delta": self.delta, "reasoner": self.reasoner,
+                **({"more": list(self.more)} if self.more else {})}
 
     # -- identity --------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -93,7 +110,8 @@ class DeltaSource:
         """The options, and per input (`input_fingerprint`, by role: never a path, so moved inputs
         keep their fingerprint) what identifies its content."""
         refs = {"base": self.base, "delta": self.delta, "reasoner": self.reasoner}
-        return {"options": {k: v for k, v in self.to_dict().items() if k not in refs},
+        refs.update({f"more[{i}]": m for i, m in enumerate(self.more)})
+        return {"options": {k: v for k, v in self.to_dict().items() if k not in refs and k != "more"},
                 "inputs": {k: input_fingerprint(v, allow_pickle=self.allow_pickle) for k, v in refs.items() if v}}
 
 
@@ -105,7 +123,8 @@ def input_fingerprint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> 
     for a pickle (*.bin) file, of its first and last MiB. Plus the sha256 of 16 evenly spaced
     64 KiB blocks of the data (1 MiB per file), so weights edited in place under an unchanged
     header (any fine-tune changes most bytes) change it too. Plus the sha256 of the index and of
-    every config/tokenizer file, which change the merged model too.
+    every config/tokenizer file (and a PEFT adapter's adapter_config.json), which change the merged
+    model too.
     """
     src = resolve(ref, allow_pickle=allow_pickle)
     if src.repo_id is not None:
@@ -115,8 +134,9 @@ def input_fingerprint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> 
     files = [{"file": _rel(f, root), "size": f.stat().st_size, "sha256": _head_hash(f), "sample": _data_sample(f)}
              for f in ckpt.files()]
     side = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(ckpt.side_files().items())}
-    if src.path.is_dir() and (src.path / INDEX).is_file():
-        side[INDEX] = hashlib.sha256((src.path / INDEX).read_bytes()).hexdigest()
+    for name in (INDEX, ADAPTER_CONFIG):  # a PEFT adapter's config sets its scale s = lora_alpha / r
+        if src.path.is_dir() and (src.path / name).is_file():
+            side[name] = hashlib.sha256((src.path / name).read_bytes()).hexdigest()
     return {"files": files, "side_files": side}
 
 

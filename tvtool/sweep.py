@@ -25,32 +25,38 @@ import yaml
 from . import __version__
 from .atomic import discard, write_bytes, write_json, write_text
 from .delta import DeltaOptions, delta
-from .engine import Engine, vllm_version
+from .engine import Engine, SamplingOptions, vllm_version
+from .errors import OptionsError
 from .evaluate import evaluate, table_row
-from .finished import read_record, say, changes, stage_record, write_record
+from .finished import changes, read_record, say, stage_record, write_record
 from .finite import check_alphas
-from .hub import PushOptions, push
-from .layout import format_alpha
+from .hub import push
 from .lock import output_lock
-from .lowrank import LowRankOptions, svd_rank
-from .materialize import MaterializeOptions, materialize
-from .options import opt
+from .logs import vllm_logs
+from .lowrank import svd_rank
+from .materialize import materialize
+from .options import CliOptions, cli_number, opt
 from .peft_adapter import adapter_folders, write_peft_adapters
-from .prompting import PromptOptions
-from .recipe import Recipe, load_recipe, to_dict
-from .report import markdown_table, plot
+from .merge_options import MergeOptions
+from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, to_dict
+from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
 from .source import DeltaSource, input_fingerprint
+from .units import RayOptions
+from .valve_stages import run_valve_stages, valve_commands, valve_section
 
 
 @dataclass(frozen=True)
-class SweepOptions:
+class SweepOptions(CliOptions):
     output: str | None = opt(None, "Output folder (default: the recipe's `output`).", short="-o")
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
     overwrite: bool = opt(False, "Discard the results of every stage in the output folder and redo them.")
     progress: bool = opt(True, "Show progress bars.")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/eval/vllm.log).")
+    ray: str | None = opt(None, "Evaluate on a Ray cluster at this address (local: start one); the pool "
+                                "size comes from the recipe's executor.ray.")
 
 
 @dataclass(frozen=True)
@@ -70,31 +76,39 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if options.alphas:
-        r = replace(r, alphas=options.alphas)
+        r = r.model_copy(update={"alphas": options.alphas,
+                                 "merge": tuple(replace(m, alphas=()) for m in r.merge)})
     if options.limit is not None:
-        r = replace(r, datasets=tuple(replace(d, limit=options.limit) for d in r.datasets))
+        r = r.model_copy(update={"datasets": tuple(replace(d, limit=options.limit) for d in r.datasets)})
     alphas = tuple(dict.fromkeys(r.alphas))
     check_alphas(alphas, where=f"alphas in {path}" if path else "alphas")
+    ray_opts = r.executor.ray if options.ray is None else replace(r.executor.ray or RayOptions(), address=options.ray)
+    if ray_opts is not None and r.apply != "swap":
+        raise OptionsError(f"a Ray sweep loads α in place; apply is {r.apply!r}", where="executor.ray",
+                           fix="use apply: swap, or run without --ray / executor.ray")
     out = Path(options.output or r.output.format(name=r.name))
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         if options.overwrite:
             for stage in STAGES:
                 discard(out / stage)
-        return _sweep(r, path, alphas, out, options)
+        return _sweep(r, path, alphas, out, options, ray_opts)
 
 
-STAGES = ("delta", "lowrank", "models", "eval")  # the folders `sweep --overwrite` discards
+STAGES = ("delta", "lowrank", "models", "eval", "mixchain", "train", "valves")  # what `--overwrite` discards
 
 
-def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, options: SweepOptions) -> SweepResult:
+def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, options: SweepOptions,
+           ray_opts: RayOptions | None) -> SweepResult:
     write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False, allow_unicode=True))
     pg = options.progress
 
     d_path = out / "delta"
     if r.keep.delta or r.low_rank:  # skipped inside when its record matches (redone, saying why, if not)
         delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg, overwrite=True))
-    source = DeltaSource(base=r.base, reasoner=r.reasoner)
+    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]))
+    configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
+    plain = all(c.is_plain(len(r.vectors) or 1) for c in configs)
     lowrank = adapters = None
     if r.low_rank:
         lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg)
@@ -103,52 +117,78 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
     models = out / "models"
     folders = {}
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
-        folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
-                              options=MaterializeOptions(alphas=alphas, include=r.include, exclude=r.exclude,
-                                                         progress=pg, overwrite=True)).folders
+        if plain:
+            folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+                                  options=replace(r.materialize, alphas=alphas, progress=pg, overwrite=True)).folders
+        else:
+            folders = materialize(base=r.base, output=models, reasoner=source.reasoner, configs=configs,
+                                  merge=MergeOptions(vectors=source.more),
+                                  options=replace(r.materialize, progress=pg, overwrite=True)).configs
 
-    # One engine for every dataset (started only if some run is not complete yet).
+    evals = [_eval_options(r, ds, pg, verbose=options.verbose) for ds in r.datasets]
+    with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
+        if ray_opts is not None:  # --- ray: the α × dataset plan on a pool of engines (tvtool.cluster) ---
+            if not plain:
+                raise OptionsError("a Ray sweep runs plain θ1 + αΔ only", where="merge",
+                                   fix="run merge operators without --ray / executor.ray")
+            tables, starts = _eval_on_ray(r, source, out / "eval", alphas, evals, ray_opts, pg)
+        else:
+            tables, starts = _eval_one_engine(r, source, out / "eval", alphas, evals, folders, adapters,
+                                              configs, plain)
+
+    # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
+    vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg, verbose=options.verbose)
+    tables.update(vt)
+    starts += vs
+    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank, valves=valves)
+    if r.push.enabled:
+        folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
+        push(folder=folder, evaluation=_markdown(tables), options=r.push)
+    return SweepResult(out, report, tables, starts)
+
+
+def _eval_one_engine(r: Recipe, source: DeltaSource, out: Path, alphas, evals, folders, adapters, configs, plain):
+    """Every dataset on one engine (started only if some run is not complete yet)."""
     if r.apply == "swap":
         eng = Engine.for_source(source=source, options=r.engine, lazy=True)
     elif r.apply == "materialize":
-        eng = Engine(model=folders[alphas[0]], options=r.engine, lazy=True)
+        eng = Engine(model=next(iter(folders.values())), options=r.engine, lazy=True)
     else:
         rank = json.loads((Path(adapters[alphas[0]]) / "adapter_config.json").read_text())["r"]
         eng = Engine(model=r.base, options=replace(r.engine, enable_lora=True, max_lora_rank=rank), lazy=True)
     tables = {}
     try:
-        for ds in r.datasets:
-            sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
-            ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
-                             params_b=r.params_b, include=r.include if r.apply == "swap" else None,
-                             exclude=r.exclude if r.apply == "swap" else None, progress=pg, overwrite=True)
-            common = dict(output=out / "eval", options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
+        for ev, sampling in evals:
+            common = dict(output=out, options=ev, prompt=r.prompt, sampling=sampling, engine=eng)
             if r.apply == "swap":
-                res = evaluate(source=source, alphas=alphas, **common)
+                res = evaluate(source=source, configs=configs, **common) if not plain else \
+                    evaluate(source=source, alphas=alphas, **common)
             elif r.apply == "materialize":
-                res = evaluate(checkpoints=[folders[a] for a in alphas], **common)
+                res = evaluate(checkpoints=[folders[a] for a in alphas] if plain else list(folders.values()),
+                               **common)
             else:
                 res = evaluate(model=r.base, loras=[adapters[a] for a in alphas], alphas=alphas, **common)
-            tables[res.runs[0].folder.name if res.runs else ds.name] = [table_row(x) for x in res.runs]
+            tables[res.runs[0].folder.name if res.runs else ev.dataset] = [table_row(x) for x in res.runs]
     finally:
-        starts = eng.starts
         eng.close()
+    return tables, eng.starts
 
-    report = write_report(out=out, recipe=r, recipe_path=path, tables=tables, lowrank=lowrank)
-    if r.push.enabled:
-        folder = models if r.apply != "lora" else out / "lowrank" / "adapters"
-        push(folder=folder, evaluation=_markdown(tables),
-             options=PushOptions(repo=r.push.repo, private=r.push.private, dry_run=r.push.dry_run))
-    return SweepResult(out, report, tables, starts)
+
+def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_opts: RayOptions, pg: bool):
+    """Every α × dataset run on a Ray pool: the same run folders, so the same table as one engine."""
+    from .cluster import evaluate_on_ray
+
+    res = evaluate_on_ray(output=out, source=source, alphas=alphas, datasets=evals, prompt=r.prompt,
+                          engine_options=r.engine, executor=ray_opts, progress=pg)
+    return {ev.runs[0].folder.name: [table_row(x) for x in ev.runs] for ev in res.results}, res.pool.engine_starts
 
 
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
     lr = r.low_rank
     factored = folder / "delta.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    res = svd_rank(delta=d_path, output=factored, options=LowRankOptions(  # skipped inside when finished
-        rank=lr.rank, energy=lr.energy, max_rank=lr.max_rank, method=lr.method, include=lr.include,
-        exclude=lr.exclude, plot=True, progress=progress, overwrite=True))
+    res = svd_rank(delta=d_path, output=factored,  # skipped inside when finished
+                   options=replace(lr, plot=True, progress=progress, overwrite=True))
     report = res.report_path
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
     if r.apply == "lora":
@@ -174,9 +214,9 @@ def _markdown(tables: dict[str, list[dict]]) -> str:
 
 
 def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables: dict[str, list[dict]],
-                 lowrank: dict | None) -> Path:
+                 lowrank: dict | None, valves: dict | None = None) -> Path:
     """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank),
-    each written atomically."""
+    each written atomically; `valves`: the CoT-Valve stages' Table 1 and bars (tvtool.valve_stages)."""
     plots = {}
     for name, rows in tables.items():
         plots[name] = plot(rows=rows, path=out / f"plot-{name}.png")
@@ -197,73 +237,103 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
               f"Frobenius error {tot['rel_error']:.4f}. Per-tensor report: `{Path(lowrank['report']).name}`; "
               "spectra: `spectra.png`.\n")
     src = recipe_path or out / "recipe.yaml"
-    shown = portable(recipe, src.parent)  # inputs named relative to the recipe (or by Hub id): no machine paths
+    here = src.parent
+    shown = portable(recipe, here)  # inputs named relative to the recipe (or by Hub id): no machine paths
     body = [f"# tvtool sweep: {recipe.name}", "",
             f"θ1 = `{shown.base}`, θ2 = `{shown.reasoner}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
+            answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
+                             alpha=recipe.budget_alpha), "",
             ACU_FORMULA, ""]
+    if valves:  # --- CoT-Valve: Table 1 and the bars (tvtool.valve_stages) ---
+        body += valve_section(recipe=recipe, tables=tables, valves=valves)
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
-    here = src.parent
     body += [lr, "## Reproduce", "", "From the recipe's folder:", "", "```bash",
              f"tvtool sweep {_short(src, here)} -o {_short(out, here)}", "```", "",
-             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out, here), "```", "",
+             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out, here),
+             *(_sh(c) for c in valve_commands(recipe=shown, out=_short(out, here))), "```", "",
              "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(shown), sort_keys=False, allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
     report = write_text(out / "REPORT.md", "\n".join(body))
-    write_json(out / "report.json", {"recipe": to_dict(shown), "tables": tables, "acu_formula": ACU_FORMULA,
-                                     "versions": versions, "plots": {k: Path(v).name for k, v in plots.items()}},
+    write_json(out / "report.json", {"recipe": to_dict(shown), "tables": tables,
+                                     "acu_formula": ACU_FORMULA, "versions": versions,
+                                     "plots": {k: v.name for k, v in plots.items()}, "valves": valves},
                sort_keys=False)
     return report
+
+
+def portable(r: Recipe, start: Path | None) -> Recipe:
+    """`r` with its local inputs relative to `start` (the recipe's folder), as a recipe there would name
+    them (committed reports carry no machine paths)."""
+    s = lambda p: _short(p, start)  # noqa: E731
+    mc = replace(r.mixchain, dataset=s(r.mixchain.dataset)) if r.mixchain else None
+    return r.model_copy(update={
+        "base": s(r.base), "reasoner": s(r.reasoner), "mixchain": mc,
+        "datasets": tuple(replace(d, name=s(d.name)) for d in r.datasets),
+        "vectors": tuple(replace(v, model=s(v.model)) for v in r.vectors),
+        "train": tuple(replace(t, model=t.model if t.model in ("base", "reasoner") else s(t.model),
+                               data=t.data if t.data == "mixchain" else s(t.data)) for t in r.train)})
 
 
 def _short(p, start: str | os.PathLike | None = None) -> str:
     """A local path relative to `start` (default: the working folder); Hub ids and names unchanged."""
     try:
-        return os.path.relpath(p, start) if os.path.isabs(p) or Path(p).exists() else str(p)
+        return os.path.relpath(p, start) if Path(p).exists() else str(p)
     except ValueError:  # another drive
         return str(p)
 
 
-def portable(r: Recipe, start: Path) -> Recipe:
-    """`r` with its local inputs relative to `start` (the recipe's folder), as a recipe there would name them."""
-    return replace(r, base=_short(r.base, start), reasoner=_short(r.reasoner, start),
-                   datasets=tuple(replace(d, name=_short(d.name, start)) for d in r.datasets))
+class _Glob(str):
+    """A command word left unquoted so that the shell expands it (e.g. `models/alpha-*`)."""
 
 
-def _commands(r: Recipe, out: Path, here: Path) -> list[str]:
-    a = ",".join(format_alpha(x) for x in dict.fromkeys(r.alphas))
+def _sh(words: list[str]) -> str:
+    return " ".join(w if isinstance(w, _Glob) else shlex.quote(str(w)) for w in words)
+
+
+def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool, *,
+                  verbose: bool = False) -> tuple[EvalOptions, SamplingOptions]:
+    """A recipe dataset's evaluation and sampling options (per-dataset max_tokens wins)."""
+    swap = r.apply == "swap"  # in-engine α: the eval applies the recipe's tensor selection itself
+    ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
+                     params_b=r.params_b, include=r.materialize.include if swap else None,
+                     exclude=r.materialize.exclude if swap else None, progress=progress,
+                     answer_rule=r.answer_rule, prompt_budgets=r.prompt_budgets,
+                     budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=verbose,
+                     overwrite=True)  # the sweep's own run folders: a changed record redoes the run
+    return ev, replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
+
+
+def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
+    """The stage-by-stage commands the sweep runs (paths relative to `here`, the recipe's folder), with
+    every non-default option spelled by `to_cli_args`."""
+    alphas = tuple(dict.fromkeys(r.alphas))
     r = portable(r, here)
-    out = Path(_short(out, here))
-    cmds, src = [], f"--reasoner {r.reasoner}"
-    flags = ""
-    sel = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("include", r.include), ("exclude", r.exclude)) if v)
-    if r.prompt.instruction != PromptOptions().instruction:
-        flags += f" --instruction {shlex.quote(r.prompt.instruction)}"
-    flags += f" --dtype {r.engine.dtype}" if r.engine.dtype != "auto" else ""
-    flags += f" --max-model-len {r.engine.max_model_len}" if r.engine.max_model_len else ""
-    flags += f" --tensor-parallel-size {r.engine.tensor_parallel_size}" if r.engine.tensor_parallel_size > 1 else ""
-    flags += " --enforce-eager" if r.engine.enforce_eager else ""
+    base, reasoner, out = r.base, r.reasoner, Path(_short(out, here))
+    cmds, src = [], ["--reasoner", reasoner]
     if r.low_rank or r.keep.delta:
-        cmds.append(f"tvtool delta {r.base} {r.reasoner} -o {out}/delta")
+        cmds.append(["tvtool", "delta", base, reasoner, "-o", f"{out}/delta"])
     if r.low_rank:
-        k = f"--rank {r.low_rank.rank}" if r.low_rank.rank else f"--energy {r.low_rank.energy}"
-        peft = f" --peft {out}/lowrank/adapters --peft-alpha {a}" if r.apply == "lora" else ""
-        cmds.append(f"tvtool svd-rank {k} {out}/delta -o {out}/lowrank/delta.safetensors{peft}")
-        src = f"--delta {out}/lowrank/delta.safetensors"
+        lora = r.apply == "lora"
+        lr = replace(r.low_rank, plot=True, peft=f"{out}/lowrank/adapters" if lora else None,
+                     peft_alpha=alphas if lora else r.low_rank.peft_alpha)
+        cmds.append(["tvtool", "svd-rank", f"{out}/delta", "-o", f"{out}/lowrank/delta.safetensors",
+                     *lr.to_cli_args()])
+        src = ["--delta", f"{out}/lowrank/delta.safetensors"]
     if r.apply == "materialize" or r.keep.models:
-        cmds.append(f"tvtool materialize {r.base} {src} --alpha {a}{sel} -o {out}/models")
+        cmds.append(["tvtool", "materialize", base, *src, "-o", f"{out}/models",
+                     *replace(r.materialize, alphas=alphas).to_cli_args()])
     for d in r.datasets:
-        lim = f" --limit {d.limit}" if d.limit else ""
-        mt = d.max_tokens or r.sampling.max_tokens
+        ev, sampling = _eval_options(r, d, True)
+        flags = ["--dataset", ev.dataset, *ev.to_cli_args(exclude=("dataset",)), *r.prompt.to_cli_args(), *sampling.to_cli_args(),
+                 *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/eval"]
+        a = ["--alpha", ",".join(cli_number(x) for x in alphas)]
         if r.apply == "swap":
-            cmds.append(f"tvtool eval --base {r.base} {src} --alpha {a}{sel} --dataset {d.name}{lim} --max-tokens {mt}"
-                        f"{flags} -o {out}/eval")
+            cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])
         elif r.apply == "materialize":
-            cmds.append(f"tvtool eval {out}/models/alpha-* --dataset {d.name}{lim} --max-tokens {mt}{flags} "
-                        f"-o {out}/eval")
+            cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + "alpha-*"), *flags])
         else:
-            cmds.append(f"tvtool eval --model {r.base} --lora {out}/lowrank/adapters/alpha-* --alpha {a} "
-                        f"--dataset {d.name}{lim} --max-tokens {mt}{flags} -o {out}/eval")
-    return cmds
-
+            cmds.append(["tvtool", "eval", "--model", base, "--lora",
+                         _Glob(shlex.quote(f"{out}/lowrank/adapters/") + "alpha-*"), *a, *flags])
+    return [_sh(c) for c in cmds]

@@ -98,7 +98,14 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike | Source, *, allow_pickle: bool = False) -> "TaskVector":
-        """A delta (full or factored) written by tvtool: a .safetensors file or a folder with an index."""
+        """A delta (full or factored) written by tvtool: a .safetensors file or a folder with an index;
+        or a PEFT LoRA adapter folder (Δ = s·B·A per module, zero elsewhere; see tvtool.adapter_tv)."""
+        # --- PEFT adapters (tvtool.adapter_tv) ---
+        from .adapter_tv import AdapterTerm, is_adapter
+
+        if not isinstance(path, Source) and is_adapter(path):
+            return cls([(1.0, AdapterTerm(path))])
+        # --- end PEFT adapters ---
         ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)
         kind = ckpt.metadata.get("tvtool.kind")
         if kind not in ("delta", "factored-delta"):
@@ -131,6 +138,21 @@ class TaskVector:
     def __sub__(self, other: "TaskVector") -> "TaskVector":
         return self + (-other)
 
+    # -- operators (tvtool.operators; lazy like the rest) --------------------------
+    def merge(self, *others: "TaskVector", **merge):
+        """This and `others` (same base) merged by `tvtool.operators.Merge(**merge)`: TIES, DARE, …"""
+        from .operators import Merge, MergedVector
+
+        return MergedVector([self, *others], Merge(**merge))
+
+    def trim(self, density: float):
+        """Keep the top `density` fraction of |Δ| per tensor (ties in index order)."""
+        return self.merge(method="trim", density=density)
+
+    def dare(self, p: float, *, seed: int = 0):
+        """Drop each element with probability p (hash of seed, name, index), rescale by 1/(1 − p)."""
+        return self.merge(method="dare_linear", p=p, seed=seed)
+
     # -- reading ------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self._names)
@@ -153,11 +175,13 @@ class TaskVector:
     def get(self, name: str) -> torch.Tensor:
         return self.rows(name)
 
-    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None):
+    def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None, *,
+                     base_rows: torch.Tensor | None = None, base32: torch.Tensor | None = None):
         """(θ1 rows as stored, θ1 rows in fp32, Δ rows, θ2 rows or None) for output tensor `name`.
 
         Reads every input once: for a plain base/reasoner pair over this base, Δ is computed from
-        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit).
+        the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit). `base_rows`
+        (and `base32`) are θ1's rows when the caller already read them (several task vectors).
         `src` is the base tensor to read (the embedding for a tied lm_head).
         """
         p = self.pair
@@ -165,11 +189,13 @@ class TaskVector:
         within = p is not None and stop is not None and bool(p.shape(name)) and stop <= p.shape(name)[0]
         if (whole or within) and p.base.source.path.resolve() == base.source.path.resolve():
             bn, rn, _ = p.names[name]
-            base_rows, r = p.base.read(bn, start, stop), p.reasoner.read(rn, start, stop)
-            base32 = base_rows.float()  # [rows, ...] shared by Δ and every α
+            base_rows = p.base.read(bn, start, stop) if base_rows is None else base_rows
+            r = p.reasoner.read(rn, start, stop)
+            base32 = base_rows.float() if base32 is None else base32  # [rows, ...] shared by Δ and every α
             return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
-        base_rows = base.read(src, start, stop)  # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
-        return base_rows, base_rows.float(), self.rows(name, start, stop), None
+        base_rows = base.read(src, start, stop) if base_rows is None else base_rows
+        # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
+        return base_rows, base_rows.float() if base32 is None else base32, self.rows(name, start, stop), None
 
     # -- what it came from --------------------------------------------------------
     @property
@@ -191,6 +217,8 @@ class TaskVector:
             prov = {"base": t.base.source.describe(), "reasoner": t.reasoner.source.describe(),
                     "skipped": t.skipped, "missing": t.missing, "vocab": t.vocab,
                     "dtype": dtype_name(common_dtype(t.base, t.reasoner))}
+        elif hasattr(t, "provenance"):  # a PEFT adapter (tvtool.adapter_tv)
+            prov = t.provenance()
         else:
             m = t.ckpt.metadata
             prov = {k.removeprefix("tvtool."): _json_or_str(v) for k, v in m.items()
@@ -200,9 +228,19 @@ class TaskVector:
             prov["combination"] = [{"coefficient": c, **_term_source(t)} for c, t in self.terms]
         return prov
 
-    def side_files(self) -> dict[str, bytes]:
-        """The reasoner's config/tokenizer/chat-template files, carried so materialize needs no reasoner."""
+    def side_files(self, base: Checkpoint | None = None) -> dict[str, bytes]:
+        """The reasoner's config/tokenizer/chat-template files, carried so materialize needs no reasoner.
+
+        A delta with no config.json (a PEFT adapter, or svd-rank of one) gets `base`'s files under its own."""
+        files = self._own_side_files()
+        if base is not None and "config.json" not in files:
+            files = {**base.side_files(), **files}
+        return files
+
+    def _own_side_files(self) -> dict[str, bytes]:
         t = self.terms[0][1]
+        if hasattr(t, "side_files"):  # a PEFT adapter (tvtool.adapter_tv)
+            return t.side_files()
         if isinstance(t, _Pair):
             return t.reasoner.side_files()
         files = t.ckpt.side_files()
@@ -283,6 +321,8 @@ def _non_float(db: torch.dtype, dr: torch.dtype) -> str:
 
 
 def _term_source(t) -> dict:
+    if hasattr(t, "provenance"):  # a PEFT adapter (tvtool.adapter_tv)
+        return {"adapter": str(t.path)}
     if isinstance(t, _Pair):
         return {"base": t.base.source.ref, "reasoner": t.reasoner.source.ref}
     return {"delta": t.ckpt.source.ref}

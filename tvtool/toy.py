@@ -274,8 +274,10 @@ def load_state(*, path: Path) -> dict:
 
 
 def load_model(*, path: Path, state: dict | None = None):
-    """float32 `LlamaForCausalLM` from `path`'s config, with `state` (default: its own weights)."""
-    import torch
+    """float32 `LlamaForCausalLM` from `path`'s config, with `state` (default: its own weights).
+
+    In eval mode, but gradients stay enabled process-wide (generation uses `torch.no_grad` locally),
+    so training in the same process after loading still learns."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     cfg = AutoConfig.from_pretrained(str(path))
@@ -283,7 +285,6 @@ def load_model(*, path: Path, state: dict | None = None):
     state = load_state(path=path) if state is None else state
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     model.eval()
-    torch.set_grad_enabled(False)
     return model
 
 

@@ -31,8 +31,8 @@ class WorkerExtension:
     def tvtool_load_alpha(self, source: dict, config: dict) -> int:
         """Load θ1 + α·Δ (the shared merge stream) into this worker; returns the number of tensors."""
         src, cfg = DeltaSource.from_dict(source), MergeConfig.from_dict(config)
-        base, tv = _open(src)
-        counter = _Counted(merged_tensors(base=base, tv=tv, config=cfg))
+        base, tvs = _open(src)
+        counter = _Counted(merged_tensors(base=base, tv=tvs, config=cfg))
         self.reload_weights(weights_iterator=iter(counter))
         return counter.n
 
@@ -44,11 +44,11 @@ class WorkerExtension:
 
 
 def _open(src: DeltaSource):
-    """(θ1, Δ) of `src`, re-opened when an input path was replaced or touched since."""
-    key = (src, tuple(_stamp(p) for p in (src.base, src.delta, src.reasoner)))
+    """(θ1, [Δ_i]) of `src`, re-opened when an input path was replaced or touched since."""
+    key = (src, tuple(_stamp(p) for p in (src.base, src.delta, src.reasoner, *src.more)))
     if key not in _opened:
         _opened.clear()
-        _opened[key] = src.open()
+        _opened[key] = src.open_vectors()
     return _opened[key]
 
 

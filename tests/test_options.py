@@ -1,0 +1,140 @@
+"""Options are defined once: `to_cli_args()` is the inverse of `from_cli`, and the reproduce
+commands written by materialize and sweep parse back into the options that were used."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import typing
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+
+import tvtool
+from tvtool.cli import main
+from tvtool.delta import DeltaOptions
+from tvtool.runs import EvalOptions
+from tvtool.engine import EngineOptions, SamplingOptions
+from tvtool.prompting import PromptOptions
+from tvtool.hub import PushOptions
+from tvtool.lowrank import LowRankOptions
+from tvtool.materialize import MaterializeOptions
+from tvtool.mixchain import MixChainOptions
+from tvtool.options import click_options, from_cli, unwrap_optional
+from tvtool.recipe import load_recipe
+from tvtool.sweep import SweepOptions, _commands, _eval_options
+
+CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
+           PromptOptions, PushOptions, SamplingOptions, SweepOptions]
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _other(tp, default, k: int):
+    """A value of type `tp` different from `default` (k varies the choice)."""
+    tp, _ = unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return not default
+    if origin is typing.Literal:
+        return next(c for c in typing.get_args(tp)[::-1] if c != default)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        return {float: (-0.5, 1 / 3, 1e-7, 2.0), int: (20, 50, 100 + k)}.get(inner, ("a b", "--x", "c'd"))
+    if tp is int:
+        return (default or 0) + 7 + k
+    if tp is float:
+        return 0.1 + (default or 0) + 1 / 3
+    return f"it's {k} {{x}}"  # spaces, quotes, braces
+
+
+def _parse(cls, args: list[str]):
+    got = []
+
+    @click.command()
+    @click_options(cls)
+    def cmd(**kw):
+        got.append(from_cli(cls, kw))
+
+    r = CliRunner().invoke(cmd, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return got[0]
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_to_cli_args_round_trips(cls):
+    hints = typing.get_type_hints(cls)
+    assert cls().to_cli_args() == []  # defaults need no flags
+    assert _parse(cls, []) == cls()
+    fields = dataclasses.fields(cls)
+    everything = cls(**{f.name: _other(hints[f.name], getattr(cls(), f.name), i) for i, f in enumerate(fields)})
+    assert _parse(cls, everything.to_cli_args()) == everything
+    for f in fields:  # one field at a time: only its flag is written
+        one = dataclasses.replace(cls(), **{f.name: getattr(everything, f.name)})
+        args = one.to_cli_args()
+        assert {a for a in args if a.startswith("--") and a not in one.__dict__.values()} == {args[0]}, args
+        assert _parse(cls, args) == one
+        assert _parse(cls, shlex.split(shlex.join(args))) == one
+
+
+def test_bool_flags_use_their_names():
+    assert PushOptions(private=False).to_cli_args() == ["--public"]
+    assert MaterializeOptions(progress=False).to_cli_args() == ["--no-progress"]
+    assert MaterializeOptions(alphas=(0.6, 1.0), allow_pickle=True).to_cli_args() == ["--alpha", "0.6,1",
+                                                                                      "--allow-pickle"]
+
+
+def test_model_card_command_rebuilds_the_options(llama, tmp_path):
+    base, reasoner = llama
+    o = MaterializeOptions(alphas=(0.6,), dtype="float32", include=r"mlp\.", name_template="m {alpha}",
+                           config_from="base", max_shard_size="150KB", progress=False)
+    out = tmp_path / "out dir"
+    res = tvtool.materialize(base=base, reasoner=reasoner, output=out, options=o)
+    card = ModelCard.load(res.folders[0.6] / "README.md").text
+    cmd = re.search(r"```bash\n(tvtool materialize .*)\n```", card).group(1)
+    words = shlex.split(cmd)
+    ctx = main.commands["materialize"].make_context("materialize", words[2:])
+    kw = dict(ctx.params)
+    assert (kw.pop("base"), kw.pop("reasoner"), kw.pop("output"), kw.pop("delta_path")) == \
+        (str(base), str(reasoner), str(out), None)
+    assert from_cli(MaterializeOptions, kw) == dataclasses.replace(o, progress=True)
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml"])
+def test_sweep_commands_parse_into_the_sweeps_options(name, tmp_path):
+    r = load_recipe(RECIPES / name)
+    evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
+    assert len(evals) == len(r.datasets)
+    for cmd, ds in zip(evals, r.datasets):
+        ctx = main.commands["eval"].make_context("eval", shlex.split(cmd)[2:])
+        kw = dict(ctx.params)
+        ev, sampling = _eval_options(r, ds, True)
+        assert from_cli(EvalOptions, kw) == ev
+        assert from_cli(SamplingOptions, kw) == sampling
+        assert from_cli(PromptOptions, kw) == r.prompt
+        assert from_cli(EngineOptions, kw) == r.engine
+        assert tuple(a for part in kw["alphas"] for a in part) in ((), tuple(dict.fromkeys(r.alphas)))
+
+
+@pytest.mark.parametrize("apply", ["swap", "materialize"])
+def test_sweep_commands_carry_the_materialize_section(apply, tmp_path):
+    """The recipe's materialize.include/exclude reach `tvtool eval` (swap) or `tvtool materialize`."""
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\nbase: b\nreasoner: r\nalphas: [0, 0.6]\ndatasets: [{name: toy, limit: 3}]\n"
+                 f"apply: {apply}\nmaterialize: {{include: 'mlp|attn', exclude: 'layers\\.0\\.', dtype: float32}}\n")
+    r = load_recipe(p)
+    cmds = _commands(r, tmp_path / "run")
+    ev, _ = _eval_options(r, r.datasets[0], True)
+    ctx = main.commands["eval"].make_context("eval", shlex.split(cmds[-1])[2:])
+    assert from_cli(EvalOptions, dict(ctx.params)) == ev
+    if apply == "swap":
+        assert (ev.include, ev.exclude) == ("mlp|attn", r"layers\.0\.")
+        assert not any(c.startswith("tvtool materialize ") for c in cmds)
+    else:
+        assert (ev.include, ev.exclude) == (None, None)  # the α folders already carry the selection
+        (mat,) = [c for c in cmds if c.startswith("tvtool materialize ")]
+        kw = dict(main.commands["materialize"].make_context("materialize", shlex.split(mat)[2:]).params)
+        assert from_cli(MaterializeOptions, kw) == dataclasses.replace(r.materialize, alphas=(0.0, 0.6))
