@@ -177,7 +177,8 @@ def test_existing_output_needs_overwrite(llama, tmp_path):
     out = tmp_path / "d.safetensors"
     out.write_text("keep me")
     r = cli("delta", base, reasoner, "-o", out)
-    assert_one_line_error(r, f"output already exists ({out}). Pass --overwrite or choose another path")
+    assert_one_line_error(r, f"the output already exists, with no tvtool record of how it was made ({out}). "
+                             "Pass --overwrite to redo it, or choose another output")
     assert out.read_text() == "keep me"
     assert cli("delta", base, reasoner, "-o", out, "--overwrite", "--no-progress").exit_code == 0
 

@@ -195,8 +195,9 @@ def test_existing_folder_with_other_settings_is_an_error(llama, tmp_path):
     base, reasoner = llama
     tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.2))
     r = cli("materialize", base, "--reasoner", reasoner, "-a", "0.2", "--dtype", "float32", "-o", tmp_path)
-    assert_one_line_error(r, f"output folder exists with other settings or contents ({tmp_path / 'alpha-0.2'}). "
-                             "Pass --overwrite, or choose another output folder")
+    assert_one_line_error(r, f"the output holds a result made from other inputs or options (dtype auto → float32) "
+                             f"({tmp_path / 'alpha-0.2'}). Pass --overwrite to redo it, or choose "
+                             "another output")
     r = cli("materialize", base, "--reasoner", reasoner, "-a", "0.2", "--dtype", "float32", "-o", tmp_path,
             "--overwrite", "--no-progress")
     assert r.exit_code == 0, r.stderr
@@ -206,7 +207,7 @@ def test_existing_folder_with_other_settings_is_an_error(llama, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["-a", "0.5"], "give exactly one of --delta and --reasoner. Δ comes from a delta file or a reasoner"),
     (["--reasoner", "R"], "no α given (--alpha). Pass e.g. --alpha 0.6 (repeat for more)"),
-    (["--reasoner", "R", "-a", "nan"], "α must be a finite number, got nan (--alpha)"),
+    (["--reasoner", "R", "-a", "nan"], "α must be a finite number, got nan (--alpha). Pass real numbers such as 0.2,0.6,1"),
     (["--reasoner", "R", "-a", "1", "--include", "("],
      "bad regular expression '(': missing ), unterminated subpattern at position 0 (--include)"),
 ])

@@ -19,6 +19,7 @@ from tvtool.prompting import PromptOptions
 from tvtool.results import read_samples, summarize
 from tvtool.runs import EvalOptions
 from tvtool.source import DeltaSource
+from tvtool.finished import RECORD_KEY, stage_record
 from tvtool.units import RayOptions, RunSpec, plan_units, settings_complete, sweep_runs
 
 TOY = Path(__file__).resolve().parents[1] / "tvtool" / "assets" / "toy"
@@ -78,7 +79,11 @@ def _finish(run: RunSpec, *, drop: int = 0, settings: dict | None = None) -> Non
     """What a finished run leaves: run.json (settings, finished), samples.jsonl, summary.json."""
     f = Path(run.folder)
     f.mkdir(parents=True, exist_ok=True)
-    (f / RUN).write_text(json.dumps({"settings": settings or run.settings, "finished": "now"}))
+    record = run.record
+    if settings is not None:  # made with other settings: another finished-work record (tvtool.finished)
+        record = stage_record(stage="eval", options={**run.record["options"], **{k: settings[k] for k in ("score",)}},
+                              inputs=run.record["inputs"])
+    (f / RUN).write_text(json.dumps({"settings": settings or run.settings, RECORD_KEY: record, "finished": "now"}))
     recs = [{"id": p.id, "index": 0, "num_tokens": 3 + k, "finish_reason": "stop", "correct": k % 2 == 0}
             for k, p in enumerate(run.problems.problems[drop:])]
     (f / SAMPLES).write_text("".join(json.dumps(x) + "\n" for x in recs))

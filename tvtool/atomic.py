@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .layout import PARTIAL
+from .lock import output_lock
 
 RESUME_KEY = ".resume-key"  # in a resumable partial folder: the settings it was started with
 
@@ -36,17 +37,21 @@ def discard(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh `<final>.partial/` folder; on success it replaces `final`, on any error it is removed."""
+    """Yield a fresh `<final>.partial/` folder; on success it replaces `final`, on any error it is removed.
+
+    Holds `final`'s output lock throughout (`tvtool.lock`), so a `.partial` found at the start is a
+    killed run's leftover, never another live writer's work in progress."""
     final = Path(final)
     tmp = partial_path(final)
-    discard(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
+    with output_lock(final):
         discard(tmp)
-        raise
-    commit_dir(tmp, final)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            discard(tmp)
+            raise
+        commit_dir(tmp, final)
 
 
 def commit_dir(tmp: Path, final: str | os.PathLike) -> Path:
@@ -63,7 +68,8 @@ def resumable_dir(final: str | os.PathLike, *, key: str) -> Path:
     started it with the same `key` (its settings), else made afresh. `commit_dir` puts it in place.
 
     Unlike `atomic_dir`, an interrupt leaves it (that is the point); a partial folder never looks
-    complete, as its name says."""
+    complete, as its name says. The caller holds `final`'s output lock (`tvtool.lock.output_lock`)
+    for the whole work, so a partial folder found here is a killed run's, never a live writer's."""
     tmp = partial_path(final)
     f = tmp / RESUME_KEY
     if f.is_file() and f.read_text(encoding="utf-8") == key:

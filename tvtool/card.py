@@ -1,12 +1,15 @@
-"""Model cards for merged checkpoints: honest YAML metadata plus how to reproduce."""
+"""Cards: model cards for merged checkpoints (honest YAML metadata plus how to reproduce), and the
+MixChain dataset card."""
 
 from __future__ import annotations
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from . import __version__
 from .layout import is_hub_id
+
+MIXCHAIN_RECORD = "mixchain.json"  # the MixChain dataset folder's settings (tvtool.mixchain.RECORD)
 
 
 def _hub_id(src: dict | None) -> str | None:
@@ -98,3 +101,90 @@ def _brief(delta: dict | None) -> dict | None:
         return delta
     return {k: ({kk: vv for kk, vv in v.items() if kk != "report"} if isinstance(v, dict) else v)
             for k, v in delta.items()}
+
+
+def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: list[str] | None) -> str:
+    """README.md: YAML metadata (license, tags) and the Table 9 statistics.
+
+    No `configs:` block: `datasets` (5.2) caches a local folder whose card lists data_files by the
+    folder name only, so a rebuilt folder would load stale rows; the file name
+    data/train-00000-of-00001.parquet is found by its default patterns instead."""
+    n = stats["kept"]
+    size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "n>100K"
+    data = DatasetCardData(
+        license=license, language=["en"], task_categories=["text-generation"], size_categories=[size],
+        source_datasets=source_datasets, pretty_name=f"MixChain-Z {record['dataset']['name']}",
+        tags=["tvtool", "mixchain", "cot-valve", "math", "reasoning", "synthetic"],
+        tvtool={"version": __version__, "mixchain": {k: record[k] for k in ("alphas", "min_correct",
+                                                                               "keep_truncated", "models")}})
+    k, ds, s = len(record["alphas"]), record["dataset"], record["sampling"]
+    t9 = "\n".join(f"| {r['label']} | {r['samples']} | {_f(r['mean_tokens'])} |" for r in stats["table9"])
+    pa = "\n".join(f"| {a['alpha']:g} | {a['generated']} | {a['correct']} | {_f(a['accuracy'])} | {a['truncated']} | "
+                   f"{_f(a['mean_tokens_generated'])} | {a['kept']} |" for a in stats["per_alpha"])
+    m = record["models"]
+    hist = ", ".join(f"{j}: {c}" for j, c in stats["correct_histogram"].items())
+    delta_line = f"- Δ: `{m['delta']}`\n" if m.get("delta") else f"- θ₂ (reasoner): `{m['reasoner']}`\n"
+    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
+    body = f"""
+# MixChain-Z: {ds['name']} ({ds['split']}), made with tvtool
+
+Reasoning chains of several lengths per question, built as in CoT-Valve (Ma et al., 2025,
+arXiv:2502.09601, §3.2 and §4.2, "MixChain from zero-shot"): each question gets its ground-truth
+solution (`solution_0`) and one chain from each merged model θ₁ + α·(θ₂ − θ₁), α ∈ {record['alphas']}
+(`solution_1` … `solution_{k}`, α ascending, so chains tend to grow with the index). Solutions with a
+wrong answer are removed.
+
+## Models and generation
+- θ₁ (base): `{m['base']}`
+{delta_line}- α values: {', '.join(f'{a:g}' for a in record['alphas'])} (one vLLM engine, weights θ₁ + α·Δ loaded
+  in place)
+- decoding: {decoding}, max_tokens {s['max_tokens']}, one sample per question and α; vLLM {record['vllm_version']}
+- prompt: {'the chat template of the reasoner' if record['prompt']['chat_template'] else 'plain format'}, \
+instruction `{record['prompt']['instruction']}`, system prompt `{record['prompt']['system_prompt']}`
+- questions: {ds['description']}{', shuffled with seed ' + str(ds['seed']) if ds.get('seed') is not None else ''}
+
+## Filter
+A generated solution is kept when its answer is correct (judged by {record.get('scorer', 'tvtool.scoring')})
+and it finished within max_tokens{' (here truncated chains are kept when correct)' if record['keep_truncated'] else ''}.
+A question is kept when at least {stats['min_correct']} of its {k} generated solutions are kept, and it has
+at least one solution. Kept: **{stats['kept']} of {stats['questions']}** questions; dropped:
+{stats['dropped']['too few correct']} with too few kept solutions, {stats['dropped']['no solution']} with no solution
+at all.
+Questions by number of kept generated solutions: {hist}.
+
+| α | generated | correct | accuracy % | truncated | mean #tokens (all) | kept |
+|---|---|---|---|---|---|---|
+{pa}
+
+## Statistics (as the paper's Table 9)
+| Solution index | #Samples | #Avg Token |
+|---|---|---|
+{t9}
+
+## Columns
+- `question`; `answer` (the ground-truth solution; GSM8K: calculator annotations and the `#### N` line
+  removed); `target` (the gold final answer); `id` (tvtool's question id).
+- `solution_0` = `answer`; `solution_k` (k ≥ 1) = the chain generated with α = `alpha_k`.
+- `solution_k_token`: token length, counted one way for every solution as the paper counts generated
+  tokens: the token ids a model emits for it, the final EOS included (generated chains: their generated
+  token ids; `solution_0`: its ids under the reasoner's tokenizer, no special tokens, plus the EOS).
+- `correct_k`: the chain reached the gold answer (and finished). A removed chain has `solution_k`,
+  `solution_k_token` and `beta_k` = null and `correct_k` = false; `alpha_k` is always set.
+- `beta_k` (CoT-Valve eq. 4) over the question's present solutions, `solution_0` included:
+  β = 1 − (m − m_min)/(m_max − m_min); the shortest gets 1, the longest 0; with one solution, or all
+  of one length, every β is 1 (each is a shortest solution).
+
+The released MixChain-Z datasets have the same `question`, `answer`, `target`, `solution_k`,
+`solution_k_token` and `correct_k` columns; `solution_0_token`, `alpha_k`, `beta_k` and `id` are added.
+
+## License and provenance
+Questions and ground-truth solutions: {ds['description']}; card license `{license}`
+(for GSM8K and MATH-500: MIT, as the source data).
+The generated chains are model outputs of the checkpoints above; their use may also be subject to
+those models' licenses. Made with tvtool {__version__}; settings in `{MIXCHAIN_RECORD}`.
+"""
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"

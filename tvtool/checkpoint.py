@@ -8,6 +8,7 @@ cache. Tensors are matched by name, never by file, and read in row chunks.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -28,6 +29,7 @@ from .safetensors_io import TensorInfo, read_header, read_rows
 # Everything but the weights that a model folder needs to load and chat.
 SIDE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                  "added_tokens.json", "vocab.*", "merges.txt", "chat_template*", "*.tiktoken")
+_CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,49 @@ def resolve(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
         raise CheckpointError("not in the local Hugging Face cache and the Hub cannot be reached", where=ref,
                               fix="download it on a machine with a network (or unset HF_HUB_OFFLINE), "
                                   "or pass a local folder") from None
-    except (HfHubHTTPError, OSError) as e:
+    except OSError as e:
+        if isinstance(e, (PermissionError, FileExistsError)) or e.errno in _CACHE_ERRNOS:
+            from huggingface_hub import constants
+
+            raise CheckpointError(f"cannot write to the Hugging Face cache: {e.strerror or type(e).__name__}",
+                                  where=str(e.filename or constants.HF_HUB_CACHE),
+                                  fix="make the cache writable, or set HF_HOME (or HF_HUB_CACHE) to a writable "
+                                      "folder") from None
+        raise CheckpointError(f"could not download from the Hub: {type(e).__name__}", where=ref,
+                              fix="check the network, or pass a local folder") from None
+    except HfHubHTTPError as e:
         raise CheckpointError(f"could not download from the Hub: {type(e).__name__}", where=ref,
                               fix="check the network, or pass a local folder") from None
     return Source(Path(path), ref, repo_id, Path(path).name)
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's {tensor: shard file} map, validated: a JSON object whose weight_map maps strings to strings."""
+    fix = "the index is damaged; re-download or re-create it"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError("malformed index (not JSON)", where=str(index_path), fix=fix) from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if wm is None:
+        raise CheckpointError("malformed index (no weight_map)", where=str(index_path),
+                              fix="re-download or re-create the index")
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(f"malformed index (weight_map is a JSON {type(wm).__name__}, not a map from tensor "
+                              "names to shard file names)", where=str(index_path), fix=fix)
+    return wm
+
+
+def _trusted_root(root: Path) -> Path:
+    """Where a shard may live: the folder itself, or for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<sha>`, shards symlinked to `../../blobs/<hash>`) the repo folder."""
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return root.parent.parent
+    return root
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 class Checkpoint:
@@ -116,19 +157,15 @@ class Checkpoint:
     @classmethod
     def _open_index(cls, src: Source) -> "Checkpoint":
         index_path = src.path / INDEX
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError("malformed index (no weight_map)", where=str(index_path),
-                                  fix="re-download or re-create the index") from None
-        root = Path(os.path.normpath(src.path.absolute()))
+        weight_map = _weight_map(index_path)
+        root = src.path.resolve()
+        trusted = _trusted_root(root)
         headers: dict[str, tuple[dict, dict]] = {}
         infos: dict[str, TensorInfo] = {}
         meta: dict[str, str] = {}
         for name, fname in weight_map.items():
-            # lexical check: shards in the HF cache are symlinks into ../../blobs, which is fine
-            if not isinstance(fname, str) or os.path.isabs(fname) or \
-                    Path(os.path.normpath(root / fname)).parent != root:
+            if (os.path.isabs(fname) or os.path.dirname(os.path.normpath(fname))
+                    or not _within((root / fname).resolve(), trusted)):
                 raise CheckpointError(f"index names a file outside the checkpoint folder: {fname!r}",
                                       where=str(index_path), fix="the index is unsafe or damaged; re-create it")
             if fname not in headers:

@@ -6,13 +6,14 @@ Errors from the library (`TvtoolError`) become one line on stderr and exit code 
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import replace
 
 import click
 
 from . import __version__
 from .delta import DeltaOptions, delta
-from .errors import OptionsError, TvtoolError
+from .errors import OptionsError, TvtoolError, os_error
 from .engine import EngineOptions, SamplingOptions
 from .evaluate import evaluate
 from .generate import generate_responses
@@ -43,13 +44,23 @@ def _ray_options(kw: dict) -> RayOptions | None:
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except TvtoolError as e:
             click.echo(f"tvtool: error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # disk full, read-only, permissions…: the cleanup already ran on the way out
+            err = os_error(e)
+            click.echo(f"tvtool: error: {err}", err=True)
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("tvtool: interrupted; partial outputs were removed, re-run to finish", err=True)
             sys.exit(130)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"tvtool: warning: {message}", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

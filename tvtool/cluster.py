@@ -107,7 +107,7 @@ class EngineActor:
             self.engine.hold_alpha(source=r.source, config=r.config)
             run_one(engine=self.engine, problems=r.problems, folder=r.folder, model=r.model, prompt=self.job.prompt,
                     sampling=r.sampling, options=replace(r.options, progress=False), params_b=r.params_b,
-                    params_source=r.params_source)
+                    params_source=r.params_source, weights=r.weights)
         return [r.folder for r in unit.runs]
 
     def close(self) -> None:
@@ -379,11 +379,12 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float], base:
         source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
     datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
-    runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt)
+    runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,
+                      engine_options=engine_options)
     plan = plan_units(runs=runs, engines=executor.engines, complete=complete)
     for u in plan.units:  # refuse (or discard) other settings' results now, not in an actor
         for r in u.runs:
-            check_settings(Path(r.folder), r.settings, r.options.overwrite)
+            check_settings(Path(r.folder), r.record, r.options.overwrite)
     if plan.units:
         Path(output).mkdir(parents=True, exist_ok=True)  # each actor checks it can write here
     job = Job(source=source, output=str(output), engine=engine_options, prompt=prompt,

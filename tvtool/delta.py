@@ -15,9 +15,13 @@ from typing import Literal
 
 from . import __version__
 from .errors import OutputError
+from .finished import META_KEY, is_finished, stage_record
+from .finite import check_finite, warn_nonfinite
 from .layout import DTYPES, dtype_name
+from .lock import output_lock
 from .options import CliOptions, opt
-from .output import check_free, human, parse_size, plan_bytes, progress, write_tensors
+from .output import human, parse_size, plan_bytes, progress, write_tensors
+from .paths import check_output_apart
 from .safetensors_io import row_chunks
 from .source import DeltaSource
 from .taskvector import common_dtype
@@ -32,7 +36,9 @@ class DeltaOptions(CliOptions):
     vocab: Literal["error", "intersect"] = opt(
         "error", "Vocabulary rows differ (embed_tokens/lm_head): error, or intersect = Δ over the shared rows only.")
     allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
-    overwrite: bool = opt(False, "Replace an existing output.")
+    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the checkpoints into Δ (with a warning) instead of "
+                                       "stopping at the first one.")
+    overwrite: bool = opt(False, "Replace an existing output made from other inputs or options.")
     progress: bool = opt(True, "Show a progress bar.")
 
 
@@ -45,9 +51,12 @@ class DeltaResult:
     dtype: str
     skipped: list[dict]
     missing: dict
+    reused: bool = False  # already complete: the output's record matched
 
     def summary(self) -> str:
         s = f"wrote Δ: {self.tensors} tensors, {human(self.nbytes)} {self.dtype} → {self.output}"
+        if self.reused:
+            s = f"Δ already complete: {self.tensors} tensors, {human(self.nbytes)} {self.dtype} → {self.output}"
         if self.skipped:
             s += f"; skipped {len(self.skipped)} ({', '.join(d['name'] for d in self.skipped[:3])}…)"
         if self.missing:
@@ -59,8 +68,9 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
           options: DeltaOptions = DeltaOptions()) -> DeltaResult:
     """Write Δ = reasoner − base to `output` (a .safetensors file, or a folder of shards)."""
     o = options
-    tv = DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                     allow_pickle=o.allow_pickle).task_vector()
+    source = DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                         allow_pickle=o.allow_pickle)
+    tv = source.task_vector()
     pair = tv.pair
     dtype = common_dtype(pair.base, pair.reasoner) if o.dtype == "auto" else DTYPES[o.dtype]
     out = Path(output)
@@ -71,21 +81,44 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
         raise OutputError(f"Δ is {human(plan_bytes(plan))}, over --max-shard-size {o.max_shard_size}",
                           where=str(out), fix="give a folder path for -o (it will be sharded) "
                                               "or raise --max-shard-size")
-    check_free(out, overwrite=o.overwrite, what="output")
+    check_output_apart(out, tv.sources())
     prov = tv.provenance()
     meta = {"format": "pt", "tvtool.kind": "delta", "tvtool.version": __version__,
             "tvtool.base": json.dumps(prov["base"]), "tvtool.reasoner": json.dumps(prov["reasoner"]),
             "tvtool.dtype": dtype_name(dtype), "tvtool.vocab": o.vocab,
             "tvtool.skipped": json.dumps(prov["skipped"]), "tvtool.missing": json.dumps(prov["missing"])}
+    record = delta_record(source, dtype=dtype_name(dtype), allow_nonfinite=o.allow_nonfinite)
+    meta[META_KEY] = json.dumps(record, sort_keys=True)  # the delta's own fingerprint travels with it
+    nonfinite: dict[str, int] = {}
+    where = f"{base} → {reasoner}"
+
     def fill(writer):
         with progress(plan_bytes(plan), "delta", o.progress) as bar:
             for i, (name, _, shape) in enumerate(plan):
                 for s, e in row_chunks(shape):
-                    bar.update(writer.write(name, tv.rows(name, s, e).to(dtype)))  # [rows, ...] fp32 → dtype
+                    d = tv.rows(name, s, e)  # [rows, ...] fp32
+                    bad = check_finite(name, d, s, counts=nonfinite, allow=o.allow_nonfinite, where=where)
+                    chunk = d.to(dtype)
+                    if not bad and dtype != DTYPES["float32"]:
+                        check_finite(name, chunk, s, where=where, overflow=f"Δ in {dtype_name(dtype)}")
+                    bar.update(writer.write(name, chunk))
                 bar.set_postfix_str(f"tensors {i + 1}/{len(plan)}", refresh=False)
 
-    written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(), max_shard_size=max_shard,
-                            fill=fill)
+    with output_lock(out):
+        if is_finished(out, record, overwrite=o.overwrite, what=f"delta {out.name}"):
+            files = sorted(out.glob("*.safetensors")) if out.is_dir() else [out]
+            return DeltaResult(out, files, len(plan), plan_bytes(plan), dtype_name(dtype), prov["skipped"],
+                               prov["missing"], reused=True)
+        written = write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(),
+                                max_shard_size=max_shard, fill=fill)
+    warn_nonfinite(nonfinite)
     return DeltaResult(out, written, len(plan), plan_bytes(plan), dtype_name(dtype),
                        prov["skipped"], prov["missing"])
 
+
+
+def delta_record(source: DeltaSource, *, dtype: str, allow_nonfinite: bool) -> dict:
+    """The finished-work record of a delta (stored in its metadata): options + the pair's content."""
+    fp = source.fingerprint_record()
+    return stage_record(stage="delta", options={**fp["options"], "dtype": dtype, "allow_nonfinite": allow_nonfinite},
+                        inputs=fp["inputs"])

@@ -29,6 +29,7 @@ from .errors import EngineError, OptionsError
 from .merge import MergeConfig, merged_config, output_plan
 from .options import CliOptions, opt
 from .prompting import PromptOptions, build_prompt, load_tokenizer
+from .reaper import reap_on_death
 from .source import DeltaSource
 
 WORKER_EXTENSION = "tvtool.worker.WorkerExtension"  # vLLM's worker_extension_cls
@@ -58,6 +59,17 @@ class EngineOptions(CliOptions):
     enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
     max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")
+
+
+def check_sampling(s: SamplingOptions) -> SamplingOptions:
+    """Raise a one-line OptionsError for sampling options vLLM would refuse (before any engine starts)."""
+    bad = [f"{k}={v}" for k, v, ok in (("n", s.n, s.n >= 1), ("max_tokens", s.max_tokens, s.max_tokens >= 1),
+                                        ("temperature", s.temperature, s.temperature >= 0),
+                                        ("top_p", s.top_p, 0 < s.top_p <= 1)) if not ok]
+    if bad:
+        raise OptionsError(f"bad sampling option {', '.join(bad)}", where="sampling",
+                           fix="need n ≥ 1, max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1")
+    return s
 
 
 # --- results ----------------------------------------------------------------------
@@ -191,12 +203,15 @@ class Engine:
         return engine
 
     def _start(self) -> None:
+        self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
+        self._reaper.__enter__()
         from .logs import engine_start
 
         try:
             with engine_start():  # engine processes print into the run's vllm.log (tvtool.logs)
                 self._llm = vllm_module().LLM(**self._kw)
         except Exception as e:  # vLLM raises many types at start-up
+            self._end_reaper()
             raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
                               fix="check the model folder and the engine options (dtype, max_model_len, "
                                   "memory)") from e
@@ -254,10 +269,7 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingOptions):
-        s = sampling
-        if s.n < 1 or s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
-            raise OptionsError("bad sampling options", where=str(s),
-                               fix="need n ≥ 1, max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1")
+        s = check_sampling(sampling)
         return vllm_module().SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
                                             top_p=s.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
                                             seed=s.sample_seed)
@@ -314,6 +326,12 @@ class Engine:
         self._llm = None
         del llm
         gc.collect()
+        self._end_reaper()
+
+    def _end_reaper(self) -> None:
+        reaper, self._reaper = getattr(self, "_reaper", None), None
+        if reaper is not None:
+            reaper.__exit__(None, None, None)
 
     def close(self) -> None:
         """Stop the engine's processes, free its memory, remove its shell-model folder."""

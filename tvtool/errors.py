@@ -62,5 +62,33 @@ class HubError(TvtoolError):
     """The Hugging Face Hub (or a Hub-compatible server) refused or failed."""
 
 
+# errno → (what happened, what to do) for OS errors met while writing outputs.
+_OS_ERRORS = {
+    "ENOSPC": ("no space left on the device", "free some space or write the output elsewhere, then re-run "
+                                              "(partial outputs were removed; finished ones are kept)"),
+    "EDQUOT": ("disk quota exceeded", "free some space or write the output elsewhere, then re-run"),
+    "EFBIG": ("file too large for this file system", "lower --max-shard-size, or write to a file system "
+                                                     "without a file size limit"),
+    "EROFS": ("read-only file system", "write the output to a writable location"),
+    "EACCES": ("permission denied", "check the permissions, or choose another output path"),
+    "EPERM": ("operation not permitted", "check the permissions, or choose another output path"),
+    "ENOTDIR": ("a path component is a file, not a folder", "remove that file or choose another output path"),
+    "EISDIR": ("a folder is in the way of a file", "remove that folder or choose another output path"),
+    "EEXIST": ("the path already exists", "remove it or choose another output path"),
+    "ENOENT": ("no such file or folder", "check the path"),
+    "EMFILE": ("too many open files", "raise the limit (ulimit -n) and re-run"),
+}
+
+
+def os_error(err: OSError) -> TvtoolError:
+    """An OSError as one TvtoolError line: what (by errno), where (the file), what to do."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(err.errno or 0, "")
+    what, fix = _OS_ERRORS.get(name, (err.strerror or type(err).__name__, "check the path and re-run"))
+    where = " → ".join(str(f) for f in (err.filename, err.filename2) if f is not None) or None
+    return OutputError(f"{what} [{name or type(err).__name__}]", where=where, fix=fix)
+
+
 class ClusterError(TvtoolError):
     """A Ray cluster cannot run the work: a node cannot see the inputs or output, or units failed."""

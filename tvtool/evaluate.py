@@ -35,15 +35,19 @@ from .checkpoint import Checkpoint
 from .data import ProblemSet, load_problems
 from .engine import Engine, EngineOptions, SamplingOptions, alpha_weights, folder_weights
 from .errors import OptionsError
+from .finite import check_alphas
 from .layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
+from .lock import output_lock
 from .logs import vllm_logs
+from .engine import check_sampling
 from .merge import MergeConfig
 from .merge_options import MergeOptions, config_name, split_vectors
+from .paths import check_output_apart, check_writable
 from .prompting import PromptOptions
 from .report import answer_rule_line, markdown_table, write_table
 from .results import ACU_FORMULA, STAT_KEYS, count_params_b
-from .runs import EvalOptions, check_settings, is_complete, run_one, run_settings
-from .source import DeltaSource
+from .runs import EvalOptions, check_settings, is_complete, run_one, run_record, run_settings
+from .source import DeltaSource, input_fingerprint
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,16 @@ class _Planned:
         return (alpha_weights(source=self.source, config=self.config) if self.config is not None
                 else folder_weights(self.path))
 
+    def fingerprint(self, cache: dict) -> dict:
+        """The content of this run's weights (cached per source/folder within one evaluation)."""
+        if self.config is not None:
+            if self.source not in cache:
+                cache[self.source] = self.source.fingerprint_record()
+            return {"source": cache[self.source], "merge": self.config.to_dict()}
+        if self.path not in cache:
+            cache[self.path] = input_fingerprint(self.path)
+        return {"folder": cache[self.path]}
+
     def hold(self, engine: Engine) -> None:
         """Load this run's weights into `engine` unless it already holds them."""
         if self.config is not None:
@@ -129,16 +143,17 @@ class _Session:
         whose weights the engine already holds goes first (no reload)."""
         engine = self.engine if self.engine is not None else new_engine()
         done: dict[int, dict] = {}
+        fps: dict = {}
         try:
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
             for i in order:
                 r = planned[i]
                 problems = r.problems or self.problems
                 kw = dict(problems=problems, model=r.model, prompt=r.prompt or self.prompt, sampling=self.sampling,
-                          options=self.options, lora=r.lora)
-                settings = run_settings(engine=engine, **kw)
-                if not is_complete(folder=r.folder, settings=settings, problems=problems, n=self.sampling.n):
-                    check_settings(r.folder, settings, self.options.overwrite)  # refuse before loading
+                          options=self.options, lora=r.lora, weights=r.fingerprint(fps))
+                record = run_record(engine=engine, **kw)
+                if not is_complete(folder=r.folder, record=record, problems=problems, n=self.sampling.n):
+                    check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
                     r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
                                   **kw)
@@ -234,8 +249,6 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     - `model` + `loras` (+ `alphas` as labels, one per adapter) → `output/<alpha-a|adapter>/<dataset>/`.
     Pass `engine` to reuse a running one (it must suit the mode; it is not closed).
     """
-    problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
-                             seed=options.seed, kind=options.kind)
     operators = merge != MergeOptions() or configs is not None
     if operators and source is None:
         delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
@@ -247,13 +260,38 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
         alphas = alphas or tuple(c.alpha for c in configs)
     mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options, operators)
     out = Path(output)
+    inputs = [model, *checkpoints, *loras,
+              *((source.base, source.delta, source.reasoner, *source.more) if source else ())]
+    _precheck(out, options, sampling, alphas, inputs)
+    if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
+        configs = list(configs) if configs is not None else \
+            merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+    with output_lock(out):
+        return _evaluate(out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
+                         loras=loras, options=options, prompt=prompt, sampling=sampling,
+                         engine_options=engine_options, engine=engine)
+
+
+def _precheck(out: Path, options: EvalOptions, sampling: SamplingOptions, alphas, inputs) -> None:
+    """What can fail before the ~30 s engine start: options, α, and where the results go."""
+    if options.batch_size < 1:
+        raise OptionsError(f"--batch-size must be at least 1, got {options.batch_size}", where="--batch-size")
+    check_sampling(sampling)
+    check_alphas(alphas)
+    check_output_apart(out, inputs)
+    check_writable(out)
+
+
+def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas, configs, checkpoints, loras,
+              options: EvalOptions, prompt: PromptOptions, sampling: SamplingOptions,
+              engine_options: EngineOptions, engine: Engine | None) -> EvalResult:
+    problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
+                             seed=options.seed, kind=options.kind)
     s = _Session(problems, prompt, sampling, options, engine_options, engine)
     with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
         if mode == "model":
             _evaluate_model(s, out, model)
         elif mode == "sweep":
-            configs = list(configs) if configs is not None else \
-                merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
             _evaluate_sweep(s, out, source, configs)
         elif mode == "checkpoints":
             _evaluate_checkpoints(s, out, checkpoints)

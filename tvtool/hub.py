@@ -67,6 +67,7 @@ class RepoPush:
     files: tuple[tuple[str, int], ...]  # (path in repo, size in bytes), README.md as pushed
     commit: str | None = None  # branch head after the push; None in a dry run
     new_commit: bool = False  # False when nothing changed (or dry run)
+    visibility: str = ""  # in a dry run: what the push would make visible, in words
 
     @property
     def size(self) -> int:
@@ -84,7 +85,7 @@ class PushResult:
         for r in self.repos:
             head = f"{r.repo_type} {r.repo_id}@{r.revision}: {len(r.files)} files, {r.size} bytes"
             if self.dry_run:
-                lines.append(f"would push {r.folder} -> {head}")
+                lines.append(f"would push {r.folder} -> {head}, {r.visibility}")
                 lines += [f"  {path} ({size} bytes)" for path, size in r.files]
             else:
                 state = f"new commit {r.commit}" if r.new_commit else f"unchanged at {r.commit}"
@@ -105,12 +106,17 @@ def push(
     if not root.is_dir():
         raise OptionsError("Folder to push does not exist", where=str(root), fix="Pass a tvtool output folder")
     targets = _targets(root)
+    for target in targets:
+        _check_links(target)
     if options.eval_summary is not None and evaluation is None:
         evaluation = _read_text(Path(options.eval_summary))
     endpoint = (options.endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
     template = options.repo or "{user}/{name}-alpha{alpha}"
     needs_user = options.repo is None or "{user}" in template or "/" not in template
+    if constants.HF_HUB_OFFLINE and (needs_user or not options.dry_run):
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed", where=endpoint,
+                       fix="unset HF_HUB_OFFLINE (or HF_HUB_OFFLINE=0) to push, or give --repo in full with --dry-run")
     user = None
     if needs_user or not options.dry_run:  # a dry run reads at most who the token is
         with _hub_errors("check the token", where=endpoint):
@@ -132,7 +138,8 @@ def push(
     for target, repo_id, card in plans:
         files = tuple(sorted([(p, f.stat().st_size) for p, f in _files(target) if p != "README.md"]
                              + [("README.md", len(card))]))
-        plan = RepoPush(folder=target, repo_id=repo_id, repo_type=options.repo_type, revision=revision, files=files)
+        plan = RepoPush(folder=target, repo_id=repo_id, repo_type=options.repo_type, revision=revision, files=files,
+                        visibility=_visibility(options))
         if not options.dry_run:
             plan = _push_one(api, plan, card, options)
         pushed.append(plan)
@@ -250,6 +257,25 @@ def _files(folder: Path) -> Iterator[tuple[str, Path]]:
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not SKIP_PARTS & set(path.parts) and not rel.startswith(".cache/huggingface/"):
             yield rel, path
+
+
+def _check_links(folder: Path) -> None:
+    """Refuse symlinks that lead out of `folder`: push uploads what links point to, which may be anything."""
+    top = folder.resolve()
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            target = path.resolve()
+            if target != top and top not in target.parents:
+                raise OptionsError(f"the folder to push has a link that leads out of it: "
+                                   f"{path.relative_to(folder).as_posix()} -> {target}", where=str(folder),
+                                   fix="replace the link by the file itself, or remove it")
+
+
+def _visibility(options: PushOptions) -> str:
+    """What a dry run tells about who will see the files."""
+    if options.private:
+        return "PRIVATE (a new repo is created private; an existing public repo is refused)"
+    return "PUBLIC: anyone can download these files (a new repo is created public; drop --public to keep it private)"
 
 
 def _metadata(folder: Path) -> tuple[str | None, str | list[str] | None]:

@@ -34,10 +34,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import write_text
 from .errors import CheckpointError, OptionsError, OutputError
+from .finished import META_KEY, RECORD_KEY, is_finished, read_record, stage_record
+from .finite import check_alphas, check_finite
 from .layout import DTYPES, FACTOR_A, FACTOR_B, is_vocab_tensor
+from .lock import output_lock
 from .lowrank_report import TensorReport, adapter_shares, compact, plot_spectra, totals
 from .options import CliOptions, check_regex, opt
 from .output import check_free, human, parse_size, plan_bytes, write_tensors
+from .paths import check_output_apart
 from .peft_adapter import adapter_folders, write_peft_adapters
 from .safetensors_io import row_chunks
 from .source import DeltaSource
@@ -108,12 +112,52 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
     """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair."""
     o = options
     _check_options(o, delta, base, reasoner)
-    tv = DeltaSource(base=base, delta=delta, reasoner=reasoner).task_vector()
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
+    tv = source.task_vector()
     src = str(delta) if delta is not None else f"{base} → {reasoner}"
     names = tv.names()
     choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=o, where=src)
     out = Path(output)
-    check_free(out, overwrite=o.overwrite, what="output")
+    check_output_apart(out, tv.sources())
+    if o.peft:
+        check_output_apart(o.peft, [*tv.sources(), out], flag="--peft")
+    record = lowrank_record(source, o)
+    with output_lock(out):
+        if is_finished(report_path(out), record, overwrite=o.overwrite, what=f"svd-rank {out.name}"):
+            return _reuse(out, o)
+        if out.exists() and not report_path(out).exists() and \
+                (read_record(out) or {}).get("fingerprint") != record["fingerprint"]:
+            is_finished(out, record, overwrite=o.overwrite, what=f"svd-rank {out.name}")  # refuses, or says why
+        return _svd_rank(tv, src, names, choice, out, o, record)
+
+
+def lowrank_record(source: DeltaSource, o: LowRankOptions) -> dict:
+    """The finished-work record of svd-rank: the options that change its outputs, and Δ's content."""
+    fp = source.fingerprint_record()
+    skip = {"peft", "threads", "max_shard_size", "overwrite", "progress"}
+    opts = {k: v for k, v in asdict(o).items() if k not in skip}
+    return stage_record(stage="svd-rank", options={**fp["options"], **opts, "adapters": bool(o.peft)},
+                        inputs=fp["inputs"])
+
+
+def report_path(out: Path) -> Path:
+    """Where svd-rank writes its report (last): `X.lowrank.json` beside a file, `lowrank.json` in a folder."""
+    return out.with_suffix(".lowrank.json") if out.suffix == ".safetensors" else out / "lowrank.json"
+
+
+def _reuse(out: Path, o: LowRankOptions) -> LowRankResult:
+    """The result of a finished svd-rank, from its report."""
+    rp = report_path(out)
+    rec = json.loads(rp.read_text())
+    tensors = [TensorReport(**{**t, "shape": tuple(t["shape"])}) for t in rec["tensors"]]
+    files = sorted(out.glob("*.safetensors")) if out.is_dir() else [out]
+    plot = rp.with_suffix(".png") if o.plot else None
+    return LowRankResult(out, files, rp, plot, tensors, rec["totals"],
+                         {float(a): Path(p) for a, p in rec.get("adapters", {}).items()})
+
+
+def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str], out: Path,
+              o: LowRankOptions, record: dict) -> LowRankResult:
     if o.peft:
         for f in adapter_folders(output=o.peft, alphas=o.peft_alpha).values():
             check_free(f, overwrite=o.overwrite, what="adapter folder")
@@ -134,6 +178,7 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
                     reports[name] = TensorReport(name, tv.shape(name), kind, _norm_sq(tv, name), reason=reason)
                     continue
                 d = tv.get(name)  # [out, in] fp32
+                check_finite(name, d, where=src)  # an SVD of NaN/Inf fails with a LinAlgError naming nothing
                 t0 = time.perf_counter()
                 B, A, S, norm_sq, method = factorize(d, rank=o.rank, energy=o.energy, max_rank=o.max_rank,
                                                      method=o.method, oversample=o.oversample, niter=o.niter)
@@ -163,6 +208,7 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
         meta["tvtool.zero_elsewhere"] = "true"
     if "delta" in prov:
         meta["tvtool.source_delta"] = json.dumps(prov["delta"])
+    meta[META_KEY] = json.dumps(record, sort_keys=True)  # the factored delta's own fingerprint
     plan = []
     for n in names:
         if choice[n] == "factor":
@@ -172,19 +218,19 @@ def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = Non
             plan.append((n, dtype, tv.shape(n)))
     files = _write(out, plan, meta, tv, factors, choice, o)
     tot = totals(tensors, plan_bytes(plan))
-    report_path = out.with_suffix(".lowrank.json") if out.suffix == ".safetensors" else out / "lowrank.json"
-    plot_path = report_path.with_suffix(".png") if o.plot else None
+    rp = report_path(out)
+    plot_path = rp.with_suffix(".png") if o.plot else None
     adapters: dict[float, Path] = {}
     if o.peft:
         adapters = write_peft_adapters(factored=out, output=o.peft, alphas=o.peft_alpha, overwrite=o.overwrite)
     tot["adapter"] = adapter_shares(tensors)
-    record = {"tvtool_version": __version__, "source": src, "options": asdict(o), "totals": tot,
+    info = {"tvtool_version": __version__, "source": src, "options": asdict(o), "totals": tot,
               "adapters": {str(a): str(p) for a, p in adapters.items()},
               "tensors": [asdict(t) for t in tensors]}
-    write_text(report_path, json.dumps(record, indent=2, default=str) + "\n")
     if plot_path is not None:
         plot_spectra(spectra=spectra, reports=reports, path=plot_path)
-    return LowRankResult(out, files, report_path, plot_path, tensors, tot, adapters)
+    write_text(rp, json.dumps({**info, RECORD_KEY: record}, indent=2, default=str) + "\n")  # last: finished
+    return LowRankResult(out, files, rp, plot_path, tensors, tot, adapters)
 
 
 # -- choosing and factorizing -------------------------------------------------------------
@@ -321,7 +367,7 @@ def _check_options(o: LowRankOptions, delta, base, reasoner) -> None:
         raise OptionsError("--oversample and --niter must be ≥ 0", where=f"{o.oversample=} {o.niter=}")
     check_regex("--include", o.include)
     check_regex("--exclude", o.exclude)
-    if o.peft and not all(math.isfinite(a) for a in o.peft_alpha):
-        raise OptionsError("every --peft-alpha must be a finite number", where="--peft-alpha")
+    if o.peft:
+        check_alphas(o.peft_alpha, where="--peft-alpha")
     if o.peft and not o.peft_alpha:
         raise OptionsError("no --peft-alpha given", where="--peft-alpha", fix="pass e.g. --peft-alpha 0.6")

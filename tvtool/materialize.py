@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shlex
 from dataclasses import asdict, dataclass, field, replace
@@ -21,12 +20,16 @@ from typing import Literal, Sequence
 from . import __version__
 from .atomic import atomic_dir
 from .card import model_card
-from .errors import OptionsError, OutputError
-from .layout import SETTINGS_FILE, alpha_name
-from .merge import MergeConfig, merge_chunks, merged_config, output_plan, plan_entries
+from .errors import OptionsError
+from .finished import RECORD_KEY, is_finished, stage_record
+from .finite import check_alphas, warn_nonfinite
+from .layout import SETTINGS_FILE
+from .lock import output_lock
+from .merge import MergeConfig, check_selection, merge_chunks, merged_config, output_plan, plan_entries
 from .merge_options import MergeOptions, config_name, split_vectors
 from .options import CliOptions, opt
 from .output import ShardedWriter, WriteBehind, parse_size, progress
+from .paths import check_inside, check_output_apart, check_writable
 from .source import DeltaSource
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class MaterializeOptions(CliOptions):
     vocab: Literal["error", "intersect"] = opt(
         "error", "With --reasoner: on a vocabulary-size mismatch, error or interpolate only the shared rows.")
     allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
+    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
+                                       "of stopping at the first one.")
     overwrite: bool = opt(False, "Replace existing α folders made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -80,30 +85,43 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
     alphas = _check_options(o, configs)
     cfgs = list(dict.fromkeys(configs)) if configs is not None else \
         merge.configs(alphas, include=o.include, exclude=o.exclude, weights=weights)
+    check_alphas([c.alpha for c in cfgs])
     b, tvs = source.open_vectors()
     tv = tvs[0]
+    for sel in dict.fromkeys((c.include, c.exclude) for c in cfgs):  # a selection that merges nothing
+        check_selection(tv, MergeConfig(0.0, *sel))
     plan = output_plan(b, tv, dtype=o.dtype)
     files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
     out = Path(output)
-    folders = {c: out / config_name(c, o.name_template) for c in cfgs}
+    folders = {c: out / _folder_name(o.name_template, c) for c in cfgs}
+    for f in folders.values():
+        check_inside(f, out, flag=f"--name-template {o.name_template}")
+        check_output_apart(f, [b.source.path, *(p for t in tvs for p in t.sources())], flag="-o/--name-template")
     if len(set(folders.values())) != len(folders):
         raise OptionsError("two configurations map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
     settings = {c: _settings(c, b, o, reasoner, delta, more) for c in cfgs}
-    todo = [c for c in cfgs if not _complete(folders[c], settings[c], o.overwrite)]
+    inputs = source.fingerprint_record()
+    records = {c: materialize_record(inputs, c, o) for c in cfgs}
     entries = plan_entries(plan)
     read = total_w = 0
+    nonfinite: dict[str, int] = {}
+    check_writable(out)
     with contextlib.ExitStack() as stack:  # every folder is renamed into place only if all succeed
+        stack.enter_context(output_lock(out))  # one writer per output folder
+        todo = [c for c in cfgs if not is_finished(folders[c], records[c], overwrite=o.overwrite,
+                                                   what=f"materialize {folders[c].name}", name=SETTINGS_FILE)]
         tmps = {c: stack.enter_context(atomic_dir(folders[c])) for c in todo}
-        writers = {c: stack.enter_context(ShardedWriter(folder=tmps[c], plan=entries, metadata={"format": "pt"},
-                                                        max_shard_size=parse_size(o.max_shard_size)))
-                   for c in todo}
+        writers = {c: stack.enter_context(ShardedWriter(  # the fingerprint in the headers: a model rebuilt from
+            folder=tmps[c], plan=entries, max_shard_size=parse_size(o.max_shard_size),  # other inputs differs
+            metadata={"format": "pt", "tvtool.fingerprint": records[c]["fingerprint"]})) for c in todo}
         total_w = sum(w.total_size for w in writers.values())
         with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
             wb = WriteBehind(on_bytes=bar.update)
             try:
-                stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan) if todo else ()
+                stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan, allow_nonfinite=o.allow_nonfinite,
+                                      nonfinite=nonfinite, outputs=[str(folders[c]) for c in todo]) if todo else ()
                 for chunk in stream:
                     read += chunk.bytes_read
                     for c, t in zip(todo, chunk.outputs):
@@ -114,7 +132,8 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
                 wb.close()
         for c in todo:
             writers[c].close()
-            _write_extras(tmps[c], files, settings[c], prov, c, o, reasoner, delta, base, output, merge)
+            _write_extras(tmps[c], files, settings[c], records[c], prov, c, o, reasoner, delta, base, output, merge)
+    warn_nonfinite(nonfinite)
     return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
                              [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
 
@@ -126,13 +145,28 @@ def _check_options(o: MaterializeOptions, configs) -> list[float]:
         return []
     if not o.alphas:
         raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
-    for a in o.alphas:
-        if not math.isfinite(a):
-            raise OptionsError(f"α must be a finite number, got {a}", where="--alpha")
+    check_alphas(o.alphas)
     MergeConfig(0.0, o.include, o.exclude)  # checks the regular expressions
     if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
         raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
     return list(dict.fromkeys(float(a) for a in o.alphas))
+
+
+def materialize_record(inputs: dict, config: MergeConfig, o: MaterializeOptions) -> dict:
+    """The finished-work record of one folder: the merge settings (operator included) and the inputs'
+    content (`DeltaSource.fingerprint_record`)."""
+    keep = ("dtype", "config_from", "allow_nonfinite")
+    return stage_record(stage="materialize", options={**inputs["options"], **json.loads(json.dumps(config.to_dict())),
+                                                      **{k: getattr(o, k) for k in keep}}, inputs=inputs["inputs"])
+
+
+def _folder_name(template: str, c: MergeConfig) -> str:
+    """The folder's name from --name-template; an unknown {key} is a one-line error."""
+    try:
+        return config_name(c, template)
+    except (KeyError, IndexError, ValueError) as e:
+        raise OptionsError(f"--name-template has an unknown or malformed field ({type(e).__name__}: {e})",
+                           where=template, fix="the only field is {alpha}, e.g. alpha-{alpha}") from None
 
 
 def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
@@ -144,22 +178,7 @@ def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
             **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(more)} if more else {})}
 
 
-def _complete(folder: Path, settings: dict, overwrite: bool) -> bool:
-    """True when `folder` is a finished output with these settings; error if it holds something else."""
-    f = folder / SETTINGS_FILE
-    if f.is_file():
-        try:
-            if json.loads(f.read_text()).get("settings") == settings and not overwrite:
-                return True
-        except json.JSONDecodeError:
-            pass
-    if folder.exists() and not overwrite:
-        raise OutputError("output folder exists with other settings or contents", where=str(folder),
-                          fix="pass --overwrite, or choose another output folder")
-    return False
-
-
-def _write_extras(tmp: Path, files, settings, prov, c: MergeConfig, o, reasoner, delta, base, output,
+def _write_extras(tmp: Path, files, settings, record, prov, c: MergeConfig, o, reasoner, delta, base, output,
                   merge: MergeOptions) -> None:
     a = c.alpha
     for fname, data in files.items():
@@ -180,6 +199,6 @@ def _write_extras(tmp: Path, files, settings, prov, c: MergeConfig, o, reasoner,
                       dtype=str(dtype or o.dtype), include=c.include, exclude=c.exclude,
                       config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
     (tmp / "README.md").write_text(card)
-    record = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov}
-    (tmp / SETTINGS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    info = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov, RECORD_KEY: record}
+    (tmp / SETTINGS_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -33,6 +33,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import MismatchError, OptionsError
+from .finite import check_finite
 from .kernels import merge_many, merge_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
 from .layout import DTYPES, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
 from .operators import METHODS, Config, LayerSchedule, Merge, Prepared, check_vectors, merged_delta, prepare
@@ -207,8 +208,9 @@ def output_plan(base: Checkpoint, tv: "TaskVector", *,
 
 
 def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", configs: Sequence[MergeConfig],
-                 plan: Sequence[PlannedTensor] | None = None, whole: bool = False,
-                 read_ahead: int = 2) -> Iterator[MergedChunk]:
+                 plan: Sequence[PlannedTensor] | None = None, whole: bool = False, read_ahead: int = 2,
+                 allow_nonfinite: bool = False, nonfinite: dict[str, int] | None = None,
+                 outputs: Sequence[str] | None = None) -> Iterator[MergedChunk]:
     """Stream every output tensor, in plan order and row chunks, merged for each of `configs`.
 
     `tv` is one task vector, or several of the same base (Δ_1..Δ_n, for the operators); the
@@ -217,6 +219,11 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
     configuration trims by magnitude (TIES, trim, breadcrumbs) and the tensor spans several
     chunks (`tvtool.operators`). Reads run `read_ahead` chunks ahead in a thread. `whole=True`
     gives one chunk per tensor (what a model loader wants); chunks never change the values.
+
+    Non-finite values: NaN/Inf in θ1 or Δ rows are an error naming the tensor and the first index
+    (`allow_nonfinite` keeps them, counted per tensor in `nonfinite`); an output that is not finite
+    although its inputs are is an overflow of the rounding (e.g. a huge α in bfloat16), always an error,
+    naming `outputs[i]` (where configuration i goes) when given.
     """
     configs = list(configs)
     tvs = list(tv) if isinstance(tv, (list, tuple)) else [tv]
@@ -224,16 +231,46 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
         check_vectors([{n: t.shape(n) for n in t.names()} for t in tvs])
     for c in configs:
         c.merge.check(len(tvs))
+        check_selection(tvs[0], c)
     plan = list(plan) if plan is not None else output_plan(base, tvs[0])
     names = [p.name for p in plan]
     alphas = [None if c.is_plain(len(tvs)) else c.alphas(names) for c in configs]
+    counts = nonfinite if nonfinite is not None else {}
+    where_b, where_d = str(base.source.ref), [" → ".join(str(p) for p in t.sources()) for t in tvs]
     reads = _reads(base, tvs, configs, plan, whole)
     for i, name, start, stop, base_rows, base32, ds, end, prep, nbytes in (
             prefetch(reads, read_ahead) if read_ahead else reads):
         p = plan[i]
         chunk = MergedChunk(i, name, start, stop, bytes_read=nbytes)
+        bad = check_finite(name, base_rows, start, counts=counts, allow=allow_nonfinite, what="the base",
+                           where=where_b)
+        for d, where in zip(ds or (), where_d):
+            bad += check_finite(name, d, start, counts=counts, allow=allow_nonfinite, where=where)
         chunk.outputs = _merge_one(configs, alphas, name, start, base_rows, base32, ds, end, prep, p.dtype)
+        if not bad:  # finite inputs: a non-finite output overflowed the output dtype
+            for k, (c, out) in enumerate(zip(configs, chunk.outputs)):
+                check_finite(name, out, start, where=outputs[k] if outputs else where_b,
+                             overflow=f"θ1 + α·{'Δ' if alphas[k] is None else 'M'} in {dtype_name(p.dtype)} "
+                                      f"at α={c.alpha:g}",
+                             overflow_fix="use a smaller |α|, or --dtype float32")
         yield chunk
+
+
+def check_selection(tv: "TaskVector", config: MergeConfig) -> None:
+    """--include must match some Δ tensor and --exclude must leave some: else every "merge" is a base copy."""
+    if config.include is None and config.exclude is None:
+        return
+    names = tv.names()
+    if any(config.selects(n) for n in names):
+        return
+    hint = ", ".join(repr(n) for n in names[:4])
+    inc, _ = config._patterns
+    if inc is not None and not any(inc.search(n) for n in names):
+        raise OptionsError(f"--include matches no tensor of the delta ({len(names)} tensors, e.g. {hint})",
+                           where=f"--include {config.include}", fix="use a regex that matches some of these names")
+    raise OptionsError(f"--exclude leaves no tensor to merge ({len(names)} tensors, e.g. {hint})",
+                       where=f"--exclude {config.exclude}",
+                       fix="loosen --exclude (or --include) so that some tensors get α·Δ")
 
 
 def merged_tensors(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", config: MergeConfig,

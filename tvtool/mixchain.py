@@ -43,18 +43,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from huggingface_hub import DatasetCard, DatasetCardData
-
 from . import __version__
 from .atomic import atomic_dir
+from .card import MIXCHAIN_RECORD as RECORD, dataset_card
 from .data import Problem, load_problems
 from .engine import Engine, EngineOptions, SamplingOptions, vllm_version, write_shell_model
 from .errors import OptionsError, OutputError
 from .evaluate import evaluate
+from .finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
+from .finite import check_alphas
 from .layout import SAMPLES
+from .lock import output_lock
 from .mixchain_length import fit_context, solution_length
 from .options import CliOptions, opt
 from .output import check_free
+from .paths import check_output_apart
 from .prompting import PromptOptions, load_tokenizer
 from .results import read_samples
 from .runs import EvalOptions
@@ -64,7 +67,6 @@ from .units import RayOptions
 PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
 JSONL_FILE = "mixchain.jsonl"  # no split word in the name: load_dataset reads only the parquet
-RECORD = "mixchain.json"
 LICENSES = {"gsm8k": "mit", "math500": "mit"}
 SOURCES = {"gsm8k": ["openai/gsm8k"], "math500": ["HuggingFaceH4/MATH-500"]}
 
@@ -246,89 +248,6 @@ def write_dataset(*, rows: Sequence[dict], k: int, folder: str | os.PathLike, ca
     return out
 
 
-def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: list[str] | None) -> str:
-    """README.md: YAML metadata (license, tags) and the Table 9 statistics.
-
-    No `configs:` block: `datasets` (5.2) caches a local folder whose card lists data_files by the
-    folder name only, so a rebuilt folder would load stale rows; the file name
-    data/train-00000-of-00001.parquet is found by its default patterns instead."""
-    n = stats["kept"]
-    size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "n>100K"
-    data = DatasetCardData(
-        license=license, language=["en"], task_categories=["text-generation"], size_categories=[size],
-        source_datasets=source_datasets, pretty_name=f"MixChain-Z {record['dataset']['name']}",
-        tags=["tvtool", "mixchain", "cot-valve", "math", "reasoning", "synthetic"],
-        tvtool={"version": __version__, "mixchain": {k: record[k] for k in ("alphas", "min_correct",
-                                                                               "keep_truncated", "models")}})
-    k, ds, s = len(record["alphas"]), record["dataset"], record["sampling"]
-    t9 = "\n".join(f"| {r['label']} | {r['samples']} | {_f(r['mean_tokens'])} |" for r in stats["table9"])
-    pa = "\n".join(f"| {a['alpha']:g} | {a['generated']} | {a['correct']} | {_f(a['accuracy'])} | {a['truncated']} | "
-                   f"{_f(a['mean_tokens_generated'])} | {a['kept']} |" for a in stats["per_alpha"])
-    m = record["models"]
-    hist = ", ".join(f"{j}: {c}" for j, c in stats["correct_histogram"].items())
-    delta_line = f"- Δ: `{m['delta']}`\n" if m.get("delta") else f"- θ₂ (reasoner): `{m['reasoner']}`\n"
-    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
-    body = f"""
-# MixChain-Z: {ds['name']} ({ds['split']}), made with tvtool
-
-Reasoning chains of several lengths per question, built as in CoT-Valve (Ma et al., 2025,
-arXiv:2502.09601, §3.2 and §4.2, "MixChain from zero-shot"): each question gets its ground-truth
-solution (`solution_0`) and one chain from each merged model θ₁ + α·(θ₂ − θ₁), α ∈ {record['alphas']}
-(`solution_1` … `solution_{k}`, α ascending, so chains tend to grow with the index). Solutions with a
-wrong answer are removed.
-
-## Models and generation
-- θ₁ (base): `{m['base']}`
-{delta_line}- α values: {', '.join(f'{a:g}' for a in record['alphas'])} (one vLLM engine, weights θ₁ + α·Δ loaded
-  in place)
-- decoding: {decoding}, max_tokens {s['max_tokens']}, one sample per question and α; vLLM {record['vllm_version']}
-- prompt: {'the chat template of the reasoner' if record['prompt']['chat_template'] else 'plain format'}, \
-instruction `{record['prompt']['instruction']}`, system prompt `{record['prompt']['system_prompt']}`
-- questions: {ds['description']}{', shuffled with seed ' + str(ds['seed']) if ds.get('seed') is not None else ''}
-
-## Filter
-A generated solution is kept when its answer is correct (judged by {record.get('scorer', 'tvtool.scoring')})
-and it finished within max_tokens{' (here truncated chains are kept when correct)' if record['keep_truncated'] else ''}.
-A question is kept when at least {stats['min_correct']} of its {k} generated solutions are kept, and it has
-at least one solution. Kept: **{stats['kept']} of {stats['questions']}** questions; dropped:
-{stats['dropped']['too few correct']} with too few kept solutions, {stats['dropped']['no solution']} with no solution
-at all.
-Questions by number of kept generated solutions: {hist}.
-
-| α | generated | correct | accuracy % | truncated | mean #tokens (all) | kept |
-|---|---|---|---|---|---|---|
-{pa}
-
-## Statistics (as the paper's Table 9)
-| Solution index | #Samples | #Avg Token |
-|---|---|---|
-{t9}
-
-## Columns
-- `question`; `answer` (the ground-truth solution; GSM8K: calculator annotations and the `#### N` line
-  removed); `target` (the gold final answer); `id` (tvtool's question id).
-- `solution_0` = `answer`; `solution_k` (k ≥ 1) = the chain generated with α = `alpha_k`.
-- `solution_k_token`: token length, counted one way for every solution as the paper counts generated
-  tokens: the token ids a model emits for it, the final EOS included (generated chains: their generated
-  token ids; `solution_0`: its ids under the reasoner's tokenizer, no special tokens, plus the EOS).
-- `correct_k`: the chain reached the gold answer (and finished). A removed chain has `solution_k`,
-  `solution_k_token` and `beta_k` = null and `correct_k` = false; `alpha_k` is always set.
-- `beta_k` (CoT-Valve eq. 4) over the question's present solutions, `solution_0` included:
-  β = 1 − (m − m_min)/(m_max − m_min); the shortest gets 1, the longest 0; with one solution, or all
-  of one length, every β is 1 (each is a shortest solution).
-
-The released MixChain-Z datasets have the same `question`, `answer`, `target`, `solution_k`,
-`solution_k_token` and `correct_k` columns; `solution_0_token`, `alpha_k`, `beta_k` and `id` are added.
-
-## License and provenance
-Questions and ground-truth solutions: {ds['description']}; card license `{license}`
-(for GSM8K and MATH-500: MIT, as the source data).
-The generated chains are model outputs of the checkpoints above; their use may also be subject to
-those models' licenses. Made with tvtool {__version__}; settings in `{RECORD}`.
-"""
-    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
-
-
 # --- the public verb ------------------------------------------------------------------------
 
 
@@ -357,8 +276,30 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise OptionsError("the work folder cannot be inside the dataset folder", where=str(work),
                            fix="choose another --work-dir")
-    check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
+    check_alphas(alphas)
+    check_output_apart(out, [base, delta, reasoner, *source.more])
+    check_output_apart(work, [base, delta, reasoner, *source.more], flag="--work-dir")
+    with output_lock(out):
+        return _build(out=out, work=work, source=source, alphas=alphas, min_correct=min_correct, o=o, prompt=prompt,
+                      sampling=sampling, engine_options=engine_options, engine=engine, scorer=scorer,
+                      executor=executor)
+
+
+def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], min_correct: int,
+           o: MixChainOptions, prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions,
+           engine: Engine | None, scorer: Scorer | None, executor: RayOptions | None) -> MixChainResult:
+    base, delta, reasoner = source.base, source.delta, source.reasoner
+    if not (out / RECORD).is_file():  # not a MixChain folder: refused before any input is read
+        check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+    finished = _finished_record(source=source, problems=problems, alphas=alphas, o=o, prompt=prompt,
+                                sampling=sampling, engine_options=engine.options if engine is not None
+                                else engine_options, scorer=scorer)
+    if scorer is not None:  # a custom scorer has no fingerprint: the dataset is always rebuilt
+        check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
+    elif is_finished(out, finished, overwrite=o.overwrite, what="mixchain", name=RECORD):
+        stats = json.loads((out / RECORD).read_text())["stats"]
+        return MixChainResult(out, work, stats["kept"], stats, 0)
     with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:  # the merged model's tokenizer
         tok = load_tokenizer(write_shell_model(source=source, folder=shell))
         sampling, note = fit_context(problems=problems, tokenizer=tok, shell=shell, prompt=prompt, sampling=sampling,
@@ -384,11 +325,24 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                            keep_truncated=o.keep_truncated, scorer=scorer)
     record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, problems=problems, o=o,
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
+    record[RECORD_KEY] = finished
     lic = o.license or LICENSES.get(problems.name, "other")
     card = dataset_card(stats=stats, record=record, license=lic, source_datasets=SOURCES.get(problems.name))
     with atomic_dir(out) as tmp:
         write_dataset(rows=rows, k=len(alphas), folder=tmp, card=card, record=record, jsonl=o.jsonl)
     return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
+
+
+def _finished_record(*, source: DeltaSource, problems, alphas, o: MixChainOptions, prompt: PromptOptions,
+                     sampling: SamplingOptions, engine_options: EngineOptions, scorer) -> dict:
+    """The finished-work record of the dataset folder (`tvtool.finished`): the options, the
+    sampling as asked (the context clamp follows from the inputs), the inputs' and dataset's content."""
+    fp, keep = source.fingerprint_record(), ("limit", "seed", "min_correct", "keep_truncated", "license", "jsonl")
+    return stage_record(stage="mixchain", inputs={**fp["inputs"], "dataset": dataset_fingerprint(
+        problems.source, name=problems.name, kind=problems.kind, split=problems.split)}, options={
+        **fp["options"], "alphas": alphas, **{k: getattr(o, k) for k in keep}, "prompt": asdict(prompt),
+        "sampling": asdict(sampling), "engine": {k: getattr(engine_options, k) for k in ("dtype", "max_model_len")},
+        "scorer": "custom" if scorer is not None else "tvtool.scoring"})
 
 
 def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,

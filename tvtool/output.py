@@ -81,6 +81,7 @@ class ShardedWriter:
         self._last = {g[-1][0]: i for i, g in enumerate(groups) if g}  # the tensor that completes each shard
         self._open: dict[int, StreamWriter] = {}
         self._current: str | None = None
+        self._opened: set[int] = set()
         self._closed = False
         self.total_size = plan_bytes(plan)
 
@@ -91,6 +92,7 @@ class ShardedWriter:
         i = self._shard_of[name]
         if i not in self._open:
             self._open[i] = StreamWriter(self.files[i], self.groups[i], self.metadata, atomic=self.atomic)
+            self._opened.add(i)
         return self._open[i].write(name, chunk)
 
     def _finish(self, name: str) -> None:
@@ -110,12 +112,11 @@ class ShardedWriter:
         for i, w in sorted(self._open.items()):  # incomplete shards: StreamWriter.close raises
             self._open.pop(i)
             w.close()
-        for i, f in enumerate(self.files):  # shards with only empty tensors, or a plan with no tensors
-            if not f.exists():
-                w = StreamWriter(f, self.groups[i], self.metadata, atomic=self.atomic)
-                for name, dtype, shape in self.groups[i]:
-                    w.write(name, torch.empty(shape, dtype=dtype))
-                w.close()
+        for i, f in enumerate(self.files):  # never opened: only a shard with no bytes to write may be made here
+            if i not in self._opened:
+                if plan_bytes(self.groups[i]):
+                    raise RuntimeError(f"ShardedWriter: shard {f.name} was never written")
+                StreamWriter(f, self.groups[i], self.metadata, atomic=self.atomic).close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size, **self.metadata},
                      "weight_map": {e[0]: self.files[i].name for i, g in enumerate(self.groups) for e in g}}

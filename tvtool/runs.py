@@ -1,8 +1,11 @@
 """One evaluation run: generate with the engine's current weights (resuming), score, summarise.
 
 A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
-run.json (`settings` first, `finished` last). Settings other than the folder's are refused
-(or, with overwrite, discarded); samples already written are not generated again.
+run.json (`settings` and the finished-work `record` first, `finished` last). A run is complete
+when run.json holds the same record fingerprint (`run_record`: sampling, prompt, scoring, engine
+dtype/max_model_len, the weights' and the dataset file's content, `tvtool.finished`) and every
+sample is written. Another record is refused (or, with overwrite, discarded, saying what
+changed); samples already written are not generated again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .atomic import write_json
 from .data import ProblemSet
 from .engine import Engine, SamplingOptions, vllm_version
 from .errors import OutputError
+from .finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
 from .layout import RUN, SAMPLES, SUMMARY
 from .logs import RunProgress
 from .options import CliOptions, opt
@@ -56,15 +60,19 @@ class EvalOptions(CliOptions):
 def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
             options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
-            params_b: float | None = None, params_source: str = "counted") -> dict:
-    """Generate (resuming), score and summarise `problems` with the engine's current weights."""
+            params_b: float | None = None, params_source: str = "counted", weights: dict | None = None) -> dict:
+    """Generate (resuming), score and summarise `problems` with the engine's current weights.
+
+    `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
                             sampling=sampling, options=options)
-    check_settings(folder, settings, options.overwrite)
-    run = {"settings": settings, "dataset": _dataset_record(problems), "tvtool_version": __version__,
-           "scoring": {"answer_rule": options.answer_rule if options.score else None},
+    record = run_record(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt, sampling=sampling,
+                        options=options, weights=weights)
+    check_settings(folder, record, options.overwrite)
+    run = {"settings": settings, RECORD_KEY: record, "dataset": _dataset_record(problems),
+           "tvtool_version": __version__, "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
@@ -107,14 +115,38 @@ def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lo
             "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
 
 
-def is_complete(*, folder: str | os.PathLike, settings: dict, problems: ProblemSet, n: int) -> bool:
-    """True when `folder` holds every sample of `problems` made with `settings` (nothing to generate)."""
+def run_record(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+               sampling: SamplingOptions, options: EvalOptions, weights: dict | None = None,
+               sampling_record: dict | None = None, engine_options=None) -> dict:
+    """The finished-work record of a run: what its samples depend on, inputs by content, never by path.
+
+    `weights` fingerprints the model (`DeltaSource.fingerprint_record()` + the merge, or a folder's
+    `input_fingerprint`); `model`'s non-path entries (α, include/exclude, label) are options. The
+    answer rule is not in it: a changed rule re-scores the samples (`answers.rescore_file`), it does
+    not generate them again. A planner with no engine yet (tvtool.units) passes `sampling_record`
+    and `engine_options`."""
+    from .source import input_fingerprint
+
+    paths = ("path", "base", "delta", "reasoner")
+    weights = weights if weights is not None else {"model": {k: model.get(k) for k in paths if model.get(k)}}
+    merge = {**weights["source"]["options"], **weights["merge"]} if "source" in weights else {}
+    inputs = {**(weights["source"]["inputs"] if "source" in weights else weights),  # base, delta|reasoner | folder
+              "dataset": dataset_fingerprint(problems.source, name=problems.name, kind=problems.kind,
+                                             split=problems.split)}
+    if lora:
+        inputs["lora"] = input_fingerprint(lora)
+    opts = {**merge, "model": {k: v for k, v in model.items() if k not in paths and k not in merge},
+            "prompt": asdict(prompt), "score": options.score,
+            "sampling": sampling_record if sampling_record is not None else engine.sampling_record(sampling),
+            "engine": {k: getattr(engine_options or engine.options, k) for k in ("dtype", "max_model_len")}}
+    return stage_record(stage="eval", options=opts, inputs=inputs)
+
+
+def is_complete(*, folder: str | os.PathLike, record: dict, problems: ProblemSet, n: int) -> bool:
+    """True when `folder` holds every sample of `problems` made with `record` (nothing to generate)."""
     folder = Path(folder)
-    try:
-        old = json.loads((folder / RUN).read_text()).get("settings")
-    except (OSError, json.JSONDecodeError):
-        return False
-    if old != json.loads(json.dumps(settings)):
+    old = read_record(folder / RUN)
+    if old is None or old["fingerprint"] != record["fingerprint"]:
         return False
     done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES)}
     return all((p.id, i) in done for p in problems for i in range(n))
@@ -138,19 +170,19 @@ def _dataset_record(ps: ProblemSet) -> dict:
             "description": ps.description, "excluded": ps.excluded}
 
 
-def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse a folder holding results made with other settings; with `overwrite`, discard them."""
+def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
+    """Refuse a folder holding results made with another record; with `overwrite`, discard them (one line
+    says what changed)."""
     f = folder / RUN
-    if not f.is_file():
+    if not f.is_file() and not (folder / SAMPLES).is_file():
         return
-    try:
-        old = json.loads(f.read_text()).get("settings")
-    except json.JSONDecodeError:
-        old = None
-    if old == json.loads(json.dumps(settings)):
+    old = read_record(f)
+    if old is not None and old["fingerprint"] == record["fingerprint"]:
         return
     if not overwrite:
-        raise OutputError("the output folder holds results made with other settings", where=str(folder),
+        raise OutputError(f"the output folder holds results made with other settings or inputs "
+                          f"({changes(old, record)})", where=str(folder),
                           fix="pass --overwrite to discard them, or choose another output folder")
+    say(f"{changes(old, record)}: redoing eval {folder.parent.name}/{folder.name}")
     for name in (SAMPLES, SUMMARY, RUN):
         (folder / name).unlink(missing_ok=True)

@@ -69,29 +69,86 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError("corrupt safetensors header (bad length)", where=str(path),
                                   fix="the file is truncated or not safetensors; re-download it")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError("corrupt safetensors header (not JSON)", where=str(path),
                                   fix="the file is damaged; re-download it") from None
-    meta = header.pop("__metadata__", None) or {}
-    start = 8 + n
+        except _Duplicate as e:
+            raise CheckpointError(f"corrupt safetensors header (key {e.args[0]!r} appears twice)", where=str(path),
+                                  fix="the file is damaged; re-download it") from None
+    return validate_header(header, path=Path(path), start=8 + n, size=size)
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def validate_header(header, *, path: Path, start: int, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Check a parsed header as strictly as the safetensors library does; one CheckpointError per fault.
+
+    A JSON object; `__metadata__` a {str: str} map; per tensor a known dtype, a shape of
+    non-negative ints and [begin, end] offsets whose length is shape × itemsize; the data
+    ranges, sorted, tile the data section exactly (no overlap, no gap, nothing after the
+    last tensor, nothing past the end of the file). `start` is where the data section begins.
+    """
+    where, damaged = str(path), "the file is damaged or was not written as safetensors; re-download or re-create it"
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt safetensors header (a JSON {type(header).__name__}, not an object)",
+                              where=where, fix=damaged)
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError("corrupt safetensors header (__metadata__ must map strings to strings)",
+                              where=where, fix=damaged)
     infos: dict[str, TensorInfo] = {}
     for name, h in header.items():
-        try:
-            dtype = DTYPES[h["dtype"]]
-            shape = tuple(int(d) for d in h["shape"])
-            b, e = (int(x) for x in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupt safetensors header entry for tensor {name!r}", where=str(path),
-                                  fix="the file is damaged or uses an unsupported dtype") from None
-        if e - b != math.prod(shape) * dtype.itemsize or b < 0:
-            raise CheckpointError(f"tensor {name!r} has a byte range that does not match its shape",
-                                  where=str(path), fix="the file is damaged; re-download it")
+        entry = f"corrupt safetensors header entry for tensor {name!r}"
+        if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= h.keys():
+            raise CheckpointError(f"{entry} (needs dtype, shape and data_offsets)", where=where, fix=damaged)
+        if h["dtype"] not in DTYPES:
+            raise CheckpointError(f"{entry} (unsupported dtype {h['dtype']!r})", where=where,
+                                  fix=f"the file is damaged or uses a dtype tvtool does not read ({', '.join(DTYPES)})")
+        shape, offsets = h["shape"], h["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise CheckpointError(f"{entry} (shape {shape!r} is not a list of integers)", where=where, fix=damaged)
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"tensor {name!r} has a negative dimension in its shape {shape}",
+                                  where=where, fix=damaged)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+                or offsets[0] < 0 or offsets[1] < offsets[0]):
+            raise CheckpointError(f"{entry} (data_offsets {offsets!r} is not [begin, end] with 0 ≤ begin ≤ end)",
+                                  where=where, fix=damaged)
+        dtype, (b, e) = DTYPES[h["dtype"]], offsets
+        if e - b != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"tensor {name!r} has a byte range that does not match its shape "
+                                  f"({e - b} bytes for {h['dtype']} {shape})", where=where,
+                                  fix="the file is damaged; re-download it")
         if start + e > size:
             raise CheckpointError(f"truncated safetensors file: tensor {name!r} ends past the end of the file "
-                                  f"({start + e} > {size} bytes)", where=str(path),
+                                  f"({start + e} > {size} bytes)", where=where,
                                   fix="the download or copy was cut short; re-download it")
-        infos[name] = TensorInfo(path, dtype, shape, start + b, start + e)
+        infos[name] = TensorInfo(path, dtype, tuple(shape), start + b, start + e)
+    pos, prev = start, None
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != pos:
+            what = (f"overlaps tensor {prev!r}" if info.begin < pos else
+                    f"starts {info.begin - pos} bytes after the end of the previous tensor")
+            raise CheckpointError(f"corrupt safetensors header: the data of tensor {name!r} {what}",
+                                  where=where, fix="the file is damaged (safetensors refuses it); re-create it")
+        pos, prev = info.end, name
+    if pos != size:
+        raise CheckpointError(f"corrupt safetensors file: {size - pos} bytes after the last tensor's data",
+                              where=where, fix="the file is damaged (safetensors refuses it); re-create it")
     return infos, meta
 
 
@@ -159,8 +216,10 @@ class StreamWriter:
         self._i, self._left = 0, (self._expect[0][1] if self._expect else 0)
 
     def write(self, name: str, chunk: torch.Tensor) -> int:
-        """Append a chunk of tensor `name`; returns the bytes written."""
-        if self._left == 0 and name != self._expect[self._i][0] and self._i + 1 < len(self._expect):
+        """Append a chunk of tensor `name`; returns the bytes written.
+
+        Tensors with no bytes (a (0, 128) shape) get no chunks: they are skipped over here."""
+        while self._left == 0 and name != self._expect[self._i][0] and self._i + 1 < len(self._expect):
             self._i += 1
             self._left = self._expect[self._i][1]
         want = self._expect[self._i][0]
@@ -176,6 +235,8 @@ class StreamWriter:
 
     def close(self) -> None:
         """Flush, fsync and rename into place; fails if any tensor is incomplete."""
+        while self._left == 0 and self._i + 1 < len(self._expect) and self._expect[self._i + 1][1] == 0:
+            self._i += 1  # trailing tensors with no bytes
         done = not self._expect or (self._i == len(self._expect) - 1 and self._left == 0)
         self._f.flush()
         os.fsync(self._f.fileno())

@@ -25,6 +25,7 @@ from .layout import INDEX
 from .taskvector import TaskVector
 
 _PICKLE_SAMPLE = 1 << 20  # bytes hashed at each end of a pickle (*.bin) file
+_BLOCKS, _BLOCK = 16, 1 << 16  # data blocks sampled per safetensors file: 16 × 64 KiB, evenly spaced
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,11 @@ class DeltaSource:
         return hashlib.sha256(blob).hexdigest()
 
     def fingerprint_record(self) -> dict:
-        """The options, and per input (`input_fingerprint`) what identifies its content."""
+        """The options, and per input (`input_fingerprint`, by role: never a path, so moved inputs
+        keep their fingerprint) what identifies its content."""
         refs = {"base": self.base, "delta": self.delta, "reasoner": self.reasoner}
         refs.update({f"more[{i}]": m for i, m in enumerate(self.more)})
-        return {"options": self.to_dict(),
+        return {"options": {k: v for k, v in self.to_dict().items() if k not in refs and k != "more"},
                 "inputs": {k: input_fingerprint(v, allow_pickle=self.allow_pickle) for k, v in refs.items() if v}}
 
 
@@ -118,7 +120,9 @@ def input_fingerprint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> 
 
     A Hub id: its repo id and resolved commit. A local checkpoint: per weight file its name,
     size and the sha256 of its safetensors header (names, dtypes, shapes, offsets, metadata);
-    for a pickle (*.bin) file, of its first and last MiB. Plus the sha256 of the index and of
+    for a pickle (*.bin) file, of its first and last MiB. Plus the sha256 of 16 evenly spaced
+    64 KiB blocks of the data (1 MiB per file), so weights edited in place under an unchanged
+    header (any fine-tune changes most bytes) change it too. Plus the sha256 of the index and of
     every config/tokenizer file (and a PEFT adapter's adapter_config.json), which change the merged
     model too.
     """
@@ -127,7 +131,8 @@ def input_fingerprint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> 
         return {"repo_id": src.repo_id, "commit": src.revision}
     ckpt = Checkpoint.open(src, allow_pickle=allow_pickle)
     root = ckpt.folder
-    files = [{"file": _rel(f, root), "size": f.stat().st_size, "sha256": _head_hash(f)} for f in ckpt.files()]
+    files = [{"file": _rel(f, root), "size": f.stat().st_size, "sha256": _head_hash(f), "sample": _data_sample(f)}
+             for f in ckpt.files()]
     side = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(ckpt.side_files().items())}
     for name in (INDEX, ADAPTER_CONFIG):  # a PEFT adapter's config sets its scale s = lora_alpha / r
         if src.path.is_dir() and (src.path / name).is_file():
@@ -149,6 +154,19 @@ def _head_hash(f: Path) -> str:
             if size > 2 * _PICKLE_SAMPLE:
                 fh.seek(size - _PICKLE_SAMPLE)
                 h.update(fh.read())
+    return h.hexdigest()
+
+
+def _data_sample(f: Path) -> str:
+    """sha256 of `_BLOCKS` evenly spaced `_BLOCK`-byte blocks of the file (all of it when small)."""
+    h, size = hashlib.sha256(), f.stat().st_size
+    with open(f, "rb") as fh:
+        if size <= _BLOCKS * _BLOCK:
+            h.update(fh.read())
+        else:
+            for i in range(_BLOCKS):
+                fh.seek((size - _BLOCK) * i // (_BLOCKS - 1))
+                h.update(fh.read(_BLOCK))
     return h.hexdigest()
 
 

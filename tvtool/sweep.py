@@ -1,6 +1,8 @@
 """`sweep`: the whole CoT-Valve pipeline from one recipe, resumable, with a report.
 
-Stages, each skipped when its output is already complete (a re-run finishes the job):
+Stages, each skipped when its output is already finished: its record holds the same fingerprint
+(options + inputs' content, `tvtool.finished`); a changed option or input redoes exactly the stages
+it reaches, saying so in one line (a re-run finishes the job; a moved sweep folder still resumes):
   delta     Δ = θ2 − θ1 on disk (only when kept, or needed for low rank);
   low rank  a factored Δ (and one LoRA adapter per α for apply: lora), spectra plot;
   models    θ1 + αΔ folders (apply: materialize, or keep.models);
@@ -26,7 +28,10 @@ from .delta import DeltaOptions, delta
 from .engine import Engine, SamplingOptions, vllm_version
 from .errors import OptionsError
 from .evaluate import evaluate, table_row
+from .finished import changes, read_record, say, stage_record, write_record
+from .finite import check_alphas
 from .hub import push
+from .lock import output_lock
 from .logs import vllm_logs
 from .lowrank import svd_rank
 from .materialize import materialize
@@ -37,7 +42,7 @@ from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, merge_optio
 from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
-from .source import DeltaSource
+from .source import DeltaSource, input_fingerprint
 from .units import RayOptions
 from .valve_stages import run_valve_stages, valve_commands, valve_section
 
@@ -47,6 +52,7 @@ class SweepOptions(CliOptions):
     output: str | None = opt(None, "Output folder (default: the recipe's `output`).", short="-o")
     alphas: tuple[float, ...] = opt((), "Override the recipe's α list (repeat or comma-separate).", flag="--alpha")
     limit: int | None = opt(None, "Override every dataset's limit (a quick look).")
+    overwrite: bool = opt(False, "Discard the results of every stage in the output folder and redo them.")
     progress: bool = opt(True, "Show progress bars.")
     verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/eval/vllm.log).")
     ray: str | None = opt(None, "Evaluate on a Ray cluster at this address (local: start one); the pool "
@@ -75,18 +81,31 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     if options.limit is not None:
         r = r.model_copy(update={"datasets": tuple(replace(d, limit=options.limit) for d in r.datasets)})
     alphas = tuple(dict.fromkeys(r.alphas))
+    check_alphas(alphas, where=f"alphas in {path}" if path else "alphas")
     ray_opts = r.executor.ray if options.ray is None else replace(r.executor.ray or RayOptions(), address=options.ray)
     if ray_opts is not None and r.apply != "swap":
         raise OptionsError(f"a Ray sweep loads α in place; apply is {r.apply!r}", where="executor.ray",
                            fix="use apply: swap, or run without --ray / executor.ray")
     out = Path(options.output or r.output.format(name=r.name))
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True))
+    with output_lock(out):
+        if options.overwrite:
+            for stage in STAGES:
+                discard(out / stage)
+        return _sweep(r, path, alphas, out, options, ray_opts)
+
+
+STAGES = ("delta", "lowrank", "models", "eval", "mixchain", "train", "valves")  # what `--overwrite` discards
+
+
+def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, options: SweepOptions,
+           ray_opts: RayOptions | None) -> SweepResult:
+    write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False, allow_unicode=True))
     pg = options.progress
 
     d_path = out / "delta"
-    if (r.keep.delta or r.low_rank) and not d_path.exists():  # written atomically: present = complete
-        delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg))
+    if r.keep.delta or r.low_rank:  # skipped inside when its record matches (redone, saying why, if not)
+        delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg, overwrite=True))
     source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]))
     configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
     plain = all(c.is_plain(len(r.vectors) or 1) for c in configs)
@@ -100,11 +119,11 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
         if plain:
             folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
-                                  options=replace(r.materialize, alphas=alphas, progress=pg)).folders
+                                  options=replace(r.materialize, alphas=alphas, progress=pg, overwrite=True)).folders
         else:
             folders = materialize(base=r.base, output=models, reasoner=source.reasoner, configs=configs,
                                   merge=MergeOptions(vectors=source.more),
-                                  options=replace(r.materialize, progress=pg)).configs
+                                  options=replace(r.materialize, progress=pg, overwrite=True)).configs
 
     evals = [_eval_options(r, ds, pg, verbose=options.verbose) for ds in r.datasets]
     with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
@@ -191,18 +210,26 @@ def _fmt(v) -> str:
 def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
     lr = r.low_rank
     factored = folder / "delta.safetensors"
-    report = factored.with_suffix(".lowrank.json")
-    if not report.exists():  # the report is written last: its presence marks the stage complete
-        discard(folder)
-        folder.mkdir(parents=True)
-        svd_rank(delta=d_path, output=factored, options=replace(lr, plot=True, progress=progress))
+    folder.mkdir(parents=True, exist_ok=True)
+    res = svd_rank(delta=d_path, output=factored,  # skipped inside when finished
+                   options=replace(lr, plot=True, progress=progress, overwrite=True))
+    report = res.report_path
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
     if r.apply == "lora":
         want = adapter_folders(output=folder / "adapters", alphas=alphas)
-        if not all((p / "adapter_config.json").exists() for p in want.values()):
+        rec = stage_record(stage="adapters", options={"alphas": list(alphas)},
+                           inputs={"factored": input_fingerprint(factored)})
+        old = read_record(folder / ADAPTERS_RECORD)
+        if (old or {}).get("fingerprint") != rec["fingerprint"] or not all(p.exists() for p in want.values()):
+            if old is not None:
+                say(f"{changes(old, rec)}: redoing the LoRA adapters")
             write_peft_adapters(factored=factored, output=folder / "adapters", alphas=alphas, overwrite=True)
+            write_record(folder, rec, name=ADAPTERS_RECORD)  # last
         out["adapters"] = want
     return out
+
+
+ADAPTERS_RECORD = "adapters.json"  # the finished-work record of the LoRA adapters (beside their folder)
 
 
 def _markdown(tables: dict[str, list[dict]]) -> str:
@@ -234,8 +261,10 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
               f"Frobenius error {tot['rel_error']:.4f}. Per-tensor report: `{Path(lowrank['report']).name}`; "
               "spectra: `spectra.png`.\n")
     src = recipe_path or out / "recipe.yaml"
+    here = src.parent
+    shown = portable(recipe, here)  # inputs named relative to the recipe (or by Hub id): no machine paths
     body = [f"# tvtool sweep: {recipe.name}", "",
-            f"θ1 = `{_short(recipe.base)}`, θ2 = `{_short(recipe.reasoner)}`; α applied by **{recipe.apply}**; "
+            f"θ1 = `{shown.base}`, θ2 = `{shown.reasoner}`; α applied by **{recipe.apply}**; "
             f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
             answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
                              alpha=recipe.budget_alpha), "",
@@ -244,35 +273,38 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
         body += valve_section(recipe=recipe, tables=tables, valves=valves)
     for name, rows in tables.items():
         body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
-    body += [lr, "## Reproduce", "", "```bash", f"tvtool sweep {src} -o {out}", "```", "",
-             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out),
-             *(_sh(c) for c in valve_commands(recipe=recipe, out=_short(out))), "```", "",
-             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(_relative(recipe)), sort_keys=False,
-                                                      allow_unicode=True).strip(),
+    body += [lr, "## Reproduce", "", "From the recipe's folder:", "", "```bash",
+             f"tvtool sweep {_short(src, here)} -o {_short(out, here)}", "```", "",
+             "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out, here),
+             *(_sh(c) for c in valve_commands(recipe=shown, out=_short(out, here))), "```", "",
+             "## Recipe", "", "```yaml", yaml.safe_dump(to_dict(shown), sort_keys=False, allow_unicode=True).strip(),
              "```", "", "## Versions", "", *(f"- {k}: {v}" for k, v in versions.items()), ""]
     report = write_text(out / "REPORT.md", "\n".join(body))
-    write_json(out / "report.json", {"recipe": to_dict(_relative(recipe)), "tables": tables,
+    write_json(out / "report.json", {"recipe": to_dict(shown), "tables": tables,
                                      "acu_formula": ACU_FORMULA, "versions": versions,
                                      "plots": {k: v.name for k, v in plots.items()}, "valves": valves},
                sort_keys=False)
     return report
 
 
-def _relative(r: Recipe) -> Recipe:
-    """The recipe with local paths relative to the working folder (committed reports carry no absolute paths)."""
-    mc = replace(r.mixchain, dataset=_short(r.mixchain.dataset)) if r.mixchain else None
+def portable(r: Recipe, start: Path | None) -> Recipe:
+    """`r` with its local inputs relative to `start` (the recipe's folder), as a recipe there would name
+    them (committed reports carry no machine paths)."""
+    s = lambda p: _short(p, start)  # noqa: E731
+    mc = replace(r.mixchain, dataset=s(r.mixchain.dataset)) if r.mixchain else None
     return r.model_copy(update={
-        "base": _short(r.base), "reasoner": _short(r.reasoner), "mixchain": mc,
-        "datasets": tuple(replace(d, name=_short(d.name)) for d in r.datasets),
-        "vectors": tuple(replace(v, model=_short(v.model)) for v in r.vectors),
-        "train": tuple(replace(t, model=_short(t.model), data=_short(t.data)) for t in r.train)})
+        "base": s(r.base), "reasoner": s(r.reasoner), "mixchain": mc,
+        "datasets": tuple(replace(d, name=s(d.name)) for d in r.datasets),
+        "vectors": tuple(replace(v, model=s(v.model)) for v in r.vectors),
+        "train": tuple(replace(t, model=t.model if t.model in ("base", "reasoner") else s(t.model),
+                               data=t.data if t.data == "mixchain" else s(t.data)) for t in r.train)})
 
 
-def _short(p) -> str:
-    """A path relative to the working folder when it lies inside it (Hub ids unchanged)."""
+def _short(p, start: str | os.PathLike | None = None) -> str:
+    """A local path relative to `start` (default: the working folder); Hub ids and names unchanged."""
     try:
-        return os.path.relpath(p) if Path(p).exists() and not os.path.relpath(p).startswith("..") else str(p)
-    except ValueError:
+        return os.path.relpath(p, start) if Path(p).exists() else str(p)
+    except ValueError:  # another drive
         return str(p)
 
 
@@ -292,14 +324,17 @@ def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool, *,
                      params_b=r.params_b, include=r.materialize.include if swap else None,
                      exclude=r.materialize.exclude if swap else None, progress=progress,
                      answer_rule=r.answer_rule, prompt_budgets=r.prompt_budgets,
-                     budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=verbose)
+                     budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=verbose,
+                     overwrite=True)  # the sweep's own run folders: a changed record redoes the run
     return ev, replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
 
 
-def _commands(r: Recipe, out: Path) -> list[str]:
-    """The stage-by-stage commands the sweep runs, with every non-default option spelled by `to_cli_args`."""
+def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
+    """The stage-by-stage commands the sweep runs (paths relative to `here`, the recipe's folder), with
+    every non-default option spelled by `to_cli_args`."""
     alphas = tuple(dict.fromkeys(r.alphas))
-    base, reasoner, out = _short(r.base), _short(r.reasoner), Path(_short(out))
+    r = portable(r, here)
+    base, reasoner, out = r.base, r.reasoner, Path(_short(out, here))
     cmds, src = [], ["--reasoner", reasoner]
     if r.low_rank or r.keep.delta:
         cmds.append(["tvtool", "delta", base, reasoner, "-o", f"{out}/delta"])
@@ -314,7 +349,7 @@ def _commands(r: Recipe, out: Path) -> list[str]:
         cmds.append(["tvtool", "materialize", base, *src, "-o", f"{out}/models",
                      *replace(r.materialize, alphas=alphas).to_cli_args()])
     for d in r.datasets:
-        ev, sampling = _eval_options(r, replace(d, name=_short(d.name)), True)
+        ev, sampling = _eval_options(r, d, True)
         flags = ["--dataset", ev.dataset, *ev.to_cli_args(exclude=("dataset",)), *r.prompt.to_cli_args(), *sampling.to_cli_args(),
                  *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/eval"]
         a = ["--alpha", ",".join(cli_number(x) for x in alphas)]

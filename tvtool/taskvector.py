@@ -13,6 +13,7 @@ import base64
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -201,6 +202,14 @@ class TaskVector:
     def pair(self) -> _Pair | None:
         return self.terms[0][1] if len(self.terms) == 1 and isinstance(self.terms[0][1], _Pair) else None
 
+    def sources(self) -> list[Path]:
+        """The local paths of every checkpoint this task vector reads (Hub ids as their cache folder)."""
+        out = []
+        for _, t in self.terms:
+            cks = [t.base, t.reasoner] if isinstance(t, _Pair) else [t.ckpt]
+            out += [c.source.path for c in cks]
+        return out
+
     def provenance(self) -> dict:
         """Base/reasoner sources, skipped and missing tensors, vocab policy, dtype, scale."""
         c, t = self.terms[0]
@@ -280,7 +289,7 @@ def _pair(b: Checkpoint, r: Checkpoint, *, allow_missing: bool, vocab: str) -> _
         sr = n if n in rn else alias[id(r)]
         ib, ir = b.info(sb), r.info(sr)
         if not (ib.dtype.is_floating_point and ir.dtype.is_floating_point):
-            skipped.append({"name": n, "reason": f"non-float dtype ({str(ib.dtype).removeprefix('torch.')})"})
+            skipped.append({"name": n, "reason": f"non-float dtype ({_non_float(ib.dtype, ir.dtype)})"})
             continue
         shape = ib.shape
         if ib.shape != ir.shape:
@@ -297,6 +306,18 @@ def _pair(b: Checkpoint, r: Checkpoint, *, allow_missing: bool, vocab: str) -> _
         names[n] = (sb, sr, tuple(shape))
     missing = {"base_only": base_only, "reasoner_only": reasoner_only} if (base_only or reasoner_only) else {}
     return _Pair(b, r, names, skipped, missing, vocab)
+
+
+def _non_float(db: torch.dtype, dr: torch.dtype) -> str:
+    """'int64' when both sides agree, else which side has which dtype (the non-float one named first)."""
+    b, r = (str(d).removeprefix("torch.") for d in (db, dr))
+    if b == r:
+        return b
+    if db.is_floating_point:
+        return f"{r} in the reasoner, {b} in the base"
+    if dr.is_floating_point:
+        return f"{b} in the base, {r} in the reasoner"
+    return f"base {b}, reasoner {r}"
 
 
 def _term_source(t) -> dict:

@@ -25,6 +25,7 @@ loss), loss.png, stages/ (progressive) and train.json (settings with input finge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Literal
 
 from .atomic import commit_dir, discard, write_json
 from .errors import OptionsError, OutputError
+from .lock import output_lock
 from .options import CliOptions, opt
 from .prompting import PromptOptions, load_tokenizer
 
@@ -129,10 +131,18 @@ def resolve(o: TrainOptions, *, mode: str) -> TrainOptions:
 def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike,
           options: TrainOptions = TrainOptions(), prompt: PromptOptions = PromptOptions()) -> TrainResult:
     """Train a CoT-Valve LoRA on `model` from `data` into the adapter folder `output` (resumable)."""
-    from .train_data import encode, load_train_data, stages_for
-
     o = resolve(options, mode=mode)
     out = Path(output)
+    # One writer per adapter folder (tvtool.lock): the main process holds the lock for the whole run, so the
+    # resumable `<output>.partial/` it keeps (tvtool.atomic.resumable_dir) is never another live run's.
+    main = os.environ.get("RANK", "0") == "0"  # accelerate/torchrun: the other processes write nothing
+    with output_lock(out) if main else contextlib.nullcontext():
+        return _train(mode=mode, model=model, data=data, out=out, o=o, prompt=prompt)
+
+
+def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: PromptOptions) -> TrainResult:
+    from .train_data import encode, load_train_data, stages_for
+
     tok = load_tokenizer(model)
     td = load_train_data(data)
     stages = stages_for(mode=mode, data=td, tokenizer=tok, column=o.column)

@@ -12,8 +12,8 @@ actor starts, so a finished re-run costs neither an engine nor a Ray cluster.
   `HARDNESS` (answer kind: MATH-500 > GSM8K > ASDiv; chains grow with difficulty), then by expected
   tokens = problems × samples × max_tokens (the budget a run may spend), then by name.
 - A run is skipped when `complete(run)` says so. The default, `settings_complete`, is the one-engine
-  path's pre-check (`tvtool.runs.is_complete`: run.json holds these settings and samples.jsonl every
-  sample); pass another callable (e.g. a fingerprint-based finished-work rule) to change it.
+  path's pre-check (`tvtool.runs.is_complete`: run.json holds this run's finished-work record,
+  `runs.run_record`, and samples.jsonl every sample); pass another callable to change it.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from .data import ProblemSet, load_problems
-from .engine import SamplingOptions, sampling_record, write_shell_model
+from .engine import EngineOptions, SamplingOptions, sampling_record, write_shell_model
 from .errors import OptionsError
 from .evaluate import run_params, sweep_model
 from .layout import alpha_name, dataset_dir
 from .merge import MergeConfig
 from .options import opt
 from .prompting import PromptOptions
-from .runs import EvalOptions, is_complete, run_settings
+from .runs import EvalOptions, is_complete, run_record, run_settings
 from .source import DeltaSource
 
 HARDNESS = {"math500": 2, "gsm8k": 1, "asdiv": 0}  # by answer kind; unknown kinds count as gsm8k
@@ -69,6 +69,8 @@ class RunSpec:
     settings: dict = field(repr=False)  # the settings run.json records (`runs.run_settings`)
     params_b: float | None = None
     params_source: str = "counted"
+    weights: dict | None = field(default=None, repr=False)  # the weights' content (`runs.run_record`)
+    record: dict = field(default_factory=dict, repr=False)  # the finished-work record run.json holds
 
     @property
     def alpha(self) -> float:
@@ -115,9 +117,9 @@ Complete = Callable[[RunSpec], bool]
 
 
 def settings_complete(run: RunSpec) -> bool:
-    """The one-engine path's rule (`runs.is_complete`): run.json holds these settings and samples.jsonl
-    has every (problem, sample index); the summary is rebuilt from the samples."""
-    return is_complete(folder=run.folder, settings=run.settings, problems=run.problems, n=run.sampling.n)
+    """The one-engine path's rule (`runs.is_complete`): run.json holds this run's record (the same
+    fingerprint) and samples.jsonl has every (problem, sample index); the summary is rebuilt from the samples."""
+    return is_complete(folder=run.folder, record=run.record, problems=run.problems, n=run.sampling.n)
 
 
 def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto", "alpha", "run"] = "auto",
@@ -143,7 +145,8 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto"
 
 
 def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequence[float],
-               datasets: Sequence[tuple[EvalOptions, SamplingOptions]], prompt: PromptOptions) -> list[RunSpec]:
+               datasets: Sequence[tuple[EvalOptions, SamplingOptions]], prompt: PromptOptions,
+               engine_options: EngineOptions = EngineOptions()) -> list[RunSpec]:
     """The runs of an α sweep, in the one-engine path's order (dataset, then α as given), with the
     folders, settings and parameter counts `evaluate` gives them.
 
@@ -156,7 +159,7 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
     with tempfile.TemporaryDirectory(prefix="tvtool-plan-") as shell:  # what each actor's engine starts from
         write_shell_model(source=source, folder=shell)
         records = [sampling_record(model_dir=shell, sampling=sampling) for _, sampling in datasets]
-    runs = []
+    runs, fingerprint = [], source.fingerprint_record()
     for (o, sampling), rec in zip(datasets, records):
         problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
         params_b, params_source = run_params(o, source.base)
@@ -165,7 +168,12 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
             model = sweep_model(source=source, config=config)
             settings = run_settings(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
                                     sampling=sampling, options=o, sampling_record=rec)
+            weights = {"source": fingerprint, "merge": config.to_dict()}
+            record = run_record(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
+                                sampling=sampling, options=o, weights=weights, sampling_record=rec,
+                                engine_options=engine_options)
             runs.append(RunSpec(folder=str(out / alpha_name(a) / dataset_dir(problems.name)), source=source,
                                 config=config, options=o, sampling=sampling, problems=problems, model=model,
-                                settings=settings, params_b=params_b, params_source=params_source))
+                                settings=settings, params_b=params_b, params_source=params_source,
+                                weights=weights, record=record))
     return runs

@@ -10,10 +10,10 @@ All stages share one lazily started engine with the recipe's engine settings.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-from .atomic import discard, write_text
+from .atomic import discard
 from .layout import format_alpha
 from .source import DeltaSource
 
@@ -47,16 +47,12 @@ def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str,
     tables, info = {}, {}
     if r.mixchain is not None:
         mc, folder = r.mixchain, out / "mixchain"
-        spec = json.dumps(asdict(mc), sort_keys=True)  # the stage key: rebuilt when the entry changes
-        stale = folder.exists() and (not (folder / "spec.json").is_file() or (folder / "spec.json").read_text() != spec)
-        if not folder.exists() or stale:
-            sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
-            build_mixchain(base=r.base, reasoner=r.reasoner, output=folder, engine=eng, prompt=r.prompt,
-                           sampling=sampling, engine_options=r.engine,
-                           options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
-                                                   alphas=mc.alphas, min_correct=mc.min_correct,
-                                                   overwrite=True, progress=progress))
-            write_text(folder / "spec.json", spec)
+        sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
+        build_mixchain(base=r.base, reasoner=r.reasoner, output=folder, engine=eng, prompt=r.prompt,  # skipped
+                       sampling=sampling, engine_options=r.engine,  # inside when its record matches (tvtool.finished)
+                       options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
+                                               alphas=mc.alphas, min_correct=mc.min_correct,
+                                               overwrite=True, progress=progress))
         info["mixchain"] = json.loads((folder / "mixchain.json").read_text())["stats"]["table9"]
     for t in r.train:
         model = {"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model)
@@ -75,7 +71,7 @@ def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str,
                           sampling=sampling,
                           options=EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed,
                                               kind=ds.kind, params_b=r.params_b, answer_rule=r.answer_rule,
-                                              progress=progress, verbose=verbose))
+                                              progress=progress, verbose=verbose, overwrite=True))
             name = (ev.runs[0].folder.name if ev.runs else ds.name) + f"-{t.name}"
             tables[name] = [table_row(x) for x in ev.runs]
     return tables, info
