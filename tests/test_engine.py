@@ -86,3 +86,15 @@ def test_lora_adapter_equals_fresh_engine_on_peft_merged_model(vengine, lora_pai
     with Engine(model=lora_pair.merged, options=engine_options()) as fresh:
         merged = _ids(fresh.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False))
     assert served == merged
+
+
+def test_importing_the_cli_loads_no_llvmlite():
+    """vLLM's CPU worker fails to start when llvmlite is loaded in it ("'_lib_fn_wrapper' object has
+    no attribute 'get'"), and the `tvtool` console script is re-imported by every spawned vLLM
+    process: importing tvtool must not import numba (tvtool.kernels loads it on first use)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tvtool.cli; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,135 @@
+"""The numba-compiled kernels behind `tvtool.kernels` (loaded on first use, see there)."""
+
+from __future__ import annotations
+
+import numba  # noqa: F401
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _as_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+
+@intrinsic
+def _as_u32(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+
+@njit(inline="always")
+def _bf16_rne(s):  # float32 → bf16 bits, round to nearest even; NaN → 0xFFFF (branch-free, vectorises)
+    u = _as_u32(s)
+    r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return r if s == s else np.uint16(0xFFFF)
+
+
+
+_BLOCK = 4096  # elements per parallel work item; the inner loops over it are contiguous (SIMD)
+
+@njit(parallel=True, cache=True)
+def _merge_bf16_bf16(base, delta, alphas, out):  # base u16[n], delta f32[n], alphas f32[m] → out u16[m, n]
+    n = base.shape[0]
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):
+        s, e = blk * _BLOCK, min(n, (blk + 1) * _BLOCK)
+        b = np.empty(e - s, np.float32)
+        for i in range(e - s):
+            b[i] = _as_f32(np.uint32(base[s + i]) << np.uint32(16))
+        for j in range(alphas.shape[0]):
+            a = alphas[j]
+            for i in range(e - s):
+                out[j, s + i] = _bf16_rne(b[i] + a * delta[s + i])
+
+
+
+@njit(parallel=True, cache=True)
+def _merge_f32_bf16(base, delta, alphas, out):  # base f32[n]
+    n = base.shape[0]
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):
+        s, e = blk * _BLOCK, min(n, (blk + 1) * _BLOCK)
+        for j in range(alphas.shape[0]):
+            a = alphas[j]
+            for i in range(s, e):
+                out[j, i] = _bf16_rne(base[i] + a * delta[i])
+
+
+
+@njit(parallel=True, cache=True)
+def _merge_f32_f32(base, delta, alphas, out):  # out f32[m, n]
+    n = base.shape[0]
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):
+        s, e = blk * _BLOCK, min(n, (blk + 1) * _BLOCK)
+        for j in range(alphas.shape[0]):
+            a = alphas[j]
+            for i in range(s, e):
+                out[j, i] = base[i] + a * delta[i]
+
+
+
+@njit(cache=True)
+def _hist_hi(x, hist):  # x f32[n] → hist[|x| bits >> 16] += 1
+    for i in range(x.shape[0]):
+        hist[(_as_u32(x[i]) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+
+
+
+@njit(cache=True)
+def _hist_lo(x, slot_of, hists):  # hists[slot_of[hi], lo] += 1 for elements whose hi bin is a target
+    for i in range(x.shape[0]):
+        u = _as_u32(x[i]) & np.uint32(0x7FFFFFFF)
+        s = slot_of[u >> np.uint32(16)]
+        if s >= 0:
+            hists[s, u & np.uint32(0xFFFF)] += 1
+
+
+
+@njit(cache=True)
+def _nth_equal(x, key, nth):  # flat position of the nth (0-based) element with |x| bits == key, or -1
+    c = 0
+    for i in range(x.shape[0]):
+        if (_as_u32(x[i]) & np.uint32(0x7FFFFFFF)) == key:
+            if c == nth:
+                return i
+            c += 1
+    return -1
+
+
+
+@njit(parallel=True, cache=True)
+def _keep_by_cut(x, flat_start, key, last_tie, out):  # out[i] = |x| bits > key or (== key and index ≤ last_tie)
+    for i in prange(x.shape[0]):
+        u = np.int64(_as_u32(x[i]) & np.uint32(0x7FFFFFFF))
+        out[i] = u > key or (u == key and flat_start + i <= last_tie)
+
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+@njit(inline="always")
+def _splitmix64(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+
+@njit(parallel=True, cache=True)
+def _dare_keep(key, flat_start, drop_below, out):  # out[i] = splitmix64(key + (start+i+1)·φ) >> 11 ≥ drop_below
+    for i in prange(out.shape[0]):
+        z = _splitmix64(key + np.uint64(flat_start + i + 1) * _GOLDEN)
+        out[i] = (z >> np.uint64(11)) >= drop_below
