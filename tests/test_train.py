@@ -251,8 +251,8 @@ def test_bad_input_gets_one_clear_line(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     assert_one_line_error(_train_cli(tmp_path, good),
-                          f"the output folder exists and holds something else (not this training run) "
-                          f"({tmp_path / 'out'}). Choose another -o, or pass --overwrite")
+                          f"the output already exists, with no tvtool record of how it was made "
+                          f"({tmp_path / 'out'}). Pass --overwrite to redo it, or choose another output")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
@@ -285,3 +285,23 @@ def test_two_processes_under_accelerate_launch_train_the_same_adapter(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert sum(float(a[k].abs().sum()) for k in a if "lora_B" in k) > 0
+
+
+def test_finished_adapter_is_recognised_by_content_and_redone_when_an_input_changes(tmp_path):
+    """The one finished-work rule (tvtool.finished): moved data is still finished; edited data or options redo."""
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    data = write_jsonl(tmp_path / "a" / "mc.jsonl", mixchain_rows(6))
+    kw = dict(mode="valve++", model=TOY, prompt=_prompt(), output=tmp_path / "out")
+    first = train(data=data, options=_opts(epochs=1), **kw)
+    assert not first.skipped
+    moved = tmp_path / "b" / "mc.jsonl"
+    moved.parent.mkdir()
+    shutil.move(data, moved)
+    assert train(data=moved, options=_opts(epochs=1), **kw).skipped  # same content, another path
+    with pytest.raises(Exception) as e:  # other options without --overwrite: refused, nothing replaced
+        train(data=moved, options=_opts(epochs=2), **kw)
+    assert "epochs" in str(e.value) and "--overwrite" in str(e.value)
+    redone = train(data=moved, options=_opts(epochs=2, overwrite=True), **kw)
+    assert not redone.skipped and redone.record["options"]["epochs"] == 2

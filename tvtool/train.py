@@ -36,9 +36,11 @@ from typing import Literal
 
 from .atomic import commit_dir, discard, write_json
 from .errors import OptionsError, OutputError
+from .finished import RECORD_KEY, is_finished, stage_record
 from .lock import output_lock
 from .options import CliOptions, opt
 from .prompting import PromptOptions, load_tokenizer
+from .source import input_fingerprint
 
 MODES = ("valve", "valve++", "progressive")
 RECORD = "train.json"
@@ -147,10 +149,13 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
     td = load_train_data(data)
     stages = stages_for(mode=mode, data=td, tokenizer=tok, column=o.column)
     settings = _settings(mode, model, td, o, prompt)
-    if _finished(out, settings, o.overwrite):
+    finished = _record(mode, model, td, o, prompt)  # the one finished-work rule (tvtool.finished): no paths
+    if is_finished(out, finished, overwrite=o.overwrite, what=f"train {out.name}", name=RECORD):
         rec = json.loads((out / RECORD).read_text())
         return TrainResult(out, [out / s for s in rec.get("stage_folders", [])], rec["losses"], rec["final_loss"],
                            rec, skipped=True)
+    if out.exists() and _is_main():  # --overwrite (is_finished raised otherwise): a different run is replaced
+        discard(out)
     max_len = o.max_seq_len or _context(model)
     encoded = []
     for name, samples in stages:
@@ -161,7 +166,7 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
     from .train_loop import run
 
     t0 = time.time()
-    result = run(mode=mode, model=str(model), out=out, encoded=encoded, options=o, settings=settings,
+    result = run(mode=mode, model=str(model), out=out, encoded=encoded, options=o, settings=finished,
                  pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     from .train_loop import CHECKPOINT, barrier
 
@@ -179,7 +184,7 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
     write_plot(losses=losses, path=tmp / "loss.png")
     (tmp / "README.md").write_text(write_card(record=record))
     (tmp / CHECKPOINT).unlink(missing_ok=True)
-    write_json(tmp / RECORD, record, sort_keys=False)  # last: marks it finished
+    write_json(tmp / RECORD, {**record, RECORD_KEY: finished}, sort_keys=False)  # last: marks it finished
     commit_dir(tmp, out)  # the resumable <output>.partial/ (tvtool.atomic.resumable_dir) into place
     barrier()
     return TrainResult(out, [out / "stages" / d.name for d in stage_dirs], losses, final, record)
@@ -214,22 +219,14 @@ def _context(model) -> int:
     return int(cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings") or 4096)
 
 
-def _finished(out: Path, settings: dict, overwrite: bool) -> bool:
-    """True when `out` is a finished adapter with these settings; error when it holds something else."""
-    f = out / RECORD
-    if f.is_file():  # same settings: finished, whatever --overwrite says
-        try:
-            rec = json.loads(f.read_text())
-            if {k: rec.get(k) for k in settings} == json.loads(json.dumps(settings, default=str)):
-                return True
-        except json.JSONDecodeError:
-            pass
-    if out.exists() and not overwrite:
-        raise OutputError("the output folder exists and holds something else (not this training run)",
-                          where=str(out), fix="choose another -o, or pass --overwrite")
-    if out.exists() and overwrite:
-        discard(out) if _is_main() else None
-    return False
+def _record(mode: str, model, td, o: TrainOptions, prompt: PromptOptions) -> dict:
+    """The finished-work record (tvtool.finished): options plus the inputs' content fingerprints —
+    the model's files (safetensors headers, sizes, a data sample, config/tokenizer) and the data's
+    sha256 — and no paths, so a moved sweep folder or model still counts as finished."""
+    opts = {k: v for k, v in asdict(o).items() if k not in ("overwrite", "progress", "save_steps", "threads")}
+    return stage_record(stage="train", options={"mode": mode, **opts, "prompt": asdict(prompt),
+                                                "columns": td.columns, "layout": td.layout},
+                        inputs={"model": input_fingerprint(model), "data": {"sha256": td.fingerprint()}})
 
 
 def _is_main() -> bool:
