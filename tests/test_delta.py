@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tvtool
 from helpers import assert_bit_equal, assert_one_line_error, cli
-from tiny import index_files, state_dict
+from tiny import edited_copy as _edit, index_files, state_dict
 from tvtool import DeltaOptions, TaskVector
 
 
@@ -92,16 +91,6 @@ def test_single_file_over_shard_size_is_refused(llama, tmp_path):
     assert_one_line_error(r, f"Δ is 722.2 KB, over --max-shard-size 100KB ({out}). "
                              "Give a folder path for -o (it will be sharded) or raise --max-shard-size")
     assert not out.exists() and not list(tmp_path.iterdir())
-
-
-def _edit(src, dst, fn):
-    """Copy a checkpoint folder and rewrite its tensors with fn(state_dict) (single file)."""
-    shutil.copytree(src, dst)
-    sd = fn(state_dict(dst))
-    for f in list(dst.glob("*.safetensors")) + list(dst.glob("*.index.json")):
-        f.unlink()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def test_missing_tensor_is_an_error_listing_names(llama, tmp_path):

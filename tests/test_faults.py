@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tvtool
 from helpers import assert_bit_equal, assert_one_line_error, cli
-from tiny import state_dict
+from tiny import edited_copy as _edit, state_dict
 from tvtool import Checkpoint, DeltaOptions, MaterializeOptions
 from tvtool.errors import CheckpointError
 from tvtool.lock import lock_path, output_lock
@@ -33,16 +33,6 @@ from tvtool.output import ShardedWriter
 
 TOY = Path(tvtool.__file__).parent / "assets" / "toy"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _edit(src: Path, dst: Path, fn) -> Path:
-    """Copy a checkpoint folder and rewrite its tensors with fn(state_dict), as one model.safetensors."""
-    shutil.copytree(src, dst)
-    sd = fn(state_dict(dst))
-    for f in list(dst.glob("*.safetensors")) + list(dst.glob("*.index.json")):
-        f.unlink()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:

@@ -10,6 +10,7 @@ tests can tell whose files an output carries). head_dim is 64 so vLLM CPU runs t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -109,3 +110,15 @@ def state_dict(path: Path) -> dict[str, torch.Tensor]:
 def index_files(path: Path) -> set[str]:
     idx = Path(path) / "model.safetensors.index.json"
     return set(json.loads(idx.read_text())["weight_map"].values()) if idx.exists() else {"model.safetensors"}
+
+
+def edited_copy(src: Path, dst: Path, fn) -> Path:
+    """Copy a checkpoint folder and rewrite its tensors with fn(state_dict), as one model.safetensors."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    sd = fn(state_dict(dst))
+    for f in list(dst.glob("*.safetensors")) + list(dst.glob("*.index.json")):
+        f.unlink()
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
