@@ -57,6 +57,36 @@ def test_merge_many_is_bit_identical_to_torch(base_dtype, out_dtype):
     assert torch.isnan(got[1].float()).any() and torch.isinf(got[1].float()).any()
 
 
+def test_fused_pair_is_bit_identical_to_torch_and_refuses_non_finite():
+    """The pair kernel (θ1, θ2 bf16 → every α, Δ formed per element) equals merge_rows(θ1, θ2 − θ1, α)."""
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(70_000, generator=g) * 0.02).to(torch.bfloat16)
+    end = (base.float() + torch.randn(70_000, generator=g) * 1e-3).to(torch.bfloat16)
+    base[:6] = torch.tensor([0.0, -0.0, 1e-40, -1e-39, 3.3e38, 1.0]).to(torch.bfloat16)
+    end[:6] = torch.tensor([-0.0, 0.0, -1e-40, 2e-39, -3.3e38, 1.0 + 2 ** -7]).to(torch.bfloat16)
+    alphas = [0.2, 0.6, -0.5, 1.2, 2.5, 1e-30]
+    delta = end.float() - base.float()
+    got = kernels.fused_pair(base=base.view(-1, 7), end=end.view(-1, 7), alphas=alphas[:5] + [0.7], dtype=torch.bfloat16)
+    assert got is None  # 3.3e38 − (−3.3e38) overflows fp32 in Δ: the caller takes the checked path
+    end[4] = 3.2e38  # Δ ≈ −1e37: finite, and every output too
+    got = kernels.fused_pair(base=base.view(-1, 7), end=end.view(-1, 7), alphas=alphas, dtype=torch.bfloat16)
+    delta = end.float() - base.float()
+    n_half = 0
+    for a, x in zip(alphas, got):
+        ref = merge_rows(base.view(-1, 7), delta.view(-1, 7), a, torch.bfloat16)
+        assert x.shape == (10_000, 7) and torch.equal(bits(x), bits(ref)), a
+        n_half += int((((base.float() + delta * a).view(torch.int32) & 0xFFFF) == 0x8000).sum())
+    assert n_half > 0
+    for bad in (float("nan"), float("inf")):  # a non-finite θ1 or θ2, or an overflowing output: None
+        b2 = base.clone()
+        b2[12345] = bad
+        assert kernels.fused_pair(base=b2, end=end, alphas=[0.5], dtype=torch.bfloat16) is None
+        assert kernels.fused_pair(base=end, end=b2, alphas=[0.5], dtype=torch.bfloat16) is None
+    assert kernels.fused_pair(base=base, end=end, alphas=[1e38], dtype=torch.bfloat16) is None
+    assert kernels.fused_pair(base=base, end=end, alphas=[], dtype=torch.bfloat16) == []
+    assert kernels.fused_pair(base=base.float(), end=end.float(), alphas=[0.5], dtype=torch.float32) is None
+
+
 # -- exact streaming top-k ------------------------------------------------------------------
 def _stream_keep(x: torch.Tensor, ks, rows_per: int) -> list[torch.Tensor]:
     rows = x.shape[0]

@@ -21,6 +21,8 @@ import importlib
 import numpy as np
 import torch
 
+from .buffers import empty
+
 N_BINS = 1 << 16  # radix select: 16 high bits, then 16 low bits of |x| as uint32
 
 
@@ -83,7 +85,7 @@ def fused_merge(*, base: torch.Tensor, delta: torch.Tensor | None, alphas, dtype
         return {}
     b = base.contiguous().reshape(-1)
     d = delta.contiguous().reshape(-1).numpy()
-    out = torch.empty((len(todo), b.numel()), dtype=dtype)
+    out = empty((len(todo), b.numel()), dtype)
     with np.errstate(over="ignore"):  # |α| past float32: inf, as torch gives; the output check names it
         al = np.asarray(todo, dtype=np.float32)  # torch casts a Python scalar α to float32 first
     if base.dtype == torch.bfloat16:
@@ -93,6 +95,34 @@ def fused_merge(*, base: torch.Tensor, delta: torch.Tensor | None, alphas, dtype
     else:
         _nk()._merge_f32_f32(b.numpy(), d, al, out.numpy())
     return {a: out[j].view(base.shape) for j, a in enumerate(todo)}
+
+
+def fused_pair(*, base: torch.Tensor, end: torch.Tensor, alphas, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """[bf16(θ1 + α·(θ2 − θ1)) for α in `alphas`] from bf16 θ1 and θ2 rows, with no float32 array
+    at all (Δ is formed per element); bit-identical to `merge_rows(θ1, θ2.float() − θ1.float(), α)`.
+
+    Why: the float32 θ1 and Δ rows (6 bytes per element per input byte pair) and the separate
+    non-finite scans cost more than the arithmetic on 2 cores (page faults of fresh buffers and
+    four torch passes; BENCHMARKS.md). None where it does not apply (other dtypes, no numba
+    fusion) or where any θ1, θ2, Δ or output value is not finite: the caller then forms Δ and
+    takes the checked path, which names the first bad element.
+    """
+    if not (_FUSED and base.dtype == end.dtype == dtype == torch.bfloat16 and base.shape == end.shape):
+        return None
+    alphas = [float(a) for a in alphas]
+    b = base.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    e = end.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    out = empty((len(alphas), b.size), dtype)
+    bad = np.zeros(((b.size + _BLOCK - 1) // _BLOCK, 3 + len(alphas)), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        al = np.asarray(alphas, dtype=np.float32)
+    _nk()._merge_pair_bf16(b, e, al, out.view(torch.int16).numpy().view(np.uint16), bad)
+    if bad.any():
+        return None
+    return [out[j].view(base.shape) for j in range(len(alphas))]
+
+
+_BLOCK = 4096  # = _numba_kernels._BLOCK (not imported: numba loads on first use)
 
 
 # -- magnitude histograms for the streaming radix select ---------------------------------

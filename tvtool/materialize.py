@@ -28,6 +28,7 @@ from .lock import output_lock
 from .merge import MergeConfig, check_selection, merge_chunks, merged_config, output_plan, plan_entries
 from .merge_options import MergeOptions, config_name, split_vectors
 from .options import CliOptions, opt
+from .buffers import reuse
 from .output import ShardedWriter, WriteBehind, parse_size, progress
 from .paths import check_inside, check_output_apart, check_writable
 from .source import DeltaSource
@@ -117,8 +118,8 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
             folder=tmps[c], plan=entries, max_shard_size=parse_size(o.max_shard_size),  # other inputs differs
             metadata={"format": "pt", "tvtool.fingerprint": records[c]["fingerprint"]})) for c in todo}
         total_w = sum(w.total_size for w in writers.values())
-        with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar:
-            wb = WriteBehind(on_bytes=bar.update)
+        with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar, reuse():
+            wb = WriteBehind(on_bytes=bar.update, lanes=min(len(todo), 8))  # a thread per output
             try:
                 stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan, allow_nonfinite=o.allow_nonfinite,
                                       nonfinite=nonfinite, outputs=[str(folders[c]) for c in todo]) if todo else ()

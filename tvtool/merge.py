@@ -34,7 +34,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import MismatchError, OptionsError
 from .finite import check_finite
-from .kernels import merge_many, merge_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
+from .kernels import fused_pair, merge_many, merge_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
 from .layout import DTYPES, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
 from .operators import METHODS, Config, LayerSchedule, Merge, Prepared, check_vectors, merged_delta, prepare
 from .options import check_regex
@@ -237,11 +237,18 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
     alphas = [None if c.is_plain(len(tvs)) else c.alphas(names) for c in configs]
     counts = nonfinite if nonfinite is not None else {}
     where_b, where_d = str(base.source.ref), [" → ".join(str(p) for p in t.sources()) for t in tvs]
-    reads = _reads(base, tvs, configs, plan, whole)
+    reads = _reads(base, tvs, configs, plan, whole, lazy=len(tvs) == 1 and not allow_nonfinite)
     for i, name, start, stop, base_rows, base32, ds, end, prep, nbytes in (
             prefetch(reads, read_ahead) if read_ahead else reads):
         p = plan[i]
         chunk = MergedChunk(i, name, start, stop, bytes_read=nbytes)
+        if ds is not None and ds[0] is None:  # a plain pair chunk, Δ not formed: one fused pass that also scans for NaN/Inf
+            chunk.outputs = _pair_fused(configs, name, base_rows, end, p.dtype)
+            if chunk.outputs is not None:
+                yield chunk
+                continue
+            base32 = base_rows.float()  # something is not finite: form Δ, the checked path names it
+            ds = [end.to(torch.float32, copy=True).sub_(base32)]
         bad = check_finite(name, base_rows, start, counts=counts, allow=allow_nonfinite, what="the base",
                            where=where_b)
         for d, where in zip(ds or (), where_d):
@@ -347,14 +354,29 @@ def _merge_one(configs: list[MergeConfig], alphas: list[dict | None], name: str,
     return out
 
 
-def _inputs(base: Checkpoint, tvs: list, name: str, src: str, start: int, stop: int | None):
-    """(θ1 rows, θ1 fp32 rows, [Δ_i rows], θ2 rows of the first vector | None); θ1 read once."""
-    base_rows, base32, d, end = tvs[0].merge_inputs(base, name, src, start, stop)
+def _pair_fused(configs: list[MergeConfig], name: str, base_rows: torch.Tensor, end: torch.Tensor,
+                dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """Plain configurations' rows from θ1 and θ2 rows by `kernels.fused_pair` (the same bytes as
+    `_merge_one`: unselected or α=0 → θ1, α=1 → θ2); None if it does not apply or a value is not finite."""
+    todo = sorted({c.alpha for c in configs if c.selects(name) and c.alpha not in (0.0, 1.0)})
+    res = fused_pair(base=base_rows, end=end, alphas=todo, dtype=dtype)
+    if res is None:
+        return None
+    by = dict(zip(todo, res))
+    return [by[c.alpha] if c.alpha in by else end if c.selects(name) and c.alpha == 1.0 else base_rows
+            for c in configs]
+
+
+def _inputs(base: Checkpoint, tvs: list, name: str, src: str, start: int, stop: int | None, lazy: bool = False):
+    """(θ1 rows, θ1 fp32 rows, [Δ_i rows], θ2 rows of the first vector | None); θ1 read once. `lazy`: a plain
+    pair gives (θ1 rows, None, [None], θ2 rows), Δ left to `_pair_fused`."""
+    base_rows, base32, d, end = tvs[0].merge_inputs(base, name, src, start, stop, lazy=lazy)
     ds = [d] + [t.merge_inputs(base, name, src, start, stop, base_rows=base_rows, base32=base32)[2] for t in tvs[1:]]
     return base_rows, base32, ds, end
 
 
-def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[PlannedTensor], whole: bool):
+def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[PlannedTensor], whole: bool,
+           lazy: bool = False):
     """Per chunk: (index, name, start, stop, θ1 rows, θ1 fp32 | None, [Δ_i rows] | None, θ2 rows | None,
     the tensor's selection cuts | None, bytes read). A tensor that a magnitude operator trims gets its
     selection passes (`operators.prepare`) here, before its first chunk, in the read-ahead thread."""
@@ -382,7 +404,7 @@ def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[P
         for k, (s, e) in enumerate(chunks):
             if used and (n_delta is None or s < n_delta):
                 base_rows, base32, ds, end = cached if (cached is not None and k == 0) else \
-                    _inputs(base, tvs, p.name, p.src, s, e)
+                    _inputs(base, tvs, p.name, p.src, s, e, lazy=lazy and not ops)
                 nbytes = base_rows.numel() * base_rows.element_size() * ((2 if end is not None else 1) + n - 1) \
                     + (extra if k == 0 else 0)
                 yield i, p.name, s, e, base_rows, base32, ds, end, prep, nbytes

@@ -190,40 +190,55 @@ def prefetch(items, depth: int = 2):
 
 
 class WriteBehind:
-    """Performs `writer.write(name, chunk)` calls in order in a background thread, so writes overlap compute."""
+    """Performs `writer.write(name, chunk)` calls in background threads, so writes overlap compute.
 
-    def __init__(self, depth: int = 4, on_bytes=None):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+    Each writer is bound to one of `lanes` threads (round robin on first use), and a writer's writes
+    stay in submission order. One lane per output lets the page-cache copies of several outputs run
+    on several cores: with one thread, writing 5 outputs was a serial memcpy that set materialize's
+    pace (BENCHMARKS.md). `depth` chunks may wait per lane.
+    """
+
+    def __init__(self, depth: int = 2, on_bytes=None, lanes: int = 1):
+        self._qs: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in range(max(1, lanes))]
+        self._lane: dict[int, int] = {}
         self._error: BaseException | None = None
         self._on_bytes = on_bytes
-        self._t = threading.Thread(target=self._run, daemon=True, name="tvtool-write")
-        self._t.start()
+        self._lock = threading.Lock()
+        self._ts = [threading.Thread(target=self._run, args=(q,), daemon=True, name=f"tvtool-write-{k}")
+                    for k, q in enumerate(self._qs)]
+        for t in self._ts:
+            t.start()
 
-    def _run(self):
-        while (item := self._q.get()) is not None:
+    def _run(self, q: queue.Queue):
+        while (item := q.get()) is not None:
             try:
                 if self._error is None:
                     n = item[0].write(item[1], item[2])
                     if self._on_bytes:
-                        self._on_bytes(n)
+                        with self._lock:
+                            self._on_bytes(n)
             except BaseException as e:
                 self._error = e
             finally:
-                self._q.task_done()
-        self._q.task_done()
+                q.task_done()
+        q.task_done()
 
     def submit(self, writer, name: str, chunk: torch.Tensor) -> None:
         self._check()
-        self._q.put((writer, name, chunk))
+        lane = self._lane.setdefault(id(writer), len(self._lane) % len(self._qs))
+        self._qs[lane].put((writer, name, chunk))
 
     def flush(self) -> None:
         """Wait until every submitted write is done; raise the first write error."""
-        self._q.join()
+        for q in self._qs:
+            q.join()
         self._check()
 
     def close(self) -> None:
-        self._q.put(None)
-        self._t.join()
+        for q in self._qs:
+            q.put(None)
+        for t in self._ts:
+            t.join()
 
     def _check(self):
         if self._error is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .buffers import empty
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -167,7 +168,7 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torc
         stop = info.shape[0] if stop is None else stop
         row_shape = info.shape[1:]
     row_bytes = math.prod(row_shape) * info.dtype.itemsize
-    out = torch.empty((stop - start, *row_shape), dtype=info.dtype)
+    out = empty((stop - start, *row_shape), info.dtype)  # reused within a pass (tvtool.buffers)
     buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     with open(info.file, "rb", buffering=0) as f:
         f.seek(info.begin + start * row_bytes)

@@ -176,13 +176,15 @@ class TaskVector:
         return self.rows(name)
 
     def merge_inputs(self, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None, *,
-                     base_rows: torch.Tensor | None = None, base32: torch.Tensor | None = None):
+                     base_rows: torch.Tensor | None = None, base32: torch.Tensor | None = None,
+                     lazy: bool = False):
         """(θ1 rows as stored, θ1 rows in fp32, Δ rows, θ2 rows or None) for output tensor `name`.
 
         Reads every input once: for a plain base/reasoner pair over this base, Δ is computed from
         the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit). `base_rows`
         (and `base32`) are θ1's rows when the caller already read them (several task vectors).
-        `src` is the base tensor to read (the embedding for a tied lm_head).
+        `src` is the base tensor to read (the embedding for a tied lm_head). `lazy`: for that plain
+        pair, return (θ1 rows, None, None, θ2 rows) and let the caller form Δ (`kernels.fused_pair`).
         """
         p = self.pair
         whole = p is not None and p.shape(name) == base.info(src).shape
@@ -191,6 +193,8 @@ class TaskVector:
             bn, rn, _ = p.names[name]
             base_rows = p.base.read(bn, start, stop) if base_rows is None else base_rows
             r = p.reasoner.read(rn, start, stop)
+            if lazy and base32 is None:
+                return base_rows, None, None, r
             base32 = base_rows.float() if base32 is None else base32  # [rows, ...] shared by Δ and every α
             return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
         base_rows = base.read(src, start, stop) if base_rows is None else base_rows
