@@ -129,7 +129,7 @@ def test_vocab_mismatch_errors_or_intersects(llama, tmp_path):
     out = tmp_path / "d.safetensors"
     r = cli("delta", base, r2, "-o", out)
     assert_one_line_error(r, "vocabulary size differs for tensor 'model.embed_tokens.weight': base has 256 rows, "
-                             "reasoner 264. Pass --vocab intersect to take Δ over the shared rows "
+                             f"reasoner 264 ({r2}). Pass --vocab intersect to take Δ over the shared rows "
                              "(the other rows keep the base's values)")
     r = cli("delta", base, r2, "-o", out, "--vocab", "intersect", "--dtype", "float32", "--no-progress")
     assert r.exit_code == 0, r.stderr

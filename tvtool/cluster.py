@@ -376,7 +376,7 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float], base:
     if source is None:
         if base is None:
             raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
+        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, vocab=options.vocab)
     datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,

@@ -253,7 +253,7 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     if operators and source is None:
         delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
         if base is not None:
-            source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more)
+            source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
     else:
         weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
     if configs is not None:
@@ -337,7 +337,7 @@ def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
     if source is None:
         if base is None:
             raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
+        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, vocab=options.vocab)
     return "sweep", source
 
 

@@ -46,7 +46,8 @@ class MaterializeOptions(CliOptions):
     max_shard_size: str = opt("5GB", "Largest safetensors shard in each output folder.")
     allow_missing: bool = opt(False, "With --reasoner: skip tensors present in only one model (recorded).")
     vocab: Literal["error", "intersect"] = opt(
-        "error", "With --reasoner: on a vocabulary-size mismatch, error or interpolate only the shared rows.")
+        "error", "With --reasoner or several --vector: on a vocabulary-size mismatch (base and reasoner, or between "
+                 "task vectors), error or merge only the shared rows (the others keep the base's values).")
     allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
     allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
                                        "of stopping at the first one.")

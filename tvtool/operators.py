@@ -19,6 +19,10 @@ rescales kept elements by 1/(1 − p), computed in float64 and rounded once, as 
 paper (mergekit's `rescale` matches L1 norms of the whole tensor instead) and draws its
 mask from the hash, not torch's RNG.
 
+Vocabulary tensors whose rows differ between the task vectors (--vocab intersect,
+`shared_vectors`) are merged over the rows all share: the magnitude cut, the sign election and
+the weights see only those rows, DARE hashes the same flat indices, the other rows stay θ1.
+
 Reads of each input per tensor (a tensor that fits one chunk is always read once):
   task_arithmetic, dare_linear, dare_ties: 1 pass.
   trim, ties, breadcrumbs(_ties): 3 passes (2 to select, 1 to write; + 1 chunk when
@@ -36,6 +40,7 @@ import torch
 
 from . import kernels
 from .errors import MismatchError, OptionsError
+from .layout import is_vocab_tensor
 from .select import Cut, count_keep, top_cuts
 
 Method = Literal["task_arithmetic", "trim", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -154,18 +159,49 @@ class Config:
         return out
 
 
-def check_vectors(shapes: Sequence[dict[str, tuple[int, ...]]]) -> None:
-    """Task vectors must have the same tensor names and shapes (one architecture)."""
+def check_vectors(shapes: Sequence[dict[str, tuple[int, ...]]], *, vocab: str = "error",
+                  base_rows: dict[str, int] | None = None, where: Sequence[str] = ()) -> dict[str, int]:
+    """Task vectors must have the same tensor names and shapes (one architecture), save the rows of
+    vocabulary tensors (embed_tokens, lm_head) under the vocab policy of one pair (`taskvector._pair`):
+    "error" refuses different row counts; "intersect" returns {tensor: rows shared by every vector
+    and the base (`base_rows`)} for each vocab tensor some vector has more rows of (the merge runs
+    over those rows; the others keep θ1). `where[i]`: vector i's source, named in errors."""
     for i, s in enumerate(shapes[1:], 1):
         if set(s) != set(shapes[0]):
             diff = sorted(set(s) ^ set(shapes[0]))
             raise MismatchError(f"task vectors 1 and {i + 1} have different tensors, e.g. {diff[:3]}",
                                 fix="merge only task vectors of one architecture from one base")
-        bad = next((n for n in s if tuple(s[n]) != tuple(shapes[0][n])), None)
-        if bad:
-            raise MismatchError(f"task vectors 1 and {i + 1} differ in the shape of {bad!r}: "
-                                f"{tuple(shapes[0][bad])} vs {tuple(s[bad])}",
+    shared = {}
+    for n, first in shapes[0].items():
+        got = [tuple(s[n]) for s in shapes]
+        bad = next((i for i, g in enumerate(got) if g != tuple(first)), None)
+        if is_vocab_tensor(n) and first and all(g and g[1:] == tuple(first[1:]) for g in got):
+            if bad is not None and vocab != "intersect":
+                raise MismatchError(f"vocabulary size differs for tensor {n!r}: task vector 1 has {first[0]} rows, "
+                                    f"task vector {bad + 1} {got[bad][0]}",
+                                    where=where[bad] if len(where) > bad else None,
+                                    fix="pass --vocab intersect to merge over the rows all task vectors share "
+                                        "(the other rows keep the base's values)")
+            rows = [g[0] for g in got] + ([base_rows[n]] if vocab == "intersect" and n in (base_rows or {}) else [])
+            if min(rows) < max(g[0] for g in got):
+                shared[n] = min(rows)
+        elif bad is not None:
+            raise MismatchError(f"task vectors 1 and {bad + 1} differ in the shape of {n!r}: "
+                                f"{tuple(first)} vs {got[bad]}",
                                 fix="merge only task vectors of one architecture from one base")
+    return shared
+
+
+def shared_vectors(vectors: Sequence, *, vocab: str = "error", base_rows: dict[str, int] | None = None,
+                   where: Sequence[str] = ()) -> list:
+    """The task vectors, each seen over the vocabulary rows they all share (`check_vectors`;
+    `TaskVector.shared`): what every operator then runs over. Rows keep their flat indices (row
+    r of a tensor is element r·row_size onward in every vector), so DARE masks, which hash
+    (seed, name, flat index), are those of the same rows without the policy; the magnitude
+    cut of trim/TIES is taken over the shared rows (density of the elements that are merged)."""
+    rows = check_vectors([{n: v.shape(n) for n in v.names()} for v in vectors], vocab=vocab, base_rows=base_rows,
+                         where=where)
+    return [v.shared(rows) if rows else v for v in vectors]
 
 
 @dataclass
@@ -275,10 +311,10 @@ class MergedVector:
     be read in any order and any chunking with the same result.
     """
 
-    def __init__(self, vectors: Sequence, merge: Merge, *, scale: float = 1.0, _cache=None):
+    def __init__(self, vectors: Sequence, merge: Merge, *, scale: float = 1.0, vocab: str = "error", _cache=None):
         if not vectors:
             raise OptionsError("no task vectors to merge", where="vectors")
-        check_vectors([{n: v.shape(n) for n in v.names()} for v in vectors])
+        vectors = shared_vectors(vectors, vocab=vocab)  # vocab intersect: M over the shared rows
         merge.check(len(vectors))
         self.vectors, self.merge, self.scale = list(vectors), merge, float(scale)
         self._cache = {} if _cache is None else _cache

@@ -21,7 +21,8 @@ from typing import Literal
 from .adapter_tv import ADAPTER_CONFIG
 from .checkpoint import Checkpoint, resolve
 from .errors import OptionsError
-from .layout import INDEX
+from .layout import INDEX, is_vocab_tensor
+from .operators import shared_vectors
 from .taskvector import TaskVector
 
 _PICKLE_SAMPLE = 1 << 20  # bytes hashed at each end of a pickle (*.bin) file
@@ -40,7 +41,7 @@ class DeltaSource:
     delta: str | None = None
     reasoner: str | None = None
     allow_missing: bool = False  # pair only: skip tensors present in one model (recorded)
-    vocab: Literal["error", "intersect"] = "error"  # pair only: vocabulary-size mismatch policy
+    vocab: Literal["error", "intersect"] = "error"  # vocabulary-size mismatch policy (a pair; several vectors)
     allow_pickle: bool = False  # accept *.bin checkpoints (torch.load(weights_only=True))
     more: tuple[str, ...] = ()  # further task vectors of the same base, of the same kind (reasoners or deltas)
 
@@ -74,14 +75,21 @@ class DeltaSource:
                 TaskVector.load(self.delta, allow_pickle=self.allow_pickle))
 
     def open_vectors(self) -> tuple[Checkpoint, list[TaskVector]]:
-        """(θ1, [Δ_1, …, Δ_n]): the base and every task vector (`more` after the first), opened once."""
+        """(θ1, [Δ_1, …, Δ_n]): the base and every task vector (`more` after the first), opened once.
+
+        Vocabulary tensors of different sizes follow `vocab` (`operators.shared_vectors`): an error,
+        or every Δ_i over the rows the base and all vectors share (the rows past them stay θ1)."""
         base, tv = self.open()
         if self.reasoner is not None:
             more = [TaskVector.between(base, r, allow_missing=self.allow_missing, vocab=self.vocab,
                                        allow_pickle=self.allow_pickle) for r in self.more]
         else:
             more = [TaskVector.load(d, allow_pickle=self.allow_pickle) for d in self.more]
-        return base, [tv, *more]
+        if not more:
+            return base, [tv]
+        rows = {n: base.info(n).shape[0] for n in base.names() if is_vocab_tensor(n) and base.info(n).shape}
+        return base, shared_vectors([tv, *more], vocab=self.vocab, base_rows=rows,
+                                    where=[self.reasoner or self.delta, *self.more])
 
     # -- plain data ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

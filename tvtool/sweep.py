@@ -105,8 +105,10 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
 
     d_path = out / "delta"
     if r.keep.delta or r.low_rank:  # skipped inside when its record matches (redone, saying why, if not)
-        delta(base=r.base, reasoner=r.reasoner, output=d_path, options=DeltaOptions(progress=pg, overwrite=True))
-    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]))
+        delta(base=r.base, reasoner=r.reasoner, output=d_path,
+              options=DeltaOptions(progress=pg, overwrite=True, vocab=r.materialize.vocab))
+    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]),
+                         vocab=r.materialize.vocab)  # the recipe's vocab policy, for swap as for materialize
     configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
     plain = all(c.is_plain(len(r.vectors) or 1) for c in configs)
     lowrank = adapters = None

@@ -72,8 +72,9 @@ class TaskVector:
     combine with `+`, `-`, `* alpha`; read with `rows`/`get`; merge with `apply_to`.
     """
 
-    def __init__(self, terms: list[tuple[float, _Pair | _File]]):
+    def __init__(self, terms: list[tuple[float, _Pair | _File]], *, shared_rows: dict[str, int] | None = None):
         self.terms = terms
+        self._rows = dict(shared_rows or {})  # vocab intersect over several vectors: name → rows merged
         first = terms[0][1]
         self._names = list(first.names) if isinstance(first, _Pair) else list(first.factored) + first.full
         for _, t in terms[1:]:
@@ -125,7 +126,7 @@ class TaskVector:
 
     # -- arithmetic ---------------------------------------------------------------
     def __mul__(self, alpha: float) -> "TaskVector":
-        return TaskVector([(c * float(alpha), t) for c, t in self.terms])
+        return TaskVector([(c * float(alpha), t) for c, t in self.terms], shared_rows=self._rows)
 
     __rmul__ = __mul__
 
@@ -133,17 +134,26 @@ class TaskVector:
         return self * -1.0
 
     def __add__(self, other: "TaskVector") -> "TaskVector":
-        return TaskVector(self.terms + other.terms)
+        rows = {n: min(k, self._rows.get(n, k)) for n, k in other._rows.items()}
+        return TaskVector(self.terms + other.terms, shared_rows={**self._rows, **rows})
 
     def __sub__(self, other: "TaskVector") -> "TaskVector":
         return self + (-other)
 
     # -- operators (tvtool.operators; lazy like the rest) --------------------------
-    def merge(self, *others: "TaskVector", **merge):
-        """This and `others` (same base) merged by `tvtool.operators.Merge(**merge)`: TIES, DARE, …"""
+    def shared(self, rows: dict[str, int]) -> "TaskVector":
+        """This Δ over the first `rows[name]` rows of the named (vocabulary) tensors only: what several
+        task vectors share under --vocab intersect (`operators.shared_vectors`); rows past them are no
+        part of it, so a merge leaves them θ1."""
+        own = {n: min(k, self.shape(n)[0]) for n, k in rows.items() if n in self._names}
+        return TaskVector(self.terms, shared_rows={**self._rows, **own})
+
+    def merge(self, *others: "TaskVector", vocab: str = "error", **merge):
+        """This and `others` (same base) merged by `tvtool.operators.Merge(**merge)`: TIES, DARE, …
+        `vocab="intersect"` merges vocabulary tensors of different sizes over their shared rows."""
         from .operators import Merge, MergedVector
 
-        return MergedVector([self, *others], Merge(**merge))
+        return MergedVector([self, *others], Merge(**merge), vocab=vocab)
 
     def trim(self, density: float):
         """Keep the top `density` fraction of |Δ| per tensor (ties in index order)."""
@@ -161,10 +171,12 @@ class TaskVector:
         return name in self._names
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.terms[0][1].shape(name))
+        s = tuple(self.terms[0][1].shape(name))
+        return (self._rows[name], *s[1:]) if name in self._rows else s
 
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """float32 rows [start, stop) of Σ c_i·Δ_i[name]."""
+        stop = self._rows[name] if stop is None and name in self._rows else stop
         out = None
         for c, t in self.terms:
             part = t.rows(name, start, stop)
@@ -186,9 +198,9 @@ class TaskVector:
         `src` is the base tensor to read (the embedding for a tied lm_head). `lazy`: for that plain
         pair, return (θ1 rows, None, None, θ2 rows) and let the caller form Δ (`kernels.fused_pair`).
         """
-        p = self.pair
-        whole = p is not None and p.shape(name) == base.info(src).shape
-        within = p is not None and stop is not None and bool(p.shape(name)) and stop <= p.shape(name)[0]
+        p, shape = self.pair, self.shape(name)
+        whole = p is not None and shape == tuple(base.info(src).shape)
+        within = p is not None and stop is not None and bool(shape) and stop <= shape[0]
         if (whole or within) and p.base.source.path.resolve() == base.source.path.resolve():
             bn, rn, _ = p.names[name]
             base_rows = p.base.read(bn, start, stop) if base_rows is None else base_rows
@@ -228,6 +240,8 @@ class TaskVector:
             prov = {k.removeprefix("tvtool."): _json_or_str(v) for k, v in m.items()
                     if k.startswith("tvtool.") and k != "tvtool.files"}
             prov["delta"] = t.ckpt.source.describe()
+        if self._rows:
+            prov["shared_rows"] = dict(self._rows)  # vocab intersect over several task vectors
         if len(self.terms) > 1 or c != 1.0:
             prov["combination"] = [{"coefficient": c, **_term_source(t)} for c, t in self.terms]
         return prov
@@ -300,7 +314,7 @@ def _pair(b: Checkpoint, r: Checkpoint, *, allow_missing: bool, vocab: str) -> _
             if is_vocab_tensor(n) and ib.shape[1:] == ir.shape[1:]:
                 if vocab != "intersect":
                     raise MismatchError(f"vocabulary size differs for tensor {n!r}: base has {ib.shape[0]} rows, "
-                                        f"reasoner {ir.shape[0]}",
+                                        f"reasoner {ir.shape[0]}", where=r.source.ref,
                                         fix="pass --vocab intersect to take Δ over the shared rows "
                                             "(the other rows keep the base's values)")
                 shape = (min(ib.shape[0], ir.shape[0]), *ib.shape[1:])
