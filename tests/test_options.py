@@ -120,10 +120,19 @@ def test_sweep_commands_parse_into_the_sweeps_options(name, tmp_path):
         assert tuple(a for part in kw["alphas"] for a in part) in ((), tuple(dict.fromkeys(r.alphas)))
 
 
-@pytest.mark.parametrize("name", ["toy-operators.yaml", "long-to-short-7b.yaml"])
+@pytest.mark.parametrize("name", ["toy-operators.yaml", "long-to-short-7b.yaml", "vectors"])
 def test_sweep_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_path):
     """One `tvtool eval` per `merge:` entry; together they parse back into the sweep's configurations."""
-    r = load_recipe(RECIPES / name)
+    if name == "vectors":  # the issue's several-vector example: System 1 Instruct and System 2 R1 over the Math base
+        text = (RECIPES / "long-to-short-7b.yaml").read_text().replace(
+            "reasoner: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "vectors:\n"
+            "  - {model: Qwen/Qwen2.5-Math-7B-Instruct, weight: 0.4}\n  - {model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}")
+        (tmp_path / "v.yaml").write_text(text)
+        r = load_recipe(tmp_path / "v.yaml")
+        assert [(v.model, v.weight) for v in r.vectors] == [("Qwen/Qwen2.5-Math-7B-Instruct", 0.4),
+                                                            ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1.0)]
+    else:
+        r = load_recipe(RECIPES / name)
     evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
     assert len(evals) == len(r.merge) * len(r.datasets)
     got = []

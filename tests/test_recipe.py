@@ -28,10 +28,14 @@ def test_shipped_recipes_validate(name):
     if name.startswith("long-to-short"):  # the paper's README settings (density = 1 − trim ratio k)
         from tvtool.recipe import merge_configs
 
-        ties = {"7b": (0.2, 1.0), "32b": (0.75, 0.55)}[name.split("-")[-1].removesuffix(".yaml")]
-        got = [(c.method, c.alpha, c.density, c.weights) for c in merge_configs(r)]
-        assert got == [("task_arithmetic", 0.7, 1.0, ()), ("ties", ties[1], ties[0], ())]
-        assert r.reasoner == r.vectors[0].model and len(r.vectors) == 2 and r.base.startswith("Qwen/Qwen2.5-")
+        size = name.split("-")[-1].removesuffix(".yaml")  # Table 7: TIES (density = 1 − k, α); DARE p = 0.3 at 7B
+        ties = {"7b": (0.2, 1.0), "32b": (0.75, 0.55)}[size]
+        got = [(c.method, c.alpha, c.density, c.p) for c in merge_configs(r)]
+        dare = [("dare_linear", 0.7, 1.0, 0.3), ("dare_ties", 1.0, 0.2, 0.3)] if size == "7b" else []
+        assert got == [("task_arithmetic", 0.7, 1.0, 0.0), ("ties", ties[1], ties[0], 0.0)] + dare
+        # §4 / §5.2: System 1 is the pre-trained base itself, System 2 the R1 distill of it
+        assert (r.base, r.reasoner, r.vectors) == ({"7b": "Qwen/Qwen2.5-Math-7B", "32b": "Qwen/Qwen2.5-32B"}[size],
+                                                   f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size.upper()}", ())
     if name == "toy-operators.yaml":  # reports/toy-operators: the α curve of toy.yaml plus TIES, DARE, breadcrumbs
         from tvtool.merge_options import config_name
         from tvtool.recipe import merge_configs
