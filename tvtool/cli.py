@@ -19,6 +19,7 @@ from .evaluate import evaluate
 from .generate import generate_responses
 from .hub import PushOptions, push
 from .lowrank import LowRankOptions, svd_rank
+from .lowrank_merge import MERGE_FLAGS
 from .materialize import MaterializeOptions, materialize
 from .merge_options import MergeOptions
 from .mixchain import MixChainOptions, build_mixchain
@@ -230,8 +231,10 @@ def sweep_cmd(recipe: str, **kw) -> None:
 @click.option("--reasoner", help="Reasoner checkpoint (with --base).")
 @click.option("-o", "--output", required=True, help="Factored delta: a .safetensors file, or a folder (sharded).")
 @click_options(LowRankOptions)
+@click_options(MergeOptions, rename=MERGE_FLAGS)
 def svd_rank_cmd(delta_path: str | None, base: str | None, reasoner: str | None, output: str, **kw) -> None:
-    """Factor Δ into rank-R (or energy-E) B·A per 2-D weight; optionally write PEFT/vLLM LoRA adapters."""
+    """Factor Δ into rank-R (or energy-E) B·A per 2-D weight; optionally write PEFT/vLLM LoRA adapters.
+    With --merge-method (trim, ties, …) and/or several --vector: factor the operator's merged M instead."""
     result = svd_rank(delta=delta_path, base=base, reasoner=reasoner, output=output,
-                      options=from_cli(LowRankOptions, kw))
+                      options=from_cli(LowRankOptions, kw), merge=from_cli(MergeOptions, kw, rename=MERGE_FLAGS))
     click.echo(result.table())
