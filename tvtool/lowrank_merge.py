@@ -17,6 +17,7 @@ the records of the runs that use it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .errors import OptionsError
 from .merge import MergeConfig
@@ -74,4 +75,11 @@ def open_input(*, source: DeltaSource, config: MergeConfig | None) -> LowRankInp
     return LowRankInput(source, vectors, config)
 
 
-__all__ = ["LowRankInput", "MERGE_FLAGS", "open_input", "operator_config"]
+def applied_configs(configs: Sequence[MergeConfig]) -> list[MergeConfig]:
+    """The configurations that apply a factored M (one task vector): each one's α, tensor selection, α rules
+    and schedule; its operator and weights are inside M already."""
+    return list(dict.fromkeys(MergeConfig(c.alpha, c.include, c.exclude, rules=c.rules, schedule=c.schedule)
+                              for c in configs))
+
+
+__all__ = ["applied_configs", "LowRankInput", "MERGE_FLAGS", "open_input", "operator_config"]

@@ -69,8 +69,6 @@ class VectorSpec:
     weight: float = opt(1.0, "Its weight w_i in the merge.")
 
 
-
-
 @dataclass(frozen=True)
 class MergeSpec:
     method: Literal["task_arithmetic", "trim", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -115,9 +113,19 @@ def merge_configs(r: "_RecipeFields") -> list[MergeConfig]:
     out = []
     for m in r.merge or (MergeSpec(),):
         out += merge_options(m).configs(m.alphas or r.alphas, include=r.materialize.include,
-                                        exclude=r.materialize.exclude,
-                          weights=weights)
+                                        exclude=r.materialize.exclude, weights=weights)
     return list(dict.fromkeys(out))
+
+
+def low_rank_merge(r: "_RecipeFields") -> MergeOptions | None:
+    """What `low_rank` factors with `merge:`/`vectors:`: the (one) entry's operator over every vector, as
+    `svd_rank`'s settings (α rules and the schedule stay with the runs, `lowrank_merge`); None: plain Δ."""
+    m = r.merge[0] if r.merge else MergeSpec()
+    c = dataclasses.replace(merge_configs(r.model_copy(update={"merge": (m,)}))[0], rules=(), schedule=None)
+    if c.is_plain(len(r.vectors) or 1):
+        return None
+    vecs = tuple(f"{v.model}:{v.weight!r}" for v in r.vectors)
+    return dataclasses.replace(merge_options(m), alpha_rules=(), layer_schedule=None, vectors=vecs)
 
 
 _MERGE_KEYS = {"merge.p": "p", "merge.density": "density", "merge.weights": "weights", "merge.beta": "beta",
@@ -226,6 +234,9 @@ class _RecipeFields(BaseModel):
                                "instead", f"materialize.{k}")
         if not self.alphas and not all(m.alphas for m in self.merge or (MergeSpec(),)):
             raise _Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]", "alphas")
+        if len(self.merge) > 1 and lr is not None:
+            raise _Invalid("lists several operators, but low_rank factors one merged task vector",
+                           "give one merge entry, or drop low_rank", "merge")
         if (self.merge or len(self.vectors) > 1) and self.apply == "lora":
             raise _Invalid("(or several vectors) does not apply to apply: lora", "use apply: swap or materialize",
                            "merge")
