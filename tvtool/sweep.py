@@ -134,16 +134,14 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
 
     evals = [_eval_options(r, ds, pg, verbose=options.verbose) for ds in r.datasets]
     with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
-        if ray_opts is not None:  # --- ray: the α × dataset plan on a pool of engines (tvtool.cluster) ---
-            if not plain:
-                raise OptionsError("a Ray sweep runs plain θ1 + αΔ only", where="merge",
-                                   fix="run merge operators without --ray / executor.ray")
-            tables, starts = _eval_on_ray(r, source, out / "eval", alphas, evals, ray_opts, pg)
+        if ray_opts is not None:  # --- ray: the (operator ×) α × dataset plan on a pool of engines ---
+            tables, starts = _eval_on_ray(r, source, out / "eval", alphas, evals, ray_opts, pg,
+                                          None if plain else configs)
         else:
             tables, starts = _eval_one_engine(r, source, out / "eval", alphas, evals, folders, adapters,
                                               configs, plain)
-            if not plain:
-                tables = operator_rows(tables=tables, configs=configs)
+        if not plain:
+            tables = operator_rows(tables=tables, configs=configs)
 
     # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
     vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg, verbose=options.verbose)
@@ -183,12 +181,14 @@ def _eval_one_engine(r: Recipe, source: DeltaSource, out: Path, alphas, evals, f
     return tables, eng.starts
 
 
-def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_opts: RayOptions, pg: bool):
-    """Every α × dataset run on a Ray pool: the same run folders, so the same table as one engine."""
+def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_opts: RayOptions, pg: bool,
+                 configs):
+    """Every (operator ×) α × dataset run on a Ray pool: the same run folders and merge configurations
+    (`configs`, None: plain θ1 + α·Δ), so the same table as one engine."""
     from .cluster import evaluate_on_ray
 
     res = evaluate_on_ray(output=out, source=source, alphas=alphas, datasets=evals, prompt=r.prompt,
-                          engine_options=r.engine, executor=ray_opts, progress=pg)
+                          engine_options=r.engine, executor=ray_opts, progress=pg, configs=configs)
     return {ev.runs[0].folder.name: [table_row(x) for x in ev.runs] for ev in res.results}, res.pool.engine_starts
 
 
