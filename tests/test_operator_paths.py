@@ -6,7 +6,11 @@
 - Ray sweeps (recipe `executor.ray`, `eval --ray`) plan one unit per (operator, α) carrying its
   `MergeConfig` and the vectors (`DeltaSource.more`), and the actor's load (`EngineActor.run` →
   `Engine.hold_alpha` → the worker's `tvtool_load_alpha`) receives materialize's bytes; run in-process
-  (units pickled as Ray would), no Ray and no vLLM.
+  (units pickled as Ray would), no Ray and no vLLM;
+- `tvtool mixchain` with operator flags generates each solution from the operator's config at its α
+  (the weights its engine receives equal materialize's bytes), records the operator (mixchain.json,
+  card, finished-work record), and an edited density is named and redone; a recipe's mixchain stage
+  uses the recipe's operator and vectors.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import pickle
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -28,6 +33,7 @@ from test_merge import _loaded
 from test_mergekit_operators import trio  # noqa: F401  (fixture)
 from tiny import state_dict
 from tvtool.cli import main
+from tvtool.errors import OutputError
 from tvtool.lowrank_merge import MERGE_FLAGS
 from tvtool.merge import MergeConfig
 from tvtool.merge_options import MergeOptions
@@ -163,3 +169,60 @@ def test_eval_ray_cli_takes_the_operator_flags(trio, tmp_path, monkeypatch):
     assert got_c == c
     assert_bit_equal(got, state_dict(_materialized(base, r1, r2, [c], tmp_path / "m")[c]))
     assert (tmp_path / "ev" / config_name(c) / "toy" / "samples.jsonl").is_file()
+
+
+def test_mixchain_generates_from_the_operators_configs(trio, tmp_path, monkeypatch):
+    from tvtool.engine import Engine, SamplingOptions
+    from tvtool.mixchain import MixChainOptions, build_mixchain
+    from tvtool.prompting import PromptOptions
+
+    base, r1, r2 = trio
+    monkeypatch.setattr(Engine, "for_source", _LoadingEngine.for_source)
+    _LoadingEngine.loads.clear()
+    out = tmp_path / "mix"
+    flags = ["--vector", f"{r1}:0.7", "--vector", f"{r2}:0.5", "--method", "ties", "--density", "0.3"]
+    r = CliRunner().invoke(main, ["mixchain", str(base), *flags, "--alpha", "0.8,0.5", "--dataset", "toy", "--limit",
+                                  "2", "--min-correct", "0", "--max-tokens", "8", "--instruction", "", "--no-progress",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    configs = [MergeConfig(a, method="ties", density=0.3, weights=(0.7, 0.5)) for a in (0.5, 0.8)]
+    assert [c for _, c, _ in _LoadingEngine.loads] == configs  # solution_1 = the smallest α
+    want = _materialized(base, r1, r2, configs, tmp_path / "models")
+    for _, c, got in _LoadingEngine.loads:
+        assert_bit_equal(got, state_dict(want[c]))
+    op = {"method": "ties", "density": 0.3, "weights": [0.7, 0.5], "more": [str(r2)]}
+    rec = json.loads((out / "mixchain.json").read_text())
+    assert rec["merge"] == op and rec["record"]["options"]["merge"] == op
+    assert f"merge operator: `ties` (weights [0.7, 0.5], density 0.3) over 2 task vector(s) (θ₂, `{r2}`)" in \
+        (out / "README.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "mix.generations").iterdir() if p.is_dir()) == \
+        sorted(config_name(c) for c in configs)
+
+    kw = dict(base=base, output=out, options=MixChainOptions(dataset="toy", limit=2, min_correct="0",
+                                                             alphas=(0.5, 0.8), progress=False),
+              prompt=PromptOptions(instruction=""), sampling=SamplingOptions(max_tokens=8))
+    _LoadingEngine.loads.clear()
+    same = MergeOptions(method="ties", density=0.3, vectors=(f"{r1}:0.7", f"{r2}:0.5"))
+    assert build_mixchain(merge=same, **kw).engine_starts == 0 and not _LoadingEngine.loads  # finished
+    edited = MergeOptions(method="ties", density=0.5, vectors=same.vectors)
+    with pytest.raises(OutputError, match=r"merge\.density 0\.3 → 0\.5"):
+        build_mixchain(merge=edited, **kw)
+
+
+def test_recipe_mixchain_stage_uses_the_recipes_operator(trio, tmp_path):
+    from tvtool.sweep import _commands
+    from tvtool.valve_stages import mixchain_merge, valve_commands
+
+    base, r1, r2 = trio
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "t", "base": str(base), "vectors": [{"model": str(r1), "weight": 0.7}, {"model": str(r2), "weight": 0.5}],
+        "merge": {"method": "ties", "density": 0.3, "rules": ["mlp=1"]}, "alphas": [1.0],
+        "datasets": [{"name": "toy", "limit": 2}], "mixchain": {"dataset": "toy", "alphas": [0.5, 0.8]}}))
+    r = load_recipe(recipe)
+    op = mixchain_merge(r)
+    assert op == MergeOptions(method="ties", density=0.3, alpha_rules=("mlp=1",), vectors=(f"{r1}:0.7", f"{r2}:0.5"))
+    (cmd,) = [c for c in valve_commands(recipe=r, out="run") if c[1] == "mixchain"]
+    kw = dict(main.commands["mixchain"].make_context("mixchain", cmd[2:]).params)
+    assert from_cli(MergeOptions, kw) == op and kw["reasoner"] is None
+    assert _commands  # the sweep's own commands import cleanly with a mixchain stage

@@ -182,6 +182,7 @@ def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, 
 @click.option("--reasoner", help="The reasoner checkpoint (Δ is computed on the fly).")
 @click.option("-o", "--output", required=True, help="Dataset folder to write (parquet, README.md card, mixchain.json).")
 @click_options(MixChainOptions)
+@click_options(MergeOptions)
 @click_options(SamplingOptions, exclude=("n",))
 @click_options(PromptOptions)
 @click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank"))
@@ -189,13 +190,13 @@ def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, 
 @click_options(RayOptions, exclude=("address",))
 def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
     """Build a MixChain-Z dataset: the ground-truth solution plus one greedy chain per α from θ1 + α·Δ
-    (one vLLM engine, weights swapped in place), wrong chains removed, β per solution (CoT-Valve eq. 4).
-    Resumable: re-run the same command to continue an interrupted build."""
-    options, sampling = from_cli(MixChainOptions, kw), from_cli(SamplingOptions, kw)
+    (one vLLM engine, weights swapped in place), wrong chains removed, β per solution (CoT-Valve eq. 4);
+    with --method/--vector, from θ1 + α·M (the operator's merge). Resumable: re-run the same command."""
+    options, sampling, merge = from_cli(MixChainOptions, kw), from_cli(SamplingOptions, kw), from_cli(MergeOptions, kw)
     prompt, engine_options = from_cli(PromptOptions, kw), from_cli(EngineOptions, kw)
     result = build_mixchain(base=base, delta=delta_path, reasoner=reasoner, output=output, options=options,
                             prompt=prompt, sampling=sampling, engine_options=engine_options,
-                            executor=_ray_options(kw))
+                            executor=_ray_options(kw), merge=merge)
     click.echo(result.summary())
 
 

@@ -288,7 +288,7 @@ class ClusterEvalResult:
         return "\n\n".join([*(r.summary() for r in self.results), tail])
 
 
-def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float], base: str | os.PathLike | None = None,
+def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), base: str | os.PathLike | None = None,
                     delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
                     source: DeltaSource | None = None, merge: MergeOptions = MergeOptions(),
                     configs: Sequence[MergeConfig] | None = None,

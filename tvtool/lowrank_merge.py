@@ -21,7 +21,7 @@ from typing import Sequence
 
 from .errors import OptionsError
 from .merge import MergeConfig
-from .merge_options import MergeOptions
+from .merge_options import MergeOptions, operator_settings
 from .operators import MergedVector
 from .source import DeltaSource
 from .taskvector import TaskVector
@@ -48,10 +48,7 @@ class LowRankInput:
 
     def settings(self) -> dict | None:
         """The operator settings as recorded (finished-work record, metadata, report); None: plain Δ."""
-        if self.config is None:
-            return None
-        op = {k: v for k, v in self.config.to_dict().items() if k not in ("alpha", "include", "exclude")}
-        return {**op, **({"more": list(self.source.more)} if self.source.more else {})}
+        return None if self.config is None else operator_settings(self.config, more=self.source.more)
 
 
 def operator_config(*, merge: MergeOptions, weights: tuple[float, ...]) -> MergeConfig | None:
