@@ -100,22 +100,33 @@ def io_floor(base: Path, reasoner: Path, out: Path, n: int) -> list[str]:
     return ["bash", "-c", script]
 
 
-def tvtool_cmd(base: Path, reasoner: Path, out: Path, alphas) -> list[str]:
+# operator rows: (label, tvtool materialize options, mergekit method, mergekit per-model parameters)
+OPERATORS = [("ties density 0.2", ["--method", "ties", "--density", "0.2"], "ties", {"density": 0.2}),
+             ("dare_linear p 0.3", ["--method", "dare_linear", "--drop-p", "0.3"], "dare_linear", {"density": 0.7})]
+
+
+def tvtool_cmd(base: Path, reasoner: Path, out: Path, alphas, extra=()) -> list[str]:
     args = [sys.executable, "-m", "tvtool", "materialize", str(base), "--reasoner", str(reasoner), "-o", str(out),
-            "--no-progress", "--overwrite"]
+            "--no-progress", "--overwrite", *extra]
     for a in alphas:
         args += ["--alpha", str(a)]
     return ["bash", "-c", " ".join(args) + " && sync"]
 
 
-def mergekit_cmds(base: Path, reasoner: Path, out: Path, alphas) -> list[str]:
+def mergekit_cmds(base: Path, reasoner: Path, out: Path, alphas, method: str = "task_arithmetic",
+                  params: dict | None = None) -> list[str]:
+    """One mergekit-yaml run per α (mergekit writes one model per run); α is the weight, or λ for operators."""
     mk = Path(sys.executable).with_name("mergekit-yaml")
     parts = []
     for a in alphas:
-        cfg = out / f"mk-{a}.yml"
-        cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {reasoner}\n"
-                       f"    parameters:\n      weight: {a}\ndtype: float32\nout_dtype: bfloat16\n")
-        parts.append(f"{mk} {cfg} {out}/mk-{a} --quiet --no-copy-tokenizer")
+        cfg = out / f"mk-{method}-{a}.yml"
+        model = {"weight": a} if params is None else {"weight": 1.0, **params}
+        text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {reasoner}\n    parameters:\n"
+                + "".join(f"      {k}: {v}\n" for k, v in model.items())
+                + ("" if params is None else f"parameters:\n  lambda: {a}\n")
+                + "dtype: float32\nout_dtype: bfloat16\n")
+        cfg.write_text(text)
+        parts.append(f"{mk} {cfg} {out}/mk-{method}-{a} --quiet --no-copy-tokenizer")
     return ["bash", "-c", " && ".join(parts) + " && sync"]
 
 
@@ -125,6 +136,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/_work"))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-x2", action="store_true", help="skip the doubled model (peak RSS flatness)")
+    ap.add_argument("--operators", action="store_true", help="add TIES and DARE rows (tvtool 5 α; mergekit 5 runs)")
+    ap.add_argument("--skip-torch", action="store_true", help="skip the TVTOOL_FUSED=0 row")
     args = ap.parse_args()
     work = args.out
     base, reasoner = work / f"base-{args.layers}", work / f"reasoner-{args.layers}"
@@ -145,8 +158,15 @@ def main() -> None:
     run("I/O floor, 5 outputs (plain copies)", io_floor(base, reasoner, out, 5), out)
     run("tvtool materialize, 1 α", tvtool_cmd(base, reasoner, out, ALPHAS[:1]), out)
     run("tvtool materialize, 5 α (one pass)", tvtool_cmd(base, reasoner, out, ALPHAS), out)
-    run("tvtool materialize, 5 α, torch arithmetic (TVTOOL_FUSED=0)",
-        ["env", "TVTOOL_FUSED=0", *tvtool_cmd(base, reasoner, out, ALPHAS)], out)
+    if not args.skip_torch:
+        run("tvtool materialize, 5 α, torch arithmetic (TVTOOL_FUSED=0)",
+            ["env", "TVTOOL_FUSED=0", *tvtool_cmd(base, reasoner, out, ALPHAS)], out)
+    for label, opts, method, params in OPERATORS if args.operators else ():
+        run(f"tvtool materialize {label}, 5 α (one pass)", tvtool_cmd(base, reasoner, out, ALPHAS, opts), out)
+        if not args.skip_mergekit:
+            out.mkdir(parents=True, exist_ok=True)
+            run(f"mergekit-yaml {method} ({label}), 5 α (5 runs)",
+                mergekit_cmds(base, reasoner, out, ALPHAS, method, params), out)
     if not args.skip_mergekit:
         out.mkdir(parents=True, exist_ok=True)
         run("mergekit-yaml task_arithmetic, 1 α", mergekit_cmds(base, reasoner, out, ALPHAS[:1]), out)
@@ -175,9 +195,16 @@ def _report(rows, args, size, size2) -> None:
     if "mergekit-yaml task_arithmetic, 5 α (5 runs)" in t:
         print(f"- mergekit 5 runs / tvtool 5 α: {t['mergekit-yaml task_arithmetic, 5 α (5 runs)'][0] / tv5:.2f}× "
               "(target ≥ 3×)")
+    for label, _, method, _ in OPERATORS:
+        a, b = f"tvtool materialize {label}, 5 α (one pass)", f"mergekit-yaml {method} ({label}), 5 α (5 runs)"
+        if a in t:
+            print(f"- {label}: tvtool 5 α / I/O floor {t[a][0] / floor5:.2f}×"
+                  + (f"; mergekit 5 runs / tvtool {t[b][0] / t[a][0]:.2f}×, peak RSS {human(t[b][1])} vs "
+                     f"{human(t[a][1])}" if b in t else ""))
     fused0 = "tvtool materialize, 5 α, torch arithmetic (TVTOOL_FUSED=0)"
-    print(f"- fused kernel vs torch arithmetic, 5 α: {t[fused0][0] / tv5:.2f}× faster "
-          f"({t[fused0][0] / floor5:.2f}× → {tv5 / floor5:.2f}× the floor)")
+    if fused0 in t:
+        print(f"- fused kernels vs torch arithmetic, 5 α: {t[fused0][0] / tv5:.2f}× faster "
+              f"({t[fused0][0] / floor5:.2f}× → {tv5 / floor5:.2f}× the floor)")
     if size2 is None:
         return
     r1 = t["tvtool materialize, 1 α"][1]

@@ -167,9 +167,9 @@ def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
     assert not [p for p in pids if _alive(p)], [(p, _cmdline(p)) for p in pids if _alive(p)]
-    from tvtool.cluster import _descendants
+    from tvtool.reaper import descendants
 
-    assert not [p for p, _ in _descendants(os.getpid()) if "VLLM" in _cmdline(p) or "EngineCore" in _cmdline(p)]
+    assert not [p for p in descendants(os.getpid()) if "VLLM" in _cmdline(p) or "EngineCore" in _cmdline(p)]
 
     # either path resumes the other: a finished re-run starts no engine (Ray's or a local one)
     again = evaluate_on_ray(output=out, executor=RayOptions(engines=2), progress=False, **common)

@@ -89,6 +89,10 @@ datasets:
     ("merge: [{method: dare_ties, p: 1.0}]\n", "field merge[0].p is invalid: DARE drop probability p must be in [0, 1), got 1.0"),
     ("merge: {method: ties, layer_schedule: fast}\n", "field merge[0].layer_schedule is invalid: bad layer schedule 'fast'"),
     ("vectors: [{weight: 0.5}]\n", "missing field vectors[0].model"),
+    ("merge: [{method: ties}, {method: trim}]\nlow_rank: {rank: 2}\n",
+     "field merge lists several operators, but low_rank uses one merged task vector"),
+    ("merge: [{method: ties}, {method: trim}]\nmixchain: {alphas: [0.5]}\n",
+     "field merge lists several operators, but mixchain uses one merged task vector"),
 ])
 def test_bad_field_is_named(tmp_path, edit, message):
     key = edit.split(":")[0]

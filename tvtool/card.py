@@ -115,8 +115,8 @@ def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: li
         license=license, language=["en"], task_categories=["text-generation"], size_categories=[size],
         source_datasets=source_datasets, pretty_name=f"MixChain-Z {record['dataset']['name']}",
         tags=["tvtool", "mixchain", "cot-valve", "math", "reasoning", "synthetic"],
-        tvtool={"version": __version__, "mixchain": {k: record[k] for k in ("alphas", "min_correct",
-                                                                               "keep_truncated", "models")}})
+        tvtool={"version": __version__, "mixchain": {k: record[k] for k in ("alphas", "min_correct", "keep_truncated",
+                                                                               "models", "merge") if k in record}})
     k, ds, s = len(record["alphas"]), record["dataset"], record["sampling"]
     t9 = "\n".join(f"| {r['label']} | {r['samples']} | {_f(r['mean_tokens'])} |" for r in stats["table9"])
     pa = "\n".join(f"| {a['alpha']:g} | {a['generated']} | {a['correct']} | {_f(a['accuracy'])} | {a['truncated']} | "
@@ -124,6 +124,12 @@ def dataset_card(*, stats: dict, record: dict, license: str, source_datasets: li
     m = record["models"]
     hist = ", ".join(f"{j}: {c}" for j, c in stats["correct_histogram"].items())
     delta_line = f"- Δ: `{m['delta']}`\n" if m.get("delta") else f"- θ₂ (reasoner): `{m['reasoner']}`\n"
+    if record.get("merge"):  # an operator's M in place of Δ (tvtool.merge_options.operator_settings)
+        op = record["merge"]
+        params = ", ".join(f"{k} {v}" for k, v in op.items() if k not in ("method", "more"))
+        delta_line += (f"- merge operator: `{op['method']}` ({params or 'default settings'}) over "
+                       f"{1 + len(op.get('more', []))} task vector(s) (θ₂{''.join(f', `{v}`' for v in op.get('more', []))})"
+                       f"; each chain comes from θ₁ + α·M, M the operator's merge, in place of Δ\n")
     decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
     body = f"""
 # MixChain-Z: {ds['name']} ({ds['split']}), made with tvtool

@@ -19,6 +19,7 @@ from .evaluate import evaluate
 from .generate import generate_responses
 from .hub import PushOptions, push
 from .lowrank import LowRankOptions, svd_rank
+from .lowrank_merge import MERGE_FLAGS
 from .materialize import MaterializeOptions, materialize
 from .merge_options import MergeOptions
 from .mixchain import MixChainOptions, build_mixchain
@@ -181,6 +182,7 @@ def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, 
 @click.option("--reasoner", help="The reasoner checkpoint (Δ is computed on the fly).")
 @click.option("-o", "--output", required=True, help="Dataset folder to write (parquet, README.md card, mixchain.json).")
 @click_options(MixChainOptions)
+@click_options(MergeOptions)
 @click_options(SamplingOptions, exclude=("n",))
 @click_options(PromptOptions)
 @click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank"))
@@ -188,13 +190,13 @@ def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, 
 @click_options(RayOptions, exclude=("address",))
 def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:
     """Build a MixChain-Z dataset: the ground-truth solution plus one greedy chain per α from θ1 + α·Δ
-    (one vLLM engine, weights swapped in place), wrong chains removed, β per solution (CoT-Valve eq. 4).
-    Resumable: re-run the same command to continue an interrupted build."""
-    options, sampling = from_cli(MixChainOptions, kw), from_cli(SamplingOptions, kw)
+    (one vLLM engine, weights swapped in place), wrong chains removed, β per solution (CoT-Valve eq. 4);
+    with --method/--vector, from θ1 + α·M (the operator's merge). Resumable: re-run the same command."""
+    options, sampling, merge = from_cli(MixChainOptions, kw), from_cli(SamplingOptions, kw), from_cli(MergeOptions, kw)
     prompt, engine_options = from_cli(PromptOptions, kw), from_cli(EngineOptions, kw)
     result = build_mixchain(base=base, delta=delta_path, reasoner=reasoner, output=output, options=options,
                             prompt=prompt, sampling=sampling, engine_options=engine_options,
-                            executor=_ray_options(kw))
+                            executor=_ray_options(kw), merge=merge)
     click.echo(result.summary())
 
 
@@ -230,8 +232,10 @@ def sweep_cmd(recipe: str, **kw) -> None:
 @click.option("--reasoner", help="Reasoner checkpoint (with --base).")
 @click.option("-o", "--output", required=True, help="Factored delta: a .safetensors file, or a folder (sharded).")
 @click_options(LowRankOptions)
+@click_options(MergeOptions, rename=MERGE_FLAGS)
 def svd_rank_cmd(delta_path: str | None, base: str | None, reasoner: str | None, output: str, **kw) -> None:
-    """Factor Δ into rank-R (or energy-E) B·A per 2-D weight; optionally write PEFT/vLLM LoRA adapters."""
+    """Factor Δ into rank-R (or energy-E) B·A per 2-D weight; optionally write PEFT/vLLM LoRA adapters.
+    With --merge-method (trim, ties, …) and/or several --vector: factor the operator's merged M instead."""
     result = svd_rank(delta=delta_path, base=base, reasoner=reasoner, output=output,
-                      options=from_cli(LowRankOptions, kw))
+                      options=from_cli(LowRankOptions, kw), merge=from_cli(MergeOptions, kw, rename=MERGE_FLAGS))
     click.echo(result.table())

@@ -24,8 +24,6 @@ loads each α in place, as the one-engine path does (its shell model is written 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -37,7 +35,10 @@ from .engine import Engine, EngineOptions, SamplingOptions, check_engine_options
 from .errors import ClusterError, OptionsError, TvtoolError
 from .evaluate import EvalResult, RunResult, table_row
 from .layout import SUMMARY, parse_hub_ref, summary_table
+from .merge import MergeConfig
+from .merge_options import MergeOptions, split_vectors
 from .prompting import PromptOptions
+from .reaper import descendants, reap_actor
 from .report import write_table
 from .results import summary_of
 from .runs import EvalOptions, check_settings, run_one
@@ -92,11 +93,11 @@ class EngineActor:
         node = ray.util.get_node_ip_address()
         _check_access(self.job, node)
         me = os.getpid()
-        self._reaper = _start_reaper(me)  # before vLLM starts: a kill during start-up is covered too
+        self._reaper = reap_actor(me)  # before vLLM starts: a kill during start-up is covered too
         j = self.job
         self.engine = Engine.for_source(source=j.source, options=j.engine, seed=j.seed)
         reaper = self._reaper.pid if self._reaper else None
-        kids = [p for p, _ in _descendants(me) if p != reaper]
+        kids = [p for p in descendants(me) if p != reaper]
         return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": kids,
                 "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "start_s": time.perf_counter() - t0}
 
@@ -133,76 +134,6 @@ def _check_access(job: Job, node: str) -> None:
     except OSError as e:
         raise ClusterError(f"node {node} cannot write the output folder {job.output}: {e.strerror}",
                            where=f"node {node}", fix="put the output folder on storage every node mounts") from None
-
-
-# --- vLLM processes die with their actor -------------------------------------------------
-
-_REAPER = r"""
-import os, signal, sys, time
-parent, me = int(sys.argv[1]), os.getpid()
-def stat(pid):
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return int(f[1]), f[19]
-    except (OSError, IndexError, ValueError):
-        return None
-born = stat(parent)[1]
-known = {}
-while (s := stat(parent)) is not None and s[1] == born:  # a SIGKILLed actor cannot tell us: poll
-    kids = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit() and (x := stat(int(d))):
-            kids.setdefault(x[0], []).append((int(d), x[1]))
-    todo = [parent]
-    while todo:
-        for pid, st in kids.get(todo.pop(), []):
-            if pid != me:
-                known[pid] = st
-                todo.append(pid)
-    time.sleep(1.0)
-for pid, st in known.items():
-    if (x := stat(pid)) is not None and x[1] == st:  # the same process, not a reused pid
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-"""
-
-
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process, from /proc (Linux)."""
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(f[1]), f[19]
-
-
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every process below `root`."""
-    if not Path("/proc").is_dir():
-        return []
-    children: dict[int, list[int]] = {}
-    starts = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit() and (s := _stat(int(d))):
-            children.setdefault(s[0], []).append(int(d))
-            starts[int(d)] = s[1]
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append((c, starts[c]))
-            todo.append(c)
-    return out
-
-
-def _start_reaper(parent: int):
-    """A process in its own session that watches `parent`'s descendants (each second) and SIGKILLs
-    them once `parent` is gone, however it died (Linux /proc; elsewhere nothing is started)."""
-    if not Path("/proc").is_dir():
-        return None
-    return subprocess.Popen([sys.executable, "-c", _REAPER, str(parent)], start_new_session=True,
-                            stdin=subprocess.DEVNULL)
 
 
 # --- the pool ------------------------------------------------------------------------------
@@ -357,9 +288,10 @@ class ClusterEvalResult:
         return "\n\n".join([*(r.summary() for r in self.results), tail])
 
 
-def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float], base: str | os.PathLike | None = None,
+def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), base: str | os.PathLike | None = None,
                     delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-                    source: DeltaSource | None = None,
+                    source: DeltaSource | None = None, merge: MergeOptions = MergeOptions(),
+                    configs: Sequence[MergeConfig] | None = None,
                     datasets: Sequence[tuple[EvalOptions, SamplingOptions]] | None = None,
                     options: EvalOptions = EvalOptions(), prompt: PromptOptions = PromptOptions(),
                     sampling: SamplingOptions = SamplingOptions(), engine_options: EngineOptions = EngineOptions(),
@@ -367,20 +299,26 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float], base:
                     progress: bool = True, on_start: Callable[[dict], None] | None = None) -> ClusterEvalResult:
     """An α sweep (one or more datasets) on a Ray pool, into `evaluate`'s folder layout.
 
-    `source` (or `base` with `delta`|`reasoner`) and `alphas` as for `evaluate`; `datasets`:
+    `source` (or `base` with `delta`|`reasoner`) and `alphas` as for `evaluate`, with merge operators as
+    `merge` (× `alphas`, `options`' include/exclude) or `configs`; each actor's engine loads the same
+    `MergeConfig` the one-engine path loads. `datasets`:
     (EvalOptions, SamplingOptions) per dataset, or the one of `options`/`sampling`. Runs that
     `complete` accepts are skipped before Ray starts; folders holding other settings are refused
     (or, with overwrite, discarded) before any engine starts, as on one engine. Per dataset an
     `EvalResult` (runs in the one-engine order, its summary table written as `evaluate` writes it).
     Raises `ClusterError` naming the failed units after the others finished."""
+    weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
     if source is None:
         if base is None:
             raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, vocab=options.vocab)
+        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
+        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
+    if configs is None and (merge != MergeOptions() or source.more):  # operators: the configs `evaluate` makes
+        configs = merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
     datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,
-                      engine_options=engine_options)
+                      engine_options=engine_options, configs=configs)
     plan = plan_units(runs=runs, engines=executor.engines, complete=complete)
     for u in plan.units:  # refuse (or discard) other settings' results now, not in an actor
         for r in u.runs:

@@ -38,7 +38,9 @@ from .finished import META_KEY, RECORD_KEY, is_finished, read_record, stage_reco
 from .finite import check_alphas, check_finite
 from .layout import DTYPES, FACTOR_A, FACTOR_B, is_vocab_tensor
 from .lock import output_lock
+from .lowrank_merge import LowRankInput, open_input, operator_config
 from .lowrank_report import TensorReport, adapter_shares, compact, plot_spectra, totals
+from .merge_options import MergeOptions, split_vectors
 from .options import CliOptions, check_regex, opt
 from .output import check_free, human, parse_size, plan_bytes, write_tensors
 from .paths import check_output_apart
@@ -108,36 +110,43 @@ class LowRankResult:
 
 def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = None,
              base: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-             options: LowRankOptions) -> LowRankResult:
-    """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair."""
+             options: LowRankOptions, merge: MergeOptions = MergeOptions()) -> LowRankResult:
+    """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair;
+    with operator settings (`merge`, several `--vector`s), of the operator's merged M (`lowrank_merge`)."""
     o = options
+    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
     _check_options(o, delta, base, reasoner)
-    source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
-    tv = source.task_vector()
+    config = operator_config(merge=merge, weights=weights)
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more)
+    inp = open_input(source=source, config=config)
+    tv = inp.tv
     src = str(delta) if delta is not None else f"{base} → {reasoner}"
+    src += f" ({config.tag()} of {len(inp.vectors)} task vectors)" if config is not None else ""
     names = tv.names()
     choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=o, where=src)
     out = Path(output)
-    check_output_apart(out, tv.sources())
+    inputs = [p for t in inp.vectors for p in t.sources()]
+    check_output_apart(out, inputs)
     if o.peft:
-        check_output_apart(o.peft, [*tv.sources(), out], flag="--peft")
-    record = lowrank_record(source, o)
+        check_output_apart(o.peft, [*inputs, out], flag="--peft")
+    record = lowrank_record(source, o, operator=inp.settings())
     with output_lock(out):
         if is_finished(report_path(out), record, overwrite=o.overwrite, what=f"svd-rank {out.name}"):
             return _reuse(out, o)
         if out.exists() and not report_path(out).exists() and \
                 (read_record(out) or {}).get("fingerprint") != record["fingerprint"]:
             is_finished(out, record, overwrite=o.overwrite, what=f"svd-rank {out.name}")  # refuses, or says why
-        return _svd_rank(tv, src, names, choice, out, o, record)
+        return _svd_rank(inp, src, names, choice, out, o, record)
 
 
-def lowrank_record(source: DeltaSource, o: LowRankOptions) -> dict:
-    """The finished-work record of svd-rank: the options that change its outputs, and Δ's content."""
+def lowrank_record(source: DeltaSource, o: LowRankOptions, *, operator: dict | None = None) -> dict:
+    """The finished-work record of svd-rank: the options that change its outputs, the operator whose M
+    is factored (`LowRankInput.settings`; none for plain Δ), and the inputs' content."""
     fp = source.fingerprint_record()
     skip = {"peft", "threads", "max_shard_size", "overwrite", "progress"}
     opts = {k: v for k, v in asdict(o).items() if k not in skip}
-    return stage_record(stage="svd-rank", options={**fp["options"], **opts, "adapters": bool(o.peft)},
-                        inputs=fp["inputs"])
+    return stage_record(stage="svd-rank", options={**fp["options"], **opts, "adapters": bool(o.peft),
+                                                   **({"merge": operator} if operator else {})}, inputs=fp["inputs"])
 
 
 def report_path(out: Path) -> Path:
@@ -156,8 +165,9 @@ def _reuse(out: Path, o: LowRankOptions) -> LowRankResult:
                          {float(a): Path(p) for a, p in rec.get("adapters", {}).items()})
 
 
-def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str], out: Path,
+def _svd_rank(inp: LowRankInput, src: str, names: list[str], choice: dict[str, str], out: Path,
               o: LowRankOptions, record: dict) -> LowRankResult:
+    tv, values = inp.tv, inp.values  # values: Δ, or the operator's M (names and shapes of Δ)
     if o.peft:
         for f in adapter_folders(output=o.peft, alphas=o.peft_alpha).values():
             check_free(f, overwrite=o.overwrite, what="adapter folder")
@@ -175,9 +185,9 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
                 if choice[name] != "factor":
                     kind = "full" if choice[name] == "full" else "dropped"
                     reason = _drop_reason(tv.shape(name)) if kind == "dropped" else None
-                    reports[name] = TensorReport(name, tv.shape(name), kind, _norm_sq(tv, name), reason=reason)
+                    reports[name] = TensorReport(name, tv.shape(name), kind, _norm_sq(values, name), reason=reason)
                     continue
-                d = tv.get(name)  # [out, in] fp32
+                d = values.get(name)  # [out, in] fp32
                 check_finite(name, d, where=src)  # an SVD of NaN/Inf fails with a LinAlgError naming nothing
                 t0 = time.perf_counter()
                 B, A, S, norm_sq, method = factorize(d, rank=o.rank, energy=o.energy, max_rank=o.max_rank,
@@ -208,6 +218,8 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
         meta["tvtool.zero_elsewhere"] = "true"
     if "delta" in prov:
         meta["tvtool.source_delta"] = json.dumps(prov["delta"])
+    if inp.settings():  # M = the operator's merge of the task vectors, not Δ
+        meta["tvtool.merge"] = json.dumps(inp.settings())
     meta[META_KEY] = json.dumps(record, sort_keys=True)  # the factored delta's own fingerprint
     plan = []
     for n in names:
@@ -216,7 +228,7 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
             plan += [(n + FACTOR_A, dtype, tuple(A.shape)), (n + FACTOR_B, dtype, tuple(B.shape))]
         elif choice[n] == "full":
             plan.append((n, dtype, tv.shape(n)))
-    files = _write(out, plan, meta, tv, factors, choice, o)
+    files = _write(out, plan, meta, tv, values, factors, choice, o)
     tot = totals(tensors, plan_bytes(plan))
     rp = report_path(out)
     plot_path = rp.with_suffix(".png") if o.plot else None
@@ -224,7 +236,7 @@ def _svd_rank(tv: TaskVector, src: str, names: list[str], choice: dict[str, str]
     if o.peft:
         adapters = write_peft_adapters(factored=out, output=o.peft, alphas=o.peft_alpha, overwrite=o.overwrite)
     tot["adapter"] = adapter_shares(tensors)
-    info = {"tvtool_version": __version__, "source": src, "options": asdict(o), "totals": tot,
+    info = {"tvtool_version": __version__, "source": src, "options": asdict(o), "merge": inp.settings(), "totals": tot,
               "adapters": {str(a): str(p) for a, p in adapters.items()},
               "tensors": [asdict(t) for t in tensors]}
     if plot_path is not None:
@@ -314,7 +326,7 @@ def residual_sq(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
 
 
 # -- writing ------------------------------------------------------------------------------
-def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowRankOptions):
+def _write(out: Path, plan, meta: dict, tv: TaskVector, values, factors, choice, o: LowRankOptions):
     """Pass 2: stream factors and kept-full tensors into `out` atomically; returns the files written."""
     single = out.suffix == ".safetensors"
     max_shard = parse_size(o.max_shard_size)
@@ -331,13 +343,13 @@ def _write(out: Path, plan, meta: dict, tv: TaskVector, factors, choice, o: LowR
                 writer.write(n + FACTOR_B, B)
             elif c == "full":
                 for s, e in row_chunks(tv.shape(n)):
-                    writer.write(n, tv.rows(n, s, e).to(dtype))  # [rows, ...] fp32 → dtype
+                    writer.write(n, values.rows(n, s, e).to(dtype))  # [rows, ...] fp32 → dtype
 
     return write_tensors(out=out, plan=plan, metadata=meta, files=tv.side_files(), max_shard_size=max_shard,
                          fill=fill)
 
 
-def _norm_sq(tv: TaskVector, name: str) -> float:
+def _norm_sq(tv, name: str) -> float:
     """‖Δ[name]‖²_F, streamed in row chunks."""
     return sum(float(torch.linalg.vector_norm(tv.rows(name, s, e), dtype=torch.float64) ** 2)
                for s, e in row_chunks(tv.shape(name)))

@@ -9,6 +9,7 @@ folder or run: `alpha-0.6` for plain θ1 + α·Δ, `ties-d0.2-alpha-0.55` for an
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -89,6 +90,15 @@ class MergeOptions:
                             p=self.drop_p, beta=self.beta, gamma=self.gamma, seed=self.drop_seed,
                             rules=self.rules(), schedule=self.schedule())
                 for a in dict.fromkeys(float(x) for x in alphas)]
+
+
+def operator_settings(config: MergeConfig, *, more: Sequence[str] = ()) -> dict | None:
+    """A configuration's operator as recorded (finished-work records, metadata, cards): its non-default
+    operator fields and the further task vectors `more`; None for plain θ1 + α·Δ."""
+    if config.is_plain(1 + len(more)):
+        return None
+    op = {k: v for k, v in config.to_dict().items() if k not in ("alpha", "include", "exclude")}
+    return json.loads(json.dumps({**op, **({"more": [str(m) for m in more]} if more else {})}))  # lists: YAML-safe
 
 
 def config_name(config: MergeConfig, template: str = ALPHA_TEMPLATE) -> str:

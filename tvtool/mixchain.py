@@ -54,6 +54,8 @@ from .finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
 from .finite import check_alphas
 from .layout import SAMPLES
 from .lock import output_lock
+from .merge import MergeConfig
+from .merge_options import MergeOptions, operator_settings, split_vectors
 from .mixchain_length import fit_context, solution_length
 from .options import CliOptions, opt
 from .output import check_free
@@ -255,9 +257,12 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
                    reasoner: str | os.PathLike | None = None, options: MixChainOptions = MixChainOptions(),
                    prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
                    engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None,
-                   scorer: Scorer | None = None, executor: RayOptions | None = None) -> MixChainResult:
+                   scorer: Scorer | None = None, executor: RayOptions | None = None,
+                   merge: MergeOptions = MergeOptions()) -> MixChainResult:
     """Generate (resuming) one solution per question and α, filter, compute β, write the dataset folder.
 
+    `merge`: a merge operator over one or several task vectors (`--method`, `--vector`, …): solution_k is
+    then the chain of θ1 + α_k·M, each α loaded as `evaluate` loads it (the same `MergeConfig`s).
     `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
     tvtool.scoring (e.g. a stricter verifier); by default `evaluate`'s scores are used.
     `executor`: generate on a Ray pool (one unit per α; tvtool.cluster) instead of one engine.
@@ -270,7 +275,9 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if sampling.n != 1:
         raise OptionsError("MixChain takes one solution per question and α", where=f"n={sampling.n}",
                            fix="use n=1 (add α values for more solutions)")
-    source = DeltaSource(base=base, delta=delta, reasoner=reasoner)
+    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more)
+    configs = merge.configs(alphas, weights=weights)  # one per α, sorted: plain θ1 + α·Δ without operators
     out = Path(output)
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".generations")
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
@@ -280,19 +287,20 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     check_output_apart(out, [base, delta, reasoner, *source.more])
     check_output_apart(work, [base, delta, reasoner, *source.more], flag="--work-dir")
     with output_lock(out):
-        return _build(out=out, work=work, source=source, alphas=alphas, min_correct=min_correct, o=o, prompt=prompt,
+        return _build(out=out, work=work, source=source, configs=configs, min_correct=min_correct, o=o, prompt=prompt,
                       sampling=sampling, engine_options=engine_options, engine=engine, scorer=scorer,
                       executor=executor)
 
 
-def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], min_correct: int,
+def _build(*, out: Path, work: Path, source: DeltaSource, configs: list[MergeConfig], min_correct: int,
            o: MixChainOptions, prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions,
            engine: Engine | None, scorer: Scorer | None, executor: RayOptions | None) -> MixChainResult:
     base, delta, reasoner = source.base, source.delta, source.reasoner
+    alphas, op = [c.alpha for c in configs], operator_settings(configs[0], more=source.more)
     if not (out / RECORD).is_file():  # not a MixChain folder: refused before any input is read
         check_free(out, overwrite=o.overwrite, what="the MixChain dataset folder")
     problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
-    finished = _finished_record(source=source, problems=problems, alphas=alphas, o=o, prompt=prompt,
+    finished = _finished_record(source=source, problems=problems, alphas=alphas, op=op, o=o, prompt=prompt,
                                 sampling=sampling, engine_options=engine.options if engine is not None
                                 else engine_options, scorer=scorer)
     if scorer is not None:  # a custom scorer has no fingerprint: the dataset is always rebuilt
@@ -311,11 +319,11 @@ def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], m
     if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.cluster) ---
         from .cluster import evaluate_on_ray
 
-        ev = evaluate_on_ray(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+        ev = evaluate_on_ray(output=work, source=source, configs=configs, prompt=prompt, sampling=sampling,
                              engine_options=engine_options, options=ev_options, executor=executor,
                              progress=o.progress).results[0]
     else:
-        ev = evaluate(output=work, source=source, alphas=alphas, prompt=prompt, sampling=sampling,
+        ev = evaluate(output=work, source=source, configs=configs, prompt=prompt, sampling=sampling,
                       engine_options=engine_options, engine=engine, options=ev_options)
     if len(ev.runs) != len(alphas):
         raise OutputError("the α sweep returned another number of runs", where=str(work))
@@ -323,7 +331,7 @@ def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], m
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
                            count_tokens=lambda t: solution_length(text=t, tokenizer=tok),
                            keep_truncated=o.keep_truncated, scorer=scorer)
-    record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, problems=problems, o=o,
+    record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, op=op, problems=problems, o=o,
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
     record[RECORD_KEY] = finished
     lic = o.license or LICENSES.get(problems.name, "other")
@@ -333,21 +341,23 @@ def _build(*, out: Path, work: Path, source: DeltaSource, alphas: list[float], m
     return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
 
 
-def _finished_record(*, source: DeltaSource, problems, alphas, o: MixChainOptions, prompt: PromptOptions,
-                     sampling: SamplingOptions, engine_options: EngineOptions, scorer) -> dict:
-    """The finished-work record of the dataset folder (`tvtool.finished`): the options, the
-    sampling as asked (the context clamp follows from the inputs), the inputs' and dataset's content."""
+def _finished_record(*, source: DeltaSource, problems, alphas, op: dict | None, o: MixChainOptions,
+                     prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions, scorer) -> dict:
+    """The finished-work record of the dataset folder (`tvtool.finished`): the options (the merge operator
+    too, `op`), the sampling as asked (the context clamp follows from the inputs), the inputs' and dataset's
+    content."""
     fp, keep = source.fingerprint_record(), ("limit", "seed", "min_correct", "keep_truncated", "license", "jsonl")
     return stage_record(stage="mixchain", inputs={**fp["inputs"], "dataset": dataset_fingerprint(
         problems.source, name=problems.name, kind=problems.kind, split=problems.split)}, options={
-        **fp["options"], "alphas": alphas, **{k: getattr(o, k) for k in keep}, "prompt": asdict(prompt),
+        **fp["options"], "alphas": alphas, **({"merge": op} if op else {}), **{k: getattr(o, k) for k in keep},
+        "prompt": asdict(prompt),
         "sampling": asdict(sampling), "engine": {k: getattr(engine_options, k) for k in ("dtype", "max_model_len")},
         "scorer": "custom" if scorer is not None else "tvtool.scoring"})
 
 
-def _record(*, base, delta, reasoner, alphas, problems, o: MixChainOptions, prompt: PromptOptions,
-            sampling: SamplingOptions, stats: dict, custom_scorer: bool) -> dict[str, Any]:
-    return {"tvtool_version": __version__, "vllm_version": vllm_version(), "alphas": alphas,
+def _record(*, base, delta, reasoner, alphas, op: dict | None, problems, o: MixChainOptions,
+            prompt: PromptOptions, sampling: SamplingOptions, stats: dict, custom_scorer: bool) -> dict[str, Any]:
+    return {"tvtool_version": __version__, "vllm_version": vllm_version(), "alphas": alphas, **({"merge": op} if op else {}),
             "models": {"base": str(base), "delta": str(delta) if delta else None,
                        "reasoner": str(reasoner) if reasoner else None},
             "dataset": {"name": problems.name, "kind": problems.kind, "split": problems.split,

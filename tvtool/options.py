@@ -10,7 +10,7 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import click
 
@@ -85,37 +85,47 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     return {int: int, float: float, str: str, bool: bool}.get(tp, str), False
 
 
-def _cli_fields(cls: type, exclude: tuple[str, ...]):
+def _cli_fields(cls: type, exclude: tuple[str, ...], rename: Mapping[str, str] = {}):
     """(field, flag name, default) for every field of `cls` that has a CLI option."""
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.metadata.get("help"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        yield f, f.metadata.get("flag") or "--" + f.name.replace("_", "-"), default
+        yield f, rename.get(f.name) or f.metadata.get("flag") or "--" + f.name.replace("_", "-"), default
+
+
+def _dest(f: dataclasses.Field, rename: Mapping[str, str]) -> str:
+    """The click parameter name of a field: its own, or the renamed flag's (e.g. --merge-method → merge_method)."""
+    return rename[f.name][2:].replace("-", "_") if f.name in rename else f.name
 
 
 def _off_flag(f: dataclasses.Field, name: str) -> str:
     return f.metadata.get("off") or "--no-" + name[2:]
 
 
-def click_options(cls: type, *, exclude: tuple[str, ...] = ()):
-    """Decorator: add one click option per field of dataclass `cls` (names use dashes)."""
+def click_options(cls: type, *, exclude: tuple[str, ...] = (), rename: Mapping[str, str] = {}):
+    """Decorator: add one click option per field of dataclass `cls` (names use dashes).
+
+    `rename` (field → flag) gives a field another flag where a second option class on the same
+    command already uses its name (svd-rank: `--merge-method` beside LowRankOptions' `--method`);
+    pass the same `rename` to `from_cli` and `to_cli_args`."""
     hints = typing.get_type_hints(cls)
 
     def decorate(fn):
-        for f, name, default in reversed(list(_cli_fields(cls, exclude))):
+        for f, name, default in reversed(list(_cli_fields(cls, exclude, rename))):
             ctype, multiple = _click_type(hints[f.name])
             decls = [name] + ([f.metadata["short"]] if f.metadata.get("short") else [])
             if ctype is bool:
                 if default:
-                    fn = click.option(f"{name}/{_off_flag(f, name)}", f.name, default=True,
+                    fn = click.option(f"{name}/{_off_flag(f, name)}", _dest(f, rename), default=True,
                                       help=f.metadata["help"])(fn)
                 else:
-                    fn = click.option(*decls, f.name, is_flag=True, default=False, help=f.metadata["help"])(fn)
+                    fn = click.option(*decls, _dest(f, rename), is_flag=True, default=False,
+                                      help=f.metadata["help"])(fn)
                 continue
             fn = click.option(
                 *decls,
-                f.name,
+                _dest(f, rename),
                 type=ctype,
                 multiple=multiple,
                 default=tuple(default) if multiple else default,
@@ -127,19 +137,21 @@ def click_options(cls: type, *, exclude: tuple[str, ...] = ()):
     return decorate
 
 
-def from_cli(cls: type, kwargs: dict[str, Any]) -> Any:
-    """Build `cls` from the click kwargs that belong to it, popping them from `kwargs`."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def from_cli(cls: type, kwargs: dict[str, Any], *, rename: Mapping[str, str] = {}) -> Any:
+    """Build `cls` from the click kwargs that belong to it, popping them from `kwargs` (`rename`: as
+    given to `click_options`)."""
+    names = {_dest(f, rename): f.name for f in dataclasses.fields(cls)}
     out = {}
     for k in [k for k in kwargs if k in names]:
         v = kwargs.pop(k)
+        k = names[k]
         if isinstance(v, tuple) and v and isinstance(v[0], tuple):  # FLOAT_LIST, repeated
             v = tuple(x for part in v for x in part)
         out[k] = v
     return cls(**out)
 
 
-def to_cli_args(options: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
+def to_cli_args(options: Any, *, exclude: tuple[str, ...] = (), rename: Mapping[str, str] = {}) -> list[str]:
     """The click arguments that `from_cli` turns back into `options` (non-default fields only).
 
     Floats are written as short as they round-trip ('0.6', not '0.6000000000000001');
@@ -148,7 +160,7 @@ def to_cli_args(options: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
     cls = type(options)
     hints = typing.get_type_hints(cls)
     out: list[str] = []
-    for f, name, default in _cli_fields(cls, exclude):
+    for f, name, default in _cli_fields(cls, exclude, rename):
         v = getattr(options, f.name)
         if v == default:
             continue

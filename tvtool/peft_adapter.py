@@ -126,6 +126,7 @@ def adapter_card(*, alpha: float, rank: int, base: dict, shares: dict, meta: dic
     base_id = base.get("repo_id") or base.get("source") or "BASE"
     low_rank = json.loads(meta.get("tvtool.low_rank") or "{}")
     reasoner = json.loads(meta.get("tvtool.reasoner") or "null") or {}
+    merge = json.loads(meta.get("tvtool.merge") or "null")  # svd-rank of an operator's M (tvtool.lowrank_merge)
     data = ModelCardData(
         library_name="peft",
         base_model=base_id if is_hub_id(base_id) else None,
@@ -133,7 +134,8 @@ def adapter_card(*, alpha: float, rank: int, base: dict, shares: dict, meta: dic
         tvtool={"version": __version__, "alpha": alpha, "rank": rank, "base": base, "reasoner": reasoner,
                 "rank_option": low_rank.get("rank"), "energy_option": low_rank.get("energy"),
                 "method": low_rank.get("method"), "adapter_shares": {k: v for k, v in shares.items()
-                                                                     if k != "not_carried_tensors"}},
+                                                                     if k != "not_carried_tensors"},
+                **({"merge": merge} if merge else {})},
     )
     kinds = shares["not_carried_by_kind"]
     missing = "\n".join(f"- {k}: {100 * v:.3f}% of ‖Δ‖²" for k, v in sorted(kinds.items())) or "- nothing"
@@ -143,7 +145,7 @@ def adapter_card(*, alpha: float, rank: int, base: dict, shares: dict, meta: dic
 # LoRA adapter: θ₁ + {format_alpha(alpha)}·Δ, low rank (tvtool)
 
 Δ = θ₂ − θ₁ between the base `{base_id}` and the reasoner `{reasoner.get('source', 'REASONER')}`,
-factorized per weight matrix by truncated SVD (tvtool {__version__}, `svd-rank`) and stored as LoRA
+{_merged(merge)}factorized per weight matrix by truncated SVD (tvtool {__version__}, `svd-rank`) and stored as LoRA
 (rank {rank}; lower ranks are zero-padded so vLLM accepts it). α = {format_alpha(alpha)} is baked in
 (B is scaled by α, `lora_alpha` = r, so the scaling is 1). Target modules: {', '.join(targets[:12])}.
 
@@ -174,6 +176,16 @@ vLLM: `LLM(model="{base_id}", enable_lora=True, max_lora_rank={rank})` and
 `LoRARequest("alpha-{format_alpha(alpha)}", 1, "<this folder>")`.
 """
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
+
+
+def _merged(merge: dict | None) -> str:
+    """The card's line on the operator whose M was factored instead of Δ ('' for plain Δ)."""
+    if not merge:
+        return ""
+    params = ", ".join(f"{k} {v}" for k, v in merge.items() if k not in ("method", "more"))
+    more = f" with {len(merge['more'])} more task vector(s)" if merge.get("more") else ""
+    return (f"merged by the `{merge['method']}` operator{more} ({params or 'default settings'}) into M,\n"
+            "and M (not Δ) was ")
 
 
 __all__ = ["VLLM_RANKS", "adapter_card", "adapter_folders", "padded_rank", "target_modules", "write_peft_adapters"]

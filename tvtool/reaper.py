@@ -7,6 +7,7 @@ starts a small watchdog process (stdlib only, its own session) that, while tvtoo
 records every descendant process tvtool starts, and, when tvtool dies (its pipe closes),
 SIGKILLs the recorded ones still running (checked by start time, so a reused pid is never
 hit). The watchdog only touches processes started under tvtool after it began.
+`reap_actor(pid)` does the same for a Ray actor's engine (`tvtool.cluster`), by polling.
 """
 
 from __future__ import annotations
@@ -88,6 +89,51 @@ def _watch(parent: int) -> None:
         if st is not None and st[1] == start and st[2] != "Z":
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- a Ray actor's vLLM processes die with the actor (tvtool.cluster) ---------------------------
+# This watcher polls: it records the actor's descendants each second and SIGKILLs them once the actor
+# is gone (checked by start time, as above).
+
+_ACTOR_WATCH = r"""
+import os, signal, sys, time
+parent, me = int(sys.argv[1]), os.getpid()
+def stat(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[1]), f[19]
+    except (OSError, IndexError, ValueError):
+        return None
+born = stat(parent)[1]
+known = {}
+while (s := stat(parent)) is not None and s[1] == born:  # a SIGKILLed actor cannot tell us: poll
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (x := stat(int(d))):
+            kids.setdefault(x[0], []).append((int(d), x[1]))
+    todo = [parent]
+    while todo:
+        for pid, st in kids.get(todo.pop(), []):
+            if pid != me:
+                known[pid] = st
+                todo.append(pid)
+    time.sleep(1.0)
+for pid, st in known.items():
+    if (x := stat(pid)) is not None and x[1] == st:  # the same process, not a reused pid
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def reap_actor(parent: int) -> subprocess.Popen | None:
+    """A process in its own session that watches `parent`'s descendants (each second) and SIGKILLs
+    them once `parent` is gone, however it died (Linux /proc; elsewhere nothing is started)."""
+    if not Path("/proc").is_dir():
+        return None
+    return subprocess.Popen([sys.executable, "-c", _ACTOR_WATCH, str(parent)], start_new_session=True,
+                            stdin=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

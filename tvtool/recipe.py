@@ -69,8 +69,6 @@ class VectorSpec:
     weight: float = opt(1.0, "Its weight w_i in the merge.")
 
 
-
-
 @dataclass(frozen=True)
 class MergeSpec:
     method: Literal["task_arithmetic", "trim", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -103,10 +101,11 @@ def _normalize(data: dict, file: str) -> dict:
     return data
 
 
-def merge_options(m: MergeSpec) -> MergeOptions:
-    """The `MergeOptions` (CLI/API settings) of one `merge:` entry."""
+def merge_options(m: MergeSpec, vectors: typing.Sequence[VectorSpec] = ()) -> MergeOptions:
+    """The `MergeOptions` (CLI/API settings) of one `merge:` entry, over `vectors` (--vector MODEL:WEIGHT)."""
     return MergeOptions(method=m.method, density=m.density, drop_p=m.p, drop_seed=m.seed, beta=m.beta,
-                        gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule)
+                        gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule,
+                        vectors=tuple(f"{v.model}:{v.weight!r}" for v in vectors))
 
 
 def merge_configs(r: "_RecipeFields") -> list[MergeConfig]:
@@ -115,9 +114,17 @@ def merge_configs(r: "_RecipeFields") -> list[MergeConfig]:
     out = []
     for m in r.merge or (MergeSpec(),):
         out += merge_options(m).configs(m.alphas or r.alphas, include=r.materialize.include,
-                                        exclude=r.materialize.exclude,
-                          weights=weights)
+                                        exclude=r.materialize.exclude, weights=weights)
     return list(dict.fromkeys(out))
+
+
+def low_rank_merge(r: "_RecipeFields") -> MergeOptions | None:
+    """What `low_rank` factors with `merge:`/`vectors:`: the (one) entry's operator over every vector, as
+    `svd_rank`'s settings (α rules and the schedule stay with the runs, `lowrank_merge`); None: plain Δ."""
+    m = r.merge[0] if r.merge else MergeSpec()
+    c = dataclasses.replace(merge_configs(r.model_copy(update={"merge": (m,)}))[0], rules=(), schedule=None)
+    return None if c.is_plain(len(r.vectors) or 1) else \
+        dataclasses.replace(merge_options(m, r.vectors), alpha_rules=(), layer_schedule=None)
 
 
 _MERGE_KEYS = {"merge.p": "p", "merge.density": "density", "merge.weights": "weights", "merge.beta": "beta",
@@ -226,6 +233,10 @@ class _RecipeFields(BaseModel):
                                "instead", f"materialize.{k}")
         if not self.alphas and not all(m.alphas for m in self.merge or (MergeSpec(),)):
             raise _Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]", "alphas")
+        if len(self.merge) > 1 and (lr is not None or self.mixchain is not None):  # one M for these stages
+            stage = "low_rank" if lr is not None else "mixchain"
+            raise _Invalid(f"lists several operators, but {stage} uses one merged task vector",
+                           f"give one merge entry, or drop {stage}", "merge")
         if (self.merge or len(self.vectors) > 1) and self.apply == "lora":
             raise _Invalid("(or several vectors) does not apply to apply: lora", "use apply: swap or materialize",
                            "merge")

@@ -91,6 +91,12 @@ class DeltaSource:
         return base, shared_vectors([tv, *more], vocab=self.vocab, base_rows=rows,
                                     where=[self.reasoner or self.delta, *self.more])
 
+    def task_vectors(self) -> list[TaskVector]:
+        """[Δ_1, …, Δ_n] (headers only): deltas need no base (svd-rank), pairs open it once."""
+        if self.reasoner is not None:
+            return self.open_vectors()[1]
+        return [TaskVector.load(d, allow_pickle=self.allow_pickle) for d in (self.delta, *self.more)]
+
     # -- plain data ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)

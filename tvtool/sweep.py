@@ -38,7 +38,9 @@ from .materialize import materialize
 from .options import CliOptions, cli_number, opt, to_cli_args
 from .peft_adapter import adapter_folders, write_peft_adapters
 from .merge_options import MergeOptions, config_name
-from .recipe import DatasetSpec, Recipe, load_recipe, merge_configs, merge_options, to_dict
+from .lowrank_merge import MERGE_FLAGS, applied_configs
+from .merge import MergeConfig
+from .recipe import DatasetSpec, Recipe, load_recipe, low_rank_merge, merge_configs, merge_options, to_dict
 from .report import answer_rule_line, markdown_table, plot
 from .results import ACU_FORMULA
 from .runs import EvalOptions
@@ -104,18 +106,22 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
     pg = options.progress
 
     d_path = out / "delta"
-    if r.keep.delta or r.low_rank:  # skipped inside when its record matches (redone, saying why, if not)
+    op = low_rank_merge(r) if r.low_rank else None  # low_rank factors this operator's M (not Δ)
+    if r.keep.delta or (r.low_rank and op is None):  # skipped inside when its record matches (redone if not)
         delta(base=r.base, reasoner=r.reasoner, output=d_path,
               options=DeltaOptions(progress=pg, overwrite=True, vocab=r.materialize.vocab))
     source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]),
                          vocab=r.materialize.vocab)  # the recipe's vocab policy, for swap as for materialize
     configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
-    plain = all(c.is_plain(len(r.vectors) or 1) for c in configs)
     lowrank = adapters = None
     if r.low_rank:
-        lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg)
+        lowrank = _low_rank(r, d_path, out / "lowrank", alphas, pg, op)
         source = DeltaSource(base=r.base, delta=str(lowrank["factored"]))
         adapters = lowrank.get("adapters")
+        if op is not None:  # M holds the operator: the runs apply α (with its rules) to M
+            configs = applied_configs(configs)
+            alphas = tuple(dict.fromkeys(c.alpha for c in configs))
+    plain = all(c.is_plain(len(source.more) + 1) for c in configs)
     models = out / "models"
     folders = {}
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
@@ -123,22 +129,21 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
             folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
                                   options=replace(r.materialize, alphas=alphas, progress=pg, overwrite=True)).folders
         else:
-            folders = materialize(base=r.base, output=models, reasoner=source.reasoner, configs=configs,
+            folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+                                  configs=configs,
                                   merge=MergeOptions(vectors=source.more),
                                   options=replace(r.materialize, progress=pg, overwrite=True)).configs
 
     evals = [_eval_options(r, ds, pg, verbose=options.verbose) for ds in r.datasets]
     with vllm_logs(folder=out / "eval", verbose=options.verbose):  # vLLM's lines go to eval/vllm.log (tvtool.logs)
-        if ray_opts is not None:  # --- ray: the α × dataset plan on a pool of engines (tvtool.cluster) ---
-            if not plain:
-                raise OptionsError("a Ray sweep runs plain θ1 + αΔ only", where="merge",
-                                   fix="run merge operators without --ray / executor.ray")
-            tables, starts = _eval_on_ray(r, source, out / "eval", alphas, evals, ray_opts, pg)
+        if ray_opts is not None:  # --- ray: the (operator ×) α × dataset plan on a pool of engines ---
+            tables, starts = _eval_on_ray(r, source, out / "eval", alphas, evals, ray_opts, pg,
+                                          None if plain else configs)
         else:
             tables, starts = _eval_one_engine(r, source, out / "eval", alphas, evals, folders, adapters,
                                               configs, plain)
-            if not plain:
-                tables = operator_rows(tables=tables, configs=configs)
+        if not plain:
+            tables = operator_rows(tables=tables, configs=configs)
 
     # --- CoT-Valve stages: MixChain, trained valves and their α sweeps (tvtool.valve_stages) ---
     vt, valves, vs = run_valve_stages(recipe=r, out=out, progress=pg, verbose=options.verbose)
@@ -178,12 +183,14 @@ def _eval_one_engine(r: Recipe, source: DeltaSource, out: Path, alphas, evals, f
     return tables, eng.starts
 
 
-def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_opts: RayOptions, pg: bool):
-    """Every α × dataset run on a Ray pool: the same run folders, so the same table as one engine."""
+def _eval_on_ray(r: Recipe, source: DeltaSource, out: Path, alphas, evals, ray_opts: RayOptions, pg: bool,
+                 configs):
+    """Every (operator ×) α × dataset run on a Ray pool: the same run folders and merge configurations
+    (`configs`, None: plain θ1 + α·Δ), so the same table as one engine."""
     from .cluster import evaluate_on_ray
 
     res = evaluate_on_ray(output=out, source=source, alphas=alphas, datasets=evals, prompt=r.prompt,
-                          engine_options=r.engine, executor=ray_opts, progress=pg)
+                          engine_options=r.engine, executor=ray_opts, progress=pg, configs=configs)
     return {ev.runs[0].folder.name: [table_row(x) for x in ev.runs] for ev in res.results}, res.pool.engine_starts
 
 
@@ -209,11 +216,14 @@ def _fmt(v) -> str:
     return ",".join(map(_fmt, v)) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool) -> dict:
+def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool, op: MergeOptions | None) -> dict:
+    """svd-rank of Δ (the delta on disk), or with `op` of the operator's M over the vectors (`low_rank_merge`)."""
     lr = r.low_rank
     factored = folder / "delta.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    res = svd_rank(delta=d_path, output=factored,  # skipped inside when finished
+    given = dict(delta=d_path) if op is None else \
+        dict(base=r.base, reasoner=None if op.vectors else r.reasoner, merge=op)  # vectors: the first is θ2
+    res = svd_rank(output=factored, **given,  # skipped inside when finished
                    options=replace(lr, plot=True, progress=progress, overwrite=True))
     report = res.report_path
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
@@ -257,8 +267,8 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
             versions[mod] = None
     lr = ""
     if lowrank:
-        tot = json.loads(Path(lowrank["report"]).read_text())["totals"]
-        lr = (f"\n## Low rank\n\nΔ replaced by a rank-{recipe.low_rank.rank or 'energy ' + str(recipe.low_rank.energy)}"
+        tot, op = (json.loads(Path(lowrank["report"]).read_text()).get(k) for k in ("totals", "merge"))
+        lr = (f"\n## Low rank\n\n{_factored(op)}Δ replaced by a rank-{recipe.low_rank.rank or 'energy ' + str(recipe.low_rank.energy)}"
               f" approximation ({recipe.low_rank.method} SVD): ‖Δ‖² kept {tot['energy_kept']:.4f}, relative "
               f"Frobenius error {tot['rel_error']:.4f}. Per-tensor report: `{Path(lowrank['report']).name}`; "
               "spectra: `spectra.png`.\n")
@@ -287,6 +297,14 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
                                      "plots": {k: v.name for k, v in plots.items()}, "valves": valves},
                sort_keys=False)
     return report
+
+
+def _factored(op: dict | None) -> str:
+    """The report's words on an operator's M factored instead of Δ (`svd_rank`'s report `merge`)."""
+    if not op:
+        return ""
+    c = MergeConfig.from_dict({"alpha": 1.0, **{k: v for k, v in op.items() if k != "more"}})
+    return f"The `{c.method}` operator's M ({_describe(c)['params'] or 'default settings'}) in place of Δ; "
 
 
 def portable(r: Recipe, start: Path | None) -> Recipe:
@@ -338,14 +356,17 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
     r = portable(r, here)
     base, reasoner, out = r.base, r.reasoner, Path(_short(out, here))
     cmds, src = [], ["--reasoner", reasoner]
-    if r.low_rank or r.keep.delta:
+    op = low_rank_merge(r) if r.low_rank else None
+    vec = [w for v in r.vectors for w in ("--vector", f"{_short(v.model)}:{cli_number(v.weight)}")]
+    if (r.low_rank and op is None) or r.keep.delta:
         cmds.append(["tvtool", "delta", base, reasoner, "-o", f"{out}/delta"])
     if r.low_rank:
         lora = r.apply == "lora"
         lr = replace(r.low_rank, plot=True, peft=f"{out}/lowrank/adapters" if lora else None,
                      peft_alpha=alphas if lora else r.low_rank.peft_alpha)
-        cmds.append(["tvtool", "svd-rank", f"{out}/delta", "-o", f"{out}/lowrank/delta.safetensors",
-                     *lr.to_cli_args()])
+        what = [f"{out}/delta"] if op is None else ["--base", base, *(vec or src),
+                                                     *to_cli_args(replace(op, vectors=()), rename=MERGE_FLAGS)]
+        cmds.append(["tvtool", "svd-rank", *what, "-o", f"{out}/lowrank/delta.safetensors", *lr.to_cli_args()])
         src = ["--delta", f"{out}/lowrank/delta.safetensors"]
     if r.apply == "materialize" or r.keep.models:
         cmds.append(["tvtool", "materialize", base, *src, "-o", f"{out}/models",
@@ -356,9 +377,10 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
                  *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/eval"]
         a = ["--alpha", ",".join(cli_number(x) for x in alphas)]
         if r.apply == "swap" and r.merge:  # one eval per merge entry, each with its own α list
-            vec = [w for v in r.vectors for w in ("--vector", f"{_short(v.model)}:{cli_number(v.weight)}")]
             for m in r.merge:
-                cmds.append(["tvtool", "eval", "--base", base, *(vec or src), *to_cli_args(merge_options(m)),
+                mo = merge_options(m) if op is None else \
+                    MergeOptions(alpha_rules=m.rules, layer_schedule=m.layer_schedule)  # the operator is in M
+                cmds.append(["tvtool", "eval", "--base", base, *(src if op else vec or src), *to_cli_args(mo),
                              "--alpha", ",".join(cli_number(x) for x in m.alphas or alphas), *flags])
         elif r.apply == "swap":
             cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])

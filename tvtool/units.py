@@ -5,8 +5,9 @@ actor starts, so a finished re-run costs neither an engine nor a Ray cluster.
 
 - A *run* (`RunSpec`) is one α on one dataset, written to the same resumable folder the one-engine
   path writes: `<output>/alpha-<a>/<dataset>/` (samples.jsonl, summary.json, run.json).
-- A *unit* (`Unit`) is what one engine does in one go: one α for all its datasets (the engine loads
-  θ1 + α·Δ once), or one α on one dataset when there are fewer α than engines (`per="auto"`).
+- A *unit* (`Unit`) is what one engine does in one go: one configuration (α, or an operator at α: one
+  run folder name) for all its datasets (the engine loads θ1 + α·Δ, or θ1 + α·M, once), or one
+  configuration on one dataset when there are fewer configurations than engines (`per="auto"`).
 - Order: longest expected work first, so that the last unit to finish is a short one:
   α descending (a larger α gives longer chains, CoT-Valve Fig. 3), then the hardest set first by
   `HARDNESS` (answer kind: MATH-500 > GSM8K > ASDiv; chains grow with difficulty), then by expected
@@ -28,8 +29,9 @@ from .data import ProblemSet, load_problems
 from .engine import EngineOptions, SamplingOptions, sampling_record, write_shell_model
 from .errors import OptionsError
 from .evaluate import run_params, sweep_model
-from .layout import alpha_name, dataset_dir
+from .layout import dataset_dir
 from .merge import MergeConfig
+from .merge_options import config_name
 from .options import opt
 from .prompting import PromptOptions
 from .runs import EvalOptions, is_complete, run_record, run_settings
@@ -59,9 +61,9 @@ class RunSpec:
     """One α on one dataset: what `runs.run_one` needs, and what its run.json will record (plain data,
     pickled to the actors: the problems travel with it, so nodes need no dataset access)."""
 
-    folder: str  # <output>/alpha-<a>/<dataset>
+    folder: str  # <output>/<alpha-a | operator tag-alpha-a>/<dataset> (`merge_options.config_name`)
     source: DeltaSource = field(repr=False)
-    config: MergeConfig  # α and the tensors it applies to
+    config: MergeConfig  # α, the tensors it applies to, and the merge operator (plain data)
     options: EvalOptions = field(repr=False)  # dataset, split, limit, seed, kind, batch_size, score, …
     sampling: SamplingOptions = field(repr=False)
     problems: ProblemSet = field(repr=False)
@@ -78,7 +80,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return Path(self.folder).parent.name  # alpha-<a>
+        return Path(self.folder).parent.name  # alpha-<a>, or <operator tag>-alpha-<a>
 
     @property
     def name(self) -> str:
@@ -95,7 +97,7 @@ class RunSpec:
 
 @dataclass(frozen=True, eq=False)
 class Unit:
-    """Work for one engine in one go: one α, its runs hardest first."""
+    """Work for one engine in one go: one configuration (run folder name), its runs hardest first."""
 
     name: str
     alpha: float
@@ -129,13 +131,15 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto"
         raise OptionsError(f"engines must be at least 1, got {engines}", where="--engines")
     todo = [r for r in runs if not complete(r)]
     skipped = tuple(r for r in runs if r not in todo)
-    alphas = list(dict.fromkeys(r.alpha for r in todo))
+    labels = list(dict.fromkeys(r.label for r in todo))  # one per α (and operator): one weight load each
     if per == "auto":
-        per = "alpha" if len(alphas) >= engines else "run"
+        per = "alpha" if len(labels) >= engines else "run"
     hard_first = lambda r: (-r.hardness, -r.expected_tokens, r.name)  # noqa: E731
     if per == "alpha":
-        units = [Unit(alpha_name(a), a, tuple(sorted((r for r in todo if r.alpha == a), key=hard_first)))
-                 for a in alphas]
+        units = []
+        for lab in labels:
+            mine = tuple(sorted((r for r in todo if r.label == lab), key=hard_first))
+            units.append(Unit(lab, mine[0].alpha, mine))
     elif per == "run":
         units = [Unit(r.name, r.alpha, (r,)) for r in todo]
     else:
@@ -146,12 +150,17 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto"
 
 def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequence[float],
                datasets: Sequence[tuple[EvalOptions, SamplingOptions]], prompt: PromptOptions,
-               engine_options: EngineOptions = EngineOptions()) -> list[RunSpec]:
+               engine_options: EngineOptions = EngineOptions(),
+               configs: Sequence[MergeConfig] | None = None) -> list[RunSpec]:
     """The runs of an α sweep, in the one-engine path's order (dataset, then α as given), with the
     folders, settings and parameter counts `evaluate` gives them.
 
-    `datasets`: (EvalOptions, SamplingOptions) per dataset. The settings record the shell-model folder's
-    generation_config.json as not applied, as an engine made by `Engine.for_source` does."""
+    `datasets`: (EvalOptions, SamplingOptions) per dataset. `configs` (merge operators, several task
+    vectors: `source.more`) replace `alphas` and each dataset's include/exclude, as in `evaluate`. The
+    settings record the shell-model folder's generation_config.json as not applied, as an engine made
+    by `Engine.for_source` does."""
+    if configs is not None:
+        alphas = [c.alpha for c in configs]
     if not alphas:
         raise OptionsError("a Ray sweep needs --base, one of --delta|--reasoner, and --alpha",
                            fix="pass them (checkpoint, --model and --lora evaluations run on one engine)")
@@ -163,8 +172,8 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
     for (o, sampling), rec in zip(datasets, records):
         problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
         params_b, params_source = run_params(o, source.base)
-        for a in dict.fromkeys(float(x) for x in alphas):
-            config = MergeConfig(a, o.include, o.exclude)
+        for config in (dict.fromkeys(configs) if configs is not None else
+                       [MergeConfig(a, o.include, o.exclude) for a in dict.fromkeys(float(x) for x in alphas)]):
             model = sweep_model(source=source, config=config)
             settings = run_settings(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
                                     sampling=sampling, options=o, sampling_record=rec)
@@ -172,7 +181,7 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
             record = run_record(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
                                 sampling=sampling, options=o, weights=weights, sampling_record=rec,
                                 engine_options=engine_options)
-            runs.append(RunSpec(folder=str(out / alpha_name(a) / dataset_dir(problems.name)), source=source,
+            runs.append(RunSpec(folder=str(out / config_name(config) / dataset_dir(problems.name)), source=source,
                                 config=config, options=o, sampling=sampling, problems=problems, model=model,
                                 settings=settings, params_b=params_b, params_source=params_source,
                                 weights=weights, record=record))

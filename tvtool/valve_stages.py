@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .atomic import discard
 from .layout import format_alpha
+from .merge_options import MergeOptions
+from .recipe import MergeSpec, merge_options
 from .source import DeltaSource
 
 
@@ -48,8 +50,10 @@ def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str,
     if r.mixchain is not None:
         mc, folder = r.mixchain, out / "mixchain"
         sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
-        build_mixchain(base=r.base, reasoner=r.reasoner, output=folder, engine=eng, prompt=r.prompt,  # skipped
-                       sampling=sampling, engine_options=r.engine,  # inside when its record matches (tvtool.finished)
+        op = mixchain_merge(r)  # the recipe's operator over its vectors (with `merge:`/`vectors:`)
+        build_mixchain(base=r.base, reasoner=None if op.vectors else r.reasoner, output=folder, engine=eng,
+                       prompt=r.prompt, sampling=sampling, engine_options=r.engine, merge=op,  # skipped inside
+                       # when its record matches (tvtool.finished)
                        options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
                                                alphas=mc.alphas, min_correct=mc.min_correct,
                                                overwrite=True, progress=progress))
@@ -75,6 +79,13 @@ def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str,
             name = (ev.runs[0].folder.name if ev.runs else ds.name) + f"-{t.name}"
             tables[name] = [table_row(x) for x in ev.runs]
     return tables, info
+
+
+def mixchain_merge(recipe) -> MergeOptions:
+    """The MixChain stage's operator: the recipe's (one) `merge:` entry over its `vectors:`, all its settings
+    (α rules, schedule) at the stage's own α; plain θ1 + α·Δ without `merge:`/`vectors:`."""
+    r = recipe
+    return merge_options(r.merge[0] if r.merge else MergeSpec(), r.vectors)
 
 
 def table1(*, recipe, tables: dict[str, list[dict]], dataset: str) -> list[dict]:
@@ -161,7 +172,7 @@ def valve_commands(*, recipe, out: str) -> list[list[str]]:
     """The commands (as words) of the CoT-Valve stages, what `run_valve_stages` calls; every non-default
     option spelled by the options' `to_cli_args`."""
     from .mixchain import MixChainOptions
-    from .options import cli_number
+    from .options import cli_number, to_cli_args
     from .runs import EvalOptions
 
     r, cmds = recipe, []
@@ -172,7 +183,9 @@ def valve_commands(*, recipe, out: str) -> list[list[str]]:
         mo = MixChainOptions(dataset=_rel(m.dataset), split=m.split, limit=m.limit, alphas=m.alphas,
                              min_correct=m.min_correct)
         sampling = replace(r.sampling, max_tokens=m.max_tokens or r.sampling.max_tokens)
-        cmds.append(["tvtool", "mixchain", _rel(r.base), "--reasoner", _rel(r.reasoner), *mo.to_cli_args(),
+        op = mixchain_merge(r)
+        src = ["--reasoner", _rel(r.reasoner)] if not op.vectors else []
+        cmds.append(["tvtool", "mixchain", _rel(r.base), *src, *mo.to_cli_args(), *to_cli_args(op),
                      *sampling.to_cli_args(exclude=("n",)), *prompt, *engine, "-o", f"{out}/mixchain"])
     for t in r.train:
         model = _rel({"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model))
@@ -200,4 +213,4 @@ def _rel(p) -> str:
         return str(p)
 
 
-__all__ = ["run_valve_stages", "table1", "table1_markdown", "valve_bars", "valve_commands", "valve_section"]
+__all__ = ["mixchain_merge", "run_valve_stages", "table1", "table1_markdown", "valve_bars", "valve_commands", "valve_section"]
