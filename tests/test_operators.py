@@ -87,6 +87,50 @@ def test_fused_pair_is_bit_identical_to_torch_and_refuses_non_finite():
     assert kernels.fused_pair(base=base.float(), end=end.float(), alphas=[0.5], dtype=torch.float32) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_count_nonfinite_equals_torch(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(300_001, generator=g) * 100).to(dtype)
+    assert kernels.count_nonfinite(x) == 0
+    big = torch.finfo(dtype).max
+    x[[3, 99, 1000, 300_000]] = torch.tensor([float("nan"), float("inf"), -float("inf"), big]).to(dtype)
+    x[17] = torch.finfo(dtype).tiny / 4  # subnormal: finite
+    assert kernels.count_nonfinite(x) == int((~torch.isfinite(x)).sum()) == 3
+    assert kernels.count_nonfinite(x.view(-1, 1)[::2]) is None  # not contiguous: the torch path decides
+
+
+@pytest.mark.parametrize("method,weights,normalize", [
+    ("ties", (1.0,), None), ("ties", (0.8, 0.5), None), ("ties", (0.5, 0.5), None), ("ties", (0.7, -0.4, 1.3), None), ("ties", (0.6, 0.9), False),
+    ("trim", (1.0,), None), ("trim", (0.5, 0.25), True), ("task_arithmetic", (0.7, -0.35), None),
+    ("task_arithmetic", (0.3, 0.3, 0.4), True)])
+def test_fused_combine_equals_the_torch_expression(monkeypatch, method, weights, normalize):
+    """merged_delta through kernels.combine equals the torch expression (mergekit's order) bit for bit,
+    chunk by chunk, with ±0, ties at the magnitude cut and sign conflicts."""
+    from tvtool.operators import merged_delta
+
+    n, shape = len(weights), (300, 67)
+    g = torch.Generator().manual_seed(n)
+    ds = [torch.randn(shape, generator=g) * 1e-3 for _ in range(n)]
+    for v, d in enumerate(ds):
+        d.view(-1)[:: 7 + v] = d.abs().quantile(0.7)  # many elements tied at the density-0.3 cut
+        d.view(-1)[5:40] = 0.0
+        d.view(-1)[40:60] = -0.0
+    ds[-1].view(-1)[100:200] = torch.linspace(-1, 1, 100)  # kept (large), and
+    ds[0].view(-1)[100:200] = -ds[-1].view(-1)[100:200]  # exact sign conflicts: Σ = 0 for equal weights
+    m = Merge(method=method, weights=weights, density=0.3 if method != "task_arithmetic" else 1.0, normalize=normalize)
+    ranges = [(0, 64), (64, 200), (200, 300)]
+    prep = prepare([m], name="w", shape=shape, n_vectors=n, ranges=ranges, read=lambda s, e: [d[s:e] for d in ds])
+    got = [merged_delta(m, prep, [d[s:e] for d in ds], s) for s, e in ranges]
+    calls = []
+    monkeypatch.setattr(kernels, "combine", lambda **kw: calls.append(1))  # → None: the torch expression
+    ref = [merged_delta(m, prep, [d[s:e] for d in ds], s) for s, e in ranges]
+    assert len(calls) == len(ranges)
+    for a, b in zip(got, ref):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{(a.view(torch.int32) != b.view(torch.int32)).sum()}"
+    numel = shape[0] * shape[1]
+    assert method == "task_arithmetic" or all(0 <= a.last_tie < numel for a, _ in prep.cuts[m])  # cut inside ties
+
+
 # -- exact streaming top-k ------------------------------------------------------------------
 def _stream_keep(x: torch.Tensor, ks, rows_per: int) -> list[torch.Tensor]:
     rows = x.shape[0]

@@ -177,3 +177,50 @@ def _dare_keep(key, flat_start, drop_below, out):  # out[i] = splitmix64(key + (
     for i in prange(out.shape[0]):
         z = _splitmix64(key + np.uint64(flat_start + i + 1) * _GOLDEN)
         out[i] = (z >> np.uint64(11)) >= drop_below
+
+
+@njit(parallel=True, cache=True)
+def _count_exp_all_ones(x, mask):  # x uint16[n] or uint32[n] bits → #elements whose exponent bits are all set
+    c = 0
+    for i in prange(x.shape[0]):
+        c += (x[i] & mask) == mask
+    return c
+
+
+@njit(parallel=True, cache=True)
+def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w, out):
+    """M from Δ_v rows ds f32[n, N] in torch's order (tvtool.operators.merged_delta): x_v = (Δ_v·keep_v)·w_v
+    (keep_v: |Δ_v| bits > keys[v], or == and flat index ≤ lasts[v]); sums start at +0 and run v = 0..n−1;
+    consensus: majority = ±1 by the sign of Σx, mask_v = sign(x_v) == majority, M = Σ x_v·mask_v over
+    Σ w_v·mask_v (0 → 1); else M = Σ x_v over sum_w. normalized: divide, else M is the numerator."""
+    n, N = ds.shape
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for i in prange(N):
+        acc = zero
+        for v in range(n):
+            d = ds[v, i]
+            if trim:
+                u = np.int64(_as_u32(d) & np.uint32(0x7FFFFFFF))
+                k = u > keys[v] or (u == keys[v] and flat_start + i <= lasts[v])
+                d = d * (one if k else zero)
+            acc += d * w[v]
+        if consensus:
+            maj = one if acc >= zero else -one
+            mixed = zero
+            div = zero
+            for v in range(n):
+                d = ds[v, i]
+                if trim:
+                    u = np.int64(_as_u32(d) & np.uint32(0x7FFFFFFF))
+                    k = u > keys[v] or (u == keys[v] and flat_start + i <= lasts[v])
+                    d = d * (one if k else zero)
+                x = d * w[v]
+                sg = one if x > zero else (-one if x < zero else zero)
+                m = one if sg == maj else zero
+                mixed += x * m
+                div += w[v] * m
+            if div == zero:
+                div = one
+            out[i] = mixed / div if normalized else mixed
+        else:
+            out[i] = acc / sum_w if normalized else acc

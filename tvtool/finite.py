@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from .errors import CheckpointError, OptionsError
+from .kernels import count_nonfinite
 
 ALLOW_FIX = "fix or re-download the checkpoint, or pass --allow-nonfinite to keep them (with a warning)"
 
@@ -28,8 +29,8 @@ def check_finite(name: str, chunk: torch.Tensor, offset: int = 0, *, counts: dic
     `counts` accumulates the per-tensor total. `overflow` (e.g. "θ1 + α·Δ in bfloat16 at α=1e+300") says
     the chunk is a rounded output of finite inputs: then any non-finite value is an overflow error.
     """
-    if not chunk.dtype.is_floating_point or chunk.numel() == 0:
-        return 0
+    if not chunk.dtype.is_floating_point or chunk.numel() == 0 or count_nonfinite(chunk) == 0:
+        return 0  # (the fast count; torch below locates the first bad element, or checks other dtypes)
     bad = ~torch.isfinite(chunk)
     n = int(bad.sum())
     if n == 0:

@@ -250,6 +250,11 @@ def merged_delta(m: Merge, prep: Prepared, deltas: list[torch.Tensor], start_row
     if sp is None and n == 1 and w[0] == 1.0 and not m.normalized:
         return deltas[0]  # θ1 + α·Δ exactly as the plain CoT-Valve path
     flat = start_row * prep.row_size
+    if sp is None or (sp == "magnitude" and all(prep.cuts[m][v][1] is None for v in range(n))):
+        fused = kernels.combine(deltas=deltas, weights=w, cuts=[prep.cuts[m][v][0] for v in range(n)] if sp else None,
+                                flat_start=flat, consensus=consensus, normalized=m.normalized)
+        if fused is not None:  # the torch expression below, bit for bit, in one pass
+            return fused
     ds = []
     for v, d in enumerate(deltas):
         if sp in ("magnitude", "breadcrumbs"):

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from .buffers import empty
 from .checkpoint import Checkpoint, Source
 from .errors import CheckpointError, MismatchError
 from .layout import FACTOR_A, FACTOR_B, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
@@ -207,8 +208,9 @@ class TaskVector:
             r = p.reasoner.read(rn, start, stop)
             if lazy and base32 is None:
                 return base_rows, None, None, r
-            base32 = base_rows.float() if base32 is None else base32  # [rows, ...] shared by Δ and every α
-            return base_rows, base32, r.to(torch.float32, copy=True).sub_(base32), r
+            if base32 is None:  # [rows, ...] shared by Δ and every α; pooled buffers within a pass (tvtool.buffers)
+                base32 = empty(tuple(base_rows.shape), torch.float32).copy_(base_rows)
+            return base_rows, base32, empty(tuple(r.shape), torch.float32).copy_(r).sub_(base32), r
         base_rows = base.read(src, start, stop) if base_rows is None else base_rows
         # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
         return base_rows, base_rows.float() if base32 is None else base32, self.rows(name, start, stop), None
