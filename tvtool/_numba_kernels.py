@@ -187,6 +187,13 @@ def _count_exp_all_ones(x, mask):  # x uint16[n] or uint32[n] bits → #elements
     return c
 
 
+@njit(inline="always")
+def _kept(d, key, last, flat):  # Δ·keep: keep iff |Δ| bits > key, or == key and flat index ≤ last (branch-free)
+    u = np.int64(_as_u32(d) & np.uint32(0x7FFFFFFF))
+    return d * np.float32((u > key) | ((u == key) & (flat <= last)))
+
+
+
 @njit(parallel=True, cache=True)
 def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w, out):
     """M from Δ_v rows ds f32[n, N] in torch's order (tvtool.operators.merged_delta): x_v = (Δ_v·keep_v)·w_v
@@ -195,32 +202,27 @@ def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w,
     Σ w_v·mask_v (0 → 1); else M = Σ x_v over sum_w. normalized: divide, else M is the numerator."""
     n, N = ds.shape
     one, zero = np.float32(1.0), np.float32(0.0)
-    for i in prange(N):
-        acc = zero
+    for blk in prange((N + _BLOCK - 1) // _BLOCK):
+        s, e = blk * _BLOCK, min(N, (blk + 1) * _BLOCK)
+        acc = np.zeros(e - s, np.float32)
         for v in range(n):
-            d = ds[v, i]
-            if trim:
-                u = np.int64(_as_u32(d) & np.uint32(0x7FFFFFFF))
-                k = u > keys[v] or (u == keys[v] and flat_start + i <= lasts[v])
-                d = d * (one if k else zero)
-            acc += d * w[v]
-        if consensus:
-            maj = one if acc >= zero else -one
-            mixed = zero
-            div = zero
-            for v in range(n):
-                d = ds[v, i]
-                if trim:
-                    u = np.int64(_as_u32(d) & np.uint32(0x7FFFFFFF))
-                    k = u > keys[v] or (u == keys[v] and flat_start + i <= lasts[v])
-                    d = d * (one if k else zero)
+            for i in range(s, e):
+                d = _kept(ds[v, i], keys[v], lasts[v], flat_start + i) if trim else ds[v, i]
+                acc[i - s] += d * w[v]
+        if not consensus:
+            for i in range(s, e):
+                out[i] = acc[i - s] / sum_w if normalized else acc[i - s]
+            continue
+        mixed = np.zeros(e - s, np.float32)
+        div = np.zeros(e - s, np.float32)
+        for v in range(n):
+            for i in range(s, e):
+                d = _kept(ds[v, i], keys[v], lasts[v], flat_start + i) if trim else ds[v, i]
                 x = d * w[v]
-                sg = one if x > zero else (-one if x < zero else zero)
-                m = one if sg == maj else zero
-                mixed += x * m
-                div += w[v] * m
-            if div == zero:
-                div = one
-            out[i] = mixed / div if normalized else mixed
-        else:
-            out[i] = acc / sum_w if normalized else acc
+                maj = np.float32(acc[i - s] >= zero) * np.float32(2.0) - one
+                m = np.float32((np.float32(x > zero) - np.float32(x < zero)) == maj)
+                mixed[i - s] += x * m
+                div[i - s] += w[v] * m
+        for i in range(s, e):
+            dv = div[i - s] + np.float32(div[i - s] == zero)  # 0 → 1 (exact: 0 + 1)
+            out[i] = mixed[i - s] / dv if normalized else mixed[i - s]
