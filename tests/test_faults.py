@@ -343,6 +343,25 @@ def test_nan_in_a_checkpoint_is_an_error_naming_tensor_and_index(llama, nan_base
     assert not (tmp_path / "m" / "alpha-0.5").exists()
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear"])
+def test_nan_in_chunked_fused_passes_is_the_same_error(llama, nan_base, tmp_path, monkeypatch, method):
+    """Chunks of a plain pair skip the float32 Δ (fused kernels count NaN/Inf); a bad value still gets the checked
+    path's error, naming the tensor and the first index, whatever the operator."""
+    import tvtool
+    import tvtool.merge
+    from tvtool.errors import CheckpointError
+    from tvtool.safetensors_io import row_chunks
+
+    _, reasoner = llama
+    monkeypatch.setattr(tvtool.merge, "row_chunks", lambda shape, max_elems=64: row_chunks(shape, 64))
+    cfg = tvtool.MergeConfig(0.5, method=method, density=0.5 if method == "ties" else 1.0,
+                             p=0.3 if method == "dare_linear" else 0.0)
+    with pytest.raises(CheckpointError) as e:
+        tvtool.materialize(base=nan_base, reasoner=reasoner, output=tmp_path / "m", configs=[cfg],
+                           options=tvtool.MaterializeOptions(progress=False))
+    assert str(e.value).startswith(f"non-finite value nan in the base of tensor {NAN_AT!r} at index (3, 5)")
+
+
 def test_allow_nonfinite_keeps_them_with_a_warning(llama, nan_base, tmp_path):
     _, reasoner = llama
     out = tmp_path / "d.safetensors"

@@ -174,3 +174,30 @@ def test_in_engine_operator_sweep_equals_the_materialized_folder(vengine, tmp_pa
     got = read_samples(tmp_path / "sweep" / config_name(c) / "gsm8k" / "samples.jsonl")
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in read_samples(tmp_path / "ref" / "samples.jsonl")]
     assert res.runs[0].summary == ref.runs[0].summary
+
+
+def test_one_pair_trimmed_in_chunks_equals_whole_tensors_and_the_reference(trio, tmp_path):
+    """One bf16 pair: the selection passes histogram Δ formed per element from θ1/θ2 rows (kernels.PairRows);
+    4096-element chunks give the bytes of whole tensors (the engine's load) and of the torch reference."""
+    base, r1, _ = trio
+    configs = [MergeConfig(0.55, method="ties", density=0.3), MergeConfig(1.0, method="trim", density=0.2),
+               MergeConfig(0.6)]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tvtool.merge, "row_chunks", lambda shape, max_elems=4096: row_chunks(shape, 4096))
+    pairs = []
+    orig = tvtool.kernels.hist_hi
+    mp.setattr(tvtool.kernels, "hist_hi", lambda x, h: (pairs.append(isinstance(x, tvtool.kernels.PairRows)),
+                                                        orig(x, h))[1])
+    try:
+        res = tvtool.materialize(base=base, reasoner=r1, output=tmp_path / "m", configs=configs,
+                                 options=MaterializeOptions(progress=False))
+    finally:
+        mp.undo()
+    assert any(pairs)  # the chunked selection passes ran on θ1/θ2 rows
+    refs, _ = ours(base, [r1], [_as_config(c) for c in configs[:2]])
+    source = DeltaSource(base=str(base), reasoner=str(r1))
+    for c, ref in zip(configs, refs + [None]):
+        got = state_dict(res.configs[c])
+        assert_bit_equal(got, _loaded(source, c))
+        if ref is not None:
+            assert_bit_equal(got, ref)

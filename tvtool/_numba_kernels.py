@@ -226,3 +226,56 @@ def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w,
         for i in range(s, e):
             dv = div[i - s] + np.float32(div[i - s] == zero)  # 0 → 1 (exact: 0 + 1)
             out[i] = mixed[i - s] / dv if normalized else mixed[i - s]
+
+
+@njit(inline="always")
+def _pair_delta(b, e):  # bf16 bits θ1, θ2 → fl32(θ2 − θ1), as torch's `θ2.float() − θ1.float()`
+    return _as_f32(np.uint32(e) << np.uint32(16)) - _as_f32(np.uint32(b) << np.uint32(16))
+
+
+
+@njit(cache=True)
+def _hist_hi_pair(b, e, hist):  # _hist_hi of Δ = θ2 − θ1 formed per element from bf16 bits
+    for i in range(b.shape[0]):
+        hist[(_as_u32(_pair_delta(b[i], e[i])) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+
+
+
+@njit(cache=True)
+def _hist_lo_pair(b, e, slot_of, hists):
+    for i in range(b.shape[0]):
+        u = _as_u32(_pair_delta(b[i], e[i])) & np.uint32(0x7FFFFFFF)
+        s = slot_of[u >> np.uint32(16)]
+        if s >= 0:
+            hists[s, u & np.uint32(0xFFFF)] += 1
+
+
+@njit(parallel=True, cache=True)
+def _pair_bad(b, e):  # #elements where θ1, θ2 (bf16 bits) or Δ = θ2 − θ1 is NaN/±Inf
+    c = 0
+    for i in prange(b.shape[0]):
+        d = _pair_delta(b[i], e[i])
+        c += _bf16_bad(b[i]) | _bf16_bad(e[i]) | np.int64(not (d - d == 0))
+    return c
+
+
+
+@njit(parallel=True, cache=True)
+def _combine_pair(b, e, w, key, last, flat_start, trim, consensus, normalized, sum_w, out):
+    """_combine for one task vector whose Δ is formed per element from bf16 θ1/θ2 bits (same order)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for i in prange(b.shape[0]):
+        d = _pair_delta(b[i], e[i])
+        if trim:
+            d = _kept(d, key, last, flat_start + i)
+        x = d * w
+        acc = zero + x
+        if consensus:
+            maj = np.float32(acc >= zero) * np.float32(2.0) - one
+            m = np.float32((np.float32(x > zero) - np.float32(x < zero)) == maj)
+            mixed = zero + x * m
+            div = zero + w * m
+            div = div + np.float32(div == zero)
+            out[i] = mixed / div if normalized else mixed
+        else:
+            out[i] = acc / sum_w if normalized else acc

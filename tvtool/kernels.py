@@ -129,10 +129,12 @@ _EXP = {torch.float32: (torch.int32, np.uint32, 0x7F800000), torch.bfloat16: (to
         torch.float16: (torch.int16, np.uint16, 0x7C00)}
 
 
-def count_nonfinite(x: torch.Tensor) -> int | None:
+def count_nonfinite(x: "torch.Tensor | PairRows") -> int | None:
     """#NaN/±Inf elements of a float32/bf16/fp16 tensor by one pass over its bits, no temporaries
     (None for other dtypes). Measured reason: torch's `~isfinite(x)` + `sum` makes two full-size
     temporaries and three passes; on the 2.5 GB pair, TIES at 5 α spent 62 s of 217 s there."""
+    if isinstance(x, PairRows):  # θ1, θ2 and Δ = θ2 − θ1
+        return int(_nk()._pair_bad(*x.bits()))
     if not _FUSED or x.dtype not in _EXP or not x.is_contiguous():
         return None
     it, nt, mask = _EXP[x.dtype]
@@ -146,7 +148,15 @@ def combine(*, deltas: list[torch.Tensor], weights, cuts, flat_start: int, conse
     expression makes ~12 full-size temporaries per chunk; on the 2.5 GB pair it was the largest
     compute cost of TIES after the non-finite scans. `cuts`: one `select.Cut` per vector, or None
     (no trim). None where it does not apply (then the torch expression runs)."""
-    if not _FUSED or any(d.dtype != torch.float32 or d.shape != deltas[0].shape for d in deltas):
+    if len(deltas) == 1 and isinstance(deltas[0], PairRows):  # Δ formed per element from θ1/θ2 rows
+        pr, c = deltas[0], (cuts[0] if cuts else None)
+        w, out = np.float32(weights[0]), empty(tuple(pr.base.shape), torch.float32)
+        sum_w = w if abs(w) >= 1e-8 else np.float32(1)
+        _nk()._combine_pair(*pr.bits(), w, np.int64(c.key if c else -1), np.int64(c.last_tie if c else -1),
+                            np.int64(flat_start), c is not None, consensus, normalized, sum_w, out.view(-1).numpy())
+        return out
+    if not _FUSED or any(isinstance(d, PairRows) or d.dtype != torch.float32 or d.shape != deltas[0].shape
+                         for d in deltas):
         return None
     n, shape = len(deltas), deltas[0].shape
     ds = deltas[0].contiguous().reshape(1, -1) if n == 1 else \
@@ -167,15 +177,42 @@ def combine(*, deltas: list[torch.Tensor], weights, cuts, flat_start: int, conse
 # -- magnitude histograms for the streaming radix select ---------------------------------
 
 
-def hist_hi(x: torch.Tensor, hist: np.ndarray) -> None:
+class PairRows:
+    """Δ rows as the bf16 θ1 and θ2 rows they come from (Δ = θ2.float() − θ1.float(), formed per element by
+    the histogram kernels). Measured reason: a trim's two selection passes spent more time converting θ1
+    and Δ to float32 arrays than histogramming them (2.5 GB pair, TIES at 5 α)."""
+
+    def __init__(self, base: torch.Tensor, end: torch.Tensor):
+        self.base, self.end = base, end
+
+    def bits(self) -> tuple[np.ndarray, np.ndarray]:
+        u16 = lambda t: t.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+        return u16(self.base), u16(self.end)
+
+    def delta(self) -> torch.Tensor:
+        return self.end.float() - self.base.float()
+
+
+def pair_rows(base: torch.Tensor, end: torch.Tensor) -> PairRows | None:
+    """PairRows for bf16 θ1/θ2 rows of one shape (the fused selection passes), else None."""
+    ok = _FUSED and base.dtype == end.dtype == torch.bfloat16 and base.shape == end.shape
+    return PairRows(base, end) if ok else None
+
+
+def hist_hi(x: torch.Tensor | PairRows, hist: np.ndarray) -> None:
+    if isinstance(x, PairRows):
+        return _nk()._hist_hi_pair(*x.bits(), hist)
     _nk()._hist_hi(x.contiguous().reshape(-1).numpy(), hist)
 
 
-def hist_lo(x: torch.Tensor, slot_of: np.ndarray, hists: np.ndarray) -> None:
+def hist_lo(x: torch.Tensor | PairRows, slot_of: np.ndarray, hists: np.ndarray) -> None:
+    if isinstance(x, PairRows):
+        return _nk()._hist_lo_pair(*x.bits(), slot_of, hists)
     _nk()._hist_lo(x.contiguous().reshape(-1).numpy(), slot_of, hists)
 
 
-def nth_equal(x: torch.Tensor, key: int, nth: int) -> int:
+def nth_equal(x: torch.Tensor | PairRows, key: int, nth: int) -> int:
+    x = x.delta() if isinstance(x, PairRows) else x  # one chunk, once per cut at most
     return int(_nk()._nth_equal(x.contiguous().reshape(-1).numpy(), np.uint32(key), nth))
 
 

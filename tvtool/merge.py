@@ -31,7 +31,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import MismatchError, OptionsError
 from .finite import check_finite
-from .kernels import fused_pair, merge_many, merge_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
+from .kernels import count_nonfinite, fused_pair, merge_many, merge_rows, pair_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
 from .layout import DTYPES, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
 from .merge_config import MergeConfig  # noqa: F401  (re-exported: the one merge path's settings)
 from .operators import Merge, Prepared, check_vectors, merged_delta, prepare
@@ -140,18 +140,19 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
             prefetch(reads, read_ahead) if read_ahead else reads):
         p = plan[i]
         chunk = MergedChunk(i, name, start, stop, bytes_read=nbytes)
-        if ds is not None and ds[0] is None:  # a plain pair chunk, Δ not formed: one fused pass that also scans for NaN/Inf
-            chunk.outputs = _pair_fused(configs, name, base_rows, end, p.dtype)
-            if chunk.outputs is not None:
-                yield chunk
-                continue
-            base32 = base_rows.float()  # something is not finite: form Δ, the checked path names it
-            ds = [end.to(torch.float32, copy=True).sub_(base32)]
-        bad = check_finite(name, base_rows, start, counts=counts, allow=allow_nonfinite, what="the base",
-                           where=where_b)
-        for d, where in zip(ds or (), where_d):
-            bad += check_finite(name, d, start, counts=counts, allow=allow_nonfinite, where=where)
-        chunk.outputs = _merge_one(configs, alphas, name, start, base_rows, base32, ds, end, prep, p.dtype)
+        outs, bad = None, 0
+        if ds is not None and ds[0] is None:  # a plain pair chunk, Δ not formed: fused passes that scan for NaN/Inf
+            outs = _pair_chunk(configs, alphas, name, start, base_rows, end, prep, p.dtype)
+            if outs is None:  # something is not finite: form Δ, the checked path names it
+                base32 = base_rows.float()
+                ds = [end.to(torch.float32, copy=True).sub_(base32)]
+        if outs is None:
+            bad = check_finite(name, base_rows, start, counts=counts, allow=allow_nonfinite, what="the base",
+                               where=where_b)
+            for d, where in zip(ds or (), where_d):
+                bad += check_finite(name, d, start, counts=counts, allow=allow_nonfinite, where=where)
+            outs = _merge_one(configs, alphas, name, start, base_rows, base32, ds, end, prep, p.dtype)
+        chunk.outputs = outs
         if not bad:  # finite inputs: a non-finite output overflowed the output dtype
             for k, (c, out) in enumerate(zip(configs, chunk.outputs)):
                 check_finite(name, out, start, where=outputs[k] if outputs else where_b,
@@ -252,6 +253,19 @@ def _merge_one(configs: list[MergeConfig], alphas: list[dict | None], name: str,
     return out
 
 
+def _pair_chunk(configs: list[MergeConfig], alphas: list[dict | None], name: str, start: int,
+                base_rows: torch.Tensor, end: torch.Tensor, prep: Prepared | None,
+                dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """Every configuration's rows of a plain pair's chunk without the float32 θ1 and Δ arrays (Δ formed per
+    element: `_pair_fused`, or M by `kernels.combine` of a `PairRows`); None if a value is not finite."""
+    if prep is None:
+        return _pair_fused(configs, name, base_rows, end, dtype)
+    pr = pair_rows(base_rows, end)
+    if pr is None or count_nonfinite(pr) != 0:
+        return None
+    return _merge_one(configs, alphas, name, start, base_rows, None, [pr], end, prep, dtype)
+
+
 def _pair_fused(configs: list[MergeConfig], name: str, base_rows: torch.Tensor, end: torch.Tensor,
                 dtype: torch.dtype) -> list[torch.Tensor] | None:
     """Plain configurations' rows from θ1 and θ2 rows by `kernels.fused_pair` (the same bytes as
@@ -293,16 +307,16 @@ def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[P
                 cached = _inputs(base, tvs, p.name, p.src, 0, None if whole else chunks[0][1])
                 ranges, read = [(0, shape[0] if shape else 1)], lambda s, e: cached[2]
             else:
-                def read(s, e):
+                def read(s, e):  # a selection pass: a plain pair's Δ stays θ1/θ2 rows (kernels.PairRows)
                     nonlocal extra
-                    b, _, ds, _ = _inputs(base, tvs, p.name, p.src, s, e)
+                    b, _, ds, end = _inputs(base, tvs, p.name, p.src, s, e, lazy=lazy)
                     extra += b.numel() * b.element_size() * (1 + n)
-                    return ds
+                    return ds if ds[0] is not None else [pair_rows(b, end) or end.float() - b.float()]
             prep = prepare(ops, name=p.name, shape=shape, n_vectors=n, ranges=ranges, read=read)
         for k, (s, e) in enumerate(chunks):
             if used and (n_delta is None or s < n_delta):
                 base_rows, base32, ds, end = cached if (cached is not None and k == 0) else \
-                    _inputs(base, tvs, p.name, p.src, s, e, lazy=lazy and not ops)
+                    _inputs(base, tvs, p.name, p.src, s, e, lazy=lazy)
                 nbytes = base_rows.numel() * base_rows.element_size() * ((2 if end is not None else 1) + n - 1) \
                     + (extra if k == 0 else 0)
                 yield i, p.name, s, e, base_rows, base32, ds, end, prep, nbytes

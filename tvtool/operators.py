@@ -243,18 +243,20 @@ def prepare(merges: Sequence[Merge], *, name: str, shape: tuple[int, ...], n_vec
 
 
 def merged_delta(m: Merge, prep: Prepared, deltas: list[torch.Tensor], start_row: int) -> torch.Tensor:
-    """M for rows [start_row, start_row + rows) from the float32 Δ_i rows, in mergekit's order."""
+    """M for rows [start_row, start_row + rows) from the float32 Δ_i rows (or one `kernels.PairRows`),
+    in mergekit's order."""
     n = len(deltas)
     sp, consensus, _ = METHODS[m.method]
     w = m.per("weights", n)
-    if sp is None and n == 1 and w[0] == 1.0 and not m.normalized:
-        return deltas[0]  # θ1 + α·Δ exactly as the plain CoT-Valve path
+    if sp is None and n == 1 and w[0] == 1.0 and not m.normalized:  # θ1 + α·Δ exactly as the plain path
+        return deltas[0].delta() if isinstance(deltas[0], kernels.PairRows) else deltas[0]
     flat = start_row * prep.row_size
     if sp is None or (sp == "magnitude" and all(prep.cuts[m][v][1] is None for v in range(n))):
         fused = kernels.combine(deltas=deltas, weights=w, cuts=[prep.cuts[m][v][0] for v in range(n)] if sp else None,
                                 flat_start=flat, consensus=consensus, normalized=m.normalized)
         if fused is not None:  # the torch expression below, bit for bit, in one pass
             return fused
+    deltas = [d.delta() if isinstance(d, kernels.PairRows) else d for d in deltas]
     ds = []
     for v, d in enumerate(deltas):
         if sp in ("magnitude", "breadcrumbs"):
