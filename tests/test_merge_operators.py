@@ -181,6 +181,7 @@ def test_one_pair_trimmed_in_chunks_equals_whole_tensors_and_the_reference(trio,
     4096-element chunks give the bytes of whole tensors (the engine's load) and of the torch reference."""
     base, r1, _ = trio
     configs = [MergeConfig(0.55, method="ties", density=0.3), MergeConfig(1.0, method="trim", density=0.2),
+               MergeConfig(0.7, method="dare_linear", p=0.3, seed=2), MergeConfig(0.9, method="dare_ties", p=0.5),
                MergeConfig(0.6)]
     mp = pytest.MonkeyPatch()
     mp.setattr(tvtool.merge, "row_chunks", lambda shape, max_elems=4096: row_chunks(shape, 4096))
@@ -194,7 +195,7 @@ def test_one_pair_trimmed_in_chunks_equals_whole_tensors_and_the_reference(trio,
     finally:
         mp.undo()
     assert any(pairs)  # the chunked selection passes ran on θ1/θ2 rows
-    refs, _ = ours(base, [r1], [_as_config(c) for c in configs[:2]])
+    refs, _ = ours(base, [r1], [_as_config(c) for c in configs[:4]])
     source = DeltaSource(base=str(base), reasoner=str(r1))
     for c, ref in zip(configs, refs + [None]):
         got = state_dict(res.configs[c])

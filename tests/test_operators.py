@@ -102,7 +102,8 @@ def test_count_nonfinite_equals_torch(dtype):
 @pytest.mark.parametrize("method,weights,normalize", [
     ("ties", (1.0,), None), ("ties", (0.8, 0.5), None), ("ties", (0.5, 0.5), None), ("ties", (0.7, -0.4, 1.3), None), ("ties", (0.6, 0.9), False),
     ("trim", (1.0,), None), ("trim", (0.5, 0.25), True), ("task_arithmetic", (0.7, -0.35), None),
-    ("task_arithmetic", (0.3, 0.3, 0.4), True)])
+    ("task_arithmetic", (0.3, 0.3, 0.4), True), ("dare_linear", (1.0,), None), ("dare_linear", (0.7, 0.5), None),
+    ("dare_ties", (0.5, 0.5), None), ("dare_ties", (0.8, -0.3, 0.6), True)])
 def test_fused_combine_equals_the_torch_expression(monkeypatch, method, weights, normalize):
     """merged_delta through kernels.combine equals the torch expression (mergekit's order) bit for bit,
     chunk by chunk, with ±0, ties at the magnitude cut and sign conflicts."""
@@ -117,7 +118,9 @@ def test_fused_combine_equals_the_torch_expression(monkeypatch, method, weights,
         d.view(-1)[40:60] = -0.0
     ds[-1].view(-1)[100:200] = torch.linspace(-1, 1, 100)  # kept (large), and
     ds[0].view(-1)[100:200] = -ds[-1].view(-1)[100:200]  # exact sign conflicts: Σ = 0 for equal weights
-    m = Merge(method=method, weights=weights, density=0.3 if method != "task_arithmetic" else 1.0, normalize=normalize)
+    dare = method.startswith("dare")
+    m = Merge(method=method, weights=weights, density=0.3 if method in ("ties", "trim") else 1.0,
+              p=(0.4, 0.0, 0.7)[:n] if dare and n > 1 else 0.4 if dare else 0.0, seed=5, normalize=normalize)
     ranges = [(0, 64), (64, 200), (200, 300)]
     prep = prepare([m], name="w", shape=shape, n_vectors=n, ranges=ranges, read=lambda s, e: [d[s:e] for d in ds])
     got = [merged_delta(m, prep, [d[s:e] for d in ds], s) for s, e in ranges]
@@ -128,7 +131,8 @@ def test_fused_combine_equals_the_torch_expression(monkeypatch, method, weights,
     for a, b in zip(got, ref):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{(a.view(torch.int32) != b.view(torch.int32)).sum()}"
     numel = shape[0] * shape[1]
-    assert method == "task_arithmetic" or all(0 <= a.last_tie < numel for a, _ in prep.cuts[m])  # cut inside ties
+    assert method in ("ties", "trim") or m not in prep.cuts
+    assert method not in ("ties", "trim") or all(0 <= a.last_tie < numel for a, _ in prep.cuts[m])  # cut inside ties
 
 
 # -- exact streaming top-k ------------------------------------------------------------------

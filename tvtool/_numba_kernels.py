@@ -194,8 +194,19 @@ def _kept(d, key, last, flat):  # Δ·keep: keep iff |Δ| bits > key, or == key 
 
 
 
+@njit(inline="always")
+def _select(d, mode, key, last, hkey, drop, omp, flat):  # mode 1: magnitude cut (_kept); 2: DARE drop and rescale
+    if mode == 1:
+        return _kept(d, key, last, flat)
+    if mode == 2:  # = kernels.dare_keep's mask, then (Δ·keep).double() / (1 − p), rounded once
+        k = (_splitmix64(hkey + np.uint64(flat + 1) * _GOLDEN) >> np.uint64(11)) >= drop
+        return np.float32(np.float64(d * np.float32(k)) / omp)
+    return d
+
+
+
 @njit(parallel=True, cache=True)
-def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w, out):
+def _combine(ds, w, keys, lasts, hkeys, drops, omps, flat_start, mode, consensus, normalized, sum_w, out):
     """M from Δ_v rows ds f32[n, N] in torch's order (tvtool.operators.merged_delta): x_v = (Δ_v·keep_v)·w_v
     (keep_v: |Δ_v| bits > keys[v], or == and flat index ≤ lasts[v]); sums start at +0 and run v = 0..n−1;
     consensus: majority = ±1 by the sign of Σx, mask_v = sign(x_v) == majority, M = Σ x_v·mask_v over
@@ -207,7 +218,7 @@ def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w,
         acc = np.zeros(e - s, np.float32)
         for v in range(n):
             for i in range(s, e):
-                d = _kept(ds[v, i], keys[v], lasts[v], flat_start + i) if trim else ds[v, i]
+                d = _select(ds[v, i], mode, keys[v], lasts[v], hkeys[v], drops[v], omps[v], flat_start + i)
                 acc[i - s] += d * w[v]
         if not consensus:
             for i in range(s, e):
@@ -217,7 +228,7 @@ def _combine(ds, w, keys, lasts, flat_start, trim, consensus, normalized, sum_w,
         div = np.zeros(e - s, np.float32)
         for v in range(n):
             for i in range(s, e):
-                d = _kept(ds[v, i], keys[v], lasts[v], flat_start + i) if trim else ds[v, i]
+                d = _select(ds[v, i], mode, keys[v], lasts[v], hkeys[v], drops[v], omps[v], flat_start + i)
                 x = d * w[v]
                 maj = np.float32(acc[i - s] >= zero) * np.float32(2.0) - one
                 m = np.float32((np.float32(x > zero) - np.float32(x < zero)) == maj)
@@ -261,13 +272,11 @@ def _pair_bad(b, e):  # #elements where θ1, θ2 (bf16 bits) or Δ = θ2 − θ1
 
 
 @njit(parallel=True, cache=True)
-def _combine_pair(b, e, w, key, last, flat_start, trim, consensus, normalized, sum_w, out):
+def _combine_pair(b, e, w, key, last, hkey, drop, omp, flat_start, mode, consensus, normalized, sum_w, out):
     """_combine for one task vector whose Δ is formed per element from bf16 θ1/θ2 bits (same order)."""
     one, zero = np.float32(1.0), np.float32(0.0)
     for i in prange(b.shape[0]):
-        d = _pair_delta(b[i], e[i])
-        if trim:
-            d = _kept(d, key, last, flat_start + i)
+        d = _select(_pair_delta(b[i], e[i]), mode, key, last, hkey, drop, omp, flat_start + i)
         x = d * w
         acc = zero + x
         if consensus:

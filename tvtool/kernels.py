@@ -141,35 +141,40 @@ def count_nonfinite(x: "torch.Tensor | PairRows") -> int | None:
     return int(_nk()._count_exp_all_ones(x.reshape(-1).view(it).numpy().view(nt), nt(mask)))
 
 
-def combine(*, deltas: list[torch.Tensor], weights, cuts, flat_start: int, consensus: bool,
+def combine(*, deltas: list, weights, cuts=None, dare=None, flat_start: int, consensus: bool,
             normalized: bool) -> torch.Tensor | None:
-    """`operators.merged_delta` for task arithmetic, trim and TIES in one pass per element, bit for bit
-    (tests/test_operators.py): no mask, sign or product temporaries. Measured reason: the torch
-    expression makes ~12 full-size temporaries per chunk; on the 2.5 GB pair it was the largest
-    compute cost of TIES after the non-finite scans. `cuts`: one `select.Cut` per vector, or None
-    (no trim). None where it does not apply (then the torch expression runs)."""
-    if len(deltas) == 1 and isinstance(deltas[0], PairRows):  # Δ formed per element from θ1/θ2 rows
-        pr, c = deltas[0], (cuts[0] if cuts else None)
-        w, out = np.float32(weights[0]), empty(tuple(pr.base.shape), torch.float32)
-        sum_w = w if abs(w) >= 1e-8 else np.float32(1)
-        _nk()._combine_pair(*pr.bits(), w, np.int64(c.key if c else -1), np.int64(c.last_tie if c else -1),
-                            np.int64(flat_start), c is not None, consensus, normalized, sum_w, out.view(-1).numpy())
-        return out
-    if not _FUSED or any(isinstance(d, PairRows) or d.dtype != torch.float32 or d.shape != deltas[0].shape
-                         for d in deltas):
-        return None
-    n, shape = len(deltas), deltas[0].shape
-    ds = deltas[0].contiguous().reshape(1, -1) if n == 1 else \
-        torch.stack([d.reshape(-1) for d in deltas], out=empty((n, deltas[0].numel()), torch.float32))
+    """`operators.merged_delta` for task arithmetic, trim, TIES, DARE and DARE-TIES in one pass per
+    element, bit for bit (tests/test_operators.py): no mask, sign or product temporaries. Measured
+    reason: the torch expression makes ~12 full-size temporaries per chunk (float64 ones for DARE); on
+    the 2.5 GB pair it was the largest compute cost of TIES after the non-finite scans. `cuts`: one
+    `select.Cut` per vector (trim); `dare`: (tensor_key, ⌊p·2⁵³⌋, 1 − p) per vector; neither: no
+    selection. `deltas`: float32 Δ_i rows, or one `PairRows`. None where it does not apply."""
+    n = len(deltas)
+    mode = 1 if cuts is not None else 2 if dare is not None else 0
+    keys = np.asarray([c.key for c in cuts] if cuts else [-1] * n, dtype=np.int64)
+    lasts = np.asarray([c.last_tie for c in cuts] if cuts else [-1] * n, dtype=np.int64)
+    hkeys = np.asarray([d[0] for d in dare] if dare else [0] * n, dtype=np.uint64)
+    drops = np.asarray([d[1] for d in dare] if dare else [0] * n, dtype=np.uint64)
+    omps = np.asarray([d[2] for d in dare] if dare else [1.0] * n, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float32)
     sum_w = np.float32(0)
     for x in w:  # torch: weights.sum(dim=0) from +0, then |Σw| < 1e-8 → 1
         sum_w = np.float32(sum_w + x)
     sum_w = np.float32(1) if abs(sum_w) < 1e-8 else sum_w
-    keys = np.asarray([c.key for c in cuts] if cuts else [-1] * n, dtype=np.int64)
-    lasts = np.asarray([c.last_tie for c in cuts] if cuts else [-1] * n, dtype=np.int64)
+    if n == 1 and isinstance(deltas[0], PairRows):  # Δ formed per element from θ1/θ2 rows
+        pr = deltas[0]
+        out = empty(tuple(pr.base.shape), torch.float32)
+        _nk()._combine_pair(*pr.bits(), w[0], keys[0], lasts[0], hkeys[0], drops[0], omps[0], np.int64(flat_start),
+                            mode, consensus, normalized, sum_w, out.view(-1).numpy())
+        return out
+    if not _FUSED or any(isinstance(d, PairRows) or d.dtype != torch.float32 or d.shape != deltas[0].shape
+                         for d in deltas):
+        return None
+    shape = deltas[0].shape
+    ds = deltas[0].contiguous().reshape(1, -1) if n == 1 else \
+        torch.stack([d.reshape(-1) for d in deltas], out=empty((n, deltas[0].numel()), torch.float32))
     out = empty((ds.shape[1],), torch.float32)
-    _nk()._combine(ds.numpy(), w, keys, lasts, np.int64(flat_start), cuts is not None, consensus, normalized,
+    _nk()._combine(ds.numpy(), w, keys, lasts, hkeys, drops, omps, np.int64(flat_start), mode, consensus, normalized,
                    sum_w, out.numpy())
     return out.view(shape)
 

@@ -251,9 +251,12 @@ def merged_delta(m: Merge, prep: Prepared, deltas: list[torch.Tensor], start_row
     if sp is None and n == 1 and w[0] == 1.0 and not m.normalized:  # θ1 + α·Δ exactly as the plain path
         return deltas[0].delta() if isinstance(deltas[0], kernels.PairRows) else deltas[0]
     flat = start_row * prep.row_size
-    if sp is None or (sp == "magnitude" and all(prep.cuts[m][v][1] is None for v in range(n))):
-        fused = kernels.combine(deltas=deltas, weights=w, cuts=[prep.cuts[m][v][0] for v in range(n)] if sp else None,
-                                flat_start=flat, consensus=consensus, normalized=m.normalized)
+    if sp in (None, "magnitude", "random"):
+        cuts = [prep.cuts[m][v][0] for v in range(n)] if sp == "magnitude" else None
+        dare = [(kernels.tensor_key(m.seed, prep.name), int(p * 2.0**53), 1.0 - p) for p in m.per("p", n)] \
+            if sp == "random" else None
+        fused = kernels.combine(deltas=deltas, weights=w, cuts=cuts, dare=dare, flat_start=flat, consensus=consensus,
+                                normalized=m.normalized)
         if fused is not None:  # the torch expression below, bit for bit, in one pass
             return fused
     deltas = [d.delta() if isinstance(d, kernels.PairRows) else d for d in deltas]
