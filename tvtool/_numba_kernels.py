@@ -42,7 +42,7 @@ def _bf16_rne(s):  # float32 → bf16 bits, round to nearest even; NaN → 0xFFF
 
 _BLOCK = 4096  # elements per parallel work item; the inner loops over it are contiguous (SIMD)
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _merge_bf16_bf16(base, delta, alphas, out):  # base u16[n], delta f32[n], alphas f32[m] → out u16[m, n]
     n = base.shape[0]
     for blk in prange((n + _BLOCK - 1) // _BLOCK):
@@ -63,7 +63,7 @@ def _bf16_bad(u):  # bf16 bits → 1 if NaN or ±Inf (exponent all ones)
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _merge_pair_bf16(base, end, alphas, out, bad):
     """base, end u16[n] (θ1, θ2 as bf16 bits), alphas f32[m] → out u16[m, n]: bf16_rne(b + α·(e − b)),
     with Δ = fl32(e − b) formed per element, never as an array. bad i64[nblocks, 3 + m] counts the
@@ -101,7 +101,7 @@ def _merge_pair_bf16(base, end, alphas, out, bad):
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _merge_f32_bf16(base, delta, alphas, out):  # base f32[n]
     n = base.shape[0]
     for blk in prange((n + _BLOCK - 1) // _BLOCK):
@@ -113,7 +113,7 @@ def _merge_f32_bf16(base, delta, alphas, out):  # base f32[n]
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _merge_f32_f32(base, delta, alphas, out):  # out f32[m, n]
     n = base.shape[0]
     for blk in prange((n + _BLOCK - 1) // _BLOCK):
@@ -125,14 +125,14 @@ def _merge_f32_f32(base, delta, alphas, out):  # out f32[m, n]
 
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _hist_hi(x, hist):  # x f32[n] → hist[|x| bits >> 16] += 1
     for i in range(x.shape[0]):
         hist[(_as_u32(x[i]) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
 
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _hist_lo(x, slot_of, hists):  # hists[slot_of[hi], lo] += 1 for elements whose hi bin is a target
     for i in range(x.shape[0]):
         u = _as_u32(x[i]) & np.uint32(0x7FFFFFFF)
@@ -142,7 +142,7 @@ def _hist_lo(x, slot_of, hists):  # hists[slot_of[hi], lo] += 1 for elements who
 
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _nth_equal(x, key, nth):  # flat position of the nth (0-based) element with |x| bits == key, or -1
     c = 0
     for i in range(x.shape[0]):
@@ -154,7 +154,7 @@ def _nth_equal(x, key, nth):  # flat position of the nth (0-based) element with 
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _keep_by_cut(x, flat_start, key, last_tie, out):  # out[i] = |x| bits > key or (== key and index ≤ last_tie)
     for i in prange(x.shape[0]):
         u = np.int64(_as_u32(x[i]) & np.uint32(0x7FFFFFFF))
@@ -172,14 +172,14 @@ def _splitmix64(z):
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _dare_keep(key, flat_start, drop_below, out):  # out[i] = splitmix64(key + (start+i+1)·φ) >> 11 ≥ drop_below
     for i in prange(out.shape[0]):
         z = _splitmix64(key + np.uint64(flat_start + i + 1) * _GOLDEN)
         out[i] = (z >> np.uint64(11)) >= drop_below
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _count_exp_all_ones(x, mask):  # x uint16[n] or uint32[n] bits → #elements whose exponent bits are all set
     c = 0
     for i in prange(x.shape[0]):
@@ -205,7 +205,7 @@ def _select(d, mode, key, last, hkey, drop, omp, flat):  # mode 1: magnitude cut
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _combine(ds, w, keys, lasts, hkeys, drops, omps, flat_start, mode, consensus, normalized, sum_w, out):
     """M from Δ_v rows ds f32[n, N] in torch's order (tvtool.operators.merged_delta): x_v = (Δ_v·keep_v)·w_v
     (keep_v: |Δ_v| bits > keys[v], or == and flat index ≤ lasts[v]); sums start at +0 and run v = 0..n−1;
@@ -245,14 +245,14 @@ def _pair_delta(b, e):  # bf16 bits θ1, θ2 → fl32(θ2 − θ1), as torch's `
 
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _hist_hi_pair(b, e, hist):  # _hist_hi of Δ = θ2 − θ1 formed per element from bf16 bits
     for i in range(b.shape[0]):
         hist[(_as_u32(_pair_delta(b[i], e[i])) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
 
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _hist_lo_pair(b, e, slot_of, hists):
     for i in range(b.shape[0]):
         u = _as_u32(_pair_delta(b[i], e[i])) & np.uint32(0x7FFFFFFF)
@@ -261,7 +261,7 @@ def _hist_lo_pair(b, e, slot_of, hists):
             hists[s, u & np.uint32(0xFFFF)] += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _pair_bad(b, e):  # #elements where θ1, θ2 (bf16 bits) or Δ = θ2 − θ1 is NaN/±Inf
     c = 0
     for i in prange(b.shape[0]):
@@ -271,7 +271,7 @@ def _pair_bad(b, e):  # #elements where θ1, θ2 (bf16 bits) or Δ = θ2 − θ1
 
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _combine_pair(b, e, w, key, last, hkey, drop, omp, flat_start, mode, consensus, normalized, sum_w, out):
     """_combine for one task vector whose Δ is formed per element from bf16 θ1/θ2 bits (same order)."""
     one, zero = np.float32(1.0), np.float32(0.0)
