@@ -5,7 +5,9 @@ bf16; --layers sets the size), in one run:
   - I/O floor: read both inputs once and write the outputs once with plain file copies;
   - tvtool materialize for 1 α and for 5 α (one pass);
   - mergekit-yaml task_arithmetic for the same 5 α (one run per α, as mergekit needs);
-  - peak RSS of each (/usr/bin/time -v), and tvtool's peak RSS at twice the model size.
+  - peak RSS of each (/usr/bin/time -v), and tvtool's peak RSS at twice the model size;
+  - --operators: TIES (density 0.2) and DARE (p 0.3) at the same 5 α, and mergekit's ties/dare_linear;
+  - --repeat N: each row N times in a row, the fastest reported (the machine is shared).
 Page caches are dropped before each measurement when permitted (root).
 
     python bench/bench_materialize.py --layers 1 --out bench/_work   # 2.5 GB per checkpoint
