@@ -146,6 +146,34 @@ def test_sweep_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_pa
     assert got == merge_configs(r)
 
 
+@pytest.mark.parametrize("name", ["toy-operators.yaml", "vectors"])
+def test_materialize_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_path):
+    """apply: materialize with `merge:` writes one `tvtool materialize` per entry, carrying the operator flags,
+    the vectors and the entry's α; together they parse back into the sweep's configurations."""
+    toy = str(RECIPES.parent / "tvtool" / "assets" / "toy")
+    text = (RECIPES / ("long-to-short-7b.yaml" if name == "vectors" else name)).read_text().replace(
+        "apply: swap", "apply: materialize").replace("../tvtool/assets/toy", toy).replace(
+        "reasoner: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "vectors:\n"
+        "  - {model: Qwen/Qwen2.5-Math-7B-Instruct, weight: 0.4}\n  - {model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}")
+    (tmp_path / "m.yaml").write_text(text)
+    r = load_recipe(tmp_path / "m.yaml")
+    assert r.apply == "materialize" and (bool(r.vectors) == (name == "vectors"))
+    cmds = _commands(r, tmp_path / "run")
+    mats = [c for c in cmds if c.startswith("tvtool materialize ")]
+    assert len(mats) == len(r.merge)
+    got = []
+    for cmd in mats:
+        kw = dict(main.commands["materialize"].make_context("materialize", shlex.split(cmd)[2:]).params)
+        mo = from_cli(MergeOptions, kw)
+        vecs = mo.weighted_vectors() or [(kw["reasoner"], 1.0)]
+        if r.vectors:  # every task vector as --vector MODEL:WEIGHT
+            assert (kw["reasoner"], vecs) == (None, [(v.model, v.weight) for v in r.vectors])
+        got += mo.configs([a for part in kw["alphas"] for a in part], weights=[w for _, w in vecs])
+    assert got == merge_configs(r)
+    evals = [c for c in cmds if c.startswith("tvtool eval ")]
+    assert evals and all("/models/'*alpha-*" in c or "/models/*alpha-*" in c for c in evals)
+
+
 @pytest.mark.parametrize("apply", ["swap", "materialize"])
 def test_sweep_commands_carry_the_materialize_section(apply, tmp_path):
     """The recipe's materialize.include/exclude reach `tvtool eval` (swap) or `tvtool materialize`."""

@@ -368,9 +368,11 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
                                                      *to_cli_args(replace(op, vectors=()), rename=MERGE_FLAGS)]
         cmds.append(["tvtool", "svd-rank", *what, "-o", f"{out}/lowrank/delta.safetensors", *lr.to_cli_args()])
         src = ["--delta", f"{out}/lowrank/delta.safetensors"]
-    if r.apply == "materialize" or r.keep.models:
-        cmds.append(["tvtool", "materialize", base, *src, "-o", f"{out}/models",
-                     *replace(r.materialize, alphas=alphas).to_cli_args()])
+    for m in (r.merge or [None]) if r.apply == "materialize" or r.keep.models else ():  # one run per merge entry
+        mo = [] if m is None else to_cli_args(merge_options(m) if op is None else
+                                              MergeOptions(alpha_rules=m.rules, layer_schedule=m.layer_schedule))
+        cmds.append(["tvtool", "materialize", base, *(vec or src if m is not None and op is None else src), *mo,
+                     "-o", f"{out}/models", *replace(r.materialize, alphas=tuple(m and m.alphas or alphas)).to_cli_args()])
     for d in r.datasets:
         ev, sampling = _eval_options(r, d, True)
         flags = ["--dataset", ev.dataset, *ev.to_cli_args(exclude=("dataset",)), *r.prompt.to_cli_args(), *sampling.to_cli_args(),
@@ -385,7 +387,8 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
         elif r.apply == "swap":
             cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])
         elif r.apply == "materialize":
-            cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + "alpha-*"), *flags])
+            cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + ("*alpha-*" if r.merge else "alpha-*")),
+                         *flags])
         else:
             cmds.append(["tvtool", "eval", "--model", base, "--lora",
                          _Glob(shlex.quote(f"{out}/lowrank/adapters/") + "alpha-*"), *a, *flags])
