@@ -47,3 +47,14 @@ def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 @pytest.fixture(scope="session")
 def llama(pairs):
     return pairs["llama"]
+
+
+@pytest.fixture(scope="session")
+def f32_deltas(pairs, tmp_path_factory) -> dict[str, Path]:
+    """A float32 delta file per architecture of `pairs` (θ2 − θ1 computed by `tvtool delta`)."""
+    import tvtool
+
+    root = tmp_path_factory.mktemp("deltas")
+    return {a: tvtool.delta(base=b, reasoner=r, output=root / f"{a}.safetensors",
+                            options=tvtool.DeltaOptions(dtype="float32", progress=False)).output
+            for a, (b, r) in pairs.items()}

@@ -22,14 +22,6 @@ def _opts(*alphas, **kw):
     return MaterializeOptions(alphas=alphas, progress=False, **kw)
 
 
-@pytest.fixture(scope="module")
-def f32_deltas(pairs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("deltas")
-    return {a: tvtool.delta(base=b, reasoner=r, output=root / f"{a}.safetensors",
-                            options=DeltaOptions(dtype="float32", progress=False)).output
-            for a, (b, r) in pairs.items()}
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "tied"])
 @pytest.mark.parametrize("via", ["reasoner", "f32-delta"])
 def test_endpoints_are_bit_exact(pairs, f32_deltas, tmp_path, arch, via):

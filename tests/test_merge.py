@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import tvtool
 from helpers import assert_bit_equal, bits
 from tiny import state_dict
-from tvtool import DeltaOptions, DeltaSource, MaterializeOptions, MergeConfig
+from tvtool import DeltaSource, MaterializeOptions, MergeConfig
 from tvtool.engine import write_shell_model
 from tvtool.errors import OptionsError
 from tvtool.worker import WorkerExtension
@@ -49,20 +49,12 @@ def _loaded(source: DeltaSource, config: MergeConfig) -> dict[str, torch.Tensor]
     return w.received
 
 
-@pytest.fixture(scope="module")
-def deltas(pairs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge-deltas")
-    return {a: tvtool.delta(base=b, reasoner=r, output=root / f"{a}.safetensors",
-                            options=DeltaOptions(dtype="float32", progress=False)).output
-            for a, (b, r) in pairs.items()}
-
-
 @pytest.mark.parametrize("include,exclude", SELECTIONS)
 @pytest.mark.parametrize("arch,via", [("llama", "reasoner"), ("qwen2", "reasoner"), ("tied", "reasoner"),
                                       ("llama", "delta")])
-def test_materialize_and_engine_loader_receive_the_same_bytes(pairs, deltas, tmp_path, arch, via, include, exclude):
+def test_materialize_and_engine_loader_receive_the_same_bytes(pairs, f32_deltas, tmp_path, arch, via, include, exclude):
     base, reasoner = pairs[arch]
-    src = {"reasoner": reasoner} if via == "reasoner" else {"delta": deltas[arch]}
+    src = {"reasoner": reasoner} if via == "reasoner" else {"delta": f32_deltas[arch]}
     alphas = (0.0, 0.35, 1.0, -0.5)
     res = tvtool.materialize(base=base, output=tmp_path, **src, options=MaterializeOptions(
         alphas=alphas, include=include, exclude=exclude, progress=False, max_shard_size="300KB"))
