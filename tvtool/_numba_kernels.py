@@ -64,40 +64,33 @@ def _bf16_bad(u):  # bf16 bits → 1 if NaN or ±Inf (exponent all ones)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _merge_pair_bf16(base, end, alphas, out, bad):
+def _merge_pair_bf16(base, end, alphas, out):
     """base, end u16[n] (θ1, θ2 as bf16 bits), alphas f32[m] → out u16[m, n]: bf16_rne(b + α·(e − b)),
-    with Δ = fl32(e − b) formed per element, never as an array. bad i64[nblocks, 3 + m] counts the
-    non-finite θ1, θ2, Δ and outputs per block (the caller re-checks with `check_finite` if any)."""
+    with Δ = fl32(e − b) formed per element, never as an array. Returns the number of non-finite
+    θ1, θ2, Δ and output values (the caller re-checks with `check_finite` if any)."""
     n = base.shape[0]
     m = alphas.shape[0]
+    bad = 0
     for blk in prange((n + _BLOCK - 1) // _BLOCK):
         s, e = blk * _BLOCK, min(n, (blk + 1) * _BLOCK)
         b = np.empty(e - s, np.float32)
         d = np.empty(e - s, np.float32)
         nb = 0
-        ne = 0
-        nd = 0
         for i in range(e - s):
             ub = base[s + i]
             ue = end[s + i]
-            nb += _bf16_bad(ub)
-            ne += _bf16_bad(ue)
-            bi = _as_f32(np.uint32(ub) << np.uint32(16))
-            di = _as_f32(np.uint32(ue) << np.uint32(16)) - bi
-            nd += np.int64(not (di - di == 0))  # NaN or ±Inf
-            b[i] = bi
+            di = _pair_delta(ub, ue)
+            nb += _bf16_bad(ub) + _bf16_bad(ue) + np.int64(not (di - di == 0))  # NaN or ±Inf
+            b[i] = _as_f32(np.uint32(ub) << np.uint32(16))
             d[i] = di
-        bad[blk, 0] = nb
-        bad[blk, 1] = ne
-        bad[blk, 2] = nd
         for j in range(m):
             a = alphas[j]
-            no = 0
             for i in range(e - s):
                 r = _bf16_rne(b[i] + a * d[i])
                 out[j, s + i] = r
-                no += _bf16_bad(r)
-            bad[blk, 3 + j] = no
+                nb += _bf16_bad(r)
+        bad += nb
+    return bad
 
 
 

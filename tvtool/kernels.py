@@ -113,16 +113,11 @@ def fused_pair(*, base: torch.Tensor, end: torch.Tensor, alphas, dtype: torch.dt
     b = base.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
     e = end.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
     out = empty((len(alphas), b.size), dtype)
-    bad = np.zeros(((b.size + _BLOCK - 1) // _BLOCK, 3 + len(alphas)), dtype=np.int64)
     with np.errstate(over="ignore"):
         al = np.asarray(alphas, dtype=np.float32)
-    _nk()._merge_pair_bf16(b, e, al, out.view(torch.int16).numpy().view(np.uint16), bad)
-    if bad.any():
+    if _nk()._merge_pair_bf16(b, e, al, out.view(torch.int16).numpy().view(np.uint16)):
         return None
     return [out[j].view(base.shape) for j in range(len(alphas))]
-
-
-_BLOCK = 4096  # = _numba_kernels._BLOCK (not imported: numba loads on first use)
 
 
 _EXP = {torch.float32: (torch.int32, np.uint32, 0x7F800000), torch.bfloat16: (torch.int16, np.uint16, 0x7F80),
