@@ -69,3 +69,40 @@ def test_write_behind_keeps_each_writers_order_across_lanes_and_counts_bytes():
     for w in writers:
         assert [v for i, _, v in log if i == id(w)] == list(range(50))
     assert len(got) == 250 and sum(got) == 250 * 7
+
+
+def test_materialize_with_every_buffer_pooled_writes_the_same_bytes(llama, tmp_path, monkeypatch):
+    """Tiny tensors stay under the pooling threshold; with it at 0 every read, Δ and output chunk of a 3-α,
+    chunked, TIES + plain run is a recycled buffer, and the bytes equal an unpooled run's (a buffer handed
+    out again while a queued write still viewed it would change them)."""
+    import tvtool
+    import tvtool.merge
+    from helpers import assert_bit_equal
+    from tiny import state_dict
+    from tvtool.safetensors_io import row_chunks
+
+    base, reasoner = llama
+    configs = [tvtool.MergeConfig(a) for a in (0.3, 0.7, 1.4)] + [tvtool.MergeConfig(0.6, method="ties", density=0.3)]
+    monkeypatch.setattr(tvtool.merge, "row_chunks", lambda shape, max_elems=2048: row_chunks(shape, 2048))
+
+    def run(out):
+        return tvtool.materialize(base=base, reasoner=reasoner, output=out, configs=configs,
+                                  options=tvtool.MaterializeOptions(progress=False)).configs
+
+    plain = run(tmp_path / "plain")
+    ptrs = []  # the data pointer of every buffer handed out (not the tensor: holding it would block reuse)
+    orig = buffers.empty
+
+    def empty(shape, dtype):
+        t = orig(shape, dtype)
+        ptrs.append(t.data_ptr())
+        return t
+
+    monkeypatch.setattr(buffers, "_MIN", 0)
+    monkeypatch.setattr(buffers, "_KEEP", 2)  # few idle buffers: the same ones come back often
+    for mod in ("tvtool.safetensors_io", "tvtool.kernels", "tvtool.taskvector"):
+        monkeypatch.setattr(f"{mod}.empty", empty)
+    pooled = run(tmp_path / "pooled")
+    assert len(ptrs) > 100 and len(set(ptrs)) < len(ptrs) / 4  # buffers were recycled, many times
+    for c in configs:
+        assert_bit_equal(state_dict(pooled[c]), state_dict(plain[c]))
