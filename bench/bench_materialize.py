@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tvtool.output import ShardedWriter, human  # noqa: E402
+from tvtool.io.writer import ShardedWriter, human  # noqa: E402
 
 H, I, KV, V = 4096, 14336, 1024, 128256
 ALPHAS = (0.2, 0.4, 0.6, 0.8, 1.2)

@@ -30,8 +30,8 @@ t0 = time.perf_counter()
 """
 CASES = {
     "trim density 0.2, tvtool streaming": """
-from tvtool.operators import Merge, prepare, merged_delta
-from tvtool.safetensors_io import row_chunks
+from tvtool.merge.operators import Merge, prepare, merged_delta
+from tvtool.io.safetensors_io import row_chunks
 m = Merge(method="trim", density=0.2); ranges = row_chunks(({R}, {C}))
 prep = prepare([m], name="w", shape=({R}, {C}), n_vectors=1, ranges=ranges, read=lambda s, e: [delta(s, e)])
 kept = sum(int((merged_delta(m, prep, [delta(s, e)], s) != 0).sum()) for s, e in ranges)
@@ -41,8 +41,8 @@ from mergekit.sparsify import magnitude
 kept = int((magnitude(delta(0, {R}), density=0.2) != 0).sum())
 """,
     "DARE p 0.9, tvtool streaming": """
-from tvtool.operators import Merge, prepare, merged_delta
-from tvtool.safetensors_io import row_chunks
+from tvtool.merge.operators import Merge, prepare, merged_delta
+from tvtool.io.safetensors_io import row_chunks
 m = Merge(method="dare_linear", p=0.9); ranges = row_chunks(({R}, {C}))
 prep = prepare([m], name="w", shape=({R}, {C}), n_vectors=1, ranges=ranges, read=lambda s, e: [delta(s, e)])
 kept = sum(int((merged_delta(m, prep, [delta(s, e)], s) != 0).sum()) for s, e in ranges)
@@ -52,15 +52,15 @@ from mergekit.sparsify import bernoulli
 kept = int((bernoulli(delta(0, {R}), density=0.1) != 0).sum())
 """,
     "5 α, fused kernel": """
-from tvtool.kernels import merge_many
-from tvtool.safetensors_io import row_chunks
+from tvtool.merge.kernels import merge_many
+from tvtool.io.safetensors_io import row_chunks
 for s, e in row_chunks(({R}, {C})):
     outs = merge_many(base=base[s:e], delta=delta(s, e), alphas=[0.2, 0.4, 0.6, 0.8, 1.2], dtype=torch.bfloat16)
 kept = 0
 """,
     "5 α, torch merge_rows": """
-from tvtool.merge import merge_rows
-from tvtool.safetensors_io import row_chunks
+from tvtool.merge.stream import merge_rows
+from tvtool.io.safetensors_io import row_chunks
 for s, e in row_chunks(({R}, {C})):
     b32, d = base[s:e].float(), delta(s, e)
     outs = [merge_rows(base[s:e], d, a, torch.bfloat16, base32=b32) for a in [0.2, 0.4, 0.6, 0.8, 1.2]]

@@ -43,17 +43,17 @@ def main() -> None:
 
     import ray
 
-    from tvtool.cluster import evaluate_on_ray
-    from tvtool.data import Problem, ProblemSet
-    from tvtool.engine import Engine, EngineOptions, SamplingOptions
-    from tvtool.evaluate import evaluate
-    from tvtool.layout import SAMPLES
-    from tvtool.merge import MergeConfig
-    from tvtool.prompting import PromptOptions
-    from tvtool.results import read_samples
-    from tvtool.runs import EvalOptions
-    from tvtool.source import DeltaSource
-    from tvtool.units import RayOptions, plan_units
+    from tvtool.evaluation.cluster import evaluate_on_ray
+    from tvtool.evaluation.data import Problem, ProblemSet
+    from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions
+    from tvtool.evaluation.evaluate import evaluate
+    from tvtool.io.layout import SAMPLES
+    from tvtool.merge.stream import MergeConfig
+    from tvtool.engine.prompting import PromptOptions
+    from tvtool.evaluation.results import read_samples
+    from tvtool.evaluation.runs import EvalOptions
+    from tvtool.vectors.source import DeltaSource
+    from tvtool.evaluation.units import RayOptions, plan_units
 
     import vllm  # noqa: F401  - import cost kept out of both columns
 
@@ -100,7 +100,7 @@ def main() -> None:
         mk = lpt(list(unit_s.values()), n)
         rows_n.append((n, mk, gen_sum / mk))
     # the QwQ-32B recipe's plan: 8 α × 3 datasets; unit time ∝ expected tokens (problems × max_tokens)
-    from tvtool.units import RunSpec
+    from tvtool.evaluation.units import RunSpec
 
     sets = [("gsm8k", "gsm8k", 1319, 4192), ("math500", "math500", 500, 8192), ("asdiv", "asdiv", 2000, 4192)]
     qa = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5)

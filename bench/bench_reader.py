@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_materialize import drop_caches, make_model  # noqa: E402
-from tvtool.output import human  # noqa: E402
+from tvtool.io.writer import human  # noqa: E402
 
 READERS = ("tvtool", "safe_open")
 
@@ -50,7 +50,7 @@ def worker(reader: str, folders: list[Path]) -> dict:
     """Read every tensor of every shard in row chunks; returns time and peak memory figures."""
     from safetensors import safe_open
 
-    from tvtool.safetensors_io import read_header, read_rows, row_chunks
+    from tvtool.io.safetensors_io import read_header, read_rows, row_chunks
 
     peak = {"RssAnon": 0, "RssFile": 0, "Pss": 0}
     stop = threading.Event()
@@ -154,7 +154,7 @@ def main() -> None:
 
 
 def _headers(folders: list[Path]) -> int:
-    from tvtool.safetensors_io import read_header
+    from tvtool.io.safetensors_io import read_header
 
     total = 0
     for d in folders:

@@ -32,10 +32,10 @@ def main() -> None:
 
     import tiny
     from tvtool import MaterializeOptions, materialize
-    from tvtool.data import load_problems
+    from tvtool.evaluation.data import load_problems
     from tvtool import DeltaSource
-    from tvtool.engine import Engine, EngineOptions, SamplingOptions, vllm_version
-    from tvtool.prompting import PromptOptions
+    from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions, vllm_version
+    from tvtool.engine.prompting import PromptOptions
 
     t_import = time.perf_counter()
     import vllm  # noqa: F401  - imports are paid once by either strategy; kept out of both columns

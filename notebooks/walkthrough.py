@@ -85,10 +85,10 @@ print(merged.summary())
 # `evaluate` starts one engine and streams θ1 + αΔ into it for every α (no checkpoint written).
 
 # %%
-from tvtool.engine import EngineOptions, SamplingOptions  # noqa: E402
-from tvtool.evaluate import evaluate  # noqa: E402
-from tvtool.prompting import PromptOptions  # noqa: E402
-from tvtool.runs import EvalOptions  # noqa: E402
+from tvtool.engine.engine import EngineOptions, SamplingOptions  # noqa: E402
+from tvtool.evaluation.evaluate import evaluate  # noqa: E402
+from tvtool.engine.prompting import PromptOptions  # noqa: E402
+from tvtool.evaluation.runs import EvalOptions  # noqa: E402
 
 alphas = (0.0, 0.2, 0.4, 0.6, 1.0)
 result = evaluate(output=work / "eval", base=BASE_DIR, delta=delta.output, alphas=alphas,

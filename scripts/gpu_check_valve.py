@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from tvtool.merge import MergeConfig, merged_tensors
-from tvtool.prompting import PromptOptions
-from tvtool.source import DeltaSource
-from tvtool.scoring import score
+from tvtool.merge.stream import MergeConfig, merged_tensors
+from tvtool.engine.prompting import PromptOptions
+from tvtool.vectors.source import DeltaSource
+from tvtool.evaluation.scoring import score
 from tvtool.toy import REASONER_DIR, TEST_PATH, load_model, read_jsonl
-from tvtool.train import TrainOptions, train
+from tvtool.valve.train import TrainOptions, train
 
 
 def greedy(model, tok, questions, device: str, max_new_tokens: int = 200) -> list[list[int]]:

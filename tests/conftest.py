@@ -26,15 +26,17 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
-pytest_plugins = ["engine"]
+pytest_plugins = ["engine_setup", "hub_fixture"]
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +60,15 @@ def f32_deltas(pairs, tmp_path_factory) -> dict[str, Path]:
     return {a: tvtool.delta(base=b, reasoner=r, output=root / f"{a}.safetensors",
                             options=tvtool.DeltaOptions(dtype="float32", progress=False)).output
             for a, (b, r) in pairs.items()}
+
+
+@pytest.fixture(scope="session")
+def trio(pairs, tmp_path_factory):
+    """(base, reasoner 1, reasoner 2): a second fine-tune of the same llama base."""
+    base, r1 = pairs["llama"]
+    r2 = tmp_path_factory.mktemp("r2") / "reasoner2"
+    shutil.copytree(r1, r2)
+    sd = tiny.finetune_like(tiny.state_dict(base), seed=7, scale=0.08)
+    for f in r2.glob("*.safetensors"):
+        save_file({n: sd[n].contiguous() for n in load_file(f)}, f, metadata={"format": "pt"})
+    return base, r1, r2

@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import json
+
 import torch
 from click.testing import CliRunner
 
 from tvtool.cli import main
+from tvtool.engine.worker import WorkerExtension
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -40,3 +43,21 @@ def assert_one_line_error(result, expected: str) -> None:
     assert result.exit_code != 0 if hasattr(result, "exit_code") else result.returncode != 0
     assert "Traceback" not in err
     assert err == f"tvtool: error: {expected}", err
+
+
+class _Worker(WorkerExtension):
+    """A vLLM worker stand-in: keeps what `reload_weights` is given."""
+
+    def reload_weights(self, *, weights_iterator):
+        self.received = {}
+        for name, t in weights_iterator:
+            assert name not in self.received
+            self.received[name] = t.clone()
+
+
+def engine_loaded(source, config) -> dict[str, torch.Tensor]:
+    w = _Worker()
+    # what Engine.load_alpha sends through collective_rpc: plain data only
+    n = w.tvtool_load_alpha(source=json.loads(json.dumps(source.to_dict())), config=config.to_dict())
+    assert n == len(w.received)
+    return w.received

@@ -24,12 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tvtool
+from engine_setup import RecordingEngine as _FakeEngine
 from helpers import assert_bit_equal, assert_one_line_error, cli
 from tiny import edited_copy as _edit, state_dict
 from tvtool import Checkpoint, DeltaOptions, MaterializeOptions
 from tvtool.errors import CheckpointError
-from tvtool.lock import lock_path, output_lock
-from tvtool.output import ShardedWriter
+from tvtool.io.lock import lock_path, output_lock
+from tvtool.io.writer import ShardedWriter
 
 TOY = Path(tvtool.__file__).parent / "assets" / "toy"
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def _tree_bytes(folder: Path) -> dict[str, bytes]:
 
 # --- 6. sharded models given as Hub ids: the real cache layout (blobs + symlinks) -------------------------
 
-from test_hub import ALICE, ENDPOINT, hub  # noqa: E402,F401  (the session's Hub-protocol server)
+from hub_fixture import ALICE, ENDPOINT  # noqa: E402
 
 
 def test_sharded_hub_ids_through_the_real_cache_layout(hub, llama, tmp_path, monkeypatch):  # noqa: F811
@@ -199,7 +200,7 @@ def _hold_lock(path: Path) -> subprocess.Popen:
     """Another process holding the output lock of `path` until its stdin closes."""
     code = textwrap.dedent(f"""
         import sys
-        from tvtool.lock import output_lock
+        from tvtool.io.lock import output_lock
         with output_lock({str(path)!r}):
             print("locked", flush=True)
             sys.stdin.read()
@@ -348,12 +349,12 @@ def test_nan_in_chunked_fused_passes_is_the_same_error(llama, nan_base, tmp_path
     """Chunks of a plain pair skip the float32 Δ (fused kernels count NaN/Inf); a bad value still gets the checked
     path's error, naming the tensor and the first index, whatever the operator."""
     import tvtool
-    import tvtool.merge
+    import tvtool.merge.stream
     from tvtool.errors import CheckpointError
-    from tvtool.safetensors_io import row_chunks
+    from tvtool.io.safetensors_io import row_chunks
 
     _, reasoner = llama
-    monkeypatch.setattr(tvtool.merge, "row_chunks", lambda shape, max_elems=64: row_chunks(shape, 64))
+    monkeypatch.setattr(tvtool.merge.stream, "row_chunks", lambda shape, max_elems=64: row_chunks(shape, 64))
     cfg = tvtool.MergeConfig(0.5, method=method, density=0.5 if method == "ties" else 1.0,
                              p=0.3 if method == "dare_linear" else 0.0)
     with pytest.raises(CheckpointError) as e:
@@ -417,11 +418,11 @@ def test_include_matching_nothing_and_exclude_leaving_nothing(tmp_path):
 # --- 10. OS errors, and what can be checked before the engine starts ---------------------------------------
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    import tvtool.atomic
+    import tvtool.io.atomic
 
     out = tmp_path / "d.safetensors"
     partial = out.with_name(out.name + ".partial")
-    real, calls = tvtool.atomic.discard, []
+    real, calls = tvtool.io.atomic.discard, []
 
     def discard_then_fill_the_disk(p):  # atomic_write clears a stale partial first: then the disk is "full"
         real(p)
@@ -429,7 +430,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
             calls.append(p)
             partial.symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
 
-    monkeypatch.setattr(tvtool.atomic, "discard", discard_then_fill_the_disk)
+    monkeypatch.setattr(tvtool.io.atomic, "discard", discard_then_fill_the_disk)
     r = cli("delta", TOY / "base", TOY / "reasoner", "-o", out, "--no-progress")
     assert_one_line_error(r, "no space left on the device [ENOSPC]. Free some space or write the output elsewhere, "
                              "then re-run (partial outputs were removed; finished ones are kept)")
@@ -448,7 +449,7 @@ def test_os_errors_are_one_line(tmp_path, monkeypatch, code, expected):
     def fail(final):
         raise OSError(code, os.strerror(code), str(target))
 
-    monkeypatch.setattr(sys.modules["tvtool.materialize"], "atomic_dir", fail)
+    monkeypatch.setattr(sys.modules["tvtool.merge.materialize"], "atomic_dir", fail)
     r = cli("materialize", TOY / "base", "--reasoner", TOY / "reasoner", "-a", "0.5", "-o", tmp_path / "m")
     assert_one_line_error(r, expected.replace("(P)", f"({target})"))
 
@@ -472,9 +473,9 @@ def test_output_path_that_is_a_file(tmp_path):
                                             "max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1"),
 ])
 def test_eval_options_are_checked_before_the_engine_starts(tmp_path, monkeypatch, args, expected):
-    import tvtool.engine
+    import tvtool.engine.engine
 
-    monkeypatch.setattr(tvtool.engine, "vllm_module", lambda: pytest.fail("the engine was started"))
+    monkeypatch.setattr(tvtool.engine.engine, "vllm_module", lambda: pytest.fail("the engine was started"))
     r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "-o", tmp_path / "ev", *args)
     assert_one_line_error(r, expected)
 
@@ -503,7 +504,7 @@ def test_unwritable_cache_does_not_blame_the_network(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", "/ro/hub/models--org--m")
 
-    monkeypatch.setattr(sys.modules["tvtool.checkpoint"], "snapshot_download", denied)
+    monkeypatch.setattr(sys.modules["tvtool.io.checkpoint"], "snapshot_download", denied)
     r = cli("delta", "org/m", "org/r", "-o", tmp_path / "d.safetensors")
     assert_one_line_error(r, "cannot write to the Hugging Face cache: Permission denied (/ro/hub/models--org--m). "
                              "Make the cache writable, or set HF_HOME (or HF_HUB_CACHE) to a writable folder")
@@ -548,7 +549,7 @@ def test_dry_run_says_what_becomes_public(tmp_path):
 # --- 9. a killed eval leaves no engine process behind -------------------------------------------------------
 
 def _alive(pid: int, start: int) -> bool:
-    from tvtool.reaper import _stat
+    from tvtool.engine.reaper import _stat
 
     st = _stat(pid)
     return st is not None and st[1] == start and st[2] != "Z"
@@ -557,7 +558,7 @@ def _alive(pid: int, start: int) -> bool:
 @pytest.mark.slow
 def test_killed_eval_leaves_no_engine_process(tmp_path):
     pytest.importorskip("vllm")
-    from tvtool.reaper import descendants
+    from tvtool.engine.reaper import descendants
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "tvtool", "eval", "--model", str(TOY / "base"), "--dataset", "toy", "--limit", "400",
@@ -595,48 +596,6 @@ def test_killed_eval_leaves_no_engine_process(tmp_path):
 
 # --- 1. one rule for finished work: options + inputs' content, written last ----------------------------------
 
-class _FakeEngine:
-    """A stand-in for the vLLM engine (no vLLM): remembers what it generated for which weights."""
-
-    made: list["_FakeEngine"] = []
-
-    def __init__(self, options):
-        from tvtool.engine import EngineOptions
-
-        self.options, self.weights, self.tokenizer, self.starts = options or EngineOptions(), {"kind": "dummy"}, None, 0
-        self.generated: list[tuple[str, str]] = []  # (weights held, prompt)
-        _FakeEngine.made.append(self)
-
-    @classmethod
-    def for_source(cls, *, source, options=None, lazy=True, **kw):
-        return cls(options)
-
-    def hold_alpha(self, *, source, config):
-        from tvtool.engine import alpha_weights
-
-        self.weights = alpha_weights(source=source, config=config)
-        return True
-
-    def hold_folder(self, *, path):
-        self.weights = {"kind": "folder", "path": str(path)}
-        return True
-
-    def sampling_record(self, sampling):
-        return {"max_tokens": sampling.max_tokens, "n": sampling.n, "temperature": sampling.temperature}
-
-    def prompts(self, *, questions, options):
-        return list(questions)
-
-    def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.engine import Sample
-
-        self.generated += [(json.dumps(self.weights, sort_keys=True), p) for p in prompts]
-        return [[Sample(index=0, token_ids=(1, 2, 3), text="so \\boxed{0}", finish_reason="stop")] for _ in prompts]
-
-    def close(self):
-        pass
-
-
 def _recipe(path: Path, **low_rank) -> Path:
     import yaml
 
@@ -648,8 +607,8 @@ def _recipe(path: Path, **low_rank) -> Path:
 
 
 def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys.modules["tvtool.sweep"], "Engine", _FakeEngine)
-    from tvtool.sweep import SweepOptions, sweep
+    monkeypatch.setattr(sys.modules["tvtool.sweep.run"], "Engine", _FakeEngine)
+    from tvtool.sweep.run import SweepOptions, sweep
 
     out = tmp_path / "sweep"
     opts = SweepOptions(output=str(out), progress=False)
@@ -674,7 +633,7 @@ def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resum
     report = json.loads((out / "lowrank" / "delta.lowrank.json").read_text())
     assert {t["rank"] for t in report["tensors"] if t["rank"]} == {32}
     run = json.loads((run_folder / "run.json").read_text())
-    factored = tvtool.source.input_fingerprint(out / "lowrank" / "delta.safetensors")
+    factored = tvtool.vectors.source.input_fingerprint(out / "lowrank" / "delta.safetensors")
     assert run["record"]["inputs"]["delta"] == factored
     assert "REPORT.md" in os.listdir(out) and "rank-32" in (out / "REPORT.md").read_text()
 
@@ -725,10 +684,10 @@ def test_delta_rewritten_at_the_same_path_redoes_materialize(tmp_path):
 def test_changed_engine_dtype_or_max_model_len_redoes_the_eval_run(tmp_path, capsys, change):
     from dataclasses import replace as dc_replace
 
-    from tvtool.engine import EngineOptions
+    from tvtool.engine.engine import EngineOptions
     from tvtool.errors import OutputError
-    from tvtool.evaluate import evaluate
-    from tvtool.runs import EvalOptions
+    from tvtool.evaluation.evaluate import evaluate
+    from tvtool.evaluation.runs import EvalOptions
 
     out = tmp_path / "ev"
     kw = dict(output=out, base=TOY / "base", reasoner=TOY / "reasoner", alphas=[0.5],
@@ -753,8 +712,8 @@ def test_changed_engine_dtype_or_max_model_len_redoes_the_eval_run(tmp_path, cap
 def test_changed_include_redoes_the_swept_eval_run(tmp_path):
     from dataclasses import replace as dc_replace
 
-    from tvtool.evaluate import evaluate
-    from tvtool.runs import EvalOptions
+    from tvtool.evaluation.evaluate import evaluate
+    from tvtool.evaluation.runs import EvalOptions
 
     kw = dict(output=tmp_path / "ev", base=TOY / "base", reasoner=TOY / "reasoner", alphas=[0.5])
     o = EvalOptions(dataset="toy", limit=2, progress=False, overwrite=True)

@@ -16,18 +16,18 @@ from huggingface_hub import ModelCard
 
 import tvtool
 from tvtool.cli import main
-from tvtool.delta import DeltaOptions
-from tvtool.runs import EvalOptions
-from tvtool.engine import EngineOptions, SamplingOptions
-from tvtool.prompting import PromptOptions
-from tvtool.hub import PushOptions
-from tvtool.lowrank import LowRankOptions
-from tvtool.materialize import MaterializeOptions
-from tvtool.mixchain import MixChainOptions
+from tvtool.vectors.delta import DeltaOptions
+from tvtool.evaluation.runs import EvalOptions
+from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.prompting import PromptOptions
+from tvtool.io.hub import PushOptions
+from tvtool.lowrank.svd import LowRankOptions
+from tvtool.merge.materialize import MaterializeOptions
+from tvtool.valve.mixchain import MixChainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
-from tvtool.merge_options import MergeOptions
-from tvtool.recipe import load_recipe, merge_configs
-from tvtool.sweep import SweepOptions, _commands, _eval_options
+from tvtool.merge.options import MergeOptions
+from tvtool.sweep.recipe import load_recipe, merge_configs
+from tvtool.sweep.run import SweepOptions, _commands, _eval_options
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
            PromptOptions, PushOptions, SamplingOptions, SweepOptions]

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tvtool import toy
-from tvtool.taskvector import TaskVector
+from tvtool.vectors.taskvector import TaskVector
 
 
 def test_generator_is_deterministic_for_a_seed():

@@ -9,16 +9,16 @@ Python API (the same functions the CLI calls):
 See ARCHITECTURE.md for the modules and data paths.
 """
 
-__version__ = "0.1.0"
+from tvtool._version import __version__  # noqa: E402
 
-from .checkpoint import Checkpoint  # noqa: E402
-from .delta import DeltaOptions, delta  # noqa: E402
-from .errors import TvtoolError  # noqa: E402
-from .lowrank import LowRankOptions, svd_rank  # noqa: E402
-from .materialize import MaterializeOptions, materialize  # noqa: E402
-from .merge import MergeConfig, merge_chunks, merged_config, merged_tensors  # noqa: E402
-from .source import DeltaSource  # noqa: E402
-from .taskvector import TaskVector  # noqa: E402
+from tvtool.io.checkpoint import Checkpoint  # noqa: E402
+from tvtool.vectors.delta import DeltaOptions, delta  # noqa: E402
+from tvtool.errors import TvtoolError  # noqa: E402
+from tvtool.lowrank.svd import LowRankOptions, svd_rank  # noqa: E402
+from tvtool.merge.materialize import MaterializeOptions, materialize  # noqa: E402
+from tvtool.merge.stream import MergeConfig, merge_chunks, merged_config, merged_tensors  # noqa: E402
+from tvtool.vectors.source import DeltaSource  # noqa: E402
+from tvtool.vectors.taskvector import TaskVector  # noqa: E402
 
 __all__ = ["Checkpoint", "DeltaOptions", "DeltaSource", "MaterializeOptions", "MergeConfig", "TaskVector",
            "TvtoolError", "__version__", "LowRankOptions", "delta", "materialize", "merge_chunks", "merged_config",

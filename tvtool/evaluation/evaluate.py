@@ -1,0 +1,380 @@
+"""`evaluate`: generate with vLLM, score, and summarise; one model, an α sweep, checkpoints or LoRA adapters.
+
+Every run writes one folder:
+  samples.jsonl  one line per sample (id, index, prompt, response, token_ids, num_tokens, extracted,
+                 gold, correct, finish_reason), appended and flushed batch by batch;
+  summary.json   accuracy, mean/median #tokens, #truncated, ACU (see `ACU_FORMULA`), per subject;
+  run.json       model, α, sampling, dataset, versions, times.
+A re-run skips the samples already written (keyed by id and sampling index, a torn last
+line is dropped), so an interrupted run finishes into the same summary.
+
+Each mode plans its runs, then `_Session.run` goes through them on one engine: a run
+that is complete is only re-summarised; otherwise the engine is given the run's weights
+(`Engine.hold_alpha`/`hold_folder`: loaded only if not already held) and generates.
+Engines are made lazily, so a finished re-run starts none.
+- α sweep: ONE engine (placeholder weights, its own shell-model folder with the merged
+  config and tokenizer); θ1 + α·Δ is loaded in place for each α (`--include/--exclude`
+  select the tensors α applies to): no checkpoint is written, no restart.
+- checkpoint folders: one engine for consecutive folders whose config.json (dtype aside)
+  and tokenizer files equal the first's, weights loaded in place; else a new engine.
+- LoRA adapters: one engine with enable_lora serves them all.
+With `prompt_budgets` (one model or an α sweep) each budget is one more run on the same engine,
+`budget-<N>/<dataset>/`, with the paper's budget prompt (`tvtool.evaluation.budget`, Table 12).
+vLLM's own logs go to `<output>/vllm.log` unless `verbose` (`tvtool.engine.logs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tvtool.io.checkpoint import Checkpoint
+from tvtool.evaluation.data import ProblemSet, load_problems
+from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions, alpha_weights, folder_weights
+from tvtool.errors import OptionsError
+from tvtool.merge.finite import check_alphas
+from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
+from tvtool.io.lock import output_lock
+from tvtool.engine.logs import vllm_logs
+from tvtool.engine.engine import check_sampling
+from tvtool.merge.stream import MergeConfig
+from tvtool.merge.options import MergeOptions, config_name, split_vectors
+from tvtool.io.paths import check_output_apart, check_writable
+from tvtool.engine.prompting import PromptOptions
+from tvtool.evaluation.report import answer_rule_line, markdown_table, write_table
+from tvtool.evaluation.results import ACU_FORMULA, STAT_KEYS, count_params_b
+from tvtool.evaluation.runs import EvalOptions, check_settings, is_complete, run_one, run_record, run_settings
+from tvtool.vectors.source import DeltaSource, input_fingerprint
+
+
+@dataclass(frozen=True)
+class RunResult:
+    label: str
+    alpha: float | None
+    folder: Path
+    summary: dict
+    budget: int | None = None  # the token budget in the prompt (Table 12 baseline), None for plain runs
+
+
+@dataclass
+class EvalResult:
+    runs: list[RunResult] = field(default_factory=list)
+    table: dict[str, Path] = field(default_factory=dict)  # md/json/png of a multi-run evaluation
+    engine_starts: int = 0  # vLLM engines started (0 when every run was already complete)
+    answer_rule: str | None = None  # how answers were read (None: not scored)
+
+    def summary(self) -> str:
+        lines = [markdown_table(rows=[table_row(r) for r in self.runs]), "", ACU_FORMULA]
+        lines += [answer_rule_line(self.answer_rule)] if self.answer_rule else []
+        lines += [f"{k}: {v}" for k, v in self.table.items()]
+        return "\n".join(lines)
+
+
+def table_row(run: RunResult) -> dict:
+    s = run.summary
+    return {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
+            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
+            "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}
+
+
+# --- planned runs on one engine ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One run to do: where it goes, what it records, and the weights it needs."""
+
+    label: str
+    alpha: float | None
+    folder: Path
+    model: dict  # recorded in run.json settings
+    params: tuple[float, str]  # (params_b, "nominal" | "counted")
+    path: str | None = None  # weights: a model folder …
+    source: DeltaSource | None = None  # … or θ1 + α·Δ
+    config: MergeConfig | None = None
+    lora: str | None = None
+    budget: int | None = None  # a prompt-budget run: its own problems (templated questions) and prompt
+    problems: ProblemSet | None = None
+    prompt: PromptOptions | None = None
+
+    def weights(self) -> dict:
+        return (alpha_weights(source=self.source, config=self.config) if self.config is not None
+                else folder_weights(self.path))
+
+    def fingerprint(self, cache: dict) -> dict:
+        """The content of this run's weights (cached per source/folder within one evaluation)."""
+        if self.config is not None:
+            if self.source not in cache:
+                cache[self.source] = self.source.fingerprint_record()
+            return {"source": cache[self.source], "merge": self.config.to_dict()}
+        if self.path not in cache:
+            cache[self.path] = input_fingerprint(self.path)
+        return {"folder": cache[self.path]}
+
+    def hold(self, engine: Engine) -> None:
+        """Load this run's weights into `engine` unless it already holds them."""
+        if self.config is not None:
+            engine.hold_alpha(source=self.source, config=self.config)
+        else:
+            engine.hold_folder(path=self.path)
+
+
+@dataclass
+class _Session:
+    problems: ProblemSet
+    prompt: PromptOptions
+    sampling: SamplingOptions
+    options: EvalOptions
+    engine_options: EngineOptions
+    engine: Engine | None  # the caller's (reused, not closed), or None: each mode makes its own
+    result: EvalResult = field(default_factory=EvalResult)
+
+    @property
+    def seed(self) -> int:
+        return self.sampling.sample_seed or 0
+
+    def run(self, planned: Sequence[_Planned], new_engine: Callable[[], Engine]) -> None:
+        """Do `planned` on one (lazily started) engine; results are appended in `planned` order.
+
+        Complete runs are found before anything is loaded, so they start no engine; the run
+        whose weights the engine already holds goes first (no reload)."""
+        engine = self.engine if self.engine is not None else new_engine()
+        done: dict[int, dict] = {}
+        fps: dict = {}
+        try:
+            order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
+            for i in order:
+                r = planned[i]
+                problems = r.problems or self.problems
+                kw = dict(problems=problems, model=r.model, prompt=r.prompt or self.prompt, sampling=self.sampling,
+                          options=self.options, lora=r.lora, weights=r.fingerprint(fps))
+                record = run_record(engine=engine, **kw)
+                if not is_complete(folder=r.folder, record=record, problems=problems, n=self.sampling.n):
+                    check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
+                    r.hold(engine)  # the explicit load step: only what the engine does not hold
+                done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
+                                  **kw)
+        finally:
+            if self.engine is None:
+                self.result.engine_starts += engine.starts
+                engine.close()
+        self.result.runs += [RunResult(r.label, r.alpha, r.folder, done[i], r.budget) for i, r in enumerate(planned)]
+
+    def with_budgets(self, out: Path, run: _Planned) -> list[_Planned]:
+        """`run`, then one run per prompt budget on `run`'s weights (the Table 12 baseline, `tvtool.evaluation.budget`)."""
+        if not self.options.prompt_budgets:
+            return [run]
+        from tvtool.evaluation.budget import budget_variants
+
+        o = self.options
+        variants = budget_variants(problems=self.problems, prompt=self.prompt, budgets=o.prompt_budgets,
+                                   template=o.budget_template)
+        return [run] + [replace(run, label=f"budget-{b}", folder=out / f"budget-{b}" / dataset_dir(self.problems.name),
+                                model={**run.model, **extra}, budget=b, problems=ps, prompt=po)
+                        for b, ps, po, extra in variants]
+
+
+# --- one function per mode -------------------------------------------------------------------
+
+
+def _evaluate_model(s: _Session, out: Path, model) -> None:
+    r = _Planned(Path(model).name, None, out, {"path": str(model)}, run_params(s.options, model), path=str(model))
+    s.run(s.with_budgets(out, r), lambda: Engine(model=model, options=s.engine_options, seed=s.seed, lazy=True))
+
+
+def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequence[MergeConfig]) -> None:
+    o, ds = s.options, dataset_dir(s.problems.name)
+    params = run_params(o, source.base)
+    runs = []
+    for c in configs:  # the operator settings are recorded with the run
+        name = config_name(c)
+        runs.append(_Planned(name, c.alpha, out / name / ds, sweep_model(source=source, config=c),
+                             params, source=source, config=c))
+    if o.prompt_budgets:  # budget runs at --budget-alpha, after the α runs (no reload when that α came last)
+        c = MergeConfig(float(o.budget_alpha), o.include, o.exclude)
+        runs += s.with_budgets(out, _Planned(alpha_name(c.alpha), c.alpha, out, sweep_model(source=source, config=c),
+                                             params, source=source, config=c))[1:]
+    s.run(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True))
+
+
+def sweep_model(*, source: DeltaSource, config: MergeConfig) -> dict:
+    """run.json's `settings.model` of one α-sweep run (also planned by tvtool.evaluation.units for a Ray pool)."""
+    return {**source.describe(), **{k: v for k, v in config.to_dict().items() if v is not None}}
+
+
+def _evaluate_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> None:
+    ds, groups = dataset_dir(s.problems.name), []
+    for ck in checkpoints:  # consecutive folders of the same model share an engine
+        if groups and _same_model(groups[-1][0], ck):
+            groups[-1].append(ck)
+        else:
+            groups.append([ck])
+    for group in groups:
+        runs = [_Planned(Path(ck).name, _alpha_of(ck), out / Path(ck).name / ds, {"path": str(ck)},
+                         run_params(s.options, ck), path=str(ck)) for ck in group]
+        s.run(runs, lambda: Engine(model=group[0], options=s.engine_options, seed=s.seed, lazy=True))
+
+
+def _evaluate_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequence[float]) -> None:
+    ds = dataset_dir(s.problems.name)
+    rank = max([s.engine_options.max_lora_rank, *(_lora_rank(p) for p in loras)])
+    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank)
+    labels = [alpha_name(a) for a in alphas] if alphas else [Path(p).name for p in loras]
+    params = run_params(s.options, model)
+    runs = [_Planned(lab, float(alphas[i]) if alphas else None, out / lab / ds, {"path": str(model), "label": lab},
+                     params, path=str(model), lora=str(path)) for i, (lab, path) in enumerate(zip(labels, loras))]
+    s.run(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True))
+
+
+# --- the public verb ----------------------------------------------------------------------
+
+
+def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = None,
+             base: str | os.PathLike | None = None, delta: str | os.PathLike | None = None,
+             reasoner: str | os.PathLike | None = None, alphas: Sequence[float] = (),
+             checkpoints: Sequence[str | os.PathLike] = (), loras: Sequence[str | os.PathLike] = (),
+             source: DeltaSource | None = None, options: EvalOptions = EvalOptions(),
+             merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None,
+             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
+             engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None) -> EvalResult:
+    """Evaluate one model, an α sweep, a list of checkpoints, or a list of LoRA adapters.
+
+    - `model`: one checkpoint → `output/` (with `loras`: one run per adapter on that model);
+    - `base` + `delta`|`reasoner` (or a `source`) + `alphas`: θ1 + α·Δ loaded in place →
+      `output/alpha-<a>/<dataset>/`;
+    - `checkpoints`: model folders → `output/<folder name>/<dataset>/`;
+    - `model` + `loras` (+ `alphas` as labels, one per adapter) → `output/<alpha-a|adapter>/<dataset>/`.
+    Pass `engine` to reuse a running one (it must suit the mode; it is not closed).
+    """
+    operators = merge != MergeOptions() or configs is not None
+    if operators and source is None:
+        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
+        if base is not None:
+            source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
+    else:
+        weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
+    if configs is not None:
+        alphas = alphas or tuple(c.alpha for c in configs)
+    mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options, operators)
+    out = Path(output)
+    inputs = [model, *checkpoints, *loras,
+              *((source.base, source.delta, source.reasoner, *source.more) if source else ())]
+    _precheck(out, options, sampling, alphas, inputs)
+    if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
+        configs = list(configs) if configs is not None else \
+            merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+    with output_lock(out):
+        return _evaluate(out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
+                         loras=loras, options=options, prompt=prompt, sampling=sampling,
+                         engine_options=engine_options, engine=engine)
+
+
+def _precheck(out: Path, options: EvalOptions, sampling: SamplingOptions, alphas, inputs) -> None:
+    """What can fail before the ~30 s engine start: options, α, and where the results go."""
+    if options.batch_size < 1:
+        raise OptionsError(f"--batch-size must be at least 1, got {options.batch_size}", where="--batch-size")
+    check_sampling(sampling)
+    check_alphas(alphas)
+    check_output_apart(out, inputs)
+    check_writable(out)
+
+
+def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas, configs, checkpoints, loras,
+              options: EvalOptions, prompt: PromptOptions, sampling: SamplingOptions,
+              engine_options: EngineOptions, engine: Engine | None) -> EvalResult:
+    problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
+                             seed=options.seed, kind=options.kind)
+    s = _Session(problems, prompt, sampling, options, engine_options, engine)
+    with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
+        if mode == "model":
+            _evaluate_model(s, out, model)
+        elif mode == "sweep":
+            _evaluate_sweep(s, out, source, configs)
+        elif mode == "checkpoints":
+            _evaluate_checkpoints(s, out, checkpoints)
+        else:
+            _evaluate_loras(s, out, model, loras, alphas)
+    res = s.result
+    res.answer_rule = options.answer_rule if options.score else None
+    if len(res.runs) > 1:
+        res.table = write_table(rows=[table_row(r) for r in res.runs], folder=out, name=summary_table(problems.name))
+    return res
+
+
+def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
+          options: EvalOptions, operators: bool = False) -> tuple[str, DeltaSource | None]:
+    sweep = source is not None or base is not None or delta is not None or reasoner is not None
+    if options.prompt_budgets and (checkpoints or loras or (model is None and not sweep)):
+        raise OptionsError("prompt budgets need one model or an α sweep", where="--prompt-budget",
+                           fix="pass --model, or --base with --alpha (budget runs use --budget-alpha)")
+    if (options.include or options.exclude) and (checkpoints or model is not None or not sweep):
+        raise OptionsError("--include/--exclude select the tensors an α sweep applies α to",
+                           fix="use them with --base and --alpha (materialize them for other modes)")
+    if operators and (checkpoints or model is not None or loras or not sweep):
+        raise OptionsError("merge operators (--method, --vector, --alpha-rule, …) apply to an α sweep",
+                           fix="use them with --base and --alpha (materialize them for other modes)")
+    if checkpoints:
+        if model or sweep or loras:
+            raise OptionsError("checkpoints are evaluated on their own", fix="pass only the checkpoint folders")
+        return "checkpoints", None
+    if loras:
+        if model is None:
+            raise OptionsError("LoRA adapters need the model they were trained on", fix="pass --model")
+        if alphas and len(alphas) != len(loras):
+            raise OptionsError(f"{len(alphas)} α labels for {len(loras)} adapters", where="--alpha",
+                               fix="give one α per --lora, or none")
+        return "loras", None
+    if model is not None:
+        if sweep or alphas:
+            raise OptionsError("a model and a sweep were both given", fix="pass --model, or --base with --alpha")
+        return "model", None
+    if not sweep or not alphas:
+        raise OptionsError("nothing to evaluate", fix="pass a model, or --base with --delta|--reasoner and "
+                                                     "--alpha, or checkpoint folders")
+    if source is None:
+        if base is None:
+            raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, vocab=options.vocab)
+    return "sweep", source
+
+
+def _lora_rank(path) -> int:
+    f = Path(path) / "adapter_config.json"
+    try:
+        return int(json.loads(f.read_text())["r"])
+    except (OSError, KeyError, ValueError, TypeError):
+        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json with r)", where=str(path),
+                           fix="save the adapter with peft's save_pretrained") from None
+
+
+def run_params(o: EvalOptions, path) -> tuple[float, str]:
+    """(params_b, "nominal" | "counted") that a run's ACU uses: the option, else counted from `path`."""
+    return (o.params_b, "nominal") if o.params_b else (count_params_b(path), "counted")
+
+
+def _same_model(a, b) -> bool:
+    """Same config.json (dtype and name aside) and tokenizer/chat-template files: swap in place."""
+    pa, pb = Checkpoint.open(a), Checkpoint.open(b)
+    fa, fb = pa.side_files(), pb.side_files()
+    ca, cb = pa.config(), pb.config()
+    for c in (ca, cb):
+        for k in ("torch_dtype", "dtype", "_name_or_path", "transformers_version"):
+            c.pop(k, None)
+    keep = [k for k in set(fa) | set(fb) if k.startswith(("tokenizer", "special_tokens", "chat_template", "vocab",
+                                                             "merges", "added_tokens"))]
+    return ca == cb and all(fa.get(k) == fb.get(k) for k in keep)
+
+
+def _alpha_of(path) -> float | None:
+    f = Path(path) / SETTINGS_FILE
+    try:
+        return float(json.loads(f.read_text())["settings"]["alpha"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+__all__ = ["ACU_FORMULA", "EvalOptions", "EvalResult", "RunResult", "evaluate", "is_complete", "run_one",
+           "run_params", "run_settings", "sweep_model", "table_row"]

@@ -1,0 +1,191 @@
+"""One evaluation run: generate with the engine's current weights (resuming), score, summarise.
+
+A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
+run.json (`settings` and the finished-work `record` first, `finished` last). A run is complete
+when run.json holds the same record fingerprint (`run_record`: sampling, prompt, scoring, engine
+dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`) and every
+sample is written. Another record is refused (or, with overwrite, discarded, saying what
+changed); samples already written are not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from tvtool._version import __version__
+from tvtool.evaluation.answers import rescore_file
+from tvtool.io.atomic import write_json
+from tvtool.evaluation.data import ProblemSet
+from tvtool.engine.engine import Engine, SamplingOptions, vllm_version
+from tvtool.errors import OutputError
+from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
+from tvtool.io.layout import RUN, SAMPLES, SUMMARY
+from tvtool.engine.logs import RunProgress
+from tvtool.options import CliOptions, opt
+from tvtool.engine.prompting import PromptOptions, uses_chat_template
+from tvtool.evaluation.results import read_samples, summary_of
+from tvtool.evaluation.scoring import score as score_response
+
+
+@dataclass(frozen=True)
+class EvalOptions(CliOptions):
+    dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path (ASDiv.xml), or a Hub id.")
+    split: str = opt("test", "Dataset split.")
+    limit: int | None = opt(None, "Evaluate only this many problems (the first N, or N random with --seed).")
+    seed: int | None = opt(None, "Shuffle problems with this seed before --limit.")
+    kind: str | None = opt(None, "Answer format of a file dataset: gsm8k | math500 | asdiv (default: detected).")
+    batch_size: int = opt(64, "Problems per generation batch; results are saved after each batch.")
+    params_b: float | None = opt(None, "Nominal model size in billions for ACU (default: counted from weights).")
+    include: str | None = opt(None, "α sweep: apply α only to tensors whose name matches this regex; others stay "
+                                    "at the base (e.g. 'mlp' for an MLP-only Δ).")
+    exclude: str | None = opt(None, "α sweep: do not apply α to tensors whose name matches this regex.")
+    vocab: Literal["error", "intersect"] = opt(
+        "error", "α sweep with --reasoner or several --vector: on a vocabulary-size mismatch, error or merge only "
+                 "the shared rows (the others keep the base's values).")
+    score: bool = opt(True, "Score the responses (off: generation only).")
+    overwrite: bool = opt(False, "Discard existing results made with other settings.")
+    progress: bool = opt(True, "Show a progress bar.")
+    answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = opt(
+        "paper", "paper: last complete \\boxed{}, else the last number (CoT-Valve A.1); boxed-only; or the "
+                 "lm-eval-harness GSM8K filters strict-match (#### N) / flexible-extract (last number).")
+    prompt_budgets: tuple[int, ...] = opt((), "Also evaluate token-budget prompts (Table 12 baseline), e.g. "
+                                              "20,50,100: one run per budget at --budget-alpha.", flag="--prompt-budget")
+    budget_template: Literal["qwq", "llama"] = opt("qwq", "Budget prompt of the paper's appendix: qwq or llama.")
+    budget_alpha: float = opt(1.0, "α of the budget-prompt runs in an α sweep (1: the reasoner θ2).")
+    verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/vllm.log).")
+
+
+def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+            prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
+            options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
+            params_b: float | None = None, params_source: str = "counted", weights: dict | None = None) -> dict:
+    """Generate (resuming), score and summarise `problems` with the engine's current weights.
+
+    `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
+                            sampling=sampling, options=options)
+    record = run_record(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt, sampling=sampling,
+                        options=options, weights=weights)
+    check_settings(folder, record, options.overwrite)
+    run = {"settings": settings, RECORD_KEY: record, "dataset": _dataset_record(problems),
+           "tvtool_version": __version__, "scoring": {"answer_rule": options.answer_rule if options.score else None},
+           "vllm_version": vllm_version(),
+           "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(folder / RUN, run)
+    path = folder / SAMPLES
+    done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
+    todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
+    special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
+    total = len(problems) * sampling.n
+    desc = f"{folder.parent.name} {folder.name}"
+    with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
+                     records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), options.batch_size):
+            batch = todo[start:start + options.batch_size]
+            texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
+            outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
+            recs = [_record(p, text, s, problems.kind, options.score and options.answer_rule)
+                    for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(recs, n=len(batch) * sampling.n)
+    if options.score:  # records scored under another answer rule are re-scored, not regenerated
+        rescore_file(path, kind=problems.kind, rule=options.answer_rule)
+    summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
+                         params_source=params_source)
+    write_json(folder / SUMMARY, summary)
+    write_json(folder / RUN, {**run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return summary
+
+
+def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+                 sampling: SamplingOptions, options: EvalOptions, sampling_record: dict | None = None) -> dict:
+    """What a run's results depend on (run.json `settings`); other settings in the folder are refused.
+
+    `sampling_record` replaces `engine.sampling_record(sampling)` for a planner that has no engine yet
+    (tvtool.evaluation.units, via `tvtool.engine.engine.sampling_record` on the same model folder)."""
+    record = sampling_record if sampling_record is not None else engine.sampling_record(sampling)
+    return {"model": model, "lora": str(lora) if lora else None, "prompt": asdict(prompt),
+            "sampling": record, "score": options.score,
+            "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
+
+
+def run_record(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+               sampling: SamplingOptions, options: EvalOptions, weights: dict | None = None,
+               sampling_record: dict | None = None, engine_options=None) -> dict:
+    """The finished-work record of a run: what its samples depend on, inputs by content, never by path.
+
+    `weights` fingerprints the model (`DeltaSource.fingerprint_record()` + the merge, or a folder's
+    `input_fingerprint`); `model`'s non-path entries (α, include/exclude, label) are options. The
+    answer rule is not in it: a changed rule re-scores the samples (`answers.rescore_file`), it does
+    not generate them again. A planner with no engine yet (tvtool.evaluation.units) passes `sampling_record`
+    and `engine_options`."""
+    from tvtool.vectors.source import input_fingerprint
+
+    paths = ("path", "base", "delta", "reasoner")
+    weights = weights if weights is not None else {"model": {k: model.get(k) for k in paths if model.get(k)}}
+    merge = {**weights["source"]["options"], **weights["merge"]} if "source" in weights else {}
+    inputs = {**(weights["source"]["inputs"] if "source" in weights else weights),  # base, delta|reasoner | folder
+              "dataset": dataset_fingerprint(problems.source, name=problems.name, kind=problems.kind,
+                                             split=problems.split)}
+    if lora:
+        inputs["lora"] = input_fingerprint(lora)
+    opts = {**merge, "model": {k: v for k, v in model.items() if k not in paths and k not in merge},
+            "prompt": asdict(prompt), "score": options.score,
+            "sampling": sampling_record if sampling_record is not None else engine.sampling_record(sampling),
+            "engine": {k: getattr(engine_options or engine.options, k) for k in ("dtype", "max_model_len")}}
+    return stage_record(stage="eval", options=opts, inputs=inputs)
+
+
+def is_complete(*, folder: str | os.PathLike, record: dict, problems: ProblemSet, n: int) -> bool:
+    """True when `folder` holds every sample of `problems` made with `record` (nothing to generate)."""
+    folder = Path(folder)
+    old = read_record(folder / RUN)
+    if old is None or old["fingerprint"] != record["fingerprint"]:
+        return False
+    done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES)}
+    return all((p.id, i) in done for p in problems for i in range(n))
+
+
+def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:
+    rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
+           "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
+           "extracted": None, "correct": None}
+    if rule:
+        sc = score_response(s.text, p.gold, kind=kind, rule=rule)
+        rec.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
+    for k in ("subject", "level"):
+        if k in p.meta:
+            rec[k] = p.meta[k]
+    return rec
+
+
+def _dataset_record(ps: ProblemSet) -> dict:
+    return {"name": ps.name, "kind": ps.kind, "source": ps.source, "split": ps.split, "n": len(ps),
+            "description": ps.description, "excluded": ps.excluded}
+
+
+def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
+    """Refuse a folder holding results made with another record; with `overwrite`, discard them (one line
+    says what changed)."""
+    f = folder / RUN
+    if not f.is_file() and not (folder / SAMPLES).is_file():
+        return
+    old = read_record(f)
+    if old is not None and old["fingerprint"] == record["fingerprint"]:
+        return
+    if not overwrite:
+        raise OutputError(f"the output folder holds results made with other settings or inputs "
+                          f"({changes(old, record)})", where=str(folder),
+                          fix="pass --overwrite to discard them, or choose another output folder")
+    say(f"{changes(old, record)}: redoing eval {folder.parent.name}/{folder.name}")
+    for name in (SAMPLES, SUMMARY, RUN):
+        (folder / name).unlink(missing_ok=True)

@@ -1,0 +1,206 @@
+"""`materialize`: write θ1 + α·Δ for many α in one pass over the inputs.
+
+Each input tensor is read once, in row chunks, however many α are asked for; the
+sum is float32 and rounded once. Every α becomes a complete model folder (shards,
+index, config/tokenizer files, model card) written under `<name>.partial/` and
+renamed only when complete, so an interrupted run never leaves a folder that
+looks done, and re-running finishes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+from tvtool._version import __version__
+from tvtool.io.atomic import atomic_dir
+from tvtool.io.cards import model_card
+from tvtool.errors import OptionsError
+from tvtool.io.finished import RECORD_KEY, is_finished, stage_record
+from tvtool.merge.finite import check_alphas, warn_nonfinite
+from tvtool.io.layout import SETTINGS_FILE
+from tvtool.io.lock import output_lock
+from tvtool.merge.stream import MergeConfig, check_selection, merge_chunks, merged_config, output_plan, plan_entries
+from tvtool.merge.options import MergeOptions, config_name, split_vectors
+from tvtool.options import CliOptions, opt
+from tvtool.io.buffers import reuse
+from tvtool.io.writer import ShardedWriter, WriteBehind, parse_size, progress
+from tvtool.io.paths import check_inside, check_output_apart, check_writable
+from tvtool.vectors.source import DeltaSource
+
+@dataclass(frozen=True)
+class MaterializeOptions(CliOptions):
+    alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
+                                    flag="--alpha", short="-a")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")
+    config_from: Literal["reasoner", "base"] = opt(
+        "reasoner", "Take config.json, tokenizer, chat template and generation_config from this model.")
+    name_template: str = opt("alpha-{alpha}", "Name of each α's folder inside the output folder.")
+    include: str | None = opt(None, "Apply α only to tensors whose name matches this regex; others stay at the base.")
+    exclude: str | None = opt(None, "Do not apply α to tensors whose name matches this regex.")
+    max_shard_size: str = opt("5GB", "Largest safetensors shard in each output folder.")
+    allow_missing: bool = opt(False, "With --reasoner: skip tensors present in only one model (recorded).")
+    vocab: Literal["error", "intersect"] = opt(
+        "error", "With --reasoner or several --vector: on a vocabulary-size mismatch (base and reasoner, or between "
+                 "task vectors), error or merge only the shared rows (the others keep the base's values).")
+    allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
+    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
+                                       "of stopping at the first one.")
+    overwrite: bool = opt(False, "Replace existing α folders made with other settings.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass(frozen=True)
+class MaterializeResult:
+    folders: dict[float, Path]  # by α (with several operator settings per α: the last one's)
+    written: list[float]
+    skipped: list[float]
+    bytes_read: int
+    bytes_written: int
+    configs: dict[MergeConfig, Path] = field(default_factory=dict)  # every configuration's folder
+
+    def summary(self) -> str:
+        s = [f"{c.tag() + ' ' if c.tag() else ''}α={c.alpha:g} → {f}"
+             + (" (already complete)" if c.alpha in self.skipped and c.alpha not in self.written else "")
+             for c, f in self.configs.items()]
+        return "\n".join(s)
+
+
+def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
+                reasoner: str | os.PathLike | None = None, options: MaterializeOptions,
+                merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None
+                ) -> MaterializeResult:
+    """Write θ1 + α·Δ (or an operator's θ1 + α·M, `merge`) for every α in `options.alphas` under
+    `output`, reading each input once per pass. `configs` (instead of α × `merge`) writes several
+    operator settings in the same run.
+
+    The tensors come from the shared merge stream (`tvtool.merge.stream.merge_chunks`), one output per configuration."""
+    o = options
+    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
+    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                         allow_pickle=o.allow_pickle, more=more)
+    alphas = _check_options(o, configs)
+    cfgs = list(dict.fromkeys(configs)) if configs is not None else \
+        merge.configs(alphas, include=o.include, exclude=o.exclude, weights=weights)
+    check_alphas([c.alpha for c in cfgs])
+    b, tvs = source.open_vectors()
+    tv = tvs[0]
+    for sel in dict.fromkeys((c.include, c.exclude) for c in cfgs):  # a selection that merges nothing
+        check_selection(tv, MergeConfig(0.0, *sel))
+    plan = output_plan(b, tv, dtype=o.dtype)
+    files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
+    prov = tv.provenance()
+    out = Path(output)
+    folders = {c: out / _folder_name(o.name_template, c) for c in cfgs}
+    for f in folders.values():
+        check_inside(f, out, flag=f"--name-template {o.name_template}")
+        check_output_apart(f, [b.source.path, *(p for t in tvs for p in t.sources())], flag="-o/--name-template")
+    if len(set(folders.values())) != len(folders):
+        raise OptionsError("two configurations map to the same folder name", where=o.name_template,
+                           fix="include {alpha} in --name-template")
+    settings = {c: _settings(c, b, o, reasoner, delta, more) for c in cfgs}
+    inputs = source.fingerprint_record()
+    records = {c: materialize_record(inputs, c, o) for c in cfgs}
+    entries = plan_entries(plan)
+    read = total_w = 0
+    nonfinite: dict[str, int] = {}
+    check_writable(out)
+    with contextlib.ExitStack() as stack:  # every folder is renamed into place only if all succeed
+        stack.enter_context(output_lock(out))  # one writer per output folder
+        todo = [c for c in cfgs if not is_finished(folders[c], records[c], overwrite=o.overwrite,
+                                                   what=f"materialize {folders[c].name}", name=SETTINGS_FILE)]
+        tmps = {c: stack.enter_context(atomic_dir(folders[c])) for c in todo}
+        writers = {c: stack.enter_context(ShardedWriter(  # the fingerprint in the headers: a model rebuilt from
+            folder=tmps[c], plan=entries, max_shard_size=parse_size(o.max_shard_size),  # other inputs differs
+            metadata={"format": "pt", "tvtool.fingerprint": records[c]["fingerprint"]})) for c in todo}
+        total_w = sum(w.total_size for w in writers.values())
+        with progress(total_w, f"materialize {len(todo)} α", o.progress and bool(todo)) as bar, reuse():
+            wb = WriteBehind(on_bytes=bar.update, lanes=min(len(todo), 8))  # a thread per output
+            try:
+                stream = merge_chunks(base=b, tv=tvs, configs=todo, plan=plan, allow_nonfinite=o.allow_nonfinite,
+                                      nonfinite=nonfinite, outputs=[str(folders[c]) for c in todo]) if todo else ()
+                for chunk in stream:
+                    read += chunk.bytes_read
+                    for c, t in zip(todo, chunk.outputs):
+                        wb.submit(writers[c], chunk.name, t)
+                    bar.set_postfix_str(f"tensors {chunk.index + 1}/{len(plan)}", refresh=False)
+                wb.flush()
+            finally:
+                wb.close()
+        for c in todo:
+            writers[c].close()
+            _write_extras(tmps[c], files, settings[c], records[c], prov, c, o, reasoner, delta, base, output, merge)
+    warn_nonfinite(nonfinite)
+    return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
+                             [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
+
+
+def _check_options(o: MaterializeOptions, configs) -> list[float]:
+    if configs is not None:
+        if not configs:
+            raise OptionsError("no configuration given", where="configs", fix="pass at least one MergeConfig")
+        return []
+    if not o.alphas:
+        raise OptionsError("no α given", where="--alpha", fix="pass e.g. --alpha 0.6 (repeat for more)")
+    check_alphas(o.alphas)
+    MergeConfig(0.0, o.include, o.exclude)  # checks the regular expressions
+    if "{alpha}" not in o.name_template and len(set(o.alphas)) > 1:
+        raise OptionsError("--name-template has no {alpha}", where=o.name_template, fix="e.g. alpha-{alpha}")
+    return list(dict.fromkeys(float(a) for a in o.alphas))
+
+
+def materialize_record(inputs: dict, config: MergeConfig, o: MaterializeOptions) -> dict:
+    """The finished-work record of one folder: the merge settings (operator included) and the inputs'
+    content (`DeltaSource.fingerprint_record`)."""
+    keep = ("dtype", "config_from", "allow_nonfinite")
+    return stage_record(stage="materialize", options={**inputs["options"], **json.loads(json.dumps(config.to_dict())),
+                                                      **{k: getattr(o, k) for k in keep}}, inputs=inputs["inputs"])
+
+
+def _folder_name(template: str, c: MergeConfig) -> str:
+    """The folder's name from --name-template; an unknown {key} is a one-line error."""
+    try:
+        return config_name(c, template)
+    except (KeyError, IndexError, ValueError) as e:
+        raise OptionsError(f"--name-template has an unknown or malformed field ({type(e).__name__}: {e})",
+                           where=template, fix="the only field is {alpha}, e.g. alpha-{alpha}") from None
+
+
+def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
+    keep = ("dtype", "config_from", "vocab", "allow_missing")
+    op = {k: v for k, v in c.to_dict().items() if k not in ("alpha", "include", "exclude")}
+    return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
+            "delta": str(delta) if delta else None, "include": c.include, "exclude": c.exclude,
+            **{k: v for k, v in asdict(o).items() if k in keep},
+            **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(more)} if more else {})}
+
+
+def _write_extras(tmp: Path, files, settings, record, prov, c: MergeConfig, o, reasoner, delta, base, output,
+                  merge: MergeOptions) -> None:
+    a = c.alpha
+    for fname, data in files.items():
+        (tmp / fname).write_bytes(data)
+    dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
+    src = ["--reasoner", str(reasoner)] if reasoner else ["--delta", str(delta)]
+    ops: list[str] = []
+    if not c.is_plain(1 + len(settings.get("more", []))):  # the operator flags of this configuration
+        ops += ["--method", c.method] + [w for v in merge.vectors for w in ("--vector", v)]
+        ops += [w for k, v, d in (("density", c.density, 1.0), ("drop-p", c.p, 0.0), ("drop-seed", c.seed, 0),
+                                  ("beta", c.beta, 0.0), ("gamma", c.gamma, 0.0)) if v != d for w in (f"--{k}", f"{v:g}")]
+        ops += [w for r, f in c.rules for w in ("--alpha-rule", f"{r}={f:g}")]
+        ops += ["--layer-schedule", f"{c.schedule[0]:g}:{c.schedule[1]:g}"] if c.schedule else []
+    flags = replace(o, alphas=(a,), include=c.include, exclude=c.exclude, overwrite=False, progress=True).to_cli_args()
+    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *ops, *flags, "-o", str(output)])
+    reasoner_src = prov.get("reasoner") if isinstance(prov.get("reasoner"), dict) else None
+    card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if delta else None,
+                      dtype=str(dtype or o.dtype), include=c.include, exclude=c.exclude,
+                      config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
+    (tmp / "README.md").write_text(card)
+    info = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov, RECORD_KEY: record}
+    (tmp / SETTINGS_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+

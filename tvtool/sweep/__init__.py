@@ -1,0 +1,1 @@
+"""Sweeps: a validated recipe runs every stage, resumably, with a report."""

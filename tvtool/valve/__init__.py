@@ -1,0 +1,1 @@
+"""CoT-Valve: MixChain datasets and training the valve LoRA (valve, ++, +P)."""

@@ -1,0 +1,126 @@
+"""A PEFT LoRA adapter folder as a factored task vector (a trained valve is a task vector too).
+
+For every adapted linear module X of the base:
+    Δ[X.weight] = s · B @ A        B = X.lora_B [out, r], A = X.lora_A [r, in]
+    s = lora_alpha / r             (rsLoRA, `use_rslora`: lora_alpha / sqrt(r))
+with r the module's own rank (A's rows) and lora_alpha from `alpha_pattern` when a pattern
+matches the module, as PEFT scales the branch. PEFT's keys `base_model.model.X.lora_{A,B}.weight`
+map to the base tensor `X.weight`. Every other base tensor has Δ = 0 (the adapter does not touch
+it), which the task vector says in its provenance (`zero_elsewhere`), so `merge_plan` keeps them.
+
+So `TaskVector.load(ADAPTER)` works wherever a delta does: `materialize --delta ADAPTER`, the
+in-engine α sweep, `svd-rank`, `mixchain`. Only plain LoRA on linear layers is a task vector of
+this form: DoRA, LoRA on embeddings, `fan_in_fan_out` (Conv1D), trained biases and
+`modules_to_save` are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from tvtool.io.checkpoint import SIDE_PATTERNS, Checkpoint
+from tvtool.errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_NOT_CONFIG = ("config.json", "generation_config.json")
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    """A folder with a PEFT adapter_config.json."""
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key k with module matching `(.*\\.)?(k)$`."""
+    for k, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({k})$", module):
+            return v
+    return default
+
+
+class AdapterTerm:
+    """One PEFT adapter, read lazily: Δ rows = s · B[rows] @ A, in float32."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.config = json.loads((self.path / ADAPTER_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {ADAPTER_CONFIG}: {type(e).__name__}", where=str(self.path),
+                                  fix="save the adapter with peft's save_pretrained") from None
+        c = self.config
+        where = str(self.path / ADAPTER_CONFIG)
+        if c.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"a {c.get('peft_type')} adapter is not a LoRA task vector", where=where,
+                                  fix="use a LoRA adapter")
+        for key, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers"),
+                          ("lora_bias", "trained LoRA biases")):
+            if c.get(key):
+                raise CheckpointError(f"{what} adapters are not supported as task vectors", where=where,
+                                      fix="train plain LoRA (tvtool train does), or merge with peft's merge_and_unload")
+        if c.get("modules_to_save") or c.get("bias", "none") != "none":
+            raise CheckpointError("the adapter carries full tensors (modules_to_save or bias), not only LoRA factors",
+                                  where=where, fix="train without modules_to_save and with bias='none'")
+        if not (self.path / ADAPTER_WEIGHTS).is_file():
+            raise CheckpointError(f"no {ADAPTER_WEIGHTS}", where=str(self.path),
+                                  fix="save the adapter with peft's save_pretrained (safetensors)")
+        self.ckpt = Checkpoint.open(self.path / ADAPTER_WEIGHTS)
+        self.factored: dict[str, tuple[str, str]] = {}
+        self.scale: dict[str, float] = {}
+        self.full: list[str] = []
+        for n in self.ckpt.names():
+            if n.endswith(_B):
+                continue
+            if not (n.startswith(PEFT_PREFIX) and n.endswith(_A)):
+                raise CheckpointError(f"adapter tensor {n!r} is not a LoRA factor of a linear layer",
+                                      where=str(self.path / ADAPTER_WEIGHTS),
+                                      fix="only plain LoRA on linear layers is a task vector")
+            module = n[len(PEFT_PREFIX):-len(_A)]
+            b = PEFT_PREFIX + module + _B
+            if b not in self.ckpt:
+                raise CheckpointError(f"adapter has {n!r} but no {b!r}", where=str(self.path / ADAPTER_WEIGHTS),
+                                      fix="re-save the adapter")
+            r = self.ckpt.info(n).shape[0]
+            alpha = _pattern_value(c.get("alpha_pattern"), module, c.get("lora_alpha", r))
+            self.scale[module + ".weight"] = alpha / (math.sqrt(r) if c.get("use_rslora") else r)
+            self.factored[module + ".weight"] = (n, b)
+        if not self.factored:
+            raise CheckpointError("the adapter has no LoRA factors", where=str(self.path / ADAPTER_WEIGHTS),
+                                  fix="train or save the adapter again")
+
+    def shape(self, name: str) -> tuple[int, int]:
+        a, b = self.factored[name]
+        return (self.ckpt.info(b).shape[0], self.ckpt.info(a).shape[1])
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        a, b = self.factored[name]
+        d = self.ckpt.read(b, start, stop).float() @ self.ckpt.read(a).float()  # [rows, r] @ [r, in]
+        return d.mul_(self.scale[name])
+
+    def provenance(self) -> dict:
+        c = self.config
+        return {"kind": "peft-lora-adapter", "adapter": str(self.path), "zero_elsewhere": True,
+                "base_model": c.get("base_model_name_or_path"), "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
+                "use_rslora": bool(c.get("use_rslora")), "modules": len(self.factored)}
+
+    def side_files(self) -> dict[str, bytes]:
+        """The adapter folder's tokenizer/chat-template files (no config: `TaskVector` adds the base's)."""
+        files = {}
+        for f in sorted(self.path.iterdir()):
+            if f.is_file() and f.name not in _NOT_CONFIG and any(fnmatch.fnmatch(f.name, p) for p in SIDE_PATTERNS):
+                files[f.name] = f.read_bytes()
+        return files
+
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterTerm", "PEFT_PREFIX", "is_adapter"]
