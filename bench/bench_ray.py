@@ -45,7 +45,8 @@ def main() -> None:
 
     from tvtool.evaluation.cluster import evaluate_on_ray
     from tvtool.evaluation.data import Problem, ProblemSet
-    from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions
+    from tvtool.engine.engine import Engine
+    from tvtool.engine.options import EngineOptions, SamplingOptions
     from tvtool.evaluation.evaluate import evaluate
     from tvtool.io.layout import SAMPLES
     from tvtool.merge.stream import MergeConfig

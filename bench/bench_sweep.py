@@ -34,7 +34,8 @@ def main() -> None:
     from tvtool import MaterializeOptions, materialize
     from tvtool.evaluation.data import load_problems
     from tvtool import DeltaSource
-    from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions, vllm_version
+    from tvtool.engine.engine import Engine
+    from tvtool.engine.options import EngineOptions, SamplingOptions, vllm_version
     from tvtool.engine.prompting import PromptOptions
 
     t_import = time.perf_counter()

@@ -85,7 +85,7 @@ print(merged.summary())
 # `evaluate` starts one engine and streams θ1 + αΔ into it for every α (no checkpoint written).
 
 # %%
-from tvtool.engine.engine import EngineOptions, SamplingOptions  # noqa: E402
+from tvtool.engine.options import EngineOptions, SamplingOptions  # noqa: E402
 from tvtool.evaluation.evaluate import evaluate  # noqa: E402
 from tvtool.engine.prompting import PromptOptions  # noqa: E402
 from tvtool.evaluation.runs import EvalOptions  # noqa: E402

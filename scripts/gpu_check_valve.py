@@ -24,7 +24,8 @@ from tvtool.engine.prompting import PromptOptions
 from tvtool.vectors.source import DeltaSource
 from tvtool.evaluation.scoring import score
 from tvtool.toy import REASONER_DIR, TEST_PATH, load_model, read_jsonl
-from tvtool.valve.train import TrainOptions, train
+from tvtool.valve.train import train
+from tvtool.valve.options import TrainOptions
 
 
 def greedy(model, tok, questions, device: str, max_new_tokens: int = 200) -> list[list[int]]:

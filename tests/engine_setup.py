@@ -27,7 +27,7 @@ MAX_TOKENS = 24
 
 
 def engine_options(**kw):
-    from tvtool.engine.engine import EngineOptions
+    from tvtool.engine.options import EngineOptions
 
     base = dict(dtype="float32", enforce_eager=True, cpu_kv_cache_gb=1, max_num_seqs=16)
     return EngineOptions(**{**base, **kw})
@@ -47,7 +47,8 @@ class VEngine:
 def vengine(pairs, tmp_path_factory):
     pytest.importorskip("vllm")
     from tvtool import MaterializeOptions, materialize
-    from tvtool.engine.engine import Engine, SamplingOptions
+    from tvtool.engine.engine import Engine
+    from tvtool.engine.options import SamplingOptions
     from tvtool.engine.prompting import PromptOptions
 
     base, reasoner = pairs["llama"]
@@ -125,7 +126,7 @@ class RecordingEngine:
     made: list["RecordingEngine"] = []
 
     def __init__(self, options):
-        from tvtool.engine.engine import EngineOptions
+        from tvtool.engine.options import EngineOptions
 
         self.options, self.weights, self.tokenizer, self.starts = options or EngineOptions(), {"kind": "dummy"}, None, 0
         self.generated: list[tuple[str, str]] = []  # (weights held, prompt)
@@ -152,7 +153,7 @@ class RecordingEngine:
         return list(questions)
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.engine.engine import Sample
+        from tvtool.engine.options import Sample
 
         self.generated += [(json.dumps(self.weights, sort_keys=True), p) for p in prompts]
         return [[Sample(index=0, token_ids=(1, 2, 3), text="so \\boxed{0}", finish_reason="stop")] for _ in prompts]

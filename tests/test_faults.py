@@ -609,6 +609,7 @@ def _recipe(path: Path, **low_rank) -> Path:
 def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.modules["tvtool.sweep.run"], "Engine", _FakeEngine)
     from tvtool.sweep.run import SweepOptions, sweep
+    _FakeEngine.made.clear()  # engines other tests made
 
     out = tmp_path / "sweep"
     opts = SweepOptions(output=str(out), progress=False)
@@ -633,7 +634,7 @@ def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resum
     report = json.loads((out / "lowrank" / "delta.lowrank.json").read_text())
     assert {t["rank"] for t in report["tensors"] if t["rank"]} == {32}
     run = json.loads((run_folder / "run.json").read_text())
-    factored = tvtool.vectors.source.input_fingerprint(out / "lowrank" / "delta.safetensors")
+    factored = tvtool.io.fingerprint.input_fingerprint(out / "lowrank" / "delta.safetensors")
     assert run["record"]["inputs"]["delta"] == factored
     assert "REPORT.md" in os.listdir(out) and "rank-32" in (out / "REPORT.md").read_text()
 
@@ -684,7 +685,7 @@ def test_delta_rewritten_at_the_same_path_redoes_materialize(tmp_path):
 def test_changed_engine_dtype_or_max_model_len_redoes_the_eval_run(tmp_path, capsys, change):
     from dataclasses import replace as dc_replace
 
-    from tvtool.engine.engine import EngineOptions
+    from tvtool.engine.options import EngineOptions
     from tvtool.errors import OutputError
     from tvtool.evaluation.evaluate import evaluate
     from tvtool.evaluation.runs import EvalOptions

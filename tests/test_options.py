@@ -18,12 +18,12 @@ import tvtool
 from tvtool.cli import main
 from tvtool.vectors.delta import DeltaOptions
 from tvtool.evaluation.runs import EvalOptions
-from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.engine.prompting import PromptOptions
 from tvtool.io.hub import PushOptions
 from tvtool.lowrank.svd import LowRankOptions
 from tvtool.merge.materialize import MaterializeOptions
-from tvtool.valve.mixchain import MixChainOptions
+from tvtool.valve.options import MixChainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
 from tvtool.merge.options import MergeOptions
 from tvtool.sweep.recipe import load_recipe, merge_configs

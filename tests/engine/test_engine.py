@@ -7,7 +7,9 @@ import sys
 import pytest
 from engine_setup import ALPHA, MAX_TOKENS, engine_options
 
-from tvtool.engine.engine import Engine, SamplingOptions
+from tvtool.engine.engine import Engine
+
+from tvtool.engine.options import SamplingOptions
 from tvtool.errors import EngineError
 
 

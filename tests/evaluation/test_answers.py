@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.evaluation.results import read_samples
 from tvtool.evaluation.runs import EvalOptions, run_one
 from tvtool.evaluation.reflection import REFLECTION_PHRASES, count_reflections
@@ -50,7 +50,7 @@ class _Canned:
         return list(questions)
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.engine.engine import Sample
+        from tvtool.engine.options import Sample
 
         self.calls += 1
         return [[Sample(index=0, token_ids=tuple(range(len(self.answers[q][0].split()))), text=self.answers[q][0],

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tvtool.evaluation.data import Problem, ProblemSet
-from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions
+from tvtool.engine.engine import Engine
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.io.layout import SAMPLES
 from tvtool.merge.stream import MergeConfig

@@ -10,7 +10,7 @@ import pytest
 
 from engine_setup import ALPHA, Crash as _Crash, Flaky as _Flaky
 
-from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.results import ACU_FORMULA, count_params_b, read_samples, summarize
@@ -62,7 +62,7 @@ class _Scripted:
         return list(questions)
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.engine.engine import Sample
+        from tvtool.engine.options import Sample
 
         out = []
         for q in prompts:

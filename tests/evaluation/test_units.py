@@ -11,7 +11,7 @@ import pytest
 
 from helpers import cli
 from tvtool.evaluation.data import Problem, ProblemSet
-from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
 from tvtool.io.layout import RUN, SAMPLES, SUMMARY
 from tvtool.merge.stream import MergeConfig

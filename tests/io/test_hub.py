@@ -9,13 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
-import time
 import traceback
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +24,7 @@ from helpers import cli
 from tvtool.errors import CheckpointError, HubError, OptionsError
 from tvtool.io.hub import PushOptions, push
 
-from hub_fixture import ALICE, BOB, ENDPOINT, PORT, RETRY, WRONG, Hub  # noqa: F401
+from hub_fixture import ALICE, BOB, ENDPOINT, RETRY, WRONG
 
 
 @pytest.fixture

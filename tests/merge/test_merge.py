@@ -187,7 +187,7 @@ class _FakeEngine:
     made: list["_FakeEngine"] = []
 
     def __init__(self, *, source, options, seed=0, lazy=False, **_):
-        from tvtool.engine.engine import EngineOptions
+        from tvtool.engine.options import EngineOptions
 
         self.options, self.tokenizer, self.starts, self.loads = EngineOptions(), None, 0, []
         self.weights = {"kind": "dummy", "path": "shell"}
@@ -208,7 +208,7 @@ class _FakeEngine:
             self.weights = alpha_weights(source=source, config=config)
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
-        from tvtool.engine.engine import Sample
+        from tvtool.engine.options import Sample
 
         assert self.weights["kind"] == "alpha"
         return [[Sample(0, (7,), "\\boxed{1}", "stop")] for _ in prompts]
@@ -218,7 +218,8 @@ class _FakeEngine:
 
 
 def test_a_finished_sweep_is_found_before_any_engine_starts(llama, tmp_path, monkeypatch):
-    from tvtool.engine.engine import Engine, SamplingOptions
+    from tvtool.engine.engine import Engine
+    from tvtool.engine.options import SamplingOptions
     from tvtool.evaluation.evaluate import evaluate
     from tvtool.evaluation.runs import EvalOptions
 

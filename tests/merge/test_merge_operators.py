@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import tvtool
@@ -159,7 +158,7 @@ def test_in_engine_operator_sweep_equals_the_materialized_folder(vengine, tmp_pa
 
     opts = EvalOptions(limit=3, batch_size=8, progress=False, params_b=1, include="mlp|self_attn")
     merge = MergeOptions(method="ties", density=0.3)
-    from tvtool.engine.engine import SamplingOptions
+    from tvtool.engine.options import SamplingOptions
 
     sampling = SamplingOptions(max_tokens=24)
     res = evaluate(base=vengine.base, reasoner=vengine.reasoner, alphas=(0.8,), output=tmp_path / "sweep",

@@ -6,24 +6,19 @@ passes, the tie cut and the per-chunk math are all exercised across chunk bounda
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from helpers import assert_bit_equal, bits
-from tiny import finetune_like, state_dict
+from tiny import state_dict
 from tvtool.merge import kernels
-from tvtool.io.checkpoint import Checkpoint
-from tvtool.merge.operators import Config, Merge, outputs, prepare
-from tvtool.io.safetensors_io import row_chunks
-from tvtool.vectors.taskvector import TaskVector
+from tvtool.merge.operators import Config, Merge
 
-from operator_ref import CHUNK, ours  # noqa: F401
+from operator_ref import ours
 
 
 def mergekit(tmp: Path, method: str, base: Path, models: list[tuple[Path, dict]], params: dict) -> dict:

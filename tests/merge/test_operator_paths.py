@@ -171,8 +171,10 @@ def test_eval_ray_cli_takes_the_operator_flags(trio, tmp_path, monkeypatch):
 
 
 def test_mixchain_generates_from_the_operators_configs(trio, tmp_path, monkeypatch):
-    from tvtool.engine.engine import Engine, SamplingOptions
-    from tvtool.valve.mixchain import MixChainOptions, build_mixchain
+    from tvtool.engine.engine import Engine
+    from tvtool.engine.options import SamplingOptions
+    from tvtool.valve.mixchain import build_mixchain
+    from tvtool.valve.options import MixChainOptions
     from tvtool.engine.prompting import PromptOptions
 
     base, r1, r2 = trio

@@ -264,7 +264,7 @@ def test_eval_options_from_the_command_line():
 
 
 def test_valve_recipes_carry_the_papers_training_settings():
-    from tvtool.valve.train import resolve
+    from tvtool.valve.options import resolve
 
     qwq = load_recipe(RECIPES / "qwq-32b-preview.yaml")
     assert qwq.mixchain.alphas == (0.2, 0.4, 0.6, 0.8) and [t.mode for t in qwq.train] == ["valve++", "progressive"]

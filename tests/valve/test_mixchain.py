@@ -11,8 +11,9 @@ from engine_setup import Crash as _Crash, Flaky as _Flaky
 
 from tvtool.evaluation.data import Problem
 from tvtool.errors import OptionsError, OutputError
-from tvtool.valve.mixchain import (DATA_FILE, MixChainOptions, assemble, betas, columns, dataset_card,
-                             parse_min_correct, write_dataset)
+from tvtool.valve.mixchain import DATA_FILE, assemble, columns, dataset_card, write_dataset
+from tvtool.valve.mixchain_length import betas
+from tvtool.valve.options import MixChainOptions, parse_min_correct
 
 ALPHAS = (0.2, 0.4, 0.6, 0.8)
 
@@ -178,7 +179,7 @@ def _odd_scorer(resp: str, p: Problem) -> bool:
 
 
 def _build(vengine, out: Path, engine, **kw):
-    from tvtool.engine.engine import SamplingOptions
+    from tvtool.engine.options import SamplingOptions
     from tvtool.valve.mixchain import build_mixchain
 
     opts = dict(limit=3, alphas=(0.6, 0.2), batch_size=1, progress=False, keep_truncated=True, min_correct="any")
@@ -251,7 +252,7 @@ def test_interrupted_build_resumes_to_the_same_dataset(vengine, tmp_path):
 
 
 def test_bad_requests_fail_before_any_generation(tmp_path):
-    from tvtool.engine.engine import SamplingOptions
+    from tvtool.engine.options import SamplingOptions
     from tvtool.valve.mixchain import build_mixchain
 
     kw = dict(base="b", reasoner="r", output=tmp_path / "mc")  # paths never opened: the checks come first
@@ -303,7 +304,7 @@ def test_a_generated_solution_and_the_same_text_as_ground_truth_get_the_same_cou
 def test_max_tokens_is_clamped_to_the_context_left_after_the_longest_prompt():
     from tvtool import toy
     from tvtool.evaluation.data import load_problems
-    from tvtool.engine.engine import EngineOptions, SamplingOptions
+    from tvtool.engine.options import EngineOptions, SamplingOptions
     from tvtool.valve.mixchain_length import clamp_max_tokens, fit_context
     from tvtool.engine.prompting import PromptOptions, load_tokenizer
 

@@ -15,7 +15,8 @@ from helpers import assert_one_line_error, cli
 
 from tvtool import toy
 from tvtool.errors import OptionsError
-from tvtool.valve.train import PRESETS, TrainOptions, resolve, train
+from tvtool.valve.train import train
+from tvtool.valve.options import PRESETS, TrainOptions, resolve
 from tvtool.valve.train_data import Encoded, collate, load_train_data, stages_for
 
 pytest.importorskip("peft")

@@ -45,9 +45,10 @@ def test_a_trained_adapter_gives_the_same_greedy_tokens_everywhere(vengine, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tvtool import MaterializeOptions, materialize
-    from tvtool.engine.engine import SamplingOptions
+    from tvtool.engine.options import SamplingOptions
     from tvtool.engine.prompting import PromptOptions, build_prompt
-    from tvtool.valve.train import TrainOptions, train
+    from tvtool.valve.train import train
+    from tvtool.valve.options import TrainOptions
 
     base = _fp32_copy(vengine.base, tmp_path / "base32")
     prompt = PromptOptions(instruction="")

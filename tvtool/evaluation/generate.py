@@ -11,8 +11,9 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from tvtool.engine.engine import EngineOptions, SamplingOptions
-from tvtool.evaluation.evaluate import EvalResult, evaluate
+from tvtool.engine.options import EngineOptions, SamplingOptions
+from tvtool.evaluation.evaluate import evaluate
+from tvtool.evaluation.report import EvalResult
 from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.runs import EvalOptions
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from tvtool.io.atomic import atomic_write, write_text
-from tvtool.evaluation.results import ACU_FORMULA
+from tvtool.evaluation.results import ACU_FORMULA, STAT_KEYS
 
 COLUMNS = (("label", "run"), ("method", "method"), ("params", "params"), ("alpha", "α"),
            ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"),
@@ -186,3 +187,36 @@ def answer_rule_line(rule: str, *, budgets=(), template: str = "qwq", alpha: flo
         line += (f" Rows `budget-N`: prompt control at α = {alpha:g}, the paper's {template} template asking for "
                  "fewer than N tokens (appendix B, Table 12: tokens in prompt vs mean #tokens generated).")
     return line
+
+
+
+@dataclass(frozen=True)
+class RunResult:
+    label: str
+    alpha: float | None
+    folder: Path
+    summary: dict
+    budget: int | None = None  # the token budget in the prompt (Table 12 baseline), None for plain runs
+
+
+
+@dataclass
+class EvalResult:
+    runs: list[RunResult] = field(default_factory=list)
+    table: dict[str, Path] = field(default_factory=dict)  # md/json/png of a multi-run evaluation
+    engine_starts: int = 0  # vLLM engines started (0 when every run was already complete)
+    answer_rule: str | None = None  # how answers were read (None: not scored)
+
+    def summary(self) -> str:
+        lines = [markdown_table(rows=[table_row(r) for r in self.runs]), "", ACU_FORMULA]
+        lines += [answer_rule_line(self.answer_rule)] if self.answer_rule else []
+        lines += [f"{k}: {v}" for k, v in self.table.items()]
+        return "\n".join(lines)
+
+
+
+def table_row(run: RunResult) -> dict:
+    s = run.summary
+    return {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
+            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
+            "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}

@@ -21,14 +21,16 @@ from tvtool._version import __version__
 from tvtool.evaluation.answers import rescore_file
 from tvtool.io.atomic import write_json
 from tvtool.evaluation.data import ProblemSet
-from tvtool.engine.engine import Engine, SamplingOptions, vllm_version
+from tvtool.engine.engine import Engine
+from tvtool.engine.options import SamplingOptions, vllm_version
 from tvtool.errors import OutputError
 from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
+from tvtool.io.fingerprint import input_fingerprint
 from tvtool.io.layout import RUN, SAMPLES, SUMMARY
 from tvtool.engine.logs import RunProgress
 from tvtool.options import CliOptions, opt
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
-from tvtool.evaluation.results import read_samples, summary_of
+from tvtool.evaluation.results import count_params_b, read_samples, summary_of
 from tvtool.evaluation.scoring import score as score_response
 
 
@@ -128,7 +130,6 @@ def run_record(*, engine: Engine | None, problems: ProblemSet, model: dict, lora
     answer rule is not in it: a changed rule re-scores the samples (`answers.rescore_file`), it does
     not generate them again. A planner with no engine yet (tvtool.evaluation.units) passes `sampling_record`
     and `engine_options`."""
-    from tvtool.vectors.source import input_fingerprint
 
     paths = ("path", "base", "delta", "reasoner")
     weights = weights if weights is not None else {"model": {k: model.get(k) for k in paths if model.get(k)}}
@@ -189,3 +190,8 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
     say(f"{changes(old, record)}: redoing eval {folder.parent.name}/{folder.name}")
     for name in (SAMPLES, SUMMARY, RUN):
         (folder / name).unlink(missing_ok=True)
+
+
+def run_params(o: EvalOptions, path) -> tuple[float, str]:
+    """(params_b, "nominal" | "counted") that a run's ACU uses: the option, else counted from `path`."""
+    return (o.params_b, "nominal") if o.params_b else (count_params_b(path), "counted")

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from tvtool.evaluation.data import ProblemSet, load_problems
-from tvtool.engine.engine import EngineOptions, SamplingOptions, sampling_record, write_shell_model
+from tvtool.engine.engine import write_shell_model
+from tvtool.engine.options import EngineOptions, SamplingOptions, sampling_record
 from tvtool.errors import OptionsError
-from tvtool.evaluation.evaluate import run_params, sweep_model
+from tvtool.engine.engine import sweep_model
+from tvtool.evaluation.runs import run_params
 from tvtool.io.layout import dataset_dir
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import config_name

@@ -7,7 +7,7 @@ A record is what a stage's output depends on, and nothing else:
 
 `options` are the settings that change the output (never paths: a moved or copied output
 folder still resumes); `inputs` are content fingerprints by role: a checkpoint's files (size
-and header hash, `source.input_fingerprint`), a delta's own (its header carries the record of
+and header hash, `tvtool.io.fingerprint.input_fingerprint`), a delta's own (its header carries the record of
 the stage that wrote it, so a delta rewritten from other inputs has another one), a dataset
 file's hash (`dataset_fingerprint`). Each stage writes its record last, atomically (with its
 output's rename, or as the last file), and on a re-run `is_finished` compares fingerprints: the

@@ -16,6 +16,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 ALPHA_TEMPLATE = "alpha-{alpha}"  # default name of one α's folder (materialize, eval sweeps, adapters)
 ALPHA_DIR = re.compile(r"^alpha[-_=]?(-?\d+(?:\.\d+)?(?:e-?\d+)?)$")  # α back from a folder name
 INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter folder
 SETTINGS_FILE = "tvtool.json"  # a materialized α folder's settings + provenance, written last
 SAMPLES, SUMMARY, RUN = "samples.jsonl", "summary.json", "run.json"  # one evaluation run's files
 PARTIAL = ".partial"  # suffix of an output being written (see tvtool.io.atomic)

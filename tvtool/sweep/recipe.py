@@ -24,7 +24,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError, RecipeError
 from tvtool.io.hub import PushOptions
 from tvtool.lowrank.svd import LowRankOptions

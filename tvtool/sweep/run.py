@@ -25,9 +25,11 @@ import yaml
 from tvtool._version import __version__
 from tvtool.io.atomic import discard, write_bytes, write_json, write_text
 from tvtool.vectors.delta import DeltaOptions, delta
-from tvtool.engine.engine import Engine, SamplingOptions, vllm_version
+from tvtool.engine.engine import Engine
+from tvtool.engine.options import SamplingOptions, vllm_version
 from tvtool.errors import OptionsError
-from tvtool.evaluation.evaluate import evaluate, table_row
+from tvtool.evaluation.evaluate import evaluate
+from tvtool.evaluation.report import table_row
 from tvtool.io.finished import changes, read_record, say, stage_record, write_record
 from tvtool.merge.finite import check_alphas
 from tvtool.io.hub import push
@@ -44,7 +46,8 @@ from tvtool.sweep.recipe import DatasetSpec, Recipe, load_recipe, low_rank_merge
 from tvtool.evaluation.report import answer_rule_line, markdown_table, plot
 from tvtool.evaluation.results import ACU_FORMULA
 from tvtool.evaluation.runs import EvalOptions
-from tvtool.vectors.source import DeltaSource, input_fingerprint
+from tvtool.io.fingerprint import input_fingerprint
+from tvtool.vectors.source import DeltaSource
 from tvtool.evaluation.units import RayOptions
 from tvtool.sweep.valve_stages import run_valve_stages, valve_commands, valve_section
 

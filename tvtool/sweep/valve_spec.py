@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 
 from tvtool.errors import OptionsError
 from tvtool.options import opt
-from tvtool.valve.train import TrainOptions, resolve
+from tvtool.valve.options import TrainOptions, resolve
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TrainSpec:
 
 def check_valve_stages(*, mixchain: MixChainSpec | None, train: Sequence[TrainSpec]) -> None:
     """Raise OptionsError(where = the recipe field path) for what the field types cannot say."""
-    from tvtool.valve.mixchain import parse_min_correct
+    from tvtool.valve.options import parse_min_correct
 
     if mixchain is not None:
         if not mixchain.alphas:

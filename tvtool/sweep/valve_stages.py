@@ -41,8 +41,10 @@ def run_valve_stages(*, recipe, out: Path, progress: bool,
 
 
 def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str, list[dict]], dict]:
-    from tvtool.evaluation.evaluate import evaluate, table_row
-    from tvtool.valve.mixchain import MixChainOptions, build_mixchain
+    from tvtool.evaluation.evaluate import evaluate
+    from tvtool.evaluation.report import table_row
+    from tvtool.valve.mixchain import build_mixchain
+    from tvtool.valve.options import MixChainOptions
     from tvtool.evaluation.runs import EvalOptions
     from tvtool.valve.train import train
 
@@ -171,7 +173,7 @@ def valve_section(*, recipe, tables: dict[str, list[dict]], valves: dict) -> lis
 def valve_commands(*, recipe, out: str) -> list[list[str]]:
     """The commands (as words) of the CoT-Valve stages, what `run_valve_stages` calls; every non-default
     option spelled by the options' `to_cli_args`."""
-    from tvtool.valve.mixchain import MixChainOptions
+    from tvtool.valve.options import MixChainOptions
     from tvtool.options import cli_number, to_cli_args
     from tvtool.evaluation.runs import EvalOptions
 

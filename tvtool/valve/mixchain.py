@@ -47,7 +47,8 @@ from tvtool._version import __version__
 from tvtool.io.atomic import atomic_dir
 from tvtool.io.cards import MIXCHAIN_RECORD as RECORD, dataset_card
 from tvtool.evaluation.data import Problem, load_problems
-from tvtool.engine.engine import Engine, EngineOptions, SamplingOptions, vllm_version, write_shell_model
+from tvtool.engine.engine import Engine, write_shell_model
+from tvtool.engine.options import EngineOptions, SamplingOptions, vllm_version
 from tvtool.errors import OptionsError, OutputError
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.io.finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
@@ -56,8 +57,8 @@ from tvtool.io.layout import SAMPLES
 from tvtool.io.lock import output_lock
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions, operator_settings, split_vectors
-from tvtool.valve.mixchain_length import fit_context, solution_length
-from tvtool.options import CliOptions, opt
+from tvtool.valve.mixchain_length import betas, fit_context, solution_length
+from tvtool.valve.options import MixChainOptions, parse_min_correct
 from tvtool.io.writer import check_free
 from tvtool.io.paths import check_output_apart
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
@@ -66,34 +67,12 @@ from tvtool.evaluation.runs import EvalOptions
 from tvtool.vectors.source import DeltaSource
 from tvtool.evaluation.units import RayOptions
 
-PAPER_ALPHAS = (0.2, 0.4, 0.6, 0.8)
 DATA_FILE = "data/train-00000-of-00001.parquet"
 JSONL_FILE = "mixchain.jsonl"  # no split word in the name: load_dataset reads only the parquet
 LICENSES = {"gsm8k": "mit", "math500": "mit"}
 SOURCES = {"gsm8k": ["openai/gsm8k"], "math500": ["HuggingFaceH4/MATH-500"]}
 
 Scorer = Callable[[str, Problem], bool]  # (response, problem) -> correct
-
-
-@dataclass(frozen=True)
-class MixChainOptions(CliOptions):
-    dataset: str = opt("gsm8k", "Questions with gold answers: gsm8k | math500 | toy, a .jsonl/.xml path, or a Hub id.")
-    split: str = opt("train", "Dataset split (the paper uses the GSM8K train questions).")
-    limit: int | None = opt(None, "Use only this many questions (the first N, or N random with --seed).")
-    seed: int | None = opt(None, "Shuffle the questions with this seed before --limit.")
-    kind: str | None = opt(None, "Answer format of a file dataset: gsm8k | math500 | asdiv (default: detected).")
-    alphas: tuple[float, ...] = opt(PAPER_ALPHAS, "α values, one solution each (default 0.2,0.4,0.6,0.8; repeat "
-                                                  "or comma-separate; sorted ascending: solution_1 = smallest α).",
-                                    flag="--alpha", short="-a")
-    min_correct: str = opt("all", "Keep a question with at least this many correct generated solutions: "
-                                  "all (as the released data), any (≥ 1), or a number 0..K.")
-    keep_truncated: bool = opt(False, "Count a correct chain that hit --max-tokens as correct (default: drop it).")
-    batch_size: int = opt(64, "Questions per generation batch; generations are saved after each batch.")
-    work_dir: str | None = opt(None, "Folder for the per-α generations (resumable; default: <output>.generations).")
-    license: str | None = opt(None, "Card license (default: gsm8k/math500 → mit, else other).")
-    jsonl: bool = opt(True, "Also write the rows as JSON lines (mixchain.jsonl) beside the parquet file.")
-    overwrite: bool = opt(False, "Replace an existing dataset folder; discard generations made with other settings.")
-    progress: bool = opt(True, "Show progress bars.")
 
 
 @dataclass(frozen=True)
@@ -116,27 +95,6 @@ class MixChainResult:
 
 
 # --- pure logic (no engine) ---------------------------------------------------------------
-
-
-def parse_min_correct(value: str | int, *, k: int) -> int:
-    """'all' → K, 'any' → 1, 'N' → N (0 ≤ N ≤ K)."""
-    v = str(value).strip().lower()
-    n = k if v == "all" else 1 if v == "any" else int(v) if v.isdigit() else None
-    if n is None or n > k:
-        raise OptionsError(f"bad --min-correct {value!r}", where=f"{k} α values",
-                           fix=f"use all, any, or a number from 0 to {k}")
-    return n
-
-
-def betas(lengths: Sequence[int | None]) -> list[float | None]:
-    """β = 1 − (m − m_min)/(m_max − m_min) for each present length (eq. 4), None where absent.
-
-    One solution, or all of one length: β = 1 for each (every one is a shortest solution)."""
-    present = [m for m in lengths if m is not None]
-    if not present:
-        return [None] * len(lengths)
-    lo, hi = min(present), max(present)
-    return [None if m is None else 1.0 if hi == lo else 1.0 - (m - lo) / (hi - lo) for m in lengths]
 
 
 def columns(k: int) -> list[str]:

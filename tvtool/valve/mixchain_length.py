@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tvtool.evaluation.data import Problem
-from tvtool.engine.engine import EngineOptions, SamplingOptions
+from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
 from tvtool.engine.prompting import PromptOptions, build_prompt, uses_chat_template
 
@@ -56,3 +56,15 @@ def fit_context(*, problems: Sequence[Problem], tokenizer: Any, shell: str | Pat
 
 
 __all__ = ["clamp_max_tokens", "fit_context", "solution_length"]
+
+
+
+def betas(lengths: Sequence[int | None]) -> list[float | None]:
+    """β = 1 − (m − m_min)/(m_max − m_min) for each present length (eq. 4), None where absent.
+
+    One solution, or all of one length: β = 1 for each (every one is a shortest solution)."""
+    present = [m for m in lengths if m is not None]
+    if not present:
+        return [None] * len(lengths)
+    lo, hi = min(present), max(present)
+    return [None if m is None else 1.0 if hi == lo else 1.0 - (m - lo) / (hi - lo) for m in lengths]

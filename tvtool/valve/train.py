@@ -30,60 +30,17 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from tvtool.io.atomic import commit_dir, discard, write_json
-from tvtool.errors import OptionsError, OutputError
 from tvtool.io.finished import RECORD_KEY, is_finished, stage_record
 from tvtool.io.lock import output_lock
-from tvtool.options import CliOptions, opt
+from tvtool.valve.options import MODES, PRESETS, TrainOptions, resolve
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
-from tvtool.vectors.source import input_fingerprint
+from tvtool.io.fingerprint import input_fingerprint
 
-MODES = ("valve", "valve++", "progressive")
 RECORD = "train.json"
-PRESETS = {  # paper appendix A.2
-    "qwq": dict(rank=2, lora_alpha=8.0, lr=1e-5, batch_size=64, epochs=5, weight_decay=0.01),
-    "llama": dict(rank=32, lora_alpha=64.0, lr=4e-5, scheduler="cosine", weight_decay=0.01, batch_size=64,
-                  epochs=8),
-}
-DEFAULTS = dict(rank=8, lr=2e-4, scheduler="linear", weight_decay=0.0, batch_size=32, epochs=3)
-
-
-@dataclass(frozen=True)
-class TrainOptions(CliOptions):
-    preset: Literal["none", "qwq", "llama"] = opt(
-        "none", "Paper settings (A.2). qwq: r 2, lora_alpha 8, lr 1e-5, batch 64, 5 epochs, weight decay 0.01; "
-                "llama: r 32, lora_alpha 64, lr 4e-5, cosine, weight decay 0.01, batch 64, 8 epochs. "
-                "Options given explicitly win.")
-    column: str | None = opt(None, "valve: the solution column to learn (default solution_0; pairs: solution).")
-    rank: int | None = opt(None, "LoRA rank r (default 8).")
-    lora_alpha: float | None = opt(None, "LoRA alpha: the branch is scaled by lora_alpha/r (default 2·r).")
-    rslora: bool = opt(False, "rsLoRA: scale by lora_alpha/sqrt(r).")
-    target_modules: str = opt("all-linear", "Layers to adapt: all-linear, or comma-separated module names "
-                                            "(q_proj,v_proj).")
-    dropout: float = opt(0.0, "LoRA dropout.")
-    lr: float | None = opt(None, "Peak learning rate (default 2e-4).")
-    scheduler: Literal["constant", "linear", "cosine"] | None = opt(None, "Decay after warm-up (default linear).")
-    warmup_ratio: float = opt(0.0, "Share of each stage's steps spent warming up linearly.")
-    weight_decay: float | None = opt(None, "AdamW weight decay (default 0).")
-    max_grad_norm: float = opt(1.0, "Clip the gradient norm (0: off).")
-    epochs: int | None = opt(None, "Epochs (progressive: per stage; paper 2). Default 3, progressive 2.")
-    max_steps: int | None = opt(None, "Stop a stage after this many optimizer steps.")
-    batch_size: int | None = opt(None, "Samples per optimizer step over all processes and accumulation (default 32).")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step in each process.")
-    max_seq_len: int | None = opt(None, "Longest prompt + solution; longer samples are skipped and counted "
-                                        "(default: the model's max_position_embeddings).")
-    seed: int = opt(0, "Seed of the LoRA init, the epoch order and dropout.")
-    threads: int = opt(0, "CPU threads for torch (0: torch's default; 1 is fastest on a busy shared CPU).")
-    precision: Literal["fp32", "bf16"] = opt("fp32", "fp32; or bf16 (base weights bf16, LoRA fp32, bf16 autocast).")
-    skip_zero_beta: bool = opt(True, "valve++: skip samples with β = 0 (their LoRA gradient is exactly zero).")
-    save_steps: int = opt(200, "Checkpoint every N optimizer steps (and at each epoch end) for resuming.")
-    overwrite: bool = opt(False, "Replace an output folder that holds something else (a finished run with the "
-                                 "same settings is kept).")
-    progress: bool = opt(True, "Show a progress bar with the loss.")
 
 
 @dataclass(frozen=True)
@@ -103,28 +60,6 @@ class TrainResult:
         lines += [f"  stage {s['name']}: {s['samples']} samples ({s['skipped_long']} too long, "
                   f"{s['skipped_zero_beta']} with β=0 skipped), {s['steps']} steps" for s in r["stages"]]
         return "\n".join(lines)
-
-
-def resolve(o: TrainOptions, *, mode: str) -> TrainOptions:
-    """Fill unset options from the preset, then the defaults; check every value."""
-    if mode not in MODES:
-        raise OptionsError(f"unknown mode {mode!r}", where="MODE", fix="use valve, valve++ or progressive")
-    fill = {**DEFAULTS, **({"epochs": 2} if mode == "progressive" else {}), **PRESETS.get(o.preset, {})}
-    o = replace(o, **{k: v for k, v in fill.items() if getattr(o, k) is None})
-    if o.lora_alpha is None:
-        o = replace(o, lora_alpha=2.0 * o.rank)
-    checks = [("rank", o.rank >= 1, "LoRA rank must be ≥ 1"), ("lora-alpha", o.lora_alpha > 0, "lora_alpha must be > 0"),
-              ("lr", o.lr > 0, "the learning rate must be > 0"), ("epochs", o.epochs >= 1, "epochs must be ≥ 1"),
-              ("batch-size", o.batch_size >= 1, "the batch size must be ≥ 1"),
-              ("grad-accum", o.grad_accum >= 1, "grad_accum must be ≥ 1"),
-              ("dropout", 0 <= o.dropout < 1, "dropout must be in [0, 1)"),
-              ("max-steps", o.max_steps is None or o.max_steps >= 1, "max_steps must be ≥ 1"),
-              ("save-steps", o.save_steps >= 1, "save_steps must be ≥ 1"),
-              ("warmup-ratio", 0 <= o.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")]
-    for flag, ok, what in checks:
-        if not ok:
-            raise OptionsError(f"{what}, got {getattr(o, flag.replace('-', '_'))}", where=f"--{flag}")
-    return o
 
 
 # --- the verb -----------------------------------------------------------------------------

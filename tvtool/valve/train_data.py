@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from tvtool.errors import DatasetError, OptionsError
 from tvtool.engine.prompting import PromptOptions, build_prompt, uses_chat_template
+from tvtool.valve.mixchain_length import betas, solution_length
 
 _SOL = re.compile(r"^solution_(\d+)$")
 IGNORE = -100  # label of a position outside the loss
@@ -135,8 +136,6 @@ def _present(v: Any) -> bool:
 
 def _row_betas(row: dict, cols: Sequence[str], tokenizer: Any) -> dict[str, float]:
     """β per present solution of a row (eq. 4): stored beta_k, else from token counts."""
-    from tvtool.valve.mixchain import betas
-    from tvtool.valve.mixchain_length import solution_length
 
     present = [c for c in cols if _present(row.get(c))]
     stored = {c: row.get(c.replace("solution_", "beta_")) for c in present}

@@ -27,9 +27,8 @@ import torch
 
 from tvtool.io.checkpoint import SIDE_PATTERNS, Checkpoint
 from tvtool.errors import CheckpointError
+from tvtool.io.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 _NOT_CONFIG = ("config.json", "generation_config.json")
