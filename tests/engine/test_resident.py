@@ -21,7 +21,8 @@ import torch
 
 from helpers import bits
 from tiny import edited_copy, finetune_like, state_dict
-from tvtool.engine.resident import Choice, Region, Resident, choose, tensor_rules
+from tvtool.engine.placement import Choice, choose
+from tvtool.engine.resident import Region, Resident, tensor_rules
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.stream import merged_tensors, output_plan
 from tvtool.vectors.source import DeltaSource

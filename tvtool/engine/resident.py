@@ -23,25 +23,21 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
 
-from tvtool.errors import OptionsError
+from tvtool.engine.placement import Placement
 from tvtool.io.checkpoint import Checkpoint, Source
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.finite import check_finite
-from tvtool.merge.kernels import count_nonfinite, fused_pair, merge_many, merge_rows
+from tvtool.merge.kernels import fused_pair, merge_many, merge_rows
 from tvtool.merge.stream import PlannedTensor, merged_tensors, output_plan
 from tvtool.vectors.source import DeltaSource
 
-Placement = Literal["gpu", "cpu"]
-Mode = Literal["auto", "gpu", "cpu", "off"]
 # a region's source view: only slicing/view ops, as vLLM records them (sharded_rdt_common.SUPPORTED_OPS)
 CHAIN_OPS = frozenset({"narrow", "view", "reshape", "__getitem__", "unsqueeze", "squeeze", "transpose", "t",
                        "permute", "flatten", "contiguous", "chunk", "unbind"})
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -141,6 +137,7 @@ class Resident:
         self.held: dict[int, _Held] = {}
         self.m_key: MergeConfig | None = None  # the operator setting the held M belong to
         self.m_names: set[str] = set()
+        self.captures = 0  # capture passes so far (each reads inputs)
         self.paired = self._paired()  # tensors whose Δ is fl32(θ2) − fl32(θ1) with θ2 as stored
 
     def _paired(self) -> set[str]:
@@ -160,6 +157,7 @@ class Resident:
     def capture(self, config: MergeConfig) -> None:
         """Read what `config` needs and is not held yet: θ1, θ2 (a single pair), M of its operator."""
         if not self.held:
+            self.captures += 1
             for name, idx in self.by_tensor.items():
                 t = self.base.read(self.plan[name].src)
                 check_finite(name, t, what="the base", where=self.source.base)  # as the streaming path checks
@@ -168,6 +166,7 @@ class Resident:
             self._row_masks()
         ident = identity_merge(config, len(self.tvs))
         if ident and self.paired and self.held[self.by_tensor[next(iter(self.paired))][0]].end is None:
+            self.captures += 1
             reasoner = Checkpoint.open(self.source.reasoner, allow_pickle=self.source.allow_pickle)
             for name in self.paired:
                 e = reasoner.read(name)
@@ -183,6 +182,7 @@ class Resident:
 
     def _capture_m(self, key: MergeConfig, want: set[str]) -> None:
         """M of `want`, through the merge path over a base of −0.0 (see the module doc)."""
+        self.captures += 1
         for i in self.held:
             self.held[i].m = None
         some = want != {n for n in self.plan if n in self.tvs[0]}  # then only these are merged (others: −0)
@@ -205,6 +205,7 @@ class Resident:
                  and self.held[self.by_tensor[n][0]].end is None]
         if not names:
             return
+        self.captures += 1
         for name, e in merged_tensors(base=self.base, tv=tv, config=MergeConfig(1.0, include=exact_names(names))):
             if name in names:
                 for i in self.by_tensor[name]:
@@ -291,59 +292,6 @@ def finish(*, theta1: torch.Tensor, x: torch.Tensor, pair: bool, alpha: float, d
     x = x.to(device, non_blocking=True)
     delta = x.float().sub_(theta1.float()) if pair else x.float()
     return merge_rows(theta1, delta, alpha, dtype)
-
-
-# --- memory -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Choice:
-    placement: Placement | None  # None: stream every α
-    message: str | None  # one line to show, or None
-    refused: bool = False
-
-
-def choose(*, mode: Mode, need: int, free_gpu: int | None, free_cpu: int, workers_per_host: int = 1,
-           reserve: float = 0.1) -> Choice:
-    """Where the resident copies go. `need`: bytes per worker; `free_gpu`: free bytes of one worker's GPU
-    (None without a GPU); `free_cpu`: available bytes of the host, shared by its `workers_per_host`.
-    A `reserve` fraction of free memory stays free. `gpu`/`cpu` that do not fit are refused (one line);
-    `auto` takes the GPU if it fits, else (pinned) CPU memory, else streams and says so."""
-    if mode == "off":
-        return Choice(None, None)
-    gpu_ok = free_gpu is not None and need <= (1 - reserve) * free_gpu
-    cpu_ok = need * workers_per_host <= (1 - reserve) * free_cpu
-    size = f"{need / GIB:.2f} GiB per worker"
-    gpu_free = f"{free_gpu / GIB:.1f} GiB free on its GPU" if free_gpu is not None else "no GPU"
-    cpu_free = f"{free_cpu / GIB:.1f} GiB free in CPU memory for {workers_per_host} worker(s)"
-    if mode == "gpu":
-        if free_gpu is None:
-            return Choice(None, "--resident gpu needs a GPU engine; this engine runs on the CPU", refused=True)
-        return Choice("gpu", None) if gpu_ok else Choice(
-            None, f"--resident gpu needs {size}, {gpu_free}", refused=True)
-    if mode == "cpu":
-        return Choice("cpu", None) if cpu_ok else Choice(None, f"--resident cpu needs {size}, {cpu_free}",
-                                                         refused=True)
-    if mode != "auto":
-        raise OptionsError(f"bad --resident {mode!r}", where="--resident", fix="use auto, gpu, cpu or off")
-    if gpu_ok:
-        return Choice("gpu", f"resident α swap: θ1 and Δ kept in GPU memory ({size}, {gpu_free})")
-    if cpu_ok:
-        where = "pinned CPU memory" if free_gpu is not None else "CPU memory"
-        return Choice("cpu", f"resident α swap: θ1 and Δ kept in {where} ({size}, {cpu_free})")
-    return Choice(None, f"resident α swap does not fit ({size}; {gpu_free}, {cpu_free}): every α streams "
-                        "from the checkpoints")
-
-
-def free_cpu_bytes() -> int:
-    """MemAvailable of this host (Linux), else 0."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 # --- M through the merge path: a base of −0.0 ----------------------------------------------------------

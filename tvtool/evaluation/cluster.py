@@ -7,8 +7,9 @@ loads each α in place, as the one-engine path does (its shell model is written 
 
 - The plan (`tvtool.evaluation.units`) is made before Ray starts; a finished re-run starts no engine and no Ray.
 - Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first.
-- Each actor does what the one-engine path does per run: `Engine.hold_alpha(source, config)` (a
-  `DeltaSource` and a `MergeConfig`, plain data; loaded only if not held), then `runs.run_one`, into
+- Each actor does what the one-engine path does per run: `Engine.load_alpha(source, config)` (a
+  `DeltaSource` and a `MergeConfig`, plain data; loaded only if not held; resident in the actor's engine
+  after its first α, as on one engine), then `runs.run_one`, into
   the same resumable folder as `tvtool eval`; so a Ray sweep and a local one give the same table and
   can resume each other.
 - An actor that dies (OOM, node lost, SIGKILL) is replaced and its unit retried, up to `retries`
@@ -106,10 +107,10 @@ class EngineActor:
         """The one-engine path's per-run steps: hold θ1 + α·Δ (loaded only if not held), then `run_one`
         (which resumes from the samples already written)."""
         for r in unit.runs:
-            self.engine.hold_alpha(source=r.source, config=r.config)
+            load = self.engine.load_alpha(source=r.source, config=r.config)
             run_one(engine=self.engine, problems=r.problems, folder=r.folder, model=r.model, prompt=self.job.prompt,
                     sampling=r.sampling, options=replace(r.options, progress=False), params_b=r.params_b,
-                    params_source=r.params_source, weights=r.weights)
+                    params_source=r.params_source, weights=r.weights, load=load)
         return [r.folder for r in unit.runs]
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ line is dropped), so an interrupted run finishes into the same summary.
 
 Each mode plans its runs, then `_Session.run` goes through them on one engine: a run
 that is complete is only re-summarised; otherwise the engine is given the run's weights
-(`Engine.hold_alpha`/`hold_folder`: loaded only if not already held) and generates.
+(`Engine.load_alpha`/`hold_folder`: loaded only if not already held) and generates; run.json records
+how the weights were loaded (`load`: path, seconds, bytes read), which is no part of the finished-work record.
 Engines are made lazily, so a finished re-run starts none.
 - α sweep: ONE engine (placeholder weights, its own shell-model folder with the merged
   config and tokenizer); θ1 + α·Δ is loaded in place for each α (`--include/--exclude`
@@ -85,12 +86,12 @@ class _Planned:
             cache[self.path] = input_fingerprint(self.path)
         return {"folder": cache[self.path]}
 
-    def hold(self, engine: Engine) -> None:
-        """Load this run's weights into `engine` unless it already holds them."""
+    def hold(self, engine: Engine) -> dict | None:
+        """Load this run's weights into `engine` unless it already holds them; the α load's record."""
         if self.config is not None:
-            engine.hold_alpha(source=self.source, config=self.config)
-        else:
-            engine.hold_folder(path=self.path)
+            return engine.load_alpha(source=self.source, config=self.config)
+        engine.hold_folder(path=self.path)
+        return None
 
 
 @dataclass
@@ -123,11 +124,12 @@ class _Session:
                 kw = dict(problems=problems, model=r.model, prompt=r.prompt or self.prompt, sampling=self.sampling,
                           options=self.options, lora=r.lora, weights=r.fingerprint(fps))
                 record = run_record(engine=engine, **kw)
+                load = None
                 if not is_complete(folder=r.folder, record=record, problems=problems, n=self.sampling.n):
                     check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
-                    r.hold(engine)  # the explicit load step: only what the engine does not hold
+                    load = r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
-                                  **kw)
+                                  load=load, **kw)
         finally:
             if self.engine is None:
                 self.result.engine_starts += engine.starts

@@ -1,7 +1,8 @@
 """One evaluation run: generate with the engine's current weights (resuming), score, summarise.
 
 A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
-run.json (`settings` and the finished-work `record` first, `finished` last). A run is complete
+run.json (`settings` and the finished-work `record` first, `finished` last; `load`: how the engine got
+the weights, `Engine.load_alpha`'s record: information, not identity). A run is complete
 when run.json holds the same record fingerprint (`run_record`: sampling, prompt, scoring, engine
 dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`) and every
 sample is written. Another record is refused (or, with overwrite, discarded, saying what
@@ -65,10 +66,13 @@ class EvalOptions(CliOptions):
 def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
             options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
-            params_b: float | None = None, params_source: str = "counted", weights: dict | None = None) -> dict:
+            params_b: float | None = None, params_source: str = "counted", weights: dict | None = None,
+            load: dict | None = None) -> dict:
     """Generate (resuming), score and summarise `problems` with the engine's current weights.
 
-    `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given."""
+    `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given.
+    `load`: how they were loaded (`Engine.load_alpha`'s record), kept in run.json next to the record
+    (None: the load already recorded there for the same record, if any)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
@@ -76,7 +80,9 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     record = run_record(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt, sampling=sampling,
                         options=options, weights=weights)
     check_settings(folder, record, options.overwrite)
-    run = {"settings": settings, RECORD_KEY: record, "dataset": _dataset_record(problems),
+    load = load if load is not None else _recorded_load(folder / RUN, record)
+    run = {"settings": settings, RECORD_KEY: record, **({"load": load} if load is not None else {}),
+           "dataset": _dataset_record(problems),
            "tvtool_version": __version__, "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -154,6 +160,16 @@ def is_complete(*, folder: str | os.PathLike, record: dict, problems: ProblemSet
         return False
     done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES)}
     return all((p.id, i) in done for p in problems for i in range(n))
+
+
+def _recorded_load(path: Path, record: dict) -> dict | None:
+    """The `load` run.json holds for the same record (a re-summarised run keeps how its weights were loaded)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = isinstance(old, dict) and (old.get(RECORD_KEY) or {}).get("fingerprint") == record["fingerprint"]
+    return old.get("load") if same else None
 
 
 def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:

@@ -1,0 +1,330 @@
+"""vLLM's side of the resident α swap, run in the engine's worker processes: where each checkpoint tensor
+lands in the engine's parameters, and writing values there the way vLLM's own in-place reload does.
+
+- `bake(model, tensors)`: a dry run of the model's own `load_weights` over zero-storage tensors, with vLLM's
+  `FakeRDTTensor`/`BakeSink` (what its sharded weight-transfer backend bakes its replay plan with,
+  `sharded_rdt_engine._bake`). Every `copy_` a loader makes is recorded as the source slice (a chain of
+  slicing ops) and the destination block of the parameter, after vLLM's sharding and fusing: a `Region`.
+  The chain is replayed later on float32 or bfloat16 tensors alike, so nothing passes through the
+  parameter's dtype (the loaders' cast) on the way in. A module whose loader computes instead of slicing
+  (a `.to()`, arithmetic), or that the recorded copies do not fill, is left to its loaders: `Layout.loaded`.
+- `swap(worker, values)`: vLLM's layerwise reload (`reload_weights` in place: meta-restore every layer,
+  load, process, copy into the kernel tensors, finalize), with the baked layers written from `values`
+  instead of through their loaders, then processed by vLLM as after any load (repacking on CPU,
+  quantization...). So the processing sees the bytes the loaders would have written, whatever it does.
+- `check_api()`: the vLLM names this relies on, checked when the engine starts (tested with
+  `tvtool.engine.options.TESTED_VLLM`).
+- `Digests`: sha256 per region of what was written before vLLM's processing (both load paths).
+Imports of vLLM are inside the functions: this module is imported only where vLLM runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from tvtool.engine.resident import Region
+
+NEEDED = {  # module: names the resident swap uses
+    "vllm.model_executor.model_loader.reload.layerwise": (
+        "initialize_layerwise_reload", "finalize_layerwise_reload", "get_layerwise_info", "LAYERWISE_INFO",
+        "_get_original_loader", "_copy_and_restore_kernel_tensors", "_place_kernel_tensors"),
+    "vllm.model_executor.model_loader.reload.meta": ("materialize_layer",),
+    "vllm.model_executor.model_loader.reload.utils": ("get_layer_tensors", "get_layer_size"),
+    "vllm.model_executor.model_loader.weight_utils": ("default_weight_loader",),
+    "vllm.distributed.weight_transfer.sharded_rdt_fake": ("BakeSink", "FakeRDTTensor"),
+    "vllm.model_executor.layers.quantization.base_config": ("QuantizeMethodBase",),
+    "vllm.config": ("set_current_vllm_config",),
+}
+WORKER_NEEDED = ("reload_weights", "model_runner.get_model", "model_runner.reset_lora_state",
+                 "model_runner.reset_encoder_cache", "model_runner.reset_mm_cache", "vllm_config")
+
+
+def check_api(worker=None) -> list[str]:
+    """The names the swap needs that this vLLM lacks (empty: all there)."""
+    missing = []
+    for mod, names in NEEDED.items():
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            missing.append(mod)
+            continue
+        missing += [f"{mod}.{n}" for n in names if not hasattr(m, n)]
+    for path in WORKER_NEEDED if worker is not None else ():
+        obj = worker
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            missing.append(f"worker.{path}")
+    return missing
+
+
+@dataclass
+class Layout:
+    """Where the checkpoint tensors go in this worker: `regions` (baked modules, in module order), the
+    tensors left to vLLM's loaders (`loaded`, with the modules they fill), and tensors the model ignores."""
+
+    regions: list[Region]
+    loaded: list[str] = field(default_factory=list)  # checkpoint tensors loaded through their loaders
+    loaded_modules: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # the model takes nothing from them (e.g. a tied lm_head)
+
+    def notice(self) -> str | None:
+        if not self.loaded_modules:
+            return None
+        mods = self.loaded_modules
+        return (f"resident α swap: {len(mods)} module(s) whose loaders compute rather than slice load through "
+                f"vLLM's loaders from unsharded copies: {', '.join(mods[:6])}{', …' if len(mods) > 6 else ''}")
+
+
+def bake(model: torch.nn.Module, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+         device: torch.device) -> Layout:
+    """Record where the model's loaders put each of `tensors` (name, shape, stored dtype); moves no data."""
+    from vllm.distributed.weight_transfer.sharded_rdt_fake import BakeSink, FakeRDTTensor
+    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+    from vllm.model_executor.model_loader.reload.utils import get_layer_size
+
+    names = {id(m): n for n, m in model.named_modules()}
+    sink = BakeSink()
+    failed: dict[str, str | None] = {}  # tensor → the module its loader failed in (None: outside any loader)
+    with torch.device(device):
+        initialize_layerwise_reload(model)
+        last = _stamp(model, sink)
+        try:
+            fakes = [(n, FakeRDTTensor(n, torch.Size(s), d, device, sink=sink)) for n, s, d in tensors]
+            try:
+                model.load_weights(iter(fakes))
+            except Exception:  # a loader did something no slice describes: find which, one tensor at a time
+                sink.copies_by_layer.clear()
+                for name, fake in fakes:
+                    last.clear()
+                    before = {k: len(v) for k, v in sink.copies_by_layer.items()}
+                    try:
+                        model.load_weights(iter([(name, fake)]))
+                    except Exception:  # noqa: BLE001 - any loader error means: not by slices
+                        failed[name] = names.get(id(last[0])) if last else None
+                        for k, v in sink.copies_by_layer.items():
+                            del v[before.get(k, 0):]
+        finally:
+            _restore(model)
+    by_module: dict[str, list[Region]] = {}
+    partial = set(failed.values())
+    for layer, copies in sink.copies_by_layer.items():
+        mod = names[id(layer)]
+        if any(c is None for c in copies) or sum(_numel(c.shape) for c in copies) < get_layer_size(layer):
+            partial.add(mod)
+        dtypes = dict((n, d) for n, _, d in tensors)
+        for c in copies:
+            name, chain = c.src
+            if c.dtype != dtypes[name]:  # a view(dtype) in the chain: not a plain slice
+                partial.add(mod)
+            by_module.setdefault(mod, []).append(Region(mod, c.param_name, name, tuple(chain), int(c.offset),
+                                                        tuple(c.shape), tuple(c.stride)))
+    if None in partial:  # a failure outside any loader: where its tensor goes is unknown
+        raise RuntimeError(f"the model's load_weights failed on {[t for t, m in failed.items() if m is None][:3]}")
+    loaded = {t for t in failed}
+    while True:  # a tensor feeding a module left to its loaders goes through the loaders, and so do its modules
+        loaded |= {r.tensor for m in partial for r in by_module.get(m, ())}
+        more = {m for m, rs in by_module.items() if m not in partial and any(r.tensor in loaded for r in rs)}
+        if not more:
+            break
+        partial |= more
+    regions = [r for m, rs in by_module.items() if m not in partial for r in rs]
+    used = {r.tensor for r in regions} | loaded
+    return Layout(regions, sorted(loaded), sorted(partial), sorted(n for n, _, _ in tensors if n not in used))
+
+
+def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
+         loaded: Iterable[tuple[str, torch.Tensor]] = ()) -> None:
+    """Put `values` (per region, in module order) and `loaded` (whole tensors, through the loaders) into the
+    engine, as `reload_weights` would have put the same checkpoint tensors (see the module doc)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
+                                                                  initialize_layerwise_reload)
+
+    runner = worker.model_runner
+    model = runner.get_model()
+    modules = dict(model.named_modules())
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(model)
+        try:
+            batch = list(loaded)
+            if batch:
+                model.load_weights(iter(batch))
+            layer, writes = None, []
+            for region, value in values:
+                if layer is not None and region.module != writes[0][0].module:
+                    _write_layer(layer, writes)
+                    writes = []
+                layer = modules[region.module]
+                writes.append((region, value))
+            if writes:
+                _write_layer(layer, writes)
+        finally:
+            finalize_layerwise_reload(model, runner.model_config)
+    runner.reset_lora_state()  # what the worker's reload_weights does after loading
+    runner.reset_encoder_cache()
+    runner.reset_mm_cache()
+
+
+def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor]]) -> None:
+    """vLLM's `_layerwise_process` for one layer, its loaders' copies replaced by `writes`."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+    from vllm.model_executor.model_loader.reload.layerwise import (_copy_and_restore_kernel_tensors,
+                                                                  _get_original_loader, get_layerwise_info)
+    from vllm.model_executor.model_loader.reload.meta import materialize_layer
+    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
+
+    info = get_layerwise_info(layer)
+    materialize_layer(layer, info)
+    if hasattr(layer, "_already_called_process_weights_after_loading"):
+        delattr(layer, "_already_called_process_weights_after_loading")
+    for t in get_layer_tensors(layer).values():
+        t.weight_loader = _get_original_loader(t)
+    for region, value in writes:
+        region.target(getattr(layer, region.param)).copy_(value)  # the loaders' copy_ (and its cast)
+    qm = getattr(layer, "quant_method", None)
+    if isinstance(qm, QuantizeMethodBase):
+        qm.process_weights_after_loading(layer)  # (a Digests hook records the regions first)
+        if hasattr(layer, "update_param_tp_status"):
+            layer.update_param_tp_status()
+    if info.kernel_tensors is not None:
+        _copy_and_restore_kernel_tensors(layer, info)
+    info.reset()
+
+
+# --- the dry run's loader stamps (as vLLM's sharded_rdt_engine._install_recording_stamps) -------------
+
+
+def _stamp(model: torch.nn.Module, sink) -> list:
+    """Wrap each loadable tensor's ORIGINAL loader so the sink can attribute each copy to (layer, param);
+    returns a list holding the layer whose loader ran last (for naming a failure)."""
+    import functools
+
+    from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader
+    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    last: list = []
+
+    def make(layer, name, inner, added):
+        @functools.wraps(inner)
+        def stamp(*args, **kwargs):
+            sink.current = (layer, name)
+            last[:] = [layer]
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                sink.current = None
+
+        stamp._tvtool_inner, stamp._tvtool_added = inner, added
+        return stamp
+
+    for module in model.modules():
+        for name, tensor in get_layer_tensors(module).items():
+            if getattr(tensor, "weight_loader", None) is None:
+                tensor.weight_loader = make(module, name, default_weight_loader, True)
+            else:
+                tensor.weight_loader = make(module, name, _get_original_loader(tensor), False)
+    return last
+
+
+def _restore(model: torch.nn.Module) -> None:
+    """Undo the dry run: kernel tensors back in place, layerwise state reset, stamps removed."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _place_kernel_tensors
+    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
+
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load():
+            if info.kernel_tensors is not None:
+                _place_kernel_tensors(layer, info)
+            info.reset()
+    for module in model.modules():
+        for tensor in get_layer_tensors(module).values():
+            loader, added = getattr(tensor, "weight_loader", None), False
+            while loader is not None and hasattr(loader, "_tvtool_inner"):
+                added = added or loader._tvtool_added
+                loader = loader._tvtool_inner
+                tensor.weight_loader = loader
+            if added:
+                del tensor.weight_loader
+    if hasattr(model, "_original_do_torchao_reload"):
+        model._do_torchao_reload = model._original_do_torchao_reload
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# --- digests of what each load wrote ---------------------------------------------------------------------
+
+
+class Digests:
+    """sha256 per region of the values written before vLLM's processing, for any load path.
+
+    Layers with a quant method are hashed when vLLM calls its `process_weights_after_loading` (their
+    kernel tensors may be repacked after, e.g. oneDNN on CPU); the others after the load, from their
+    parameters. `digest()` combines them in region order: equal digests, equal bytes in every region."""
+
+    def __init__(self, model: torch.nn.Module, regions: Sequence[Region]):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.modules = dict(model.named_modules())
+        self.regions: dict[str, list[tuple[int, Region]]] = {}
+        for i, r in enumerate(regions):
+            self.regions.setdefault(r.module, []).append((i, r))
+        self.hashes: dict[int, str] = {}
+        for name in self.regions:
+            qm = getattr(self.modules[name], "quant_method", None)
+            if qm is not None and not hasattr(qm, "_tvtool_process"):
+                real = qm.process_weights_after_loading
+                qm._tvtool_process = real
+
+                def hooked(layer, *a, _real=real, **k):
+                    self.record(layer)
+                    return _real(layer, *a, **k)
+
+                qm.process_weights_after_loading = hooked
+
+    def record(self, layer: torch.nn.Module) -> None:
+        for i, r in self.regions.get(self.names.get(id(layer)), ()):
+            v = r.target(getattr(layer, r.param)).detach().to("cpu").contiguous()
+            self.hashes[i] = hashlib.sha256(v.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    def after_load(self) -> None:
+        for name in self.regions:
+            layer = self.modules[name]
+            if getattr(layer, "quant_method", None) is None:
+                self.record(layer)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for name, items in self.regions.items():
+            for i, r in items:
+                h.update(f"{name}.{r.param}[{r.offset}]{r.shape}:{self.hashes.get(i)}".encode())
+        return h.hexdigest()
+
+    def clear(self) -> None:
+        self.hashes.clear()
+
+
+def io_counters() -> dict[str, int]:
+    """This process's I/O counters (/proc/self/io): rchar = bytes through read calls (page cache included),
+    read_bytes = bytes fetched from storage."""
+    out = {}
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                out[k.strip()] = int(v)
+    except OSError:
+        pass
+    return out
+
