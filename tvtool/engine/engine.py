@@ -127,7 +127,8 @@ class Engine:
             self._start()
         self.weights: dict[str, Any] = {"kind": "dummy" if dummy_weights else "folder", "path": str(model)}
         self.last_load: dict = dict(HELD)
-        self._resident_mode = o.resident  # "off" when this vLLM lacks what the resident swap needs
+        self._resident_mode = o.resident
+        self._resident_missing: list[str] = []  # what this vLLM lacks for the resident swap (checked at start)
         self._placed: tuple | None = None  # ((source, M key), placement) decided for the engine's copies
         self._said: set[str] = set()
         self._lora_ids: dict[str, int] = {}
@@ -189,10 +190,10 @@ class Engine:
             raise EngineError(f"vLLM {version} lacks what the resident α swap needs: {', '.join(missing[:3])}",
                               where=f"--resident {self._resident_mode}",
                               fix=f"use --resident off (streaming), or vLLM {' or '.join(TESTED_VLLM)}")
+        self._resident_missing = list(missing)
         if missing and self._resident_mode == "auto":
             self._say(f"resident α swap off: vLLM {version} lacks {', '.join(missing[:2])} (tested with "
                       f"{', '.join(TESTED_VLLM)}); every α streams from the checkpoints")
-            self._resident_mode = "off"
         elif not tested and self._resident_mode != "off":
             self._say(f"note: vLLM {version} is not a version the in-place swap is tested with "
                       f"({', '.join(TESTED_VLLM)})")
@@ -203,9 +204,11 @@ class Engine:
             say(message)
 
     # -- weights ---------------------------------------------------------------------
-    def load_alpha(self, *, source: DeltaSource, config: MergeConfig, force: bool = False) -> dict:
+    def load_alpha(self, *, source: DeltaSource, config: MergeConfig, force: bool = False,
+                   resident: Literal["auto", "gpu", "cpu", "off"] | None = None) -> dict:
         """Put θ1 + α·M into the running engine unless it already holds it (`force`: load anyway); returns
-        the load's record (`load_record`: path, seconds, bytes read).
+        the load's record (`load_record`: path, seconds, bytes read). `resident` overrides the engine's
+        option for this load (e.g. "off" to compare with the streaming path).
 
         Resident (`EngineOptions.resident`): each worker sets every region of its parameters from its
         captured θ1 and θ2/M (captured on the first α). Streaming: each worker streams
@@ -216,19 +219,22 @@ class Engine:
             self.last_load = dict(HELD)
             return self.last_load
         t0 = time.perf_counter()
-        placement = self._placement(source, config)
+        placement = self._placement(source, config, resident)
         reports = self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"],
                                                  "placement": placement})
         self.weights = want
         self.last_load = load_record(reports, seconds=time.perf_counter() - t0)
         return self.last_load
 
-    def _placement(self, source: DeltaSource, config: MergeConfig) -> str | None:
+    def _placement(self, source: DeltaSource, config: MergeConfig, mode: str | None = None) -> str | None:
         """Where the workers keep the resident copies for `config` ("gpu", "cpu"), or None (stream): decided
         per source from what they need and what is free, and checked again for each new operator setting."""
-        mode = self._resident_mode
-        if mode == "off":
+        mode = self._resident_mode if mode is None else mode
+        if mode == "off" or (mode == "auto" and self._resident_missing):
             return None
+        if self._resident_missing:
+            raise EngineError(f"this vLLM lacks what the resident α swap needs: {', '.join(self._resident_missing[:3])}",
+                              where=f"--resident {mode}", fix="use --resident off (streaming)")
         key = (source, replace(config, alpha=1.0, include=None, exclude=None, rules=(), schedule=None))  # M's setting
         if self._placed is not None and self._placed[0] == key:
             return self._placed[1]
@@ -247,6 +253,7 @@ class Engine:
                                fix="free memory, or use --resident auto (which streams what does not fit) or off")
         if choice.refused:
             self._say(f"{choice.message}: every α streams from now on")
+            self._rpc("tvtool_release", {}, loads=False)
         elif choice.message:
             self._say(choice.message)
         if needs[0].get("notice"):

@@ -84,6 +84,12 @@ def check_engine_options(options: EngineOptions) -> None:
 
     vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
     "Engine core initialization failed ... Failed core proc(s): {}"."""
+    if options.resident == "gpu":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise OptionsError("--resident gpu needs a GPU engine; this vLLM build runs on the CPU",
+                               where="--resident gpu", fix="use --resident cpu or auto")
     if options.distributed_executor_backend == "ray":
         from vllm.platforms import current_platform
 

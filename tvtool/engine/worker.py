@@ -65,7 +65,6 @@ class WorkerExtension:
         src, cfg = DeltaSource.from_dict(source), MergeConfig.from_dict(config)
         t0, io0 = time.perf_counter(), io_counters()
         if placement is None:
-            _state.resident = None  # memory back: this engine streams
             base, tvs = _open(src)
             counter = _Counted(merged_tensors(base=base, tv=tvs, config=cfg))
             self.reload_weights(weights_iterator=iter(counter))
@@ -93,6 +92,10 @@ class WorkerExtension:
         """From now on, each load reports a digest of what it wrote into every region (see vllm_layout.Digests)."""
         layout = _layout(self, DeltaSource.from_dict(source))
         _state.digests = Digests(self.model_runner.get_model(), layout.regions)
+
+    def tvtool_release(self) -> None:
+        """Drop this worker's resident copies (the engine streams from now on)."""
+        _state.resident = None
 
     def tvtool_load_folder(self, path: str) -> int:
         """Load a model folder's weights into this worker; returns the number of tensors."""

@@ -6,7 +6,10 @@ loads each α in place, as the one-engine path does (its shell model is written 
 `Engine.for_source`, and removed when the engine closes).
 
 - The plan (`tvtool.evaluation.units`) is made before Ray starts; a finished re-run starts no engine and no Ray.
-- Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first.
+- Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first. A unit is
+  an α (all datasets), a run, or a shard of a run's problems (`tvtool.evaluation.shards`): each engine
+  switches α in place, resident after its first α; a run's shards are merged into its folder, in the
+  one-engine order, when all are done, and the run finished as one engine finishes it.
 - Each actor does what the one-engine path does per run: `Engine.load_alpha(source, config)` (a
   `DeltaSource` and a `MergeConfig`, plain data; loaded only if not held; resident in the actor's engine
   after its first α, as on one engine), then `runs.run_one`, into
@@ -24,6 +27,7 @@ loads each α in place, as the one-engine path does (its shell model is written 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -36,16 +40,18 @@ from tvtool.engine.engine import Engine
 from tvtool.engine.options import EngineOptions, SamplingOptions, check_engine_options
 from tvtool.errors import ClusterError, OptionsError, TvtoolError
 from tvtool.evaluation.report import EvalResult, RunResult, table_row
-from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
+from tvtool.io.layout import RUN, SUMMARY, parse_hub_ref, summary_table
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions, split_vectors
 from tvtool.engine.prompting import PromptOptions
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
 from tvtool.evaluation.results import summary_of
-from tvtool.evaluation.runs import EvalOptions, check_settings, run_one
+from tvtool.evaluation.runs import EvalOptions, begin_run, check_settings, finish_run, merge_shards, run_one
+from tvtool.evaluation.shards import generate_shard
 from tvtool.vectors.source import DeltaSource
-from tvtool.evaluation.units import Complete, Plan, RayOptions, Unit, plan_units, settings_complete, sweep_runs
+from tvtool.evaluation.units import (Complete, Plan, RayOptions, RunSpec, Unit, plan_units, settings_complete,
+                                    sweep_runs)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class PoolResult:
     actor_deaths: int = 0
     spawned: int = 0  # actors created (a replacement still starting when the work ran out is killed)
     unit_s: dict[str, float] = field(default_factory=dict)  # unit name -> seconds of its last (finished) try
+    values: dict[str, object] = field(default_factory=dict)  # unit name -> what its actor returned
     wall_s: float = 0.0
 
     @property
@@ -103,9 +110,17 @@ class EngineActor:
         return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": kids,
                 "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "start_s": time.perf_counter() - t0}
 
-    def run(self, unit: Unit) -> list[str]:
+    def run(self, unit: Unit) -> list[str] | dict:
         """The one-engine path's per-run steps: hold θ1 + α·Δ (loaded only if not held), then `run_one`
-        (which resumes from the samples already written)."""
+        (which resumes from the samples already written). A shard: its problems into its shard file;
+        returns the load."""
+        if unit.shard is not None:
+            r = unit.runs[0]
+            load = self.engine.load_alpha(source=r.source, config=r.config)
+            generate_shard(engine=self.engine, folder=r.folder, problems=r.problems, start=unit.shard[0],
+                           stop=unit.shard[1], prompt=self.job.prompt, sampling=r.sampling,
+                           options=replace(r.options, progress=False))
+            return {"problems": list(unit.shard), "engine": self.slot, **load}
         for r in unit.runs:
             load = self.engine.load_alpha(source=r.source, config=r.config)
             run_one(engine=self.engine, problems=r.problems, folder=r.folder, model=r.model, prompt=self.job.prompt,
@@ -226,6 +241,7 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
                     on_start(value)
             else:
                 res.done.append(unit.name)
+                res.values[unit.name] = value
                 res.unit_s[unit.name] = time.perf_counter() - given[unit.name]
                 bar.update(1)
             give(i)
@@ -245,6 +261,21 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
             ray.shutdown()
         res.wall_s = time.perf_counter() - t0
     return res
+
+
+def _finish_shards(plan: Plan, pool: PoolResult, sharded: dict[str, RunSpec]) -> None:
+    """Each sharded run whose shards all finished: samples merged in the one-engine order, then finished as one
+    engine finishes it, with the shards' loads (`load.shards`) in run.json. Others wait for a re-run."""
+    for folder, r in sharded.items():
+        units = [u for u in plan.units if u.shard is not None and u.runs[0].folder == folder]
+        if any(u.name not in pool.values for u in units):
+            continue
+        f = Path(folder)
+        merge_shards(f, r.problems, r.sampling.n)
+        run = {k: v for k, v in json.loads((f / RUN).read_text()).items() if k != "finished"}
+        run["load"] = {"shards": sorted((pool.values[u.name] for u in units), key=lambda x: x["problems"])}
+        finish_run(folder=f, run=run, problems=r.problems, sampling=r.sampling, options=r.options,
+                   params_b=r.params_b, params_source=r.params_source)
 
 
 def _close(ray, actors: Sequence) -> None:
@@ -321,15 +352,21 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,
                       engine_options=engine_options, configs=configs)
-    plan = plan_units(runs=runs, engines=executor.engines, complete=complete)
+    plan = plan_units(runs=runs, engines=executor.engines, shard=executor.shard, complete=complete)
+    sharded: dict[str, RunSpec] = {}
     for u in plan.units:  # refuse (or discard) other settings' results now, not in an actor
         for r in u.runs:
             check_settings(Path(r.folder), r.record, r.options.overwrite)
+            if u.shard is not None and r.folder not in sharded:  # run.json's first form; finished below
+                sharded[r.folder] = r
+                begin_run(folder=Path(r.folder), settings=r.settings, record=r.record, problems=r.problems,
+                          options=r.options, engine_options=engine_options)
     if plan.units:
         Path(output).mkdir(parents=True, exist_ok=True)  # each actor checks it can write here
     job = Job(source=source, output=str(output), engine=engine_options, prompt=prompt,
               seed=datasets[0][1].sample_seed or 0)
     pool = run_units(plan=plan, job=job, executor=executor, progress=progress, on_start=on_start)
+    _finish_shards(plan, pool, sharded)
     if pool.failed:
         raise ClusterError(f"{len(pool.failed)} unit(s) failed: "
                            + "; ".join(f"{k}: {v}" for k, v in pool.failed.items()),

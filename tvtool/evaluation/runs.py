@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from tvtool._version import __version__
 from tvtool.evaluation.answers import rescore_file
-from tvtool.io.atomic import write_json
+from tvtool.io.atomic import write_json, write_text
 from tvtool.evaluation.data import ProblemSet
 from tvtool.engine.engine import Engine
 from tvtool.engine.options import SamplingOptions, vllm_version
 from tvtool.errors import OutputError
 from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
 from tvtool.io.fingerprint import input_fingerprint
-from tvtool.io.layout import RUN, SAMPLES, SUMMARY
+from tvtool.io.layout import RUN, SAMPLES, SHARDS, SUMMARY
 from tvtool.engine.logs import RunProgress
 from tvtool.options import CliOptions, opt
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
@@ -74,37 +75,77 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     `load`: how they were loaded (`Engine.load_alpha`'s record), kept in run.json next to the record
     (None: the load already recorded there for the same record, if any)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
                             sampling=sampling, options=options)
     record = run_record(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt, sampling=sampling,
                         options=options, weights=weights)
+    run = begin_run(folder=folder, settings=settings, record=record, problems=problems, options=options,
+                    engine_options=engine.options, load=load)
+    merge_shards(folder, problems, sampling.n)  # samples a pool of engines wrote (tvtool.evaluation.shards)
+    generate_samples(engine=engine, problems=problems, path=folder / SAMPLES, prompt=prompt, sampling=sampling,
+                     options=options, lora=lora, desc=f"{folder.parent.name} {folder.name}")
+    return finish_run(folder=folder, run=run, problems=problems, sampling=sampling, options=options,
+                      params_b=params_b, params_source=params_source)
+
+
+def begin_run(*, folder: Path, settings: dict, record: dict, problems: ProblemSet, options: EvalOptions,
+              engine_options, load: dict | None = None) -> dict:
+    """Check the folder holds nothing of other settings and write run.json's first form (no `finished`)."""
+    folder.mkdir(parents=True, exist_ok=True)
     check_settings(folder, record, options.overwrite)
     load = load if load is not None else _recorded_load(folder / RUN, record)
     run = {"settings": settings, RECORD_KEY: record, **({"load": load} if load is not None else {}),
            "dataset": _dataset_record(problems),
            "tvtool_version": __version__, "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
-           "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "engine": asdict(engine_options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
-    path = folder / SAMPLES
-    done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
+    return run
+
+
+def generate_samples(*, engine: Engine, problems: ProblemSet | Sequence, path: Path, prompt: PromptOptions,
+                     sampling: SamplingOptions, options: EvalOptions, lora=None, done: set | None = None,
+                     kind: str | None = None, desc: str = "") -> None:
+    """Append the samples of `problems` not written yet (in `path`, or in `done`) to `path`, batch by batch
+    (each batch flushed and fsynced), in problem order."""
+    kind = kind or problems.kind
+    done = (done or set()) | {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
     total = len(problems) * sampling.n
-    desc = f"{folder.parent.name} {folder.name}"
     with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
                      records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            recs = [_record(p, text, s, problems.kind, options.score and options.answer_rule)
+            recs = [_record(p, text, s, kind, options.score and options.answer_rule)
                     for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
             f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
             bar.update(recs, n=len(batch) * sampling.n)
+
+
+def merge_shards(folder: Path, problems: ProblemSet, n: int) -> None:
+    """samples.jsonl ← its samples and those of the run's shard files (tvtool.evaluation.shards), in the order
+    one engine writes them (problems in order, samples by index), atomically; then the shard files go."""
+    shards = sorted((folder / SHARDS).glob("*.jsonl"))
+    if not shards:
+        return
+    by_key: dict[tuple[str, int], dict] = {}
+    for f in [folder / SAMPLES, *shards]:
+        for r in read_samples(f, repair=True):
+            by_key.setdefault((r["id"], r["index"]), r)
+    order = [(p.id, i) for p in problems for i in range(n)]
+    write_text(folder / SAMPLES, "".join(json.dumps(by_key[k]) + "\n" for k in order if k in by_key))
+    shutil.rmtree(folder / SHARDS)
+
+
+def finish_run(*, folder: Path, run: dict, problems: ProblemSet, sampling: SamplingOptions, options: EvalOptions,
+               params_b: float | None, params_source: str) -> dict:
+    """Re-score (another answer rule), summarise, and write run.json with `finished`, last."""
+    path = folder / SAMPLES
     if options.score:  # records scored under another answer rule are re-scored, not regenerated
         rescore_file(path, kind=problems.kind, rule=options.answer_rule)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
@@ -194,7 +235,7 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
     """Refuse a folder holding results made with another record; with `overwrite`, discard them (one line
     says what changed)."""
     f = folder / RUN
-    if not f.is_file() and not (folder / SAMPLES).is_file():
+    if not f.is_file() and not (folder / SAMPLES).is_file() and not (folder / SHARDS).is_dir():
         return
     old = read_record(f)
     if old is not None and old["fingerprint"] == record["fingerprint"]:
@@ -206,6 +247,7 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
     say(f"{changes(old, record)}: redoing eval {folder.parent.name}/{folder.name}")
     for name in (SAMPLES, SUMMARY, RUN):
         (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / SHARDS, ignore_errors=True)
 
 
 def run_params(o: EvalOptions, path) -> tuple[float, str]:
