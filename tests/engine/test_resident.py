@@ -22,7 +22,7 @@ import torch
 from helpers import bits
 from tiny import edited_copy, finetune_like, state_dict
 from tvtool.engine.placement import Choice, choose
-from tvtool.engine.resident import Region, Resident, tensor_rules
+from tvtool.engine.resident import Region, Resident, finish, tensor_rules
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.stream import merged_tensors, output_plan
 from tvtool.vectors.source import DeltaSource
@@ -267,3 +267,42 @@ def test_a_capture_reads_each_input_once_and_no_file_afterwards(pairs, monkeypat
         list(res.values(MergeConfig(a)))
     assert reads == []
     assert Path(base).is_dir()
+
+
+# --- the GPU arithmetic, checked here on CPU (scripts/check_gpu_alpha.py checks it on a GPU) ---------------
+
+
+def _body(fn) -> str:
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    if isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Constant):
+        tree.body = tree.body[1:]  # the docstring
+    return ast.dump(ast.Module(tree.body, []))
+
+
+def test_the_gpu_check_script_holds_the_code_it_checks():
+    import importlib.util
+
+    from tvtool.engine.resident import finish_torch
+    from tvtool.merge.kernels import merge_rows
+
+    spec = importlib.util.spec_from_file_location("check_gpu_alpha", Path(__file__).parents[2] / "scripts" /
+                                                  "check_gpu_alpha.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert _body(script.gpu) == _body(finish_torch) and _body(script.cpu) == _body(merge_rows)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for pair in (False, True):
+            t1 = script.edge_values(dtype, 50_000, g)
+            x = script.edge_values(dtype if pair else torch.float32, 50_000, g)
+            for a in (0.5, -1.0, 1 / 3, 1e-30):
+                want = merge_rows(t1, x.float() - t1.float() if pair else x, a, dtype)
+                got = finish_torch(t1, x, pair, a, dtype)
+                assert torch.equal(bits(got), bits(want)), (dtype, pair, a)
+                cpu = finish(theta1=t1, x=x, pair=pair, alpha=a, dtype=dtype, device=torch.device("cpu"))
+                ok = torch.isfinite(want.float())
+                assert torch.equal(bits(cpu[ok]), bits(want[ok])), (dtype, pair, a)

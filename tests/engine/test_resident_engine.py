@@ -161,8 +161,8 @@ def test_check_api_names_what_this_vllm_lacks(monkeypatch):
 
 def test_the_load_record_sums_the_workers():
     rec = load_record([{"path": "resident", "bytes_read": 0, "storage_bytes": 0, "captured": False,
-                        "placement": "cpu", "resident_bytes": 10},
+                        "placement": "cpu", "resident_bytes": 10, "processing_s": 0.5},
                        {"path": "resident", "bytes_read": 3, "storage_bytes": 1, "captured": True,
-                        "placement": "cpu", "resident_bytes": 12}], seconds=1.23456)
+                        "placement": "cpu", "resident_bytes": 12, "processing_s": 0.25}], seconds=1.23456)
     assert rec == {"path": "resident", "seconds": 1.235, "bytes_read": 3, "storage_bytes": 1, "workers": 2,
-                   "captured": True, "placement": "cpu", "resident_bytes": 12}
+                   "captured": True, "placement": "cpu", "resident_bytes": 12, "processing_s": 0.5}

@@ -84,7 +84,8 @@ def load_record(reports: Sequence[dict], *, seconds: float) -> dict:
            "storage_bytes": sum(r["storage_bytes"] for r in reports), "workers": len(reports)}
     if rec["path"] == "resident":
         rec.update(captured=any(r["captured"] for r in reports), placement=reports[0]["placement"],
-                   resident_bytes=max(r["resident_bytes"] for r in reports))
+                   resident_bytes=max(r["resident_bytes"] for r in reports),
+                   processing_s=max(r.get("processing_s", 0.0) for r in reports))
     if any("digest" in r for r in reports):
         rec["digests"] = [r.get("digest") for r in reports]
     return rec
@@ -233,9 +234,10 @@ class Engine:
         if mode == "off" or (mode == "auto" and self._resident_missing):
             return None
         if self._resident_missing:
-            raise EngineError(f"this vLLM lacks what the resident α swap needs: {', '.join(self._resident_missing[:3])}",
-                              where=f"--resident {mode}", fix="use --resident off (streaming)")
-        key = (source, replace(config, alpha=1.0, include=None, exclude=None, rules=(), schedule=None))  # M's setting
+            raise EngineError("this vLLM lacks what the resident α swap needs: "
+                              + ", ".join(self._resident_missing[:3]), where=f"--resident {mode}",
+                              fix="use --resident off (streaming)")
+        key = (source, replace(config, alpha=1.0, include=None, exclude=None, rules=(), schedule=None))  # M's
         if self._placed is not None and self._placed[0] == key:
             return self._placed[1]
         same = self._placed is not None and self._placed[0][0] == source

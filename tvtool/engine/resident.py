@@ -31,7 +31,7 @@ from tvtool.engine.placement import Placement
 from tvtool.io.checkpoint import Checkpoint, Source
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.finite import check_finite
-from tvtool.merge.kernels import fused_pair, merge_many, merge_rows
+from tvtool.merge.kernels import fused_pair, merge_many
 from tvtool.merge.stream import PlannedTensor, merged_tensors, output_plan
 from tvtool.vectors.source import DeltaSource
 
@@ -275,23 +275,32 @@ def m_key(config: MergeConfig) -> MergeConfig:
 
 def finish(*, theta1: torch.Tensor, x: torch.Tensor, pair: bool, alpha: float, dtype: torch.dtype,
            device: torch.device) -> torch.Tensor:
-    """round_once(fl32(θ1) + fl32(α·M)) in `dtype`, M = x (float32/bf16 M) or fl32(x) − fl32(θ1) (`pair`: x = θ2).
+    """round_once(fl32(θ1) + fl32(α·M)) in `dtype`; M = x (a float32/bf16 M) or fl32(x) − fl32(θ1) (`pair`:
+    x = θ2).
 
-    On CPU: the merge path's kernels (`fused_pair`, `merge_many`), bit for bit `merge_rows`. On a GPU:
-    `merge_rows`' expression on the device, whose multiply and add are separate kernels (no FMA)."""
-    if device.type == "cpu":
-        if pair:
-            out = fused_pair(base=theta1, end=x, alphas=[alpha], dtype=dtype)
-            if out is not None:
-                return out[0]
-            delta = x.float() - theta1.float()
-        else:
-            delta = x if x.dtype == torch.float32 else x.float()
-        return merge_many(base=theta1, delta=delta, alphas=[alpha], dtype=dtype)[0]
-    theta1 = theta1.to(device, non_blocking=True)
-    x = x.to(device, non_blocking=True)
-    delta = x.float().sub_(theta1.float()) if pair else x.float()
-    return merge_rows(theta1, delta, alpha, dtype)
+    On CPU: the merge path's kernels (`fused_pair`, `merge_many`), bit for bit `merge_rows`. Elsewhere (a GPU):
+    `finish_torch` on the device."""
+    if device.type != "cpu":
+        return finish_torch(theta1.to(device, non_blocking=True), x.to(device, non_blocking=True), pair, alpha, dtype)
+    if pair:
+        out = fused_pair(base=theta1, end=x, alphas=[alpha], dtype=dtype)
+        if out is not None:
+            return out[0]
+        delta = x.float() - theta1.float()
+    else:
+        delta = x if x.dtype == torch.float32 else x.float()
+    return merge_many(base=theta1, delta=delta, alphas=[alpha], dtype=dtype)[0]
+
+
+def finish_torch(theta1: torch.Tensor, x: torch.Tensor, pair: bool, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """`merge_rows`' expression on any device, torch only: Δ = fl32(θ2) − fl32(θ1) (a pair), step = fl32(α·M),
+    out = round_once(step + fl32(θ1)). The multiply and the add are separate kernels: a compiler contracting
+    `θ1 + α·M` into one fused multiply-add (nvcc does) would round once where the CPU merge rounds twice.
+    scripts/check_gpu_alpha.py checks it on a GPU against the CPU merge, bit for bit."""
+    b32 = theta1.float()
+    delta = x.to(torch.float32, copy=True).sub_(b32) if pair else x.float()
+    step = torch.mul(delta, alpha)
+    return step.add_(b32).to(dtype)
 
 
 # --- M through the merge path: a base of −0.0 ----------------------------------------------------------

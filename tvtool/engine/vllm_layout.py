@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -139,9 +140,10 @@ def bake(model: torch.nn.Module, tensors: Sequence[tuple[str, tuple[int, ...], t
 
 
 def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
-         loaded: Iterable[tuple[str, torch.Tensor]] = ()) -> None:
+         loaded: Iterable[tuple[str, torch.Tensor]] = ()) -> float:
     """Put `values` (per region, in module order) and `loaded` (whole tensors, through the loaders) into the
-    engine, as `reload_weights` would have put the same checkpoint tensors (see the module doc)."""
+    engine, as `reload_weights` would have put the same checkpoint tensors (see the module doc). Returns the
+    seconds vLLM's post-load processing took (repacking on CPU)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
                                                                   initialize_layerwise_reload)
@@ -155,24 +157,26 @@ def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
             batch = list(loaded)
             if batch:
                 model.load_weights(iter(batch))
-            layer, writes = None, []
+            layer, writes, processing = None, [], 0.0
             for region, value in values:
                 if layer is not None and region.module != writes[0][0].module:
-                    _write_layer(layer, writes)
+                    processing += _write_layer(layer, writes)
                     writes = []
                 layer = modules[region.module]
                 writes.append((region, value))
             if writes:
-                _write_layer(layer, writes)
+                processing += _write_layer(layer, writes)
         finally:
             finalize_layerwise_reload(model, runner.model_config)
     runner.reset_lora_state()  # what the worker's reload_weights does after loading
     runner.reset_encoder_cache()
     runner.reset_mm_cache()
+    return processing
 
 
-def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor]]) -> None:
-    """vLLM's `_layerwise_process` for one layer, its loaders' copies replaced by `writes`."""
+def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor]]) -> float:
+    """vLLM's `_layerwise_process` for one layer, its loaders' copies replaced by `writes`; returns the
+    seconds of vLLM's processing."""
     from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
     from vllm.model_executor.model_loader.reload.layerwise import (_copy_and_restore_kernel_tensors,
                                                                   _get_original_loader, get_layerwise_info)
@@ -187,6 +191,7 @@ def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor
         t.weight_loader = _get_original_loader(t)
     for region, value in writes:
         region.target(getattr(layer, region.param)).copy_(value)  # the loaders' copy_ (and its cast)
+    t0 = time.perf_counter()
     qm = getattr(layer, "quant_method", None)
     if isinstance(qm, QuantizeMethodBase):
         qm.process_weights_after_loading(layer)  # (a Digests hook records the regions first)
@@ -195,6 +200,7 @@ def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor
     if info.kernel_tensors is not None:
         _copy_and_restore_kernel_tensors(layer, info)
     info.reset()
+    return time.perf_counter() - t0
 
 
 # --- the dry run's loader stamps (as vLLM's sharded_rdt_engine._install_recording_stamps) -------------

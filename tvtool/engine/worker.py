@@ -77,9 +77,9 @@ class WorkerExtension:
             values = res.values(cfg)
             n_loaded = sum(1 for r in res.regions if not r.module)
             loaded = [(r.tensor, v) for r, v in (next(values) for _ in range(n_loaded))]
-            swap(self, values, loaded=loaded)
-            report = {"path": "resident", "captured": res.captures != before,
-                      "placement": placement, "resident_bytes": res.nbytes}
+            processing = swap(self, values, loaded=loaded)
+            report = {"path": "resident", "captured": res.captures != before, "placement": placement,
+                      "resident_bytes": res.nbytes, "processing_s": round(processing, 3)}
         io1 = io_counters()
         report.update(seconds=time.perf_counter() - t0, bytes_read=io1.get("rchar", 0) - io0.get("rchar", 0),
                       storage_bytes=io1.get("read_bytes", 0) - io0.get("read_bytes", 0))

@@ -165,7 +165,8 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1,
     elif per == "shard":
         units = [u for r in todo for u in _shards(r, shard, engines, sum(x.expected_tokens for x in todo))]
     else:
-        raise OptionsError(f"unknown unit granularity {per!r}", where="plan_units(per=...)", fix="use auto, alpha, run or shard")
+        raise OptionsError(f"unknown unit granularity {per!r}", where="plan_units(per=...)",
+                           fix="use auto, alpha, run or shard")
     units.sort(key=lambda u: (-u.alpha, -max(r.hardness for r in u.runs), -u.expected_tokens, u.name))
     return Plan(tuple(units), skipped, tuple(runs))
 
