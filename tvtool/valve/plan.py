@@ -335,7 +335,7 @@ def _activations(arch: Arch, *, b: int, t: int, a: int, rank: int, targets: tupl
     outside = n * (4 * h + 4) + 2 * t * d * a + (b * t * t if b > 1 else 0)  # final norm input; cos/sin; bool mask
     return {"full": arch.layers * layer + outside, "layer": layer,
             "checkpointed": arch.layers * n * h * a + outside,
-            "backward": n * (2 * i + 2 * h) * a}
+            "backward": n * (i + 2 * h) * a}
 
 
 def _smallest_fix(arch: Arch, o: TrainOptions, *, mode: str, gpus: int, mem: int, t: int) -> Fix | None:

@@ -183,9 +183,9 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
         return TrainResult(out, [], [], None, {})
     tmp, losses, stage_dirs, execution = result
     final = losses[-1]["loss"] if losses else None
-    execution["plan_peak_bytes"] = planned.peak if planned else None
     record = {**settings, "steps": len(losses), "final_loss": final, "losses": losses,
               "processes": execution["processes"], "device": execution["device"], "execution": execution,
+              "memory_plan": planned.to_dict() if planned else None,
               "seconds": round(time.time() - t0, 1), "stage_folders": [f"stages/{d.name}" for d in stage_dirs],
               "stages": [{k: (len(v) if k == "samples" else v) for k, v in e.items()} | {
                   "steps": sum(1 for x in losses if x["stage"] == e["name"])} for e in encoded]}

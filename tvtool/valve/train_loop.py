@@ -3,7 +3,7 @@
 One plain loop (no Trainer) because a step must see its whole global batch: the loss is the token
 mean over the global batch, each process takes its share (`train_data.micro_batches`), so one step is
 the same computation for any number of processes. accelerate supplies the device, the DDP wrapper,
-gradient sync (`no_sync` on all but the last micro-batch), autocast and the reductions; with `fsdp`
+gradient sync (`no_sync` on all but the last micro-batch) and the reductions; with `fsdp`
 the frozen base is sharded instead (`tvtool.valve.sharding`, FSDP2), and gradient sync is FSDP's.
 `grad_checkpointing` is transformers' own (torch.utils.checkpoint, non-reentrant) on the decoder
 layers: the recomputation runs the same forward hooks, so β stays set until the backward pass ends.
@@ -12,6 +12,7 @@ layers: the recomputation runs the same forward hooks, so β stays set until the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from pathlib import Path
@@ -186,7 +187,9 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
         torch.set_num_threads(o.threads)
     # cpu=True without CUDA: under torchrun / `accelerate launch --multi_gpu` accelerate then runs DDP on
     # gloo (MULTI_CPU); without it, each CPU process would train alone, as if it were the only one.
-    acc = Accelerator(mixed_precision="bf16" if o.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    # bf16 is torch.autocast below, not accelerate's mixed_precision: accelerate keeps that in a process-wide
+    # singleton, so a second train() in one process (a sweep) could not switch between fp32 and bf16.
+    acc = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     main, world = acc.is_main_process, acc.num_processes
     fsdp = o.fsdp and world > 1
     net = build_peft_model(model, rank=o.rank, lora_alpha=o.lora_alpha, target_modules=o.target_modules,
@@ -255,6 +258,8 @@ def _stage(acc, ddp, net, params, beta, st, si, steps, o, ck, losses, tmp, pad_i
 
     samples, name, bs = st["samples"], st["name"], o.batch_size
     world, rank = acc.num_processes, acc.process_index
+    autocast = (functools.partial(torch.autocast, acc.device.type, dtype=torch.bfloat16) if o.precision == "bf16"
+                else contextlib.nullcontext)
     lengths = [len(e.input_ids) for e in samples]
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     sched = get_scheduler(o.scheduler, opt, num_warmup_steps=int(o.warmup_ratio * steps), num_training_steps=steps)
@@ -287,7 +292,7 @@ def _stage(acc, ddp, net, params, beta, st, si, steps, o, ck, losses, tmp, pad_i
                 net.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if fsdp or last else acc.no_sync(ddp)
             with sync, beta.scaled(batch["beta"]) if beta is not None else contextlib.nullcontext():
-                s, _ = forward_nll(ddp, batch, None, acc.autocast)
+                s, _ = forward_nll(ddp, batch, None, autocast)
                 (s.sum() * (weight * world / n_tok)).backward()  # DDP and FSDP average over processes
             local += s.sum().detach() * weight
         if o.max_grad_norm > 0:
