@@ -167,7 +167,7 @@ class Fix:
         if "max_seq_len" in self.changes:
             parts.append(f"--max-seq-len {self.changes['max_seq_len']} (longer samples are skipped)")
         if "gpus" in self.changes:
-            parts.append(f"{self.changes['gpus']} processes")
+            parts.append(f"on {self.changes['gpus']} processes")
         return " ".join(parts)
 
 

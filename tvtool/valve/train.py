@@ -31,7 +31,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
@@ -98,7 +98,7 @@ def plan_run(*, mode: str, model: str | os.PathLike, data: str | os.PathLike | N
     if data is not None:
         td, tok, stages = _inputs(mode=mode, model=model, data=data, o=o)
         encoded = _encode(stages, tok=tok, mode=mode, model=model, o=o, prompt=prompt)
-        longest = max((len(e.input_ids) for st in encoded for e in st["samples"]), default=None)
+        longest, o = _longest(encoded, o)
     return plan_training(model=model, mode=mode, options=o, gpus=plan.gpus or _world(),
                          gpu_memory=plan.gpu_memory if plan.gpu_memory is not None else device_memory(),
                          seq_len=longest)
@@ -136,12 +136,18 @@ def _encode(stages, *, tok, mode: str, model, o: TrainOptions, prompt: PromptOpt
     return encoded
 
 
-def _check_plan(*, mode: str, model, encoded: list[dict], o: TrainOptions, plan: PlanOptions) -> TrainPlan | None:
-    """The run's memory plan at its longest sample; refuses (one line: the numbers and the fix) one that does
-    not fit. None for a model type the plan does not know (said in a warning)."""
+def _longest(encoded: list[dict], o: TrainOptions) -> tuple[int, TrainOptions]:
+    """(the longest sample, the options with the batch a step can take: at most a stage's samples)."""
     longest = max((len(e.input_ids) for st in encoded for e in st["samples"]), default=1)
+    return longest, replace(o, batch_size=min(o.batch_size, max(len(st["samples"]) for st in encoded) or 1))
+
+
+def _check_plan(*, mode: str, model, encoded: list[dict], o: TrainOptions, plan: PlanOptions) -> TrainPlan | None:
+    """The run's memory plan at its longest sample and largest step; refuses (one line: the numbers and the fix)
+    one that does not fit. None for a model type the plan does not know (said in a warning)."""
+    longest, planned = _longest(encoded, o)
     try:
-        p = plan_training(model=model, mode=mode, options=o, gpus=_world(), seq_len=longest,
+        p = plan_training(model=model, mode=mode, options=planned, gpus=_world(), seq_len=longest,
                           gpu_memory=plan.gpu_memory if plan.gpu_memory is not None else device_memory())
     except OptionsError as e:
         if not e.what.startswith("no memory plan"):
@@ -150,10 +156,10 @@ def _check_plan(*, mode: str, model, encoded: list[dict], o: TrainOptions, plan:
         return None
     if plan.check_memory and p.fits is False:
         fix = f"use {p.fix.text()} ({gib(p.fix.peak)})" if p.fix else "use more or larger GPUs"
+        base = gib(p.params * (2 if o.precision == "bf16" else 4) // (p.processes if p.fsdp else 1))
         raise OptionsError(f"the memory plan needs {gib(p.peak)} per process, more than the {gib(p.device_memory)} "
-                           f"available (micro-batch {p.micro_batch} × {p.seq_len} tokens, "
-                           f"{'sharded' if p.fsdp else 'whole'} base {gib(p.params * (2 if o.precision == 'bf16' else 4))})",
-                           where=f"{p.processes} process{'es' * (p.processes > 1)}",
+                           "available", where=f"{p.processes} process{'es' * (p.processes > 1)}, micro-batch "
+                           f"{p.micro_batch} × {p.seq_len} tokens, base {base}{' per shard' if p.fsdp else ''}",
                            fix=f"{fix}; see `tvtool train {mode} --model … --plan`, or pass --no-check-memory")
     return p
 
