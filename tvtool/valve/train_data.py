@@ -238,7 +238,10 @@ def micro_batches(*, idx: Sequence[int], lengths: Sequence[int], world: int, gra
         return [[list(idx[r::world])[k::grad_accum] for k in range(grad_accum)] for r in range(world)]
     order = sorted(idx, key=lambda i: -lengths[i])  # stable
     g, n = world * grad_accum, len(order)
-    runs = [order[j * n // g:(j + 1) * n // g] for j in range(g)]
+    ends = [0]
+    for j in range(g):  # the first n mod g runs take one more: a short step fills every process's first micro-batch
+        ends.append(ends[-1] + n // g + (j < n % g))
+    runs = [order[ends[j]:ends[j + 1]] for j in range(g)]
     return [[runs[k * world + r] for k in range(grad_accum)] for r in range(world)]
 
 
