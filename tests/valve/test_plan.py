@@ -240,3 +240,56 @@ def test_bad_input_gets_one_clear_line(tmp_path, monkeypatch):
     assert err.endswith("see `tvtool train valve++ --model … --plan`, or pass --no-check-memory"), err
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
     assert cli("train", "valve++", "--model", TOY, "-o", tmp_path / "x").exit_code == 2  # --data needed to train
+
+
+# --- the shipped launch lines (recipes/launch) ------------------------------------------------------
+
+
+def _launch_lines(script: Path) -> list[list[str]]:
+    """The `tvtool train …` arguments of each torchrun line of a launch script, its variables filled in."""
+    import re
+    import shlex
+
+    text = script.read_text().replace("\\\n", " ")
+    env = {k: v for k, v in re.findall(r"^(\w+)=(?:\$\{\w+:-)?([^}\n]*)\}?$", text, re.M)}
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("torchrun "):
+            for k in ("OPTS", "PROMPT"):
+                line = line.replace(f'"${{{k}[@]}}"', env.get(k, "()")[1:-1])
+            for k in ("MODEL", "OUT"):
+                line = line.replace(f"${k}", env[k])
+            words = shlex.split(line)
+            lines.append(words[words.index("tvtool") + 1:])
+    return lines
+
+
+@pytest.mark.parametrize("script, recipe, gpus, memory, config", [
+    ("qwq-32b-preview.sh", "qwq-32b-preview.yaml", 2, "80GB", QWQ),
+    ("r1-distill-llama-8b.sh", "r1-distill-llama-8b.yaml", 8, "24GB", LLAMA)])
+def test_launch_lines_fit_their_gpus_and_train_what_the_recipe_records(tmp_path, script, recipe, gpus, memory, config):
+    """Each torchrun line of recipes/launch/: its plan fits the paper's GPUs, it shards (--fsdp), and its options
+    and prompt are the recipe's `train:` entry's but for how it executes (so the sweep finds the adapter finished)."""
+    from dataclasses import asdict
+
+    from tvtool.cli.valve import train_cmd
+    from tvtool.engine.prompting import PromptOptions
+    from tvtool.options import from_cli
+    from tvtool.sweep.recipe import load_recipe
+    from tvtool.valve.options import EXECUTION, resolve
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    r = load_recipe(root / recipe)
+    lines = _launch_lines(root / "launch" / script)
+    assert [w[1] for w in lines] == [t.mode for t in r.train]
+    folder = _folder(tmp_path, config)
+    for words, entry in zip(lines, r.train):
+        assert words[words.index("--model") + 1] == {"reasoner": r.reasoner, "base": r.base}[entry.model]
+        assert words[words.index("-o") + 1].endswith(f"/train/{entry.name}") and "--fsdp" in words
+        kw = train_cmd.make_context("train", list(words[1:])).params
+        opts, prompt = from_cli(TrainOptions, kw), from_cli(PromptOptions, kw)
+        mine = {k: v for k, v in asdict(resolve(opts, mode=entry.mode)).items() if k not in EXECUTION}
+        theirs = {k: v for k, v in asdict(resolve(entry.options, mode=entry.mode)).items() if k not in EXECUTION}
+        assert mine == theirs and prompt == r.prompt
+        p = plan_training(model=folder, mode=entry.mode, options=opts, gpus=gpus, gpu_memory=memory)
+        assert p.fits and p.fsdp and p.grad_checkpointing and p.micro_batch == 1, "\n".join(p.lines())

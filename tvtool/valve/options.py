@@ -62,7 +62,8 @@ class TrainOptions(CliOptions):
 
 # How a run is executed, not what it computes: left out of the finished-work record and the resume key, so a
 # run resumes (or counts as finished) with another process count, sharding, checkpointing or grouping.
-EXECUTION = ("overwrite", "progress", "save_steps", "threads", "fsdp", "grad_checkpointing", "group_by_length")
+EXECUTION = ("overwrite", "progress", "save_steps", "threads", "fsdp", "grad_checkpointing", "group_by_length",
+             "grad_accum")
 
 
 @dataclass(frozen=True)
