@@ -26,6 +26,7 @@ loss), loss.png, stages/ (progressive) and train.json (settings with input finge
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -34,15 +35,20 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.errors import OptionsError
 from tvtool.io.atomic import commit_dir, discard, write_json
+from tvtool.io.checkpoint import Checkpoint
 from tvtool.io.finished import RECORD_KEY, is_finished, stage_record
 from tvtool.io.fingerprint import input_fingerprint
 from tvtool.io.lock import output_lock
 from tvtool.valve.options import EXECUTION, MODES, PRESETS, PlanOptions, TrainOptions, resolve
 from tvtool.valve.plan import TrainPlan, gib, plan_training
 from tvtool.valve.train_data import encode, load_train_data, stages_for
+from tvtool.valve.train_loop import CHECKPOINT, barrier, run
+from tvtool.valve.train_report import write_card, write_plot
 
 RECORD = "train.json"
 
@@ -106,8 +112,6 @@ def plan_run(*, mode: str, model: str | os.PathLike, data: str | os.PathLike | N
 
 def device_memory() -> int:
     """Memory per process here: the GPU's; on a CPU, the RAM shared by this machine's processes."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -177,13 +181,9 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
     planned = _check_plan(mode=mode, model=model, encoded=encoded, o=o, plan=plan)  # before the model loads
     if out.exists() and _is_main():  # --overwrite (is_finished raised otherwise): a different run is replaced
         discard(out)
-    from tvtool.valve.train_loop import run
-
     t0 = time.time()
     result = run(mode=mode, model=str(model), out=out, encoded=encoded, options=o, settings=finished,
                  pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    from tvtool.valve.train_loop import CHECKPOINT, barrier
-
     if result is None:  # not the main process: wait for the main one to finish the folder
         barrier()
         return TrainResult(out, [], [], None, {})
@@ -195,8 +195,6 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
               "seconds": round(time.time() - t0, 1), "stage_folders": [f"stages/{d.name}" for d in stage_dirs],
               "stages": [{k: (len(v) if k == "samples" else v) for k, v in e.items()} | {
                   "steps": sum(1 for x in losses if x["stage"] == e["name"])} for e in encoded]}
-    from tvtool.valve.train_report import write_card, write_plot
-
     write_plot(losses=losses, path=tmp / "loss.png")
     (tmp / "README.md").write_text(write_card(record=record))
     (tmp / CHECKPOINT).unlink(missing_ok=True)
@@ -217,10 +215,6 @@ def _settings(mode: str, model, td, o: TrainOptions, prompt: PromptOptions) -> d
 
 def _model_fingerprint(model) -> dict:
     """config.json bytes and the weight files' names and sizes (cheap for 32B checkpoints)."""
-    import hashlib
-
-    from tvtool.io.checkpoint import Checkpoint
-
     ck = Checkpoint.open(model)
     files = sorted(p for p in ck.folder.glob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
     return {"config_sha256": hashlib.sha256((ck.folder / "config.json").read_bytes()).hexdigest()
@@ -229,8 +223,6 @@ def _model_fingerprint(model) -> dict:
 
 
 def _context(model) -> int:
-    from tvtool.io.checkpoint import Checkpoint
-
     cfg = Checkpoint.open(model).config()
     return int(cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings") or 4096)
 

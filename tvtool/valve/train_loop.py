@@ -15,6 +15,9 @@ import contextlib
 import functools
 import json
 import math
+import resource
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -211,12 +214,11 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
         ddp = net
     else:
         ddp = acc.prepare(net)
-    params = [p for p in net.parameters() if p.requires_grad]
     losses: list[dict] = list(ck["losses"]) if ck else []
     plan = [min(math.ceil(len(e["samples"]) / o.batch_size) * o.epochs, o.max_steps or 10**12) for e in encoded]
     bar = tqdm(total=sum(plan), initial=len(losses), desc=f"train {mode}", unit="step",
                disable=not (o.progress and main), dynamic_ncols=True)
-    stats = {"padded": 0, "positions": 0, "tokens": 0, "seconds": 0.0}
+    r = _Run(acc, ddp, net, [p for p in net.parameters() if p.requires_grad], beta, o, fsdp, tmp, pad_id, bar, losses)
     stage_dirs: list[Path] = []
     with contextlib.ExitStack() as stack:
         if o.precision == "bf16":  # autocast casts to bf16 anyway: PEFT's fp32 copy of each LoRA input is waste
@@ -229,8 +231,7 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
                 stage_dirs.append(sdir)
             if ck is not None and ck["stage"] > si or not st["samples"]:
                 continue
-            _stage(acc, ddp, net, params, beta, st, si, steps, o, ck if ck is not None and ck["stage"] == si else None,
-                   losses, tmp, pad_id, bar, stats, fsdp)
+            _stage(r, st, si, steps, ck if ck is not None and ck["stage"] == si else None)
             lora = lora_state(net)
             if main:
                 if mode == "progressive":
@@ -244,28 +245,45 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
     lora = lora_state(net)
     if main:
         net.save_pretrained(tmp, state_dict=lora)
-    execution = _execution(acc, net, o, stats, fsdp)
+    execution = _execution(r)
     acc.wait_for_everyone()
     return (tmp, losses, stage_dirs, execution) if main else None
 
 
-def _stage(acc, ddp, net, params, beta, st, si, steps, o, ck, losses, tmp, pad_id, bar, stats, fsdp) -> None:
-    """One stage's optimizer steps (a fresh AdamW and schedule, or the checkpoint's when resuming in it)."""
-    import time
+@dataclass
+class _Run:
+    """What every step of a run uses."""
 
+    acc: Any
+    model: Any  # what the forward pass calls: the DDP wrapper, or the (FSDP-sharded) PEFT model itself
+    net: Any  # the PEFT model
+    params: list  # the LoRA parameters
+    beta: BetaScale | None
+    o: Any  # TrainOptions
+    fsdp: bool
+    tmp: Path
+    pad_id: int
+    bar: Any
+    losses: list[dict]
+    stats: dict = field(default_factory=lambda: {"padded": 0, "positions": 0, "tokens": 0, "seconds": 0.0})
+
+
+def _stage(r: _Run, st: dict, si: int, steps: int, ck: dict | None) -> None:
+    """One stage's optimizer steps (a fresh AdamW and schedule, or the checkpoint's when resuming in it)."""
     from peft import get_peft_model_state_dict
     from transformers import get_scheduler
 
+    acc, o, net, stats = r.acc, r.o, r.net, r.stats
     samples, name, bs = st["samples"], st["name"], o.batch_size
     world, rank = acc.num_processes, acc.process_index
     autocast = (functools.partial(torch.autocast, acc.device.type, dtype=torch.bfloat16) if o.precision == "bf16"
                 else contextlib.nullcontext)
     lengths = [len(e.input_ids) for e in samples]
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(r.params, lr=o.lr, weight_decay=o.weight_decay)
     sched = get_scheduler(o.scheduler, opt, num_warmup_steps=int(o.warmup_ratio * steps), num_training_steps=steps)
     start = 0
     if ck is not None and ck.get("optimizer"):
-        load_optimizer_state(net, opt, ck["optimizer"], sharded=fsdp)
+        load_optimizer_state(net, opt, ck["optimizer"], sharded=r.fsdp)
         sched.load_state_dict(ck["scheduler"])
         start = ck["step"]
     per_epoch = math.ceil(len(samples) / bs)
@@ -281,52 +299,51 @@ def _stage(acc, ddp, net, params, beta, st, si, steps, o, ck, losses, tmp, pad_i
         stats["padded"] += pad
         stats["positions"] += positions
         stats["tokens"] += positions - pad
-        torch.manual_seed(o.seed + 7919 * len(losses) + rank)  # dropout, reproducible on resume
+        torch.manual_seed(o.seed + 7919 * len(r.losses) + rank)  # dropout, reproducible on resume
         local = torch.zeros((), device=acc.device)
         for m_i, micro in enumerate(parts[rank]):
             weight = 1.0 if micro else 0.0  # an empty share still joins the gradient sync (and FSDP's gathers)
             batch = {k: v.to(acc.device) for k, v in collate([samples[i] for i in micro or idx[:1]],
-                                                             pad_id=pad_id).items()}
+                                                             pad_id=r.pad_id).items()}
             last = m_i == len(parts[rank]) - 1
-            if fsdp:
+            if r.fsdp:
                 net.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if fsdp or last else acc.no_sync(ddp)
-            with sync, beta.scaled(batch["beta"]) if beta is not None else contextlib.nullcontext():
-                s, _ = forward_nll(ddp, batch, None, autocast)
+            sync = contextlib.nullcontext() if r.fsdp or last else acc.no_sync(r.model)
+            with sync, r.beta.scaled(batch["beta"]) if r.beta is not None else contextlib.nullcontext():
+                s, _ = forward_nll(r.model, batch, None, autocast)
                 (s.sum() * (weight * world / n_tok)).backward()  # DDP and FSDP average over processes
             local += s.sum().detach() * weight
         if o.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(r.params, o.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(local, reduction="sum")) / n_tok
         stats["seconds"] += time.perf_counter() - t0
-        losses.append({"stage": name, "step": len(losses) + 1, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
-                       "loss": loss, "lr": sched.get_last_lr()[0]})
-        bar.update(1)
-        bar.set_postfix_str(f"{name} loss {loss:.4f}", refresh=False)
+        r.losses.append({"stage": name, "step": len(r.losses) + 1, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
+                         "loss": loss, "lr": sched.get_last_lr()[0]})
+        r.bar.update(1)
+        r.bar.set_postfix_str(f"{name} loss {loss:.4f}", refresh=False)
         if (step + 1) % o.save_steps == 0 or (step + 1) % per_epoch == 0:
             lora, optim = lora_state(net), optimizer_state(net, opt)  # collectives: every process
             if acc.is_main_process:
-                save_checkpoint(tmp, {"stage": si, "step": step + 1, "losses": losses,
-                                      "lora": get_peft_model_state_dict(net, state_dict=lora), "optimizer": optim,
-                                      "scheduler": sched.state_dict()})
+                save_checkpoint(r.tmp, {"stage": si, "step": step + 1, "losses": r.losses,
+                                        "lora": get_peft_model_state_dict(net, state_dict=lora), "optimizer": optim,
+                                        "scheduler": sched.state_dict()})
             acc.wait_for_everyone()
 
 
-def _execution(acc, net, o, stats: dict, fsdp: bool) -> dict:
+def _execution(r: _Run) -> dict:
     """How the run was executed, for train.json: processes, sharding, padding, and per process the base
     parameter bytes held (its shards under FSDP), the peak RSS and (on a GPU) the peak allocated memory."""
-    import resource
-
-    mine = {"base_bytes": local_bytes(net), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    acc, o, stats = r.acc, r.o, r.stats
+    mine = {"base_bytes": local_bytes(r.net), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_device_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     every = [mine]
     if acc.num_processes > 1:
         every = [None] * acc.num_processes
         torch.distributed.all_gather_object(every, mine)
-    return {"processes": acc.num_processes, "device": str(acc.device), "fsdp": fsdp,
+    return {"processes": acc.num_processes, "device": str(acc.device), "fsdp": r.fsdp,
             "grad_checkpointing": o.grad_checkpointing, "group_by_length": o.group_by_length,
             "padding_share": round(stats["padded"] / stats["positions"], 4) if stats["positions"] else None,
             "tokens": stats["tokens"], "train_seconds": round(stats["seconds"], 3),
