@@ -3,8 +3,8 @@
 Modes (one LoRA Δθ each; PEFT for the LoRA, accelerate for devices and processes):
   valve        fine-tune on one solution column (eq. 2); α scales Δθ at inference.
   valve++      every (question, solution) of a MixChain with its β (eq. 4); the loss of a sample is
-               taken at θ + β·Δθ′ (eq. 3): forward hooks multiply each lora_B output by the
-               sample's own β ([B, 1, 1]), so a batch mixes scales with no grouping. Samples with
+               taken at θ + β·Δθ′ (eq. 3): forward hooks multiply each lora_A output (rank r) by
+               the sample's own β ([B, 1, 1]), so a batch mixes scales with no grouping. Samples with
                β = 0 give Δθ′ an exactly zero gradient (θ + 0·Δθ′ does not depend on it); they are
                skipped unless `skip_zero_beta` is off (saves compute; the objective's gradient only
                loses zero terms, though the token-mean normaliser then counts only the rest).

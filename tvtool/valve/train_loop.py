@@ -36,11 +36,12 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class BetaScale:
-    """Multiplies every lora_B output [B, T, out] by the batch's β [B] (as [B, 1, 1]).
+    """Multiplies every lora_A output [B, T, r] by the batch's β [B] (as [B, 1, 1]).
 
-    PEFT's plain LoRA adds `lora_B(lora_A(dropout(x))) * scaling`, so scaling the lora_B output
-    by β gives θ + β·Δθ′ per sample (eq. 3). DoRA and merged layers do not go through that sum:
-    they are refused."""
+    PEFT's plain LoRA adds `lora_B(lora_A(dropout(x))) * scaling`, and B·(β·a) = β·(B·a), so scaling
+    the rank-r lora_A output by β gives θ + β·Δθ′ per sample (eq. 3) at r/out of the cost of scaling
+    the lora_B output (bench/bench_train.py: that cost ~10% of a step). DoRA and merged layers do not
+    go through that sum: they are refused."""
 
     def __init__(self, model: Any):
         from peft.tuners.lora import Linear, LoraLayer
@@ -57,8 +58,8 @@ class BetaScale:
             if m.merged:
                 raise OptionsError(f"per-sample β cannot scale a merged LoRA layer ({name})", where="valve++",
                                    fix="unmerge the adapter before training")
-            for b in m.lora_B.values():
-                self.handles.append(b.register_forward_hook(self._hook))
+            for a in m.lora_A.values():
+                self.handles.append(a.register_forward_hook(self._hook))
         if not self.handles:
             raise OptionsError("the model has no LoRA layers to scale", where="valve++")
 
