@@ -41,8 +41,9 @@ def make_model(folder: Path) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPE, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                            chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>", chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                            ).save_pretrained(folder)
     return folder
 
 
@@ -51,7 +52,8 @@ def make_data(path: Path, seq_len: int) -> Path:
     rows = []
     for k, n in enumerate((seq_len, int(seq_len * 0.9))):
         rows.append({"question": " ".join(f"w{(7 * j) % 1000 + 4}" for j in range(11)),
-                     "solution": " ".join(f"w{(13 * j + k) % 30000 + 4}" for j in range(n - 12)), "beta": 0.5 + 0.5 * k})
+                     "solution": " ".join(f"w{(13 * j + k) % 30000 + 4}" for j in range(n - 12)),
+                     "beta": 0.5 + 0.5 * k})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

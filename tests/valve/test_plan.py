@@ -106,7 +106,8 @@ def test_llama_31_8b_r32_on_eight_a5000_24g_shards_and_checkpoints():
     llama = dict(preset="llama", precision="bf16", max_seq_len=2304, grad_accum=8)
 
     def plan(**kw):
-        return plan_training(model=d, mode="valve++", gpus=8, gpu_memory="24GB", options=TrainOptions(**{**llama, **kw}))
+        return plan_training(model=d, mode="valve++", gpus=8, gpu_memory="24GB",
+                             options=TrainOptions(**{**llama, **kw}))
 
     assert plan(grad_checkpointing=True).fits is False and plan(grad_checkpointing=True).fix.changes == {"fsdp": True}
     assert plan(fsdp=True).fits is False and plan(fsdp=True).fix.changes == {"grad_checkpointing": True}
@@ -125,7 +126,8 @@ def test_a_plan_that_does_not_fit_names_the_smallest_change_that_does():
     ch = whole.fix.changes
     assert ch["fsdp"] and ch["grad_checkpointing"] and ch["micro_batch"] == 1 and 4096 < ch["max_seq_len"] < 131072
     edge = plan_training(model=d, mode="valve", gpus=8, gpu_memory="24GB", options=TrainOptions(
-        preset="llama", precision="bf16", fsdp=True, grad_checkpointing=True, grad_accum=8, max_seq_len=ch["max_seq_len"] + 64))
+        preset="llama", precision="bf16", fsdp=True, grad_checkpointing=True, grad_accum=8,
+        max_seq_len=ch["max_seq_len"] + 64))
     assert not edge.fits  # the longest length that fits, to 64 tokens
     one = plan_training(model=d, mode="valve", gpus=1, gpu_memory="16GB",  # < the 16.06 GB of weights: shard
                         options=TrainOptions(preset="llama", precision="bf16", max_seq_len=2048))
@@ -177,8 +179,8 @@ def test_plan_of_a_hub_id_reads_config_json_from_the_hf_cache(tmp_path, monkeypa
                       options=TrainOptions(preset="qwq", precision="bf16", max_seq_len=4608, fsdp=True))
     assert p.model == "Qwen/QwQ-32B-Preview" and p.params == 32_763_876_352
     assert_one_line_error(cli("train", "valve", "--model", "nobody/absent-model", "--plan"),
-                          "config.json is not in the Hugging Face cache and could not be fetched (LocalEntryNotFoundError)"
-                          " (nobody/absent-model). Download it on a machine with a network, or pass a folder holding "
+                          "config.json is not in the Hugging Face cache and could not be fetched "
+                          "(LocalEntryNotFoundError) (nobody/absent-model). Download it on a machine with a network, or pass a folder holding "
                           "config.json")
 
 

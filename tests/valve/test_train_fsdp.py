@@ -37,6 +37,7 @@ def _accelerate() -> list[str]:
         port = s.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "recipes" / "accelerate" / "2-gpus.yaml"), "--main_process_port", str(port)]
+LAUNCHED = Path(__file__).with_name("launched_run.py")  # tvtool train, instrumented (see there)
 FAST = dict(rank=8, lora_alpha=16, lr=2e-3, batch_size=8, epochs=2, threads=1, progress=False)
 
 
@@ -63,24 +64,30 @@ def _same_adapter(a: Path, b: Path) -> None:
 def test_two_sharded_processes_train_what_one_process_trains(tmp_path):
     """torchrun, 2 processes, --fsdp with checkpointing and length groups, valve++ with β mixed in each micro-batch
     (β = 0 kept), against one plain process: per-step losses within rel 1e-5, adapters within 1e-5; each process
-    holds half of the base's parameter bytes."""
+    holds half of the base's parameter bytes; the only tensors ever gathered whole are LoRA-shaped."""
     data = write_jsonl(tmp_path / "mc.jsonl", mixchain_rows(8))
     opts = dict(grad_accum=2, skip_zero_beta=False)
     one = train(mode="valve++", model=TOY, data=data, output=tmp_path / "one", prompt=PromptOptions(instruction=""),
                 options=TrainOptions(**FAST, **opts))
-    two = subprocess.run([*TORCHRUN, "-m", "tvtool", *_args("valve++", data, **opts, fsdp=True, grad_checkpointing=True,
-                                                             group_by_length=True), "-o", str(tmp_path / "two")],
-                         env=ENV, capture_output=True, text=True, timeout=900)
+    two = subprocess.run([*TORCHRUN, str(LAUNCHED), *_args("valve++", data, **opts, fsdp=True, grad_checkpointing=True,
+                                                            group_by_length=True), "-o", str(tmp_path / "two")],
+                         env={**ENV, "TVTOOL_TEST_GATHERS": str(tmp_path / "gathers")}, capture_output=True, text=True,
+                         timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     rec = json.loads((tmp_path / "two" / "train.json").read_text())
     ex, ref = rec["execution"], one.record["execution"]
     assert ex["processes"] == 2 and ex["fsdp"] and ex["grad_checkpointing"] and ref["processes"] == 1
     assert [x["loss"] for x in rec["losses"]] == pytest.approx([x["loss"] for x in one.losses], rel=1e-5)
     _same_adapter(one.folder, tmp_path / "two")
+    lora = {(tuple(v.shape), "torch.float32") for v in _adapter(one.folder).values()}
+    for rank in (0, 1):  # checkpoints and the adapter gathered LoRA weights and their AdamW moments, nothing else
+        gathered = {(tuple(s), d) for s, d in json.loads((tmp_path / f"gathers.{rank}.json").read_text())}
+        assert gathered == lora, gathered - lora
     whole, halves = ref["base_bytes"][0], ex["base_bytes"]
     assert whole == 4_505_088 and all(abs(h - whole / 2) <= 0.001 * whole for h in halves), halves  # fp32 toy base
+    rss = [round(b / 2**20) for b in ex["peak_rss_bytes"]]
     print(f"base bytes: 1 process {whole}, 2 sharded processes {halves}; peak RSS: 1 process "
-          f"{ref['peak_rss_bytes'][0] / 2**20:.0f} MiB, 2 processes {[round(b / 2**20) for b in ex['peak_rss_bytes']]} MiB")
+          f"{ref['peak_rss_bytes'][0] / 2**20:.0f} MiB (the pytest process), 2 processes {rss} MiB")
 
 
 @pytest.mark.slow
@@ -93,7 +100,7 @@ def test_a_killed_sharded_run_resumes_in_another_process_count_to_the_same_adapt
     ref = train(mode="progressive", model=TOY, data=data, output=tmp_path / "ref", prompt=PromptOptions(instruction=""),
                 options=TrainOptions(**FAST, **opts))
     out = tmp_path / "run"
-    killed = subprocess.run([*_accelerate(), str(Path(__file__).with_name("killed_run.py")),
+    killed = subprocess.run([*_accelerate(), str(LAUNCHED),
                              *_args("progressive", data, **opts, fsdp=True), "-o", str(out)],
                             env={**ENV, "TVTOOL_TEST_KILL_AFTER": "4"}, capture_output=True, text=True, timeout=900,
                             start_new_session=True)

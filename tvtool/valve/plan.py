@@ -13,9 +13,10 @@ measured peak in tests/valve/test_train_memory.py and, on a GPU, scripts/gpu_che
   LoRA            weights, gradients (the accumulating unsharded copy) and AdamW's two moments, fp32
   activations     per layer and token: the two RMSNorm inputs in fp32 (8h) and their rsqrt; the LoRA-A inputs
                   that no other op keeps (normed input h·a for q/k/v, for gate/up; the MLP product i·a for
-                  down); attention's q, k, v and output ((2H + 2K)·d·a, K = H when a padding mask makes HF
-                  repeat the kv heads, i.e. micro-batch > 1) and log-sum-exp (4H); the MLP's gate, SiLU(gate)
-                  and up (3·i·a); each LoRA-A output (r·a); with padding, sdpa's additive mask (T·a per token).
+                  down; with LoRA dropout, each projection's dropped input and its mask); attention's q, k, v
+                  and output ((2H + 2K)·d·a, K = H when a padding mask makes HF repeat the kv heads, i.e.
+                  micro-batch > 1) and log-sum-exp (4H); the MLP's gate, SiLU(gate) and up (3·i·a); each
+                  LoRA-A output (r·a); with padding, sdpa's additive mask (T·a per token).
                   --grad-checkpointing keeps one layer input (h·a) per layer and recomputes one layer's set
                   in the backward pass
   logits          12·N·V: the fp32 log-softmax kept for the backward pass, its gradient and the logits' gradient
@@ -212,7 +213,8 @@ class TrainPlan:
         out = [f"memory plan: {self.mode} on {self.model}, {procs}{', FSDP (base sharded)' if self.fsdp else ''}, "
                f"{self.precision}, micro-batch {self.micro_batch} × {self.seq_len} tokens ({self.seq_len_from}), "
                f"{'activation checkpointing' if self.grad_checkpointing else 'no activation checkpointing'}",
-               f"  batch {self.batch_size} ÷ {procs} ÷ grad-accum {self.grad_accum} → micro-batch {self.micro_batch}; "
+               f"  batch {self.batch_size} ÷ {procs} ÷ grad-accum {self.grad_accum} → micro-batch "
+               f"{self.micro_batch}; "
                f"base {count(self.params)} parameters, LoRA r {self.rank} {count(self.lora_params)}"]
         out += [f"  {name:<36}{gib(b):>11}" for name, b in self.components.items()]
         out.append(f"  {'peak per process':<36}{gib(self.peak):>11}")
@@ -303,7 +305,7 @@ def _plan(arch: Arch, o: TrainOptions, *, mode: str, name: str, gpus: int, mem: 
     comp["AdamW state (fp32)"] = 2 * lora * 4 // shard
     if gpus > 1 and not o.fsdp:
         comp["DDP gradient buckets"] = lora * 4
-    acts = _activations(arch, b=b, t=t, a=a, rank=o.rank, targets=targets)
+    acts = _activations(arch, b=b, t=t, a=a, rank=o.rank, targets=targets, dropout=o.dropout > 0)
     saved = acts["checkpointed"] if o.grad_checkpointing else acts["full"]
     comp["activations" + (" (checkpointed)" if o.grad_checkpointing else "")] = saved
     logits = 12 * n * arch.vocab
@@ -318,7 +320,8 @@ def _plan(arch: Arch, o: TrainOptions, *, mode: str, name: str, gpus: int, mem: 
                      peak=sum(comp.values()), device_memory=mem)
 
 
-def _activations(arch: Arch, *, b: int, t: int, a: int, rank: int, targets: tuple[str, ...]) -> dict[str, int]:
+def _activations(arch: Arch, *, b: int, t: int, a: int, rank: int, targets: tuple[str, ...],
+                 dropout: bool = False) -> dict[str, int]:
     """Bytes autograd keeps: 'full' (every layer), 'checkpointed' (layer inputs), 'layer' (one layer's set,
     recomputed under checkpointing) and 'backward' (a layer's gradient temporaries)."""
     h, i, d, n = arch.hidden, arch.intermediate, arch.head_dim, b * t
@@ -329,7 +332,8 @@ def _activations(arch: Arch, *, b: int, t: int, a: int, rank: int, targets: tupl
                  + a * i * ("down_proj" in targets)  # the MLP product, LoRA-A input of down
                  + a * (2 * arch.heads + 2 * kv) * d + 4 * arch.heads  # q, k, v, output; log-sum-exp
                  + 3 * a * i  # gate, SiLU(gate), up
-                 + a * rank * len(targets))  # LoRA-A outputs
+                 + a * rank * len(targets)  # LoRA-A outputs
+                 + dropout * sum(arch.linears()[p][0] * (a + 1) for p in targets))  # LoRA dropout: input + mask
     mask = b * t * t * a if b > 1 else 0  # sdpa's additive mask, one per layer
     layer = n * per_token + mask
     outside = n * (4 * h + 4) + 2 * t * d * a + (b * t * t if b > 1 else 0)  # final norm input; cos/sin; bool mask

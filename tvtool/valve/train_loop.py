@@ -266,7 +266,8 @@ class _Run:
     pad_id: int
     bar: Any
     losses: list[dict]
-    stats: dict = field(default_factory=lambda: {"padded": 0, "positions": 0, "tokens": 0, "seconds": 0.0})
+    stats: dict = field(default_factory=lambda: {"padded": 0, "positions": 0, "tokens": 0, "seconds": 0.0,
+                                                 "cpu_seconds": 0.0})
 
 
 def _stage(r: _Run, st: dict, si: int, steps: int, ck: dict | None) -> None:
@@ -289,13 +290,14 @@ def _stage(r: _Run, st: dict, si: int, steps: int, ck: dict | None) -> None:
         start = ck["step"]
     per_epoch = math.ceil(len(samples) / bs)
     for step in range(start, steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         epoch, b_i = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(o.seed * 1_000_003 + si * 1009 + epoch)
         perm = torch.randperm(len(samples), generator=g)
         idx = perm[b_i * bs:(b_i + 1) * bs].tolist()
         n_tok = sum(samples[i].n_target for i in idx)  # the whole step's targets, every process
-        parts = micro_batches(idx=idx, lengths=lengths, world=world, grad_accum=o.grad_accum, by_length=o.group_by_length)
+        parts = micro_batches(idx=idx, lengths=lengths, world=world, grad_accum=o.grad_accum,
+                              by_length=o.group_by_length)
         pad, positions = padding(parts, lengths)
         stats["padded"] += pad
         stats["positions"] += positions
@@ -321,6 +323,7 @@ def _stage(r: _Run, st: dict, si: int, steps: int, ck: dict | None) -> None:
         opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(local, reduction="sum")) / n_tok
         stats["seconds"] += time.perf_counter() - t0
+        stats["cpu_seconds"] += time.process_time() - c0  # on a shared machine, steadier than the wall clock
         r.losses.append({"stage": name, "step": len(r.losses) + 1, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
                          "loss": loss, "lr": sched.get_last_lr()[0]})
         r.bar.update(1)
@@ -338,16 +341,19 @@ def _execution(r: _Run) -> dict:
     """How the run was executed, for train.json: processes, sharding, padding, and per process the base
     parameter bytes held (its shards under FSDP), the peak RSS and (on a GPU) the peak allocated memory."""
     acc, o, stats = r.acc, r.o, r.stats
-    mine = {"base_bytes": local_bytes(r.net), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    mine = {"base_bytes": local_bytes(r.net),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_device_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     every = [mine]
     if acc.num_processes > 1:
         every = [None] * acc.num_processes
         torch.distributed.all_gather_object(every, mine)
     return {"processes": acc.num_processes, "device": str(acc.device), "fsdp": r.fsdp,
-            "grad_checkpointing": o.grad_checkpointing, "group_by_length": o.group_by_length,
+            "grad_accum": o.grad_accum, "grad_checkpointing": o.grad_checkpointing,
+            "group_by_length": o.group_by_length,
             "padding_share": round(stats["padded"] / stats["positions"], 4) if stats["positions"] else None,
             "tokens": stats["tokens"], "train_seconds": round(stats["seconds"], 3),
+            "train_cpu_seconds": round(stats["cpu_seconds"], 3),
             "tokens_per_second": round(stats["tokens"] / stats["seconds"], 1) if stats["seconds"] else None,
             **{k: [e[k] for e in every] for k in mine}}
 
