@@ -105,16 +105,18 @@ def plan_run(*, mode: str, model: str | os.PathLike, data: str | os.PathLike | N
         td, tok, stages = _inputs(mode=mode, model=model, data=data, o=o)
         encoded = _encode(stages, tok=tok, mode=mode, model=model, o=o, prompt=prompt)
         longest, o = _longest(encoded, o)
-    return plan_training(model=model, mode=mode, options=o, gpus=plan.gpus or _world(),
-                         gpu_memory=plan.gpu_memory if plan.gpu_memory is not None else device_memory(),
-                         seq_len=longest)
+    gpus = plan.gpus or _world()
+    return plan_training(model=model, mode=mode, options=o, gpus=gpus, seq_len=longest,
+                         gpu_memory=plan.gpu_memory if plan.gpu_memory is not None else device_memory(processes=gpus))
 
 
-def device_memory() -> int:
-    """Memory per process here: the GPU's; on a CPU, the RAM shared by this machine's processes."""
+def device_memory(*, processes: int | None = None) -> int:
+    """Memory per process here: the GPU's; on a CPU, the RAM shared by the `processes` on this machine
+    (default: this launch's LOCAL_WORLD_SIZE)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // n
 
 
 def _world() -> int:
