@@ -130,6 +130,8 @@ WEIGHTS = ("base weights", "gathered units", "LoRA weights", "overhead")  # held
     ("fp32, micro-batch 1 of 507 tokens", [500] * 2, dict(batch_size=1)),
     ("bf16 autocast, micro-batch 4, checkpointed", [186, 150, 120, 90] * 2,
      dict(batch_size=4, precision="bf16", grad_checkpointing=True)),
+    ("fp32, LoRA dropout 0.1, checkpointed", [186, 150, 120, 90] * 2,
+     dict(batch_size=4, dropout=0.1, grad_checkpointing=True)),
 ])
 def test_the_plan_is_within_a_quarter_of_the_measured_peak(tmp_path, monkeypatch, model_dir, name, lengths, options):
     """Planned LoRA gradients + AdamW state + activations + logits (the plan's components but the weights and the
