@@ -77,6 +77,7 @@ def test_two_sharded_processes_train_what_one_process_trains(tmp_path):
     rec = json.loads((tmp_path / "two" / "train.json").read_text())
     ex, ref = rec["execution"], one.record["execution"]
     assert ex["processes"] == 2 and ex["fsdp"] and ex["grad_checkpointing"] and ref["processes"] == 1
+    assert ex["dtypes"] == {"base": ["float32"], "lora": ["float32"]}
     assert [x["loss"] for x in rec["losses"]] == pytest.approx([x["loss"] for x in one.losses], rel=1e-5)
     _same_adapter(one.folder, tmp_path / "two")
     lora = {(tuple(v.shape), "torch.float32") for v in _adapter(one.folder).values()}

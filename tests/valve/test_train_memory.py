@@ -142,5 +142,7 @@ def test_the_plan_is_within_a_quarter_of_the_measured_peak(tmp_path, monkeypatch
     plan = res.record["memory_plan"]
     planned = sum(v for k, v in plan["components"].items() if not k.startswith(WEIGHTS))
     assert plan["micro_batch"] == options["batch_size"] and plan["seq_len"] == max(lengths) + 7  # prompt 6 + EOS
+    assert res.record["execution"]["dtypes"] == {"base": [o.precision.replace("fp32", "float32").replace(
+        "bf16", "bfloat16")], "lora": ["float32"]}  # LoRA weights (and so AdamW's state) stay fp32
     print(f"{name}: planned {planned / 2**20:.2f} MiB, measured {peak / 2**20:.2f} MiB, ratio {planned / peak:.3f}")
     assert 0.75 * peak <= planned <= 1.25 * peak, (planned, peak)

@@ -351,6 +351,8 @@ def _execution(r: _Run) -> dict:
     return {"processes": acc.num_processes, "device": str(acc.device), "fsdp": r.fsdp,
             "grad_accum": o.grad_accum, "grad_checkpointing": o.grad_checkpointing,
             "group_by_length": o.group_by_length,
+            "dtypes": {k: sorted({str(p.dtype).removeprefix("torch.") for p in r.net.parameters()
+                                  if p.requires_grad == t}) for k, t in (("base", False), ("lora", True))},
             "padding_share": round(stats["padded"] / stats["positions"], 4) if stats["positions"] else None,
             "tokens": stats["tokens"], "train_seconds": round(stats["seconds"], 3),
             "train_cpu_seconds": round(stats["cpu_seconds"], 3),
