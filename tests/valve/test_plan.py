@@ -157,6 +157,9 @@ def test_plan_command_prints_the_plan_and_its_json(tmp_path):
     d = json.loads(ok.output)
     assert d["fits"] is True and d["processes"] == 2 and d["micro_batch"] == 1 and d["seq_len"] == 4608
     assert d["peak"] == sum(d["components"].values()) and d["device_memory"] == 80 * 10**9
+    same = cli(*[QWQ if a == folder else a for a in args], "--fsdp", "--grad-checkpointing", "--grad-accum", "32",
+               "--json")  # the config file itself
+    assert {**json.loads(same.output), "model": str(folder)} == d
     assert not list(tmp_path.glob("*.partial"))  # trains nothing
 
 

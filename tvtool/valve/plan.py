@@ -114,12 +114,12 @@ def targets_of(target_modules: str) -> tuple[str, ...]:
 
 
 def load_config(model: str | os.PathLike) -> tuple[dict, str]:
-    """(config.json, where it was read) of a model folder (weights not needed) or a Hub id (the HF cache
-    first; else config.json alone is fetched)."""
+    """(config.json, where it was read) of a model folder (weights not needed), a config file, or a Hub id (the
+    HF cache first; else config.json alone is fetched)."""
     ref = str(model)
     p = Path(ref)
-    if p.exists():
-        f = p / "config.json" if p.is_dir() else p.parent / "config.json"
+    if p.exists():  # a folder; a config .json itself; or a single .safetensors file beside its config.json
+        f = p / "config.json" if p.is_dir() else p if p.suffix == ".json" else p.parent / "config.json"
         if not f.is_file():
             raise CheckpointError("no config.json", where=str(p),
                                   fix="the memory plan needs the model's config.json (the weights are not needed)")
@@ -214,8 +214,8 @@ class TrainPlan:
                f"{self.precision}, micro-batch {self.micro_batch} × {self.seq_len} tokens ({self.seq_len_from}), "
                f"{'activation checkpointing' if self.grad_checkpointing else 'no activation checkpointing'}",
                f"  batch {self.batch_size} ÷ {procs} ÷ grad-accum {self.grad_accum} → micro-batch "
-               f"{self.micro_batch}; "
-               f"base {count(self.params)} parameters, LoRA r {self.rank} {count(self.lora_params)}"]
+               f"{self.micro_batch}; base {count(self.params)} parameters, LoRA r {self.rank}: "
+               f"{count(self.lora_params)} parameters"]
         out += [f"  {name:<36}{gib(b):>11}" for name, b in self.components.items()]
         out.append(f"  {'peak per process':<36}{gib(self.peak):>11}")
         out.append(f"  activations: {gib(self.activations['checkpointed'])} checkpointed, "
@@ -283,6 +283,8 @@ def plan_training(*, model: str | os.PathLike | Mapping[str, Any], mode: str, op
     else:
         t, src = arch.context, "max_position_embeddings"
     plan = _plan(arch, o, mode=mode, name=name, gpus=gpus, mem=mem, t=t, src=src)
+    if src == "max_position_embeddings":
+        plan.notes.append(f"no --max-seq-len (and no data): planned at the model's whole context, {t} tokens")
     if search and plan.fits is False:
         plan = replace(plan, fix=_smallest_fix(arch, o, mode=mode, gpus=gpus, mem=mem, t=t))
     return plan
