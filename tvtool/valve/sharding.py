@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from tvtool.errors import OptionsError
+
 
 def build_empty(*, model: str, dtype: torch.dtype, lora_config: Any):
     """The PEFT model with its parameters on the meta device (buffers real), for the processes that receive
@@ -46,9 +48,19 @@ def share(net, *, main: bool) -> None:
         set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def require_fsdp():
+    """FSDP2's fully_shard, or a one-line error naming the torch version (checked before a model loads)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # public from torch 2.6
+    except ImportError:
+        raise OptionsError(f"--fsdp needs PyTorch's FSDP2 (torch ≥ 2.6); this is torch {torch.__version__}",
+                           where="--fsdp", fix="upgrade torch, or train without --fsdp (DDP)") from None
+    return fully_shard
+
+
 def shard(net) -> None:
     """fully_shard each decoder layer, the untied embeddings and LM head, then the root (the rest)."""
-    from torch.distributed.fsdp import fully_shard
+    fully_shard = require_fsdp()
 
     inner = net.get_base_model()
     names = set(getattr(inner, "_no_split_modules", None) or ())
@@ -65,20 +77,25 @@ def shard(net) -> None:
 
 def local_bytes(net, *, trainable: bool = False) -> int:
     """Bytes of the (frozen, or trainable) parameters this process holds: its shards under FSDP."""
-    from torch.distributed.tensor import DTensor
-
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in net.parameters()
+    return sum((p.to_local() if _is_dtensor(p) else p).nbytes for p in net.parameters()
                if p.requires_grad == trainable)
 
 
 def lora_state(net) -> dict[str, torch.Tensor]:
     """The LoRA weights as full tensors (state-dict names), gathered from their shards under FSDP; every
     process must call it (the gather is a collective). The base is never gathered."""
-    from torch.distributed.tensor import DTensor
-
     names = {n for n, p in net.named_parameters() if p.requires_grad}
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu()
             for k, v in net.state_dict().items() if k in names}
+
+
+def _is_dtensor(t) -> bool:
+    """A shard of FSDP2 (torch.distributed.tensor, public from torch 2.5; none can exist before)."""
+    try:
+        from torch.distributed.tensor import DTensor  # torch ≥ 2.5
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 def optimizer_state(net, opt) -> dict:
@@ -98,4 +115,4 @@ def load_optimizer_state(net, opt, state: dict, *, sharded: bool) -> None:
     set_optimizer_state_dict(net, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=sharded))
 
 
-__all__ = ["build_empty", "load_optimizer_state", "local_bytes", "lora_state", "optimizer_state", "shard", "share"]
+__all__ = ["build_empty", "load_optimizer_state", "local_bytes", "lora_state", "optimizer_state", "require_fsdp", "shard", "share"]

@@ -46,6 +46,7 @@ from tvtool.io.fingerprint import input_fingerprint
 from tvtool.io.lock import output_lock
 from tvtool.valve.options import EXECUTION, MODES, PRESETS, PlanOptions, TrainOptions, resolve
 from tvtool.valve.plan import TrainPlan, gib, plan_training
+from tvtool.valve.sharding import require_fsdp
 from tvtool.valve.train_data import encode, load_train_data, stages_for
 from tvtool.valve.train_loop import CHECKPOINT, barrier, run
 from tvtool.valve.train_report import write_card, write_plot
@@ -86,6 +87,8 @@ def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, outpu
         raise OptionsError("--fsdp in a single process shards nothing", where="--fsdp",
                            fix="launch several processes (torchrun --nproc_per_node N -m tvtool train …), or drop "
                                "--fsdp")
+    if o.fsdp:
+        require_fsdp()
     out = Path(output)
     # One writer per adapter folder (tvtool.io.lock): the main process holds the lock for the whole run, so the
     # resumable `<output>.partial/` it keeps (tvtool.io.atomic.resumable_dir) is never another live run's.
