@@ -23,14 +23,14 @@ from tvtool.engine.prompting import PromptOptions
 from tvtool.io.hub import PushOptions
 from tvtool.lowrank.svd import LowRankOptions
 from tvtool.merge.materialize import MaterializeOptions
-from tvtool.valve.options import MixChainOptions
+from tvtool.valve.options import MixChainOptions, PlanOptions, TrainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
 from tvtool.merge.options import MergeOptions
 from tvtool.sweep.recipe import load_recipe, merge_configs
 from tvtool.sweep.run import SweepOptions, _commands, _eval_options
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
-           PromptOptions, PushOptions, SamplingOptions, SweepOptions]
+           PlanOptions, PromptOptions, PushOptions, SamplingOptions, SweepOptions, TrainOptions]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 

@@ -41,7 +41,8 @@ SOURCE = DeltaSource(base=str(TOY / "base"), reasoner=str(TOY / "reasoner"))
 @pytest.fixture(scope="module")
 def local_ray():
     """ray.init(num_cpus=2); workers inherit PYTHONPATH, so they import this checkout (and tests/)."""
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(Path(__file__).parent),
+                                              os.environ.get("PYTHONPATH", "")])
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield
@@ -128,8 +129,10 @@ def _kill_mid_unit(actors: list[dict], folders: list[Path], killed: list[int], s
 
 @pytest.mark.vllm
 def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
+    from tvtool.engine.reaper import descendants
     from tvtool.evaluation.cluster import evaluate_on_ray
 
+    before = set(descendants(os.getpid()))  # engines other tests of this session hold (their fixtures close them)
     opts = EvalOptions(dataset="toy", limit=LIMIT, batch_size=BATCH, progress=False)
     common = dict(source=SOURCE, alphas=ALPHAS, options=opts, prompt=PROMPT,
                   sampling=SAMPLING, engine_options=ENGINE)
@@ -168,9 +171,8 @@ def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
     assert not [p for p in pids if _alive(p)], [(p, _cmdline(p)) for p in pids if _alive(p)]
-    from tvtool.engine.reaper import descendants
-
-    assert not [p for p in descendants(os.getpid()) if "VLLM" in _cmdline(p) or "EngineCore" in _cmdline(p)]
+    assert not [p for p in set(descendants(os.getpid())) - before
+                if "VLLM" in _cmdline(p) or "EngineCore" in _cmdline(p)]
 
     # either path resumes the other: a finished re-run starts no engine (Ray's or a local one)
     again = evaluate_on_ray(output=out, executor=RayOptions(engines=2), progress=False, **common)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
 
 from tvtool.cli.ray import RAY, ray_options
@@ -11,8 +14,8 @@ from tvtool.evaluation.units import RayOptions
 from tvtool.merge.options import MergeOptions
 from tvtool.options import click_options, from_cli
 from tvtool.valve.mixchain import build_mixchain
-from tvtool.valve.options import MixChainOptions, TrainOptions
-from tvtool.valve.train import train
+from tvtool.valve.options import MixChainOptions, PlanOptions, TrainOptions
+from tvtool.valve.train import plan_run, train
 
 
 @click.command("mixchain")
@@ -42,15 +45,29 @@ def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output
 @click.command("train")
 @click.argument("mode", type=click.Choice(["valve", "valve++", "progressive"]))
 @click.option("--model", required=True, help="The model θ to train a LoRA on (folder or Hub id).")
-@click.option("--data", required=True, help="A `tvtool mixchain` folder, MixChain-Z .parquet/.jsonl, or .jsonl "
-                                            "question/solution pairs.")
-@click.option("-o", "--output", required=True, help="Adapter folder to write (resumable: re-run to continue).")
+@click.option("--data", help="A `tvtool mixchain` folder, MixChain-Z .parquet/.jsonl, or .jsonl question/solution "
+                             "pairs (required unless --plan).")
+@click.option("-o", "--output", help="Adapter folder to write (resumable: re-run to continue; required unless --plan).")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the per-process memory plan and train nothing (needs "
+                                                         "only the model's config.json; with --data, plans for the "
+                                                         "longest sample). Exit status 1 when it does not fit.")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: the plan as JSON.")
 @click_options(TrainOptions)
+@click_options(PlanOptions)
 @click_options(PromptOptions)
-def train_cmd(mode: str, model: str, data: str, output: str, **kw) -> None:
+def train_cmd(mode: str, model: str, data: str | None, output: str | None, plan_only: bool, as_json: bool,
+              **kw) -> None:
     """Train a CoT-Valve LoRA: valve (one column), valve++ (per-sample β, eq. 3-4) or progressive (+P).
-    Runs unchanged under `accelerate launch` (DDP)."""
-    result = train(mode=mode, model=model, data=data, output=output, options=from_cli(TrainOptions, kw),
-                   prompt=from_cli(PromptOptions, kw))
+    Several processes: `torchrun --nproc_per_node N -m tvtool train …` or `accelerate launch` (DDP; --fsdp
+    shards the base). A run whose memory plan does not fit is refused before the model loads."""
+    options, prompt, plan = from_cli(TrainOptions, kw), from_cli(PromptOptions, kw), from_cli(PlanOptions, kw)
+    if plan_only:
+        p = plan_run(mode=mode, model=model, data=data, options=options, prompt=prompt, plan=plan)
+        click.echo(json.dumps(p.to_dict(), indent=1) if as_json else "\n".join(p.lines()))
+        sys.exit(1 if p.fits is False else 0)
+    for flag, value in (("--data", data), ("--output", output)):
+        if value is None:
+            raise click.UsageError(f"Missing option '{flag}' (needed unless --plan).")
+    result = train(mode=mode, model=model, data=data, output=output, options=options, prompt=prompt, plan=plan)
     if result.record:
         click.echo(result.summary())

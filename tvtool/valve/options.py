@@ -46,11 +46,32 @@ class TrainOptions(CliOptions):
     seed: int = opt(0, "Seed of the LoRA init, the epoch order and dropout.")
     threads: int = opt(0, "CPU threads for torch (0: torch's default; 1 is fastest on a busy shared CPU).")
     precision: Literal["fp32", "bf16"] = opt("fp32", "fp32; or bf16 (base weights bf16, LoRA fp32, bf16 autocast).")
+    fsdp: bool = opt(False, "Shard the frozen base across the processes (PyTorch FSDP2, one unit per decoder layer); "
+                            "launch with `torchrun --nproc_per_node N -m tvtool train …` or `accelerate launch`. "
+                            "Without it several processes run DDP, each holding the whole base.")
+    grad_checkpointing: bool = opt(False, "Recompute each decoder layer's activations in the backward pass "
+                                          "(non-reentrant activation checkpointing): less memory, ~1/3 more compute.")
+    group_by_length: bool = opt(False, "Form each step's micro-batches from samples of similar length (less padding); "
+                                       "the step's samples and its loss are unchanged.")
     skip_zero_beta: bool = opt(True, "valve++: skip samples with β = 0 (their LoRA gradient is exactly zero).")
     save_steps: int = opt(200, "Checkpoint every N optimizer steps (and at each epoch end) for resuming.")
     overwrite: bool = opt(False, "Replace an output folder that holds something else (a finished run with the "
                                  "same settings is kept).")
     progress: bool = opt(True, "Show a progress bar with the loss.")
+
+
+# How a run is executed, not what it computes: left out of the finished-work record and the resume key, so a
+# run resumes (or counts as finished) with another process count, sharding, checkpointing or grouping.
+EXECUTION = ("overwrite", "progress", "save_steps", "threads", "fsdp", "grad_checkpointing", "group_by_length",
+             "grad_accum")
+
+
+@dataclass(frozen=True)
+class PlanOptions(CliOptions):
+    gpus: int | None = opt(None, "Processes (GPUs) to plan for (default: this launch's WORLD_SIZE, else 1).")
+    gpu_memory: str | None = opt(None, "Memory per process, e.g. 80GiB, 24GB or 81559MiB (default: this machine's "
+                                       "GPU; on a CPU, its RAM shared by the processes of this machine).")
+    check_memory: bool = opt(True, "Refuse a run whose memory plan does not fit, before the model loads.")
 
 
 def resolve(o: TrainOptions, *, mode: str) -> TrainOptions:

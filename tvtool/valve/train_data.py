@@ -225,4 +225,36 @@ def collate(batch: Sequence[Encoded], *, pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "beta": beta}
 
 
-__all__ = ["Encoded", "IGNORE", "Sample", "TrainData", "collate", "encode", "load_train_data", "stages_for"]
+def micro_batches(*, idx: Sequence[int], lengths: Sequence[int], world: int, grad_accum: int,
+                  by_length: bool = False) -> list[list[list[int]]]:
+    """One step's samples `idx` as [process][micro-batch] index lists (sizes differ by at most one).
+
+    Plain: process r takes idx[r::world], its micro-batch k every grad_accum-th of those. By length: the
+    step's samples sorted by length (longest first; ties keep the seeded order) are cut into
+    world × grad_accum runs of neighbours, and micro-batch k of every process gets one of the k-th longest
+    runs, so the processes of one micro-step wait on similar lengths. The step's sample set (and so its
+    loss, the token mean over all of them) is the same either way."""
+    if not by_length:
+        return [[list(idx[r::world])[k::grad_accum] for k in range(grad_accum)] for r in range(world)]
+    order = sorted(idx, key=lambda i: -lengths[i])  # stable
+    g, n = world * grad_accum, len(order)
+    ends = [0]
+    for j in range(g):  # the first n mod g runs take one more: a short step fills every process's first micro-batch
+        ends.append(ends[-1] + n // g + (j < n % g))
+    runs = [order[ends[j]:ends[j + 1]] for j in range(g)]
+    return [[runs[k * world + r] for k in range(grad_accum)] for r in range(world)]
+
+
+def padding(parts: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int]) -> tuple[int, int]:
+    """(padded positions, all positions) of the micro-batches `parts` ([process][micro-batch] indices), each
+    right-padded to its longest sample."""
+    pad = total = 0
+    for micro in (m for proc in parts for m in proc if m):
+        longest = max(lengths[i] for i in micro)
+        total += longest * len(micro)
+        pad += sum(longest - lengths[i] for i in micro)
+    return pad, total
+
+
+__all__ = ["Encoded", "IGNORE", "Sample", "TrainData", "collate", "encode", "load_train_data", "micro_batches",
+           "padding", "stages_for"]
