@@ -2,12 +2,12 @@
 
 The engine that takes a shard switches to the run's α in place (resident after its first α) and appends
 the shard's samples to `<run>/.shards/<start>-<stop>.jsonl`, batch by batch, fsynced, as `runs.run_one`
-appends to samples.jsonl. When every shard of a run is done, `runs.merge_shards` writes samples.jsonl in the order
-one engine writes it (problems in order, each problem's samples by index), atomically, and removes the
-shard files; the run is then finished as one engine finishes it (`runs.finish_run`: scores, summary.json,
-run.json with its finished-work record, last). One engine resuming such a run merges first too. A sample
-already in samples.jsonl or in any shard file is never
-generated again, so a killed engine's shard, retried, resumes, and so does a re-plan with other shard bounds.
+appends to samples.jsonl. When every shard of a run is done, `runs.merge_shards` writes samples.jsonl in
+the order one engine writes it (problems in order, each problem's samples by index), atomically, and
+removes the shard files; the run is then finished as one engine finishes it (`runs.finish_run`: scores,
+summary.json, run.json with its finished-work record, last). One engine resuming such a run merges first
+too. A sample already in samples.jsonl or in any shard file is never generated again, so a killed engine's
+shard, retried, resumes, and so does a re-plan with other shard bounds.
 """
 
 from __future__ import annotations
