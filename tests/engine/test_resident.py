@@ -306,3 +306,18 @@ def test_the_gpu_check_script_holds_the_code_it_checks():
                 cpu = finish(theta1=t1, x=x, pair=pair, alpha=a, dtype=dtype, device=torch.device("cpu"))
                 ok = torch.isfinite(want.float())
                 assert torch.equal(bits(cpu[ok]), bits(want[ok])), (dtype, pair, a)
+
+
+def test_an_alpha_that_overflows_is_the_streaming_path_s_error(pairs):
+    from tvtool.errors import TvtoolError
+
+    base, reasoner = pairs["llama"]
+    source = DeltaSource(base=str(base), reasoner=str(reasoner))
+    b, tvs = source.open_vectors()
+    with pytest.raises(TvtoolError) as streaming:
+        list(merged_tensors(base=b, tv=tvs, config=MergeConfig(1e39)))
+    res = Resident(source=source, regions=shard_layout(source, tp=2, rank=0)[0], device=torch.device("cpu"))
+    list(res.values(MergeConfig(0.5)))
+    with pytest.raises(TvtoolError) as resident:
+        list(res.values(MergeConfig(1e39)))
+    assert type(resident.value) is type(streaming.value) and "θ1 + α·Δ in bfloat16 at α=1e+39 overflows in tensor" in str(resident.value)

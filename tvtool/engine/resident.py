@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal, Sequence
 
 import torch
 
 from tvtool.engine.placement import Placement
 from tvtool.io.checkpoint import Checkpoint, Source
+from tvtool.io.layout import dtype_name
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.finite import check_finite
 from tvtool.merge.kernels import fused_pair, merge_many
@@ -117,6 +118,11 @@ class _Held:
     end: torch.Tensor | None = None  # θ2 as stored (a single base/reasoner pair)
     m: torch.Tensor | None = None  # M in float32, or bfloat16 where every value round-trips
     rows: torch.Tensor | None = None  # bool: elements inside Δ's rows (vocab intersect only)
+    top: dict = field(default_factory=dict)  # max |θ1|, |θ2|, |M| (bounds the output: see `Resident.values`)
+
+
+def _amax(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
 
 
 class Resident:
@@ -162,7 +168,8 @@ class Resident:
                 t = self.base.read(self.plan[name].src)
                 check_finite(name, t, what="the base", where=self.source.base)  # as the streaming path checks
                 for i in idx:
-                    self.held[i] = _Held(self._keep(self.regions[i].source_view(t)))
+                    v = self.regions[i].source_view(t)
+                    self.held[i] = _Held(self._keep(v), top={"theta1": _amax(v)})
             self._row_masks()
         ident = identity_merge(config, len(self.tvs))
         if ident and self.paired and self.held[self.by_tensor[next(iter(self.paired))][0]].end is None:
@@ -172,7 +179,9 @@ class Resident:
                 e = reasoner.read(name)
                 check_finite(name, e, what="the reasoner", where=self.source.reasoner)
                 for i in self.by_tensor[name]:
-                    self.held[i].end = self._keep(self.regions[i].source_view(e))
+                    v = self.regions[i].source_view(e)
+                    self.held[i].end = self._keep(v)
+                    self.held[i].top["end"] = _amax(v)
         want = {n for n in self.by_tensor if n in self.tvs[0] and not (ident and n in self.paired)}
         key = m_key(config)
         if want and (key != self.m_key or not want <= self.m_names):
@@ -194,6 +203,7 @@ class Resident:
                     if torch.equal(v.bfloat16().float().view(torch.int32), v.view(torch.int32)):
                         v = v.bfloat16()  # every value (−0 included) round-trips: half the memory
                     self.held[i].m = self._keep(v)
+                    self.held[i].top["m"] = _amax(v)
         self.m_key, self.m_names = key, set(want)
 
     def _capture_end(self, unpaired: set[str]) -> None:
@@ -209,7 +219,9 @@ class Resident:
         for name, e in merged_tensors(base=self.base, tv=tv, config=MergeConfig(1.0, include=exact_names(names))):
             if name in names:
                 for i in self.by_tensor[name]:
-                    self.held[i].end = self._keep(self.regions[i].source_view(e))
+                    v = self.regions[i].source_view(e)
+                    self.held[i].end = self._keep(v)
+                    self.held[i].top["end"] = _amax(v)
 
     def _row_masks(self) -> None:
         """Vocab intersect: which elements of a region come from Δ's rows (the others stay θ1)."""
@@ -263,8 +275,11 @@ class Resident:
                              device=self.device)
                 if h.rows is not None:
                     out = torch.where(h.rows.to(out.device), out, h.theta1.to(out.device, dtype))
-                check_finite(r.tensor, out, where=f"{r.module}.{r.param}", overflow=f"θ1 + α·M in {dtype} at "
-                             f"α={rule.alpha:g}", overflow_fix="use a smaller |α|, or --dtype float32")
+                delta = h.top["end"] + h.top["theta1"] if pair else h.top["m"]
+                if h.top["theta1"] + abs(rule.alpha) * delta >= 0.5 * torch.finfo(dtype).max:  # it may overflow
+                    what = f"θ1 + α·{'Δ' if config.is_plain(len(self.tvs)) else 'M'} in {dtype_name(dtype)}"
+                    check_finite(r.tensor, out, where=f"{r.module}.{r.param}", overflow=f"{what} at α={rule.alpha:g}",
+                                 overflow_fix="use a smaller |α|, or --dtype float32")
                 yield r, out
 
 
