@@ -81,7 +81,8 @@ class WorkerExtension:
             report = {"path": "resident", "captured": res.captures != before, "placement": placement,
                       "resident_bytes": res.nbytes, "processing_s": round(processing, 3)}
         io1 = io_counters()
-        report.update(seconds=time.perf_counter() - t0, bytes_read=io1.get("rchar", 0) - io0.get("rchar", 0),
+        report.update(seconds=time.perf_counter() - t0,
+                      bytes_read=io1.get("rchar", 0) - io0.get("rchar", 0) - io0.get("own", 0),
                       storage_bytes=io1.get("read_bytes", 0) - io0.get("read_bytes", 0))
         if _state.digests is not None:
             _state.digests.after_load()
