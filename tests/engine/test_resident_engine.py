@@ -166,3 +166,28 @@ def test_the_load_record_sums_the_workers():
                         "placement": "cpu", "resident_bytes": 12, "processing_s": 0.25}], seconds=1.23456)
     assert rec == {"path": "resident", "seconds": 1.235, "bytes_read": 3, "storage_bytes": 1, "workers": 2,
                    "captured": True, "placement": "cpu", "resident_bytes": 12, "processing_s": 0.5}
+
+
+def test_the_load_is_information_not_identity(llama, tmp_path, monkeypatch):
+    """run.json's `load` sits beside the finished-work record, not in it: a run recorded before it existed
+    (no `load`) is complete for a resident re-run, and --resident changes no record."""
+    import json
+
+    from engine_setup import RecordingEngine
+    from tvtool.engine.options import SamplingOptions
+    from tvtool.evaluation.evaluate import evaluate
+    from tvtool.evaluation.runs import EvalOptions
+
+    monkeypatch.setattr(Engine, "for_source", RecordingEngine.for_source)
+    kw = dict(base=llama[0], reasoner=llama[1], alphas=(0.5,), output=tmp_path,
+              sampling=SamplingOptions(max_tokens=4), options=EvalOptions(dataset="toy", limit=2, progress=False))
+    evaluate(engine_options=EngineOptions(resident="off"), **kw)
+    run = tmp_path / "alpha-0.5" / "toy" / "run.json"
+    first = json.loads(run.read_text())
+    assert first["load"]["path"] == "streaming" and "load" not in json.dumps(first["record"])
+    run.write_text(json.dumps({k: v for k, v in first.items() if k != "load"}))  # as written before `load`
+    RecordingEngine.made.clear()
+    evaluate(engine_options=EngineOptions(resident="cpu"), **kw)
+    again = json.loads(run.read_text())
+    assert again["record"] == first["record"] and "load" not in again
+    assert all(e.generated == [] for e in RecordingEngine.made)  # complete: nothing generated, nothing loaded
