@@ -20,6 +20,7 @@ Imports of vLLM are inside the functions: this module is imported only where vLL
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import time
@@ -209,8 +210,6 @@ def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor
 def _stamp(model: torch.nn.Module, sink) -> list:
     """Wrap each loadable tensor's ORIGINAL loader so the sink can attribute each copy to (layer, param);
     returns a list holding the layer whose loader ran last (for naming a failure)."""
-    import functools
-
     from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -277,8 +276,11 @@ class Digests:
     """sha256 per region of the values written before vLLM's processing, for any load path.
 
     Layers with a quant method are hashed when vLLM calls its `process_weights_after_loading` (their
-    kernel tensors may be repacked after, e.g. oneDNN on CPU); the others after the load, from their
-    parameters. `digest()` combines them in region order: equal digests, equal bytes in every region."""
+    kernel tensors may be repacked after, e.g. oneDNN on CPU): a hook installed once per quant method
+    records into the worker's current `Digests`; the others after the load, from their parameters.
+    `digest()` combines them in region order: equal digests, equal bytes in every region."""
+
+    current: "Digests | None" = None
 
     def __init__(self, model: torch.nn.Module, regions: Sequence[Region]):
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -290,14 +292,9 @@ class Digests:
         for name in self.regions:
             qm = getattr(self.modules[name], "quant_method", None)
             if qm is not None and not hasattr(qm, "_tvtool_process"):
-                real = qm.process_weights_after_loading
-                qm._tvtool_process = real
-
-                def hooked(layer, *a, _real=real, **k):
-                    self.record(layer)
-                    return _real(layer, *a, **k)
-
-                qm.process_weights_after_loading = hooked
+                qm._tvtool_process = qm.process_weights_after_loading
+                qm.process_weights_after_loading = functools.partial(_hooked, qm._tvtool_process)
+        Digests.current = self
 
     def record(self, layer: torch.nn.Module) -> None:
         for i, r in self.regions.get(self.names.get(id(layer)), ()):
@@ -305,20 +302,30 @@ class Digests:
             self.hashes[i] = hashlib.sha256(v.view(torch.uint8).numpy().tobytes()).hexdigest()
 
     def after_load(self) -> None:
+        from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
         for name in self.regions:
             layer = self.modules[name]
-            if getattr(layer, "quant_method", None) is None:
+            if not isinstance(getattr(layer, "quant_method", None), QuantizeMethodBase):  # not processed: as loaded
                 self.record(layer)
 
     def digest(self) -> str:
+        """The load's digest; every region must have been hashed (else the comparison would be weaker)."""
+        missing = [r for items in self.regions.values() for i, r in items if i not in self.hashes]
+        if missing:
+            raise RuntimeError(f"{len(missing)} region(s) not hashed, e.g. {missing[0].module}.{missing[0].param}")
         h = hashlib.sha256()
         for name, items in self.regions.items():
             for i, r in items:
-                h.update(f"{name}.{r.param}[{r.offset}]{r.shape}:{self.hashes.get(i)}".encode())
+                h.update(f"{name}.{r.param}[{r.offset}]{r.shape}:{self.hashes[i]}".encode())
+        self.hashes.clear()
         return h.hexdigest()
 
-    def clear(self) -> None:
-        self.hashes.clear()
+
+def _hooked(real, layer, *args, **kwargs):
+    if Digests.current is not None:
+        Digests.current.record(layer)
+    return real(layer, *args, **kwargs)
 
 
 def io_counters() -> dict[str, int]:
