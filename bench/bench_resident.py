@@ -59,6 +59,8 @@ def make_pair(root: Path) -> tuple[Path, Path]:
     if (reasoner / "config.json").exists():
         return base, reasoner
     plan = [(n, torch.bfloat16, s) for n, s in shapes()]
+    for f in (base, reasoner):
+        f.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     writers = [ShardedWriter(folder=f, plan=plan, metadata={"format": "pt"}, max_shard_size=2 * 10**8)
                for f in (base, reasoner)]
