@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import torch
 
 from tvtool.engine.resident import Region
+from tvtool.io.buffers import reuse
 
 NEEDED = {  # module: names the resident swap uses
     "vllm.model_executor.model_loader.reload.layerwise": (
@@ -144,7 +145,11 @@ def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
          loaded: Iterable[tuple[str, torch.Tensor]] = ()) -> float:
     """Put `values` (per region, in module order) and `loaded` (whole tensors, through the loaders) into the
     engine, as `reload_weights` would have put the same checkpoint tensors (see the module doc). Returns the
-    seconds vLLM's post-load processing took (repacking on CPU)."""
+    seconds vLLM's post-load processing took (repacking on CPU).
+
+    Each region's value is written as it comes (a layer is materialized at its first region and processed
+    after its last), so the values' buffers are recycled (`tvtool.io.buffers.reuse`) instead of page-faulting
+    fresh memory for every region."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
                                                                   initialize_layerwise_reload)
@@ -152,21 +157,24 @@ def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
     runner = worker.model_runner
     model = runner.get_model()
     modules = dict(model.named_modules())
-    with set_current_vllm_config(worker.vllm_config):
+    processing = 0.0
+    with set_current_vllm_config(worker.vllm_config), reuse():
         initialize_layerwise_reload(model)
         try:
             batch = list(loaded)
             if batch:
                 model.load_weights(iter(batch))
-            layer, writes, processing = None, [], 0.0
+            layer = name = None
             for region, value in values:
-                if layer is not None and region.module != writes[0][0].module:
-                    processing += _write_layer(layer, writes)
-                    writes = []
-                layer = modules[region.module]
-                writes.append((region, value))
-            if writes:
-                processing += _write_layer(layer, writes)
+                if region.module != name:
+                    if layer is not None:
+                        processing += _process_layer(layer)
+                    name, layer = region.module, modules[region.module]
+                    _open_layer(layer)
+                region.target(getattr(layer, region.param)).copy_(value)  # the loaders' copy_ (and its cast)
+                del value
+            if layer is not None:
+                processing += _process_layer(layer)
         finally:
             finalize_layerwise_reload(model, runner.model_config)
     runner.reset_lora_state()  # what the worker's reload_weights does after loading
@@ -175,24 +183,26 @@ def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
     return processing
 
 
-def _write_layer(layer: torch.nn.Module, writes: list[tuple[Region, torch.Tensor]]) -> float:
-    """vLLM's `_layerwise_process` for one layer, its loaders' copies replaced by `writes`; returns the
-    seconds of vLLM's processing."""
-    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
-    from vllm.model_executor.model_loader.reload.layerwise import (_copy_and_restore_kernel_tensors,
-                                                                  _get_original_loader, get_layerwise_info)
+def _open_layer(layer: torch.nn.Module) -> None:
+    """vLLM's `_layerwise_process` up to its loaders: the layer materialized, its loaders unwrapped."""
+    from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader, get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import materialize_layer
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
 
-    info = get_layerwise_info(layer)
-    materialize_layer(layer, info)
+    materialize_layer(layer, get_layerwise_info(layer))
     if hasattr(layer, "_already_called_process_weights_after_loading"):
         delattr(layer, "_already_called_process_weights_after_loading")
     for t in get_layer_tensors(layer).values():
         t.weight_loader = _get_original_loader(t)
-    for region, value in writes:
-        region.target(getattr(layer, region.param)).copy_(value)  # the loaders' copy_ (and its cast)
+
+
+def _process_layer(layer: torch.nn.Module) -> float:
+    """The rest of vLLM's `_layerwise_process`: its processing, then the kernel tensors; returns the seconds."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+    from vllm.model_executor.model_loader.reload.layerwise import _copy_and_restore_kernel_tensors, get_layerwise_info
+
     t0 = time.perf_counter()
+    info = get_layerwise_info(layer)
     qm = getattr(layer, "quant_method", None)
     if isinstance(qm, QuantizeMethodBase):
         qm.process_weights_after_loading(layer)  # (a Digests hook records the regions first)
