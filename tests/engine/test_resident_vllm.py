@@ -53,8 +53,8 @@ def test_a_pair_at_every_alpha_reads_nothing_after_the_capture(vengine):
     loads = compare(vengine.engine, src, [MergeConfig(a) for a in (0.5, 0.0, 1.0, -0.4, 1.3)], vengine.prompts)
     assert loads[0]["captured"] and loads[0]["bytes_read"] > 0
     assert [x["captured"] for x in loads[1:]] == [False] * 4
-    assert [x["bytes_read"] for x in loads[1:]] == [0] * 4
-    assert [x["storage_bytes"] for x in loads[1:]] == [0] * 4
+    # /proc/self/io counts every read of the worker process: vLLM's threads read eventfds (8 bytes) now and then
+    assert all(x["bytes_read"] < 1024 for x in loads[1:]) and [x["storage_bytes"] for x in loads[1:]] == [0] * 4
 
 
 def test_delta_files_factored_deltas_and_peft_adapters(vengine, f32_deltas, lora_pair, tmp_path):
@@ -174,7 +174,7 @@ def test_a_resident_sweep_killed_resumes_redoing_nothing_finished(llama, tmp_pat
     assert (out / "alpha-1" / "toy" / "samples.jsonl").read_bytes() == samples
     loads = [json.loads((out / f"alpha-{a}" / "toy" / "run.json").read_text())["load"] for a in ("0.5", "0")]
     assert [x["path"] for x in loads] == ["resident", "resident"]
-    assert loads[0]["captured"] and not loads[1]["captured"] and loads[1]["bytes_read"] == 0
+    assert loads[0]["captured"] and not loads[1]["captured"] and loads[1]["bytes_read"] < 1024
     assert all(len((out / f"alpha-{a}" / "toy" / "samples.jsonl").read_text().splitlines()) == 40
                for a in ("1", "0.5", "0"))
 
