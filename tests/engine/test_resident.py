@@ -321,3 +321,22 @@ def test_an_alpha_that_overflows_is_the_streaming_path_s_error(pairs):
     with pytest.raises(TvtoolError) as resident:
         list(res.values(MergeConfig(1e39)))
     assert type(resident.value) is type(streaming.value) and "θ1 + α·Δ in bfloat16 at α=1e+39 overflows in tensor" in str(resident.value)
+
+
+def test_a_nan_in_the_base_is_the_streaming_path_s_error_and_leaves_nothing_held(pairs, tmp_path):
+    from tvtool.errors import TvtoolError
+
+    base, reasoner = pairs["llama"]
+    sd = state_dict(base)
+    name = next(n for n in sd if "up_proj" in n)
+    bad = edited_copy(base, tmp_path / "nan", lambda d: {**d, name: d[name].clone().index_put_(
+        (torch.tensor([3]), torch.tensor([5])), torch.tensor(float("nan"), dtype=d[name].dtype))})
+    source = DeltaSource(base=str(bad), reasoner=str(reasoner))
+    b, tvs = source.open_vectors()
+    with pytest.raises(TvtoolError) as streaming:
+        list(merged_tensors(base=b, tv=tvs, config=MergeConfig(0.5)))
+    res = Resident(source=source, regions=shard_layout(source, tp=1, rank=0)[0], device=torch.device("cpu"))
+    with pytest.raises(TvtoolError) as resident:
+        res.capture(MergeConfig(0.5))
+    assert type(resident.value) is type(streaming.value) and f"{name!r} at index (3, 5)" in str(resident.value)
+    assert res.held == {} and res.m_key is None

@@ -161,7 +161,16 @@ class Resident:
 
     # -- capture ------------------------------------------------------------------------------------
     def capture(self, config: MergeConfig) -> None:
-        """Read what `config` needs and is not held yet: θ1, θ2 (a single pair), M of its operator."""
+        """Read what `config` needs and is not held yet: θ1, θ2 (a single pair), M of its operator. A capture
+        that fails (a NaN in an input, an error reading) leaves nothing held: the next one starts over."""
+        try:
+            self._capture(config)
+        except BaseException:
+            self.held.clear()
+            self.m_key, self.m_names = None, set()
+            raise
+
+    def _capture(self, config: MergeConfig) -> None:
         if not self.held:
             self.captures += 1
             for name, idx in self.by_tensor.items():
