@@ -48,6 +48,7 @@ from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
 from tvtool.evaluation.runs import (EvalOptions, check_settings, is_complete, run_one, run_params, run_record)
 from tvtool.io.fingerprint import input_fingerprint
+from tvtool.vectors.adapter import check_adapter, is_adapter
 from tvtool.vectors.source import DeltaSource
 
 
@@ -308,12 +309,13 @@ def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
 
 
 def _lora_rank(path) -> int:
-    f = Path(path) / "adapter_config.json"
-    try:
-        return int(json.loads(f.read_text())["r"])
-    except (OSError, KeyError, ValueError, TypeError):
-        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json with r)", where=str(path),
-                           fix="save the adapter with peft's save_pretrained") from None
+    """The largest rank vLLM will serve for the adapter at `path`, once its config agrees with its tensors
+    (`check_adapter`, before the engine starts: vLLM would trust the config's r and scale by it)."""
+    if not is_adapter(path):
+        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json)", where=str(path),
+                           fix="save the adapter with peft's save_pretrained")
+    c = check_adapter(path)
+    return max([c["r"], *(c.get("rank_pattern") or {}).values()])
 
 
 def _same_model(a, b) -> bool:
