@@ -287,8 +287,10 @@ class Checkpoint:
         for f in sorted(self.source.path.iterdir()):
             if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in SIDE_PATTERNS):
                 out[f.name] = f.read_bytes()
-        if self._scaled and "config.json" in out:
-            out["config.json"] = unquantized_config(out["config.json"])
+        if "config.json" in out:
+            model_config(self.source.path)  # a broken config.json is named as such, not as a merge or load failure
+            if self._scaled:
+                out["config.json"] = unquantized_config(out["config.json"])
         return out
 
 
