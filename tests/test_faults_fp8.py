@@ -177,8 +177,8 @@ def test_fp8_that_cannot_be_dequantized_is_refused_naming_tensor_and_dtype(llama
         "per-tensor-format": "config.json declares no block-scaled fp8 format tvtool reads (quantization_config "
                              "with quant_method fp8, fmt e4m3, dynamic activations, weight_block_size [bn, bk])",
         "missing-scale": f"it has no block scales ({UP}_scale_inv) beside it",
-        "fmt-e5m2": "config.json declares no block-scaled fp8 format tvtool reads (quantization_config with quant_method "
-                "fp8, fmt e4m3, dynamic activations, weight_block_size [bn, bk])",
+        "fmt-e5m2": "config.json declares no block-scaled fp8 format tvtool reads (quantization_config with "
+                    "quant_method fp8, fmt e4m3, dynamic activations, weight_block_size [bn, bk])",
     }[case]
     r = fp8_copy(reasoner, tmp_path / "r", drop_scale=UP if case == "missing-scale" else None,
                  config={"weight_block_size": None} if case == "per-tensor-format" else
@@ -187,7 +187,8 @@ def test_fp8_that_cannot_be_dequantized_is_refused_naming_tensor_and_dtype(llama
         cfg = json.loads((r / "config.json").read_text())
         del cfg["quantization_config"]
         (r / "config.json").write_text(json.dumps(cfg))
-    first = UP if case == "missing-scale" else next(n for n in Checkpoint.open(base).names() if n.endswith("_proj.weight"))
+    projections = [n for n in Checkpoint.open(base).names() if n.endswith("_proj.weight")]
+    first = UP if case == "missing-scale" else projections[0]
     before = _hashes(r)
     for args in (["delta", base, r, "-o", tmp_path / "d.safetensors"],
                  ["materialize", base, "--reasoner", r, "-a", "0.5", "-o", tmp_path / "m"]):

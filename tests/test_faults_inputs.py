@@ -268,7 +268,8 @@ def test_an_adapter_config_that_disagrees_with_its_tensors_is_refused_on_every_p
 
 
 def test_an_adapter_that_agrees_loads_as_one_model_on_both_paths(tmp_path):
-    """The same adapter, once its config agrees: the task vector's Δ is vLLM's (and PEFT's) s·B·A, s = lora_alpha/r."""
+    """The same adapter, once its config agrees: the task vector's Δ is vLLM's (and PEFT's) s·B·A,
+    s = lora_alpha/r per module (alpha_pattern applied)."""
     from safetensors.torch import load_file
 
     from tvtool.vectors.adapter import check_adapter

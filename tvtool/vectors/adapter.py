@@ -140,7 +140,8 @@ def check_adapter(path: str | os.PathLike) -> dict:
     where = str(cfg_path)
     if not isinstance(c, dict):
         raise CheckpointError(f"{ADAPTER_CONFIG} is not a JSON object", where=where, fix=fix)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0  # noqa: E731
+    number = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+                        and math.isfinite(v) and v > 0)
     ranks, alphas = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
     bad = [f"r is {c.get('r')!r}"] if type(c.get("r")) is not int or c["r"] < 1 else []
     bad += [f"lora_alpha is {c.get('lora_alpha')!r}"] if not number(c.get("lora_alpha")) else []
