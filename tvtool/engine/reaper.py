@@ -118,8 +118,8 @@ def interruptible_start() -> Iterator[threading.Event]:
     hit, inside, lock = threading.Event(), [True], threading.Lock()
 
     def kill_started() -> None:
-        for pid, start in descendants(me).items():
-            if before.get(pid) != start and not _is_resource_tracker(pid):  # multiprocessing's, shared: it ends with us
+        for pid, start in descendants(me).items():  # not multiprocessing's resource tracker: shared, it ends with us
+            if before.get(pid) != start and not _is_resource_tracker(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
 
