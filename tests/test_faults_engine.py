@@ -164,6 +164,43 @@ def test_ctrl_c_while_materialize_starts_is_one_line(tmp_path, delay):
     assert not list(tmp_path.glob(".*tvtool-lock"))
 
 
+def test_interruptible_start_survives_a_swallowed_interrupt_and_kills_what_it_started():
+    """The mechanism, without vLLM: the block starts a process and swallows the first KeyboardInterrupt (as
+    vLLM's handshake does), then blocks; the Ctrl-C still ends it within a second, and the process is dead."""
+    import threading
+
+    from tvtool.engine.reaper import interruptible_start
+
+    child = None
+    t0 = time.monotonic()
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        with interruptible_start():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            try:
+                time.sleep(30)
+            except KeyboardInterrupt:  # swallowed, as vllm.utils.network_utils.zmq_socket_ctx does
+                pass
+            time.sleep(30)  # vLLM's 600 s wait for an engine that will never answer
+    assert time.monotonic() - t0 < 10
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_interruptible_start_ends_an_interrupted_start_that_completed():
+    import threading
+
+    from tvtool.engine.reaper import interruptible_start
+
+    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        with interruptible_start():
+            try:
+                time.sleep(5)
+            except KeyboardInterrupt:  # swallowed, and the "start" then completes normally
+                pass
+
+
 def _wait_for_engine_core(p: subprocess.Popen, seen: dict, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -131,14 +131,20 @@ def interruptible_start() -> Iterator[threading.Event]:
                     return
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
+    own = sys._getframe().f_code  # this generator's code: on the stack only while it sets up or cleans up
+
     def on_sigint(signum, frame):
         if not hit.is_set():
             hit.set()
             threading.Thread(target=interrupt_again, name="tvtool-interrupt", daemon=True).start()
         kill_started()
+        while frame is not None:  # never in the middle of this block's own clean-up: it raises at its end
+            if frame.f_code is own:
+                return
+            frame = frame.f_back
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, on_sigint)  # (signal.signal runs pending handlers first: ours)
     try:
         yield hit
     except BaseException:
