@@ -268,7 +268,7 @@ def test_vllm_validation_errors_are_one_line(vengine, monkeypatch):
     monkeypatch.setattr(Engine, "check_prompts", lambda self, **kw: None)
     eng = vengine.engine
     eng.load_weights(path=vengine.materialized)
-    long = " ".join(["a"] * 300)  # 300 tokens in 599 characters (past vLLM's own characters-per-token bound too)
+    long = " ".join(["a"] * 300)  # 300 tokens, 599 characters: under vLLM's character bound, so its token check refuses
     with pytest.raises(EngineError) as e:
         eng.generate(prompts=[long], sampling=SamplingOptions(max_tokens=4), add_special_tokens=False)
     assert str(e.value) == (f"vLLM refused the request: The decoder prompt (length 300) is longer than the maximum "
