@@ -268,13 +268,17 @@ def test_vllm_validation_errors_are_one_line(vengine, monkeypatch):
     monkeypatch.setattr(Engine, "check_prompts", lambda self, **kw: None)
     eng = vengine.engine
     eng.load_weights(path=vengine.materialized)
-    long = " ".join(["a"] * 300)  # 300 tokens, 599 characters: under vLLM's character bound, so its token check refuses
+    long = " ".join(["a"] * 300)  # 300 tokens
     with pytest.raises(EngineError) as e:
         eng.generate(prompts=[long], sampling=SamplingOptions(max_tokens=4), add_special_tokens=False)
-    assert str(e.value) == (f"vLLM refused the request: The decoder prompt (length 300) is longer than the maximum "
-                            f"model length of 256. Make sure that `max_model_len` is no smaller than the number of "
-                            f"text tokens. ({vengine.materialized}). Raise --max-model-len (within the model's limit) "
-                            "or shorten the prompts")
+    msg = str(e.value)
+    assert msg.startswith("vLLM refused the request: This model's maximum context length is 256 tokens. However, "
+                          "your prompt contains at least 257 input tokens"), msg
+    assert msg.endswith(f"({vengine.materialized}). Raise --max-model-len (within the model's limit) or shorten the "
+                        "prompts") and "\n" not in msg
+    from vllm.exceptions import VLLMValidationError
+
+    assert isinstance(e.value.__cause__, VLLMValidationError) and not isinstance(e.value.__cause__, ValueError)
 
 
 @pytest.mark.vllm
