@@ -152,6 +152,9 @@ class RecordingEngine:
     def prompts(self, *, questions, options):
         return list(questions)
 
+    def check_prompts(self, *, prompts, add_special_tokens=True):
+        pass
+
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
         from tvtool.engine.options import Sample
 

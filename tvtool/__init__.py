@@ -9,17 +9,37 @@ Python API (the same functions the CLI calls):
 See ARCHITECTURE.md for the modules and data paths.
 """
 
-from tvtool._version import __version__  # noqa: E402
+import importlib
 
-from tvtool.io.checkpoint import Checkpoint  # noqa: E402
-from tvtool.vectors.delta import DeltaOptions, delta  # noqa: E402
-from tvtool.errors import TvtoolError  # noqa: E402
-from tvtool.lowrank.svd import LowRankOptions, svd_rank  # noqa: E402
-from tvtool.merge.materialize import MaterializeOptions, materialize  # noqa: E402
-from tvtool.merge.stream import MergeConfig, merge_chunks, merged_config, merged_tensors  # noqa: E402
-from tvtool.vectors.source import DeltaSource  # noqa: E402
-from tvtool.vectors.taskvector import TaskVector  # noqa: E402
+from tvtool._version import __version__
+
+# The exports load on first use (PEP 562 `__getattr__`), so `import tvtool` is fast: the `tvtool` command
+# and `python -m tvtool` import this package before they can turn a Ctrl-C during the heavy imports
+# (torch, transformers) into one line (tvtool.__main__).
+_EXPORTS = {
+    "Checkpoint": "tvtool.io.checkpoint",
+    "DeltaOptions": "tvtool.vectors.delta", "delta": "tvtool.vectors.delta",
+    "TvtoolError": "tvtool.errors",
+    "LowRankOptions": "tvtool.lowrank.svd", "svd_rank": "tvtool.lowrank.svd",
+    "MaterializeOptions": "tvtool.merge.materialize", "materialize": "tvtool.merge.materialize",
+    "MergeConfig": "tvtool.merge.stream", "merge_chunks": "tvtool.merge.stream",
+    "merged_config": "tvtool.merge.stream", "merged_tensors": "tvtool.merge.stream",
+    "DeltaSource": "tvtool.vectors.source",
+    "TaskVector": "tvtool.vectors.taskvector",
+}
 
 __all__ = ["Checkpoint", "DeltaOptions", "DeltaSource", "MaterializeOptions", "MergeConfig", "TaskVector",
            "TvtoolError", "__version__", "LowRankOptions", "delta", "materialize", "merge_chunks", "merged_config",
            "merged_tensors", "svd_rank"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tvtool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

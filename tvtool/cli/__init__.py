@@ -6,7 +6,9 @@ Errors from the library (`TvtoolError`) become one line on stderr and exit code 
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 
 import click
@@ -24,20 +26,43 @@ from tvtool.errors import TvtoolError, os_error
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        hit: list[int] = []  # Ctrl-C seen: an error after one (a library that caught the interrupt) is the interrupt
+
+        def on_sigint(signum, frame):
+            hit.append(signum)
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted()
         except TvtoolError as e:
+            if hit:
+                _interrupted()
             click.echo(f"tvtool: error: {e}", err=True)
             sys.exit(e.exit_code)
         except OSError as e:  # disk full, read-only, permissions…: the cleanup already ran on the way out
+            if hit:
+                _interrupted()
             err = os_error(e)
             click.echo(f"tvtool: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("tvtool: interrupted; partial outputs were removed, re-run to finish", err=True)
-            sys.exit(130)
+        except Exception:
+            if hit:
+                _interrupted()
+            raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted() -> None:
+    click.echo("tvtool: interrupted; partial outputs were removed, re-run to finish", err=True)
+    sys.exit(130)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -23,12 +23,14 @@ import weakref
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from tvtool.errors import EngineError, OptionsError
-from tvtool.merge.stream import MergeConfig, merged_config, output_plan
+from tvtool.errors import CheckpointError, EngineError, OptionsError
+from tvtool.io.buffers import reuse
+from tvtool.io.checkpoint import model_config
+from tvtool.merge.stream import MergeConfig, merge_chunks, merged_config, output_plan
 from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
                                    sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
-from tvtool.engine.reaper import reap_on_death
+from tvtool.engine.reaper import interruptible_start, reap_on_death
 from tvtool.vectors.source import DeltaSource
 
 WORKER_EXTENSION = "tvtool.engine.worker.WorkerExtension"  # vLLM's worker_extension_cls
@@ -66,6 +68,22 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     return out
 
 
+def check_finite_inputs(*, source: DeltaSource, config: MergeConfig) -> None:
+    """NaN/Inf in θ1 or Δ, found the way materialize finds them (`merge_chunks`: one streaming pass in row
+    chunks, `tvtool.merge.finite`), before an engine loads them: so the error comes before the engine start
+    and names the tensor and index, instead of failing inside the workers' weight load."""
+    base, tvs = source.open_vectors()
+    try:
+        with reuse():  # chunk buffers recycled within the pass (tvtool.io.buffers)
+            for _ in merge_chunks(base=base, tv=tvs, configs=[config]):
+                pass
+    except CheckpointError as e:
+        if not e.what.startswith("non-finite value"):
+            raise
+        raise CheckpointError(e.what, where=e.where, fix="fix or re-download the checkpoint (an engine cannot "
+                                                         "generate from NaN or Inf weights)") from None
+
+
 class Engine:
     """One vLLM `LLM`; weights can be replaced in place (`set_alpha`, `load_weights`).
 
@@ -95,6 +113,7 @@ class Engine:
         if dummy_weights:
             kw["load_format"] = "dummy"
         self._kw, self._llm, self.starts = kw, None, 0
+        self._finite: set[DeltaSource] = set()  # sources whose inputs were checked for NaN/Inf
         self._cleanup: weakref.finalize | None = None  # removes a shell-model folder this engine owns
         if not lazy:
             self._start()
@@ -125,8 +144,13 @@ class Engine:
         from tvtool.engine.logs import engine_start
 
         try:
-            with engine_start():  # engine processes print into the run's vllm.log (tvtool.engine.logs)
+            # engine processes print into the run's vllm.log (tvtool.engine.logs); a Ctrl-C stops the start at once
+            with engine_start(), interruptible_start():
                 self._llm = vllm_module().LLM(**self._kw)
+        except KeyboardInterrupt:
+            self._stop()  # an engine the interrupted start made anyway (its processes are already killed)
+            self._end_reaper()
+            raise
         except Exception as e:  # vLLM raises many types at start-up
             self._end_reaper()
             raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
@@ -146,6 +170,9 @@ class Engine:
         """Put θ1 + α·Δ into the running engine: each worker streams `tvtool.merge.stream.merged_tensors`
         from the inputs (only the source and the configuration, as plain data, cross processes)."""
         want = alpha_weights(source=source, config=config)
+        if source not in self._finite:  # before the engine starts (and before any worker reads the inputs)
+            check_finite_inputs(source=source, config=config)
+            self._finite.add(source)
         self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"]})
         self.weights = want
 
@@ -212,6 +239,39 @@ class Engine:
     def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]:
         return [build_prompt(question=q, tokenizer=self.tokenizer, options=options) for q in questions]
 
+    @property
+    def context(self) -> int | None:
+        """Tokens of context (prompt + generation): --max-model-len, else the model's max_position_embeddings."""
+        return self.options.max_model_len or self._model_context()
+
+    def _model_context(self) -> int | None:
+        cfg = model_config(self.model_dir) if (self.model_dir / "config.json").is_file() else {}
+        n = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+        return int(n) if n else None
+
+    def check_prompts(self, *, prompts: Sequence[str], add_special_tokens: bool = True) -> None:
+        """Refuse, in one line and before vLLM does (or starts), prompts that leave no room in the context:
+        vLLM takes a prompt only when it is shorter than max_model_len."""
+        context = self.context
+        if context is None or not prompts:
+            return
+        lengths = [len(x) for x in self.tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+        long = [n for n in lengths if n >= context]
+        if not long:
+            return
+        limit, need = self._model_context(), max(long) + 1
+        if limit is not None and need > limit:
+            fix = f"shorten the prompts (the model's own context is {limit} tokens)"
+        else:
+            fix = f"raise --max-model-len to at least {need}{f' (the model allows {limit})' if limit else ''}, or " \
+                  "shorten the prompts"
+        raise EngineError(f"{len(long)} of {len(lengths)} prompts do not fit the engine's context of {context} "
+                          f"tokens (the longest has {max(long)} tokens; a prompt must leave room for one generated "
+                          "token)",
+                          where=f"--max-model-len {context}" if self.options.max_model_len else
+                          f"max_position_embeddings in {self.model_dir / 'config.json'}",
+                          fix=f"{fix}: --instruction, --system-prompt, or the dataset's questions")
+
     def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
                  add_special_tokens: bool = True) -> list[list[Sample]]:
         """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
@@ -220,10 +280,15 @@ class Engine:
                               fix="call set_alpha or load_weights first")
         params = self.sampling_params(sampling)
         req = self.lora_request(lora) if lora else None
+        self.check_prompts(prompts=prompts, add_special_tokens=add_special_tokens)
+        try:  # vLLM is optional: imported only with an engine (older vLLM raised ValueError)
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:
+            VLLMValidationError = ValueError
         try:
             outs = self.llm.generate(list(prompts), params, use_tqdm=False, lora_request=req,
                                      tokenization_kwargs={"add_special_tokens": add_special_tokens})
-        except ValueError as e:  # vLLM's request validation, e.g. a prompt longer than max_model_len
+        except (VLLMValidationError, ValueError) as e:  # vLLM's request validation (the class, or older ValueError)
             raise EngineError(f"vLLM refused the request: {str(e)[:300]}", where=str(self.model_dir),
                               fix="raise --max-model-len (within the model's limit) or shorten the prompts") from e
         result = []

@@ -77,8 +77,14 @@ def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) 
 def check_engine_options(options: EngineOptions) -> None:
     """Refuse settings this vLLM build cannot run, before any process starts.
 
-    vLLM's CPU build has no Ray executor; asked for one it fails deep in start-up with
-    "Engine core initialization failed ... Failed core proc(s): {}"."""
+    A CPU KV cache of 0 GiB leaves the engine no room for a single token (vLLM fails with "Engine core
+    initialization failed. See root cause above"). vLLM's CPU build has no Ray executor; asked for one it
+    fails deep in start-up with "Engine core initialization failed ... Failed core proc(s): {}"."""
+    if options.cpu_kv_cache_gb is not None and options.cpu_kv_cache_gb < 1:  # 0: vLLM's CPU worker gets no KV cache
+        raise OptionsError(f"the CPU KV cache must be at least 1 GiB, got {options.cpu_kv_cache_gb}",
+                           where=f"--cpu-kv-cache-gb {options.cpu_kv_cache_gb}",
+                           fix="give its size in whole GiB, e.g. --cpu-kv-cache-gb 4, or leave it unset "
+                               "(VLLM_CPU_KVCACHE_SPACE, else vLLM's own choice)")
     if options.distributed_executor_backend == "ray":
         from vllm.platforms import current_platform
 

@@ -39,8 +39,9 @@ class WorkerExtension:
     def tvtool_load_folder(self, path: str) -> int:
         """Load a model folder's weights into this worker; returns the number of tensors."""
         ckpt = Checkpoint.open(path)
-        self.reload_weights(weights_iterator=ckpt.iter_tensors())
-        return len(ckpt.names())
+        counter = _Counted(ckpt.iter_stored())  # as stored: an fp8 folder's engine takes its fp8 weights and scales
+        self.reload_weights(weights_iterator=iter(counter))
+        return counter.n
 
 
 def _open(src: DeltaSource):

@@ -203,8 +203,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             raise DatasetError(f"not valid JSON: {e.msg}", where=f"{path}, line {n}",
                                fix="Each line must be one JSON object") from e
         if not isinstance(rec, dict):
-            raise DatasetError("not a JSON object", where=f"{path}, line {n}",
-                               fix="Each line must be one JSON object")
+            raise DatasetError(f"a JSON {json_kind(rec)}, not an object", where=f"{path}, line {n}",
+                               fix="Each line must be one JSON object, e.g. {\"question\": ..., \"answer\": ...}")
         out.append((n, rec))
     if not out:
         raise DatasetError("file has no records", where=str(path), fix="Pass a non-empty .jsonl file")
@@ -218,10 +218,21 @@ def _read_json_list(path: Path) -> list[tuple[int, dict]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"cannot read JSON: {type(e).__name__}", where=str(path),
                            fix="Pass a .json list of objects, or a .jsonl file") from e
-    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+    if not isinstance(data, list) or not data:
         raise DatasetError("not a non-empty JSON list of objects", where=str(path),
                            fix="Pass a .json list of objects, or a .jsonl file")
+    for i, r in enumerate(data, start=1):
+        if not isinstance(r, dict):
+            raise DatasetError(f"item {i} of the list is a JSON {json_kind(r)}, not an object", where=str(path),
+                               fix="Pass a .json list of objects, or a .jsonl file")
     return list(enumerate(data, start=1))
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type ('list', 'string', 'number', 'boolean', 'null', 'object'),
+    for messages that say what a line held instead of an object."""
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return kinds.get(type(value), "null")
 
 
 def _read_asdiv_xml(path: Path) -> list[dict]:

@@ -40,14 +40,15 @@ from tvtool.merge.finite import check_alphas
 from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
-from tvtool.engine.options import check_sampling
+from tvtool.engine.options import check_engine_options, check_sampling
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions, config_name, split_vectors
 from tvtool.io.paths import check_output_apart, check_writable
-from tvtool.engine.prompting import PromptOptions
+from tvtool.engine.prompting import PromptOptions, uses_chat_template
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
 from tvtool.evaluation.runs import (EvalOptions, check_settings, is_complete, run_one, run_params, run_record)
 from tvtool.io.fingerprint import input_fingerprint
+from tvtool.vectors.adapter import check_adapter, is_adapter
 from tvtool.vectors.source import DeltaSource
 
 
@@ -116,6 +117,7 @@ class _Session:
         done: dict[int, dict] = {}
         fps: dict = {}
         try:
+            self._check_prompts(engine, planned)  # before the (lazy) engine starts
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
             for i in order:
                 r = planned[i]
@@ -133,6 +135,18 @@ class _Session:
                 self.result.engine_starts += engine.starts
                 engine.close()
         self.result.runs += [RunResult(r.label, r.alpha, r.folder, done[i], r.budget) for i, r in enumerate(planned)]
+
+    def _check_prompts(self, engine: Engine, planned: Sequence[_Planned]) -> None:
+        """Every prompt of the planned runs fits the engine's context (`Engine.check_prompts`): checked with the
+        tokenizer alone, so a too long prompt is refused before a ~30 s engine start, not after it."""
+        seen = []
+        for r in planned:
+            problems, prompt = r.problems or self.problems, r.prompt or self.prompt
+            if (problems, prompt) in seen:
+                continue
+            seen.append((problems, prompt))
+            engine.check_prompts(prompts=engine.prompts(questions=[p.question for p in problems], options=prompt),
+                                 add_special_tokens=not uses_chat_template(tokenizer=engine.tokenizer, options=prompt))
 
     def with_budgets(self, out: Path, run: _Planned) -> list[_Planned]:
         """`run`, then one run per prompt budget on `run`'s weights (the Table 12 baseline, `tvtool.evaluation.budget`)."""
@@ -229,6 +243,7 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     inputs = [model, *checkpoints, *loras,
               *((source.base, source.delta, source.reasoner, *source.more) if source else ())]
     _precheck(out, options, sampling, alphas, inputs)
+    check_engine_options(engine_options)
     if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
         configs = list(configs) if configs is not None else \
             merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
@@ -308,12 +323,13 @@ def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
 
 
 def _lora_rank(path) -> int:
-    f = Path(path) / "adapter_config.json"
-    try:
-        return int(json.loads(f.read_text())["r"])
-    except (OSError, KeyError, ValueError, TypeError):
-        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json with r)", where=str(path),
-                           fix="save the adapter with peft's save_pretrained") from None
+    """The largest rank vLLM will serve for the adapter at `path`, once its config agrees with its tensors
+    (`check_adapter`, before the engine starts: vLLM would trust the config's r and scale by it)."""
+    if not is_adapter(path):
+        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json)", where=str(path),
+                           fix="save the adapter with peft's save_pretrained")
+    c = check_adapter(path)
+    return max([c["r"], *(c.get("rank_pattern") or {}).values()])
 
 
 def _same_model(a, b) -> bool:
