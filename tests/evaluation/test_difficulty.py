@@ -142,3 +142,34 @@ def test_an_unknown_difficulty_field_is_one_cli_line_before_any_engine(tmp_path)
             "--difficulty-field", "level")
     assert_one_line_error(r, "no problem carries the difficulty field 'level' (--difficulty-field). Use one of: "
                              "steps; or auto, or none")
+
+
+@pytest.mark.vllm
+def test_math500_on_the_toy_pair_gives_per_level_tables(tmp_path):
+    """An α sweep of the toy pair on MATH-500: per-level rows that the records recompute, tables and plot.
+    The toy is no math model: only the bookkeeping is checked, not its accuracy."""
+    from tvtool.engine.options import EngineOptions, SamplingOptions
+    from tvtool.engine.prompting import PromptOptions
+    from tvtool.evaluation.evaluate import evaluate
+    from tvtool.evaluation.results import read_samples
+    from tvtool.evaluation.runs import EvalOptions
+
+    res = evaluate(base=TOY / "base", reasoner=TOY / "reasoner", alphas=(0.0, 1.0), output=tmp_path,
+                   options=EvalOptions(dataset="math500", limit=30, progress=False),
+                   prompt=PromptOptions(instruction=""), sampling=SamplingOptions(max_tokens=100),
+                   engine_options=EngineOptions(dtype="float32", max_model_len=256, cpu_kv_cache_gb=1,
+                                                enforce_eager=True))
+    levels = {p.id: str(p.meta["level"]) for p in load_problems(dataset="math500", limit=30)}
+    for run in res.runs:
+        s, recs = run.summary, read_samples(run.folder / "samples.jsonl")
+        assert s["difficulty_field"] == "level" and list(s["by_level"]) == ["1", "2", "3", "4", "5"]
+        for lev, row in s["by_level"].items():
+            mine = [r for r in recs if levels[r["id"]] == lev]
+            assert row["n_samples"] == len(mine) and row["mean_tokens"] == pytest.approx(
+                sum(r["num_tokens"] for r in mine) / len(mine))
+        assert s["thinking_tokens_mean"] is None  # the toy writes no tags
+    md = (tmp_path / "summary-math500.md").read_text()
+    assert "By difficulty (`level`):" in md and "| run | α | 1 | 2 | 3 | 4 | 5 |" in md
+    assert "Length relative to alpha-1" in md
+    assert (tmp_path / "summary-math500-levels.png").stat().st_size > 1000
+    assert "By difficulty (`level`):" in res.summary()

@@ -23,6 +23,7 @@ from tvtool.engine.options import SamplingOptions, resolve_protocol
 from tvtool.evaluation.difficulty import relative_lengths
 from tvtool.io.atomic import atomic_write, write_text
 from tvtool.evaluation.results import ACU_FORMULA, STAT_KEYS
+from tvtool.evaluation.sampled import SAMPLED_KEYS
 
 COLUMNS = (("label", "run"), ("method", "method"), ("params", "params"), ("alpha", "α"),
            ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"), ("accuracy_se", "± SE"),
@@ -239,7 +240,7 @@ def table_row(run: RunResult) -> dict:
     s = run.summary
     row = {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
-           "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}
+           "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS if k not in SAMPLED_KEYS or k in s}}
     if s.get("pass_at_k"):
         row["pass_at_n"] = s["pass_at_k"][str(s["n_per_problem"])]
     if s.get("think_end") is not None:
