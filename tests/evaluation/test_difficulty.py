@@ -21,21 +21,21 @@ TOY = Path(__file__).resolve().parents[2] / "tvtool" / "assets" / "toy"
 
 
 def test_fields_auto_and_named():
-    assert resolve_field("auto", load_problems(dataset="math500", limit=20)) == "level"
-    assert resolve_field("auto", load_problems(dataset="gsm8k", limit=20)) == "steps"
-    assert resolve_field("auto", load_problems(dataset="toy", limit=50)) is None  # one-line solutions: one bucket
-    assert resolve_field("auto", load_problems(dataset=str(ASDIV))) == "grade"
-    assert resolve_field("none", load_problems(dataset="math500", limit=20)) is None
-    assert resolve_field("subject", load_problems(dataset="math500", limit=20)) == "subject"
+    assert resolve_field("auto", problems=load_problems(dataset="math500", limit=20)) == "level"
+    assert resolve_field("auto", problems=load_problems(dataset="gsm8k", limit=20)) == "steps"
+    assert resolve_field("auto", problems=load_problems(dataset="toy", limit=50)) is None  # one-line solutions: one bucket
+    assert resolve_field("auto", problems=load_problems(dataset=str(ASDIV))) == "grade"
+    assert resolve_field("none", problems=load_problems(dataset="math500", limit=20)) is None
+    assert resolve_field("subject", problems=load_problems(dataset="math500", limit=20)) == "subject"
     with pytest.raises(OptionsError, match="no problem carries the difficulty field 'level'"):
-        resolve_field("level", load_problems(dataset="gsm8k", limit=3))
+        resolve_field("level", problems=load_problems(dataset="gsm8k", limit=3))
 
 
 def test_gsm8k_steps_proxy_buckets_the_whole_test_split():
     ps = load_problems(dataset="gsm8k")
     first = ps.problems[0]  # "Janet sells 16 - 3 - 4 = <<…>>9 duck eggs a day.\nShe makes 9 * 2 = …\n#### 18"
     assert first.meta["steps"] == 2
-    levels = problem_levels(ps, "steps")
+    levels = problem_levels(ps, field="steps")
     counts = {b: sum(v == b for v in levels.values()) for b in STEP_BUCKETS}
     assert counts == {"≤2": 326, "3": 371, "4": 297, "5": 175, "≥6": 150}  # the counts in the module docstring
 
@@ -45,7 +45,7 @@ def test_any_record_field_names_the_difficulty(tmp_path):
     f.write_text('{"problem": "1+1?", "answer": "2", "difficulty": "easy"}\n'
                  '{"problem": "2+2?", "answer": "4", "difficulty": "hard", "notes": "' + "x" * 100 + '"}\n')
     ps = load_problems(dataset=str(f))
-    assert resolve_field("difficulty", ps) == "difficulty" and problem_levels(ps, "difficulty") == \
+    assert resolve_field("difficulty", problems=ps) == "difficulty" and problem_levels(ps, field="difficulty") == \
         {"mine/0": "easy", "mine/1": "hard"}
     assert "notes" not in ps.problems[1].meta  # long text is not kept
 
@@ -61,7 +61,7 @@ def test_per_level_rows_by_hand():
     for r in recs:
         r["finish_reason"] = "stop" if r["thinking_finished"] else "length"
     levels = {"a": "1", "b": "5", "c": "5"}
-    rows = by_level(recs, levels, "level")
+    rows = by_level(recs, levels=levels, field="level")
     assert list(rows) == ["1", "5"]
     assert rows["1"] == {"n_samples": 1, "n_problems": 1, "accuracy": 100.0, "mean_tokens": 10.0,
                          "thinking_tokens_mean": 8.0, "answer_tokens_mean": 2.0, "unfinished_share": 0.0,

@@ -33,7 +33,7 @@ SAMPLES = [
 
 
 def test_maj_at_n_and_pass_at_k_by_hand():
-    s = sampled_stats(SAMPLES, "gsm8k")
+    s = sampled_stats(SAMPLES, kind="gsm8k")
     assert s["n_per_problem"] == 4
     assert s["maj_accuracy"] == pytest.approx(50.0)  # A and B
     # pass@1 = c/n: (2 + 2 + 1 + 0) / 16
@@ -48,22 +48,22 @@ def test_maj_at_n_and_pass_at_k_by_hand():
 
 def test_numbers_vote_as_numbers_and_order_is_by_sample_index():
     f = _recs("F", ["17", "18", "18.0", "$18"], [False, True, True, True])
-    assert majority_correct(f, "gsm8k")  # three votes for 18, written three ways
-    assert not majority_correct(f, "math500")  # as text 1-1-1-1: the first answer, "17", wins the tie
+    assert majority_correct(f, kind="gsm8k")  # three votes for 18, written three ways
+    assert not majority_correct(f, kind="math500")  # as text 1-1-1-1: the first answer, "17", wins the tie
     shuffled = [f[2], f[0], f[3], f[1]]  # records in file order; votes are counted in sample order
-    assert sampled_stats(shuffled, "math500")["maj_accuracy"] == 0.0
+    assert sampled_stats(shuffled, kind="math500")["maj_accuracy"] == 0.0
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
     for n in (1, 2, 5, 16, 64):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+                assert pass_at_k(n=n, c=c, k=k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
 
 
 def test_one_sample_per_problem_adds_nothing():
     one = [r for r in SAMPLES if r["index"] == 0]
-    assert sampled_stats(one, "gsm8k") == {}
+    assert sampled_stats(one, kind="gsm8k") == {}
     assert "maj_accuracy" not in summarize(records=one, params_b=None, kind="gsm8k")
 
 

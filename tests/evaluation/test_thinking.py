@@ -52,18 +52,18 @@ def _ids(tok, text: str) -> list[int]:
 def test_r1_prefilled_form_reads_after_the_closing_tag():
     tok = _tokenizer()
     text = "so the answer is 3 wait let me check </think> the answer is \\boxed{4}"
-    read = ThinkReader(THINK_END, tok).read(text, _ids(tok, text))
+    read = ThinkReader(THINK_END, tokenizer=tok).read(text, _ids(tok, text))
     assert read.answer == " the answer is \\boxed{4}" and read.finished
     assert (read.thinking_tokens, read.answer_tokens) == (10, 4)  # "so the answer is 3 wait let me check </think>"
     rec = read_sample({"response": text, "token_ids": _ids(tok, text), "gold": "4"}, kind="gsm8k", rule="paper",
-                      reader=ThinkReader(THINK_END, tok))
+                      reader=ThinkReader(THINK_END, tokenizer=tok))
     assert (rec["extracted"], rec["correct"], rec["thinking_finished"]) == ("4", True, True)
 
 
 def test_full_tag_form():
     tok = _tokenizer()
     text = "<think> think hard 2 </think> so 5"
-    read = ThinkReader(THINK_END, tok).read(text, _ids(tok, text))
+    read = ThinkReader(THINK_END, tokenizer=tok).read(text, _ids(tok, text))
     assert (read.answer, read.finished, read.thinking_tokens, read.answer_tokens) == (" so 5", True, 5, 2)
 
 
@@ -71,14 +71,14 @@ def test_a_box_in_the_thinking_loses_to_the_one_after_it():
     tok = _tokenizer()
     text = "so \\boxed{3} wait let me check </think> so \\boxed{4}"
     rec = read_sample({"response": text, "token_ids": _ids(tok, text), "gold": "4"}, kind="gsm8k", rule="paper",
-                      reader=ThinkReader(THINK_END, tok))
+                      reader=ThinkReader(THINK_END, tokenizer=tok))
     assert (rec["extracted"], rec["correct"]) == ("4", True)
     whole = read_sample({"response": text, "token_ids": _ids(tok, text), "gold": "4"}, kind="gsm8k",
-                        rule="paper", reader=ThinkReader(None, tok))  # --think-end none: the last box of all
+                        rule="paper", reader=ThinkReader(None, tokenizer=tok))  # --think-end none: the last box of all
     assert whole["extracted"] == "4" and whole["thinking_tokens"] is None
     first = "so \\boxed{4} </think> so \\boxed{3}"  # the after-part's box wins even if the thinking had the gold
     rec = read_sample({"response": first, "token_ids": _ids(tok, first), "gold": "4"}, kind="gsm8k", rule="paper",
-                      reader=ThinkReader(THINK_END, tok))
+                      reader=ThinkReader(THINK_END, tokenizer=tok))
     assert (rec["extracted"], rec["correct"]) == ("3", False)
 
 
@@ -86,7 +86,7 @@ def test_unfinished_thinking_is_scored_on_the_whole_text_and_counted():
     tok = _tokenizer()
     text = "think hard so the answer is 6 wait let me check 5"  # cut by max_tokens inside the thinking
     rec = read_sample({"response": text, "token_ids": _ids(tok, text), "gold": "5"}, kind="gsm8k", rule="paper",
-                      reader=ThinkReader(THINK_END, tok))
+                      reader=ThinkReader(THINK_END, tokenizer=tok))
     assert (rec["extracted"], rec["correct"]) == ("5", True)  # A.1: the last number of the response
     assert (rec["thinking_finished"], rec["thinking_tokens"], rec["answer_tokens"]) == (False, 12, 0)
 
@@ -97,7 +97,7 @@ def test_qwq_untagged_chain_is_read_whole():
     tag, how = detect_think_end(option="auto", tokenizer=_tokenizer(tag=None), responses=[text])
     assert (tag, how) == (None, "not found")
     rec = read_sample({"response": text, "token_ids": list(range(14)), "gold": "5"}, kind="gsm8k", rule="paper",
-                      reader=ThinkReader(tag, None))
+                      reader=ThinkReader(tag, tokenizer=None))
     assert (rec["extracted"], rec["correct"]) == ("5", True)
     assert (rec["think_end"], rec["thinking_tokens"], rec["answer_tokens"], rec["thinking_finished"]) == \
         (None, None, None, None)
@@ -105,16 +105,15 @@ def test_qwq_untagged_chain_is_read_whole():
 
 def test_token_counts_come_from_the_token_ids_not_the_text():
     tok = _tokenizer()
+    reader = ThinkReader(THINK_END, tokenizer=tok)
     tag = tok.convert_tokens_to_ids(THINK_END)
-    text = "so the answer is 3 </think> so 3"
-    # what the engine generated: 7 thinking ids (more than the text re-tokenizes to) and 3 answer ids
-    ids = [3, 4, 5, 6, 8, 8, 8, tag, 3, 13, 2]
-    assert (ThinkReader(THINK_END, tok).read(text, ids).thinking_tokens, ThinkReader(THINK_END, tok).read(
-        text, ids).answer_tokens) == (8, 3)
+    text = "so the answer is 3 </think> so 3"  # re-tokenized: 6 thinking tokens, 2 answer tokens
+    ids = [3, 4, 5, 6, 8, 8, 8, tag, 3, 13, 2]  # what the engine generated: 8 up to the tag, 3 after it
+    read = reader.read(text, ids)
+    assert (read.thinking_tokens, read.answer_tokens) == (8, 3)
     two = "2 </think> 3 </think> so 4"  # the LAST tag ends the thinking
-    ids2 = _ids(tok, two)
-    assert (ThinkReader(THINK_END, tok).read(two, ids2).thinking_tokens, ThinkReader(THINK_END, tok).read(
-        two, ids2).answer) == (4, " so 4")
+    read = reader.read(two, _ids(tok, two))
+    assert (read.thinking_tokens, read.answer_tokens, read.answer) == (4, 2, " so 4")
 
 
 def test_a_tag_merged_into_another_token_ends_at_the_first_prefix_that_decodes_to_it():
@@ -122,7 +121,7 @@ def test_a_tag_merged_into_another_token_ends_at_the_first_prefix_that_decodes_t
     text = "think hard x</think> 5"
     ids = _ids(tok, text)
     assert _ids(tok, THINK_END) == [0] and 0 not in ids and len(ids) == 4  # the tag's own ids never appear
-    read = ThinkReader(THINK_END, tok).read(text, ids)
+    read = ThinkReader(THINK_END, tokenizer=tok).read(text, ids)
     assert (read.thinking_tokens, read.answer_tokens, read.answer) == (3, 1, " 5")
 
 
@@ -132,7 +131,7 @@ def test_a_special_tag_left_out_of_the_text_still_splits():
     ids = _ids(tok, "so \\boxed{3} </think> so \\boxed{4}")
     text = tok.decode(ids, skip_special_tokens=True)
     assert THINK_END not in text
-    read = ThinkReader(THINK_END, tok).read(text, ids)
+    read = ThinkReader(THINK_END, tokenizer=tok).read(text, ids)
     assert read.finished and (read.thinking_tokens, read.answer_tokens) == (3, 2) and "boxed{4}" in read.answer
     assert "boxed{3}" not in read.answer
 

@@ -41,7 +41,7 @@ BUCKETS: dict[str, Callable[[Any], str]] = {"steps": steps_bucket}  # field → 
 ORDER: dict[str, Sequence[str]] = {"steps": STEP_BUCKETS}  # field → its buckets in order (else numeric/text order)
 
 
-def resolve_field(option: str, problems: Iterable[Problem]) -> str | None:
+def resolve_field(option: str, *, problems: Iterable[Problem]) -> str | None:
     """The difficulty field to report by (None: none). An explicit field no problem carries is refused."""
     problems = list(problems)
     if option == NONE:
@@ -58,13 +58,13 @@ def resolve_field(option: str, problems: Iterable[Problem]) -> str | None:
     return option
 
 
-def problem_levels(problems: Iterable[Problem], field: str) -> dict[str, str]:
+def problem_levels(problems: Iterable[Problem], *, field: str) -> dict[str, str]:
     """id → level label (the bucket of `field`'s value); problems without the field are left out."""
     bucket = BUCKETS.get(field, str)
     return {p.id: bucket(p.meta[field]) for p in problems if p.meta.get(field) is not None}
 
 
-def level_order(labels: Iterable[str], field: str) -> list[str]:
+def level_order(labels: Iterable[str], *, field: str) -> list[str]:
     """Levels easiest first: the field's bucket order, else numeric order when every label is a number."""
     labels = set(labels)
     if field in ORDER:
@@ -75,14 +75,14 @@ def level_order(labels: Iterable[str], field: str) -> list[str]:
         return sorted(labels)
 
 
-def by_level(records: Sequence[dict], levels: dict[str, str], field: str) -> dict[str, dict]:
+def by_level(records: Sequence[dict], *, levels: dict[str, str], field: str) -> dict[str, dict]:
     """Per level (easiest first): #samples, #problems, accuracy %, mean #tokens, mean thinking/answer
     tokens, reflections per response, reflective % and unfinished % (`level_stats`)."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         if r["id"] in levels:
             groups.setdefault(levels[r["id"]], []).append(r)
-    return {lev: level_stats(groups[lev]) for lev in level_order(groups, field)}
+    return {lev: level_stats(groups[lev]) for lev in level_order(groups, field=field)}
 
 
 def level_stats(records: Sequence[dict]) -> dict:
@@ -92,7 +92,7 @@ def level_stats(records: Sequence[dict]) -> dict:
     return {"n_samples": len(records), "n_problems": len({r["id"] for r in records}),
             "accuracy": 100.0 * sum(bool(r["correct"]) for r in scored) / len(scored) if scored else None,
             "mean_tokens": statistics.fmean(r["num_tokens"] for r in records) if records else None,
-            **{k: v for k, v in thinking_stats(records).items()},
+            **thinking_stats(records),
             "reflections_mean": mean_reflections(texts), "reflective_share": reflective_share(texts)}
 
 

@@ -256,10 +256,9 @@ def table_row(run: RunResult) -> dict:
 def decoding_line(sampling: SamplingOptions) -> str:
     """The decoding of a sweep's runs: "greedy=True, max_tokens=200", or the protocol and its settings."""
     s = resolve_protocol(sampling)
-    line = f"greedy={s.temperature == 0}, max_tokens={s.max_tokens}"
-    if s.protocol is not None:
-        line = f"protocol **{s.protocol}** (temperature {s.temperature:g}, top-p {s.top_p:g}), " + line
-    return line + (f", n={s.n} samples per problem" if s.n > 1 else "")
+    line = f"greedy={s.temperature == 0}" if s.protocol is None else \
+        f"protocol **{s.protocol}** (temperature {s.temperature:g}, top-p {s.top_p:g})"
+    return line + f", max_tokens={s.max_tokens}" + (f", n={s.n} samples per problem" if s.n > 1 else "")
 
 
 def reading_notes(*, rows: Sequence[dict]) -> list[str]:

@@ -63,13 +63,13 @@ def summarize(*, records: Sequence[dict], params_b: float | None, params_source:
            "mean_tokens": mean, "median_tokens": statistics.median(toks) if toks else None,
            "truncated": sum(r["finish_reason"] == "length" for r in records),
            "params_b": params_b, "params_source": params_source, "acu": acu, "acu_formula": ACU_FORMULA,
-           **answer_stats(records), **sampled_stats(records, kind)}
+           **answer_stats(records), **sampled_stats(records, kind=kind)}
     subjects = sorted({r["subject"] for r in records if r.get("subject")})
     if subjects:
         out["by_subject"] = {s: summarize_small([r for r in records if r.get("subject") == s]) for s in subjects}
     if levels:
         out["difficulty_field"] = difficulty
-        out["by_level"] = by_level(records, levels, difficulty)
+        out["by_level"] = by_level(records, levels=levels, field=difficulty)
     return out
 
 
@@ -92,6 +92,6 @@ def summary_of(*, folder: Path, problems: ProblemSet, n: int, params_b: float | 
     `difficulty`: the `AnswerOptions.difficulty_field` of the per-level rows."""
     by_key = {(r["id"], r["index"]): r for r in read_samples(Path(folder) / SAMPLES)}
     records = [by_key[(p.id, i)] for p in problems for i in range(n) if (p.id, i) in by_key]
-    field = resolve_field(difficulty, problems)
+    field = resolve_field(difficulty, problems=problems)
     return summarize(records=records, params_b=params_b, params_source=params_source, kind=problems.kind,
-                     levels=problem_levels(problems, field) if field else None, difficulty=field)
+                     levels=problem_levels(problems, field=field) if field else None, difficulty=field)

@@ -85,7 +85,8 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
     path = folder / SAMPLES
-    reader = ThinkReader(detect_think_end(option=options.think_end, tokenizer=engine.tokenizer)[0], engine.tokenizer)
+    reader = ThinkReader(detect_think_end(option=options.think_end, tokenizer=engine.tokenizer)[0],
+                         tokenizer=engine.tokenizer)
     rule = options.score and options.answer_rule
     done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
@@ -121,7 +122,7 @@ def read_run(*, folder: str | os.PathLike, problems: ProblemSet, options: EvalOp
     think_end, how = detect_think_end(option=options.think_end, tokenizer=tokenizer,
                                       responses=(r.get("response") or "" for r in read_samples(path)))
     reread_file(path, kind=problems.kind, rule=options.score and options.answer_rule,
-                reader=ThinkReader(think_end, tokenizer))
+                reader=ThinkReader(think_end, tokenizer=tokenizer))
     return {"think_end": think_end, "think_end_from": how}
 
 
@@ -210,7 +211,7 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
 def check_reading(options: EvalOptions, problems: ProblemSet) -> None:
     """Refuse, before any engine starts, a thinking delimiter or difficulty field that cannot be used."""
     ThinkReader(None if options.think_end in (AUTO, NONE) else options.think_end)  # an empty tag is refused
-    resolve_field(options.difficulty_field, problems)
+    resolve_field(options.difficulty_field, problems=problems)
 
 
 def run_params(o: EvalOptions, path) -> tuple[float, str]:

@@ -17,7 +17,6 @@ Computed only when some problem has more than one sample (n = 1: these equal the
 from __future__ import annotations
 
 import statistics
-from fractions import Fraction
 from typing import Hashable, Sequence
 
 from tvtool.evaluation.scoring import parse_number
@@ -26,7 +25,7 @@ SAMPLED_KEYS = ("n_per_problem", "accuracy_se", "maj_accuracy", "pass_at_k")
 NUMERIC_KINDS = ("gsm8k", "asdiv", "aime")
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
+def pass_at_k(*, n: int, c: int, k: int) -> float:
     """The unbiased pass@k of one problem with `c` correct of `n` samples (a probability, 0–1)."""
     if k > n:
         raise ValueError(f"k={k} > n={n}")
@@ -47,7 +46,7 @@ def ks(n: int) -> list[int]:
     return out + [n]
 
 
-def vote_key(answer: str | None, kind: str | None) -> Hashable | None:
+def vote_key(answer: str | None, *, kind: str | None) -> Hashable | None:
     """What a sample votes for: its extracted answer (a number for numeric kinds), None for no vote."""
     if answer is None or not answer.strip():
         return None
@@ -58,12 +57,12 @@ def vote_key(answer: str | None, kind: str | None) -> Hashable | None:
     return answer.strip()
 
 
-def majority_correct(samples: Sequence[dict], kind: str | None) -> bool:
+def majority_correct(samples: Sequence[dict], *, kind: str | None) -> bool:
     """Whether the majority answer of one problem's samples (in sample order) is correct; ties go to
     the answer that occurred first."""
     counts: dict[Hashable, list] = {}  # vote → [count, first sample with it]; insertion order = first occurrence
     for s in samples:
-        key = vote_key(s.get("extracted"), kind)
+        key = vote_key(s.get("extracted"), kind=kind)
         if key is not None:
             counts.setdefault(key, [0, s])[0] += 1
     if not counts:
@@ -72,7 +71,7 @@ def majority_correct(samples: Sequence[dict], kind: str | None) -> bool:
     return bool(best[1]["correct"])
 
 
-def sampled_stats(records: Sequence[dict], kind: str | None) -> dict:
+def sampled_stats(records: Sequence[dict], *, kind: str | None) -> dict:
     """The statistics above over the scored `records`; {} when no problem has several samples."""
     groups: dict[str, list[dict]] = {}
     for r in sorted((r for r in records if r.get("correct") is not None), key=lambda r: r["index"]):
@@ -80,9 +79,10 @@ def sampled_stats(records: Sequence[dict], kind: str | None) -> dict:
     if not groups or max(len(g) for g in groups.values()) < 2:
         return {}
     n = min(len(g) for g in groups.values())
-    shares = [Fraction(sum(bool(s["correct"]) for s in g), len(g)) for g in groups.values()]
-    se = 100.0 * statistics.stdev(map(float, shares)) / len(shares) ** 0.5 if len(shares) > 1 else None
+    right = [(len(g), sum(bool(s["correct"]) for s in g)) for g in groups.values()]  # (n_i, c_i) per problem
+    shares = [c / m for m, c in right]
+    se = 100.0 * statistics.stdev(shares) / len(shares) ** 0.5 if len(shares) > 1 else None
     return {"n_per_problem": n, "accuracy_se": se,
-            "maj_accuracy": 100.0 * sum(majority_correct(g, kind) for g in groups.values()) / len(groups),
-            "pass_at_k": {str(k): 100.0 * statistics.fmean(pass_at_k(len(g), sum(bool(s["correct"]) for s in g), k)
-                                                           for g in groups.values()) for k in ks(n)}}
+            "maj_accuracy": 100.0 * sum(majority_correct(g, kind=kind) for g in groups.values()) / len(groups),
+            "pass_at_k": {str(k): 100.0 * statistics.fmean(pass_at_k(n=m, c=c, k=k) for m, c in right)
+                          for k in ks(n)}}

@@ -47,7 +47,7 @@ class ThinkRead:
 class ThinkReader:
     """Reads responses with one delimiter (None: no split) and the tokenizer that made their token ids."""
 
-    def __init__(self, think_end: str | None, tokenizer: Any = None):
+    def __init__(self, think_end: str | None, *, tokenizer: Any = None):
         if think_end is not None and not think_end.strip():
             raise OptionsError("the thinking delimiter is empty", where="--think-end",
                                fix="pass a tag such as '</think>', or 'none'")
