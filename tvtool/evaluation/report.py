@@ -311,10 +311,12 @@ def level_tables(*, rows: Sequence[dict]) -> str:
     if len(curve) > 1:
         parts += ["Mean #tokens per level:", _pivot(curve, levels, lambda r, lev: r["by_level"].get(lev, {}).get(
             "mean_tokens"), "mean_tokens")]
-        for name, part in series(rows=curve).items():
+        groups = series(rows=curve)
+        for name, part in groups.items():
             ref, rel = relative_lengths(part)
             if ref is not None and len(part) > 1:
-                parts += [f"Length relative to {ref['label']} ({name}): mean #tokens per level ÷ {ref['label']}'s "
+                what = f" ({name})" if len(groups) > 1 else ""
+                parts += [f"Length relative to {ref['label']}{what}: mean #tokens per level ÷ {ref['label']}'s "
                           "(below 1: compressed):", _pivot(part, levels, lambda r, lev: rel[r["label"]].get(lev),
                                                           "relative")]
     flat = [{"label": r["label"], "alpha": r.get("alpha"), "level": lev, **s} for r in rows
