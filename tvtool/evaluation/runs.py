@@ -119,8 +119,9 @@ def read_run(*, folder: str | os.PathLike, problems: ProblemSet, options: EvalOp
     the chat template of `tokenizer`, else from the outputs); records read another way are read again,
     never generated again. Returns what run.json records: {think_end, think_end_from}."""
     path = Path(folder) / SAMPLES
-    think_end, how = detect_think_end(option=options.think_end, tokenizer=tokenizer,
-                                      responses=(r.get("response") or "" for r in read_samples(path)))
+    think_end, how = detect_think_end(option=options.think_end, tokenizer=tokenizer)
+    if how == "not found":  # auto, and the chat template does not say: do the outputs close a thinking block?
+        think_end, how = detect_think_end(option=AUTO, responses=(r.get("response") or "" for r in read_samples(path)))
     reread_file(path, kind=problems.kind, rule=options.score and options.answer_rule,
                 reader=ThinkReader(think_end, tokenizer=tokenizer))
     return {"think_end": think_end, "think_end_from": how}
