@@ -23,7 +23,8 @@ TOY = Path(__file__).resolve().parents[2] / "tvtool" / "assets" / "toy"
 def test_fields_auto_and_named():
     assert resolve_field("auto", problems=load_problems(dataset="math500", limit=20)) == "level"
     assert resolve_field("auto", problems=load_problems(dataset="gsm8k", limit=20)) == "steps"
-    assert resolve_field("auto", problems=load_problems(dataset="toy", limit=50)) is None  # one-line solutions: one bucket
+    toy = load_problems(dataset="toy", limit=50)
+    assert resolve_field("auto", problems=toy) is None  # one-line solutions: one bucket
     assert resolve_field("auto", problems=load_problems(dataset=str(ASDIV))) == "grade"
     assert resolve_field("none", problems=load_problems(dataset="math500", limit=20)) is None
     assert resolve_field("subject", problems=load_problems(dataset="math500", limit=20)) == "subject"

@@ -37,7 +37,8 @@ def test_maj_at_n_and_pass_at_k_by_hand():
     assert s["n_per_problem"] == 4
     assert s["maj_accuracy"] == pytest.approx(50.0)  # A and B
     # pass@1 = c/n: (2 + 2 + 1 + 0) / 16
-    # pass@2 = 1 − C(n−c, 2)/C(4, 2): A, B: 1 − 1/6 = 5/6; C: 1 − 3/6 = 1/2; D: 0 → (5/6 + 5/6 + 1/2 + 0) / 4 = 13/24
+    # pass@2 = 1 − C(n−c, 2)/C(4, 2): A, B: 1 − 1/6 = 5/6; C: 1 − 3/6 = 1/2; D: 0
+    #        → (5/6 + 5/6 + 1/2 + 0) / 4 = 13/24
     # pass@4: A, B, C have a correct sample, D none → 3/4
     assert s["pass_at_k"] == pytest.approx({"1": 100 * 5 / 16, "2": 100 * 13 / 24, "4": 75.0})
     # shares p_i = 1/2, 1/2, 1/4, 0 (mean 5/16): sample variance (3/16² · 2 + 1/16² + 5/16²) / 3 = 44/768

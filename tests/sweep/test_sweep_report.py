@@ -33,7 +33,8 @@ def test_report_has_protocol_notes_and_levels(tmp_path):
     assert "protocol **deepseek-r1** (temperature 0.6, top-p 0.95), max_tokens=200, n=2 samples per problem." in text
     assert "Thinking: the answer rule read the text after the last `</think>`" in text
     assert "Several samples per problem:" in text
-    assert "| run | α | accuracy % | ± SE | maj@n % | pass@n % | mean #tokens | thinking #tokens | answer #tokens |" in text
+    assert ("| run | α | accuracy % | ± SE | maj@n % | pass@n % | mean #tokens | thinking #tokens "
+            "| answer #tokens |") in text
     assert "### math500 by difficulty" in text and "| alpha-0 | 0 | 0.20 | 0.50 |" in text
     assert "![math500 by level](plot-math500-levels.png)" in text
     assert "### toy by difficulty" not in text and not (tmp_path / "plot-toy-levels.png").exists()

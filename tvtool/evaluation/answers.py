@@ -83,8 +83,9 @@ def reread_file(path: str | os.PathLike, *, kind: str, rule: str | None, reader:
     if not path.is_file():
         return 0
     records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    stale = [r for r in records if isinstance(r.get("response"), str) and (
-        r.get("think_end") != reader.think_end or (rule and r.get("correct") is not None and r.get("answer_rule") != rule))]
+    rescored = lambda r: rule and r.get("correct") is not None and r.get("answer_rule") != rule  # noqa: E731
+    stale = [r for r in records if isinstance(r.get("response"), str)
+             and (r.get("think_end") != reader.think_end or rescored(r))]
     for r in stale:
         read_sample(r, kind=kind, rule=rule if r.get("correct") is not None else None, reader=reader)
     if stale:

@@ -284,7 +284,8 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
             f"θ1 = `{shown.base}`, θ2 = `{shown.reasoner}`; α applied by **{recipe.apply}**; "
             f"{decoding_line(recipe.sampling)}.", "",
             answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
-                             alpha=recipe.budget_alpha), *reading_notes(rows=[x for t in tables.values() for x in t]), "",
+                             alpha=recipe.budget_alpha),
+            *reading_notes(rows=[x for t in tables.values() for x in t]), "",
             ACU_FORMULA, ""]
     if valves:  # --- CoT-Valve: Table 1 and the bars (tvtool.sweep.valve_stages) ---
         body += valve_section(recipe=recipe, tables=tables, valves=valves)
