@@ -24,6 +24,7 @@ loads each α in place, as the one-engine path does (its shell model is written 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -31,18 +32,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tvtool.io.atomic import write_json
-from tvtool.engine.engine import Engine
+from tvtool.engine.engine import Engine, write_shell_model
 from tvtool.engine.options import EngineOptions, SamplingOptions, check_engine_options
 from tvtool.errors import ClusterError, OptionsError, TvtoolError
 from tvtool.evaluation.report import EvalResult, RunResult, table_row
 from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions, split_vectors
-from tvtool.engine.prompting import PromptOptions
+from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
 from tvtool.evaluation.results import summary_of
-from tvtool.evaluation.runs import EvalOptions, check_settings, run_one
+from tvtool.evaluation.runs import EvalOptions, check_settings, read_run, run_one
 from tvtool.vectors.source import DeltaSource
 from tvtool.evaluation.units import Complete, Plan, RayOptions, Unit, plan_units, settings_complete, sweep_runs
 
@@ -334,9 +335,12 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
                            + "; ".join(f"{k}: {v}" for k, v in pool.failed.items()),
                            where=str(output), fix="re-run to retry them (finished runs are kept)")
     results: dict[str, EvalResult] = {}
+    tokenizer = _tokenizer(source) if plan.skipped else None
     for r in runs:  # every run re-summarised from its samples, as `run_one` does for a complete run
+        if r in plan.skipped:  # no actor read it: another answer rule or delimiter is applied here
+            read_run(folder=r.folder, problems=r.problems, options=r.options, tokenizer=tokenizer)
         summary = summary_of(folder=Path(r.folder), problems=r.problems, n=r.sampling.n, params_b=r.params_b,
-                             params_source=r.params_source)
+                             params_source=r.params_source, difficulty=r.options.difficulty_field)
         write_json(Path(r.folder) / SUMMARY, summary)
         ev = results.setdefault(r.problems.name, EvalResult(engine_starts=pool.engine_starts))
         ev.runs.append(RunResult(r.label, r.alpha, Path(r.folder), summary))
@@ -344,3 +348,10 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
         if len(ev.runs) > 1:
             ev.table = write_table(rows=[table_row(x) for x in ev.runs], folder=output, name=summary_table(name))
     return ClusterEvalResult(list(results.values()), pool)
+
+
+def _tokenizer(source: DeltaSource):
+    """The tokenizer the pool's engines use (their shell model's, `Engine.for_source`), without an engine."""
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:
+        write_shell_model(source=source, folder=shell)
+        return load_tokenizer(shell)

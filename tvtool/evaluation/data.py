@@ -60,7 +60,7 @@ class Problem:
     question: str  # text given to the model (ASDiv: Body + " " + Question)
     gold: str  # reference answer (GSM8K: commas removed; ASDiv: the number without unit)
     solution: str | None = None  # reference worked solution (GSM8K: no <<calc>> and no "#### N")
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # MATH-500 subject/level, GSM8K steps, ASDiv grade, …
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ def _gsm8k(rec: dict, *, pid: str, where: str) -> Problem:
         raise DatasetError("GSM8K answer is empty after '####'", where=where,
                            fix="Put the final number after '####'")
     solution = re.sub(r"<<[^>]*>>", "", work).strip()
-    return Problem(id=pid, question=rec["question"], gold=gold, solution=solution or None, meta={})
+    steps = sum(bool(line.strip()) for line in work.splitlines())  # the difficulty proxy (tvtool.evaluation.difficulty)
+    return Problem(id=pid, question=rec["question"], gold=gold, solution=solution or None,
+                   meta={**_extra(rec, ("question", "answer")), "steps": steps})
 
 
 def _math500(rec: dict, *, pid: str, where: str) -> Problem:
@@ -121,9 +123,17 @@ def _math500(rec: dict, *, pid: str, where: str) -> Problem:
         if not isinstance(rec.get(key), str):
             raise DatasetError(f"MATH-500 record has no {key!r} text", where=where,
                                fix='Each line must be {"problem": ..., "answer": ...}')
-    meta = {k: rec[k] for k in ("subject", "level", "unique_id") if k in rec}
+    meta = {**_extra(rec, ("problem", "answer", "solution")),
+            **{k: rec[k] for k in ("subject", "level", "unique_id") if k in rec}}
     return Problem(id=rec.get("unique_id") or pid, question=rec["problem"], gold=rec["answer"],
                    solution=rec.get("solution"), meta=meta)
+
+
+def _extra(rec: dict, used: tuple[str, ...]) -> dict:
+    """A record's other short fields (numbers, booleans, text up to 64 characters), kept in `Problem.meta`
+    so that any of them can name the difficulty (`--difficulty-field`)."""
+    return {k: v for k, v in rec.items() if k not in used and (isinstance(v, (int, float, bool))
+                                                               or isinstance(v, str) and len(v) <= 64)}
 
 
 def _aime(rec: dict, *, pid: str, where: str) -> Problem:

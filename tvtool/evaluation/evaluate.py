@@ -2,9 +2,13 @@
 
 Every run writes one folder:
   samples.jsonl  one line per sample (id, index, prompt, response, token_ids, num_tokens, extracted,
-                 gold, correct, finish_reason), appended and flushed batch by batch;
-  summary.json   accuracy, mean/median #tokens, #truncated, ACU (see `ACU_FORMULA`), per subject;
-  run.json       model, α, sampling, dataset, versions, times.
+                 gold, correct, finish_reason, think_end, thinking_tokens, answer_tokens,
+                 thinking_finished), appended and flushed batch by batch;
+  summary.json   accuracy, mean/median #tokens, #truncated, ACU (see `ACU_FORMULA`), thinking/answer
+                 tokens and unfinished share (`tvtool.evaluation.thinking`), n > 1 statistics
+                 (`tvtool.evaluation.sampled`), per subject and per difficulty level
+                 (`tvtool.evaluation.difficulty`);
+  run.json       model, α, sampling, dataset, versions, times, how answers were read.
 A re-run skips the samples already written (keyed by id and sampling index, a torn last
 line is dropped), so an interrupted run finishes into the same summary.
 
@@ -46,7 +50,8 @@ from tvtool.merge.options import MergeOptions, config_name, split_vectors
 from tvtool.io.paths import check_output_apart, check_writable
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
-from tvtool.evaluation.runs import (EvalOptions, check_settings, is_complete, run_one, run_params, run_record)
+from tvtool.evaluation.runs import (EvalOptions, check_reading, check_settings, is_complete, run_one, run_params,
+                                    run_record)
 from tvtool.io.fingerprint import input_fingerprint
 from tvtool.vectors.adapter import check_adapter, is_adapter
 from tvtool.vectors.source import DeltaSource
@@ -268,6 +273,7 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
               engine_options: EngineOptions, engine: Engine | None) -> EvalResult:
     problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
                              seed=options.seed, kind=options.kind)
+    check_reading(options, problems)
     s = _Session(problems, prompt, sampling, options, engine_options, engine)
     with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
         if mode == "model":

@@ -2,10 +2,11 @@
 
 A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
 run.json (`settings` and the finished-work `record` first, `finished` last). A run is complete
-when run.json holds the same record fingerprint (`run_record`: sampling, prompt, scoring, engine
-dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`) and every
-sample is written. Another record is refused (or, with overwrite, discarded, saying what
-changed); samples already written are not generated again.
+when run.json holds the same record fingerprint (`run_record`: sampling (with its protocol), prompt,
+scoring, engine dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`)
+and every sample is written. Another record is refused (or, with overwrite, discarded, saying what
+changed); samples already written are not generated again. How answers are read (answer rule,
+thinking delimiter, difficulty field) is not in the record: a change re-reads the samples.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from tvtool._version import __version__
-from tvtool.evaluation.answers import rescore_file
+from tvtool.evaluation.answers import read_sample, reread_file
 from tvtool.io.atomic import write_json
 from tvtool.evaluation.data import ProblemSet
 from tvtool.engine.engine import Engine
@@ -28,14 +29,16 @@ from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_re
 from tvtool.io.fingerprint import input_fingerprint
 from tvtool.io.layout import RUN, SAMPLES, SUMMARY
 from tvtool.engine.logs import RunProgress
-from tvtool.options import CliOptions, opt
+from tvtool.options import opt
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
+from tvtool.evaluation.difficulty import resolve_field
+from tvtool.evaluation.options import AUTO, NONE, AnswerOptions
 from tvtool.evaluation.results import count_params_b, read_samples, summary_of
-from tvtool.evaluation.scoring import score as score_response
+from tvtool.evaluation.thinking import ThinkReader, detect_think_end
 
 
 @dataclass(frozen=True)
-class EvalOptions(CliOptions):
+class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with the recipe's `eval:`)
     dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path (ASDiv.xml), or a Hub id.")
     split: str = opt("test", "Dataset split.")
     limit: int | None = opt(None, "Evaluate only this many problems (the first N, or N random with --seed).")
@@ -82,6 +85,9 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
     path = folder / SAMPLES
+    reader = ThinkReader(detect_think_end(option=options.think_end, tokenizer=engine.tokenizer)[0],
+                         tokenizer=engine.tokenizer)
+    rule = options.score and options.answer_rule
     done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
@@ -93,19 +99,32 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            recs = [_record(p, text, s, problems.kind, options.score and options.answer_rule)
+            recs = [_record(p, text, s, problems.kind, rule, reader)
                     for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
             f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
             bar.update(recs, n=len(batch) * sampling.n)
-    if options.score:  # records scored under another answer rule are re-scored, not regenerated
-        rescore_file(path, kind=problems.kind, rule=options.answer_rule)
+    scoring = read_run(folder=folder, problems=problems, options=options, tokenizer=engine.tokenizer)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
-                         params_source=params_source)
+                         params_source=params_source, difficulty=options.difficulty_field)
     write_json(folder / SUMMARY, summary)
+    run["scoring"] = {**run["scoring"], **scoring, "difficulty_field": summary.get("difficulty_field")}
     write_json(folder / RUN, {**run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return summary
+
+
+def read_run(*, folder: str | os.PathLike, problems: ProblemSet, options: EvalOptions, tokenizer) -> dict:
+    """Read (again) the samples of a run with `options`' answer rule and thinking delimiter (`auto`: from
+    the chat template of `tokenizer`, else from the outputs); records read another way are read again,
+    never generated again. Returns what run.json records: {think_end, think_end_from}."""
+    path = Path(folder) / SAMPLES
+    think_end, how = detect_think_end(option=options.think_end, tokenizer=tokenizer)
+    if how == "not found":  # auto, and the chat template does not say: do the outputs close a thinking block?
+        think_end, how = detect_think_end(option=AUTO, responses=(r.get("response") or "" for r in read_samples(path)))
+    reread_file(path, kind=problems.kind, rule=options.score and options.answer_rule,
+                reader=ThinkReader(think_end, tokenizer=tokenizer))
+    return {"think_end": think_end, "think_end_from": how}
 
 
 def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
@@ -156,13 +175,11 @@ def is_complete(*, folder: str | os.PathLike, record: dict, problems: ProblemSet
     return all((p.id, i) in done for p in problems for i in range(n))
 
 
-def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:
+def _record(p, prompt: str, s, kind: str, rule: str | None, reader: ThinkReader) -> dict:
     rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
            "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
            "extracted": None, "correct": None}
-    if rule:
-        sc = score_response(s.text, p.gold, kind=kind, rule=rule)
-        rec.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
+    read_sample(rec, kind=kind, rule=rule, reader=reader)
     for k in ("subject", "level"):
         if k in p.meta:
             rec[k] = p.meta[k]
@@ -190,6 +207,12 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
     say(f"{changes(old, record)}: redoing eval {folder.parent.name}/{folder.name}")
     for name in (SAMPLES, SUMMARY, RUN):
         (folder / name).unlink(missing_ok=True)
+
+
+def check_reading(options: EvalOptions, problems: ProblemSet) -> None:
+    """Refuse, before any engine starts, a thinking delimiter or difficulty field that cannot be used."""
+    ThinkReader(None if options.think_end in (AUTO, NONE) else options.think_end)  # an empty tag is refused
+    resolve_field(options.difficulty_field, problems=problems)
 
 
 def run_params(o: EvalOptions, path) -> tuple[float, str]:

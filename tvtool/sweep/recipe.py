@@ -1,7 +1,8 @@
 """Sweep recipes: a YAML file validated at load by pydantic into frozen, typed settings.
 
 The schema nests the options the verbs already define (`LowRankOptions`,
-`MaterializeOptions`, `PromptOptions`, `SamplingOptions`, `EngineOptions`, `PushOptions`),
+`MaterializeOptions`, `PromptOptions`, `SamplingOptions`, `EngineOptions`, `PushOptions`, and
+`AnswerOptions` as `eval:`),
 so a field means the same thing in a recipe, on the command line and in Python. Values are checked
 with JSON's types (pydantic strict JSON mode: a list for a tuple, no `true` for an
 integer, no '0.5' for a number). Every error is one `RecipeError` line naming the
@@ -32,6 +33,7 @@ from tvtool.merge.materialize import MaterializeOptions
 from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions
 from tvtool.engine.prompting import PromptOptions
+from tvtool.evaluation.options import AnswerOptions
 from tvtool.options import opt, unwrap_optional
 from tvtool.evaluation.units import RayOptions
 from tvtool.sweep.valve_spec import MixChainSpec, TrainSpec, check_valve_stages
@@ -171,6 +173,8 @@ class _RecipeFields(BaseModel):
     answer_rule: Literal["paper", "boxed-only", "strict-match", "flexible-extract"] = Field(
         "paper", description="How answers are read (tvtool.evaluation.scoring): paper (A.1), boxed-only, strict-match, "
                              "flexible-extract.")
+    eval: AnswerOptions = Field(AnswerOptions(), description="How responses are read: think_end (the thinking "
+                                                             "delimiter), difficulty_field (per-level tables).")
     prompt_budgets: tuple[int, ...] = Field((), description="Token budgets for the prompt-control baseline "
                                                             "(Table 12), e.g. [20, 50].")
     budget_template: Literal["qwq", "llama"] = Field("qwq", description="The paper's budget prompt (appendix B).")

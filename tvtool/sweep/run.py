@@ -43,7 +43,7 @@ from tvtool.merge.options import MergeOptions, config_name
 from tvtool.lowrank.merged import MERGE_FLAGS, applied_configs
 from tvtool.merge.stream import MergeConfig
 from tvtool.sweep.recipe import DatasetSpec, Recipe, load_recipe, low_rank_merge, merge_configs, merge_options, to_dict
-from tvtool.evaluation.report import answer_rule_line, markdown_table, plot
+from tvtool.evaluation.report import answer_rule_line, decoding_line, level_section, markdown_table, plot, reading_notes
 from tvtool.evaluation.results import ACU_FORMULA
 from tvtool.evaluation.runs import EvalOptions
 from tvtool.io.fingerprint import input_fingerprint
@@ -256,9 +256,11 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
                  lowrank: dict | None, valves: dict | None = None) -> Path:
     """REPORT.md, report.json and plots (#tokens vs α; accuracy vs #tokens; SVD spectra when low rank),
     each written atomically; `valves`: the CoT-Valve stages' Table 1 and bars (tvtool.sweep.valve_stages)."""
-    plots = {}
+    plots, levels = {}, {}  # levels: per-difficulty tables and plot (tvtool.evaluation.report.level_section)
     for name, rows in tables.items():
         plots[name] = plot(rows=rows, path=out / f"plot-{name}.png")
+        levels[name], png = level_section(name=name, rows=rows, folder=out)
+        plots.update({f"{name}-levels": png} if png else {})
     if lowrank and Path(lowrank["plot"]).exists():
         write_bytes(out / "spectra.png", Path(lowrank["plot"]).read_bytes())
         plots["spectra"] = out / "spectra.png"
@@ -280,14 +282,15 @@ def write_report(*, out: Path, recipe: Recipe, recipe_path: Path | None, tables:
     shown = portable(recipe, here)  # inputs named relative to the recipe (or by Hub id): no machine paths
     body = [f"# tvtool sweep: {recipe.name}", "",
             f"θ1 = `{shown.base}`, θ2 = `{shown.reasoner}`; α applied by **{recipe.apply}**; "
-            f"greedy={recipe.sampling.temperature == 0}, max_tokens={recipe.sampling.max_tokens}.", "",
+            f"{decoding_line(recipe.sampling)}.", "",
             answer_rule_line(recipe.answer_rule, budgets=recipe.prompt_budgets, template=recipe.budget_template,
-                             alpha=recipe.budget_alpha), "",
+                             alpha=recipe.budget_alpha),
+            *reading_notes(rows=[x for t in tables.values() for x in t]), "",
             ACU_FORMULA, ""]
     if valves:  # --- CoT-Valve: Table 1 and the bars (tvtool.sweep.valve_stages) ---
         body += valve_section(recipe=recipe, tables=tables, valves=valves)
     for name, rows in tables.items():
-        body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", ""]
+        body += [f"## {name}", "", markdown_table(rows=rows), "", f"![{name}]({plots[name].name})", "", *levels[name]]
     body += [lr, "## Reproduce", "", "From the recipe's folder:", "", "```bash",
              f"tvtool sweep {_short(src, here)} -o {_short(out, here)}", "```", "",
              "Stage by stage (what the sweep runs):", "", "```bash", *_commands(recipe, out, here),
@@ -346,7 +349,8 @@ def _eval_options(r: Recipe, ds: DatasetSpec, progress: bool, *,
     ev = EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed, kind=ds.kind,
                      params_b=r.params_b, include=r.materialize.include if swap else None,
                      exclude=r.materialize.exclude if swap else None, progress=progress,
-                     answer_rule=r.answer_rule, prompt_budgets=r.prompt_budgets,
+                     answer_rule=r.answer_rule, think_end=r.eval.think_end, difficulty_field=r.eval.difficulty_field,
+                     prompt_budgets=r.prompt_budgets,
                      budget_template=r.budget_template, budget_alpha=r.budget_alpha, verbose=verbose,
                      overwrite=True)  # the sweep's own run folders: a changed record redoes the run
     return ev, replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)

@@ -77,6 +77,7 @@ def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str,
                           sampling=sampling,
                           options=EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed,
                                               kind=ds.kind, params_b=r.params_b, answer_rule=r.answer_rule,
+                                              think_end=r.eval.think_end, difficulty_field=r.eval.difficulty_field,
                                               progress=progress, verbose=verbose, overwrite=True))
             name = (ev.runs[0].folder.name if ev.runs else ds.name) + f"-{t.name}"
             tables[name] = [table_row(x) for x in ev.runs]
@@ -196,7 +197,8 @@ def valve_commands(*, recipe, out: str) -> list[list[str]]:
                      *t.options.to_cli_args(exclude=("progress", "overwrite")), *prompt, "-o", f"{out}/train/{t.name}"])
         for d in r.datasets:
             ev = EvalOptions(dataset=_rel(d.name), split=d.split, limit=d.limit, seed=d.seed, kind=d.kind,
-                             params_b=r.params_b, answer_rule=r.answer_rule)
+                             params_b=r.params_b, answer_rule=r.answer_rule, think_end=r.eval.think_end,
+                             difficulty_field=r.eval.difficulty_field)
             sampling = replace(r.sampling, max_tokens=d.max_tokens or r.sampling.max_tokens)
             cmds.append(["tvtool", "eval", "--base", model, "--delta", f"{out}/train/{t.name}", "--alpha",
                          ",".join(cli_number(a) for a in t.alphas), "--dataset", ev.dataset,
