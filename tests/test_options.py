@@ -27,7 +27,7 @@ from tvtool.valve.options import MixChainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
 from tvtool.merge.options import MergeOptions
 from tvtool.sweep.recipe import load_recipe
-from tvtool.sweep.report import commands
+from tvtool.sweep.run import commands
 from tvtool.sweep.run import SweepOptions
 from tvtool.sweep.spec import merge_configs
 from tvtool.sweep.stages.evaluate import eval_options

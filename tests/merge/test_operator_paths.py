@@ -54,7 +54,7 @@ def _recipe(path: Path, *, density: float, **extra) -> Path:
 
 
 def test_sweep_low_rank_factors_the_operators_m(tmp_path, monkeypatch, capsys):
-    from tvtool.sweep.report import commands as _commands
+    from tvtool.sweep.run import commands as _commands
     from tvtool.sweep.run import SweepOptions, sweep
 
     monkeypatch.setattr(sys.modules["tvtool.sweep.stages.evaluate"], "Engine", _FakeEngine)
@@ -213,7 +213,7 @@ def test_mixchain_generates_from_the_operators_configs(trio, tmp_path, monkeypat
 
 
 def test_recipe_mixchain_stage_uses_the_recipes_operator(trio, tmp_path):
-    from tvtool.sweep.report import commands as _commands
+    from tvtool.sweep.run import commands as _commands
     from tvtool.sweep.stages.mixchain import MixChainStage, mixchain_merge
 
     base, r1, r2 = trio

@@ -28,6 +28,7 @@ from tvtool.merge.stream import MergeConfig, merged_config, output_plan
 from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
                                    sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
+from tvtool.engine.logs import engine_start
 from tvtool.engine.reaper import reap_on_death
 from tvtool.vectors.source import DeltaSource
 
@@ -122,8 +123,6 @@ class Engine:
     def _start(self) -> None:
         self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
         self._reaper.__enter__()
-        from tvtool.engine.logs import engine_start
-
         try:
             with engine_start():  # engine processes print into the run's vllm.log (tvtool.engine.logs)
                 self._llm = vllm_module().LLM(**self._kw)

@@ -67,6 +67,11 @@ class MergeSpec:
     layer_schedule: str | None = opt(None, "FIRST:LAST α factor over the layers.")
 
 
+def named_model(r: RecipeCore, name: str) -> str:
+    """A model a section names: `reasoner` or `base` (the recipe's), or a model path or Hub id as given."""
+    return {"reasoner": r.reasoner, "base": r.base}.get(name, name)
+
+
 def normalize(data: dict, file: str) -> dict:
     """`merge:` may be one mapping; with `vectors:` the first vector is the reasoner."""
     if isinstance(data.get("merge"), dict):
@@ -227,4 +232,4 @@ def one_merged_vector(r: RecipeCore, section: str) -> None:
 
 
 __all__ = ["DatasetSpec", "Invalid", "KeepSpec", "MergeSpec", "RecipeCore", "VectorSpec", "low_rank_merge",
-           "merge_configs", "merge_options", "normalize", "one_merged_vector"]
+           "merge_configs", "merge_options", "named_model", "normalize", "one_merged_vector"]

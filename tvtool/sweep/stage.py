@@ -22,8 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
 from tvtool.merge.stream import MergeConfig
-from tvtool.sweep.spec import RecipeCore
 from tvtool.vectors.source import DeltaSource
+
+Recipe = Any  # a validated `tvtool.sweep.recipe.Recipe`: the shared fields (`tvtool.sweep.spec.RecipeCore`) and
+# every stage's section, as attributes (named, not imported: the recipe is assembled from this registry)
+
+
+VALVE_ENGINE = "valves"  # the shared engine of MixChain and the valves' α sweeps (θ + α·Δ loaded in place)
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class Section:
     default: Any
     help: str
     after: str
-    check: Callable[[RecipeCore], None] | None = None  # what the type cannot say: raise spec.Invalid(what, fix, field)
+    check: Callable[[Recipe], None] | None = None  # what the type cannot say: raise spec.Invalid(what, fix, field)
     paths: Callable[[Any, Callable[[str], str]], Any] | None = None  # the value with each local path mapped
 
 
@@ -66,7 +71,7 @@ E = TypeVar("E", bound=_Engine)
 class SweepState:
     """One sweep's run: what it was given, and what each stage leaves for the stages after it."""
 
-    recipe: RecipeCore  # the validated recipe (a `tvtool.sweep.recipe.Recipe`: shared fields + sections)
+    recipe: Recipe  # the validated recipe
     recipe_path: Path | None  # the recipe file (None: built in Python)
     out: Path  # the sweep's output folder
     alphas: tuple[float, ...]  # the recipe's α, each once
@@ -120,11 +125,11 @@ class Stage:
     engines: ClassVar[tuple[str, ...]] = ()  # shared engines it uses (`SweepState.engine`)
     publish: ClassVar[bool] = False  # runs after REPORT.md is written (it publishes results)
 
-    def runs(self, recipe: RecipeCore) -> bool:
+    def runs(self, recipe: Recipe) -> bool:
         """Whether this recipe asks for the stage at all."""
         return True
 
-    def inputs(self, recipe: RecipeCore) -> list[str]:
+    def inputs(self, recipe: Recipe) -> list[str]:
         """Local inputs it reads: the sweep refuses an output that is, contains or sits inside one of them,
         before writing anything."""
         return []
@@ -136,7 +141,7 @@ class Stage:
         """Do the stage's work, skipping what is finished (same record, `tvtool.io.finished`), redoing what
         an edited setting or input reaches; leave results for later stages in `state`."""
 
-    def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
+    def commands(self, recipe: Recipe, out: Path) -> list[list[str]]:
         """The commands (as words) that do this stage's work by hand, every non-default option spelled;
         `recipe` names its inputs relative to the recipe's folder, `out` is the output folder from there."""
         return []
@@ -163,4 +168,4 @@ def registered() -> tuple[Stage, ...]:
     return tuple(sorted(_REGISTRY.values(), key=lambda s: (s.order, s.name)))
 
 
-__all__ = ["Part", "Section", "Stage", "SweepState", "register", "registered"]
+__all__ = ["Part", "Section", "Stage", "SweepState", "VALVE_ENGINE", "register", "registered"]

@@ -26,6 +26,7 @@ loss), loss.png, stages/ (progressive) and train.json (settings with input finge
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -34,11 +35,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tvtool.io.atomic import commit_dir, discard, write_json
+from tvtool.io.checkpoint import Checkpoint
 from tvtool.io.finished import RECORD_KEY, is_finished, stage_record
 from tvtool.io.lock import output_lock
 from tvtool.valve.options import MODES, PRESETS, TrainOptions, resolve
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.io.fingerprint import input_fingerprint
+from tvtool.valve.train_data import encode, load_train_data, stages_for
+from tvtool.valve.train_loop import CHECKPOINT, barrier, run
+from tvtool.valve.train_report import write_card, write_plot
 
 RECORD = "train.json"
 
@@ -78,8 +83,6 @@ def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, outpu
 
 
 def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: PromptOptions) -> TrainResult:
-    from tvtool.valve.train_data import encode, load_train_data, stages_for
-
     tok = load_tokenizer(model)
     td = load_train_data(data)
     stages = stages_for(mode=mode, data=td, tokenizer=tok, column=o.column)
@@ -98,13 +101,9 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
         zero = sum(e.beta == 0 for e in enc) if mode == "valve++" and o.skip_zero_beta else 0
         enc = [e for e in enc if not (zero and e.beta == 0)]
         encoded.append({"name": name, "samples": enc, "skipped_long": long, "skipped_zero_beta": zero})
-    from tvtool.valve.train_loop import run
-
     t0 = time.time()
     result = run(mode=mode, model=str(model), out=out, encoded=encoded, options=o, settings=finished,
                  pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    from tvtool.valve.train_loop import CHECKPOINT, barrier
-
     if result is None:  # not the main process: wait for the main one to finish the folder
         barrier()
         return TrainResult(out, [], [], None, {})
@@ -114,8 +113,6 @@ def _train(*, mode: str, model, data, out: Path, o: TrainOptions, prompt: Prompt
               "seconds": round(time.time() - t0, 1), "stage_folders": [f"stages/{d.name}" for d in stage_dirs],
               "stages": [{k: (len(v) if k == "samples" else v) for k, v in e.items()} | {
                   "steps": sum(1 for x in losses if x["stage"] == e["name"])} for e in encoded]}
-    from tvtool.valve.train_report import write_card, write_plot
-
     write_plot(losses=losses, path=tmp / "loss.png")
     (tmp / "README.md").write_text(write_card(record=record))
     (tmp / CHECKPOINT).unlink(missing_ok=True)
@@ -136,10 +133,6 @@ def _settings(mode: str, model, td, o: TrainOptions, prompt: PromptOptions) -> d
 
 def _model_fingerprint(model) -> dict:
     """config.json bytes and the weight files' names and sizes (cheap for 32B checkpoints)."""
-    import hashlib
-
-    from tvtool.io.checkpoint import Checkpoint
-
     ck = Checkpoint.open(model)
     files = sorted(p for p in ck.folder.glob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
     return {"config_sha256": hashlib.sha256((ck.folder / "config.json").read_bytes()).hexdigest()
@@ -148,8 +141,6 @@ def _model_fingerprint(model) -> dict:
 
 
 def _context(model) -> int:
-    from tvtool.io.checkpoint import Checkpoint
-
     cfg = Checkpoint.open(model).config()
     return int(cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings") or 4096)
 

@@ -18,6 +18,7 @@ import torch
 
 from tvtool.io.atomic import atomic_write, partial_path, resumable_dir
 from tvtool.errors import OptionsError
+from tvtool.valve.train_data import collate
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -156,8 +157,6 @@ def run(*, mode: str, model: str, out: Path, encoded: list[dict], options, setti
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
-
-    from tvtool.valve.train_data import collate
 
     o = options
     if o.threads > 0:

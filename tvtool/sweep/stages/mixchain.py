@@ -15,14 +15,11 @@ from tvtool.errors import OptionsError
 from tvtool.merge.options import MergeOptions
 from tvtool.options import opt, to_cli_args
 from tvtool.sweep.spec import Invalid, MergeSpec, RecipeCore, merge_options, one_merged_vector
-from tvtool.sweep.stage import Section, Stage, SweepState, register
+from tvtool.sweep.stage import VALVE_ENGINE, Section, Stage, SweepState, register
 from tvtool.sweep.words import rel
 from tvtool.valve.mixchain import build_mixchain
 from tvtool.valve.options import MixChainOptions, parse_min_correct
 from tvtool.vectors.source import DeltaSource
-
-VALVE_ENGINE = "valves"  # the engine MixChain and the valves' α sweeps share (`SweepState.engine`)
-
 
 @dataclass(frozen=True)
 class MixChainSpec:
@@ -51,8 +48,8 @@ def _paths(mc: MixChainSpec | None, to) -> MixChainSpec | None:
     return replace(mc, dataset=to(mc.dataset)) if mc else None
 
 
-def valve_engine(state: SweepState) -> Engine:
-    """The one engine (placeholder weights) for MixChain's θ1 + α·Δ and every valve's θ + α·Δθ′, loaded in place."""
+def _engine(state: SweepState) -> Engine:
+    """The engine shared with the valves' α sweeps (`train`): placeholder weights, θ1 + α·Δ loaded in place."""
     r = state.recipe
     return state.engine(VALVE_ENGINE, lambda: Engine.for_source(source=DeltaSource(base=r.base, reasoner=r.reasoner),
                                                                 options=r.engine, lazy=True))
@@ -87,7 +84,7 @@ class MixChainStage(Stage):
         op = mixchain_merge(r)  # the recipe's operator over its vectors (with `merge:`/`vectors:`)
         with vllm_logs(folder=state.out / "valves", verbose=state.verbose):  # vLLM's lines go to valves/vllm.log
             build_mixchain(base=r.base, reasoner=None if op.vectors else r.reasoner, output=folder,
-                           engine=valve_engine(state), prompt=r.prompt, sampling=sampling, engine_options=r.engine,
+                           engine=_engine(state), prompt=r.prompt, sampling=sampling, engine_options=r.engine,
                            merge=op,  # skipped inside when its record matches (tvtool.io.finished)
                            options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
                                                    alphas=mc.alphas, min_correct=mc.min_correct,
@@ -106,4 +103,4 @@ class MixChainStage(Stage):
                  *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/mixchain"]]
 
 
-__all__ = ["MixChainSpec", "MixChainStage", "mixchain_merge", "valve_engine"]
+__all__ = ["MixChainSpec", "MixChainStage", "mixchain_merge"]

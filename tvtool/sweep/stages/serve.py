@@ -14,9 +14,8 @@ import math
 from dataclasses import dataclass
 
 from tvtool.options import cli_number, opt
-from tvtool.sweep.spec import Invalid, RecipeCore
+from tvtool.sweep.spec import Invalid, RecipeCore, named_model
 from tvtool.sweep.stage import Part, Section, Stage, SweepState, register
-from tvtool.sweep.stages.train import model_of
 from tvtool.sweep.words import sh, short
 
 LOW_RANK = "low_rank"  # `valve: low_rank` serves the factored delta of the recipe's low_rank stage
@@ -66,7 +65,7 @@ def serve_command(recipe: RecipeCore, out: str) -> list[str]:
         base, delta = r.base, f"{out}/lowrank/delta.safetensors"
     else:
         t = next(t for t in r.train if t.name == s.valve)
-        base, delta = model_of(r, t), f"{out}/train/{t.name}"
+        base, delta = named_model(r, t.model), f"{out}/train/{t.name}"
     words = ["tvtool", "serve", "--base", base, "--delta", delta, "--alpha", ",".join(map(cli_number, s.alphas))]
     if s.name:
         words += ["--name", s.name]
@@ -95,7 +94,7 @@ class ServeStage(Stage):
         here = state.here()
         r = state.recipe
         shown = r.model_copy(update={"base": short(r.base, here), "reasoner": short(r.reasoner, here),
-                                     "train": tuple(dataclasses.replace(t, model=short(model_of(r, t), here))
+                                     "train": tuple(dataclasses.replace(t, model=short(named_model(r, t.model), here))
                                                     for t in r.train)})
         return Part(notes=["", "## Serve", "", "From the recipe's folder, once the sweep has finished:", "", "```bash",
                            sh(serve_command(shown, short(state.out, here))), "```", ""])

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from tvtool.engine.engine import Engine
 from tvtool.engine.logs import vllm_logs
 from tvtool.errors import OptionsError
 from tvtool.evaluation.evaluate import evaluate
@@ -17,9 +18,8 @@ from tvtool.evaluation.report import table_row
 from tvtool.evaluation.runs import EvalOptions
 from tvtool.io.atomic import discard
 from tvtool.options import cli_number, opt
-from tvtool.sweep.spec import Invalid, RecipeCore
-from tvtool.sweep.stage import Section, Stage, SweepState, register
-from tvtool.sweep.stages.mixchain import VALVE_ENGINE, valve_engine
+from tvtool.sweep.spec import Invalid, RecipeCore, named_model
+from tvtool.sweep.stage import VALVE_ENGINE, Section, Stage, SweepState, register
 from tvtool.sweep.words import rel
 from tvtool.valve.options import TrainOptions, resolve
 from tvtool.valve.train import train
@@ -59,9 +59,11 @@ def _paths(train: tuple[TrainSpec, ...], to) -> tuple[TrainSpec, ...]:
                          data=t.data if t.data == "mixchain" else to(t.data)) for t in train)
 
 
-def model_of(recipe: RecipeCore, t: TrainSpec) -> str:
-    """The θ a valve is trained on (and applied to): the recipe's reasoner or base, or a model path."""
-    return {"reasoner": recipe.reasoner, "base": recipe.base}.get(t.model, t.model)
+def _engine(state: SweepState) -> Engine:
+    """The engine shared with `mixchain` (placeholder weights, each valve's θ + α·Δθ′ loaded in place)."""
+    r = state.recipe
+    return state.engine(VALVE_ENGINE, lambda: Engine.for_source(source=DeltaSource(base=r.base, reasoner=r.reasoner),
+                                                                options=r.engine, lazy=True))
 
 
 @register
@@ -77,13 +79,13 @@ class TrainStage(Stage):
         return bool(recipe.train)
 
     def inputs(self, recipe: RecipeCore) -> list[str]:
-        return [p for t in recipe.train for p in (model_of(recipe, t), t.data) if p != "mixchain"]
+        return [p for t in recipe.train for p in (named_model(recipe, t.model), t.data) if p != "mixchain"]
 
     def run(self, state: SweepState) -> None:
         r, out = state.recipe, state.out
         with vllm_logs(folder=out / "valves", verbose=state.verbose):  # vLLM's lines go to valves/vllm.log
             for t in r.train:
-                model = model_of(r, t)
+                model = named_model(r, t.model)
                 data = out / "mixchain" if t.data == "mixchain" else t.data
                 res = train(mode=t.mode, model=model, data=data, output=out / "train" / t.name, prompt=r.prompt,
                             options=replace(t.options, progress=state.progress, overwrite=True))
@@ -95,7 +97,7 @@ class TrainStage(Stage):
                 source = DeltaSource(base=str(model), delta=str(res.folder))  # the adapter is a task vector
                 for ds in r.datasets:
                     sampling = replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)
-                    ev = evaluate(source=source, alphas=t.alphas, engine=valve_engine(state), output=ev_dir,
+                    ev = evaluate(source=source, alphas=t.alphas, engine=_engine(state), output=ev_dir,
                                   prompt=r.prompt, sampling=sampling,
                                   options=EvalOptions(dataset=ds.name, split=ds.split, limit=ds.limit, seed=ds.seed,
                                                       kind=ds.kind, params_b=r.params_b, answer_rule=r.answer_rule,
@@ -108,7 +110,7 @@ class TrainStage(Stage):
         prompt = r.prompt.to_cli_args()
         engine = r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank"))
         for t in r.train:
-            model = rel(model_of(r, t))
+            model = rel(named_model(r, t.model))
             data = f"{out}/mixchain" if t.data == "mixchain" else rel(t.data)
             cmds.append(["tvtool", "train", t.mode, "--model", model, "--data", data,
                          *t.options.to_cli_args(exclude=("progress", "overwrite")), *prompt,
@@ -124,4 +126,4 @@ class TrainStage(Stage):
         return cmds
 
 
-__all__ = ["TrainSpec", "TrainStage", "model_of"]
+__all__ = ["TrainSpec", "TrainStage"]
