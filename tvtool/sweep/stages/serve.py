@@ -1,6 +1,6 @@
 """Stage `serve`: the command that serves one of the recipe's valves once the sweep has finished
-(`tvtool serve`: an OpenAI-compatible server, one model name per α). The sweep only prints it, in its
-output and in REPORT.md: serving does not end, so a sweep never starts it.
+(`tvtool serve --base M --delta VALVE --alpha a,b,c …`). The sweep only prints it, in its output and in
+REPORT.md: serving does not end, so a sweep never starts it.
 
     serve: {valve: plusplus, alphas: [0, 0.5, 1], any_alpha: true, alpha_range: [0, 1.25]}
 
