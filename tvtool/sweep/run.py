@@ -81,10 +81,11 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     todo = [s for s in STAGES if s.runs(r)]
     # --- before anything is written: the output apart from every input, and what each stage refuses ---
     check_output_apart(out, [p for s in todo for p in s.inputs(r)], flag="-o" if options.output else "output")
-    state = SweepState(recipe=r, recipe_path=path, out=out, alphas=alphas, progress=options.progress,
-                       verbose=options.verbose, ray=options.ray, configs=merge_configs(r),  # plain θ1 + α·Δ without `merge:`
-                       source=DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]),
-                                          vocab=r.materialize.vocab))  # the recipe's vocab policy, swap and materialize
+    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]),
+                         vocab=r.materialize.vocab)  # the recipe's vocab policy, for swap as for materialize
+    state = SweepState(recipe=r, recipe_path=path, out=out, alphas=alphas, source=source,
+                       configs=merge_configs(r),  # one per (operator, α); plain θ1 + α·Δ without `merge:`
+                       progress=options.progress, verbose=options.verbose, ray=options.ray)
     for s in todo:
         s.check(state)
     out.mkdir(parents=True, exist_ok=True)

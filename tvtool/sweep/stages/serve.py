@@ -70,7 +70,9 @@ def serve_command(recipe: RecipeCore, out: str) -> list[str]:
     if s.name:
         words += ["--name", s.name]
     if s.any_alpha:
-        words += ["--any-alpha"] + (["--alpha-range", ":".join(map(cli_number, s.alpha_range))] if s.alpha_range else [])
+        words += ["--any-alpha"]
+        if s.alpha_range:
+            words += ["--alpha-range", ":".join(map(cli_number, s.alpha_range))]
     if s.host:
         words += ["--host", s.host]
     if s.port is not None:

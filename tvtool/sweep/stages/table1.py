@@ -34,7 +34,8 @@ def table1(*, recipe, tables: dict[str, list[dict]], dataset: str) -> list[dict]
         rows.append({"method": method, "alpha": a, **_cells(row)})
     for t in recipe.train:
         for row in tables.get(f"{dataset}-{t.name}", []):
-            rows.append({"method": f"{LABELS[t.mode]} `{t.name}` (θ + αΔθ′)", "alpha": row["alpha"], **_cells(row)})
+            method = f"{LABELS[t.mode]} `{t.name}` (θ + αΔθ′)"
+            rows.append({"method": method, "alpha": row["alpha"], **_cells(row)})
     return rows
 
 

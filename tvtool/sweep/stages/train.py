@@ -43,8 +43,8 @@ def _check(r: RecipeCore) -> None:
             raise Invalid(f"repeats the name {t.name!r}", "give each train entry a unique name", f"train[{i}].name")
         seen.add(t.name)
         if t.data == "mixchain" and r.mixchain is None:
-            raise Invalid("is mixchain but the recipe has no mixchain stage", "add mixchain: {...}, or give a dataset path",
-                          f"train[{i}].data")
+            raise Invalid("is mixchain but the recipe has no mixchain stage",
+                          "add mixchain: {...}, or give a dataset path", f"train[{i}].data")
         if not t.alphas:
             raise Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]", f"train[{i}].alphas")
         try:
@@ -70,8 +70,9 @@ def _engine(state: SweepState) -> Engine:
 class TrainStage(Stage):
     name = "train"
     order = 60
-    section = Section("train", tuple[TrainSpec, ...], (), "Valves to train (valve, valve++, progressive) and "
-                                                          "sweep over α.", after="mixchain", check=_check, paths=_paths)
+    section = Section("train", tuple[TrainSpec, ...], (),
+                      "Valves to train (valve, valve++, progressive) and sweep over α.",
+                      after="mixchain", check=_check, paths=_paths)
     folders = ("train", "valves")
     engines = (VALVE_ENGINE,)
 
