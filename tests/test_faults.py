@@ -1,4 +1,4 @@
-"""What bad input and faults get: one place to scan. Each test reproduces a fault of issue 10.
+"""What bad input and faults get: one place to scan. Each test reproduces one fault.
 
 Every error is one exact line (what, where, what to do) and a non-zero exit, never a traceback;
 nothing is half-written or silently wrong.

@@ -1,4 +1,4 @@
-"""The merge operators in the remaining paths that apply a task vector (issue 12, "Everywhere α is used").
+"""The merge operators in the remaining paths that apply a task vector (everywhere α is used).
 
 - a recipe's `low_rank` stage with `merge:` factors the operator's M (`svd_rank` with its settings), the
   runs apply α and its rules to M, the report says so, and an edited density redoes the factorization

@@ -1,4 +1,4 @@
-"""Several task vectors whose vocabularies differ follow the vocab policy of one pair (issue 12).
+"""Several task vectors whose vocabularies differ follow the vocab policy of one pair.
 
 Base and reasoner 1 have 256 vocabulary rows, reasoner 2 (a second fine-tune of the base) 248.
 - by default: one line naming the tensor, both sizes and `--vocab intersect` (reasoners or deltas);
