@@ -1,4 +1,4 @@
-"""What bad input and faults get: one place to scan. Each test reproduces a fault of issue 10.
+"""What bad input and faults get: one place to scan. Each test reproduces one fault.
 
 Every error is one exact line (what, where, what to do) and a non-zero exit, never a traceback;
 nothing is half-written or silently wrong.
@@ -607,7 +607,7 @@ def _recipe(path: Path, **low_rank) -> Path:
 
 
 def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys.modules["tvtool.sweep.run"], "Engine", _FakeEngine)
+    monkeypatch.setattr(sys.modules["tvtool.sweep.stages.evaluate"], "Engine", _FakeEngine)
     from tvtool.sweep.run import SweepOptions, sweep
     _FakeEngine.made.clear()  # engines other tests made
 

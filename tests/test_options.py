@@ -26,8 +26,11 @@ from tvtool.merge.materialize import MaterializeOptions
 from tvtool.valve.options import MixChainOptions, PlanOptions, TrainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
 from tvtool.merge.options import MergeOptions
-from tvtool.sweep.recipe import load_recipe, merge_configs
-from tvtool.sweep.run import SweepOptions, _commands, _eval_options
+from tvtool.sweep.recipe import load_recipe
+from tvtool.sweep.run import commands
+from tvtool.sweep.run import SweepOptions
+from tvtool.sweep.spec import merge_configs
+from tvtool.sweep.stages.evaluate import eval_options
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
            PlanOptions, PromptOptions, PushOptions, SamplingOptions, SweepOptions, TrainOptions]
@@ -107,12 +110,12 @@ def test_model_card_command_rebuilds_the_options(llama, tmp_path):
 @pytest.mark.parametrize("name", ["toy.yaml", "qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml"])
 def test_sweep_commands_parse_into_the_sweeps_options(name, tmp_path):
     r = load_recipe(RECIPES / name)
-    evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
+    evals = commands(r, tmp_path / "run", stages=("eval",))  # the valves' own evals are the train stage's
     assert len(evals) == len(r.datasets)
     for cmd, ds in zip(evals, r.datasets):
         ctx = main.commands["eval"].make_context("eval", shlex.split(cmd)[2:])
         kw = dict(ctx.params)
-        ev, sampling = _eval_options(r, ds, True)
+        ev, sampling = eval_options(r, ds, True)
         assert from_cli(EvalOptions, kw) == ev
         assert from_cli(SamplingOptions, kw) == sampling
         assert from_cli(PromptOptions, kw) == r.prompt
@@ -133,7 +136,7 @@ def test_sweep_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_pa
                                                             ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1.0)]
     else:
         r = load_recipe(RECIPES / name)
-    evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
+    evals = [c for c in commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
     assert len(evals) == len(r.merge) * len(r.datasets)
     got = []
     for cmd in evals[:len(r.merge)]:
@@ -158,7 +161,7 @@ def test_materialize_commands_of_merge_entries_rebuild_the_sweeps_configs(name, 
     (tmp_path / "m.yaml").write_text(text)
     r = load_recipe(tmp_path / "m.yaml")
     assert r.apply == "materialize" and (bool(r.vectors) == (name == "vectors"))
-    cmds = _commands(r, tmp_path / "run")
+    cmds = commands(r, tmp_path / "run")
     mats = [c for c in cmds if c.startswith("tvtool materialize ")]
     assert len(mats) == len(r.merge)
     got = []
@@ -181,8 +184,8 @@ def test_sweep_commands_carry_the_materialize_section(apply, tmp_path):
     p.write_text("name: t\nbase: b\nreasoner: r\nalphas: [0, 0.6]\ndatasets: [{name: toy, limit: 3}]\n"
                  f"apply: {apply}\nmaterialize: {{include: 'mlp|attn', exclude: 'layers\\.0\\.', dtype: float32}}\n")
     r = load_recipe(p)
-    cmds = _commands(r, tmp_path / "run")
-    ev, _ = _eval_options(r, r.datasets[0], True)
+    cmds = commands(r, tmp_path / "run")
+    ev, _ = eval_options(r, r.datasets[0], True)
     ctx = main.commands["eval"].make_context("eval", shlex.split(cmds[-1])[2:])
     assert from_cli(EvalOptions, dict(ctx.params)) == ev
     if apply == "swap":

@@ -6,6 +6,9 @@ Python API (the same functions the CLI calls):
     tvtool.TaskVector.between(base, reasoner) / TaskVector.load(path)
     tvtool.DeltaSource(base=..., delta=|reasoner=...)              where Δ comes from (fingerprint(), open())
     tvtool.merge_chunks(base=..., tv=..., configs=[MergeConfig(alpha=0.6)])   the one merge stream
+    tvtool.evaluate(base=..., reasoner=..., alphas=(0, 0.5, 1), output=..., options=EvalOptions(dataset="gsm8k"))
+                                                                    an α sweep in one vLLM engine, scored
+    tvtool.Engine(model=...) / Engine.for_source(source=DeltaSource(...))   the engine, to reuse across calls
 See ARCHITECTURE.md for the modules and data paths.
 """
 
@@ -26,11 +29,13 @@ _EXPORTS = {
     "merged_config": "tvtool.merge.stream", "merged_tensors": "tvtool.merge.stream",
     "DeltaSource": "tvtool.vectors.source",
     "TaskVector": "tvtool.vectors.taskvector",
+    "Engine": "tvtool.engine.engine",
+    "evaluate": "tvtool.evaluation.evaluate", "EvalOptions": "tvtool.evaluation.runs",
 }
 
-__all__ = ["Checkpoint", "DeltaOptions", "DeltaSource", "MaterializeOptions", "MergeConfig", "TaskVector",
-           "TvtoolError", "__version__", "LowRankOptions", "delta", "materialize", "merge_chunks", "merged_config",
-           "merged_tensors", "svd_rank"]
+__all__ = ["Checkpoint", "DeltaOptions", "DeltaSource", "Engine", "EvalOptions", "MaterializeOptions", "MergeConfig",
+           "TaskVector", "TvtoolError", "__version__", "LowRankOptions", "delta", "evaluate", "materialize",
+           "merge_chunks", "merged_config", "merged_tensors", "svd_rank"]
 
 
 def __getattr__(name: str):

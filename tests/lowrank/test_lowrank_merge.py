@@ -1,4 +1,4 @@
-"""svd-rank of an operator's merged task vector M (issue 12: "factor the trimmed Δ").
+"""svd-rank of an operator's merged task vector M (e.g. "factor the trimmed Δ").
 
 - at full rank (exact SVD) the factors reproduce the magnitude-trimmed Δ of an independent float64
   numpy reference (top-k of |Δ| per tensor, k = max(1, ⌊density·n⌋), ties in index order), and the

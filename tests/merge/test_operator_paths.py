@@ -1,4 +1,4 @@
-"""The merge operators in the remaining paths that apply a task vector (issue 12, "Everywhere α is used").
+"""The merge operators in the remaining paths that apply a task vector (everywhere α is used).
 
 - a recipe's `low_rank` stage with `merge:` factors the operator's M (`svd_rank` with its settings), the
   runs apply α and its rules to M, the report says so, and an edited density redoes the factorization
@@ -38,7 +38,8 @@ from tvtool.merge.stream import MergeConfig
 from tvtool.merge.options import MergeOptions
 from tvtool.options import from_cli
 from tvtool.merge.options import config_name
-from tvtool.sweep.recipe import load_recipe, low_rank_merge, merge_configs
+from tvtool.sweep.recipe import load_recipe
+from tvtool.sweep.spec import low_rank_merge, merge_configs
 
 TOY = Path(__file__).resolve().parents[2] / "tvtool" / "assets" / "toy"
 
@@ -53,9 +54,10 @@ def _recipe(path: Path, *, density: float, **extra) -> Path:
 
 
 def test_sweep_low_rank_factors_the_operators_m(tmp_path, monkeypatch, capsys):
-    from tvtool.sweep.run import SweepOptions, _commands, sweep
+    from tvtool.sweep.run import commands as _commands
+    from tvtool.sweep.run import SweepOptions, sweep
 
-    monkeypatch.setattr(sys.modules["tvtool.sweep.run"], "Engine", _FakeEngine)
+    monkeypatch.setattr(sys.modules["tvtool.sweep.stages.evaluate"], "Engine", _FakeEngine)
     out, recipe = tmp_path / "sweep", tmp_path / "r.yaml"
     opts = SweepOptions(output=str(out), progress=False)
     _FakeEngine.made.clear()
@@ -211,8 +213,8 @@ def test_mixchain_generates_from_the_operators_configs(trio, tmp_path, monkeypat
 
 
 def test_recipe_mixchain_stage_uses_the_recipes_operator(trio, tmp_path):
-    from tvtool.sweep.run import _commands
-    from tvtool.sweep.valve_stages import mixchain_merge, valve_commands
+    from tvtool.sweep.run import commands as _commands
+    from tvtool.sweep.stages.mixchain import MixChainStage, mixchain_merge
 
     base, r1, r2 = trio
     recipe = tmp_path / "r.yaml"
@@ -223,7 +225,7 @@ def test_recipe_mixchain_stage_uses_the_recipes_operator(trio, tmp_path):
     r = load_recipe(recipe)
     op = mixchain_merge(r)
     assert op == MergeOptions(method="ties", density=0.3, alpha_rules=("mlp=1",), vectors=(f"{r1}:0.7", f"{r2}:0.5"))
-    (cmd,) = [c for c in valve_commands(recipe=r, out="run") if c[1] == "mixchain"]
+    (cmd,) = MixChainStage().commands(r, "run")
     kw = dict(main.commands["mixchain"].make_context("mixchain", cmd[2:]).params)
     assert from_cli(MergeOptions, kw) == op and kw["reasoner"] is None
     assert _commands  # the sweep's own commands import cleanly with a mixchain stage

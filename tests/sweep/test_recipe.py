@@ -26,7 +26,7 @@ def test_shipped_recipes_validate(name):
     if name.startswith("r1"):
         assert r.apply == "lora" and r.low_rank.rank == 32
     if name.startswith("long-to-short"):  # the paper's README settings (density = 1 − trim ratio k)
-        from tvtool.sweep.recipe import merge_configs
+        from tvtool.sweep.spec import merge_configs
 
         size = name.split("-")[-1].removesuffix(".yaml")  # Table 7: TIES (density = 1 − k, α); DARE p = 0.3 at 7B
         ties = {"7b": (0.2, 1.0), "32b": (0.75, 0.55)}[size]
@@ -38,7 +38,7 @@ def test_shipped_recipes_validate(name):
                                                    f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size.upper()}", ())
     if name == "toy-operators.yaml":  # reports/toy-operators: the α curve of toy.yaml plus TIES, DARE, breadcrumbs
         from tvtool.merge.options import config_name
-        from tvtool.sweep.recipe import merge_configs
+        from tvtool.sweep.spec import merge_configs
 
         cs = merge_configs(r)
         plain = [c.alpha for c in cs if c.is_plain()]
@@ -207,7 +207,8 @@ def test_include_misplaced_or_with_lora(tmp_path):
 
 
 def test_recipe_built_in_python_raises_recipe_error(tmp_path):
-    from tvtool.sweep.recipe import DatasetSpec, Recipe
+    from tvtool.sweep.recipe import Recipe
+    from tvtool.sweep.spec import DatasetSpec
 
     kw = dict(name="t", base="b", reasoner="r", alphas=(0, 0.5), datasets=(DatasetSpec(name="gsm8k", limit=2),))
     p = tmp_path / "r.yaml"

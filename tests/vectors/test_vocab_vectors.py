@@ -1,4 +1,4 @@
-"""Several task vectors whose vocabularies differ follow the vocab policy of one pair (issue 12).
+"""Several task vectors whose vocabularies differ follow the vocab policy of one pair.
 
 Base and reasoner 1 have 256 vocabulary rows, reasoner 2 (a second fine-tune of the base) 248.
 - by default: one line naming the tensor, both sizes and `--vocab intersect` (reasoners or deltas);
@@ -20,6 +20,7 @@ import tvtool
 import tvtool.evaluation.evaluate
 import tvtool.merge.stream
 import tvtool.sweep.run
+import tvtool.sweep.stages.evaluate
 from helpers import assert_bit_equal, assert_one_line_error, cli
 from helpers import engine_loaded as _loaded
 from tiny import edited_copy, finetune_like, state_dict
@@ -247,8 +248,9 @@ def test_eval_and_recipes_pass_the_policy_to_the_source(trio, tmp_path, monkeypa
     assert r.exit_code != 0  # Stop, raised by the stand-in
     assert [s.vocab for s in seen] == ["intersect", "intersect"] and seen[0].more == (str(r2),)
 
-    monkeypatch.setattr(tvtool.sweep.run, "_eval_one_engine", lambda r, source, *a: capture(None, None, source))
-    from tvtool.sweep.recipe import DatasetSpec, Recipe
+    monkeypatch.setattr(tvtool.sweep.stages.evaluate, "_eval_one_engine", lambda r, source, *a: capture(None, None, source))
+    from tvtool.sweep.recipe import Recipe
+    from tvtool.sweep.spec import DatasetSpec
 
     recipe = Recipe(name="v", base=str(base), vectors=({"model": str(r1)}, {"model": str(r2)}),
                     alphas=(0.5,), datasets=(DatasetSpec(name="toy", limit=1),),

@@ -10,6 +10,7 @@ from tvtool.cli.ray import RAY, ray_options
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.engine.prompting import PromptOptions
 from tvtool.errors import OptionsError
+from tvtool.evaluation.cluster import evaluate_on_ray
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.evaluation.generate import generate_responses
 from tvtool.evaluation.runs import EvalOptions
@@ -68,8 +69,6 @@ def _run(local, executor: RayOptions | None, kwargs: dict):
     """The one-engine verb, or (`--ray`) the α sweep on a Ray pool."""
     if executor is None:
         return local(**kwargs)
-    from tvtool.evaluation.cluster import evaluate_on_ray
-
     if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"]:
         raise OptionsError("--ray runs α sweeps", where="--ray",
                           fix="pass --base with --delta|--reasoner and --alpha (or drop --ray)")

@@ -30,6 +30,7 @@ from tvtool.merge.stream import MergeConfig, merge_chunks, merged_config, output
 from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
                                    sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
+from tvtool.engine.logs import engine_start
 from tvtool.engine.reaper import interruptible_start, reap_on_death
 from tvtool.vectors.source import DeltaSource
 
@@ -141,8 +142,6 @@ class Engine:
     def _start(self) -> None:
         self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
         self._reaper.__enter__()
-        from tvtool.engine.logs import engine_start
-
         try:
             # engine processes print into the run's vllm.log (tvtool.engine.logs); a Ctrl-C stops the start at once
             with engine_start(), interruptible_start():

@@ -11,8 +11,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol, Sequence
 
+from tvtool.engine.prompting import PromptOptions
 from tvtool.errors import EngineError, OptionsError
 from tvtool.options import CliOptions, opt
 
@@ -103,6 +104,21 @@ class Sample:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
+
+
+class EngineLike(Protocol):
+    """What a run asks of an engine (`tvtool.engine.engine.Engine`, or a test's stand-in): typed here, so that
+    recording and planning runs (tvtool.evaluation.runs, .units) needs no engine module."""
+
+    options: EngineOptions
+    tokenizer: Any
+
+    def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]: ...
+
+    def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
+                 add_special_tokens: bool = True) -> list[list[Sample]]: ...
+
+    def sampling_record(self, sampling: SamplingOptions) -> dict: ...
 
 
 def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tvtool.io.checkpoint import Checkpoint
+from tvtool.evaluation.budget import budget_variants
 from tvtool.evaluation.data import ProblemSet, load_problems
 from tvtool.engine.engine import Engine, alpha_weights, folder_weights, sweep_model
 from tvtool.engine.options import EngineOptions, SamplingOptions
@@ -157,8 +158,6 @@ class _Session:
         """`run`, then one run per prompt budget on `run`'s weights (the Table 12 baseline, `tvtool.evaluation.budget`)."""
         if not self.options.prompt_budgets:
             return [run]
-        from tvtool.evaluation.budget import budget_variants
-
         o = self.options
         variants = budget_variants(problems=self.problems, prompt=self.prompt, budgets=o.prompt_budgets,
                                    template=o.budget_template)

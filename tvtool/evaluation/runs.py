@@ -22,8 +22,7 @@ from tvtool._version import __version__
 from tvtool.evaluation.answers import read_sample, reread_file
 from tvtool.io.atomic import write_json
 from tvtool.evaluation.data import ProblemSet
-from tvtool.engine.engine import Engine
-from tvtool.engine.options import SamplingOptions, vllm_version
+from tvtool.engine.options import EngineLike, SamplingOptions, vllm_version
 from tvtool.errors import OutputError
 from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
 from tvtool.io.fingerprint import input_fingerprint
@@ -65,7 +64,7 @@ class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with 
     verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/vllm.log).")
 
 
-def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+def run_one(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLike, model: dict,
             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
             options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
             params_b: float | None = None, params_source: str = "counted", weights: dict | None = None) -> dict:
@@ -127,7 +126,7 @@ def read_run(*, folder: str | os.PathLike, problems: ProblemSet, options: EvalOp
     return {"think_end": think_end, "think_end_from": how}
 
 
-def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+def run_settings(*, engine: EngineLike | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
                  sampling: SamplingOptions, options: EvalOptions, sampling_record: dict | None = None) -> dict:
     """What a run's results depend on (run.json `settings`); other settings in the folder are refused.
 
@@ -139,7 +138,7 @@ def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lo
             "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
 
 
-def run_record(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+def run_record(*, engine: EngineLike | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
                sampling: SamplingOptions, options: EvalOptions, weights: dict | None = None,
                sampling_record: dict | None = None, engine_options=None) -> dict:
     """The finished-work record of a run: what its samples depend on, inputs by content, never by path.

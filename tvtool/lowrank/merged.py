@@ -1,4 +1,4 @@
-"""What svd-rank factors: Δ, or an operator's merged task vector M (issue 12: "factor the trimmed Δ").
+"""What svd-rank factors: Δ, or an operator's merged task vector M (e.g. "factor the trimmed Δ").
 
 With operator settings (`MergeOptions`: `--merge-method trim --density 0.2`, TIES over several
 `--vector`s, …) svd-rank factors M, the very tensor that the one merge path scales by α

@@ -50,6 +50,7 @@ from tvtool.evaluation.data import Problem, load_problems
 from tvtool.engine.engine import Engine, write_shell_model
 from tvtool.engine.options import EngineOptions, SamplingOptions, vllm_version
 from tvtool.errors import OptionsError, OutputError
+from tvtool.evaluation.cluster import evaluate_on_ray
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.io.finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
 from tvtool.merge.finite import check_alphas
@@ -275,8 +276,6 @@ def _build(*, out: Path, work: Path, source: DeltaSource, configs: list[MergeCon
     ev_options = EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
                              batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress)
     if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.evaluation.cluster) ---
-        from tvtool.evaluation.cluster import evaluate_on_ray
-
         ev = evaluate_on_ray(output=work, source=source, configs=configs, prompt=prompt, sampling=sampling,
                              engine_options=engine_options, options=ev_options, executor=executor,
                              progress=o.progress).results[0]
