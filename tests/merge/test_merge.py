@@ -199,6 +199,9 @@ class _FakeEngine:
     def prompts(self, *, questions, options):
         return list(questions)
 
+    def check_prompts(self, *, prompts, add_special_tokens=True):
+        pass
+
     def hold_alpha(self, *, source, config):
         from tvtool.engine.engine import alpha_weights
 

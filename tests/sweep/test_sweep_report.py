@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tvtool.sweep.recipe import load_recipe
 from tvtool.sweep.run import write_report
+from tvtool.sweep.stage import SweepState
+from tvtool.vectors.source import DeltaSource
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy.yaml"
 
@@ -23,12 +25,20 @@ def _row(label: str, alpha: float, tokens: dict[str, float]) -> dict:
             "difficulty_field": "level", "by_level": lv}
 
 
+def _report(*, out: Path, recipe, tables: dict) -> Path:
+    """REPORT.md of a sweep whose stages left `tables` (no stage adds its own parts)."""
+    state = SweepState(recipe=recipe, recipe_path=RECIPE, out=out, alphas=recipe.alphas,
+                       source=DeltaSource(base=recipe.base, reasoner=recipe.reasoner), configs=[], tables=tables)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(state=state, stages=[])
+
+
 def test_report_has_protocol_notes_and_levels(tmp_path):
     r = load_recipe(RECIPE)
     r = r.model_copy(update={"sampling": replace(r.sampling, protocol="deepseek-r1", n=2)})
     tables = {"math500": [_row("alpha-0", 0.0, {"1": 20.0, "5": 90.0}), _row("alpha-1", 1.0, {"1": 100.0, "5": 180.0})],
               "toy": [{"label": "alpha-0", "alpha": 0.0, "accuracy": 96.0, "mean_tokens": 19.6, "n_samples": 2}]}
-    report = write_report(out=tmp_path, recipe=r, recipe_path=RECIPE, tables=tables, lowrank=None)
+    report = _report(out=tmp_path, recipe=r, tables=tables)
     text = report.read_text()
     assert "protocol **deepseek-r1** (temperature 0.6, top-p 0.95), max_tokens=200, n=2 samples per problem." in text
     assert "Thinking: the answer rule read the text after the last `</think>`" in text
@@ -41,6 +51,5 @@ def test_report_has_protocol_notes_and_levels(tmp_path):
     assert (tmp_path / "plot-math500-levels.png").stat().st_size > 1000
     plots = json.loads((tmp_path / "report.json").read_text())["plots"]
     assert plots["math500-levels"] == "plot-math500-levels.png" and "toy-levels" not in plots
-    plain = write_report(out=tmp_path / "plain", recipe=load_recipe(RECIPE), recipe_path=RECIPE,
-                         tables={"toy": tables["toy"]}, lowrank=None).read_text()
+    plain = _report(out=tmp_path / "plain", recipe=load_recipe(RECIPE), tables={"toy": tables["toy"]}).read_text()
     assert "greedy=True, max_tokens=200." in plain and "Thinking:" not in plain and "Several samples" not in plain

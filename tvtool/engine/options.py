@@ -21,7 +21,7 @@ _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm
 
 
 @dataclass(frozen=True)
-class Protocol:
+class DecodingProtocol:
     """A decoding preset: what a model family's authors recommend evaluating it with."""
 
     temperature: float
@@ -29,8 +29,8 @@ class Protocol:
     source: str  # where the recommendation is written
 
 
-PROTOCOLS: dict[str, Protocol] = {
-    "deepseek-r1": Protocol(0.6, 0.95, "DeepSeek-R1 usage recommendations (model cards of DeepSeek-R1 and its "
+PROTOCOLS: dict[str, DecodingProtocol] = {
+    "deepseek-r1": DecodingProtocol(0.6, 0.95, "DeepSeek-R1 usage recommendations (model cards of DeepSeek-R1 and its "
                                        "distills): temperature 0.5-0.7, 0.6 recommended, top-p 0.95, several samples "
                                        "per query with the results averaged"),
 }
