@@ -28,6 +28,7 @@ from tvtool.options import click_options, from_cli, unwrap_optional
 from tvtool.merge.options import MergeOptions
 from tvtool.sweep.recipe import load_recipe, merge_configs
 from tvtool.sweep.run import SweepOptions, _commands, _eval_options
+from tvtool.vectors.source import DeltaSource
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
            PromptOptions, PushOptions, SamplingOptions, SweepOptions]
@@ -93,7 +94,7 @@ def test_model_card_command_rebuilds_the_options(llama, tmp_path):
     o = MaterializeOptions(alphas=(0.6,), dtype="float32", include=r"mlp\.", name_template="m {alpha}",
                            config_from="base", max_shard_size="150KB", progress=False)
     out = tmp_path / "out dir"
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=out, options=o)
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out, options=o)
     card = ModelCard.load(res.folders[0.6] / "README.md").text
     cmd = re.search(r"```bash\n(tvtool materialize .*)\n```", card).group(1)
     words = shlex.split(cmd)

@@ -9,6 +9,7 @@ import torch
 
 from tvtool.io import buffers
 from tvtool.io.writer import WriteBehind
+from tvtool.vectors.source import DeltaSource
 
 
 def test_a_buffer_is_reused_only_after_every_view_of_it_is_gone():
@@ -86,7 +87,7 @@ def test_materialize_with_every_buffer_pooled_writes_the_same_bytes(llama, tmp_p
     monkeypatch.setattr(tvtool.merge.stream, "row_chunks", lambda shape, max_elems=2048: row_chunks(shape, 2048))
 
     def run(out):
-        return tvtool.materialize(base=base, reasoner=reasoner, output=out, configs=configs,
+        return tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out, configs=configs,
                                   options=tvtool.MaterializeOptions(progress=False)).configs
 
     plain = run(tmp_path / "plain")

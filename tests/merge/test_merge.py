@@ -37,10 +37,10 @@ def test_materialize_and_engine_loader_receive_the_same_bytes(pairs, f32_deltas,
     base, reasoner = pairs[arch]
     src = {"reasoner": reasoner} if via == "reasoner" else {"delta": f32_deltas[arch]}
     alphas = (0.0, 0.35, 1.0, -0.5)
-    res = tvtool.materialize(base=base, output=tmp_path, **src, options=MaterializeOptions(
+    source = DeltaSource(base=base, **src)
+    res = tvtool.materialize(source=source, output=tmp_path, options=MaterializeOptions(
         alphas=alphas, include=include, exclude=exclude, progress=False, max_shard_size="300KB"))
     B, R = state_dict(base), state_dict(reasoner)
-    source = DeltaSource(base=base, **src)
     for a in alphas:
         written = state_dict(res.folders[a])
         loaded = _loaded(source, MergeConfig(a, include, exclude))
@@ -69,7 +69,7 @@ def test_selection_changes_only_the_selected_tensors(llama, tmp_path):
 @pytest.mark.parametrize("config_from", ["reasoner", "base"])
 def test_engine_shell_model_has_the_materialized_config(pairs, tmp_path, arch, config_from):
     base, reasoner = pairs[arch]
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path / "m",
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "m",
                              options=MaterializeOptions(alphas=(0.5,), config_from=config_from, progress=False))
     shell = write_shell_model(source=DeltaSource(base=base, reasoner=reasoner), folder=tmp_path / "shell",
                               config_from=config_from)
@@ -225,7 +225,8 @@ def test_a_finished_sweep_is_found_before_any_engine_starts(llama, tmp_path, mon
 
     monkeypatch.setattr(Engine, "for_source", _FakeEngine)
     base, reasoner = llama
-    kw = dict(base=base, reasoner=reasoner, alphas=(0.2, 0.6), output=tmp_path, sampling=SamplingOptions(max_tokens=4),
+    kw = dict(source=DeltaSource(base=base, reasoner=reasoner), alphas=(0.2, 0.6), output=tmp_path,
+              sampling=SamplingOptions(max_tokens=4),
               options=EvalOptions(limit=2, progress=False, params_b=1, include="mlp"))
     first = evaluate(**kw)
     assert first.engine_starts == 1 and [c.alpha for c in _FakeEngine.made[-1].loads] == [0.2, 0.6]

@@ -120,7 +120,7 @@ def _in_process_pool(monkeypatch) -> list:
 
 
 def _materialized(base, r1, r2, configs, out) -> dict:
-    res = tvtool.materialize(base=base, reasoner=r1, output=out, configs=configs,
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=r1), output=out, configs=configs,
                              merge=MergeOptions(vectors=(str(r2),)), options=tvtool.MaterializeOptions(progress=False))
     return res.configs
 

@@ -55,7 +55,7 @@ def _materialize(base, r1, r2, out, configs, dtype="float32"):
     mp = pytest.MonkeyPatch()
     mp.setattr(tvtool.merge.stream, "row_chunks", lambda shape, max_elems=4096: row_chunks(shape, 4096))
     try:
-        return tvtool.materialize(base=base, reasoner=r1, output=out, configs=configs,
+        return tvtool.materialize(source=DeltaSource(base=base, reasoner=r1), output=out, configs=configs,
                                   merge=MergeOptions(vectors=(str(r2),)),
                                   options=MaterializeOptions(vocab="intersect", dtype=dtype, progress=False)).configs
     finally:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from tvtool.errors import EngineError, OptionsError
-from tvtool.merge.stream import MergeConfig, merged_config, output_plan
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.plan import merged_config, output_plan
 from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
                                    sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
@@ -57,7 +58,8 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
                       config_from: Literal["reasoner", "base"] = "reasoner") -> Path:
     """Write the merged model's config/tokenizer files (no weights) into `folder`: what an engine
     for θ1 + α·Δ starts from. The same files as a materialized α folder (`merged_config`)."""
-    base, tv = source.open()
+    opened = source.open()
+    base, tv = opened.base, opened.tv
     files = merged_config(base=base, tv=tv, plan=output_plan(base, tv), config_from=config_from)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,7 @@ class Engine:
                    lazy: bool = False, config_from: Literal["reasoner", "base"] = "reasoner") -> "Engine":
         """An engine for θ1 + α·Δ sweeps: placeholder weights, in its own shell-model folder.
 
-        The folder holds the merged model's config/tokenizer files (`tvtool.merge.stream.merged_config`,
+        The folder holds the merged model's config/tokenizer files (`tvtool.merge.plan.merged_config`,
         as `materialize` writes them) and is removed when the engine is closed."""
         folder = Path(tempfile.mkdtemp(prefix="tvtool-engine-"))
         try:

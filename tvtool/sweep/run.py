@@ -31,7 +31,7 @@ from tvtool.errors import OptionsError
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.evaluation.report import table_row
 from tvtool.io.finished import changes, read_record, say, stage_record, write_record
-from tvtool.merge.finite import check_alphas
+from tvtool.io.finite import check_alphas
 from tvtool.io.hub import push
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
@@ -41,8 +41,9 @@ from tvtool.options import CliOptions, cli_number, opt, to_cli_args
 from tvtool.lowrank.peft_adapter import adapter_folders, write_peft_adapters
 from tvtool.merge.options import MergeOptions, config_name
 from tvtool.lowrank.merged import MERGE_FLAGS, applied_configs
-from tvtool.merge.stream import MergeConfig
-from tvtool.sweep.recipe import DatasetSpec, Recipe, load_recipe, low_rank_merge, merge_configs, merge_options, to_dict
+from tvtool.merge.config import MergeConfig
+from tvtool.sweep.recipe import (DatasetSpec, Recipe, delta_source, load_recipe, low_rank_merge, merge_configs,
+                                 merge_options, to_dict)
 from tvtool.evaluation.report import answer_rule_line, markdown_table, plot
 from tvtool.evaluation.results import ACU_FORMULA
 from tvtool.evaluation.runs import EvalOptions
@@ -112,9 +113,8 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
     op = low_rank_merge(r) if r.low_rank else None  # low_rank factors this operator's M (not Δ)
     if r.keep.delta or (r.low_rank and op is None):  # skipped inside when its record matches (redone if not)
         delta(base=r.base, reasoner=r.reasoner, output=d_path,
-              options=DeltaOptions(progress=pg, overwrite=True, vocab=r.materialize.vocab))
-    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]),
-                         vocab=r.materialize.vocab)  # the recipe's vocab policy, for swap as for materialize
+              options=DeltaOptions(progress=pg, overwrite=True, vocab=r.source.vocab))
+    source = delta_source(r)  # the recipe's vectors and source options (vocab policy), for swap as for materialize
     configs = merge_configs(r)  # one per (operator, α); plain θ1 + α·Δ without `merge:`
     lowrank = adapters = None
     if r.low_rank:
@@ -129,12 +129,10 @@ def _sweep(r: Recipe, path: Path | None, alphas: tuple[float, ...], out: Path, o
     folders = {}
     if r.apply == "materialize" or r.keep.models or (r.push.enabled and r.apply != "lora"):
         if plain:
-            folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+            folders = materialize(source=source, output=models,
                                   options=replace(r.materialize, alphas=alphas, progress=pg, overwrite=True)).folders
         else:
-            folders = materialize(base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
-                                  configs=configs,
-                                  merge=MergeOptions(vectors=source.more),
+            folders = materialize(source=source, output=models, configs=configs,
                                   options=replace(r.materialize, progress=pg, overwrite=True)).configs
 
     evals = [_eval_options(r, ds, pg, verbose=options.verbose) for ds in r.datasets]
@@ -224,8 +222,8 @@ def _low_rank(r: Recipe, d_path: Path, folder: Path, alphas, progress: bool, op:
     lr = r.low_rank
     factored = folder / "delta.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    given = dict(delta=d_path) if op is None else \
-        dict(base=r.base, reasoner=None if op.vectors else r.reasoner, merge=op)  # vectors: the first is θ2
+    given = dict(source=DeltaSource(base=None, delta=str(d_path))) if op is None else \
+        dict(source=delta_source(r), merge=op)  # the operator's M over the recipe's vectors
     res = svd_rank(output=factored, **given,  # skipped inside when finished
                    options=replace(lr, plot=True, progress=progress, overwrite=True))
     report = res.report_path
@@ -359,6 +357,7 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
     r = portable(r, here)
     base, reasoner, out = r.base, r.reasoner, Path(_short(out, here))
     cmds, src = [], ["--reasoner", reasoner]
+    opts = r.source.to_cli_args()  # the source options (--vocab …) of the recipe's vectors
     op = low_rank_merge(r) if r.low_rank else None
     vec = [w for v in r.vectors for w in ("--vector", f"{_short(v.model)}:{cli_number(v.weight)}")]
     if (r.low_rank and op is None) or r.keep.delta:
@@ -367,14 +366,16 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
         lora = r.apply == "lora"
         lr = replace(r.low_rank, plot=True, peft=f"{out}/lowrank/adapters" if lora else None,
                      peft_alpha=alphas if lora else r.low_rank.peft_alpha)
-        what = [f"{out}/delta"] if op is None else ["--base", base, *(vec or src),
-                                                     *to_cli_args(replace(op, vectors=()), rename=MERGE_FLAGS)]
+        what = [f"{out}/delta"] if op is None else ["--base", base, *(vec or src), *opts,
+                                                     *to_cli_args(op, rename=MERGE_FLAGS)]
         cmds.append(["tvtool", "svd-rank", *what, "-o", f"{out}/lowrank/delta.safetensors", *lr.to_cli_args()])
         src = ["--delta", f"{out}/lowrank/delta.safetensors"]
     for m in (r.merge or [None]) if r.apply == "materialize" or r.keep.models else ():  # one run per merge entry
         mo = [] if m is None else to_cli_args(merge_options(m) if op is None else
-                                              MergeOptions(alpha_rules=m.rules, layer_schedule=m.layer_schedule))
-        cmds.append(["tvtool", "materialize", base, *(vec or src if m is not None and op is None else src), *mo,
+                                              MergeOptions(rules=m.rules, layer_schedule=m.layer_schedule))
+        own = op is None  # the recipe's vectors (else the factored M)
+        cmds.append(["tvtool", "materialize", base, *(vec or src if m is not None and own else src),
+                     *(opts if own else []), *mo,
                      "-o", f"{out}/models", *replace(r.materialize, alphas=tuple(m and m.alphas or alphas)).to_cli_args()])
     for d in r.datasets:
         ev, sampling = _eval_options(r, d, True)
@@ -384,11 +385,11 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
         if r.apply == "swap" and r.merge:  # one eval per merge entry, each with its own α list
             for m in r.merge:
                 mo = merge_options(m) if op is None else \
-                    MergeOptions(alpha_rules=m.rules, layer_schedule=m.layer_schedule)  # the operator is in M
-                cmds.append(["tvtool", "eval", "--base", base, *(src if op else vec or src), *to_cli_args(mo),
+                    MergeOptions(rules=m.rules, layer_schedule=m.layer_schedule)  # the operator is in M
+                cmds.append(["tvtool", "eval", "--base", base, *(src if op else [*(vec or src), *opts]), *to_cli_args(mo),
                              "--alpha", ",".join(cli_number(x) for x in m.alphas or alphas), *flags])
         elif r.apply == "swap":
-            cmds.append(["tvtool", "eval", "--base", base, *src, *a, *flags])
+            cmds.append(["tvtool", "eval", "--base", base, *src, *([] if r.low_rank else opts), *a, *flags])
         elif r.apply == "materialize":
             cmds.append(["tvtool", "eval", _Glob(shlex.quote(f"{out}/models/") + ("*alpha-*" if r.merge else "alpha-*")),
                          *flags])

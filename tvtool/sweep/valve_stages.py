@@ -16,7 +16,7 @@ from pathlib import Path
 from tvtool.io.atomic import discard
 from tvtool.io.layout import format_alpha
 from tvtool.merge.options import MergeOptions
-from tvtool.sweep.recipe import MergeSpec, merge_options
+from tvtool.sweep.recipe import MergeSpec, delta_source, merge_options
 from tvtool.vectors.source import DeltaSource
 
 
@@ -53,7 +53,7 @@ def _stages(r, out: Path, eng, progress: bool, verbose: bool) -> tuple[dict[str,
         mc, folder = r.mixchain, out / "mixchain"
         sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
         op = mixchain_merge(r)  # the recipe's operator over its vectors (with `merge:`/`vectors:`)
-        build_mixchain(base=r.base, reasoner=None if op.vectors else r.reasoner, output=folder, engine=eng,
+        build_mixchain(source=delta_source(r), output=folder, engine=eng,
                        prompt=r.prompt, sampling=sampling, engine_options=r.engine, merge=op,  # skipped inside
                        # when its record matches (tvtool.io.finished)
                        options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
@@ -186,8 +186,10 @@ def valve_commands(*, recipe, out: str) -> list[list[str]]:
                              min_correct=m.min_correct)
         sampling = replace(r.sampling, max_tokens=m.max_tokens or r.sampling.max_tokens)
         op = mixchain_merge(r)
-        src = ["--reasoner", _rel(r.reasoner)] if not op.vectors else []
-        cmds.append(["tvtool", "mixchain", _rel(r.base), *src, *mo.to_cli_args(), *to_cli_args(op),
+        src = [w for v in r.vectors for w in ("--vector", f"{_rel(v.model)}:{cli_number(v.weight)}")] or \
+            ["--reasoner", _rel(r.reasoner)]
+        cmds.append(["tvtool", "mixchain", _rel(r.base), *src, *r.source.to_cli_args(), *mo.to_cli_args(),
+                     *to_cli_args(op),
                      *sampling.to_cli_args(exclude=("n",)), *prompt, *engine, "-o", f"{out}/mixchain"])
     for t in r.train:
         model = _rel({"reasoner": r.reasoner, "base": r.base}.get(t.model, t.model))
