@@ -101,7 +101,7 @@ def test_materialize_with_every_buffer_pooled_writes_the_same_bytes(llama, tmp_p
 
     monkeypatch.setattr(buffers, "_MIN", 0)
     monkeypatch.setattr(buffers, "_KEEP", 2)  # few idle buffers: the same ones come back often
-    for mod in ("tvtool.io.safetensors_io", "tvtool.merge.kernels", "tvtool.vectors.taskvector"):
+    for mod in ("tvtool.io.safetensors_io", "tvtool.merge.kernels", "tvtool.merge.stream"):
         monkeypatch.setattr(f"{mod}.empty", empty)
     pooled = run(tmp_path / "pooled")
     assert len(ptrs) > 100 and len(set(ptrs)) < len(ptrs) / 4  # buffers were recycled, many times

@@ -94,7 +94,7 @@ def test_svd_rank_of_an_adapter_keeps_it_a_task_vector(lora_pair, llama, tmp_pat
 
     base, _ = llama
     adapter = lora_pair.adapters[0]
-    svd_rank(delta=adapter, output=tmp_path / "f.safetensors",
+    svd_rank(source=DeltaSource(delta=adapter), output=tmp_path / "f.safetensors",
              options=LowRankOptions(rank=8, method="exact", dtype="float32", progress=False))
     a = materialize(source=DeltaSource(base=base, delta=adapter), output=tmp_path / "a",
                     options=MaterializeOptions(alphas=(0.5,), dtype="float32", progress=False)).folders[0.5]

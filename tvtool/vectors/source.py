@@ -143,7 +143,7 @@ class DeltaSource(SourceOptions):
         """The source flags that rebuild this source with these per-vector `weights` (the base aside: verbs
         take it as an argument or --base)."""
         w = [float(x) for x in weights] or [1.0] * (1 + len(self.more))
-        if self.reasoner is not None and any(x != 1.0 for x in w):  # the reasoner's weight: as the first --vector
+        if self.reasoner is not None and w[0] != 1.0:  # the reasoner's weight: the first --vector carries it
             args, vecs = [], [self.reasoner, *self.more]
         else:
             args = ["--reasoner", self.reasoner] if self.reasoner is not None else ["--delta", self.delta]
