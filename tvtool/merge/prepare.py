@@ -3,12 +3,20 @@
 `prepare` runs, per tensor, one streamed exact top-k (`tvtool.merge.topk`) for every operator's magnitude
 ranks (`Operator.ranks`: trim, TIES, breadcrumbs share the passes), then each operator's own `prepare`
 (della's rescale sums, slerp's norms and dot product). The merge stream and `MergedVector` use it alike.
+
+`Blocks` makes such statistics independent of how a tensor is read: the stream reads row chunks (8M
+elements), the in-engine load whole tensors, and a float32 reduction depends on how its terms are
+grouped. So statistics are reduced over fixed blocks of `BLOCK` elements of the tensor's flat order (what
+mergekit's slerp does), and the block results combined in block order: the same bytes on disk and in
+the engine, and for a tensor of one block, mergekit's own reduction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from tvtool.merge.registry import Operator, Read, TensorInfo
 from tvtool.merge.topk import top_cuts
@@ -45,4 +53,46 @@ def prepare(ops: Sequence[Operator], *, tensor: TensorInfo, ranges: list[tuple[i
     return Prepared(tensor, states)
 
 
-__all__ = ["Prepared", "prepare"]
+BLOCK = 1 << 20  # elements per block of a per-tensor reduction (mergekit's slerp scratch size)
+
+
+class Blocks:
+    """Per-block results of a reduction over fixed blocks of `BLOCK` elements in a tensor's flat order.
+
+    Feed the flat pieces of one or more same-shaped arrays (e.g. θ1 and θ2) in flat order, in any
+    chunking; `fn(*block_arrays)` runs on each full block and, at `close()`, on the last partial one.
+    Memory: at most one block per array beyond the piece being fed."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn, self.parts, self.n, self.out = fn, [], 0, []
+
+    def feed(self, *pieces: torch.Tensor) -> None:
+        self.parts.append([p.reshape(-1) for p in pieces])
+        self.n += pieces[0].numel()
+        while self.n >= BLOCK:
+            self._emit(BLOCK)
+
+    def close(self) -> list:
+        if self.n:
+            self._emit(self.n)
+        return self.out
+
+    def _emit(self, k: int) -> None:
+        take, rest, got = [], [], 0
+        for arrays in self.parts:
+            m = arrays[0].numel()
+            if got >= k:
+                rest.append(arrays)
+            elif got + m <= k:
+                take.append(arrays)
+            else:  # split this piece at the block's end
+                cut = k - got
+                take.append([a[:cut] for a in arrays])
+                rest.append([a[cut:] for a in arrays])
+            got += m
+        block = [torch.cat(col) if len(col) > 1 else col[0] for col in zip(*take)]
+        self.out.append(self.fn(*block))
+        self.parts, self.n = rest, self.n - k
+
+
+__all__ = ["BLOCK", "Blocks", "Prepared", "prepare"]
