@@ -17,7 +17,7 @@ from tvtool.merge.config import MergeConfig
 from tvtool.merge.kernels import merge_rows
 from tvtool.merge.merged import dare, merge, trim
 from tvtool.merge.prepare import prepare
-from tvtool.merge.registry import Rows, TensorInfo, operators
+from tvtool.merge.registry import Rows, TensorInfo, operators, users
 from tvtool.merge.stream import _merge_one
 from tvtool.merge.topk import top_cuts
 from tvtool.vectors.taskvector import TaskVector
@@ -314,16 +314,18 @@ def test_per_tensor_alpha_output_equals_merge_rows():
                                          "P is the fraction of Δ dropped, e.g. 0.9"),
     (dict(method="ties", density=(0.5, 0.5), weights=(1.0, 1.0, 1.0)),
      "merge density has 2 values for 3 task vectors (merge.density). Give one value, or one per task vector"),
-    (dict(method="task_arithmetic", density=0.3), "task_arithmetic takes no density (a setting of ties, trim) "
+    (dict(method="task_arithmetic", density=0.3), "task_arithmetic takes no density (a setting of {users:density}) "
                                                   "(merge.density). Drop it, or choose an operator that takes it, "
-                                                  "e.g. --method ties"),
-    (dict(method="ties", p=0.5), "ties takes no p (a setting of dare_linear, dare_ties) (merge.p). Drop it, or "
-                                 "choose an operator that takes it, e.g. --method dare_linear"),
+                                                  "e.g. --method {first:density}"),
+    (dict(method="ties", p=0.5), "ties takes no p (a setting of {users:p}) (merge.p). Drop it, or "
+                                 "choose an operator that takes it, e.g. --method {first:p}"),
     (dict(method="tie"), "unknown merge method 'tie' (merge.method). Use one of {operators}"),
 ])
 def test_bad_merge_settings(settings, expected):
     with pytest.raises(OptionsError) as e:
         MergeConfig(0.5, **settings)
+    for k in ("density", "p"):  # the registry's lists: every operator that takes the setting
+        expected = expected.replace(f"{{users:{k}}}", ", ".join(users(k))).replace(f"{{first:{k}}}", users(k)[0])
     assert str(e.value) == expected.replace("{operators}", ", ".join(operators()))
 
 

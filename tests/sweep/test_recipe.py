@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_one_line_error, cli
 from tvtool.errors import RecipeError
 from tvtool.sweep.recipe import load_recipe
+from tvtool.merge.registry import operators, users
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -83,10 +84,9 @@ datasets:
     ("output: runs/{nme}\n", "field output has an unknown key {nme}"),
     ("name: 3\n", "field name must be a string, got 3"),
     ("name:\n", "field name must not be empty"),
-    ("merge: {method: tie}\n", "field merge[0].method must be one of task_arithmetic, breadcrumbs, breadcrumbs_ties, "
-                               "dare_linear, dare_ties, ties, trim, got 'tie'"),
+    ("merge: {method: tie}\n", "field merge[0].method must be one of {operators}, got 'tie'"),
     ("merge: {density: 0.3}\n", "field merge[0].density is invalid: task_arithmetic takes no density (a setting of "
-                                "ties, trim)"),
+                                "{users:density})"),
     ("merge: {method: ties, rules: [mlp]}\n", "field merge[0].rules is invalid: bad α rule 'mlp'"),
     ("source: {vocab: some}\n", "field source.vocab must be one of error, intersect, got 'some'"),
     ("materialize: {vocab: intersect}\n", "unknown field materialize.vocab"),
@@ -108,6 +108,8 @@ def test_bad_field_is_named(tmp_path, edit, message):
     p.write_text(text + edit)
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
+    message = message.replace("{users:density}", ", ".join(users("density"))).replace(  # the registry's lists
+        "{operators}", ", ".join(operators()))
     assert str(e.value).startswith(message + f" ({p})"), str(e.value)
 
 
