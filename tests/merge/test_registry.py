@@ -25,6 +25,7 @@ from helpers import assert_one_line_error, cli
 from tvtool.errors import RecipeError
 from tvtool.merge.registry import operators, settings, users
 from tvtool.sweep.recipe import load_recipe
+from tvtool.vectors.taskvector import TaskVector
 
 TOY = Path(__file__).resolve().parents[2] / "tvtool" / "assets" / "toy"
 
@@ -122,3 +123,20 @@ def test_the_engine_imports_no_operator():
             "'tvtool.merge.kernels', 'tvtool.merge.gta', 'numba'))))")
     out = subprocess.run([sys.executable, "-c", code, str(pkg)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_an_eval_sweeps_settings_are_checked_before_any_engine_starts(tmp_path, monkeypatch):
+    from tvtool.engine.engine import Engine
+
+    def no_engine(**kw):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(Engine, "for_source", no_engine)
+    args = ["eval", "--base", TOY / "base", "--reasoner", TOY / "reasoner", "--alpha", "0.5", "--dataset", "toy",
+            "-o", tmp_path / "ev"]
+    names = TaskVector.between(TOY / "base", TOY / "reasoner").names()
+    assert_one_line_error(cli(*args, "--alpha-rule", "xyz=2"),
+                          f"the α rule xyz=2 applies to no tensor: no tensor name matches it ({len(names)} tensors, "
+                          f"e.g. {', '.join(repr(n) for n in names[:3])}) (--alpha-rule). Fix the regex, or drop the rule")
+    r = cli(*args, "--vector", TOY / "reasoner", "--method", "slerp")
+    assert r.exit_code == 2 and r.stderr.startswith("tvtool: error: slerp interpolates θ1 and one θ2, got 2")

@@ -38,6 +38,7 @@ from tvtool.evaluation.report import EvalResult, RunResult, table_row
 from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions
+from tvtool.merge.stream import check_configs
 from tvtool.engine.prompting import PromptOptions
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
@@ -311,6 +312,8 @@ def evaluate_on_ray(*, output: str | os.PathLike, source: DeltaSource | None, al
         raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
     if configs is None and (replace(merge, weights=()) != MergeOptions() or source.more):  # as `evaluate` makes them
         configs = merge.configs(alphas, include=options.include, exclude=options.exclude)
+    if configs is not None:  # operator settings and α rules checked against the vectors before Ray starts
+        check_configs(source=source, configs=configs)
     datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,

@@ -43,6 +43,7 @@ from tvtool.engine.logs import vllm_logs
 from tvtool.engine.options import check_sampling
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions, config_name
+from tvtool.merge.stream import check_configs
 from tvtool.io.paths import check_output_apart, check_writable
 from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
@@ -225,6 +226,7 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
         configs = list(configs) if configs is not None else \
             merge.configs(alphas, include=options.include, exclude=options.exclude)
+        check_configs(source=source, configs=configs)  # operator settings, selection, α rules: before any engine
     with output_lock(out):
         return _evaluate(out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
                          loras=loras, options=options, prompt=prompt, sampling=sampling,

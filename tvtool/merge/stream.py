@@ -39,6 +39,7 @@ from tvtool.merge.kernels import count_nonfinite, fused_pair, merge_many, pair_r
 from tvtool.merge.plan import PlannedTensor, output_plan
 from tvtool.merge.prepare import Prepared, prepare
 from tvtool.merge.registry import Operator, Rows, TensorInfo
+from tvtool.vectors.source import DeltaSource
 from tvtool.vectors.taskvector import TaskVector
 from tvtool.vectors.vocab import check_vectors
 
@@ -119,6 +120,14 @@ def check_config(tvs: TaskVector | Sequence[TaskVector], config: MergeConfig) ->
     check_selection(tvs[0], config)
     if config.rules:
         config.alphas(tvs[0].names())
+
+
+def check_configs(*, source: DeltaSource, configs: Sequence[MergeConfig]) -> None:
+    """`check_config` of every configuration against the source's task vectors (headers only): what an
+    in-engine sweep checks before its engine starts, so that a bad setting is one line, not a worker's error."""
+    vectors = source.open().vectors
+    for c in configs:
+        check_config(vectors, c)
 
 
 def check_selection(tv: TaskVector, config: MergeConfig) -> None:
@@ -297,5 +306,5 @@ def _chunks(shape, n_delta):
                                                for s, e in row_chunks((shape[0] - n_delta, *shape[1:]))]
 
 
-__all__ = ["MergedChunk", "apply_to", "check_config", "check_selection", "merge_chunks",
+__all__ = ["MergedChunk", "apply_to", "check_config", "check_configs", "check_selection", "merge_chunks",
            "merged_tensors"]
