@@ -66,7 +66,8 @@ def test_sharded_hub_ids_through_the_real_cache_layout(hub, llama, tmp_path, mon
     ref = tmp_path / "ref.safetensors"
     tvtool.delta(base=base, reasoner=reasoner, output=ref, options=DeltaOptions(progress=False))
     assert_bit_equal(load_file(out), load_file(ref))
-    res = tvtool.materialize(source=DeltaSource(base="alice/sharded-base", reasoner="alice/sharded-reasoner"), output=tmp_path / "m",
+    res = tvtool.materialize(source=DeltaSource(base="alice/sharded-base", reasoner="alice/sharded-reasoner"),
+                             output=tmp_path / "m",
                              options=MaterializeOptions(alphas=(1.0,), progress=False))
     assert_bit_equal(state_dict(res.folders[1.0]), state_dict(reasoner))
 

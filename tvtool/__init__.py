@@ -2,7 +2,8 @@
 
 Python API (the same functions the CLI calls):
     tvtool.delta(base=..., reasoner=..., output=...)          Δ = θ2 − θ1 to disk
-    tvtool.materialize(source=DeltaSource(base=..., delta=|reasoner=...), output=..., options=MaterializeOptions(alphas=(0.6,)))
+    tvtool.materialize(source=DeltaSource(base=..., delta=|reasoner=...),
+                       output=..., options=MaterializeOptions(alphas=(0.6,)))
     tvtool.TaskVector.between(base, reasoner) / TaskVector.load(path)
     tvtool.DeltaSource(base=..., delta=|reasoner=...)              where Δ comes from (fingerprint(), open())
     tvtool.merge_chunks(base=..., tv=..., configs=[MergeConfig(alpha=0.6)])   the one merge stream

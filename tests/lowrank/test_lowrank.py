@@ -143,7 +143,8 @@ def test_energy_is_capped_by_max_rank(llama, tmp_path):
 # -- materialize from factors ------------------------------------------------------------------------
 def test_materialize_from_factored_delta_is_base_plus_alpha_BA(pairs, tmp_path):
     base, reasoner = pairs["qwen2"]
-    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors", options=_opts(rank=4))
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                   output=tmp_path / "f.safetensors", options=_opts(rank=4))
     m = tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "m",
                            options=tvtool.MaterializeOptions(alphas=(0.6,), dtype="float32", progress=False))
     got, B0 = state_dict(m.folders[0.6]), state_dict(base)
@@ -315,7 +316,8 @@ def test_vllm_serves_adapters_like_the_materialized_low_rank_model(llama, tmp_pa
 def test_bad_options_are_one_line_errors(llama, tmp_path, kw, message):
     base, reasoner = llama
     with pytest.raises(OptionsError) as e:
-        svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors", options=_opts(**kw))
+        svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                 output=tmp_path / "f.safetensors", options=_opts(**kw))
     assert str(e.value) == message
     assert not list(tmp_path.iterdir())  # nothing written
 

@@ -104,7 +104,8 @@ def test_ties_of_two_vectors_factored_applies_like_the_operator(trio, tmp_path):
 def test_operator_is_recorded_and_an_edited_density_redoes_the_work(llama, tmp_path):
     base, reasoner = llama
     out, peft = tmp_path / "f.safetensors", tmp_path / "adapters"
-    first = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
+    first = svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                     output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
     assert json.loads(safe_open(out, "pt").metadata()["tvtool.merge"]) == {"method": "trim", "density": 0.3}
     report = json.loads(first.report_path.read_text())
     assert report["merge"] == {"method": "trim", "density": 0.3}
@@ -112,11 +113,13 @@ def test_operator_is_recorded_and_an_edited_density_redoes_the_work(llama, tmp_p
     card = (first.adapters[1.0] / "README.md").read_text()
     assert "merged by the `trim` operator (density 0.3) into M" in card and "density: 0.3" in card
     stamp = out.stat().st_mtime_ns
-    again = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
+    again = svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                     output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
     assert out.stat().st_mtime_ns == stamp and again.totals == first.totals  # finished: skipped
     edited = MergeOptions(method="trim", density=0.5)
     with pytest.raises(OutputError, match=r"merge\.density 0\.3 → 0\.5"):
-        svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=out, merge=edited, options=_opts(rank=2, peft=str(peft)))
+        svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                 output=out, merge=edited, options=_opts(rank=2, peft=str(peft)))
     redone = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=out, merge=edited,
                       options=_opts(rank=2, peft=str(peft), overwrite=True))
     assert json.loads(safe_open(out, "pt").metadata()["tvtool.merge"])["density"] == 0.5

@@ -66,7 +66,8 @@ def test_alpha_agrees_with_float64_reference_rounded_once(llama, tmp_path, alpha
 
 def test_matches_handwritten_float32_formula_on_all_archs(pairs, tmp_path):
     for arch, (base, reasoner) in pairs.items():
-        res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / arch, options=_opts(0.3, 2.0))
+        res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner),
+                                 output=tmp_path / arch, options=_opts(0.3, 2.0))
         B, R = state_dict(base), state_dict(reasoner)
         for a in (0.3, 2.0):
             ref = {n: (B[n].float() + a * (R[n].float() - B[n].float())).to(torch.bfloat16) for n in B}
@@ -86,7 +87,8 @@ def test_each_input_tensor_is_read_once_for_five_alphas(llama, f32_deltas, monke
     monkeypatch.setattr(ckpt_mod, "read_rows", counting)
     for tag, kw in (("r", {"reasoner": reasoner}), ("d", {"delta": f32_deltas["llama"]})):
         seen.clear()
-        tvtool.materialize(source=DeltaSource(base=base, **kw), output=tmp_path / tag, options=_opts(0, 0.2, 0.5, 1, 1.5))
+        tvtool.materialize(source=DeltaSource(base=base, **kw),
+                           output=tmp_path / tag, options=_opts(0, 0.2, 0.5, 1, 1.5))
         inputs = [ckpt_mod.Checkpoint.open(p) for p in (base, *kw.values())]
         expected = {(str(c.info(n).file), c.info(n).begin): c.info(n).nbytes for c in inputs for n in c.names()}
         assert seen == Counter(expected)
@@ -128,7 +130,8 @@ def test_output_folder_is_a_complete_model(llama, tmp_path):
 
 def test_config_from_base(llama, tmp_path):
     base, reasoner = llama
-    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.6, config_from="base"))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner),
+                             output=tmp_path, options=_opts(0.6, config_from="base"))
     assert (res.folders[0.6] / "chat_template.jinja").read_bytes() == (base / "chat_template.jinja").read_bytes()
 
 
@@ -234,7 +237,8 @@ def test_float32_checkpoints(llama, tmp_path):
             (dst / f).write_bytes((src / f).read_bytes())
         save_file({k: v.float() for k, v in state_dict(src).items()}, dst / "model.safetensors")
         folders.append(dst)
-    res = tvtool.materialize(source=DeltaSource(base=folders[0], reasoner=folders[1]), output=tmp_path / "out", options=_opts(1.0, 0.5))
+    res = tvtool.materialize(source=DeltaSource(base=folders[0], reasoner=folders[1]),
+                             output=tmp_path / "out", options=_opts(1.0, 0.5))
     B, R = state_dict(folders[0]), state_dict(folders[1])
     assert_bit_equal(state_dict(res.folders[1.0]), R)
     assert_bit_equal(state_dict(res.folders[0.5]), {n: B[n] + 0.5 * (R[n] - B[n]) for n in B})

@@ -25,7 +25,8 @@ def _run_options(fn):
         click.option("--model", help="One model folder (or Hub id) to evaluate; with --lora, the adapters' base."),
         source_options(base="option", base_help="α sweep: the base θ1 (θ1 + α·Δ is loaded in place, one engine).",
                        delta_help="α sweep: a delta written by `tvtool delta` or `tvtool svd-rank`, or a PEFT LoRA "
-                                  "adapter folder.", reasoner_help="α sweep: the reasoner θ2 (Δ computed on the fly)."),
+                                  "adapter folder.",
+                       reasoner_help="α sweep: the reasoner θ2 (Δ computed on the fly)."),
         click.option("--alpha", "-a", "alphas", type=FLOAT_LIST, multiple=True,
                      help="α values (repeat, or comma-separate); with --lora: one α label per adapter."),
         click.option("--lora", "loras", multiple=True,

@@ -30,7 +30,8 @@ PerVector = float | tuple[float, ...]
 
 WEIGHTS = Setting("weights", (), "Weight w_i of each task vector (mergekit `weight`); () = 1 each. Set by "
                                  "--vector MODEL:WEIGHT (recipes: vectors[].weight).", tuple[float, ...], option=False)
-DENSITY = Setting("density", 1.0, "fraction of |Δ| kept per tensor, in (0, 1] (Long-to-Short: 1 − k).", per_vector=True)
+DENSITY = Setting("density", 1.0, "fraction of |Δ| kept per tensor, in (0, 1] (Long-to-Short: 1 − k).",
+                  per_vector=True)
 P = Setting("p", 0.0, "drop probability p in [0, 1); kept entries are rescaled by 1/(1 − p).", per_vector=True,
             flag="--drop-p")
 BETA = Setting("beta", 0.0, "largest fraction of |Δ| dropped per tensor.")

@@ -70,7 +70,8 @@ class MaterializeResult:
 
 
 def materialize(*, source: DeltaSource, output: str | os.PathLike, options: MaterializeOptions,
-                merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None) -> MaterializeResult:
+                merge: MergeOptions = MergeOptions(),
+                configs: Sequence[MergeConfig] | None = None) -> MaterializeResult:
     """Write θ1 + α·Δ (or an operator's output at α, `merge`) for every α in `options.alphas` under `output`,
     reading each input once per pass. `source`: Δ and θ1 (`DeltaSource.build` from the source flags).
     `configs` (instead of α × `merge`) writes several operator settings in the same run.
@@ -172,7 +173,8 @@ def _settings(c: MergeConfig, b, o: MaterializeOptions, source: DeltaSource) -> 
     return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": source.reasoner, "delta": source.delta,
             "include": c.include, "exclude": c.exclude, **{k: v for k, v in asdict(o).items() if k in keep},
             "vocab": source.vocab, "allow_missing": source.allow_missing,
-            **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(source.more)} if source.more else {})}
+            **({"merge": json.loads(json.dumps(op))} if op else {}),
+            **({"more": list(source.more)} if source.more else {})}
 
 
 def _write_extras(tmp: Path, files, settings, record, prov, c: MergeConfig, o: MaterializeOptions,

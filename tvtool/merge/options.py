@@ -85,7 +85,8 @@ def option_fields(*, exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, data
 
 
 MergeOptions = dataclasses.make_dataclass("MergeOptions", option_fields(), bases=(_MergeOptionsBase,), frozen=True)
-MergeOptions.__module__, MergeOptions.__doc__ = __name__, "The operator settings (fields from the registry; see the module doc)."
+MergeOptions.__module__ = __name__
+MergeOptions.__doc__ = "The operator settings (fields from the registry; see the module doc)."
 
 
 def operator_settings(config: MergeConfig, *, more: Sequence[str] = ()) -> dict | None:

@@ -72,7 +72,8 @@ class VectorSpec:
 
 # One `merge:` entry: the `MergeOptions` fields (the operator registry's; weights come from `vectors:`) and its α.
 MergeSpec = dataclasses.make_dataclass("MergeSpec", [
-    *((n, t, dataclasses.field(default=f.default, metadata=f.metadata)) for n, t, f in option_fields(exclude=("weights",))),
+    *((n, t, dataclasses.field(default=f.default, metadata=f.metadata))
+      for n, t, f in option_fields(exclude=("weights",))),
     ("alphas", tuple[float, ...], opt((), "α (λ) values for this operator (default: the recipe's alphas)."))],
     frozen=True)
 MergeSpec.__module__ = __name__

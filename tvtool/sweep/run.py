@@ -386,7 +386,8 @@ def _commands(r: Recipe, out: Path, here: Path | None = None) -> list[str]:
             for m in r.merge:
                 mo = merge_options(m) if op is None else \
                     MergeOptions(rules=m.rules, layer_schedule=m.layer_schedule)  # the operator is in M
-                cmds.append(["tvtool", "eval", "--base", base, *(src if op else [*(vec or src), *opts]), *to_cli_args(mo),
+                cmds.append(["tvtool", "eval", "--base", base, *(src if op else [*(vec or src), *opts]),
+                             *to_cli_args(mo),
                              "--alpha", ",".join(cli_number(x) for x in m.alphas or alphas), *flags])
         elif r.apply == "swap":
             cmds.append(["tvtool", "eval", "--base", base, *src, *([] if r.low_rank else opts), *a, *flags])

@@ -5,7 +5,7 @@ Per task vector Δ_i and row (a 1-D tensor is one row), as mergekit's `della_mag
     r_e     = rank of |Δ_e| in its row, 1 (smallest) … cols (ties in index order; mergekit: arbitrary)
     q_e     = (density − ε) + (r_e − 1)/(cols − 1) · 2ε        keep probability, float32, mergekit's order
     keep_e  = u_e < q_e,  u_e uniform from a hash of (seed, i, tensor name, flat index)
-    d_i     = Δ_i·keep · ‖Δ_i‖₁ / ‖Δ_i·keep‖₁                   (mergekit's `rescale`: L1 of the whole tensor)
+    d_i     = Δ_i·keep · ‖Δ_i‖₁ / ‖Δ_i·keep‖₁                   (mergekit's `rescale`: L1, whole tensor)
 
 then the generalized task arithmetic of `tvtool.merge.gta` (weights, sign election, normalized by default).
 density ≥ 1 keeps Δ_i unchanged (no rescale), as mergekit does. The mask is the DARE hash

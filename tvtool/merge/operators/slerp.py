@@ -51,8 +51,8 @@ class Slerp(Operator):
 
     def check(self, n_vectors: int) -> None:
         if n_vectors != 1:
-            raise OptionsError(f"slerp interpolates θ1 and one θ2, got {n_vectors} task vectors", where="merge.method",
-                               fix="give one --reasoner (or --delta) and no --vector")
+            raise OptionsError(f"slerp interpolates θ1 and one θ2, got {n_vectors} task vectors",
+                               where="merge.method", fix="give one --reasoner (or --delta) and no --vector")
 
     def prepare(self, tensor: TensorInfo, cuts, ranges: list[tuple[int, int]], read: Read) -> Any:
         """cos ω of the tensor ([1, 1] float32), as mergekit computes it."""
