@@ -238,3 +238,31 @@ def test_a_finished_sweep_is_found_before_any_engine_starts(llama, tmp_path, mon
     assert [r.summary for r in again.runs] == [r.summary for r in first.runs]
     with pytest.raises(OptionsError, match="--include/--exclude"):
         evaluate(model=base, output=tmp_path / "m", options=EvalOptions(include="mlp"))
+
+
+def test_a_scaled_pair_is_applied_with_its_coefficient(llama):
+    """0.5·Δ of a pair is θ1 + 0.5·Δ (the fused pair read applies only to the plain pair, coefficient 1)."""
+    from tvtool.merge.stream import apply_to
+
+    base, reasoner = llama
+    tv = tvtool.TaskVector.between(base, reasoner)
+    assert tv.pair() is not None and (0.5 * tv).pair() is None
+    assert_bit_equal(dict(apply_to(0.5 * tv, base)), dict(apply_to(tv, base, alpha=0.5)))
+
+
+def test_the_readmes_python_api_runs(trio, tmp_path, monkeypatch):
+    """README.md's Python API block, on the tiny trio (Hub ids and folders replaced by local ones)."""
+    import re
+
+    base, r1, r2 = trio
+    code = re.search(r"## Python API.*?```python\n(.*?)```", (Path(__file__).parents[2] / "README.md").read_text(),
+                     re.S).group(1)
+    for old, new in (("Qwen/Qwen2.5-32B-Instruct", base), ("Qwen/QwQ-32B-Preview", r1), ('"base/"', f'"{base}"'),
+                     ('"reasoner/"', f'"{r1}"'), ('"r1/"', f'"{r1}"'), ('"r2/"', f'"{r2}"')):
+        code = code.replace(old, str(new))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("    ...", "    assert tensor.dtype == torch.bfloat16"), "README.md", "exec"),
+         {"torch": torch})
+    assert (tmp_path / "merged" / "alpha-0.4" / "tvtool.json").is_file()
+    assert json.loads((tmp_path / "ties" / next((tmp_path / "ties").iterdir()).name / "tvtool.json").read_text()
+                      )["settings"]["merge"] == {"method": "ties", "weights": [0.7, 0.5], "density": 0.2}
