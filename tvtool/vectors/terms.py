@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -30,6 +30,7 @@ from tvtool.io.checkpoint import Checkpoint, Source
 from tvtool.io.layout import FACTOR_A, FACTOR_B, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
 
 
+@runtime_checkable
 class DeltaTerm(Protocol):
     """One Δ_i: tensor names and shapes, float32 rows on demand, and what it came from."""
 
