@@ -39,7 +39,8 @@ _RESCALE_EPS = 1e-7  # mergekit: no rescale when either L1 norm is below this
 
 def keep_probabilities(d: torch.Tensor, *, density: float, epsilon: float) -> torch.Tensor:
     """q per element of the float32 rows `d` [rows, cols] (ranks within each row), mergekit's float32 order."""
-    ranks = torch.argsort(torch.argsort(d.abs(), dim=1, stable=True), dim=1).to(torch.float32) + 1
+    order = torch.argsort(d.abs(), dim=1, stable=True)  # the rank is its inverse permutation (a scatter, not a sort)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(d.shape[1]).expand_as(order)).to(torch.float32) + 1
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1) if d.shape[1] > 1 else torch.zeros_like(ranks)
     return (density - epsilon) + rank_norm * 2 * epsilon
@@ -89,19 +90,17 @@ class Della(GTA):
                                    where="merge.epsilon", fix="choose a smaller epsilon, e.g. 0.1")
 
     # -- per vector and chunk ---------------------------------------------------------------------
-    def _masked(self, v: int, d: torch.Tensor, tensor: TensorInfo, flat: int, q1d: torch.Tensor | None
-                ) -> torch.Tensor:
-        """Δ_v rows (float32) times their keep mask."""
+    def _keep(self, v: int, d: torch.Tensor, tensor: TensorInfo, flat: int, q1d: torch.Tensor | None) -> torch.Tensor:
+        """Δ_v rows' keep mask (a 1-D tensor: from its keep probabilities `q1d`)."""
         n = tensor.n_vectors
         density, epsilon = self.per("density", n)[v], self.per("epsilon", n)[v]
         q = q1d[flat:flat + d.numel()].view(d.shape) if q1d is not None else \
             keep_probabilities(d.reshape(d.shape[0], -1), density=density, epsilon=epsilon).view(d.shape)
-        keep = keep_mask(q, key=vector_key(self.seed, tensor.name, v), flat_start=flat)
-        return d * keep.to(d.dtype)  # mergekit: tensor * mask
+        return keep_mask(q, key=vector_key(self.seed, tensor.name, v), flat_start=flat)
 
     def prepare(self, tensor: TensorInfo, cuts, ranges: list[tuple[int, int]], read: Read) -> Any:
-        """Per vector: (the L1 rescale factor or None, a 1-D tensor's keep probabilities or None); None for a
-        vector kept whole (density ≥ 1)."""
+        """Per vector: (the L1 rescale factor or None, a 1-D tensor's keep probabilities or None, the keep mask
+        of a tensor read in one chunk or None: the output pass reuses it); None for a vector kept whole."""
         n = tensor.n_vectors
         todo = [v for v in range(n) if self.per("density", n)[v] < 1]
         if not todo or tensor.numel == 0:
@@ -114,21 +113,25 @@ class Della(GTA):
                 q1d[v] = keep_probabilities(d, density=self.per("density", n)[v],
                                             epsilon=self.per("epsilon", n)[v]).view(-1)
         sums = {v: Blocks(lambda d, m: (d.abs().sum(), m.abs().sum())) for v in todo}
+        kept = {}
         for s, e in ranges:
             rows = read(s, e)
             for v in todo:
                 d = as_delta(rows.deltas[v])
-                sums[v].feed(d, self._masked(v, d, tensor, s * tensor.row_size, q1d.get(v)))
+                kept[v] = self._keep(v, d, tensor, s * tensor.row_size, q1d.get(v))
+                sums[v].feed(d, d * kept[v].to(d.dtype))  # mergekit: tensor * mask
         state: list = [None] * n
         for v in todo:
             before, after = (torch.stack(x).sum() for x in zip(*sums[v].close()))
             rescale = not (before < _RESCALE_EPS or after < _RESCALE_EPS)
-            state[v] = (before / after if rescale else None, q1d.get(v))
+            state[v] = (before / after if rescale else None, q1d.get(v), kept[v] if len(ranges) == 1 else None)
         return state
 
     def sparsify(self, v: int, d: torch.Tensor, state: Any, tensor: TensorInfo, flat: int) -> torch.Tensor:
         if state[v] is None:  # density ≥ 1: Δ_v as it is
             return d
-        factor, q1d = state[v]
-        masked = self._masked(v, d, tensor, flat, q1d)
+        factor, q1d, keep = state[v]
+        keep = keep.reshape(-1)[flat:flat + d.numel()].view(d.shape) if keep is not None else \
+            self._keep(v, d, tensor, flat, q1d)
+        masked = d * keep.to(d.dtype)  # mergekit: tensor * mask
         return masked if factor is None else masked * factor
