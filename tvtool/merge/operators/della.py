@@ -13,8 +13,10 @@ density ≥ 1 keeps Δ_i unchanged (no rescale), as mergekit does. The mask is t
 vector, so masks depend only on (seed, vector, name, index), never on chunking or process; mergekit draws
 them from torch's RNG. The L1 sums are reduced over fixed blocks (`prepare.Blocks`; for a tensor of one
 block exactly mergekit's sums), so a tensor read in row chunks or whole gets the same bytes. Passes: one
-for the sums, one for the output (one read for a tensor of one chunk). The hash is vectorized numpy here:
-the numba kernels stay on first use only and this module is imported by every registry lookup.
+for the sums, one for the output (one read for a tensor of one chunk, whose mask the output reuses). The
+hash is vectorized numpy: numba loads on first use only, and every registry lookup imports this module.
+Measured on one 8M-element tensor (2 shared cores, one run): ranks 1.3 s + mask 0.4–0.8 s, about 0.8× of
+mergekit's `della_magprune` on it (2.2 s); DARE's fused kernel takes 0.03–0.14 s.
 """
 
 from __future__ import annotations
