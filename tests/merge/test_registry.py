@@ -64,6 +64,8 @@ def test_method_choices_and_help_come_from_the_registry(command):
 def test_svd_rank_lists_and_takes_only_alpha_free_operators(llama, tmp_path):
     free = [n for n, cls in operators().items() if cls.alpha_free]
     assert _choices("svd-rank", "--merge-method") == free
+    r = cli("svd-rank", "--help")
+    assert r.exit_code == 0 and f"--merge-method [{'|'.join(free)}]" in r.output
     for name in (n for n in operators() if n not in free):
         base, reasoner = llama
         r = cli("svd-rank", "--base", base, "--reasoner", reasoner, "--merge-method", name, "--rank", "2",

@@ -157,7 +157,10 @@ def test_refusals_are_one_line(trio, tmp_path):
     r = cli("svd-rank", "--base", base, "--reasoner", r1, "--merge-method", "slerp", "--rank", "2", "-o",
             tmp_path / "f.safetensors")
     assert r.exit_code == 2 and r.stderr.startswith("tvtool: error: slerp has no merged task vector M to factor")
-    assert "slerp" in cli("materialize", "--help").output and "slerp" not in cli("svd-rank", "--help").output
+    helps = {c: cli(c, "--help") for c in ("materialize", "svd-rank")}
+    assert all(h.exit_code == 0 for h in helps.values())
+    assert "slerp" in helps["materialize"].output and "slerp" not in helps["svd-rank"].output
+    assert "della" in helps["svd-rank"].output
 
 
 def test_recipes_take_slerp(llama, tmp_path):

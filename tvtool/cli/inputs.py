@@ -51,7 +51,7 @@ class _Operators(click.ParamType):
     def __init__(self, shown: list[str]):
         self.shown = shown
 
-    def get_metavar(self, param, *args) -> str:
+    def get_metavar(self, param, ctx=None) -> str:
         return "[" + "|".join(self.shown) + "]"
 
     def convert(self, value, param, ctx):
