@@ -25,15 +25,16 @@ from tvtool.lowrank.svd import LowRankOptions
 from tvtool.merge.materialize import MaterializeOptions
 from tvtool.valve.options import MixChainOptions, PlanOptions, TrainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
-from tvtool.merge.options import MergeOptions
+from tvtool.cli.inputs import inputs
 from tvtool.sweep.recipe import load_recipe
 from tvtool.sweep.run import commands
 from tvtool.sweep.run import SweepOptions
-from tvtool.sweep.spec import merge_configs
+from tvtool.sweep.spec import delta_source, merge_configs
 from tvtool.sweep.stages.evaluate import eval_options
+from tvtool.vectors.source import DeltaSource, SourceOptions
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
-           PlanOptions, PromptOptions, PushOptions, SamplingOptions, SweepOptions, TrainOptions]
+           PlanOptions, PromptOptions, PushOptions, SamplingOptions, SourceOptions, SweepOptions, TrainOptions]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -87,8 +88,12 @@ def test_to_cli_args_round_trips(cls):
 def test_bool_flags_use_their_names():
     assert PushOptions(private=False).to_cli_args() == ["--public"]
     assert MaterializeOptions(progress=False).to_cli_args() == ["--no-progress"]
-    assert MaterializeOptions(alphas=(0.6, 1.0), allow_pickle=True).to_cli_args() == ["--alpha", "0.6,1",
-                                                                                      "--allow-pickle"]
+    assert MaterializeOptions(alphas=(0.6, 1.0)).to_cli_args() == ["--alpha", "0.6,1"]
+    assert DeltaSource(base="b", reasoner="r", allow_pickle=True).cli_args() == ["--reasoner", "r", "--allow-pickle"]
+    assert DeltaSource(base="b", reasoner="r", more=("r2",), vocab="intersect").cli_args(weights=(1.0, 0.5)) == \
+        ["--reasoner", "r", "--vector", "r2:0.5", "--vocab", "intersect"]
+    assert DeltaSource(base="b", reasoner="r", more=("r2",)).cli_args(weights=(0.7, 0.5)) == \
+        ["--vector", "r:0.7", "--vector", "r2:0.5"]
 
 
 def test_model_card_command_rebuilds_the_options(llama, tmp_path):
@@ -96,7 +101,7 @@ def test_model_card_command_rebuilds_the_options(llama, tmp_path):
     o = MaterializeOptions(alphas=(0.6,), dtype="float32", include=r"mlp\.", name_template="m {alpha}",
                            config_from="base", max_shard_size="150KB", progress=False)
     out = tmp_path / "out dir"
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=out, options=o)
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out, options=o)
     card = ModelCard.load(res.folders[0.6] / "README.md").text
     cmd = re.search(r"```bash\n(tvtool materialize .*)\n```", card).group(1)
     words = shlex.split(cmd)
@@ -105,6 +110,13 @@ def test_model_card_command_rebuilds_the_options(llama, tmp_path):
     assert (kw.pop("base"), kw.pop("reasoner"), kw.pop("output"), kw.pop("delta_path")) == \
         (str(base), str(reasoner), str(out), None)
     assert from_cli(MaterializeOptions, kw) == dataclasses.replace(o, progress=True)
+
+
+def _resolved(s: DeltaSource) -> DeltaSource:
+    """`s` with its local paths absolute (commands name them relative to the recipe's folder)."""
+    abs_ = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
+    return dataclasses.replace(s, base=abs_(s.base), reasoner=abs_(s.reasoner), delta=abs_(s.delta),
+                               more=tuple(abs_(m) for m in s.more))
 
 
 @pytest.mark.parametrize("name", ["toy.yaml", "qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml"])
@@ -141,11 +153,10 @@ def test_sweep_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_pa
     got = []
     for cmd in evals[:len(r.merge)]:
         kw = dict(main.commands["eval"].make_context("eval", shlex.split(cmd)[2:]).params)
-        mo = from_cli(MergeOptions, kw)
-        vecs = mo.weighted_vectors() or [(kw["reasoner"], 1.0)]
-        if r.vectors:  # every task vector as --vector MODEL:WEIGHT, the first being the reasoner
-            assert (kw["reasoner"], vecs) == (None, [(v.model, v.weight) for v in r.vectors])
-        got += mo.configs([a for part in kw["alphas"] for a in part], weights=[w for _, w in vecs])
+        assert kw["vectors"] if r.vectors else kw["reasoner"]  # every task vector as --vector MODEL:WEIGHT
+        source, mo = inputs(kw)
+        assert _resolved(source) == _resolved(delta_source(r))
+        got += mo.configs([a for part in kw["alphas"] for a in part])
     assert got == merge_configs(r)
 
 
@@ -167,11 +178,10 @@ def test_materialize_commands_of_merge_entries_rebuild_the_sweeps_configs(name, 
     got = []
     for cmd in mats:
         kw = dict(main.commands["materialize"].make_context("materialize", shlex.split(cmd)[2:]).params)
-        mo = from_cli(MergeOptions, kw)
-        vecs = mo.weighted_vectors() or [(kw["reasoner"], 1.0)]
-        if r.vectors:  # every task vector as --vector MODEL:WEIGHT
-            assert (kw["reasoner"], vecs) == (None, [(v.model, v.weight) for v in r.vectors])
-        got += mo.configs([a for part in kw["alphas"] for a in part], weights=[w for _, w in vecs])
+        assert kw["vectors"] if r.vectors else kw["reasoner"]  # every task vector as --vector MODEL:WEIGHT
+        source, mo = inputs(kw)
+        assert _resolved(source) == _resolved(delta_source(r))
+        got += mo.configs([a for part in kw["alphas"] for a in part])
     assert got == merge_configs(r)
     evals = [c for c in cmds if c.startswith("tvtool eval ")]
     assert evals and all("/models/'*alpha-*" in c or "/models/*alpha-*" in c for c in evals)

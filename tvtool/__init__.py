@@ -2,11 +2,12 @@
 
 Python API (the same functions the CLI calls):
     tvtool.delta(base=..., reasoner=..., output=...)          Δ = θ2 − θ1 to disk
-    tvtool.materialize(base=..., delta=|reasoner=..., output=..., options=MaterializeOptions(alphas=(0.6,)))
+    tvtool.materialize(source=DeltaSource(base=..., delta=|reasoner=...),
+                       output=..., options=MaterializeOptions(alphas=(0.6,)))
     tvtool.TaskVector.between(base, reasoner) / TaskVector.load(path)
     tvtool.DeltaSource(base=..., delta=|reasoner=...)              where Δ comes from (fingerprint(), open())
     tvtool.merge_chunks(base=..., tv=..., configs=[MergeConfig(alpha=0.6)])   the one merge stream
-    tvtool.evaluate(base=..., reasoner=..., alphas=(0, 0.5, 1), output=..., options=EvalOptions(dataset="gsm8k"))
+    tvtool.evaluate(source=DeltaSource(base=..., reasoner=...), alphas=(0, 0.5, 1), output=..., options=EvalOptions(dataset="gsm8k"))
                                                                     an α sweep in one vLLM engine, scored
     tvtool.Engine(model=...) / Engine.for_source(source=DeltaSource(...))   the engine, to reuse across calls
 See ARCHITECTURE.md for the modules and data paths.
@@ -25,8 +26,8 @@ _EXPORTS = {
     "TvtoolError": "tvtool.errors",
     "LowRankOptions": "tvtool.lowrank.svd", "svd_rank": "tvtool.lowrank.svd",
     "MaterializeOptions": "tvtool.merge.materialize", "materialize": "tvtool.merge.materialize",
-    "MergeConfig": "tvtool.merge.stream", "merge_chunks": "tvtool.merge.stream",
-    "merged_config": "tvtool.merge.stream", "merged_tensors": "tvtool.merge.stream",
+    "MergeConfig": "tvtool.merge.config", "merge_chunks": "tvtool.merge.stream",
+    "merged_config": "tvtool.merge.plan", "merged_tensors": "tvtool.merge.stream",
     "DeltaSource": "tvtool.vectors.source",
     "TaskVector": "tvtool.vectors.taskvector",
     "Engine": "tvtool.engine.engine",

@@ -57,7 +57,7 @@ def test_table_12_columns_and_answer_statistics(tmp_path):
 
 def test_operator_rows_get_method_columns_and_one_series_per_setting(tmp_path):
     """A sweep over several merge operators: method/params columns, one plot series per (method, params)."""
-    from tvtool.merge.stream import MergeConfig
+    from tvtool.merge.config import MergeConfig
     from tvtool.merge.options import config_name
     from tvtool.sweep.words import operator_rows
 

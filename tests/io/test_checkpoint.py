@@ -14,6 +14,7 @@ from helpers import assert_bit_equal, assert_one_line_error, cli, cli_subprocess
 from tiny import state_dict
 from tvtool import Checkpoint, DeltaOptions
 from tvtool.errors import CheckpointError
+from tvtool.vectors.source import DeltaSource
 
 
 def test_reads_what_safetensors_reads(llama):
@@ -185,7 +186,8 @@ def test_hub_ids_resolve_from_the_cache_offline(llama, hub_cache, tmp_path):
     prov = tvtool.TaskVector.load(out).provenance()
     assert prov["base"] == {"source": "tiny-org/base", "repo_id": "tiny-org/base", "revision": hub_cache["base"]}
     assert prov["reasoner"]["revision"] == hub_cache["reasoner"]
-    res = tvtool.materialize(base="tiny-org/base", reasoner="tiny-org/reasoner", output=tmp_path / "m",
+    res = tvtool.materialize(source=DeltaSource(base="tiny-org/base", reasoner="tiny-org/reasoner"),
+                             output=tmp_path / "m",
                              options=tvtool.MaterializeOptions(alphas=(0.5,), progress=False))
     from huggingface_hub import ModelCard
 

@@ -13,6 +13,7 @@ import torch
 from engine_setup import MAX_TOKENS
 
 from tvtool import toy
+from tvtool.vectors.source import DeltaSource
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["what is 3 + 4", "tom has 5 apples and buys 2 more", "ann has 7 cat and gives one", "how many dog"]
@@ -82,7 +83,7 @@ def test_a_trained_adapter_gives_the_same_greedy_tokens_everywhere(vengine, tmp_
 
     eng.load_weights(path=base)
     assert vllm(lora=adapter) == peft_ids  # vLLM serves the PEFT adapter
-    mat = materialize(base=base, delta=adapter, output=tmp_path / "m",
+    mat = materialize(source=DeltaSource(base=base, delta=adapter), output=tmp_path / "m",
                       options=MaterializeOptions(alphas=(1.0,), dtype="float32", progress=False)).folders[1.0]
     eng.load_weights(path=mat)
     assert vllm() == peft_ids  # materialize --delta ADAPTER

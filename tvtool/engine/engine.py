@@ -26,7 +26,9 @@ from typing import Any, Literal, Sequence
 from tvtool.errors import CheckpointError, EngineError, OptionsError
 from tvtool.io.buffers import reuse
 from tvtool.io.checkpoint import model_config
-from tvtool.merge.stream import MergeConfig, merge_chunks, merged_config, output_plan
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.plan import merged_config, output_plan
+from tvtool.merge.stream import merge_chunks
 from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
                                    sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
@@ -60,7 +62,8 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
                       config_from: Literal["reasoner", "base"] = "reasoner") -> Path:
     """Write the merged model's config/tokenizer files (no weights) into `folder`: what an engine
     for θ1 + α·Δ starts from. The same files as a materialized α folder (`merged_config`)."""
-    base, tv = source.open()
+    opened = source.open()
+    base, tv = opened.base, opened.tv
     files = merged_config(base=base, tv=tv, plan=output_plan(base, tv), config_from=config_from)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,9 +74,9 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
 
 def check_finite_inputs(*, source: DeltaSource, config: MergeConfig) -> None:
     """NaN/Inf in θ1 or Δ, found the way materialize finds them (`merge_chunks`: one streaming pass in row
-    chunks, `tvtool.merge.finite`), before an engine loads them: so the error comes before the engine start
+    chunks, `tvtool.io.finite`), before an engine loads them: so the error comes before the engine start
     and names the tensor and index, instead of failing inside the workers' weight load."""
-    base, tvs = source.open_vectors()
+    base, tvs = source.open()
     try:
         with reuse():  # chunk buffers recycled within the pass (tvtool.io.buffers)
             for _ in merge_chunks(base=base, tv=tvs, configs=[config]):
@@ -127,7 +130,7 @@ class Engine:
                    lazy: bool = False, config_from: Literal["reasoner", "base"] = "reasoner") -> "Engine":
         """An engine for θ1 + α·Δ sweeps: placeholder weights, in its own shell-model folder.
 
-        The folder holds the merged model's config/tokenizer files (`tvtool.merge.stream.merged_config`,
+        The folder holds the merged model's config/tokenizer files (`tvtool.merge.plan.merged_config`,
         as `materialize` writes them) and is removed when the engine is closed."""
         folder = Path(tempfile.mkdtemp(prefix="tvtool-engine-"))
         try:

@@ -19,7 +19,8 @@ from typing import Iterator
 import torch
 
 from tvtool.io.checkpoint import Checkpoint
-from tvtool.merge.stream import MergeConfig, merged_tensors
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.stream import merged_tensors
 from tvtool.vectors.source import DeltaSource
 
 _opened: dict[tuple, tuple] = {}  # this worker's last opened (source, stamp) → (θ1, Δ)
@@ -49,7 +50,7 @@ def _open(src: DeltaSource):
     key = (src, tuple(_stamp(p) for p in (src.base, src.delta, src.reasoner, *src.more)))
     if key not in _opened:
         _opened.clear()
-        _opened[key] = src.open_vectors()
+        _opened[key] = src.open()
     return _opened[key]
 
 

@@ -37,8 +37,9 @@ from tvtool.engine.options import EngineOptions, SamplingOptions, check_engine_o
 from tvtool.errors import ClusterError, OptionsError, TvtoolError
 from tvtool.evaluation.report import EvalResult, RunResult, table_row
 from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
-from tvtool.merge.stream import MergeConfig
-from tvtool.merge.options import MergeOptions, split_vectors
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MergeOptions
+from tvtool.merge.stream import check_configs
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
@@ -290,9 +291,8 @@ class ClusterEvalResult:
         return "\n\n".join([*(r.summary() for r in self.results), tail])
 
 
-def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), base: str | os.PathLike | None = None,
-                    delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-                    source: DeltaSource | None = None, merge: MergeOptions = MergeOptions(),
+def evaluate_on_ray(*, output: str | os.PathLike, source: DeltaSource | None, alphas: Sequence[float] = (),
+                    merge: MergeOptions = MergeOptions(),
                     configs: Sequence[MergeConfig] | None = None,
                     datasets: Sequence[tuple[EvalOptions, SamplingOptions]] | None = None,
                     options: EvalOptions = EvalOptions(), prompt: PromptOptions = PromptOptions(),
@@ -301,7 +301,7 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
                     progress: bool = True, on_start: Callable[[dict], None] | None = None) -> ClusterEvalResult:
     """An α sweep (one or more datasets) on a Ray pool, into `evaluate`'s folder layout.
 
-    `source` (or `base` with `delta`|`reasoner`) and `alphas` as for `evaluate`, with merge operators as
+    `source` and `alphas` as for `evaluate`, with merge operators as
     `merge` (× `alphas`, `options`' include/exclude) or `configs`; each actor's engine loads the same
     `MergeConfig` the one-engine path loads. `datasets`:
     (EvalOptions, SamplingOptions) per dataset, or the one of `options`/`sampling`. Runs that
@@ -309,14 +309,12 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
     (or, with overwrite, discarded) before any engine starts, as on one engine. Per dataset an
     `EvalResult` (runs in the one-engine order, its summary table written as `evaluate` writes it).
     Raises `ClusterError` naming the failed units after the others finished."""
-    weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
-    if source is None:
-        if base is None:
-            raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
-    if configs is None and (merge != MergeOptions() or source.more):  # operators: the configs `evaluate` makes
-        configs = merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+    if source is None or source.base is None:
+        raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+    if configs is None and (replace(merge, weights=()) != MergeOptions() or source.more):  # as `evaluate` makes them
+        configs = merge.configs(alphas, include=options.include, exclude=options.exclude)
+    if configs is not None:  # operator settings and α rules checked against the vectors before Ray starts
+        check_configs(source=source, configs=configs)
     datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,

@@ -41,13 +41,14 @@ from tvtool.evaluation.data import ProblemSet, load_problems
 from tvtool.engine.engine import Engine, alpha_weights, folder_weights, sweep_model
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
-from tvtool.merge.finite import check_alphas
+from tvtool.io.finite import check_alphas
 from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
 from tvtool.engine.options import check_engine_options, check_sampling
-from tvtool.merge.stream import MergeConfig
-from tvtool.merge.options import MergeOptions, config_name, split_vectors
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MergeOptions, config_name
+from tvtool.merge.stream import check_configs
 from tvtool.io.paths import check_output_apart, check_writable
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
@@ -217,32 +218,25 @@ def _evaluate_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequ
 
 
 def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = None,
-             base: str | os.PathLike | None = None, delta: str | os.PathLike | None = None,
-             reasoner: str | os.PathLike | None = None, alphas: Sequence[float] = (),
+             source: DeltaSource | None = None, alphas: Sequence[float] = (),
              checkpoints: Sequence[str | os.PathLike] = (), loras: Sequence[str | os.PathLike] = (),
-             source: DeltaSource | None = None, options: EvalOptions = EvalOptions(),
-             merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None,
-             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
-             engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None) -> EvalResult:
+             options: EvalOptions = EvalOptions(), merge: MergeOptions = MergeOptions(),
+             configs: Sequence[MergeConfig] | None = None, prompt: PromptOptions = PromptOptions(),
+             sampling: SamplingOptions = SamplingOptions(), engine_options: EngineOptions = EngineOptions(),
+             engine: Engine | None = None) -> EvalResult:
     """Evaluate one model, an α sweep, a list of checkpoints, or a list of LoRA adapters.
 
     - `model`: one checkpoint → `output/` (with `loras`: one run per adapter on that model);
-    - `base` + `delta`|`reasoner` (or a `source`) + `alphas`: θ1 + α·Δ loaded in place →
-      `output/alpha-<a>/<dataset>/`;
+    - `source` (θ1 and Δ: `DeltaSource.build` from the source flags) + `alphas`: θ1 + α·Δ (or an
+      operator's `merge`/`configs`) loaded in place → `output/<alpha-a|operator-alpha-a>/<dataset>/`;
     - `checkpoints`: model folders → `output/<folder name>/<dataset>/`;
     - `model` + `loras` (+ `alphas` as labels, one per adapter) → `output/<alpha-a|adapter>/<dataset>/`.
     Pass `engine` to reuse a running one (it must suit the mode; it is not closed).
     """
-    operators = merge != MergeOptions() or configs is not None
-    if operators and source is None:
-        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-        if base is not None:
-            source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
-    else:
-        weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
+    operators = replace(merge, weights=()) != MergeOptions() or configs is not None
     if configs is not None:
         alphas = alphas or tuple(c.alpha for c in configs)
-    mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options, operators)
+    mode = _mode(model, source, alphas, checkpoints, loras, options, operators)
     out = Path(output)
     inputs = [model, *checkpoints, *loras,
               *((source.base, source.delta, source.reasoner, *source.more) if source else ())]
@@ -250,7 +244,8 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
     check_engine_options(engine_options)
     if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
         configs = list(configs) if configs is not None else \
-            merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+            merge.configs(alphas, include=options.include, exclude=options.exclude)
+        check_configs(source=source, configs=configs)  # operator settings, selection, α rules: before any engine
     with output_lock(out):
         return _evaluate(out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
                          loras=loras, options=options, prompt=prompt, sampling=sampling,
@@ -290,9 +285,9 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
     return res
 
 
-def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
-          options: EvalOptions, operators: bool = False) -> tuple[str, DeltaSource | None]:
-    sweep = source is not None or base is not None or delta is not None or reasoner is not None
+def _mode(model, source: DeltaSource | None, alphas, checkpoints, loras, options: EvalOptions,
+          operators: bool = False) -> str:
+    sweep = source is not None
     if options.prompt_budgets and (checkpoints or loras or (model is None and not sweep)):
         raise OptionsError("prompt budgets need one model or an α sweep", where="--prompt-budget",
                            fix="pass --model, or --base with --alpha (budget runs use --budget-alpha)")
@@ -305,26 +300,24 @@ def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
     if checkpoints:
         if model or sweep or loras:
             raise OptionsError("checkpoints are evaluated on their own", fix="pass only the checkpoint folders")
-        return "checkpoints", None
+        return "checkpoints"
     if loras:
         if model is None:
             raise OptionsError("LoRA adapters need the model they were trained on", fix="pass --model")
         if alphas and len(alphas) != len(loras):
             raise OptionsError(f"{len(alphas)} α labels for {len(loras)} adapters", where="--alpha",
                                fix="give one α per --lora, or none")
-        return "loras", None
+        return "loras"
     if model is not None:
         if sweep or alphas:
             raise OptionsError("a model and a sweep were both given", fix="pass --model, or --base with --alpha")
-        return "model", None
+        return "model"
     if not sweep or not alphas:
         raise OptionsError("nothing to evaluate", fix="pass a model, or --base with --delta|--reasoner and "
                                                      "--alpha, or checkpoint folders")
-    if source is None:
-        if base is None:
-            raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, vocab=options.vocab)
-    return "sweep", source
+    if source.base is None:
+        raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+    return "sweep"
 
 
 def _lora_rank(path) -> int:

@@ -48,9 +48,6 @@ class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with 
     include: str | None = opt(None, "α sweep: apply α only to tensors whose name matches this regex; others stay "
                                     "at the base (e.g. 'mlp' for an MLP-only Δ).")
     exclude: str | None = opt(None, "α sweep: do not apply α to tensors whose name matches this regex.")
-    vocab: Literal["error", "intersect"] = opt(
-        "error", "α sweep with --reasoner or several --vector: on a vocabulary-size mismatch, error or merge only "
-                 "the shared rows (the others keep the base's values).")
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")

@@ -32,7 +32,7 @@ from tvtool.errors import OptionsError
 from tvtool.engine.engine import sweep_model
 from tvtool.evaluation.runs import run_params
 from tvtool.io.layout import dataset_dir
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import config_name
 from tvtool.options import opt
 from tvtool.engine.prompting import PromptOptions

@@ -32,14 +32,13 @@ from tvtool.evaluation.results import ACU_FORMULA
 from tvtool.io.atomic import discard, write_bytes, write_json, write_text
 from tvtool.io.lock import output_lock
 from tvtool.io.paths import check_output_apart
-from tvtool.merge.finite import check_alphas
+from tvtool.io.finite import check_alphas
 from tvtool.options import CliOptions, opt
 from tvtool.sweep.recipe import Recipe, load_recipe, portable, to_dict
-from tvtool.sweep.spec import merge_configs
+from tvtool.sweep.spec import delta_source, merge_configs
 from tvtool.sweep.stage import Stage, SweepState
 from tvtool.sweep.stages import STAGES
 from tvtool.sweep.words import sh, short
-from tvtool.vectors.source import DeltaSource
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,7 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     todo = [s for s in STAGES if s.runs(r)]
     # --- before anything is written: the output apart from every input, and what each stage refuses ---
     check_output_apart(out, [p for s in todo for p in s.inputs(r)], flag="-o" if options.output else "output")
-    source = DeltaSource(base=r.base, reasoner=r.reasoner, more=tuple(v.model for v in r.vectors[1:]),
-                         vocab=r.materialize.vocab)  # the recipe's vocab policy, for swap as for materialize
+    source = delta_source(r)  # the recipe's vectors and source options (vocab policy), for swap as for materialize
     state = SweepState(recipe=r, recipe_path=path, out=out, alphas=alphas, source=source,
                        configs=merge_configs(r),  # one per (operator, α); plain θ1 + α·Δ without `merge:`
                        progress=options.progress, verbose=options.verbose, ray=options.ray)

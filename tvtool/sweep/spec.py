@@ -25,9 +25,10 @@ from tvtool.engine.prompting import PromptOptions
 from tvtool.errors import OptionsError, RecipeError
 from tvtool.evaluation.options import AnswerOptions
 from tvtool.merge.materialize import MaterializeOptions
-from tvtool.merge.options import MergeOptions
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MergeOptions, option_fields
 from tvtool.options import opt
+from tvtool.vectors.source import DeltaSource, SourceOptions
 
 
 @dataclass(frozen=True)
@@ -54,18 +55,13 @@ class VectorSpec:
     weight: float = opt(1.0, "Its weight w_i in the merge.")
 
 
-@dataclass(frozen=True)
-class MergeSpec:
-    method: Literal["task_arithmetic", "trim", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                    "breadcrumbs_ties"] = opt("task_arithmetic", "Merge operator (MergeOptions.method).")
-    density: float = opt(1.0, "trim/ties: fraction of |Δ| kept per tensor, in (0, 1].")
-    p: float = opt(0.0, "dare_*: drop probability in [0, 1).")
-    seed: int = opt(0, "dare_*: mask seed.")
-    beta: float = opt(0.0, "breadcrumbs: largest fraction dropped.")
-    gamma: float = opt(0.0, "breadcrumbs: smallest fraction dropped.")
-    alphas: tuple[float, ...] = opt((), "α (λ) values for this operator (default: the recipe's alphas).")
-    rules: tuple[str, ...] = opt((), "REGEX=FACTOR α rules, first match wins (MergeOptions.alpha_rules).")
-    layer_schedule: str | None = opt(None, "FIRST:LAST α factor over the layers.")
+# One `merge:` entry: the `MergeOptions` fields (the operator registry's; weights come from `vectors:`) and its α.
+MergeSpec = dataclasses.make_dataclass("MergeSpec", [
+    *((n, t, dataclasses.field(default=f.default, metadata=f.metadata))
+      for n, t, f in option_fields(exclude=("weights",))),
+    ("alphas", tuple[float, ...], opt((), "α (λ) values for this operator (default: the recipe's alphas)."))],
+    frozen=True)
+MergeSpec.__module__ = __name__
 
 
 def named_model(r: RecipeCore, name: str) -> str:
@@ -86,19 +82,25 @@ def normalize(data: dict, file: str) -> dict:
 
 
 def merge_options(m: MergeSpec, vectors: typing.Sequence[VectorSpec] = ()) -> MergeOptions:
-    """The `MergeOptions` (CLI/API settings) of one `merge:` entry, over `vectors` (--vector MODEL:WEIGHT)."""
-    return MergeOptions(method=m.method, density=m.density, drop_p=m.p, drop_seed=m.seed, beta=m.beta,
-                        gamma=m.gamma, alpha_rules=m.rules, layer_schedule=m.layer_schedule,
-                        vectors=tuple(f"{v.model}:{v.weight!r}" for v in vectors))
+    """The `MergeOptions` (CLI/API settings) of one `merge:` entry, with the weights of `vectors`."""
+    return MergeOptions(**{f.name: getattr(m, f.name) for f in dataclasses.fields(MergeOptions) if f.name != "weights"},
+                        weights=tuple(v.weight for v in vectors))
+
+
+def delta_source(r: RecipeCore) -> DeltaSource:
+    """The recipe's source of Δ: base, reasoner (or `vectors:`, the first being the reasoner) and `source:`
+    (built by `DeltaSource.build`, as the CLI's source flags are)."""
+    source, _ = DeltaSource.build(base=r.base, reasoner=None if r.vectors else r.reasoner,
+                                  vectors=[(v.model, v.weight) for v in r.vectors], options=r.source)
+    return source
 
 
 def merge_configs(r: RecipeCore) -> list[MergeConfig]:
     """The recipe's `MergeConfig`s: one per (merge entry, α); plain θ1 + α·Δ without `merge:`."""
-    weights = tuple(v.weight for v in r.vectors) or (1.0,)
     out = []
     for m in r.merge or (MergeSpec(),):
-        out += merge_options(m).configs(m.alphas or r.alphas, include=r.materialize.include,
-                                        exclude=r.materialize.exclude, weights=weights)
+        out += merge_options(m, r.vectors).configs(m.alphas or r.alphas, include=r.materialize.include,
+                                                   exclude=r.materialize.exclude)
     return list(dict.fromkeys(out))
 
 
@@ -108,11 +110,15 @@ def low_rank_merge(r: RecipeCore) -> MergeOptions | None:
     m = r.merge[0] if r.merge else MergeSpec()
     c = dataclasses.replace(merge_configs(r.model_copy(update={"merge": (m,)}))[0], rules=(), schedule=None)
     return None if c.is_plain(len(r.vectors) or 1) else \
-        dataclasses.replace(merge_options(m, r.vectors), alpha_rules=(), layer_schedule=None)
+        dataclasses.replace(merge_options(m, r.vectors), rules=(), layer_schedule=None)
 
 
-_MERGE_KEYS = {"merge.p": "p", "merge.density": "density", "merge.weights": "weights", "merge.beta": "beta",
-               "--alpha-rule": "rules", "--layer-schedule": "layer_schedule"}
+def _merge_field(where: str | None) -> str | None:
+    """The `merge:` entry field an OptionsError names: `merge.<setting>`, or a flag (`--alpha-rule` → rules)."""
+    if where and where.startswith("merge."):
+        return where.removeprefix("merge.")
+    flags = {f.metadata.get("flag") or "--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(MergeSpec)}
+    return flags.get(where, where)
 
 
 OUTPUT_KEYS = ("name",)
@@ -144,6 +150,9 @@ class RecipeCore(BaseModel):
     apply: Literal["swap", "materialize", "lora"] = Field(
         "swap", description="How α is applied: swap = θ1 + αΔ loaded into one running engine; materialize = "
                             "folders on disk; lora = one LoRA adapter per α (needs low_rank).")
+    source: SourceOptions = Field(SourceOptions(), description="How Δ is read: vocab (error | intersect: merge over "
+                                                               "the shared vocabulary rows), allow_missing, "
+                                                               "allow_pickle (the source flags of the verbs).")
     materialize: MaterializeOptions = Field(
         MaterializeOptions(), description="How θ1 + αΔ is built: include/exclude select the tensors α moves for "
                                           "apply: swap (in-engine) and apply: materialize alike; the rest apply "
@@ -221,7 +230,7 @@ class RecipeCore(BaseModel):
             try:
                 merge_configs(self.model_copy(update={"merge": (m,)}))
             except OptionsError as e:
-                raise Invalid(f"is invalid: {e.what}", e.fix, f"merge[{i}].{_MERGE_KEYS.get(e.where, e.where)}") from None
+                raise Invalid(f"is invalid: {e.what}", e.fix, f"merge[{i}].{_merge_field(e.where)}") from None
         if self.prompt_budgets and self.apply != "swap":
             raise Invalid("needs apply: swap", "use apply: swap, or remove prompt_budgets", "prompt_budgets")
         return self
@@ -234,5 +243,5 @@ def one_merged_vector(r: RecipeCore, section: str) -> None:
                       f"give one merge entry, or drop {section}", "merge")
 
 
-__all__ = ["DatasetSpec", "Invalid", "KeepSpec", "MergeSpec", "RecipeCore", "VectorSpec", "low_rank_merge",
+__all__ = ["DatasetSpec", "Invalid", "KeepSpec", "MergeSpec", "RecipeCore", "VectorSpec", "delta_source", "low_rank_merge",
            "merge_configs", "merge_options", "named_model", "normalize", "one_merged_vector"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.vectors.source import DeltaSource
 
 Recipe = Any  # a validated `tvtool.sweep.recipe.Recipe`: the shared fields (`tvtool.sweep.spec.RecipeCore`) and

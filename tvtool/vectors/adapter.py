@@ -8,7 +8,8 @@ matches the module, as PEFT scales the branch. PEFT's keys `base_model.model.X.l
 map to the base tensor `X.weight`. Every other base tensor has Δ = 0 (the adapter does not touch
 it), which the task vector says in its provenance (`zero_elsewhere`), so `merge_plan` keeps them.
 
-So `TaskVector.load(ADAPTER)` works wherever a delta does: `materialize --delta ADAPTER`, the
+A `DeltaTerm` kind (`tvtool.vectors.terms`), registered for `--delta` by `tvtool.vectors.taskvector`: so
+`TaskVector.load(ADAPTER)` works wherever a delta does: `materialize --delta ADAPTER`, the
 in-engine α sweep, `svd-rank`, `mixchain`. Only plain LoRA on linear layers is a task vector of
 this form: DoRA, LoRA on embeddings, `fan_in_fan_out` (Conv1D), trained biases and
 `modules_to_save` are refused with a clear error.
@@ -22,6 +23,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -50,6 +52,13 @@ def _pattern_value(patterns: dict, module: str, default):
 
 class AdapterTerm:
     """One PEFT adapter, read lazily: Δ rows = s · B[rows] @ A, in float32."""
+
+    needs_checkpoint: ClassVar[bool] = False  # recognised by its adapter_config.json (a `file_kind`)
+
+    @classmethod
+    def open(cls, probe) -> "AdapterTerm | None":
+        """This kind of Δ at `probe.local` (a `tvtool.vectors.terms.Probe`), or None."""
+        return cls(probe.local) if probe.local is not None and is_adapter(probe.local) else None
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -94,6 +103,9 @@ class AdapterTerm:
             raise CheckpointError("the adapter has no LoRA factors", where=str(self.path / ADAPTER_WEIGHTS),
                                   fix="train or save the adapter again")
 
+    def names(self) -> list[str]:
+        return list(self.factored)
+
     def shape(self, name: str) -> tuple[int, int]:
         a, b = self.factored[name]
         return (self.ckpt.info(b).shape[0], self.ckpt.info(a).shape[1])
@@ -108,6 +120,15 @@ class AdapterTerm:
         return {"kind": "peft-lora-adapter", "adapter": str(self.path), "zero_elsewhere": True,
                 "base_model": c.get("base_model_name_or_path"), "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "modules": len(self.factored)}
+
+    def sources(self) -> list[Path]:
+        return [self.ckpt.source.path]
+
+    def describe(self) -> dict:
+        return {"adapter": str(self.path)}
+
+    def pair(self) -> None:
+        return None
 
     def side_files(self) -> dict[str, bytes]:
         """The adapter folder's tokenizer/chat-template files (no config: `TaskVector` adds the base's)."""

@@ -25,7 +25,7 @@ class DeltaStage(Stage):
     def run(self, state: SweepState) -> None:
         r = state.recipe
         delta(base=r.base, reasoner=r.reasoner, output=state.out / "delta",
-              options=DeltaOptions(progress=state.progress, overwrite=True, vocab=r.materialize.vocab))
+              options=DeltaOptions(progress=state.progress, overwrite=True, vocab=r.source.vocab))
 
     def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
         return [["tvtool", "delta", recipe.base, recipe.reasoner, "-o", f"{out}/delta"]]

@@ -71,6 +71,7 @@ class EvalStage(Stage):
         r, alphas = recipe, tuple(dict.fromkeys(recipe.alphas))
         op = low_rank_merge(r) if r.low_rank else None
         vec, src = vector_words(r), source_words(r, out)
+        opts = r.source.to_cli_args()  # the source options (--vocab …) of the recipe's vectors
         cmds = []
         for d in r.datasets:
             ev, sampling = eval_options(r, d, True)
@@ -81,11 +82,12 @@ class EvalStage(Stage):
             if r.apply == "swap" and r.merge:  # one eval per merge entry, each with its own α list
                 for m in r.merge:
                     mo = merge_options(m) if op is None else \
-                        MergeOptions(alpha_rules=m.rules, layer_schedule=m.layer_schedule)  # the operator is in M
-                    cmds.append(["tvtool", "eval", "--base", r.base, *(src if op else vec or src), *to_cli_args(mo),
+                        MergeOptions(rules=m.rules, layer_schedule=m.layer_schedule)  # the operator is in M
+                    cmds.append(["tvtool", "eval", "--base", r.base, *(src if op else [*(vec or src), *opts]),
+                                 *to_cli_args(mo),
                                  "--alpha", ",".join(cli_number(x) for x in m.alphas or alphas), *flags])
             elif r.apply == "swap":
-                cmds.append(["tvtool", "eval", "--base", r.base, *src, *a, *flags])
+                cmds.append(["tvtool", "eval", "--base", r.base, *src, *([] if r.low_rank else opts), *a, *flags])
             elif r.apply == "materialize":
                 cmds.append(["tvtool", "eval", Glob(shlex.quote(f"{out}/models/") + ("*alpha-*" if r.merge else "alpha-*")),
                              *flags])

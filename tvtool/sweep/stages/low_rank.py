@@ -14,9 +14,9 @@ from tvtool.lowrank.merged import MERGE_FLAGS, applied_configs
 from tvtool.lowrank.peft_adapter import adapter_folders, write_peft_adapters
 from tvtool.lowrank.svd import LowRankOptions, svd_rank
 from tvtool.merge.options import MergeOptions
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.options import to_cli_args
-from tvtool.sweep.spec import Invalid, RecipeCore, low_rank_merge, one_merged_vector
+from tvtool.sweep.spec import Invalid, RecipeCore, delta_source, low_rank_merge, one_merged_vector
 from tvtool.sweep.stage import Part, Section, Stage, SweepState, register
 from tvtool.sweep.words import describe, vector_words
 from tvtool.vectors.source import DeltaSource
@@ -68,8 +68,8 @@ class LowRankStage(Stage):
         lr = replace(r.low_rank, plot=True, peft=f"{out}/lowrank/adapters" if lora else None,
                      peft_alpha=alphas if lora else r.low_rank.peft_alpha)
         what = [f"{out}/delta"] if op is None else \
-            ["--base", r.base, *(vector_words(r) or ["--reasoner", r.reasoner]),
-             *to_cli_args(replace(op, vectors=()), rename=MERGE_FLAGS)]
+            ["--base", r.base, *(vector_words(r) or ["--reasoner", r.reasoner]), *r.source.to_cli_args(),
+             *to_cli_args(op, rename=MERGE_FLAGS)]
         return [["tvtool", "svd-rank", *what, "-o", f"{out}/lowrank/delta.safetensors", *lr.to_cli_args()]]
 
     def report(self, state: SweepState) -> Part:
@@ -87,8 +87,8 @@ def _low_rank(r: RecipeCore, d_path: Path, folder: Path, alphas, progress: bool,
     lr = r.low_rank
     factored = folder / "delta.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    given = dict(delta=d_path) if op is None else \
-        dict(base=r.base, reasoner=None if op.vectors else r.reasoner, merge=op)  # vectors: the first is θ2
+    given = dict(source=DeltaSource(base=None, delta=str(d_path))) if op is None else \
+        dict(source=delta_source(r), merge=op)  # the operator's M over the recipe's vectors
     res = svd_rank(output=factored, **given,  # skipped inside when finished
                    options=replace(lr, plot=True, progress=progress, overwrite=True))
     report = res.report_path

@@ -13,8 +13,8 @@ from tvtool.engine.engine import Engine
 from tvtool.engine.logs import vllm_logs
 from tvtool.errors import OptionsError
 from tvtool.merge.options import MergeOptions
-from tvtool.options import opt, to_cli_args
-from tvtool.sweep.spec import Invalid, MergeSpec, RecipeCore, merge_options, one_merged_vector
+from tvtool.options import cli_number, opt, to_cli_args
+from tvtool.sweep.spec import Invalid, MergeSpec, RecipeCore, delta_source, merge_options, one_merged_vector
 from tvtool.sweep.stage import VALVE_ENGINE, Section, Stage, SweepState, register
 from tvtool.sweep.words import rel
 from tvtool.valve.mixchain import build_mixchain
@@ -83,7 +83,7 @@ class MixChainStage(Stage):
         sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
         op = mixchain_merge(r)  # the recipe's operator over its vectors (with `merge:`/`vectors:`)
         with vllm_logs(folder=state.out / "valves", verbose=state.verbose):  # vLLM's lines go to valves/vllm.log
-            build_mixchain(base=r.base, reasoner=None if op.vectors else r.reasoner, output=folder,
+            build_mixchain(source=delta_source(r), output=folder,
                            engine=_engine(state), prompt=r.prompt, sampling=sampling, engine_options=r.engine,
                            merge=op,  # skipped inside when its record matches (tvtool.io.finished)
                            options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
@@ -97,8 +97,10 @@ class MixChainStage(Stage):
                              min_correct=m.min_correct)
         sampling = replace(r.sampling, max_tokens=m.max_tokens or r.sampling.max_tokens)
         op = mixchain_merge(r)
-        src = ["--reasoner", rel(r.reasoner)] if not op.vectors else []
-        return [["tvtool", "mixchain", rel(r.base), *src, *mo.to_cli_args(), *to_cli_args(op),
+        src = [w for v in r.vectors for w in ("--vector", f"{rel(v.model)}:{cli_number(v.weight)}")] or \
+            ["--reasoner", rel(r.reasoner)]
+        return [["tvtool", "mixchain", rel(r.base), *src, *r.source.to_cli_args(), *mo.to_cli_args(),
+                 *to_cli_args(op),
                  *sampling.to_cli_args(exclude=("n",)), *r.prompt.to_cli_args(),
                  *r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank")), "-o", f"{out}/mixchain"]]
 

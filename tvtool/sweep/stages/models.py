@@ -31,12 +31,11 @@ class ModelsStage(Stage):
         r, source, models = state.recipe, state.source, state.out / "models"
         if state.plain():
             state.folders = materialize(
-                base=r.base, output=models, delta=source.delta, reasoner=source.reasoner,
+                source=source, output=models,
                 options=replace(r.materialize, alphas=state.alphas, progress=state.progress, overwrite=True)).folders
         else:
             state.folders = materialize(
-                base=r.base, output=models, delta=source.delta, reasoner=source.reasoner, configs=state.configs,
-                merge=MergeOptions(vectors=source.more),
+                source=source, output=models, configs=state.configs,
                 options=replace(r.materialize, progress=state.progress, overwrite=True)).configs
 
     def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
@@ -47,8 +46,10 @@ class ModelsStage(Stage):
         cmds = []
         for m in r.merge or [None]:  # one run per merge entry
             mo = [] if m is None else to_cli_args(merge_options(m) if op is None else
-                                                  MergeOptions(alpha_rules=m.rules, layer_schedule=m.layer_schedule))
-            cmds.append(["tvtool", "materialize", r.base, *(vec or src if m is not None and op is None else src), *mo,
+                                                  MergeOptions(rules=m.rules, layer_schedule=m.layer_schedule))
+            own = op is None  # the recipe's vectors (else the factored M)
+            cmds.append(["tvtool", "materialize", r.base, *(vec or src if m is not None and own else src),
+                         *(r.source.to_cli_args() if own else []), *mo,
                          "-o", f"{out}/models",
                          *replace(r.materialize, alphas=tuple(m and m.alphas or alphas)).to_cli_args()])
         return cmds
