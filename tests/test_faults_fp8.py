@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import tvtool
 from helpers import assert_bit_equal, assert_one_line_error, cli
 from tiny import state_dict
-from tvtool import Checkpoint, DeltaOptions, MaterializeOptions
+from tvtool import Checkpoint, DeltaOptions, DeltaSource, MaterializeOptions
 
 BLOCK = [48, 32]  # [rows (out features), columns (in features)] per scale; 128 % 48 != 0
 FIX = ("Dequantize the checkpoint to bfloat16 first (e.g. DeepSeek-V3's inference/fp8_cast_bf16.py), or use the "
@@ -143,7 +143,7 @@ def test_delta_and_materialize_of_an_fp8_pair_equal_the_dequantized_pair(fp8_pai
     assert not any(n.endswith("_scale_inv") for n in d)
     res = cli("materialize", b, "--reasoner", r, "-a", "0.5", "-a", "1", "-o", tmp_path / "m", "--no-progress")
     assert res.exit_code == 0, res.stderr
-    m_ref = tvtool.materialize(base=b_ref, reasoner=r_ref, output=tmp_path / "m-ref",
+    m_ref = tvtool.materialize(source=DeltaSource(base=str(b_ref), reasoner=str(r_ref)), output=tmp_path / "m-ref",
                                options=MaterializeOptions(alphas=(0.5, 1.0), progress=False))
     for a in ("alpha-0.5", "alpha-1"):
         got = state_dict(tmp_path / "m" / a)

@@ -154,8 +154,10 @@ def test_math500_on_the_toy_pair_gives_per_level_tables(tmp_path):
     from tvtool.evaluation.evaluate import evaluate
     from tvtool.evaluation.results import read_samples
     from tvtool.evaluation.runs import EvalOptions
+    from tvtool.vectors.source import DeltaSource
 
-    res = evaluate(base=TOY / "base", reasoner=TOY / "reasoner", alphas=(0.0, 1.0), output=tmp_path,
+    res = evaluate(source=DeltaSource(base=str(TOY / "base"), reasoner=str(TOY / "reasoner")), alphas=(0.0, 1.0),
+                   output=tmp_path,
                    options=EvalOptions(dataset="math500", limit=30, progress=False),
                    prompt=PromptOptions(instruction=""), sampling=SamplingOptions(max_tokens=100),
                    engine_options=EngineOptions(dtype="float32", max_model_len=256, cpu_kv_cache_gb=1,

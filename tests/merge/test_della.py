@@ -36,7 +36,8 @@ from tvtool.merge.operators.della import keep_mask, keep_probabilities, vector_k
 from tvtool.merge.options import MergeOptions
 from tvtool.merge.prepare import prepare
 from tvtool.merge.registry import Rows, TensorInfo
-from tvtool.sweep.recipe import load_recipe, merge_configs
+from tvtool.sweep.recipe import load_recipe
+from tvtool.sweep.spec import merge_configs
 
 
 def _ours_m(method, deltas, *, density, epsilon, weights, seed=3, name="w"):

@@ -33,7 +33,8 @@ from tiny import state_dict
 from tvtool import DeltaSource, MaterializeOptions, MergeConfig
 from tvtool.io.safetensors_io import row_chunks
 from tvtool.merge.options import MergeOptions, config_name
-from tvtool.sweep.recipe import load_recipe, merge_configs
+from tvtool.sweep.recipe import load_recipe
+from tvtool.sweep.spec import merge_configs
 
 
 def _slerp(base, reasoner, out, alphas, **kw):

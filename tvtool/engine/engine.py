@@ -23,12 +23,10 @@ import weakref
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from tvtool.errors import CheckpointError, EngineError, OptionsError
-from tvtool.io.buffers import reuse
+from tvtool.errors import EngineError, OptionsError
 from tvtool.io.checkpoint import model_config
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import merged_config, output_plan
-from tvtool.merge.stream import merge_chunks
 from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
                                    sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
@@ -72,22 +70,6 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     return out
 
 
-def check_finite_inputs(*, source: DeltaSource, config: MergeConfig) -> None:
-    """NaN/Inf in θ1 or Δ, found the way materialize finds them (`merge_chunks`: one streaming pass in row
-    chunks, `tvtool.io.finite`), before an engine loads them: so the error comes before the engine start
-    and names the tensor and index, instead of failing inside the workers' weight load."""
-    base, tvs = source.open()
-    try:
-        with reuse():  # chunk buffers recycled within the pass (tvtool.io.buffers)
-            for _ in merge_chunks(base=base, tv=tvs, configs=[config]):
-                pass
-    except CheckpointError as e:
-        if not e.what.startswith("non-finite value"):
-            raise
-        raise CheckpointError(e.what, where=e.where, fix="fix or re-download the checkpoint (an engine cannot "
-                                                         "generate from NaN or Inf weights)") from None
-
-
 class Engine:
     """One vLLM `LLM`; weights can be replaced in place (`set_alpha`, `load_weights`).
 
@@ -117,7 +99,6 @@ class Engine:
         if dummy_weights:
             kw["load_format"] = "dummy"
         self._kw, self._llm, self.starts = kw, None, 0
-        self._finite: set[DeltaSource] = set()  # sources whose inputs were checked for NaN/Inf
         self._cleanup: weakref.finalize | None = None  # removes a shell-model folder this engine owns
         if not lazy:
             self._start()
@@ -172,9 +153,6 @@ class Engine:
         """Put θ1 + α·Δ into the running engine: each worker streams `tvtool.merge.stream.merged_tensors`
         from the inputs (only the source and the configuration, as plain data, cross processes)."""
         want = alpha_weights(source=source, config=config)
-        if source not in self._finite:  # before the engine starts (and before any worker reads the inputs)
-            check_finite_inputs(source=source, config=config)
-            self._finite.add(source)
         self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"]})
         self.weights = want
 

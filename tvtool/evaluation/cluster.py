@@ -39,7 +39,7 @@ from tvtool.evaluation.report import EvalResult, RunResult, table_row
 from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions
-from tvtool.merge.stream import check_configs
+from tvtool.merge.stream import check_configs, check_finite_inputs
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
@@ -325,6 +325,7 @@ def evaluate_on_ray(*, output: str | os.PathLike, source: DeltaSource | None, al
             check_settings(Path(r.folder), r.record, r.options.overwrite)
     if plan.units:
         Path(output).mkdir(parents=True, exist_ok=True)  # each actor checks it can write here
+        check_finite_inputs(source=source, config=plan.units[0].runs[0].config)  # once, here: not in every actor
     job = Job(source=source, output=str(output), engine=engine_options, prompt=prompt,
               seed=datasets[0][1].sample_seed or 0)
     pool = run_units(plan=plan, job=job, executor=executor, progress=progress, on_start=on_start)

@@ -48,7 +48,7 @@ from tvtool.engine.logs import vllm_logs
 from tvtool.engine.options import check_engine_options, check_sampling
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions, config_name
-from tvtool.merge.stream import check_configs
+from tvtool.merge.stream import check_configs, check_finite_inputs
 from tvtool.io.paths import check_output_apart, check_writable
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
@@ -123,6 +123,7 @@ class _Session:
         engine = self.engine if self.engine is not None else new_engine()
         done: dict[int, dict] = {}
         fps: dict = {}
+        checked: set[DeltaSource] = set()  # sources whose inputs were scanned for NaN/Inf
         try:
             self._check_prompts(engine, planned)  # before the (lazy) engine starts
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
@@ -134,6 +135,9 @@ class _Session:
                 record = run_record(engine=engine, **kw)
                 if not is_complete(folder=r.folder, record=record, problems=problems, n=self.sampling.n):
                     check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
+                    if r.config is not None and r.source not in checked:  # NaN/Inf before the engine loads them
+                        check_finite_inputs(source=r.source, config=r.config)
+                        checked.add(r.source)
                     r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
                                   **kw)

@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tvtool.errors import OptionsError
-from tvtool.io.buffers import empty
+from tvtool.errors import CheckpointError, OptionsError
+from tvtool.io.buffers import empty, reuse
 from tvtool.io.checkpoint import Checkpoint
 from tvtool.io.finite import check_finite
 from tvtool.io.layout import dtype_name
@@ -308,3 +308,19 @@ def _chunks(shape, n_delta):
 
 __all__ = ["MergedChunk", "apply_to", "check_config", "check_configs", "check_selection", "merge_chunks",
            "merged_tensors"]
+
+
+def check_finite_inputs(*, source: DeltaSource, config: MergeConfig) -> None:
+    """NaN/Inf in θ1 or Δ, found the way materialize finds them (`merge_chunks`: one streaming pass in row
+    chunks, `tvtool.io.finite`), before an engine loads them: the evaluation calls it before the engine starts,
+    so the error names the tensor and index instead of failing inside the workers' weight load after it."""
+    base, tvs = source.open()
+    try:
+        with reuse():  # chunk buffers recycled within the pass (tvtool.io.buffers)
+            for _ in merge_chunks(base=base, tv=tvs, configs=[config]):
+                pass
+    except CheckpointError as e:
+        if not e.what.startswith("non-finite value"):
+            raise
+        raise CheckpointError(e.what, where=e.where, fix="fix or re-download the checkpoint (an engine cannot "
+                                                         "generate from NaN or Inf weights)") from None
