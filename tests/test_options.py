@@ -22,7 +22,7 @@ from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.engine.prompting import PromptOptions
 from tvtool.io.hub import PushOptions
 from tvtool.lowrank.svd import LowRankOptions
-from tvtool.merge.materialize import MaterializeOptions
+from tvtool.merge.options import MaterializeOptions
 from tvtool.valve.options import MixChainOptions, PlanOptions, TrainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
 from tvtool.cli.inputs import inputs

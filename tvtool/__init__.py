@@ -25,7 +25,7 @@ _EXPORTS = {
     "DeltaOptions": "tvtool.vectors.delta", "delta": "tvtool.vectors.delta",
     "TvtoolError": "tvtool.errors",
     "LowRankOptions": "tvtool.lowrank.svd", "svd_rank": "tvtool.lowrank.svd",
-    "MaterializeOptions": "tvtool.merge.materialize", "materialize": "tvtool.merge.materialize",
+    "MaterializeOptions": "tvtool.merge.options", "materialize": "tvtool.merge.materialize",
     "MergeConfig": "tvtool.merge.config", "merge_chunks": "tvtool.merge.stream",
     "merged_config": "tvtool.merge.plan", "merged_tensors": "tvtool.merge.stream",
     "DeltaSource": "tvtool.vectors.source",

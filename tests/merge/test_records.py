@@ -10,7 +10,8 @@ import pytest
 
 from tvtool.lowrank.svd import LowRankOptions, lowrank_record
 from tvtool.merge.config import MergeConfig
-from tvtool.merge.materialize import MaterializeOptions, materialize_record
+from tvtool.merge.materialize import materialize_record
+from tvtool.merge.options import MaterializeOptions
 from tvtool.merge.options import MergeOptions, config_name, operator_settings
 from tvtool.vectors.source import DeltaSource
 

@@ -195,7 +195,7 @@ def test_written_recipe_loads_back_equal(tmp_path):
 
 def test_materialize_section_is_materialize_options(tmp_path):
     """One tensor selection for in-engine α (swap) and α folders (materialize): MaterializeOptions."""
-    from tvtool.merge.materialize import MaterializeOptions
+    from tvtool.merge.options import MaterializeOptions
 
     p = tmp_path / "r.yaml"
     p.write_text(GOOD + "materialize: {include: '\\.mlp\\.', dtype: float32}\n")

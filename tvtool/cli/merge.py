@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from tvtool.cli.inputs import inputs, merge_options, source_options
-from tvtool.merge.materialize import MaterializeOptions, materialize
+from tvtool.merge.materialize import materialize
+from tvtool.merge.options import MaterializeOptions
 from tvtool.options import click_options, from_cli
 
 

@@ -15,7 +15,7 @@ import os
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from tvtool._version import __version__
 from tvtool.io.atomic import atomic_dir
@@ -26,31 +26,14 @@ from tvtool.io.finite import check_alphas, warn_nonfinite
 from tvtool.io.layout import SETTINGS_FILE
 from tvtool.io.lock import output_lock
 from tvtool.merge.config import MergeConfig
-from tvtool.merge.options import MergeOptions, config_name
+from tvtool.merge.options import MaterializeOptions, MergeOptions, config_name
 from tvtool.merge.registry import settings as all_settings
 from tvtool.merge.plan import merged_config, output_plan, plan_entries
 from tvtool.merge.stream import check_config, merge_chunks
-from tvtool.options import CliOptions, opt
 from tvtool.io.buffers import reuse
 from tvtool.io.writer import ShardedWriter, WriteBehind, parse_size, progress
 from tvtool.io.paths import check_inside, check_output_apart, check_writable
 from tvtool.vectors.source import DeltaSource
-
-@dataclass(frozen=True)
-class MaterializeOptions(CliOptions):
-    alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
-                                    flag="--alpha", short="-a")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")
-    config_from: Literal["reasoner", "base"] = opt(
-        "reasoner", "Take config.json, tokenizer, chat template and generation_config from this model.")
-    name_template: str = opt("alpha-{alpha}", "Name of each α's folder inside the output folder.")
-    include: str | None = opt(None, "Apply α only to tensors whose name matches this regex; others stay at the base.")
-    exclude: str | None = opt(None, "Do not apply α to tensors whose name matches this regex.")
-    max_shard_size: str = opt("5GB", "Largest safetensors shard in each output folder.")
-    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
-                                       "of stopping at the first one.")
-    overwrite: bool = opt(False, "Replace existing α folders made with other settings.")
-    progress: bool = opt(True, "Show a progress bar.")
 
 
 @dataclass(frozen=True)

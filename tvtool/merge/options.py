@@ -14,6 +14,7 @@ settings appear here without an edit. `config_name` names a configuration's fold
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 from typing import Any, Literal, Sequence
 
@@ -105,3 +106,21 @@ def config_name(config: MergeConfig, template: str = ALPHA_TEMPLATE) -> str:
 
 
 __all__ = ["MergeOptions", "config_name", "operator_settings", "option_fields"]
+
+
+
+@dataclass(frozen=True)
+class MaterializeOptions(CliOptions):
+    alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
+                                    flag="--alpha", short="-a")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")
+    config_from: Literal["reasoner", "base"] = opt(
+        "reasoner", "Take config.json, tokenizer, chat template and generation_config from this model.")
+    name_template: str = opt("alpha-{alpha}", "Name of each α's folder inside the output folder.")
+    include: str | None = opt(None, "Apply α only to tensors whose name matches this regex; others stay at the base.")
+    exclude: str | None = opt(None, "Do not apply α to tensors whose name matches this regex.")
+    max_shard_size: str = opt("5GB", "Largest safetensors shard in each output folder.")
+    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
+                                       "of stopping at the first one.")
+    overwrite: bool = opt(False, "Replace existing α folders made with other settings.")
+    progress: bool = opt(True, "Show a progress bar.")

@@ -24,7 +24,7 @@ from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.engine.prompting import PromptOptions
 from tvtool.errors import OptionsError, RecipeError
 from tvtool.evaluation.options import AnswerOptions
-from tvtool.merge.materialize import MaterializeOptions
+from tvtool.merge.options import MaterializeOptions
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions, option_fields
 from tvtool.options import opt
