@@ -6,6 +6,8 @@ Errors from the library (`TvtoolError`) become one line on stderr and exit code 
 The commands are a table (`COMMANDS`: name → module), imported when one runs or `--help` lists them:
 `import tvtool.cli` loads click and nothing of the library. That is what `tvtool --version` costs, and what
 every process vLLM spawns from the `tvtool` console script pays again when it re-imports the main module.
+Measured on 2 cores: `tvtool --version` 0.3 s and 15 MB peak RSS this way, against 11 s and 275 MB with every
+command module imported up front.
 A new command is one module here and one line in the table.
 """
 
