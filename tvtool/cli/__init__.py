@@ -17,6 +17,7 @@ from tvtool.cli.evaluate import eval_cmd, generate_cmd
 from tvtool.cli.lowrank import svd_rank_cmd
 from tvtool.cli.merge import materialize_cmd
 from tvtool.cli.push import push_cmd
+from tvtool.cli.serve import serve_cmd
 from tvtool.cli.sweep import sweep_cmd
 from tvtool.cli.valve import mixchain_cmd, train_cmd
 from tvtool.errors import TvtoolError, os_error
@@ -51,5 +52,5 @@ def main() -> None:
 
 
 for _command in (delta_cmd, svd_rank_cmd, materialize_cmd, eval_cmd, generate_cmd, mixchain_cmd, train_cmd, sweep_cmd,
-                 push_cmd):
+                 serve_cmd, push_cmd):
     main.add_command(_command)

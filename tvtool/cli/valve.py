@@ -24,7 +24,7 @@ from tvtool.valve.train import train
 @click_options(MergeOptions)
 @click_options(SamplingOptions, exclude=("n",))
 @click_options(PromptOptions)
-@click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank"))
+@click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank", "max_loras"))
 @RAY
 @click_options(RayOptions, exclude=("address",))
 def mixchain_cmd(base: str, delta_path: str | None, reasoner: str | None, output: str, **kw) -> None:

@@ -89,6 +89,8 @@ class Engine:
             trust_remote_code=o.trust_remote_code, worker_extension_cls=WORKER_EXTENSION)
         if o.enable_lora:
             kw["max_lora_rank"] = o.max_lora_rank
+            if o.max_loras is not None:
+                kw["max_loras"] = o.max_loras
         for k in ("max_model_len", "distributed_executor_backend", "max_num_seqs"):
             if getattr(o, k) is not None:
                 kw[k] = getattr(o, k)
@@ -209,17 +211,33 @@ class Engine:
 
         return LoRARequest(lora_name=f"adapter-{i}", lora_int_id=i, lora_path=key)
 
+    def reserve_loras(self, n: int) -> None:
+        """Before the engine starts, let one batch hold `n` adapters (vLLM's `max_loras`); a started engine
+        keeps its setting (requests of more adapters still run, in turns)."""
+        if self._llm is None and self.options.enable_lora and n > self._kw.get("max_loras", 1):
+            self._kw["max_loras"] = n
+
     def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]:
         return [build_prompt(question=q, tokenizer=self.tokenizer, options=options) for q in questions]
 
     def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
+                 loras: Sequence[str | os.PathLike | None] | None = None,
                  add_special_tokens: bool = True) -> list[list[Sample]]:
-        """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
+        """Per prompt, its n samples (token ids, text, finish reason), in prompt order.
+
+        `lora`: one adapter for every prompt; `loras`: one per prompt (None: the engine's weights), so
+        requests through different adapters are batched together in one call."""
         if self.weights["kind"] == "dummy":
             raise EngineError("the engine holds placeholder weights", where=str(self.model_dir),
                               fix="call set_alpha or load_weights first")
         params = self.sampling_params(sampling)
-        req = self.lora_request(lora) if lora else None
+        if loras is not None:
+            if lora is not None or len(loras) != len(prompts):
+                raise OptionsError(f"{len(loras)} adapters for {len(prompts)} prompts", where="loras",
+                                   fix="give one adapter (or None) per prompt, and no `lora`")
+            req = [self.lora_request(p) if p else None for p in loras]
+        else:
+            req = self.lora_request(lora) if lora else None
         try:
             outs = self.llm.generate(list(prompts), params, use_tqdm=False, lora_request=req,
                                      tokenization_kwargs={"add_special_tokens": add_special_tokens})
