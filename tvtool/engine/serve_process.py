@@ -17,8 +17,9 @@ With any_alpha, before the server starts:
 - vLLM answers any resolver failure with a fixed message, so the serving models' `resolve_lora` is
   wrapped: a NAME@… that is malformed or out of range gets a 400 that says why and names the range
   (other unknown names keep vLLM's 404).
-- VLLM_ALLOW_RUNTIME_LORA_UPDATING also mounts /v1/load_lora_adapter and /v1/unload_lora_adapter,
-  with which any client could load any folder of this machine as an adapter: they are removed.
+- VLLM_ALLOW_RUNTIME_LORA_UPDATING also mounts /v1/load_lora_adapter, /v1/unload_lora_adapter and
+  SageMaker's /adapters routes, with which any client could load any folder of this machine as an
+  adapter: they are removed.
 The two hooks wrap `build_app` and `init_app_state` where `run_server` looks them up; a vLLM
 without them is refused with one line.
 """
@@ -33,7 +34,8 @@ from tvtool.engine.serve import requested_alpha
 from tvtool.errors import EngineError, OptionsError
 from tvtool.lowrank.alpha_adapter import alpha_adapter, open_valve
 
-RUNTIME_LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+# what VLLM_ALLOW_RUNTIME_LORA_UPDATING mounts: vLLM's load/unload routes and SageMaker's adapter routes
+RUNTIME_LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/adapters/{adapter_name}")
 
 
 def resolver(spec: dict):
