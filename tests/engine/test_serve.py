@@ -144,7 +144,7 @@ def any_half(server):
 
 def test_banner_names_url_models_and_a_curl_line(server):
     text = "\n".join(server.banner)
-    assert f"at {server.url} (vLLM" in text and "models: valve@0 (the base), valve@1" in text
+    assert f"at {server.url} (vLLM" in text and "models: valve@0, valve@1; valve@base is the base without adapter" in text
     assert "any α: valve@α for α in [0, 1.25], built on its first request" in text
     assert f"curl {server.url}/chat/completions -H 'Authorization: Bearer <key>'" in text
     assert KEY not in text and all(KEY not in " ".join(p) for p in _cmdlines(server))  # the key is not shown

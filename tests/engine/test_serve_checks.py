@@ -44,21 +44,21 @@ def test_plan_gives_vllm_one_static_adapter_per_alpha(tmp_path, monkeypatch):
     o = ServeOptions(alphas=(0.0, 0.5, 1.0), any_alpha=True, cache=str(tmp_path), api_key="secret", port=8123)
     plan = plan_serve(base=REASONER_DIR, valve=VALVE, options=o, engine_options=EngineOptions(dtype="float32"),
                       progress=False)
-    assert list(plan.names) == ["valve@0", "valve@0.5", "valve@1"] and plan.names["valve@0"] is None
+    assert list(plan.names) == ["valve@0", "valve@0.5", "valve@1"]  # α = 0 too: an adapter with B = 0
     a = plan.argv
-    assert a[0] == str(REASONER_DIR) and a[a.index("--served-model-name") + 1] == "valve@0"
-    assert a[a.index("--host") + 1] == "127.0.0.1" and a[a.index("--max-loras") + 1] == "6"  # 2 served + 4 for any α
+    assert a[0] == str(REASONER_DIR) and a[a.index("--served-model-name") + 1] == "valve@base"
+    assert a[a.index("--host") + 1] == "127.0.0.1" and a[a.index("--max-loras") + 1] == "7"  # 3 served + 4 for any α
     assert a[a.index("--max-lora-rank") + 1] == "8" and a[a.index("--generation-config") + 1] == "vllm"
     modules = [json.loads(x) for x in a[a.index("--lora-modules") + 1:]]
-    assert [m["name"] for m in modules] == ["valve@0.5", "valve@1"]
-    assert all(m["base_model_name"] == "valve@0" and tmp_path / "alpha-adapters" in Path(m["path"]).parents
+    assert [m["name"] for m in modules] == ["valve@0", "valve@0.5", "valve@1"]
+    assert all(m["base_model_name"] == "valve@base" and tmp_path / "alpha-adapters" in Path(m["path"]).parents
                for m in modules)
     assert "secret" not in " ".join(a) and plan.env["VLLM_API_KEY"] == "secret"
     assert plan.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and plan.spec["alpha_range"] == [0.0, 1.25]
     plain = plan_serve(base=REASONER_DIR, valve=VALVE, options=ServeOptions(alphas=(0.0, 1.0), cache=str(tmp_path)),
                        progress=False)
     assert plain.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] is None  # no resolver, no runtime adapter loading
-    assert plain.argv[plain.argv.index("--max-loras") + 1] == "1"
+    assert plain.argv[plain.argv.index("--max-loras") + 1] == "2"
 
 
 def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):

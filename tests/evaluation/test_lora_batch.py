@@ -41,14 +41,15 @@ class Counting:
 @pytest.mark.vllm
 def test_lora_sweep_is_one_call_per_batch_with_the_ids_of_one_call_per_alpha(tmp_path):
     eo = EngineOptions(dtype="float32", max_model_len=256, enforce_eager=True, cpu_kv_cache_gb=1, enable_lora=True,
-                       max_lora_rank=8, max_loras=len(ALPHAS) - 1)
+                       max_lora_rank=8, max_loras=len(ALPHAS))
     adapters = alpha_adapters(open_valve(VALVE), ALPHAS)  # the cache evaluate uses (TVTOOL_CACHE, conftest)
     problems = list(load_problems(dataset="toy", limit=N))
     with Engine(model=REASONER_DIR, options=eo) as engine:
         prompts = engine.prompts(questions=[p.question for p in problems], options=PROMPT)
         sequential = {a: [o[0].token_ids for o in engine.generate(prompts=prompts, sampling=SAMPLING,
-                                                                  lora=adapters.get(a), add_special_tokens=False)]
+                                                                  lora=adapters[a], add_special_tokens=False)]
                       for a in ALPHAS}  # today's path: one call per α
+        base = [o[0].token_ids for o in engine.generate(prompts=prompts, sampling=SAMPLING, add_special_tokens=False)]
         counting = Counting(engine)
         res = evaluate(base=REASONER_DIR, delta=VALVE, alphas=ALPHAS, engine=counting, output=tmp_path / "o",
                        options=EvalOptions(dataset="toy", limit=N, apply="lora", batch_size=BATCH, progress=False),
@@ -61,7 +62,8 @@ def test_lora_sweep_is_one_call_per_batch_with_the_ids_of_one_call_per_alpha(tmp
         assert [tuple(rows[p.id]["token_ids"]) for p in problems] == sequential[a], a  # greedy: token for token
         run = json.loads((tmp_path / "o" / f"alpha-{a:g}" / "toy" / "run.json").read_text())
         assert run["settings"]["model"]["apply"] == "lora" and run["settings"]["model"]["alpha"] == a
-        assert (run["settings"]["lora"] is None) == (a == 0.0)  # α = 0 is the base itself
+        assert run["settings"]["lora"] == str(adapters[a])
+    assert sequential[0.0] == base  # α = 0 (B = 0) gives the base model's tokens
     lengths = [res.runs[i].summary["mean_tokens"] for i in range(len(ALPHAS))]
     assert lengths[-1] < 0.5 * lengths[0]  # the valve shortens the chain
 

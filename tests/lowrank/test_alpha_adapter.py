@@ -96,7 +96,9 @@ def test_factored_delta_adapters_are_svd_rank_peft_adapters(llama, tmp_path):
 def test_adapters_are_cached_by_content_and_alpha(patterned, tmp_path):
     valve = open_valve(patterned)
     got = alpha_adapters(valve, (0.0, 0.5, 1.0, 0.5), cache=tmp_path)
-    assert sorted(got) == [0.5, 1.0]  # α = 0 is the base itself, never an adapter
+    assert sorted(got) == [0.0, 0.5, 1.0]
+    zero = load_file(got[0.0] / "adapter_model.safetensors")  # α = 0: B = 0, the base's outputs exactly
+    assert all(torch.count_nonzero(t) == 0 for n, t in zero.items() if "lora_B" in n)
     assert got[0.5] == adapter_folder(valve, 0.5, cache=tmp_path) and (got[0.5] / RECORD).is_file()
     stamp = os.stat(got[0.5] / "adapter_model.safetensors").st_mtime_ns
     assert alpha_adapter(valve, 0.5, cache=tmp_path) == got[0.5]

@@ -235,6 +235,16 @@ class Engine:
             if lora is not None or len(loras) != len(prompts):
                 raise OptionsError(f"{len(loras)} adapters for {len(prompts)} prompts", where="loras",
                                    fix="give one adapter (or None) per prompt, and no `lora`")
+            if any(loras) and not all(loras):  # never mixed: vLLM's CPU build reads "no adapter" (index -1)
+                # as its last adapter slot (torch LoRA ops), so prompts without one go in a call of their own
+                plain = [i for i, p in enumerate(loras) if not p]
+                lora_ix = [i for i, p in enumerate(loras) if p]
+                outs = dict(zip(plain, self.generate(prompts=[prompts[i] for i in plain], sampling=sampling,
+                                                     add_special_tokens=add_special_tokens)))
+                outs.update(zip(lora_ix, self.generate(prompts=[prompts[i] for i in lora_ix], sampling=sampling,
+                                                       loras=[loras[i] for i in lora_ix],
+                                                       add_special_tokens=add_special_tokens)))
+                return [outs[i] for i in range(len(prompts))]
             req = [self.lora_request(p) if p else None for p in loras]
         else:
             req = self.lora_request(lora) if lora else None

@@ -2,10 +2,12 @@
 
     tvtool serve --base M --delta VALVE --alpha 0,0.5,1 [--any-alpha]   →   http://127.0.0.1:8000/v1
 
-Every α is the model `NAME@α`. NAME@0 is the base itself (vLLM's served model name); every other α is
-one LoRA adapter with α baked into its factors (`tvtool.lowrank.alpha_adapter`, cached by the valve's
-content), given to vLLM as a static LoRA module, so requests at different α are decoded in the same
-batches (`max_loras` covers the served α). With `any_alpha` a vLLM LoRA resolver
+Every α is the model `NAME@α`: one LoRA adapter with α baked into its factors
+(`tvtool.lowrank.alpha_adapter`, cached by the valve's content), given to vLLM as a static LoRA module,
+so requests at different α are decoded in the same batches (`max_loras` covers the served α). NAME@0
+is the adapter with B = 0, whose outputs are the base model's exactly; it is an adapter so that no
+batch mixes requests with and without one (vLLM's CPU build applies its last adapter slot to those
+without). The base without adapter is vLLM's served model name, NAME@base. With `any_alpha` a vLLM LoRA resolver
 (`tvtool.engine.serve_process`) builds NAME@α for any α in `alpha_range` on its first request.
 
 Processes. This one checks what can fail early (options, the port, the valve against the base),
@@ -56,12 +58,13 @@ STOP_GRACE_S = 30.0  # after SIGTERM, how long the server may take to shut down 
 @dataclass(frozen=True)
 class ServeOptions(CliOptions):
     alphas: tuple[float, ...] = opt((0.0, 0.5, 1.0), "α values served from the start, each as NAME@α "
-                                                     "(NAME@0 is the base model).", flag="--alpha", short="-a")
+                                                     "(NAME@0 gives the base model's outputs).", flag="--alpha",
+                                    short="-a")
     name: str = opt("valve", "Model name prefix: a request asks for NAME@α.")
     any_alpha: bool = opt(False, "Also serve NAME@α for any α in --alpha-range, its adapter built on the first "
                                  "request (a vLLM LoRA resolver).")
     alpha_range: str = opt("0:1.25", "With --any-alpha: the α a request may ask for, LO:HI.")
-    max_loras: int | None = opt(None, "Adapters decoded in one batch (default: every served α ≠ 0, plus 4 with "
+    max_loras: int | None = opt(None, "Adapters decoded in one batch (default: every served α, plus 4 with "
                                       "--any-alpha).")
     rank: int | None = opt(None, "VALVE is a full-rank delta or a reasoner: factor it at this rank first "
                                  "(svd-rank, cached and re-used).")
@@ -79,7 +82,7 @@ class ServePlan:
     """What the server process is started with: vLLM's arguments, its environment, the served names."""
 
     url: str  # http://host:port/v1 (the address clients use)
-    names: dict[str, Path | None]  # NAME@α → adapter folder (None: the base)
+    names: dict[str, Path]  # NAME@α → adapter folder
     valve: Valve
     argv: list[str]  # vLLM `serve` arguments
     env: dict[str, str | None]  # set (None: removed) in the child's environment
@@ -104,6 +107,11 @@ class ServeResult:
 
 
 # --- names ------------------------------------------------------------------------------------
+
+
+def base_name(name: str) -> str:
+    """vLLM's served model name: the base without any adapter (NAME@0 is the α = 0 adapter, B = 0)."""
+    return f"{name}@base"
 
 
 def served_name(name: str, alpha: float) -> str:
@@ -212,18 +220,15 @@ def plan_serve(*, base: str | os.PathLike, valve: str | os.PathLike, options: Se
     path = factored_valve(valve=valve, base=base, rank=o.rank, cache=cache, progress=progress) if o.rank else valve
     v = open_valve(path)  # refuses a full-rank delta or a reasoner with the command that factors it
     check_fits(v, base)
-    adapters = alpha_adapters(v, o.alphas, cache=cache)
-    names: dict[str, Path | None] = {served_name(o.name, 0.0): None}
-    names.update({served_name(o.name, a): p for a, p in adapters.items()})
-    max_loras = o.max_loras or max(len(adapters) + (4 if o.any_alpha else 0), 1)
-    modules = [json.dumps({"name": n, "path": str(p), "base_model_name": served_name(o.name, 0.0)})
-               for n, p in names.items() if p is not None]
-    argv = [str(base), "--served-model-name", served_name(o.name, 0.0), "--host", o.host, "--port", str(o.port),
+    adapters = alpha_adapters(v, o.alphas, cache=cache)  # α = 0 too: B = 0, the base's outputs exactly
+    names = {served_name(o.name, a): p for a, p in sorted(adapters.items())}
+    max_loras = o.max_loras or len(adapters) + (4 if o.any_alpha else 0)
+    modules = [json.dumps({"name": n, "path": str(p), "base_model_name": base_name(o.name)}) for n, p in names.items()]
+    argv = [str(base), "--served-model-name", base_name(o.name), "--host", o.host, "--port", str(o.port),
             "--enable-lora", "--max-lora-rank", str(v.rank), "--max-loras", str(max_loras),
             "--max-cpu-loras", str(max(max_loras, len(adapters)) + (16 if o.any_alpha else 0)),
             "--generation-config", "vllm", "--seed", "0", *engine_args(eo)]
-    if modules:
-        argv += ["--lora-modules", *modules]
+    argv += ["--lora-modules", *modules]
     env: dict[str, str | None] = {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1" if o.any_alpha else None,  # vLLM asks resolvers only then
         "VLLM_LORA_RESOLVER_CACHE_DIR": None, "VLLM_LORA_RESOLVER_HF_REPO_LIST": None,  # no other resolvers
@@ -274,13 +279,13 @@ def engine_args(eo: EngineOptions) -> list[str]:
 
 def banner(plan: ServePlan, *, api_key: bool) -> str:
     """What a user sees once the server answers: URL, names, a curl line, how to stop."""
-    names = list(plan.names)
+    names, name = list(plan.names), plan.spec["name"]
     auth = " -H 'Authorization: Bearer <key>'" if api_key else ""
     example = names[-1]
-    anyline = (f"\n  any α: {plan.spec['name']}@α for α in [{format_alpha(plan.alpha_range[0])}, "
+    anyline = (f"\n  any α: {name}@α for α in [{format_alpha(plan.alpha_range[0])}, "
                f"{format_alpha(plan.alpha_range[1])}], built on its first request") if plan.alpha_range else ""
     return (f"tvtool: serving {plan.valve.describe()} at {plan.url} (vLLM {vllm_version()}, OpenAI API)\n"
-            f"  models: {names[0]} (the base), {', '.join(names[1:]) or '-'}{anyline}\n"
+            f"  models: {', '.join(names)}; {base_name(name)} is the base without adapter{anyline}\n"
             f"  try:    curl {plan.url}/chat/completions{auth} -H 'Content-Type: application/json' -d "
             f"'{{\"model\": \"{example}\", \"messages\": [{{\"role\": \"user\", \"content\": \"…\"}}]}}'\n"
             f"  log:    {plan.log}\n"
@@ -407,5 +412,5 @@ def _last_error(log: Path) -> str:
     return line[:300]
 
 
-__all__ = ["ServeOptions", "ServePlan", "ServeResult", "banner", "check_port", "factored_valve", "parse_range", "plan_serve",
+__all__ = ["ServeOptions", "ServePlan", "ServeResult", "banner", "base_name", "check_port", "factored_valve", "parse_range", "plan_serve",
            "requested_alpha", "serve", "served_name"]

@@ -228,14 +228,13 @@ def _evaluate_lora_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Se
     if valve.not_carried > 0:
         warnings.warn(f"the LoRA adapters leave out {100 * valve.not_carried:.3f}% of ‖Δ‖² (tensors the factored "
                       f"delta keeps full): --apply lora evaluates θ1 + α·B·A on its linear layers only")
-    adapters = alpha_adapters(valve, alphas)
+    adapters = alpha_adapters(valve, alphas)  # α = 0 too (B = 0): no request of the batch is without adapter
     eo = replace(s.engine_options, enable_lora=True, max_lora_rank=max(s.engine_options.max_lora_rank, valve.rank),
-                 max_loras=s.engine_options.max_loras or max(len(adapters), 1))
+                 max_loras=s.engine_options.max_loras or len(adapters))
     ds, params = dataset_dir(s.problems.name), run_params(s.options, source.base)
-    runs = [_Planned(alpha_name(a), float(a), out / alpha_name(a) / ds,
-                     {**sweep_model(source=source, config=MergeConfig(float(a))), "apply": "lora"}, params,
-                     path=source.base, lora=str(adapters[float(a)]) if float(a) in adapters else None)
-            for a in dict.fromkeys(alphas)]
+    runs = [_Planned(alpha_name(a), a, out / alpha_name(a) / ds,
+                     {**sweep_model(source=source, config=MergeConfig(a)), "apply": "lora"}, params,
+                     path=source.base, lora=str(path)) for a, path in adapters.items()]
     s.run(runs, lambda: Engine(model=source.base, options=eo, seed=s.seed, lazy=True), batched=True)
 
 

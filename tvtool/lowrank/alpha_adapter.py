@@ -10,7 +10,9 @@ the factors, and each α is an ordinary adapter that one engine serves beside th
     A[m], B_α[m] zero-padded to one rank R (the smallest vLLM accepts), lora_alpha = R, no patterns
     ⇒ vLLM's scale is exactly 1 and θ + B_α·A = θ + α·Δθ on every adapted module.
 
-α = 0 is the base model itself (served without an adapter). Adapters go to
+α = 0 is an adapter too, with B = 0: its outputs are the base model's, exactly (the LoRA branch adds
+zeros), and a batch never mixes requests with and without an adapter, which vLLM's CPU build gets
+wrong (its torch LoRA ops read a request without adapter, index -1, as the last adapter slot). Adapters go to
 `<cache>/alpha-adapters/<valve key>/alpha-<α>/`, written atomically, each holding a finished-work
 record (`tvtool.io.finished`) of the valve's content fingerprint and α: a folder is re-used only
 when it was made from the same bytes. A full-rank Δ (a `tvtool delta` output) or a reasoner is not
@@ -169,8 +171,8 @@ def alpha_adapter(valve: Valve, alpha: float, *, cache: str | os.PathLike | None
 
 
 def alpha_adapters(valve: Valve, alphas, *, cache: str | os.PathLike | None = None) -> dict[float, Path]:
-    """α → adapter folder for every α ≠ 0 (α = 0 is the base model)."""
-    return {float(a): alpha_adapter(valve, a, cache=cache) for a in dict.fromkeys(alphas) if float(a) != 0.0}
+    """α → adapter folder, for every α (α = 0: B = 0, the base model's outputs)."""
+    return {float(a): alpha_adapter(valve, a, cache=cache) for a in dict.fromkeys(alphas)}
 
 
 def _card(valve: Valve, alpha: float) -> str:
