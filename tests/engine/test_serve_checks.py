@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_one_line_error, cli
 
 from tvtool.engine.options import EngineOptions
-from tvtool.engine.serve import ServeOptions, parse_range, plan_serve, requested_alpha, served_name
+from tvtool.engine.serve_plan import ServeOptions, parse_range, plan_serve, requested_alpha, served_name
 from tvtool.errors import OptionsError
 from tvtool.toy import ASSET_DIR, BASE_DIR, REASONER_DIR
 

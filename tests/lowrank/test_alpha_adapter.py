@@ -14,7 +14,7 @@ from helpers import assert_one_line_error, cli
 from tiny import state_dict
 
 from tvtool.errors import CheckpointError, OptionsError
-from tvtool.engine.serve import factored_valve
+from tvtool.engine.serve_plan import factored_valve
 from tvtool.lowrank.alpha_adapter import RECORD, adapter_folder, alpha_adapter, alpha_adapters, open_valve
 from tvtool.lowrank.peft_adapter import VLLM_RANKS, write_peft_adapters
 from tvtool.lowrank.svd import LowRankOptions, svd_rank

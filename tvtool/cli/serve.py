@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from tvtool.engine.options import EngineOptions
-from tvtool.engine.serve import ServeOptions, serve
+from tvtool.engine.serve import serve
+from tvtool.engine.serve_plan import ServeOptions
 from tvtool.options import click_options, from_cli
 
 

@@ -30,7 +30,7 @@ import asyncio
 import json
 import sys
 
-from tvtool.engine.serve import requested_alpha
+from tvtool.engine.serve_plan import requested_alpha
 from tvtool.errors import EngineError, OptionsError
 from tvtool.lowrank.alpha_adapter import alpha_adapter, open_valve
 
