@@ -74,9 +74,13 @@ def first_use(valve, reasoner, cache: Path) -> dict[str, list[float]]:
            "--enforce-eager", "--cpu-kv-cache-gb", "1"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    banner = []
     for line in proc.stderr:
+        banner.append(line)
         if line.strip().startswith("stop:"):
             break
+    if proc.poll() is not None:
+        sys.exit("tvtool serve did not start:\n" + "".join(banner))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
 
     def ask(model: str) -> float:
