@@ -43,7 +43,8 @@ def _lora_buffer_bytes(worker) -> tuple[int, int]:
     total, slots = 0, 0
     for m in worker.model_runner.model.modules():
         for name in ("lora_a_stacked", "lora_b_stacked"):
-            for t in getattr(m, name, None) or ():
+            held = getattr(m, name, None)
+            for t in () if held is None else held if isinstance(held, (tuple, list)) else (held,):
                 total += t.numel() * t.element_size()
                 slots = t.shape[0]
     return total, slots
