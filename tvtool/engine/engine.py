@@ -93,6 +93,8 @@ class Engine:
             trust_remote_code=o.trust_remote_code, worker_extension_cls=WORKER_EXTENSION)
         if o.enable_lora:
             kw["max_lora_rank"] = o.max_lora_rank
+            if o.max_loras is not None:
+                kw["max_loras"] = o.max_loras
         for k in ("max_model_len", "distributed_executor_backend", "max_num_seqs"):
             if getattr(o, k) is not None:
                 kw[k] = getattr(o, k)
@@ -216,6 +218,12 @@ class Engine:
 
         return LoRARequest(lora_name=f"adapter-{i}", lora_int_id=i, lora_path=key)
 
+    def reserve_loras(self, n: int) -> None:
+        """Before the engine starts, let one batch hold `n` adapters (vLLM's `max_loras`); a started engine
+        keeps its setting (requests of more adapters still run, in turns)."""
+        if self._llm is None and self.options.enable_lora and n > self._kw.get("max_loras", 1):
+            self._kw["max_loras"] = n
+
     def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]:
         return [build_prompt(question=q, tokenizer=self.tokenizer, options=options) for q in questions]
 
@@ -253,13 +261,33 @@ class Engine:
                           fix=f"{fix}: --instruction, --system-prompt, or the dataset's questions")
 
     def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
+                 loras: Sequence[str | os.PathLike | None] | None = None,
                  add_special_tokens: bool = True) -> list[list[Sample]]:
-        """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
+        """Per prompt, its n samples (token ids, text, finish reason), in prompt order.
+
+        `lora`: one adapter for every prompt; `loras`: one per prompt (None: the engine's weights), so
+        requests through different adapters are batched together in one call."""
         if self.weights["kind"] == "dummy":
             raise EngineError("the engine holds placeholder weights", where=str(self.model_dir),
                               fix="call set_alpha or load_weights first")
         params = self.sampling_params(sampling)
-        req = self.lora_request(lora) if lora else None
+        if loras is not None:
+            if lora is not None or len(loras) != len(prompts):
+                raise OptionsError(f"{len(loras)} adapters for {len(prompts)} prompts", where="loras",
+                                   fix="give one adapter (or None) per prompt, and no `lora`")
+            if any(loras) and not all(loras):  # never mixed: vLLM's CPU build reads "no adapter" (index -1)
+                # as its last adapter slot (torch LoRA ops), so prompts without one go in a call of their own
+                plain = [i for i, p in enumerate(loras) if not p]
+                lora_ix = [i for i, p in enumerate(loras) if p]
+                outs = dict(zip(plain, self.generate(prompts=[prompts[i] for i in plain], sampling=sampling,
+                                                     add_special_tokens=add_special_tokens)))
+                outs.update(zip(lora_ix, self.generate(prompts=[prompts[i] for i in lora_ix], sampling=sampling,
+                                                       loras=[loras[i] for i in lora_ix],
+                                                       add_special_tokens=add_special_tokens)))
+                return [outs[i] for i in range(len(prompts))]
+            req = [self.lora_request(p) if p else None for p in loras]
+        else:
+            req = self.lora_request(lora) if lora else None
         self.check_prompts(prompts=prompts, add_special_tokens=add_special_tokens)
         try:  # vLLM is optional: imported only with an engine (older vLLM raised ValueError)
             from vllm.exceptions import VLLMValidationError

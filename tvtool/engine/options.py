@@ -60,6 +60,8 @@ class EngineOptions(CliOptions):
     cpu_kv_cache_gb: int | None = opt(None, "CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE).")
     enable_lora: bool = opt(False, "Serve LoRA adapters (on by itself with --lora).")
     max_lora_rank: int = opt(16, "Largest LoRA rank served (raised to the adapters' rank with --lora).")
+    max_loras: int | None = opt(None, "LoRA adapters in one batch (default: vLLM's 1; --lora and --apply lora "
+                                      "raise it to the number of adapters).")
     enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
     max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tvtool._version import __version__
 from tvtool.evaluation.answers import read_sample, reread_file
@@ -48,6 +48,10 @@ class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with 
     include: str | None = opt(None, "α sweep: apply α only to tensors whose name matches this regex; others stay "
                                     "at the base (e.g. 'mlp' for an MLP-only Δ).")
     exclude: str | None = opt(None, "α sweep: do not apply α to tensors whose name matches this regex.")
+    apply: Literal["swap", "lora"] = opt(
+        "swap", "α sweep: swap loads θ1 + α·Δ in place, one α at a time (rounded to the checkpoint dtype, as "
+                "materialize writes it); lora serves a LoRA or factored Δ (--delta) as one α-scaled adapter per α "
+                "(B·A applied in the engine dtype) and sends every α's requests in one generate call.")
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
@@ -68,6 +72,79 @@ def run_one(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLi
     """Generate (resuming), score and summarise `problems` with the engine's current weights.
 
     `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given."""
+    run = open_run(engine=engine, problems=problems, folder=folder, model=model, prompt=prompt, sampling=sampling,
+                   options=options, lora=lora, params_b=params_b, params_source=params_source, weights=weights)
+    with RunProgress(desc=run.desc, total=run.total, done=run.total - len(run.todo) * sampling.n,
+                     disable=not options.progress, records=read_samples(run.path)) as bar, \
+            open(run.path, "a", encoding="utf-8") as f:
+        for start in range(0, len(run.todo), options.batch_size):
+            batch = run.todo[start:start + options.batch_size]
+            texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
+            outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=run.special)
+            bar.update(run.write(f, batch, texts, outs), n=len(batch) * sampling.n)
+    return run.finish()
+
+
+@dataclass
+class OpenRun:
+    """A run whose run.json is written and whose samples are being generated (`open_run`): what is still to
+    do, how to append samples, and `finish` (score, summarise, mark finished). `run_one` drives one; a
+    batched caller (`tvtool.evaluation.batched`) drives several runs with one generate call per batch."""
+
+    folder: Path
+    problems: ProblemSet
+    sampling: SamplingOptions
+    options: EvalOptions
+    lora: str | None
+    run: dict  # run.json as written at the start
+    todo: list  # problems with samples still missing
+    done: set  # (id, sampling index) already written
+    special: bool  # add_special_tokens when tokenizing (no chat template)
+    params: tuple[float | None, str]
+    reader: ThinkReader  # splits thinking from the answer (`tvtool.evaluation.thinking`)
+    tokenizer: Any
+
+    @property
+    def path(self) -> Path:
+        return self.folder / SAMPLES
+
+    @property
+    def total(self) -> int:
+        return len(self.problems) * self.sampling.n
+
+    @property
+    def desc(self) -> str:
+        return f"{self.folder.parent.name} {self.folder.name}"
+
+    def write(self, f, batch, texts, outs) -> list[dict]:
+        """Append the records of `batch` (prompts `texts`, samples `outs`) to samples.jsonl, flushed and fsynced."""
+        o = self.options
+        recs = [_record(p, text, s, self.problems.kind, o.score and o.answer_rule, self.reader)
+                for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in self.done]
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+        f.flush()
+        os.fsync(f.fileno())
+        return recs
+
+    def finish(self) -> dict:
+        """Read the answers (again, under the current answer rule and thinking delimiter), write summary.json,
+        and run.json with `finished`."""
+        scoring = read_run(folder=self.folder, problems=self.problems, options=self.options,
+                           tokenizer=self.tokenizer)
+        summary = summary_of(folder=self.folder, problems=self.problems, n=self.sampling.n,
+                             params_b=self.params[0], params_source=self.params[1],
+                             difficulty=self.options.difficulty_field)
+        write_json(self.folder / SUMMARY, summary)
+        self.run["scoring"] = {**self.run["scoring"], **scoring, "difficulty_field": summary.get("difficulty_field")}
+        write_json(self.folder / RUN, {**self.run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return summary
+
+
+def open_run(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+             prompt: PromptOptions, sampling: SamplingOptions, options: EvalOptions,
+             lora: str | os.PathLike | None = None, params_b: float | None = None, params_source: str = "counted",
+             weights: dict | None = None) -> OpenRun:
+    """Start (or resume) a run: check the folder's record, write run.json, read the samples already there."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
@@ -80,34 +157,13 @@ def run_one(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLi
            "vllm_version": vllm_version(),
            "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
-    path = folder / SAMPLES
     reader = ThinkReader(detect_think_end(option=options.think_end, tokenizer=engine.tokenizer)[0],
                          tokenizer=engine.tokenizer)
-    rule = options.score and options.answer_rule
-    done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
+    done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES, repair=True)}
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
-    total = len(problems) * sampling.n
-    desc = f"{folder.parent.name} {folder.name}"
-    with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
-                     records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), options.batch_size):
-            batch = todo[start:start + options.batch_size]
-            texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
-            outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            recs = [_record(p, text, s, problems.kind, rule, reader)
-                    for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
-            f.write("".join(json.dumps(r) + "\n" for r in recs))
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(recs, n=len(batch) * sampling.n)
-    scoring = read_run(folder=folder, problems=problems, options=options, tokenizer=engine.tokenizer)
-    summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
-                         params_source=params_source, difficulty=options.difficulty_field)
-    write_json(folder / SUMMARY, summary)
-    run["scoring"] = {**run["scoring"], **scoring, "difficulty_field": summary.get("difficulty_field")}
-    write_json(folder / RUN, {**run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return summary
+    return OpenRun(folder, problems, sampling, options, str(lora) if lora else None, run, todo, done, special,
+                   (params_b, params_source), reader, engine.tokenizer)
 
 
 def read_run(*, folder: str | os.PathLike, problems: ProblemSet, options: EvalOptions, tokenizer) -> dict:
