@@ -87,7 +87,9 @@ def run(cmd: list[str], env: dict) -> float:
 
 def tvtool_cmd(work: Path, out: Path, rank: int, method: str) -> list[str]:
     code = ("from tvtool.lowrank.svd import LowRankOptions, svd_rank; "
-            f"svd_rank(base={str(work / 'base')!r}, reasoner={str(work / 'ft')!r}, output={str(out)!r}, "
+            "from tvtool.vectors.source import DeltaSource; "
+            f"svd_rank(source=DeltaSource(base={str(work / 'base')!r}, reasoner={str(work / 'ft')!r}), "
+            f"output={str(out)!r}, "
             f"options=LowRankOptions(rank={rank}, method={method!r}, include={INCLUDE!r}, "
             "drop_unfactored=True, progress=False, overwrite=True))")
     return [sys.executable, "-c", code]

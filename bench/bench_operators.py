@@ -30,22 +30,28 @@ t0 = time.perf_counter()
 """
 CASES = {
     "trim density 0.2, tvtool streaming": """
-from tvtool.merge.operators import Merge, prepare, merged_delta
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.prepare import prepare
+from tvtool.merge.registry import Rows, TensorInfo
 from tvtool.io.safetensors_io import row_chunks
-m = Merge(method="trim", density=0.2); ranges = row_chunks(({R}, {C}))
-prep = prepare([m], name="w", shape=({R}, {C}), n_vectors=1, ranges=ranges, read=lambda s, e: [delta(s, e)])
-kept = sum(int((merged_delta(m, prep, [delta(s, e)], s) != 0).sum()) for s, e in ranges)
+m = MergeConfig(1.0, method="trim", density=0.2).operator; ranges = row_chunks(({R}, {C}))
+rows = lambda s, e: Rows(None, [delta(s, e)], start=s)
+prep = prepare([m], tensor=TensorInfo("w", ({R}, {C}), 1), ranges=ranges, read=rows)
+kept = sum(int((m.merged(prep.states[m], rows(s, e), prep.tensor) != 0).sum()) for s, e in ranges)
 """,
     "trim density 0.2, mergekit magnitude": """
 from mergekit.sparsify import magnitude
 kept = int((magnitude(delta(0, {R}), density=0.2) != 0).sum())
 """,
     "DARE p 0.9, tvtool streaming": """
-from tvtool.merge.operators import Merge, prepare, merged_delta
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.prepare import prepare
+from tvtool.merge.registry import Rows, TensorInfo
 from tvtool.io.safetensors_io import row_chunks
-m = Merge(method="dare_linear", p=0.9); ranges = row_chunks(({R}, {C}))
-prep = prepare([m], name="w", shape=({R}, {C}), n_vectors=1, ranges=ranges, read=lambda s, e: [delta(s, e)])
-kept = sum(int((merged_delta(m, prep, [delta(s, e)], s) != 0).sum()) for s, e in ranges)
+m = MergeConfig(1.0, method="dare_linear", p=0.9).operator; ranges = row_chunks(({R}, {C}))
+rows = lambda s, e: Rows(None, [delta(s, e)], start=s)
+prep = prepare([m], tensor=TensorInfo("w", ({R}, {C}), 1), ranges=ranges, read=rows)
+kept = sum(int((m.merged(prep.states[m], rows(s, e), prep.tensor) != 0).sum()) for s, e in ranges)
 """,
     "DARE p 0.9, mergekit bernoulli": """
 from mergekit.sparsify import bernoulli
@@ -59,7 +65,7 @@ for s, e in row_chunks(({R}, {C})):
 kept = 0
 """,
     "5 α, torch merge_rows": """
-from tvtool.merge.stream import merge_rows
+from tvtool.merge.kernels import merge_rows
 from tvtool.io.safetensors_io import row_chunks
 for s, e in row_chunks(({R}, {C})):
     b32, d = base[s:e].float(), delta(s, e)

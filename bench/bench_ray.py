@@ -49,7 +49,7 @@ def main() -> None:
     from tvtool.engine.options import EngineOptions, SamplingOptions
     from tvtool.evaluation.evaluate import evaluate
     from tvtool.io.layout import SAMPLES
-    from tvtool.merge.stream import MergeConfig
+    from tvtool.merge.config import MergeConfig
     from tvtool.engine.prompting import PromptOptions
     from tvtool.evaluation.results import read_samples
     from tvtool.evaluation.runs import EvalOptions

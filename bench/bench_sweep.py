@@ -78,7 +78,7 @@ def main() -> None:
     write = start = gen = stop = 0.0
     for a in alphas:
         t1 = time.perf_counter()
-        folder = materialize(base=base, reasoner=reasoner, output=tmp / "mat",
+        folder = materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp / "mat",
                              options=MaterializeOptions(alphas=(a,), progress=False)).folders[a]
         t2 = time.perf_counter()
         e = Engine(model=folder, options=eo)

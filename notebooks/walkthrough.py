@@ -68,7 +68,7 @@ fig.tight_layout()
 plt.show()
 for r in (2, 8, 32):
     print(f"rank {r:3d}: {energy[r - 1].item():.3f} of ‖Δ‖²")
-lowrank = tvtool.svd_rank(delta=delta.output, output=work / "delta-r8.safetensors",
+lowrank = tvtool.svd_rank(source=tvtool.DeltaSource(delta=delta.output), output=work / "delta-r8.safetensors",
                           options=tvtool.LowRankOptions(rank=8, progress=False))
 print(lowrank.totals["energy_kept"], "of ‖Δ‖² kept by the rank-8 factored delta")
 
@@ -76,7 +76,7 @@ print(lowrank.totals["energy_kept"], "of ‖Δ‖² kept by the rank-8 factored 
 # ## 3. Materialize two α in one pass
 
 # %%
-merged = tvtool.materialize(base=BASE_DIR, delta=delta.output, output=work / "merged",
+merged = tvtool.materialize(source=tvtool.DeltaSource(base=BASE_DIR, delta=delta.output), output=work / "merged",
                             options=tvtool.MaterializeOptions(alphas=(0.2, 1.0), progress=False))
 print(merged.summary())
 
@@ -91,7 +91,7 @@ from tvtool.engine.prompting import PromptOptions  # noqa: E402
 from tvtool.evaluation.runs import EvalOptions  # noqa: E402
 
 alphas = (0.0, 0.2, 0.4, 0.6, 1.0)
-result = evaluate(output=work / "eval", base=BASE_DIR, delta=delta.output, alphas=alphas,
+result = evaluate(output=work / "eval", source=tvtool.DeltaSource(base=BASE_DIR, delta=delta.output), alphas=alphas,
                   options=EvalOptions(dataset="toy", limit=40, progress=False),
                   prompt=PromptOptions(instruction=""), sampling=SamplingOptions(max_tokens=200),
                   engine_options=EngineOptions(dtype="float32", max_model_len=256, enforce_eager=True))

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from tvtool.merge.stream import MergeConfig, merged_tensors
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.stream import merged_tensors
 from tvtool.engine.prompting import PromptOptions
 from tvtool.vectors.source import DeltaSource
 from tvtool.evaluation.scoring import score
@@ -47,7 +48,7 @@ def greedy(model, tok, questions, device: str, max_new_tokens: int = 200) -> lis
 def measure(adapter: Path, alphas, device: str) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(str(REASONER_DIR))
     rows = read_jsonl(path=TEST_PATH)
-    base, tv = DeltaSource(base=str(REASONER_DIR), delta=str(adapter)).open()
+    base, tv = (opened := DeltaSource(base=str(REASONER_DIR), delta=str(adapter)).open()).base, opened.tv
     out = []
     for a in alphas:
         state = dict(merged_tensors(base=base, tv=tv, config=MergeConfig(a)))

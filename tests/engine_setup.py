@@ -46,14 +46,14 @@ class VEngine:
 @pytest.fixture(scope="session")
 def vengine(pairs, tmp_path_factory):
     pytest.importorskip("vllm")
-    from tvtool import MaterializeOptions, materialize
+    from tvtool import DeltaSource, MaterializeOptions, materialize
     from tvtool.engine.engine import Engine
     from tvtool.engine.options import SamplingOptions
     from tvtool.engine.prompting import PromptOptions
 
     base, reasoner = pairs["llama"]
     out = tmp_path_factory.mktemp("vengine")
-    res = materialize(base=base, reasoner=reasoner, output=out,
+    res = materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out,
                       options=MaterializeOptions(alphas=(ALPHA,), progress=False))
     mat = res.folders[ALPHA]
     eng = Engine(model=mat, options=engine_options(enable_lora=True, max_lora_rank=8))
@@ -151,6 +151,9 @@ class RecordingEngine:
 
     def prompts(self, *, questions, options):
         return list(questions)
+
+    def check_prompts(self, *, prompts, add_special_tokens=True):
+        pass
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
         from tvtool.engine.options import Sample

@@ -1,7 +1,9 @@
 """Operators applied chunk by chunk, outside the merge stream: the reference the operator tests compare against.
 
 Every tensor is streamed in small row chunks (CHUNK elements) so that the selection passes, the tie cut
-and the per-chunk math are all exercised across chunk boundaries.
+and the per-chunk math are all exercised across chunk boundaries. The per-chunk step is the stream's own
+`_merge_one` (every configuration's rows of one chunk); the reading, planning and prefetching around it are
+this harness's.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import torch
 
 from tvtool.io.checkpoint import Checkpoint
 from tvtool.io.safetensors_io import row_chunks
-from tvtool.merge.operators import Config, outputs, prepare
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.prepare import prepare
+from tvtool.merge.registry import Rows, TensorInfo
+from tvtool.merge.stream import _merge_one
 from tvtool.vectors.taskvector import TaskVector
 
 CHUNK = 4096
 
 
-def ours(base: Path, reasoners: list[Path], configs: list[Config]):
-    """Every configuration's bf16 state dict, streamed in CHUNK-element row chunks; plus the Prepared cuts."""
+def ours(base: Path, reasoners: list[Path], configs: list[MergeConfig]):
+    """Every configuration's bf16 state dict, streamed in CHUNK-element row chunks; plus the Prepared state."""
     b = Checkpoint.open(base)
     tvs = [TaskVector.between(b, r) for r in reasoners]
     names = b.names()
@@ -30,15 +35,15 @@ def ours(base: Path, reasoners: list[Path], configs: list[Config]):
         ranges = row_chunks(shape, CHUNK)
 
         def read(s, e):
-            return [tv.rows(name, s, e) for tv in tvs]
+            return Rows(b.read(name, s, e), [tv.rows(name, s, e) for tv in tvs], start=s)
 
-        prep = prepare([c.merge for c in configs], name=name, shape=shape, n_vectors=len(tvs), ranges=ranges,
+        prep = prepare([c.operator for c in configs], tensor=TensorInfo(name, shape, len(tvs)), ranges=ranges,
                        read=read)
         preps[name] = prep
         parts = [[] for _ in configs]
         for s, e in ranges:
-            res = outputs(configs, [a[name] for a in alphas], prep, base_rows=b.read(name, s, e), deltas=read(s, e),
-                          start_row=s, dtype=torch.bfloat16)
+            rows = read(s, e)
+            res = _merge_one(configs, alphas, name, s, rows.base, None, rows.deltas, None, prep, torch.bfloat16)
             for j, r in enumerate(res):
                 parts[j].append(r)
         for j in range(len(configs)):

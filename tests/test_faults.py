@@ -1,4 +1,4 @@
-"""What bad input and faults get: one place to scan. Each test reproduces a fault of issue 10.
+"""What bad input and faults get: one place to scan. Each test reproduces one fault.
 
 Every error is one exact line (what, where, what to do) and a non-zero exit, never a traceback;
 nothing is half-written or silently wrong.
@@ -31,6 +31,7 @@ from tvtool import Checkpoint, DeltaOptions, MaterializeOptions
 from tvtool.errors import CheckpointError
 from tvtool.io.lock import lock_path, output_lock
 from tvtool.io.writer import ShardedWriter
+from tvtool.vectors.source import DeltaSource
 
 TOY = Path(tvtool.__file__).parent / "assets" / "toy"
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ def test_sharded_hub_ids_through_the_real_cache_layout(hub, llama, tmp_path, mon
     ref = tmp_path / "ref.safetensors"
     tvtool.delta(base=base, reasoner=reasoner, output=ref, options=DeltaOptions(progress=False))
     assert_bit_equal(load_file(out), load_file(ref))
-    res = tvtool.materialize(base="alice/sharded-base", reasoner="alice/sharded-reasoner", output=tmp_path / "m",
+    res = tvtool.materialize(source=DeltaSource(base="alice/sharded-base", reasoner="alice/sharded-reasoner"),
+                             output=tmp_path / "m",
                              options=MaterializeOptions(alphas=(1.0,), progress=False))
     assert_bit_equal(state_dict(res.folders[1.0]), state_dict(reasoner))
 
@@ -241,7 +243,7 @@ def test_two_materialize_processes_at_once_one_refuses_and_the_output_is_whole(l
     results = [(p.wait(), p.stderr.read()) for p in procs]
     refused = [e for rc, e in results if rc != 0]
     assert all("is writing this output" in e or "other inputs or options" in e for e in refused)
-    ok = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path / "ref",
+    ok = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "ref",
                             options=MaterializeOptions(alphas=(0.5,), dtype=json.loads(
                                 (out / "alpha-0.5" / "tvtool.json").read_text())["settings"]["dtype"],
                                 progress=False))
@@ -358,7 +360,7 @@ def test_nan_in_chunked_fused_passes_is_the_same_error(llama, nan_base, tmp_path
     cfg = tvtool.MergeConfig(0.5, method=method, density=0.5 if method == "ties" else 1.0,
                              p=0.3 if method == "dare_linear" else 0.0)
     with pytest.raises(CheckpointError) as e:
-        tvtool.materialize(base=nan_base, reasoner=reasoner, output=tmp_path / "m", configs=[cfg],
+        tvtool.materialize(source=DeltaSource(base=nan_base, reasoner=reasoner), output=tmp_path / "m", configs=[cfg],
                            options=tvtool.MaterializeOptions(progress=False))
     assert str(e.value).startswith(f"non-finite value nan in the base of tensor {NAN_AT!r} at index (3, 5)")
 
@@ -607,7 +609,7 @@ def _recipe(path: Path, **low_rank) -> Path:
 
 
 def test_sweep_edited_rank_redoes_low_rank_and_its_runs_and_a_moved_folder_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys.modules["tvtool.sweep.run"], "Engine", _FakeEngine)
+    monkeypatch.setattr(sys.modules["tvtool.sweep.stages.evaluate"], "Engine", _FakeEngine)
     from tvtool.sweep.run import SweepOptions, sweep
     _FakeEngine.made.clear()  # engines other tests made
 
@@ -675,7 +677,7 @@ def test_delta_rewritten_at_the_same_path_redoes_materialize(tmp_path):
     r = cli(*args, "--overwrite")
     assert r.exit_code == 0 and "already complete" not in r.stdout
     assert "tvtool: delta changed: redoing materialize alpha-0.5" in r.stderr
-    fresh = tvtool.materialize(base=TOY / "base", delta=d, output=tmp_path / "fresh",
+    fresh = tvtool.materialize(source=DeltaSource(base=TOY / "base", delta=d), output=tmp_path / "fresh",
                                options=MaterializeOptions(alphas=(0.5,), progress=False))
     assert_bit_equal(state_dict(tmp_path / "m" / "alpha-0.5"), state_dict(fresh.folders[0.5]))
     assert cli(*args).stdout.strip().endswith("(already complete)")  # unchanged: finished
@@ -691,7 +693,7 @@ def test_changed_engine_dtype_or_max_model_len_redoes_the_eval_run(tmp_path, cap
     from tvtool.evaluation.runs import EvalOptions
 
     out = tmp_path / "ev"
-    kw = dict(output=out, base=TOY / "base", reasoner=TOY / "reasoner", alphas=[0.5],
+    kw = dict(output=out, source=DeltaSource(base=TOY / "base", reasoner=TOY / "reasoner"), alphas=[0.5],
               options=EvalOptions(dataset="toy", limit=2, progress=False))
     e1 = _FakeEngine(EngineOptions(dtype="float32", max_model_len=256))
     evaluate(engine=e1, **kw)
@@ -716,7 +718,7 @@ def test_changed_include_redoes_the_swept_eval_run(tmp_path):
     from tvtool.evaluation.evaluate import evaluate
     from tvtool.evaluation.runs import EvalOptions
 
-    kw = dict(output=tmp_path / "ev", base=TOY / "base", reasoner=TOY / "reasoner", alphas=[0.5])
+    kw = dict(output=tmp_path / "ev", source=DeltaSource(base=TOY / "base", reasoner=TOY / "reasoner"), alphas=[0.5])
     o = EvalOptions(dataset="toy", limit=2, progress=False, overwrite=True)
     e = _FakeEngine(None)
     evaluate(engine=e, options=o, **kw)

@@ -22,15 +22,19 @@ from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.engine.prompting import PromptOptions
 from tvtool.io.hub import PushOptions
 from tvtool.lowrank.svd import LowRankOptions
-from tvtool.merge.materialize import MaterializeOptions
+from tvtool.merge.options import MaterializeOptions
 from tvtool.valve.options import MixChainOptions, PlanOptions, TrainOptions
 from tvtool.options import click_options, from_cli, unwrap_optional
-from tvtool.merge.options import MergeOptions
-from tvtool.sweep.recipe import load_recipe, merge_configs
-from tvtool.sweep.run import SweepOptions, _commands, _eval_options
+from tvtool.cli.inputs import inputs
+from tvtool.sweep.recipe import load_recipe
+from tvtool.sweep.run import commands
+from tvtool.sweep.run import SweepOptions
+from tvtool.sweep.spec import delta_source, merge_configs
+from tvtool.sweep.stages.evaluate import eval_options
+from tvtool.vectors.source import DeltaSource, SourceOptions
 
 CLASSES = [DeltaOptions, EvalOptions, EngineOptions, LowRankOptions, MaterializeOptions, MixChainOptions,
-           PlanOptions, PromptOptions, PushOptions, SamplingOptions, SweepOptions, TrainOptions]
+           PlanOptions, PromptOptions, PushOptions, SamplingOptions, SourceOptions, SweepOptions, TrainOptions]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -84,8 +88,12 @@ def test_to_cli_args_round_trips(cls):
 def test_bool_flags_use_their_names():
     assert PushOptions(private=False).to_cli_args() == ["--public"]
     assert MaterializeOptions(progress=False).to_cli_args() == ["--no-progress"]
-    assert MaterializeOptions(alphas=(0.6, 1.0), allow_pickle=True).to_cli_args() == ["--alpha", "0.6,1",
-                                                                                      "--allow-pickle"]
+    assert MaterializeOptions(alphas=(0.6, 1.0)).to_cli_args() == ["--alpha", "0.6,1"]
+    assert DeltaSource(base="b", reasoner="r", allow_pickle=True).cli_args() == ["--reasoner", "r", "--allow-pickle"]
+    assert DeltaSource(base="b", reasoner="r", more=("r2",), vocab="intersect").cli_args(weights=(1.0, 0.5)) == \
+        ["--reasoner", "r", "--vector", "r2:0.5", "--vocab", "intersect"]
+    assert DeltaSource(base="b", reasoner="r", more=("r2",)).cli_args(weights=(0.7, 0.5)) == \
+        ["--vector", "r:0.7", "--vector", "r2:0.5"]
 
 
 def test_model_card_command_rebuilds_the_options(llama, tmp_path):
@@ -93,7 +101,7 @@ def test_model_card_command_rebuilds_the_options(llama, tmp_path):
     o = MaterializeOptions(alphas=(0.6,), dtype="float32", include=r"mlp\.", name_template="m {alpha}",
                            config_from="base", max_shard_size="150KB", progress=False)
     out = tmp_path / "out dir"
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=out, options=o)
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out, options=o)
     card = ModelCard.load(res.folders[0.6] / "README.md").text
     cmd = re.search(r"```bash\n(tvtool materialize .*)\n```", card).group(1)
     words = shlex.split(cmd)
@@ -104,15 +112,22 @@ def test_model_card_command_rebuilds_the_options(llama, tmp_path):
     assert from_cli(MaterializeOptions, kw) == dataclasses.replace(o, progress=True)
 
 
+def _resolved(s: DeltaSource) -> DeltaSource:
+    """`s` with its local paths absolute (commands name them relative to the recipe's folder)."""
+    abs_ = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
+    return dataclasses.replace(s, base=abs_(s.base), reasoner=abs_(s.reasoner), delta=abs_(s.delta),
+                               more=tuple(abs_(m) for m in s.more))
+
+
 @pytest.mark.parametrize("name", ["toy.yaml", "qwq-32b-preview.yaml", "r1-distill-llama-8b.yaml"])
 def test_sweep_commands_parse_into_the_sweeps_options(name, tmp_path):
     r = load_recipe(RECIPES / name)
-    evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
+    evals = commands(r, tmp_path / "run", stages=("eval",))  # the valves' own evals are the train stage's
     assert len(evals) == len(r.datasets)
     for cmd, ds in zip(evals, r.datasets):
         ctx = main.commands["eval"].make_context("eval", shlex.split(cmd)[2:])
         kw = dict(ctx.params)
-        ev, sampling = _eval_options(r, ds, True)
+        ev, sampling = eval_options(r, ds, True)
         assert from_cli(EvalOptions, kw) == ev
         assert from_cli(SamplingOptions, kw) == sampling
         assert from_cli(PromptOptions, kw) == r.prompt
@@ -133,16 +148,15 @@ def test_sweep_commands_of_merge_entries_rebuild_the_sweeps_configs(name, tmp_pa
                                                             ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1.0)]
     else:
         r = load_recipe(RECIPES / name)
-    evals = [c for c in _commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
+    evals = [c for c in commands(r, tmp_path / "run") if c.startswith("tvtool eval ")]
     assert len(evals) == len(r.merge) * len(r.datasets)
     got = []
     for cmd in evals[:len(r.merge)]:
         kw = dict(main.commands["eval"].make_context("eval", shlex.split(cmd)[2:]).params)
-        mo = from_cli(MergeOptions, kw)
-        vecs = mo.weighted_vectors() or [(kw["reasoner"], 1.0)]
-        if r.vectors:  # every task vector as --vector MODEL:WEIGHT, the first being the reasoner
-            assert (kw["reasoner"], vecs) == (None, [(v.model, v.weight) for v in r.vectors])
-        got += mo.configs([a for part in kw["alphas"] for a in part], weights=[w for _, w in vecs])
+        assert kw["vectors"] if r.vectors else kw["reasoner"]  # every task vector as --vector MODEL:WEIGHT
+        source, mo = inputs(kw)
+        assert _resolved(source) == _resolved(delta_source(r))
+        got += mo.configs([a for part in kw["alphas"] for a in part])
     assert got == merge_configs(r)
 
 
@@ -158,17 +172,16 @@ def test_materialize_commands_of_merge_entries_rebuild_the_sweeps_configs(name, 
     (tmp_path / "m.yaml").write_text(text)
     r = load_recipe(tmp_path / "m.yaml")
     assert r.apply == "materialize" and (bool(r.vectors) == (name == "vectors"))
-    cmds = _commands(r, tmp_path / "run")
+    cmds = commands(r, tmp_path / "run")
     mats = [c for c in cmds if c.startswith("tvtool materialize ")]
     assert len(mats) == len(r.merge)
     got = []
     for cmd in mats:
         kw = dict(main.commands["materialize"].make_context("materialize", shlex.split(cmd)[2:]).params)
-        mo = from_cli(MergeOptions, kw)
-        vecs = mo.weighted_vectors() or [(kw["reasoner"], 1.0)]
-        if r.vectors:  # every task vector as --vector MODEL:WEIGHT
-            assert (kw["reasoner"], vecs) == (None, [(v.model, v.weight) for v in r.vectors])
-        got += mo.configs([a for part in kw["alphas"] for a in part], weights=[w for _, w in vecs])
+        assert kw["vectors"] if r.vectors else kw["reasoner"]  # every task vector as --vector MODEL:WEIGHT
+        source, mo = inputs(kw)
+        assert _resolved(source) == _resolved(delta_source(r))
+        got += mo.configs([a for part in kw["alphas"] for a in part])
     assert got == merge_configs(r)
     evals = [c for c in cmds if c.startswith("tvtool eval ")]
     assert evals and all("/models/'*alpha-*" in c or "/models/*alpha-*" in c for c in evals)
@@ -181,8 +194,8 @@ def test_sweep_commands_carry_the_materialize_section(apply, tmp_path):
     p.write_text("name: t\nbase: b\nreasoner: r\nalphas: [0, 0.6]\ndatasets: [{name: toy, limit: 3}]\n"
                  f"apply: {apply}\nmaterialize: {{include: 'mlp|attn', exclude: 'layers\\.0\\.', dtype: float32}}\n")
     r = load_recipe(p)
-    cmds = _commands(r, tmp_path / "run")
-    ev, _ = _eval_options(r, r.datasets[0], True)
+    cmds = commands(r, tmp_path / "run")
+    ev, _ = eval_options(r, r.datasets[0], True)
     ctx = main.commands["eval"].make_context("eval", shlex.split(cmds[-1])[2:])
     assert from_cli(EvalOptions, dict(ctx.params)) == ev
     if apply == "swap":

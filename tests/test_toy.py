@@ -9,6 +9,7 @@ import pytest
 
 from tvtool import toy
 from tvtool.vectors.taskvector import TaskVector
+from tvtool.merge.stream import apply_to
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -118,7 +119,7 @@ def test_base_and_reasoner_line_up():
     base, reasoner = toy.load_state(path=toy.BASE_DIR), toy.load_state(path=toy.REASONER_DIR)
     assert base.keys() == reasoner.keys()
     assert all(base[k].shape == reasoner[k].shape for k in base)
-    merged = dict(TaskVector.between(toy.BASE_DIR, toy.REASONER_DIR).apply_to(toy.BASE_DIR, alpha=0.0))
+    merged = dict(apply_to(TaskVector.between(toy.BASE_DIR, toy.REASONER_DIR), toy.BASE_DIR, alpha=0.0))
     assert all((merged[k] == base[k]).all() for k in base)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal, Mapping
 
 import click
 
+from tvtool.errors import OptionsError
+
 
 def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None,
         off: str | None = None) -> Any:
@@ -189,8 +191,6 @@ def cli_number(x: float) -> str:
 
 def check_regex(flag: str, pattern: str | None) -> None:
     """Raise a one-line OptionsError naming `flag` when `pattern` is not a valid regular expression."""
-    from tvtool.errors import OptionsError
-
     if pattern:
         try:
             re.compile(pattern)

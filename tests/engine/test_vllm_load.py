@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tvtool
+from tvtool.vectors.source import DeltaSource
 
 
 @pytest.mark.vllm
@@ -18,7 +19,7 @@ def test_materialized_folder_runs_in_vllm(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, reasoner = llama
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path,
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path,
                              options=tvtool.MaterializeOptions(alphas=(0.6,), progress=False, max_shard_size="200KB"))
     folder = res.folders[0.6]
     prompts = [[1, 5, 9, 13, 40], [1, 7, 7, 30]]

@@ -87,7 +87,9 @@ def test_summary_fields_recompute_from_samples(tmp_path):
     assert s["reflections_mean"] == pytest.approx((1 + 2 + 0 + 1 + 3) / 5)
     assert s == json.loads((tmp_path / "summary.json").read_text())
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["scoring"] == {"answer_rule": "paper"} and {r["answer_rule"] for r in recs} == {"paper"}
+    assert run["scoring"] == {"answer_rule": "paper", "think_end": None, "think_end_from": "not found",
+                              "difficulty_field": "steps"}  # GSM8K's proxy (tvtool.evaluation.difficulty)
+    assert {r["answer_rule"] for r in recs} == {"paper"}
 
 
 def test_another_answer_rule_rescores_without_generating(tmp_path):
@@ -102,5 +104,5 @@ def test_another_answer_rule_rescores_without_generating(tmp_path):
     recs = read_samples(tmp_path / "samples.jsonl")
     assert [r["extracted"] for r in recs][1:4] == [None, "-1", None]
     assert {r["answer_rule"] for r in recs} == {"boxed-only"}
-    assert json.loads((tmp_path / "run.json").read_text())["scoring"] == {"answer_rule": "boxed-only"}
+    assert json.loads((tmp_path / "run.json").read_text())["scoring"]["answer_rule"] == "boxed-only"
     assert run_one(engine=eng, options=EvalOptions(progress=False), **kw) == paper  # and back

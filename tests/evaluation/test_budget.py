@@ -53,7 +53,7 @@ def test_prompt_budget_sweep_writes_table_12_rows(tmp_path, capfd):
         s = summarize(records=records, params_b=None)
         assert len(records) == 4
         for k in ("accuracy", "mean_tokens", "truncated", *STAT_KEYS):
-            assert row[k] == s[k], k
+            assert row.get(k) == s.get(k), k  # (the n > 1 keys are in neither: one sample per problem)
         model = json.loads((folder / "run.json").read_text())["settings"]["model"]
         if row["prompt_budget"]:
             assert (model["prompt_budget"], model["budget_template"], model["alpha"]) == (row["prompt_budget"],

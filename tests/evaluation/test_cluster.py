@@ -20,7 +20,7 @@ from tvtool.engine.engine import Engine
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.io.layout import RUN, SAMPLES, SHARDS
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.results import read_samples
 from tvtool.evaluation.runs import EvalOptions
@@ -42,9 +42,10 @@ SOURCE = DeltaSource(base=str(TOY / "base"), reasoner=str(TOY / "reasoner"))
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """ray.init(num_cpus=2); workers inherit PYTHONPATH, so they import this checkout (and tests/)."""
+    """ray.init(num_cpus=2); workers inherit PYTHONPATH, so they import this checkout, tests/ and this test module
+    (FakeActor is pickled by reference to it)."""
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(Path(__file__).parent),
-                                              os.environ.get("PYTHONPATH", "")])
+                                                os.environ.get("PYTHONPATH", "")])
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield

@@ -57,9 +57,9 @@ def test_table_12_columns_and_answer_statistics(tmp_path):
 
 def test_operator_rows_get_method_columns_and_one_series_per_setting(tmp_path):
     """A sweep over several merge operators: method/params columns, one plot series per (method, params)."""
-    from tvtool.merge.stream import MergeConfig
+    from tvtool.merge.config import MergeConfig
     from tvtool.merge.options import config_name
-    from tvtool.sweep.run import operator_rows
+    from tvtool.sweep.words import operator_rows
 
     configs = [MergeConfig(0.5), MergeConfig(1.0), MergeConfig(0.7, method="ties", density=0.2),
                MergeConfig(1.0, method="ties", density=0.2), MergeConfig(0.7, method="ties", density=0.5),

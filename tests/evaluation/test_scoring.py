@@ -228,7 +228,7 @@ def test_worker_that_cannot_start():
                             "Check that `python -c 'import math_verify'` works in this environment")
 
 
-# --- answers that real models write (issue 11): exact response tail, gold, verdict -----------
+# --- answers that real models write: exact response tail, gold, verdict -----------------------
 
 # (response tail, gold, kind, extracted by the paper rule, verdict)
 FORMATS = [

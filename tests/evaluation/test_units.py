@@ -14,7 +14,7 @@ from tvtool.evaluation.data import Problem, ProblemSet
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
 from tvtool.io.layout import RUN, SAMPLES, SUMMARY
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.results import read_samples, summarize
 from tvtool.evaluation.runs import EvalOptions

@@ -9,6 +9,7 @@ import torch
 
 from tvtool.io import buffers
 from tvtool.io.writer import WriteBehind
+from tvtool.vectors.source import DeltaSource
 
 
 def test_a_buffer_is_reused_only_after_every_view_of_it_is_gone():
@@ -86,7 +87,7 @@ def test_materialize_with_every_buffer_pooled_writes_the_same_bytes(llama, tmp_p
     monkeypatch.setattr(tvtool.merge.stream, "row_chunks", lambda shape, max_elems=2048: row_chunks(shape, 2048))
 
     def run(out):
-        return tvtool.materialize(base=base, reasoner=reasoner, output=out, configs=configs,
+        return tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out, configs=configs,
                                   options=tvtool.MaterializeOptions(progress=False)).configs
 
     plain = run(tmp_path / "plain")
@@ -100,7 +101,7 @@ def test_materialize_with_every_buffer_pooled_writes_the_same_bytes(llama, tmp_p
 
     monkeypatch.setattr(buffers, "_MIN", 0)
     monkeypatch.setattr(buffers, "_KEEP", 2)  # few idle buffers: the same ones come back often
-    for mod in ("tvtool.io.safetensors_io", "tvtool.merge.kernels", "tvtool.vectors.taskvector"):
+    for mod in ("tvtool.io.safetensors_io", "tvtool.merge.kernels", "tvtool.merge.stream"):
         monkeypatch.setattr(f"{mod}.empty", empty)
     pooled = run(tmp_path / "pooled")
     assert len(ptrs) > 100 and len(set(ptrs)) < len(ptrs) / 4  # buffers were recycled, many times

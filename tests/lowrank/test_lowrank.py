@@ -20,6 +20,7 @@ from tiny import state_dict
 from tvtool.errors import CheckpointError, OptionsError
 from tvtool.lowrank.svd import LowRankOptions, factorize, svd_rank
 from tvtool.lowrank.peft_adapter import VLLM_RANKS, adapter_card
+from tvtool.vectors.source import DeltaSource
 
 
 def _deltas(base, reasoner) -> dict[str, np.ndarray]:
@@ -58,7 +59,7 @@ def _decaying(m: int, n: int, seed: int, decay: float | None = None) -> tuple[to
 @pytest.mark.parametrize("method", ["randomized", "exact"])
 def test_rank_r_error_is_the_eckart_young_optimum_on_the_fixture(llama, tmp_path, method):
     base, reasoner = llama
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors",
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                    options=_opts(rank=4, method=method))
     deltas, factors = _deltas(base, reasoner), _factors(res.output)
     factored = [t for t in res.tensors if t.kind == "factored"]
@@ -96,7 +97,7 @@ def test_energy_picks_the_smallest_rank_meeting_the_threshold(llama, tmp_path, m
     base, reasoner = llama
     deltas = _deltas(base, reasoner)
     for i, energy in enumerate((0.3, 0.6, 0.9)):
-        res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / f"f{i}.safetensors",
+        res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / f"f{i}.safetensors",
                        options=_opts(energy=energy, method=method))
         factors = _factors(res.output)
         ranks = set()
@@ -131,7 +132,7 @@ def test_randomized_energy_rank_is_exact_on_a_decaying_spectrum(energy):
 def test_energy_is_capped_by_max_rank(llama, tmp_path):
     base, reasoner = llama
     deltas = _deltas(base, reasoner)
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors",
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                    options=_opts(energy=0.99, max_rank=3))
     for t in res.tensors:
         if t.kind == "factored":
@@ -142,8 +143,9 @@ def test_energy_is_capped_by_max_rank(llama, tmp_path):
 # -- materialize from factors ------------------------------------------------------------------------
 def test_materialize_from_factored_delta_is_base_plus_alpha_BA(pairs, tmp_path):
     base, reasoner = pairs["qwen2"]
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors", options=_opts(rank=4))
-    m = tvtool.materialize(base=base, delta=res.output, output=tmp_path / "m",
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                   output=tmp_path / "f.safetensors", options=_opts(rank=4))
+    m = tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "m",
                            options=tvtool.MaterializeOptions(alphas=(0.6,), dtype="float32", progress=False))
     got, B0 = state_dict(m.folders[0.6]), state_dict(base)
     factors, full = _factors(res.output), load_file(res.output)
@@ -170,7 +172,7 @@ def test_materialize_from_factored_delta_is_base_plus_alpha_BA(pairs, tmp_path):
 
 def test_drop_unfactored_records_and_materialize_keeps_the_base(pairs, tmp_path):
     base, reasoner = pairs["qwen2"]
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors",
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                    options=_opts(rank=2, drop_unfactored=True, plot=True))
     assert res.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"14 factored, 0 kept full, {len(res.tensors) - 14} dropped" in res.table()
@@ -183,7 +185,7 @@ def test_drop_unfactored_records_and_materialize_keeps_the_base(pairs, tmp_path)
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
             "model.layers.1.self_attn.v_proj.bias"} <= dropped
     assert all(k.endswith((".lora_A", ".lora_B")) for k in keys)
-    m = tvtool.materialize(base=base, delta=res.output, output=tmp_path / "m",
+    m = tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "m",
                            options=tvtool.MaterializeOptions(alphas=(1.5,), progress=False))
     got, B0 = state_dict(m.folders[1.5]), state_dict(base)
     assert_bit_equal(got, B0, sorted(dropped))
@@ -195,9 +197,9 @@ def test_refactoring_a_delta_file_and_a_folder_output(llama, tmp_path):
     base, reasoner = llama
     d = tvtool.delta(base=base, reasoner=reasoner, output=tmp_path / "d.safetensors",
                      options=tvtool.DeltaOptions(dtype="float32", progress=False))
-    a = svd_rank(delta=d.output, output=tmp_path / "fa", options=_opts(rank=3, method="exact",
+    a = svd_rank(source=DeltaSource(delta=d.output), output=tmp_path / "fa", options=_opts(rank=3, method="exact",
                                                                        include=r"embed_tokens|proj"))
-    b = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "fb.safetensors",
+    b = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "fb.safetensors",
                  options=_opts(rank=3, method="exact", include=r"embed_tokens|proj"))
     assert (tmp_path / "fa" / "config.json").is_file() and a.report_path == tmp_path / "fa" / "lowrank.json"
     ta = {t.name: t for t in a.tensors}
@@ -214,7 +216,7 @@ def test_peft_adapter_merges_to_the_materialized_weights(pairs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, reasoner = pairs["qwen2"]
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors",
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                    options=_opts(energy=0.5, peft=str(tmp_path / "ad"), peft_alpha=(0.6, -0.5)))
     ranks = {t.rank for t in res.tensors if t.kind == "factored"}
     assert set(res.adapters) == {0.6, -0.5}
@@ -233,7 +235,7 @@ def test_peft_adapter_merges_to_the_materialized_weights(pairs, tmp_path):
     assert meta["library_name"] == "peft" and "lora" in meta["tags"]
     assert "1-D (norms, biases)" in card and "q_proj.bias" in card
 
-    m = tvtool.materialize(base=base, delta=res.output, output=tmp_path / "m",
+    m = tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "m",
                            options=tvtool.MaterializeOptions(alphas=(0.6,), dtype="float32", progress=False))
     mat = state_dict(m.folders[0.6])
     B0 = state_dict(base)
@@ -281,9 +283,9 @@ def test_vllm_serves_adapters_like_the_materialized_low_rank_model(llama, tmp_pa
     from transformers import AutoModelForCausalLM
 
     base, reasoner = llama
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors",
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                    options=_opts(rank=4, drop_unfactored=True, peft=str(tmp_path / "ad"), peft_alpha=(12.0, 1.0)))
-    m = tvtool.materialize(base=base, delta=res.output, output=tmp_path / "m",
+    m = tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "m",
                            options=tvtool.MaterializeOptions(alphas=(12.0, 1.0), dtype="float32", progress=False))
     prompts, n = [[1, 5, 9, 13, 40], [1, 7, 7, 30], [1, 100, 42], [1, 60, 61, 62, 63, 64]], 10
     lora = _vllm({"model": str(base), "prompts": prompts, "n": n, "max_lora_rank": 8,
@@ -314,7 +316,8 @@ def test_vllm_serves_adapters_like_the_materialized_low_rank_model(llama, tmp_pa
 def test_bad_options_are_one_line_errors(llama, tmp_path, kw, message):
     base, reasoner = llama
     with pytest.raises(OptionsError) as e:
-        svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors", options=_opts(**kw))
+        svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                 output=tmp_path / "f.safetensors", options=_opts(**kw))
     assert str(e.value) == message
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -323,13 +326,13 @@ def test_delta_without_2d_tensors_is_an_error(tmp_path):
     path = tmp_path / "d.safetensors"
     save_file({"norm.weight": torch.ones(4)}, path, metadata={"format": "pt", "tvtool.kind": "delta"})
     with pytest.raises(CheckpointError) as e:
-        svd_rank(delta=path, output=tmp_path / "f.safetensors", options=_opts(rank=1))
+        svd_rank(source=DeltaSource(delta=path), output=tmp_path / "f.safetensors", options=_opts(rank=1))
     assert str(e.value) == (f"the delta has no 2-D tensors to factorize ({path}). "
                             "Give a delta of a transformer checkpoint")
 
 
 def test_needs_a_delta_or_a_pair(llama, tmp_path):
     with pytest.raises(OptionsError) as e:
-        svd_rank(base=llama[0], output=tmp_path / "f.safetensors", options=_opts(rank=1))
+        svd_rank(source=None, output=tmp_path / "f.safetensors", options=_opts(rank=1))
     assert str(e.value) == "give either a DELTA or both --base and --reasoner. Δ comes from a delta file or a " \
                            "base/reasoner pair"

@@ -1,4 +1,4 @@
-"""svd-rank of an operator's merged task vector M (issue 12: "factor the trimmed Δ").
+"""svd-rank of an operator's merged task vector M (e.g. "factor the trimmed Δ").
 
 - at full rank (exact SVD) the factors reproduce the magnitude-trimmed Δ of an independent float64
   numpy reference (top-k of |Δ| per tensor, k = max(1, ⌊density·n⌋), ties in index order), and the
@@ -28,6 +28,7 @@ from tvtool.cli import main
 from tvtool.errors import MismatchError, OutputError
 from tvtool.lowrank.svd import LowRankOptions, svd_rank
 from tvtool.merge.options import MergeOptions
+from tvtool.vectors.source import DeltaSource
 
 TRIM = MergeOptions(method="trim", density=0.3)
 FULL_RANK = dict(rank=64, method="exact", include="k_proj|v_proj")  # [64, 128]: rank 64 is full rank
@@ -63,7 +64,7 @@ def _products(path) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
 
 def test_full_rank_factors_reproduce_the_trimmed_delta(llama, tmp_path):
     base, reasoner = llama
-    res = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors", merge=TRIM,
+    res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors", merge=TRIM,
                    options=_opts(**FULL_RANK))
     ref = _trimmed(base, reasoner, 0.3)
     plain = {n: state_dict(reasoner)[n].double().numpy() - state_dict(base)[n].double().numpy() for n in ref}
@@ -80,12 +81,13 @@ def test_full_rank_factors_reproduce_the_trimmed_delta(llama, tmp_path):
 
 def test_ties_of_two_vectors_factored_applies_like_the_operator(trio, tmp_path):
     base, r1, r2 = trio
-    merge = MergeOptions(method="ties", density=0.4, vectors=(f"{r1}:0.7", f"{r2}:0.5"))
-    res = svd_rank(base=base, output=tmp_path / "f.safetensors", merge=merge, options=_opts(**FULL_RANK))
+    merge = MergeOptions(method="ties", density=0.4, weights=(0.7, 0.5))
+    source = DeltaSource(base=base, reasoner=r1, more=(r2,))
+    res = svd_rank(source=source, output=tmp_path / "f.safetensors", merge=merge, options=_opts(**FULL_RANK))
     mopts = tvtool.MaterializeOptions(alphas=(0.55,), dtype="float32", progress=False)
-    via_factors = state_dict(tvtool.materialize(base=base, delta=res.output, output=tmp_path / "a",
+    via_factors = state_dict(tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "a",
                                                 options=mopts).folders[0.55])
-    via_operator = state_dict(tvtool.materialize(base=base, output=tmp_path / "b", options=mopts,
+    via_operator = state_dict(tvtool.materialize(source=source, output=tmp_path / "b", options=mopts,
                                                  merge=merge).folders[0.55])
     _, full = _products(res.output)
     for n in full:  # the same M, applied by the same merge path: the same bytes
@@ -102,7 +104,8 @@ def test_ties_of_two_vectors_factored_applies_like_the_operator(trio, tmp_path):
 def test_operator_is_recorded_and_an_edited_density_redoes_the_work(llama, tmp_path):
     base, reasoner = llama
     out, peft = tmp_path / "f.safetensors", tmp_path / "adapters"
-    first = svd_rank(base=base, reasoner=reasoner, output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
+    first = svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                     output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
     assert json.loads(safe_open(out, "pt").metadata()["tvtool.merge"]) == {"method": "trim", "density": 0.3}
     report = json.loads(first.report_path.read_text())
     assert report["merge"] == {"method": "trim", "density": 0.3}
@@ -110,22 +113,24 @@ def test_operator_is_recorded_and_an_edited_density_redoes_the_work(llama, tmp_p
     card = (first.adapters[1.0] / "README.md").read_text()
     assert "merged by the `trim` operator (density 0.3) into M" in card and "density: 0.3" in card
     stamp = out.stat().st_mtime_ns
-    again = svd_rank(base=base, reasoner=reasoner, output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
+    again = svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                     output=out, merge=TRIM, options=_opts(rank=2, peft=str(peft)))
     assert out.stat().st_mtime_ns == stamp and again.totals == first.totals  # finished: skipped
     edited = MergeOptions(method="trim", density=0.5)
     with pytest.raises(OutputError, match=r"merge\.density 0\.3 → 0\.5"):
-        svd_rank(base=base, reasoner=reasoner, output=out, merge=edited, options=_opts(rank=2, peft=str(peft)))
-    redone = svd_rank(base=base, reasoner=reasoner, output=out, merge=edited,
+        svd_rank(source=DeltaSource(base=base, reasoner=reasoner),
+                 output=out, merge=edited, options=_opts(rank=2, peft=str(peft)))
+    redone = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=out, merge=edited,
                       options=_opts(rank=2, peft=str(peft), overwrite=True))
     assert json.loads(safe_open(out, "pt").metadata()["tvtool.merge"])["density"] == 0.5
     assert redone.totals["energy_kept"] != first.totals["energy_kept"]
     with pytest.raises(OutputError, match="merge"):  # plain Δ on the same output: another record
-        svd_rank(base=base, reasoner=reasoner, output=out, options=_opts(rank=2, peft=str(peft)))
+        svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=out, options=_opts(rank=2, peft=str(peft)))
 
 
 def test_cli_equals_the_api(llama, tmp_path):
     base, reasoner = llama
-    api = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "api.safetensors", merge=TRIM,
+    api = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "api.safetensors", merge=TRIM,
                    options=_opts(rank=2, method="exact"))
     r = CliRunner().invoke(main, ["svd-rank", "--base", str(base), "--reasoner", str(reasoner), "--merge-method",
                                   "trim", "--density", "0.3", "--rank", "2", "--method", "exact", "--no-progress",
@@ -158,6 +163,6 @@ def test_bad_operator_settings_are_one_line(llama, tmp_path, flags, message):
 def test_vectors_of_different_architectures_are_refused(pairs, tmp_path):
     base, r1 = pairs["llama"]
     with pytest.raises(MismatchError, match="only one model"):
-        svd_rank(base=base, reasoner=r1, output=tmp_path / "f.safetensors", options=_opts(rank=1),
-                 merge=MergeOptions(method="ties", vectors=(str(pairs["qwen2"][1]),)))
+        svd_rank(source=DeltaSource(base=base, reasoner=r1, more=(str(pairs["qwen2"][1]),)),
+                 output=tmp_path / "f.safetensors", options=_opts(rank=1), merge=MergeOptions(method="ties"))
 

@@ -16,6 +16,8 @@ from helpers import assert_bit_equal, assert_one_line_error, bits, cli
 from tiny import index_files, state_dict
 from tvtool import DeltaOptions, MaterializeOptions
 from tvtool.io.writer import ShardedWriter
+from tvtool.vectors.source import DeltaSource
+from tvtool.merge.stream import apply_to
 
 
 def _opts(*alphas, **kw):
@@ -27,7 +29,8 @@ def _opts(*alphas, **kw):
 def test_endpoints_are_bit_exact(pairs, f32_deltas, tmp_path, arch, via):
     base, reasoner = pairs[arch]
     src = {"reasoner": reasoner} if via == "reasoner" else {"delta": f32_deltas[arch]}
-    res = tvtool.materialize(base=base, output=tmp_path, options=_opts(0.0, 1.0, max_shard_size="150KB"), **src)
+    res = tvtool.materialize(source=DeltaSource(base=base, **src), output=tmp_path,
+                             options=_opts(0.0, 1.0, max_shard_size="150KB"))
     m0, m1 = state_dict(res.folders[0.0]), state_dict(res.folders[1.0])
     assert_bit_equal(m0, state_dict(base))
     assert_bit_equal(m1, state_dict(reasoner))
@@ -44,7 +47,7 @@ def _ref64(B, R, alpha):
 def test_alpha_agrees_with_float64_reference_rounded_once(llama, tmp_path, alpha):
     """Equal to round_bf16(float64 value), except where that value sits on a rounding tie within fp32 error."""
     base, reasoner = llama
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(alpha))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(alpha))
     got, B, R = state_dict(res.folders[alpha]), state_dict(base), state_dict(reasoner)
     total = diff = 0
     for n, exact in _ref64(B, R, alpha).items():
@@ -63,7 +66,8 @@ def test_alpha_agrees_with_float64_reference_rounded_once(llama, tmp_path, alpha
 
 def test_matches_handwritten_float32_formula_on_all_archs(pairs, tmp_path):
     for arch, (base, reasoner) in pairs.items():
-        res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path / arch, options=_opts(0.3, 2.0))
+        res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner),
+                                 output=tmp_path / arch, options=_opts(0.3, 2.0))
         B, R = state_dict(base), state_dict(reasoner)
         for a in (0.3, 2.0):
             ref = {n: (B[n].float() + a * (R[n].float() - B[n].float())).to(torch.bfloat16) for n in B}
@@ -83,7 +87,8 @@ def test_each_input_tensor_is_read_once_for_five_alphas(llama, f32_deltas, monke
     monkeypatch.setattr(ckpt_mod, "read_rows", counting)
     for tag, kw in (("r", {"reasoner": reasoner}), ("d", {"delta": f32_deltas["llama"]})):
         seen.clear()
-        tvtool.materialize(base=base, output=tmp_path / tag, options=_opts(0, 0.2, 0.5, 1, 1.5), **kw)
+        tvtool.materialize(source=DeltaSource(base=base, **kw),
+                           output=tmp_path / tag, options=_opts(0, 0.2, 0.5, 1, 1.5))
         inputs = [ckpt_mod.Checkpoint.open(p) for p in (base, *kw.values())]
         expected = {(str(c.info(n).file), c.info(n).begin): c.info(n).nbytes for c in inputs for n in c.names()}
         assert seen == Counter(expected)
@@ -91,7 +96,7 @@ def test_each_input_tensor_is_read_once_for_five_alphas(llama, f32_deltas, monke
 
 def test_include_exclude_apply_alpha_to_selected_tensors(llama, tmp_path):
     base, reasoner = llama
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path,
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path,
                              options=_opts(0.7, include=r"\.mlp\.", exclude=r"layers\.1\."))
     got, B, R = state_dict(res.folders[0.7]), state_dict(base), state_dict(reasoner)
     picked = [n for n in B if ".mlp." in n and "layers.1." not in n]
@@ -105,7 +110,7 @@ def test_output_folder_is_a_complete_model(llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, reasoner = llama
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path,
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path,
                              options=_opts(0.6, max_shard_size="200KB"))
     folder = res.folders[0.6]
     for f in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
@@ -125,21 +130,22 @@ def test_output_folder_is_a_complete_model(llama, tmp_path):
 
 def test_config_from_base(llama, tmp_path):
     base, reasoner = llama
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.6, config_from="base"))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner),
+                             output=tmp_path, options=_opts(0.6, config_from="base"))
     assert (res.folders[0.6] / "chat_template.jinja").read_bytes() == (base / "chat_template.jinja").read_bytes()
 
 
 def test_materialize_from_delta_needs_no_reasoner(llama, tmp_path):
     base, reasoner = llama
     d = tvtool.delta(base=base, reasoner=reasoner, output=tmp_path / "d", options=DeltaOptions(progress=False))
-    res = tvtool.materialize(base=base, delta=d.output, output=tmp_path / "m", options=_opts(0.6))
+    res = tvtool.materialize(source=DeltaSource(base=base, delta=d.output), output=tmp_path / "m", options=_opts(0.6))
     for f in ("generation_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (res.folders[0.6] / f).read_bytes() == (reasoner / f).read_bytes()
 
 
 def test_model_card_metadata_and_reproduction(llama, tmp_path):
     base, reasoner = llama
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.6))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.6))
     card = ModelCard.load(res.folders[0.6] / "README.md")
     assert card.data.tvtool["alpha"] == 0.6
     assert card.data.tvtool["version"] == tvtool.__version__
@@ -151,12 +157,12 @@ def test_model_card_metadata_and_reproduction(llama, tmp_path):
 
 def test_rerun_skips_finished_and_replaces_stale_partial(llama, tmp_path):
     base, reasoner = llama
-    first = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.2))
+    first = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.2))
     stamp = (first.folders[0.2] / "model.safetensors").stat().st_mtime_ns
     stale = tmp_path / "alpha-0.4.partial"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.2, 0.4))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.2, 0.4))
     assert res.skipped == [0.2] and res.written == [0.4]
     assert (first.folders[0.2] / "model.safetensors").stat().st_mtime_ns == stamp
     assert not stale.exists()
@@ -176,16 +182,16 @@ def test_failure_midway_leaves_nothing_that_looks_complete(llama, tmp_path, monk
 
     monkeypatch.setattr(ShardedWriter, "write", failing)
     with pytest.raises(OSError):
-        tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.2, 0.4))
+        tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.2, 0.4))
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(ShardedWriter, "write", real)
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.2, 0.4))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.2, 0.4))
     assert res.written == [0.2, 0.4]
 
 
 def test_existing_folder_with_other_settings_is_an_error(llama, tmp_path):
     base, reasoner = llama
-    tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path, options=_opts(0.2))
+    tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path, options=_opts(0.2))
     r = cli("materialize", base, "--reasoner", reasoner, "-a", "0.2", "--dtype", "float32", "-o", tmp_path)
     assert_one_line_error(r, f"the output holds a result made from other inputs or options (dtype auto → float32) "
                              f"({tmp_path / 'alpha-0.2'}). Pass --overwrite to redo it, or choose "
@@ -231,7 +237,8 @@ def test_float32_checkpoints(llama, tmp_path):
             (dst / f).write_bytes((src / f).read_bytes())
         save_file({k: v.float() for k, v in state_dict(src).items()}, dst / "model.safetensors")
         folders.append(dst)
-    res = tvtool.materialize(base=folders[0], reasoner=folders[1], output=tmp_path / "out", options=_opts(1.0, 0.5))
+    res = tvtool.materialize(source=DeltaSource(base=folders[0], reasoner=folders[1]),
+                             output=tmp_path / "out", options=_opts(1.0, 0.5))
     B, R = state_dict(folders[0]), state_dict(folders[1])
     assert_bit_equal(state_dict(res.folders[1.0]), R)
     assert_bit_equal(state_dict(res.folders[0.5]), {n: B[n] + 0.5 * (R[n] - B[n]) for n in B})
@@ -243,7 +250,7 @@ def test_apply_to_reads_each_input_once_and_matches_materialize(llama, f32_delta
     base, reasoner = llama
     tv = tvtool.TaskVector.between(base, reasoner) if via == "reasoner" else tvtool.TaskVector.load(f32_deltas["llama"])
     src = {"reasoner": reasoner} if via == "reasoner" else {"delta": f32_deltas["llama"]}
-    res = tvtool.materialize(base=base, output=tmp_path, options=_opts(0.6, 1.0), **src)
+    res = tvtool.materialize(source=DeltaSource(base=base, **src), output=tmp_path, options=_opts(0.6, 1.0))
     seen = Counter()
     real = ckpt_mod.read_rows
 
@@ -255,7 +262,7 @@ def test_apply_to_reads_each_input_once_and_matches_materialize(llama, f32_delta
     monkeypatch.setattr(ckpt_mod, "read_rows", counting)
     for a in (0.6, 1.0):
         seen.clear()
-        streamed = dict(tv.apply_to(base, alpha=a))
+        streamed = dict(apply_to(tv, base, alpha=a))
         inputs = [ckpt_mod.Checkpoint.open(p) for p in (base, *src.values())]
         assert seen == Counter({(str(c.info(n).file), c.info(n).begin): c.info(n).nbytes
                                 for c in inputs for n in c.names()})

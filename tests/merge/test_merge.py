@@ -37,10 +37,10 @@ def test_materialize_and_engine_loader_receive_the_same_bytes(pairs, f32_deltas,
     base, reasoner = pairs[arch]
     src = {"reasoner": reasoner} if via == "reasoner" else {"delta": f32_deltas[arch]}
     alphas = (0.0, 0.35, 1.0, -0.5)
-    res = tvtool.materialize(base=base, output=tmp_path, **src, options=MaterializeOptions(
+    source = DeltaSource(base=base, **src)
+    res = tvtool.materialize(source=source, output=tmp_path, options=MaterializeOptions(
         alphas=alphas, include=include, exclude=exclude, progress=False, max_shard_size="300KB"))
     B, R = state_dict(base), state_dict(reasoner)
-    source = DeltaSource(base=base, **src)
     for a in alphas:
         written = state_dict(res.folders[a])
         loaded = _loaded(source, MergeConfig(a, include, exclude))
@@ -69,7 +69,7 @@ def test_selection_changes_only_the_selected_tensors(llama, tmp_path):
 @pytest.mark.parametrize("config_from", ["reasoner", "base"])
 def test_engine_shell_model_has_the_materialized_config(pairs, tmp_path, arch, config_from):
     base, reasoner = pairs[arch]
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path / "m",
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "m",
                              options=MaterializeOptions(alphas=(0.5,), config_from=config_from, progress=False))
     shell = write_shell_model(source=DeltaSource(base=base, reasoner=reasoner), folder=tmp_path / "shell",
                               config_from=config_from)
@@ -199,6 +199,9 @@ class _FakeEngine:
     def prompts(self, *, questions, options):
         return list(questions)
 
+    def check_prompts(self, *, prompts, add_special_tokens=True):
+        pass
+
     def load_alpha(self, *, source, config, force=False):
         from tvtool.engine.engine import HELD, alpha_weights
 
@@ -227,7 +230,8 @@ def test_a_finished_sweep_is_found_before_any_engine_starts(llama, tmp_path, mon
 
     monkeypatch.setattr(Engine, "for_source", _FakeEngine)
     base, reasoner = llama
-    kw = dict(base=base, reasoner=reasoner, alphas=(0.2, 0.6), output=tmp_path, sampling=SamplingOptions(max_tokens=4),
+    kw = dict(source=DeltaSource(base=base, reasoner=reasoner), alphas=(0.2, 0.6), output=tmp_path,
+              sampling=SamplingOptions(max_tokens=4),
               options=EvalOptions(limit=2, progress=False, params_b=1, include="mlp"))
     first = evaluate(**kw)
     assert first.engine_starts == 1 and [c.alpha for c in _FakeEngine.made[-1].loads] == [0.2, 0.6]
@@ -239,3 +243,31 @@ def test_a_finished_sweep_is_found_before_any_engine_starts(llama, tmp_path, mon
     assert [r.summary for r in again.runs] == [r.summary for r in first.runs]
     with pytest.raises(OptionsError, match="--include/--exclude"):
         evaluate(model=base, output=tmp_path / "m", options=EvalOptions(include="mlp"))
+
+
+def test_a_scaled_pair_is_applied_with_its_coefficient(llama):
+    """0.5·Δ of a pair is θ1 + 0.5·Δ (the fused pair read applies only to the plain pair, coefficient 1)."""
+    from tvtool.merge.stream import apply_to
+
+    base, reasoner = llama
+    tv = tvtool.TaskVector.between(base, reasoner)
+    assert tv.pair() is not None and (0.5 * tv).pair() is None
+    assert_bit_equal(dict(apply_to(0.5 * tv, base)), dict(apply_to(tv, base, alpha=0.5)))
+
+
+def test_the_readmes_python_api_runs(trio, tmp_path, monkeypatch):
+    """README.md's Python API block, on the tiny trio (Hub ids and folders replaced by local ones)."""
+    import re
+
+    base, r1, r2 = trio
+    code = re.search(r"## Python API.*?```python\n(.*?)```", (Path(__file__).parents[2] / "README.md").read_text(),
+                     re.S).group(1)
+    for old, new in (("Qwen/Qwen2.5-32B-Instruct", base), ("Qwen/QwQ-32B-Preview", r1), ('"base/"', f'"{base}"'),
+                     ('"reasoner/"', f'"{r1}"'), ('"r1/"', f'"{r1}"'), ('"r2/"', f'"{r2}"')):
+        code = code.replace(old, str(new))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("    ...", "    assert tensor.dtype == torch.bfloat16"), "README.md", "exec"),
+         {"torch": torch})
+    assert (tmp_path / "merged" / "alpha-0.4" / "tvtool.json").is_file()
+    assert json.loads((tmp_path / "ties" / next((tmp_path / "ties").iterdir()).name / "tvtool.json").read_text()
+                      )["settings"]["merge"] == {"method": "ties", "weights": [0.7, 0.5], "density": 0.2}

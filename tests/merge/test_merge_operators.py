@@ -26,7 +26,6 @@ from tiny import state_dict
 from tvtool import DeltaSource, MaterializeOptions, MergeConfig
 from tvtool.cli import main
 from tvtool.merge.options import MergeOptions, config_name
-from tvtool.merge.operators import Config, LayerSchedule
 from tvtool.io.safetensors_io import row_chunks
 
 CONFIGS = [
@@ -37,11 +36,6 @@ CONFIGS = [
                 schedule=(0.25, 1.0)),
     MergeConfig(0.6, method="breadcrumbs", beta=0.02, gamma=0.3, include="layers"),
 ]
-
-
-def _as_config(c: MergeConfig) -> Config:
-    return Config(merge=c.merge, alpha=c.alpha, rules=c.rules,
-                  schedule=LayerSchedule(first=c.schedule[0], last=c.schedule[1]) if c.schedule else None)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +53,8 @@ def written(trio, tmp_path_factory):
 
     mp.setattr(tvtool.io.checkpoint.Checkpoint, "read", counted)
     try:
-        res = tvtool.materialize(base=base, reasoner=r1, output=tmp_path_factory.mktemp("ops"), configs=CONFIGS,
-                                 merge=MergeOptions(vectors=(str(r2),)),
+        res = tvtool.materialize(source=DeltaSource(base=base, reasoner=r1, more=(r2,)),
+                                 output=tmp_path_factory.mktemp("ops"), configs=CONFIGS,
                                  options=MaterializeOptions(progress=False, max_shard_size="300KB"))
     finally:
         mp.undo()
@@ -75,12 +69,12 @@ def test_one_run_writes_every_configuration_equal_to_the_streaming_reference(tri
     assert [n.rsplit("-", 2)[0] for n in names[:2]] == [CONFIGS[0].tag()] * 2 and names[0].endswith("-alpha-0.55")
     assert CONFIGS[0].tag().startswith("ties-d0.3-") and names[2] == "dare_ties-p0.5-s3-alpha-0.8"
     assert names[3].startswith("task_arithmetic-") and names[4] == "breadcrumbs-b0.02-g0.3-alpha-0.6"
-    refs, _ = ours(base, [r1, r2], [_as_config(c) for c in CONFIGS[:4]])
+    refs, _ = ours(base, [r1, r2], CONFIGS[:4])
     B = state_dict(base)
     for c, ref in zip(CONFIGS[:4], refs):
         assert_bit_equal(state_dict(res.configs[c]), ref)
     # breadcrumbs with include: tensors outside `layers` stay θ1 as stored
-    (bc,), _ = ours(base, [r1, r2], [_as_config(CONFIGS[4])])
+    (bc,), _ = ours(base, [r1, r2], [CONFIGS[4]])
     got = state_dict(res.configs[CONFIGS[4]])
     assert_bit_equal({n: t for n, t in got.items() if "layers" in n}, {n: t for n, t in bc.items() if "layers" in n})
     assert_bit_equal({n: t for n, t in got.items() if "layers" not in n}, {n: B[n] for n in got if "layers" not in n})
@@ -119,7 +113,7 @@ def test_cli_flags_equal_the_python_api(trio, tmp_path):
     c = MergeConfig(0.55, method="ties", density=0.3, weights=(0.7, 0.5), rules=(("mlp|o_proj", 1.0), (".", 0.5)),
                     schedule=(0.25, 1.0))
     folder = tmp_path / "cli" / config_name(c)
-    (ref,), _ = ours(base, [r1, r2], [_as_config(c)])
+    (ref,), _ = ours(base, [r1, r2], [c])
     assert_bit_equal(state_dict(folder), ref)
     assert "--method ties --vector" in (folder / "README.md").read_text()
     again = CliRunner().invoke(main, args)
@@ -161,11 +155,12 @@ def test_in_engine_operator_sweep_equals_the_materialized_folder(vengine, tmp_pa
     from tvtool.engine.options import SamplingOptions
 
     sampling = SamplingOptions(max_tokens=24)
-    res = evaluate(base=vengine.base, reasoner=vengine.reasoner, alphas=(0.8,), output=tmp_path / "sweep",
+    source = DeltaSource(base=vengine.base, reasoner=vengine.reasoner)
+    res = evaluate(source=source, alphas=(0.8,), output=tmp_path / "sweep",
                    engine=vengine.engine, sampling=sampling, options=opts, merge=merge)
     c = MergeConfig(0.8, include="mlp|self_attn", method="ties", density=0.3)
     assert vengine.engine.weights["config"] == c.to_dict()
-    mat = tvtool.materialize(base=vengine.base, reasoner=vengine.reasoner, output=tmp_path / "mat",
+    mat = tvtool.materialize(source=source, output=tmp_path / "mat",
                              options=MaterializeOptions(alphas=(0.8,), include="mlp|self_attn", progress=False),
                              merge=merge).configs[c]
     ref = evaluate(model=mat, output=tmp_path / "ref", engine=vengine.engine, sampling=sampling,
@@ -189,12 +184,12 @@ def test_one_pair_trimmed_in_chunks_equals_whole_tensors_and_the_reference(trio,
     mp.setattr(tvtool.merge.kernels, "hist_hi", lambda x, h: (pairs.append(isinstance(x, tvtool.merge.kernels.PairRows)),
                                                         orig(x, h))[1])
     try:
-        res = tvtool.materialize(base=base, reasoner=r1, output=tmp_path / "m", configs=configs,
+        res = tvtool.materialize(source=DeltaSource(base=base, reasoner=r1), output=tmp_path / "m", configs=configs,
                                  options=MaterializeOptions(progress=False))
     finally:
         mp.undo()
     assert any(pairs)  # the chunked selection passes ran on θ1/θ2 rows
-    refs, _ = ours(base, [r1], [_as_config(c) for c in configs[:4]])
+    refs, _ = ours(base, [r1], configs[:4])
     source = DeltaSource(base=str(base), reasoner=str(r1))
     for c, ref in zip(configs, refs + [None]):
         got = state_dict(res.configs[c])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import tvtool
+from tvtool.vectors.source import DeltaSource
 from helpers import assert_bit_equal
 from tiny import state_dict
 
@@ -17,7 +18,7 @@ from tiny import state_dict
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_card_config_reproduces_the_folder_with_mergekit(pairs, tmp_path, arch):
     base, reasoner = pairs[arch]
-    res = tvtool.materialize(base=base, reasoner=reasoner, output=tmp_path / "tv",
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "tv",
                              options=tvtool.MaterializeOptions(alphas=(0.6,), progress=False))
     card = (res.folders[0.6] / "README.md").read_text()
     config = re.search(r"```yaml\n(.*?)```", card, re.S).group(1)

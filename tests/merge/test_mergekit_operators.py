@@ -16,7 +16,7 @@ import torch
 from helpers import assert_bit_equal, bits
 from tiny import state_dict
 from tvtool.merge import kernels
-from tvtool.merge.operators import Config, Merge
+from tvtool.merge.config import MergeConfig
 
 from operator_ref import ours
 
@@ -39,22 +39,22 @@ def mergekit(tmp: Path, method: str, base: Path, models: list[tuple[Path, dict]]
 
 def test_task_arithmetic_several_vectors_bit_for_bit(trio, tmp_path):
     base, r1, r2 = trio
-    m = Merge(method="task_arithmetic", weights=(0.7, -0.35))
-    (got,), _ = ours(base, [r1, r2], [Config(merge=m, alpha=0.9)])
+    (got,), _ = ours(base, [r1, r2], [MergeConfig(0.9, method="task_arithmetic", weights=(0.7, -0.35))])
     ref = mergekit(tmp_path, "task_arithmetic", base, [(r1, {"weight": 0.7}), (r2, {"weight": -0.35})],
                    {"lambda": 0.9})
     assert set(got) == set(ref)
     assert_bit_equal(got, ref)
 
 
-def _tied_differences(got: dict, ref: dict, preps, deltas: dict[str, list[torch.Tensor]], m: Merge) -> tuple[int, int]:
+def _tied_differences(got: dict, ref: dict, preps, deltas: dict[str, list[torch.Tensor]], c: MergeConfig
+                      ) -> tuple[int, int]:
     """(#elements that differ, #elements at some vector's magnitude cut); asserts every difference is tied."""
     n_diff = n_tied = 0
     for name in ref:
         diff = bits(got[name]) != bits(ref[name])
         tied = torch.zeros_like(diff)
         for v, d in enumerate(deltas[name]):
-            cut = preps[name].cuts[m][v][0]
+            cut = preps[name].states[c.operator][v][0]
             tied |= (d.abs().view(torch.int32) & 0x7FFFFFFF) == cut.key
         assert not (diff & ~tied).any(), f"{name}: {(diff & ~tied).sum()} untied elements differ"
         n_diff += int(diff.sum())
@@ -69,8 +69,8 @@ def test_ties_bit_for_bit_except_tied_magnitudes(trio, tmp_path, n_vectors):
     base, *rs = trio
     rs = rs[:n_vectors]
     weights, density = (0.8, 0.5)[:n_vectors], (0.25, 0.6)[:n_vectors]
-    m = Merge(method="ties", weights=weights, density=density)
-    (got,), preps = ours(base, rs, [Config(merge=m, alpha=0.55)])
+    m = MergeConfig(0.55, method="ties", weights=weights, density=density)
+    (got,), preps = ours(base, rs, [m])
     ref = mergekit(tmp_path, "ties", base, [(r, {"weight": w, "density": d}) for r, w, d in zip(rs, weights, density)],
                    {"lambda": 0.55})
     b = state_dict(base)
@@ -85,8 +85,8 @@ def test_dare_kept_fraction_rescale_and_mask_stability(trio, tmp_path):
     """No shared RNG with mergekit: the kept set follows our hash; mergekit's kept fraction is checked alike."""
     base, r1, r2 = trio
     p = 0.6
-    m = Merge(method="dare_linear", p=p, seed=3, weights=(1.0, 1.0))
-    (got,), _ = ours(base, [r1], [Config(merge=Merge(method="dare_linear", p=p, seed=3))])
+    m = MergeConfig(1.0, method="dare_linear", p=p, seed=3, weights=(1.0, 1.0))
+    (got,), _ = ours(base, [r1], [MergeConfig(1.0, method="dare_linear", p=p, seed=3)])
     b, r = state_dict(base), state_dict(r1)
     kept = total = 0
     for name, t in got.items():
@@ -102,7 +102,7 @@ def test_dare_kept_fraction_rescale_and_mask_stability(trio, tmp_path):
     changed = sum(int((r[n].float() != b[n].float()).sum()) for n in mk)
     assert abs(mk_kept / changed - (1 - p)) < 0.02
     # the same seed gives the same output in one chunk per tensor; another seed another mask
-    (two,), _ = ours(base, [r1, r2], [Config(merge=m)])
+    (two,), _ = ours(base, [r1, r2], [m])
     kernels_whole = {n: kernels.dare_keep(seed=3, name=n, p=p, flat_start=0, shape=t.shape) for n, t in two.items()}
     other = {n: kernels.dare_keep(seed=4, name=n, p=p, flat_start=0, shape=t.shape) for n, t in two.items()}
     assert sum(int((kernels_whole[n] != other[n]).sum()) for n in two) > 0.3 * total

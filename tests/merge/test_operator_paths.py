@@ -1,4 +1,4 @@
-"""The merge operators in the remaining paths that apply a task vector (issue 12, "Everywhere α is used").
+"""The merge operators in the remaining paths that apply a task vector (everywhere α is used).
 
 - a recipe's `low_rank` stage with `merge:` factors the operator's M (`svd_rank` with its settings), the
   runs apply α and its rules to M, the report says so, and an edited density redoes the factorization
@@ -34,11 +34,13 @@ from tiny import state_dict
 from tvtool.cli import main
 from tvtool.errors import OutputError
 from tvtool.lowrank.merged import MERGE_FLAGS
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions
-from tvtool.options import from_cli
+from tvtool.cli.inputs import inputs, merge_from_cli
 from tvtool.merge.options import config_name
-from tvtool.sweep.recipe import load_recipe, low_rank_merge, merge_configs
+from tvtool.sweep.recipe import load_recipe
+from tvtool.sweep.spec import low_rank_merge, merge_configs
+from tvtool.vectors.source import DeltaSource
 
 TOY = Path(__file__).resolve().parents[2] / "tvtool" / "assets" / "toy"
 
@@ -53,9 +55,10 @@ def _recipe(path: Path, *, density: float, **extra) -> Path:
 
 
 def test_sweep_low_rank_factors_the_operators_m(tmp_path, monkeypatch, capsys):
-    from tvtool.sweep.run import SweepOptions, _commands, sweep
+    from tvtool.sweep.run import commands as _commands
+    from tvtool.sweep.run import SweepOptions, sweep
 
-    monkeypatch.setattr(sys.modules["tvtool.sweep.run"], "Engine", _FakeEngine)
+    monkeypatch.setattr(sys.modules["tvtool.sweep.stages.evaluate"], "Engine", _FakeEngine)
     out, recipe = tmp_path / "sweep", tmp_path / "r.yaml"
     opts = SweepOptions(output=str(out), progress=False)
     _FakeEngine.made.clear()
@@ -79,11 +82,11 @@ def test_sweep_low_rank_factors_the_operators_m(tmp_path, monkeypatch, capsys):
     (svd,) = [c for c in _commands(r, out) if c.startswith("tvtool svd-rank ")]
     kw = dict(main.commands["svd-rank"].make_context("svd-rank", shlex.split(svd)[2:]).params)
     assert (Path(kw["base"]).resolve(), Path(kw["reasoner"]).resolve()) == (TOY / "base", TOY / "reasoner")
-    assert from_cli(MergeOptions, kw, rename=MERGE_FLAGS) == MergeOptions(method="trim", density=0.3)
-    assert low_rank_merge(r) == MergeOptions(method="trim", density=0.3, vectors=())
+    assert merge_from_cli(kw, rename=MERGE_FLAGS) == MergeOptions(method="trim", density=0.3)
+    assert low_rank_merge(r) == MergeOptions(method="trim", density=0.3)
     evals = [c for c in _commands(r, out) if c.startswith("tvtool eval ")]
     kw = dict(main.commands["eval"].make_context("eval", shlex.split(evals[0])[2:]).params)
-    assert from_cli(MergeOptions, kw) == MergeOptions(alpha_rules=("mlp=1", ".=0.5"))
+    assert merge_from_cli(kw) == MergeOptions(rules=("mlp=1", ".=0.5"))
     assert kw["delta_path"].endswith("lowrank/delta.safetensors")
 
 
@@ -120,8 +123,8 @@ def _in_process_pool(monkeypatch) -> list:
 
 
 def _materialized(base, r1, r2, configs, out) -> dict:
-    res = tvtool.materialize(base=base, reasoner=r1, output=out, configs=configs,
-                             merge=MergeOptions(vectors=(str(r2),)), options=tvtool.MaterializeOptions(progress=False))
+    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=r1, more=(r2,)), output=out, configs=configs,
+                             options=tvtool.MaterializeOptions(progress=False))
     return res.configs
 
 
@@ -199,20 +202,20 @@ def test_mixchain_generates_from_the_operators_configs(trio, tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "mix.generations").iterdir() if p.is_dir()) == \
         sorted(config_name(c) for c in configs)
 
-    kw = dict(base=base, output=out, options=MixChainOptions(dataset="toy", limit=2, min_correct="0",
-                                                             alphas=(0.5, 0.8), progress=False),
+    kw = dict(source=DeltaSource(base=base, reasoner=r1, more=(r2,)), output=out,
+              options=MixChainOptions(dataset="toy", limit=2, min_correct="0", alphas=(0.5, 0.8), progress=False),
               prompt=PromptOptions(instruction=""), sampling=SamplingOptions(max_tokens=8))
     _LoadingEngine.loads.clear()
-    same = MergeOptions(method="ties", density=0.3, vectors=(f"{r1}:0.7", f"{r2}:0.5"))
+    same = MergeOptions(method="ties", density=0.3, weights=(0.7, 0.5))
     assert build_mixchain(merge=same, **kw).engine_starts == 0 and not _LoadingEngine.loads  # finished
-    edited = MergeOptions(method="ties", density=0.5, vectors=same.vectors)
+    edited = MergeOptions(method="ties", density=0.5, weights=same.weights)
     with pytest.raises(OutputError, match=r"merge\.density 0\.3 → 0\.5"):
         build_mixchain(merge=edited, **kw)
 
 
 def test_recipe_mixchain_stage_uses_the_recipes_operator(trio, tmp_path):
-    from tvtool.sweep.run import _commands
-    from tvtool.sweep.valve_stages import mixchain_merge, valve_commands
+    from tvtool.sweep.run import commands as _commands
+    from tvtool.sweep.stages.mixchain import MixChainStage, mixchain_merge
 
     base, r1, r2 = trio
     recipe = tmp_path / "r.yaml"
@@ -222,8 +225,9 @@ def test_recipe_mixchain_stage_uses_the_recipes_operator(trio, tmp_path):
         "datasets": [{"name": "toy", "limit": 2}], "mixchain": {"dataset": "toy", "alphas": [0.5, 0.8]}}))
     r = load_recipe(recipe)
     op = mixchain_merge(r)
-    assert op == MergeOptions(method="ties", density=0.3, alpha_rules=("mlp=1",), vectors=(f"{r1}:0.7", f"{r2}:0.5"))
-    (cmd,) = [c for c in valve_commands(recipe=r, out="run") if c[1] == "mixchain"]
+    assert op == MergeOptions(method="ties", density=0.3, rules=("mlp=1",), weights=(0.7, 0.5))
+    (cmd,) = MixChainStage().commands(r, "run")
     kw = dict(main.commands["mixchain"].make_context("mixchain", cmd[2:]).params)
-    assert from_cli(MergeOptions, kw) == op and kw["reasoner"] is None
+    source, merge = inputs(kw)
+    assert merge == op and source == DeltaSource(base=str(base), reasoner=str(r1), more=(str(r2),))
     assert _commands  # the sweep's own commands import cleanly with a mixchain stage

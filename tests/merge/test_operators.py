@@ -13,10 +13,27 @@ import torch
 from helpers import bits
 from tvtool.merge import kernels
 from tvtool.errors import MismatchError, OptionsError
-from tvtool.merge.operators import Config, LayerSchedule, Merge, prepare, outputs
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.kernels import merge_rows
+from tvtool.merge.merged import dare, merge, trim
+from tvtool.merge.prepare import prepare
+from tvtool.merge.registry import Rows, TensorInfo, operators, users
+from tvtool.merge.stream import _merge_one
 from tvtool.merge.topk import top_cuts
-from tvtool.merge.stream import merge_rows
 from tvtool.vectors.taskvector import TaskVector
+
+
+def _prepared(c: MergeConfig, ds: list[torch.Tensor], ranges, name: str = "w"):
+    """The operator of `c` and its state over the tensor whose Δ_i are `ds` (read in `ranges`)."""
+    op = c.operator
+    prep = prepare([op], tensor=TensorInfo(name, tuple(ds[0].shape), len(ds)), ranges=ranges,
+                   read=lambda s, e: Rows(None, [d[s:e] for d in ds], start=s))
+    return op, prep
+
+
+def _m(op, prep, ds: list[torch.Tensor], s: int, e: int) -> torch.Tensor:
+    """M for rows [s, e) (the operator's per-chunk math)."""
+    return op.merged(prep.states[op], Rows(None, [d[s:e] for d in ds], start=s), prep.tensor)
 
 
 # -- the fused many-α kernel equals torch's merge_rows bit for bit --------------------------
@@ -107,8 +124,6 @@ def test_count_nonfinite_equals_torch(dtype):
 def test_fused_combine_equals_the_torch_expression(monkeypatch, method, weights, normalize):
     """merged_delta through kernels.combine equals the torch expression (mergekit's order) bit for bit,
     chunk by chunk, with ±0, ties at the magnitude cut and sign conflicts."""
-    from tvtool.merge.operators import merged_delta
-
     n, shape = len(weights), (300, 67)
     g = torch.Generator().manual_seed(n)
     ds = [torch.randn(shape, generator=g) * 1e-3 for _ in range(n)]
@@ -119,20 +134,21 @@ def test_fused_combine_equals_the_torch_expression(monkeypatch, method, weights,
     ds[-1].view(-1)[100:200] = torch.linspace(-1, 1, 100)  # kept (large), and
     ds[0].view(-1)[100:200] = -ds[-1].view(-1)[100:200]  # exact sign conflicts: Σ = 0 for equal weights
     dare = method.startswith("dare")
-    m = Merge(method=method, weights=weights, density=0.3 if method in ("ties", "trim") else 1.0,
-              p=(0.4, 0.0, 0.7)[:n] if dare and n > 1 else 0.4 if dare else 0.0, seed=5, normalize=normalize)
+    kw = dict(p=(0.4, 0.0, 0.7)[:n] if n > 1 else 0.4, seed=5) if dare else \
+        dict(density=0.3) if method in ("ties", "trim") else {}
+    c = MergeConfig(1.0, method=method, weights=weights, normalize=normalize, **kw)
     ranges = [(0, 64), (64, 200), (200, 300)]
-    prep = prepare([m], name="w", shape=shape, n_vectors=n, ranges=ranges, read=lambda s, e: [d[s:e] for d in ds])
-    got = [merged_delta(m, prep, [d[s:e] for d in ds], s) for s, e in ranges]
+    m, prep = _prepared(c, ds, ranges)
+    got = [_m(m, prep, ds, s, e) for s, e in ranges]
     calls = []
     monkeypatch.setattr(kernels, "combine", lambda **kw: calls.append(1))  # → None: the torch expression
-    ref = [merged_delta(m, prep, [d[s:e] for d in ds], s) for s, e in ranges]
+    ref = [_m(m, prep, ds, s, e) for s, e in ranges]
     assert len(calls) == len(ranges)
     for a, b in zip(got, ref):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{(a.view(torch.int32) != b.view(torch.int32)).sum()}"
     numel = shape[0] * shape[1]
-    assert method in ("ties", "trim") or m not in prep.cuts
-    assert method not in ("ties", "trim") or all(0 <= a.last_tie < numel for a, _ in prep.cuts[m])  # cut inside ties
+    assert method in ("ties", "trim") or prep.states[m] is None  # no selection pass
+    assert method not in ("ties", "trim") or all(0 <= a.last_tie < numel for a, _ in prep.states[m])  # cut inside ties
 
 
 # -- exact streaming top-k ------------------------------------------------------------------
@@ -181,11 +197,9 @@ def test_breadcrumbs_keeps_the_float64_reference_set():
     d = ((torch.randperm(257 * 33, generator=g) + 1).double() * 1.37e-3 * sign).float().view(257, 33)
     assert torch.unique(d.abs()).numel() == d.numel()  # no ties
     beta, gamma = 0.013, 0.29
-    m = Merge(method="breadcrumbs", beta=beta, gamma=gamma)
     ranges = [(s, min(s + 20, 257)) for s in range(0, 257, 20)]
-    prep = prepare([m], name="w", shape=(257, 33), n_vectors=1, ranges=ranges, read=lambda s, e: [d[s:e]])
-    from tvtool.merge.operators import merged_delta
-    got = torch.cat([merged_delta(m, prep, [d[s:e]], s) for s, e in ranges])
+    m, prep = _prepared(MergeConfig(1.0, method="breadcrumbs", beta=beta, gamma=gamma), [d], ranges)
+    got = torch.cat([_m(m, prep, [d], s, e) for s, e in ranges])
     a = np.abs(d.double().numpy().ravel())
     order = np.argsort(-a)
     n = a.size
@@ -238,10 +252,8 @@ def test_dare_rescales_kept_elements_by_one_over_one_minus_p():
     g = torch.Generator().manual_seed(3)
     d = torch.randn(400, 64, generator=g)
     p = 0.7
-    m = Merge(method="dare_linear", p=p, seed=11)
-    prep = prepare([m], name="t", shape=(400, 64), n_vectors=1, ranges=[(0, 400)], read=lambda s, e: [d[s:e]])
-    from tvtool.merge.operators import merged_delta
-    got = torch.cat([merged_delta(m, prep, [d[s:s + 50]], s) for s in range(0, 400, 50)])
+    m, prep = _prepared(MergeConfig(1.0, method="dare_linear", p=p, seed=11), [d], [(0, 400)], name="t")
+    got = torch.cat([_m(m, prep, [d], s, s + 50) for s in range(0, 400, 50)])
     keep = kernels.dare_keep(seed=11, name="t", p=p, flat_start=0, shape=(400, 64))
     ref = (d.double() / (1 - p)).float()  # float64 reference, rounded once
     assert torch.equal(got[keep], ref[keep]) and (got[~keep] == 0).all()
@@ -256,63 +268,86 @@ NAMES = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "mode
 
 
 def test_rules_and_linear_schedule_give_alpha_per_tensor():
-    c = Config(alpha=0.5, rules=((r"mlp|o_proj", 1.0), (r".", 0.2)), schedule=LayerSchedule(first=0.0, last=1.0))
+    c = MergeConfig(0.5, rules=((r"mlp|o_proj", 1.0), (r".", 0.2)), schedule=(0.0, 1.0))
     a = c.alphas(NAMES)
     assert a == {"model.embed_tokens.weight": 0.5 * 0.2, "model.layers.0.mlp.up_proj.weight": 0.0,
                  "model.layers.0.self_attn.o_proj.weight": 0.0, "model.layers.0.self_attn.q_proj.weight": 0.0,
                  "model.layers.1.mlp.up_proj.weight": 0.5 * 0.5, "model.layers.2.self_attn.q_proj.weight": 0.5 * 0.2,
                  "model.norm.weight": 0.5 * 0.2, "lm_head.weight": 0.5 * 0.2}
-    assert Config(alpha=0.7).alphas(NAMES) == dict.fromkeys(NAMES, 0.7)
+    assert MergeConfig(0.7).alphas(NAMES) == dict.fromkeys(NAMES, 0.7)
+
+
+@pytest.mark.parametrize("rules,message", [
+    ((("xyz", 2.0),), "the α rule xyz=2 applies to no tensor: no tensor name matches it (8 tensors, e.g. "
+                       "'model.embed_tokens.weight', 'model.layers.0.mlp.up_proj.weight', "
+                       "'model.layers.0.self_attn.o_proj.weight') (--alpha-rule). Fix the regex, or drop the rule"),
+    ((("mlp", 1.0), ("up_proj", 2.0)), "the α rule up_proj=2 applies to no tensor: an earlier rule takes every tensor "
+                                       "it matches (--alpha-rule). Fix the regex, or drop the rule"),
+])
+def test_an_alpha_rule_that_applies_to_no_tensor_is_an_error(rules, message):
+    with pytest.raises(OptionsError) as e:
+        MergeConfig(0.5, rules=rules).alphas(NAMES)
+    assert str(e.value) == message
 
 
 def test_per_tensor_alpha_output_equals_merge_rows():
     g = torch.Generator().manual_seed(4)
     base, d = torch.randn(64, 32, generator=g).to(torch.bfloat16), torch.randn(64, 32, generator=g) * 0.01
-    cfgs = [Config(alpha=0.6), Config(alpha=0.6, schedule=LayerSchedule(first=0.25, last=1.0))]
+    cfgs = [MergeConfig(0.6), MergeConfig(0.6, schedule=(0.25, 1.0))]
     name = "model.layers.0.mlp.up_proj.weight"
-    al = [c.alphas(NAMES)[name] for c in cfgs]
-    prep = prepare([c.merge for c in cfgs], name=name, shape=(64, 32), n_vectors=1, ranges=[(0, 64)],
-                   read=lambda s, e: [d])
-    outs = outputs(cfgs, al, prep, base_rows=base, deltas=[d], start_row=0, dtype=torch.bfloat16)
+    prep = prepare([c.operator for c in cfgs], tensor=TensorInfo(name, (64, 32), 1), ranges=[(0, 64)],
+                   read=lambda s, e: Rows(base, [d]))
+    outs = _merge_one(cfgs, [c.alphas(NAMES) for c in cfgs], name, 0, base, None, [d], None, prep, torch.bfloat16)
     for a, o in zip((0.6, 0.6 * 0.25), outs):
         assert torch.equal(bits(o), bits(merge_rows(base, d, a, torch.bfloat16)))
 
 
 # -- bad settings: one clear error each ----------------------------------------------------
-@pytest.mark.parametrize("merge,expected", [
-    (Merge(method="ties", density=0.0), "density must be in (0, 1], got 0.0 (merge.density). "
-                                         "Density is the fraction of each Δ kept, e.g. 0.2"),
-    (Merge(method="ties", density=1.5), "density must be in (0, 1], got 1.5 (merge.density). "
-                                         "Density is the fraction of each Δ kept, e.g. 0.2"),
-    (Merge(method="dare_ties", p=1.0), "DARE drop probability p must be in [0, 1), got 1.0 (merge.p). "
-                                        "P is the fraction of Δ dropped, e.g. 0.9"),
-    (Merge(method="dare_linear", p=-0.1), "DARE drop probability p must be in [0, 1), got -0.1 (merge.p). "
-                                           "P is the fraction of Δ dropped, e.g. 0.9"),
+@pytest.mark.parametrize("settings,expected", [
+    (dict(method="ties", density=0.0), "density must be in (0, 1], got 0.0 (merge.density). "
+                                       "Density is the fraction of each Δ kept, e.g. 0.2"),
+    (dict(method="ties", density=1.5), "density must be in (0, 1], got 1.5 (merge.density). "
+                                       "Density is the fraction of each Δ kept, e.g. 0.2"),
+    (dict(method="dare_ties", p=1.0), "DARE drop probability p must be in [0, 1), got 1.0 (merge.p). "
+                                      "P is the fraction of Δ dropped, e.g. 0.9"),
+    (dict(method="dare_linear", p=-0.1), "DARE drop probability p must be in [0, 1), got -0.1 (merge.p). "
+                                         "P is the fraction of Δ dropped, e.g. 0.9"),
+    (dict(method="ties", density=(0.5, 0.5), weights=(1.0, 1.0, 1.0)),
+     "merge density has 2 values for 3 task vectors (merge.density). Give one value, or one per task vector"),
+    (dict(method="task_arithmetic", density=0.3), "task_arithmetic takes no density (a setting of {users:density}) "
+                                                  "(merge.density). Drop it, or choose an operator that takes it, "
+                                                  "e.g. --method {first:density}"),
+    (dict(method="ties", p=0.5), "ties takes no p (a setting of {users:p}) (merge.p). Drop it, or "
+                                 "choose an operator that takes it, e.g. --method {first:p}"),
+    (dict(method="tie"), "unknown merge method 'tie' (merge.method). Use one of {operators}"),
 ])
-def test_bad_merge_settings(merge, expected):
+def test_bad_merge_settings(settings, expected):
     with pytest.raises(OptionsError) as e:
-        merge.check(2)
-    assert str(e.value) == expected
+        MergeConfig(0.5, **settings)
+    for k in ("density", "p"):  # the registry's lists: every operator that takes the setting
+        expected = expected.replace(f"{{users:{k}}}", ", ".join(users(k))).replace(f"{{first:{k}}}", users(k)[0])
+    assert str(e.value) == expected.replace("{operators}", ", ".join(operators()))
 
 
 def test_schedule_that_names_no_layer():
     with pytest.raises(OptionsError) as e:
-        Config(schedule=LayerSchedule(first=0.1, last=1.0, pattern=r"\.h\.(\d+)\.")).alphas(NAMES)
-    assert str(e.value) == ("the layer schedule names no layer: no tensor name matches '\\\\.h\\\\.(\\\\d+)\\\\.' "
-                            "(schedule.pattern). Give a pattern whose group 1 is the layer index")
+        MergeConfig(0.5, schedule=(0.1, 1.0)).alphas([n.replace("layers", "h") for n in NAMES])
+    assert str(e.value) == ("the layer schedule names no layer: no tensor name matches '(?:^|\\\\.)layers\\\\.(\\\\d+)\\\\.' "
+                            "(--layer-schedule). Drop --layer-schedule for a model whose layers are not named "
+                            "layers.N")
 
 
 def test_task_vectors_of_different_architectures(pairs):
     llama, qwen = TaskVector.between(*pairs["llama"]), TaskVector.between(*pairs["qwen2"])
     with pytest.raises(MismatchError) as e:
-        llama.merge(qwen, method="ties", density=0.5)
+        merge(llama, qwen, method="ties", density=0.5)
     assert str(e.value).startswith("task vectors 1 and 2 have different tensors, e.g. ['model.layers.0.self_attn.")
     assert str(e.value).endswith(". Merge only task vectors of one architecture from one base")
 
 
 def test_taskvector_trim_and_dare_are_lazy_and_chunking_free(pairs):
     tv = TaskVector.between(*pairs["llama"])
-    trimmed, dropped = tv.trim(0.3), tv.dare(0.5, seed=1)
+    trimmed, dropped = trim(tv, 0.3), dare(tv, 0.5, seed=1)
     for name in tv.names():
         whole = trimmed.get(name)
         n = whole.numel()

@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_one_line_error, cli
 from tvtool.errors import RecipeError
 from tvtool.sweep.recipe import load_recipe
+from tvtool.merge.registry import operators, users
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -26,19 +27,19 @@ def test_shipped_recipes_validate(name):
     if name.startswith("r1"):
         assert r.apply == "lora" and r.low_rank.rank == 32
     if name.startswith("long-to-short"):  # the paper's README settings (density = 1 − trim ratio k)
-        from tvtool.sweep.recipe import merge_configs
+        from tvtool.sweep.spec import merge_configs
 
         size = name.split("-")[-1].removesuffix(".yaml")  # Table 7: TIES (density = 1 − k, α); DARE p = 0.3 at 7B
         ties = {"7b": (0.2, 1.0), "32b": (0.75, 0.55)}[size]
         got = [(c.method, c.alpha, c.density, c.p) for c in merge_configs(r)]
-        dare = [("dare_linear", 0.7, 1.0, 0.3), ("dare_ties", 1.0, 0.2, 0.3)] if size == "7b" else []
+        dare = [("dare_linear", 0.7, 1.0, 0.3), ("dare_ties", 1.0, 1.0, 0.3)] if size == "7b" else []  # DARE: no trim
         assert got == [("task_arithmetic", 0.7, 1.0, 0.0), ("ties", ties[1], ties[0], 0.0)] + dare
         # §4 / §5.2: System 1 is the pre-trained base itself, System 2 the R1 distill of it
         assert (r.base, r.reasoner, r.vectors) == ({"7b": "Qwen/Qwen2.5-Math-7B", "32b": "Qwen/Qwen2.5-32B"}[size],
                                                    f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size.upper()}", ())
     if name == "toy-operators.yaml":  # reports/toy-operators: the α curve of toy.yaml plus TIES, DARE, breadcrumbs
         from tvtool.merge.options import config_name
-        from tvtool.sweep.recipe import merge_configs
+        from tvtool.sweep.spec import merge_configs
 
         cs = merge_configs(r)
         plain = [c.alpha for c in cs if c.is_plain()]
@@ -83,8 +84,12 @@ datasets:
     ("output: runs/{nme}\n", "field output has an unknown key {nme}"),
     ("name: 3\n", "field name must be a string, got 3"),
     ("name:\n", "field name must not be empty"),
-    ("merge: {method: tie}\n", "field merge[0].method must be one of task_arithmetic, trim, ties, dare_linear, "
-                               "dare_ties, breadcrumbs, breadcrumbs_ties, got 'tie'"),
+    ("merge: {method: tie}\n", "field merge[0].method must be one of {operators}, got 'tie'"),
+    ("merge: {density: 0.3}\n", "field merge[0].density is invalid: task_arithmetic takes no density (a setting of "
+                                "{users:density})"),
+    ("merge: {method: ties, rules: [mlp]}\n", "field merge[0].rules is invalid: bad α rule 'mlp'"),
+    ("source: {vocab: some}\n", "field source.vocab must be one of error, intersect, got 'some'"),
+    ("materialize: {vocab: intersect}\n", "unknown field materialize.vocab"),
     ("merge: {method: ties, density: 0}\n", "field merge[0].density is invalid: density must be in (0, 1], got 0.0"),
     ("merge: [{method: dare_ties, p: 1.0}]\n", "field merge[0].p is invalid: DARE drop probability p must be in [0, 1), got 1.0"),
     ("merge: {method: ties, layer_schedule: fast}\n", "field merge[0].layer_schedule is invalid: bad layer schedule 'fast'"),
@@ -103,6 +108,8 @@ def test_bad_field_is_named(tmp_path, edit, message):
     p.write_text(text + edit)
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
+    message = message.replace("{users:density}", ", ".join(users("density"))).replace(  # the registry's lists
+        "{operators}", ", ".join(operators()))
     assert str(e.value).startswith(message + f" ({p})"), str(e.value)
 
 
@@ -188,7 +195,7 @@ def test_written_recipe_loads_back_equal(tmp_path):
 
 def test_materialize_section_is_materialize_options(tmp_path):
     """One tensor selection for in-engine α (swap) and α folders (materialize): MaterializeOptions."""
-    from tvtool.merge.materialize import MaterializeOptions
+    from tvtool.merge.options import MaterializeOptions
 
     p = tmp_path / "r.yaml"
     p.write_text(GOOD + "materialize: {include: '\\.mlp\\.', dtype: float32}\n")
@@ -207,7 +214,8 @@ def test_include_misplaced_or_with_lora(tmp_path):
 
 
 def test_recipe_built_in_python_raises_recipe_error(tmp_path):
-    from tvtool.sweep.recipe import DatasetSpec, Recipe
+    from tvtool.sweep.recipe import Recipe
+    from tvtool.sweep.spec import DatasetSpec
 
     kw = dict(name="t", base="b", reasoner="r", alphas=(0, 0.5), datasets=(DatasetSpec(name="gsm8k", limit=2),))
     p = tmp_path / "r.yaml"

@@ -53,6 +53,8 @@ def test_report_equals_what_the_records_recompute(toy_run):
         assert (r["accuracy"], r["mean_tokens"], r["truncated"]) == (s["accuracy"], s["mean_tokens"], s["truncated"])
     text = (toy_run.output / "REPORT.md").read_text()
     assert "| alpha-0.5 | 0.5 |" in text and "tvtool sweep" in text and "## Versions" in text
+    # the toy has no thinking tags, one sample per problem and no difficulty levels: none of their columns
+    assert not any(w in text for w in ("thinking #tokens", "unfinished %", "maj@n", "By difficulty", "Thinking:"))
     assert (toy_run.output / f"plot-{name}.png").stat().st_size > 1000
 
 

@@ -14,6 +14,7 @@ from tvtool.errors import OptionsError, OutputError
 from tvtool.valve.mixchain import DATA_FILE, assemble, columns, dataset_card, write_dataset
 from tvtool.valve.mixchain_length import betas
 from tvtool.valve.options import MixChainOptions, parse_min_correct
+from tvtool.vectors.source import DeltaSource
 
 ALPHAS = (0.2, 0.4, 0.6, 0.8)
 
@@ -183,7 +184,7 @@ def _build(vengine, out: Path, engine, **kw):
     from tvtool.valve.mixchain import build_mixchain
 
     opts = dict(limit=3, alphas=(0.6, 0.2), batch_size=1, progress=False, keep_truncated=True, min_correct="any")
-    return build_mixchain(base=vengine.base, reasoner=vengine.reasoner, output=out, engine=engine,
+    return build_mixchain(source=DeltaSource(base=vengine.base, reasoner=vengine.reasoner), output=out, engine=engine,
                           sampling=SamplingOptions(max_tokens=12), scorer=_odd_scorer,
                           options=MixChainOptions(**{**opts, **kw}))
 
@@ -255,11 +256,11 @@ def test_bad_requests_fail_before_any_generation(tmp_path):
     from tvtool.engine.options import SamplingOptions
     from tvtool.valve.mixchain import build_mixchain
 
-    kw = dict(base="b", reasoner="r", output=tmp_path / "mc")  # paths never opened: the checks come first
+    kw = dict(source=DeltaSource(base="b", reasoner="r"), output=tmp_path / "mc")  # never opened: the checks come first
     with pytest.raises(OptionsError, match="one solution"):
         build_mixchain(sampling=SamplingOptions(n=2), **kw)
     with pytest.raises(OptionsError, match="exactly one"):
-        build_mixchain(delta="d", **kw)
+        build_mixchain(**{**kw, "source": DeltaSource(base="b", delta="d", reasoner="r")})
     with pytest.raises(OptionsError, match="min-correct"):
         build_mixchain(options=MixChainOptions(alphas=(0.2, 0.4), min_correct="3"), **kw)
     with pytest.raises(OptionsError, match="inside"):

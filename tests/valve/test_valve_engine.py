@@ -84,7 +84,7 @@ def test_a_trained_adapter_gives_the_same_greedy_tokens_everywhere(vengine, tmp_
 
     eng.load_weights(path=base)
     assert vllm(lora=adapter) == peft_ids  # vLLM serves the PEFT adapter
-    mat = materialize(base=base, delta=adapter, output=tmp_path / "m",
+    mat = materialize(source=DeltaSource(base=base, delta=adapter), output=tmp_path / "m",
                       options=MaterializeOptions(alphas=(1.0,), dtype="float32", progress=False)).folders[1.0]
     eng.load_weights(path=mat)
     assert vllm() == peft_ids  # materialize --delta ADAPTER

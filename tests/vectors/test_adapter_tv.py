@@ -13,6 +13,7 @@ from tiny import state_dict
 from tvtool import MaterializeOptions, materialize
 from tvtool.errors import CheckpointError
 from tvtool.vectors.taskvector import TaskVector
+from tvtool.vectors.source import DeltaSource
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,9 +56,9 @@ def test_alpha_one_equals_peft_merge_and_unload(lora_pair, llama, tmp_path):
     adapter = lora_pair.adapters[0]
     ref = _peft_merged(base, adapter)
     base_sd = state_dict(base)
-    bf16 = materialize(base=base, delta=adapter, output=tmp_path / "bf16",
+    bf16 = materialize(source=DeltaSource(base=base, delta=adapter), output=tmp_path / "bf16",
                        options=MaterializeOptions(alphas=(1.0,), progress=False)).folders[1.0]
-    f32 = materialize(base=base, delta=adapter, output=tmp_path / "f32",
+    f32 = materialize(source=DeltaSource(base=base, delta=adapter), output=tmp_path / "f32",
                       options=MaterializeOptions(alphas=(1.0, 0.0), dtype="float32", progress=False)).folders
     ours16, ours32, zero = state_dict(bf16), state_dict(f32[1.0]), state_dict(f32[0.0])
     assert set(ours16) == set(base_sd)
@@ -93,11 +94,11 @@ def test_svd_rank_of_an_adapter_keeps_it_a_task_vector(lora_pair, llama, tmp_pat
 
     base, _ = llama
     adapter = lora_pair.adapters[0]
-    svd_rank(delta=adapter, output=tmp_path / "f.safetensors",
+    svd_rank(source=DeltaSource(delta=adapter), output=tmp_path / "f.safetensors",
              options=LowRankOptions(rank=8, method="exact", dtype="float32", progress=False))
-    a = materialize(base=base, delta=adapter, output=tmp_path / "a",
+    a = materialize(source=DeltaSource(base=base, delta=adapter), output=tmp_path / "a",
                     options=MaterializeOptions(alphas=(0.5,), dtype="float32", progress=False)).folders[0.5]
-    b = materialize(base=base, delta=tmp_path / "f.safetensors", output=tmp_path / "b",
+    b = materialize(source=DeltaSource(base=base, delta=tmp_path / "f.safetensors"), output=tmp_path / "b",
                     options=MaterializeOptions(alphas=(0.5,), dtype="float32", progress=False)).folders[0.5]
     sa, sb = state_dict(a), state_dict(b)
     for n in sa:

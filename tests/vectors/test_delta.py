@@ -14,6 +14,7 @@ import tvtool
 from helpers import assert_bit_equal, assert_one_line_error, cli
 from tiny import edited_copy as _edit, index_files, state_dict
 from tvtool import DeltaOptions, TaskVector
+from tvtool.merge.stream import apply_to
 
 
 def _ref_delta(base, reasoner, dtype):
@@ -183,5 +184,5 @@ def test_taskvector_arithmetic(llama, tmp_path):
     out = tmp_path / "d.safetensors"
     tvtool.delta(base=base, reasoner=reasoner, output=out, options=DeltaOptions(dtype="float32", progress=False))
     assert torch.equal((TaskVector.load(out) - tv).get(n), torch.zeros_like(d))
-    merged = dict(tv.apply_to(base, alpha=1.0))
+    merged = dict(apply_to(tv, base, alpha=1.0))
     assert_bit_equal(merged, state_dict(reasoner))

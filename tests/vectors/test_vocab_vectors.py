@@ -1,4 +1,4 @@
-"""Several task vectors whose vocabularies differ follow the vocab policy of one pair (issue 12).
+"""Several task vectors whose vocabularies differ follow the vocab policy of one pair.
 
 Base and reasoner 1 have 256 vocabulary rows, reasoner 2 (a second fine-tune of the base) 248.
 - by default: one line naming the tensor, both sizes and `--vocab intersect` (reasoners or deltas);
@@ -11,15 +11,19 @@ Base and reasoner 1 have 256 vocabulary rows, reasoner 2 (a second fine-tune of 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import tvtool
 import tvtool.evaluation.evaluate
 import tvtool.merge.stream
 import tvtool.sweep.run
+import tvtool.sweep.stages.evaluate
+import tvtool.valve.mixchain  # noqa: F401  (patched below)
 from helpers import assert_bit_equal, assert_one_line_error, cli
 from helpers import engine_loaded as _loaded
 from tiny import edited_copy, finetune_like, state_dict
@@ -27,8 +31,10 @@ from tvtool import DeltaSource, MaterializeOptions, MergeConfig
 from tvtool.vectors.delta import DeltaOptions
 from tvtool.errors import MismatchError
 from tvtool.merge.options import MergeOptions
-from tvtool.merge.operators import check_vectors
+from tvtool.merge.merged import merge
+from tvtool.vectors.vocab import check_vectors
 from tvtool.io.safetensors_io import row_chunks
+from tvtool.vectors.source import SourceOptions
 from tvtool.vectors.taskvector import TaskVector
 
 SHARED = 248  # reasoner 2's vocabulary rows (base and reasoner 1: 256)
@@ -55,9 +61,8 @@ def _materialize(base, r1, r2, out, configs, dtype="float32"):
     mp = pytest.MonkeyPatch()
     mp.setattr(tvtool.merge.stream, "row_chunks", lambda shape, max_elems=4096: row_chunks(shape, 4096))
     try:
-        return tvtool.materialize(base=base, reasoner=r1, output=out, configs=configs,
-                                  merge=MergeOptions(vectors=(str(r2),)),
-                                  options=MaterializeOptions(vocab="intersect", dtype=dtype, progress=False)).configs
+        return tvtool.materialize(source=DeltaSource(base=base, reasoner=r1, more=(r2,), vocab="intersect"), output=out,
+                                  configs=configs, options=MaterializeOptions(dtype=dtype, progress=False)).configs
     finally:
         mp.undo()
 
@@ -218,12 +223,29 @@ def test_python_api_merges_over_the_shared_rows(trio):
     base, r1, r2 = trio
     tv1, tv2 = TaskVector.between(base, r1), TaskVector.between(base, r2, vocab="intersect")
     with pytest.raises(MismatchError, match="Pass --vocab intersect"):
-        tv1.merge(tv2, method="ties", density=0.3)
-    m = tv1.merge(tv2, method="ties", density=0.3, weights=(0.7, 0.5), vocab="intersect")
+        merge(tv1, tv2, method="ties", density=0.3)
+    m = merge(tv1, tv2, method="ties", density=0.3, weights=(0.7, 0.5), vocab="intersect")
     assert m.shape("lm_head.weight") == (SHARED, 128)
     _, ds = _deltas64(base, [r1, r2])
     np.testing.assert_allclose(m.get("lm_head.weight").double().numpy(),
                                _ties64(ds["lm_head.weight"], (0.7, 0.5), 0.3), rtol=1e-6, atol=1e-12)
+
+
+def test_svd_rank_takes_the_policy(trio, tmp_path):
+    """svd-rank of TIES over the two vectors: an error naming --vocab intersect by default; with it, M over the
+    shared rows (at full rank, the factors of lm_head reproduce the float64 reference on those rows)."""
+    base, r1, r2 = trio
+    args = ["svd-rank", "--base", base, "--vector", f"{r1}:0.7", "--vector", f"{r2}:0.5", "--merge-method", "ties",
+            "--density", "0.3", "--rank", "128", "--method", "exact", "--include", "lm_head", "--no-progress"]
+    r = cli(*args, "-o", tmp_path / "f.safetensors")
+    assert r.exit_code == 2 and "vocabulary size differs" in r.stderr and "--vocab intersect" in r.stderr
+    r = cli(*args, "--vocab", "intersect", "-o", tmp_path / "f.safetensors")
+    assert r.exit_code == 0, r.output
+    f = load_file(tmp_path / "f.safetensors")
+    ba = f["lm_head.weight.lora_B"].double() @ f["lm_head.weight.lora_A"].double()
+    _, ds = _deltas64(base, [r1, r2])
+    ref = _ties64(ds["lm_head.weight"], (0.7, 0.5), 0.3)
+    assert ba.shape == (SHARED, 128) and np.abs(ba.numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_eval_and_recipes_pass_the_policy_to_the_source(trio, tmp_path, monkeypatch):
@@ -239,20 +261,26 @@ def test_eval_and_recipes_pass_the_policy_to_the_source(trio, tmp_path, monkeypa
 
     monkeypatch.setattr(tvtool.evaluation.evaluate, "_evaluate", capture)
     with pytest.raises(Stop):
-        tvtool.evaluation.evaluate.evaluate(base=base, reasoner=r1, alphas=(0.5,), output=tmp_path / "ev",
-                                 options=tvtool.evaluation.evaluate.EvalOptions(vocab="intersect"),
-                                 merge=MergeOptions(vectors=(str(r2),), method="ties", density=0.3))
+        tvtool.evaluation.evaluate.evaluate(source=DeltaSource(base=base, reasoner=r1, more=(r2,), vocab="intersect"),
+                                            alphas=(0.5,), output=tmp_path / "ev",
+                                            merge=MergeOptions(method="ties", density=0.3))
     r = cli("eval", "--base", base, "--reasoner", r1, "--vocab", "intersect", "--alpha", "0.5",
             "-o", tmp_path / "e2")
     assert r.exit_code != 0  # Stop, raised by the stand-in
     assert [s.vocab for s in seen] == ["intersect", "intersect"] and seen[0].more == (str(r2),)
+    monkeypatch.setattr(sys.modules["tvtool.valve.mixchain"], "_build", lambda *, source, **kw: capture(None, None, source))
+    r = cli("mixchain", base, "--vector", r1, "--vector", r2, "--method", "ties", "--density", "0.3", "--vocab",
+            "intersect", "--alpha", "0.5", "--dataset", "toy", "-o", tmp_path / "mc")
+    assert r.exit_code != 0 and seen[-1] == DeltaSource(base=str(base), reasoner=str(r1), more=(str(r2),),
+                                                        vocab="intersect")
 
-    monkeypatch.setattr(tvtool.sweep.run, "_eval_one_engine", lambda r, source, *a: capture(None, None, source))
-    from tvtool.sweep.recipe import DatasetSpec, Recipe
+    monkeypatch.setattr(tvtool.sweep.stages.evaluate, "_eval_one_engine", lambda r, source, *a: capture(None, None, source))
+    from tvtool.sweep.recipe import Recipe
+    from tvtool.sweep.spec import DatasetSpec
 
     recipe = Recipe(name="v", base=str(base), vectors=({"model": str(r1)}, {"model": str(r2)}),
                     alphas=(0.5,), datasets=(DatasetSpec(name="toy", limit=1),),
-                    materialize=MaterializeOptions(vocab="intersect"), output=str(tmp_path / "sweep"))
+                    source=SourceOptions(vocab="intersect"), output=str(tmp_path / "sweep"))
     with pytest.raises(Stop):
         tvtool.sweep.run.sweep(recipe=recipe)
     assert seen[-1] == DeltaSource(base=str(base), reasoner=str(r1), more=(str(r2),), vocab="intersect")

@@ -6,15 +6,16 @@ from dataclasses import replace
 
 import click
 
+from tvtool.cli.inputs import inputs, merge_options, source_options
 from tvtool.cli.ray import RAY, ray_options
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.engine.prompting import PromptOptions
 from tvtool.errors import OptionsError
+from tvtool.evaluation.cluster import evaluate_on_ray
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.evaluation.generate import generate_responses
 from tvtool.evaluation.runs import EvalOptions
 from tvtool.evaluation.units import RayOptions
-from tvtool.merge.options import MergeOptions
 from tvtool.options import FLOAT_LIST, click_options, from_cli
 
 
@@ -23,16 +24,17 @@ def _run_options(fn):
     for deco in reversed([
         click.argument("checkpoints", nargs=-1),
         click.option("--model", help="One model folder (or Hub id) to evaluate; with --lora, the adapters' base."),
-        click.option("--base", help="α sweep: the base θ1 (θ1 + α·Δ is loaded in place, one engine)."),
-        click.option("--delta", "delta_path", help="α sweep: a delta written by `tvtool delta`."),
-        click.option("--reasoner", help="α sweep: the reasoner θ2 (Δ computed on the fly)."),
+        source_options(base="option", base_help="α sweep: the base θ1 (θ1 + α·Δ is loaded in place, one engine).",
+                       delta_help="α sweep: a delta written by `tvtool delta` or `tvtool svd-rank`, or a PEFT LoRA "
+                                  "adapter folder.",
+                       reasoner_help="α sweep: the reasoner θ2 (Δ computed on the fly)."),
         click.option("--alpha", "-a", "alphas", type=FLOAT_LIST, multiple=True,
                      help="α values (repeat, or comma-separate); with --lora: one α label per adapter."),
         click.option("--lora", "loras", multiple=True,
                      help="A PEFT LoRA adapter folder (repeat); served by one engine with LoRA enabled."),
         click.option("-o", "--output", required=True, help="Output folder (resumable: re-run to finish)."),
         click_options(EvalOptions, exclude=("score",)),
-        click_options(MergeOptions),
+        merge_options(),
         click_options(PromptOptions),
         click_options(SamplingOptions),
         click_options(EngineOptions),
@@ -43,24 +45,24 @@ def _run_options(fn):
     return fn
 
 
-def _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, kw) -> dict:
-    return dict(output=output, model=model, base=base, delta=delta_path, reasoner=reasoner,
-                alphas=tuple(a for part in alphas for a in part), checkpoints=checkpoints, loras=loras,
-                options=from_cli(EvalOptions, kw), merge=from_cli(MergeOptions, kw), prompt=from_cli(PromptOptions, kw),
-                sampling=from_cli(SamplingOptions, kw), engine_options=from_cli(EngineOptions, kw))
+def _run_kwargs(checkpoints, model, alphas, loras, output, kw) -> dict:
+    source, merge = inputs(kw)
+    return dict(output=output, model=model, source=source, alphas=tuple(a for part in alphas for a in part),
+                checkpoints=checkpoints, loras=loras, options=from_cli(EvalOptions, kw), merge=merge,
+                prompt=from_cli(PromptOptions, kw), sampling=from_cli(SamplingOptions, kw),
+                engine_options=from_cli(EngineOptions, kw))
 
 
 @click.command("eval")
 @_run_options
-def eval_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
+def eval_cmd(checkpoints, model, alphas, loras, output, **kw) -> None:
     """Generate with vLLM and score: one --model, CHECKPOINTS folders, an α sweep
     (--base with --delta|--reasoner and --alpha, one engine, weights swapped in place;
     --include/--exclude pick the tensors α applies to),
     or --lora adapters. Writes samples.jsonl, summary.json, run.json per run and, for
     several runs, a summary table (markdown, JSON) and plot."""
     executor = ray_options(kw)
-    result = _run(evaluate, executor, _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas, loras,
-                                                  output, kw))
+    result = _run(evaluate, executor, _run_kwargs(checkpoints, model, alphas, loras, output, kw))
     click.echo(result.summary())
 
 
@@ -68,11 +70,9 @@ def _run(local, executor: RayOptions | None, kwargs: dict):
     """The one-engine verb, or (`--ray`) the α sweep on a Ray pool."""
     if executor is None:
         return local(**kwargs)
-    from tvtool.evaluation.cluster import evaluate_on_ray
-
-    if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"]:
-        raise OptionsError("--ray runs α sweeps", where="--ray",
-                          fix="pass --base with --delta|--reasoner and --alpha (or drop --ray)")
+    if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"] or kwargs["options"].apply == "lora":
+        raise OptionsError("--ray runs α sweeps loaded in place", where="--ray",
+                          fix="pass --base with --delta|--reasoner and --alpha, without --apply lora (or drop --ray)")
     if local is generate_responses:
         kwargs["options"] = replace(kwargs["options"], score=False)
     for k in ("model", "checkpoints", "loras"):
@@ -82,9 +82,8 @@ def _run(local, executor: RayOptions | None, kwargs: dict):
 
 @click.command("generate")
 @_run_options
-def generate_cmd(checkpoints, model, base, delta_path, reasoner, alphas, loras, output, **kw) -> None:
+def generate_cmd(checkpoints, model, alphas, loras, output, **kw) -> None:
     """Like `tvtool eval` without scoring: responses, token ids and finish reasons in samples.jsonl."""
     executor = ray_options(kw)
-    result = _run(generate_responses, executor, _run_kwargs(checkpoints, model, base, delta_path, reasoner, alphas,
-                                                             loras, output, kw))
+    result = _run(generate_responses, executor, _run_kwargs(checkpoints, model, alphas, loras, output, kw))
     click.echo(result.summary())

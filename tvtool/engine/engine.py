@@ -29,11 +29,14 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from tvtool.errors import EngineError, OptionsError
-from tvtool.merge.stream import MergeConfig, merged_config, output_plan
+from tvtool.io.checkpoint import model_config
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.plan import merged_config, output_plan
 from tvtool.engine.options import (TESTED_VLLM, EngineOptions, Sample, SamplingOptions, check_engine_options,
                                    check_sampling, sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
-from tvtool.engine.reaper import reap_on_death
+from tvtool.engine.logs import engine_start
+from tvtool.engine.reaper import interruptible_start, reap_on_death
 from tvtool.engine.placement import choose
 from tvtool.io.finished import say
 from tvtool.vectors.source import DeltaSource
@@ -64,7 +67,8 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
                       config_from: Literal["reasoner", "base"] = "reasoner") -> Path:
     """Write the merged model's config/tokenizer files (no weights) into `folder`: what an engine
     for θ1 + α·Δ starts from. The same files as a materialized α folder (`merged_config`)."""
-    base, tv = source.open()
+    opened = source.open()
+    base, tv = opened.base, opened.tv
     files = merged_config(base=base, tv=tv, plan=output_plan(base, tv), config_from=config_from)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +121,8 @@ class Engine:
             trust_remote_code=o.trust_remote_code, worker_extension_cls=WORKER_EXTENSION)
         if o.enable_lora:
             kw["max_lora_rank"] = o.max_lora_rank
+            if o.max_loras is not None:
+                kw["max_loras"] = o.max_loras
         for k in ("max_model_len", "distributed_executor_backend", "max_num_seqs"):
             if getattr(o, k) is not None:
                 kw[k] = getattr(o, k)
@@ -140,7 +146,7 @@ class Engine:
                    lazy: bool = False, config_from: Literal["reasoner", "base"] = "reasoner") -> "Engine":
         """An engine for θ1 + α·Δ sweeps: placeholder weights, in its own shell-model folder.
 
-        The folder holds the merged model's config/tokenizer files (`tvtool.merge.stream.merged_config`,
+        The folder holds the merged model's config/tokenizer files (`tvtool.merge.plan.merged_config`,
         as `materialize` writes them) and is removed when the engine is closed."""
         folder = Path(tempfile.mkdtemp(prefix="tvtool-engine-"))
         try:
@@ -155,11 +161,14 @@ class Engine:
     def _start(self) -> None:
         self._reaper = reap_on_death()  # the engine's processes die with this one, even on SIGKILL
         self._reaper.__enter__()
-        from tvtool.engine.logs import engine_start
-
         try:
-            with engine_start():  # engine processes print into the run's vllm.log (tvtool.engine.logs)
+            # engine processes print into the run's vllm.log (tvtool.engine.logs); a Ctrl-C stops the start at once
+            with engine_start(), interruptible_start():
                 self._llm = vllm_module().LLM(**self._kw)
+        except KeyboardInterrupt:
+            self._stop()  # an engine the interrupted start made anyway (its processes are already killed)
+            self._end_reaper()
+            raise
         except Exception as e:  # vLLM raises many types at start-up
             self._end_reaper()
             raise EngineError(f"vLLM could not start: {type(e).__name__}: {str(e)[:300]}", where=self._kw["model"],
@@ -316,21 +325,85 @@ class Engine:
 
         return LoRARequest(lora_name=f"adapter-{i}", lora_int_id=i, lora_path=key)
 
+    def reserve_loras(self, n: int) -> None:
+        """Before the engine starts, let one batch hold `n` adapters (vLLM's `max_loras`); a started engine
+        keeps its setting (requests of more adapters still run, in turns)."""
+        if self._llm is None and self.options.enable_lora and n > self._kw.get("max_loras", 1):
+            self._kw["max_loras"] = n
+
     def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]:
         return [build_prompt(question=q, tokenizer=self.tokenizer, options=options) for q in questions]
 
+    @property
+    def context(self) -> int | None:
+        """Tokens of context (prompt + generation): --max-model-len, else the model's max_position_embeddings."""
+        return self.options.max_model_len or self._model_context()
+
+    def _model_context(self) -> int | None:
+        cfg = model_config(self.model_dir) if (self.model_dir / "config.json").is_file() else {}
+        n = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+        return int(n) if n else None
+
+    def check_prompts(self, *, prompts: Sequence[str], add_special_tokens: bool = True) -> None:
+        """Refuse, in one line and before vLLM does (or starts), prompts that leave no room in the context:
+        vLLM takes a prompt only when it is shorter than max_model_len."""
+        context = self.context
+        if context is None or not prompts:
+            return
+        lengths = [len(x) for x in self.tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+        long = [n for n in lengths if n >= context]
+        if not long:
+            return
+        limit, need = self._model_context(), max(long) + 1
+        if limit is not None and need > limit:
+            fix = f"shorten the prompts (the model's own context is {limit} tokens)"
+        else:
+            fix = f"raise --max-model-len to at least {need}{f' (the model allows {limit})' if limit else ''}, or " \
+                  "shorten the prompts"
+        raise EngineError(f"{len(long)} of {len(lengths)} prompts do not fit the engine's context of {context} "
+                          f"tokens (the longest has {max(long)} tokens; a prompt must leave room for one generated "
+                          "token)",
+                          where=f"--max-model-len {context}" if self.options.max_model_len else
+                          f"max_position_embeddings in {self.model_dir / 'config.json'}",
+                          fix=f"{fix}: --instruction, --system-prompt, or the dataset's questions")
+
     def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
+                 loras: Sequence[str | os.PathLike | None] | None = None,
                  add_special_tokens: bool = True) -> list[list[Sample]]:
-        """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
+        """Per prompt, its n samples (token ids, text, finish reason), in prompt order.
+
+        `lora`: one adapter for every prompt; `loras`: one per prompt (None: the engine's weights), so
+        requests through different adapters are batched together in one call."""
         if self.weights["kind"] == "dummy":
             raise EngineError("the engine holds placeholder weights", where=str(self.model_dir),
                               fix="call load_alpha or load_weights first")
         params = self.sampling_params(sampling)
-        req = self.lora_request(lora) if lora else None
+        if loras is not None:
+            if lora is not None or len(loras) != len(prompts):
+                raise OptionsError(f"{len(loras)} adapters for {len(prompts)} prompts", where="loras",
+                                   fix="give one adapter (or None) per prompt, and no `lora`")
+            if any(loras) and not all(loras):  # never mixed: vLLM's CPU build reads "no adapter" (index -1)
+                # as its last adapter slot (torch LoRA ops), so prompts without one go in a call of their own
+                plain = [i for i, p in enumerate(loras) if not p]
+                lora_ix = [i for i, p in enumerate(loras) if p]
+                outs = dict(zip(plain, self.generate(prompts=[prompts[i] for i in plain], sampling=sampling,
+                                                     add_special_tokens=add_special_tokens)))
+                outs.update(zip(lora_ix, self.generate(prompts=[prompts[i] for i in lora_ix], sampling=sampling,
+                                                       loras=[loras[i] for i in lora_ix],
+                                                       add_special_tokens=add_special_tokens)))
+                return [outs[i] for i in range(len(prompts))]
+            req = [self.lora_request(p) if p else None for p in loras]
+        else:
+            req = self.lora_request(lora) if lora else None
+        self.check_prompts(prompts=prompts, add_special_tokens=add_special_tokens)
+        try:  # vLLM is optional: imported only with an engine (older vLLM raised ValueError)
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:
+            VLLMValidationError = ValueError
         try:
             outs = self.llm.generate(list(prompts), params, use_tqdm=False, lora_request=req,
                                      tokenization_kwargs={"add_special_tokens": add_special_tokens})
-        except ValueError as e:  # vLLM's request validation, e.g. a prompt longer than max_model_len
+        except (VLLMValidationError, ValueError) as e:  # vLLM's request validation (the class, or older ValueError)
             raise EngineError(f"vLLM refused the request: {str(e)[:300]}", where=str(self.model_dir),
                               fix="raise --max-model-len (within the model's limit) or shorten the prompts") from e
         result = []

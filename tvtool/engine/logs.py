@@ -34,13 +34,22 @@ def _vllm_logger() -> logging.Logger:
     return logging.getLogger("vllm")
 
 
+class _LogFile(logging.FileHandler):
+    """vllm.log: a line that cannot be written (the disk is full) is dropped, silently. logging's default
+    prints a "--- Logging error ---" traceback per record on the terminal (300 lines for an engine shutdown),
+    before tvtool's own one-line error says what happened to the disk."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _route(logger: logging.Logger, path: Path) -> None:
     if any(getattr(h, "_tvtool", None) == str(path) for h in logger.handlers):
         return
     fmt = next((h.formatter for h in logger.handlers if h.formatter), None)
     for h in list(logger.handlers):
         logger.removeHandler(h)
-    fh = logging.FileHandler(path, mode="a", encoding="utf-8")
+    fh = _LogFile(path, mode="a", encoding="utf-8")
     fh._tvtool = str(path)
     fh.setFormatter(fmt or logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
     logger.addHandler(fh)

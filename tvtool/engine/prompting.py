@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tvtool.errors import EngineError
+from tvtool.io.checkpoint import model_config
 from tvtool.options import CliOptions, opt
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -53,6 +55,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer of a model folder (or Hub id), as transformers loads it."""
     from transformers import AutoTokenizer  # heavy: imported on first use, not with the CLI
 
+    if (Path(path) / "config.json").is_file():  # transformers reads it too: a broken one is not a tokenizer problem
+        model_config(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

@@ -18,6 +18,8 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -84,11 +86,100 @@ def _watch(parent: int) -> None:
                 return
             if not data:
                 break  # the pipe closed without a word: tvtool died
+    kill_recorded(seen)
+
+
+def kill_recorded(seen: dict[int, int]) -> int:
+    """SIGKILL every recorded process ({pid: start time}, from `descendants`) that still runs: the same
+    process, checked by start time, so a reused pid is never hit. Returns how many were killed."""
+    n = 0
     for pid, start in seen.items():
         st = _stat(pid)
         if st is not None and st[1] == start and st[2] != "Z":
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+                n += 1
+    return n
+
+
+def running(seen: dict[int, int]) -> list[int]:
+    """The recorded processes ({pid: start time}) that still run (zombies count as gone)."""
+    return [pid for pid, start in seen.items() if (st := _stat(pid)) is not None and st[1] == start and st[2] != "Z"]
+
+
+# --- Ctrl-C while vLLM starts stops the start --------------------------------------------------------------
+# vLLM 0.32 loses a Ctrl-C that lands while its engine loads: `launch_core_engines` waits for the EngineCore
+# handshake inside `vllm.utils.network_utils.zmq_socket_ctx`, which catches KeyboardInterrupt (logged at debug
+# level) and returns as if the handshake were done. The client then blocks in one 600 s zmq poll for a READY
+# message (`MPClient.__init__`, VLLM_ENGINE_READY_TIMEOUT_S) that may never come, and fails with "Timed out ...
+# slow weight loading"; or, when the handshake did finish, the start completes as if no Ctrl-C had come. The
+# EngineCore itself only records a SIGINT or SIGTERM received while it loads (vllm/v1/engine/core.py), so it
+# keeps loading. `interruptible_start` makes the first Ctrl-C final: it SIGKILLs the processes the start has
+# made (they would not stop), and keeps interrupting the main thread until the start is left, so that vLLM's
+# waits end at once; the start then ends in KeyboardInterrupt, however vLLM handled the first one.
+
+RESEND_S = 0.3
+
+
+@contextlib.contextmanager
+def interruptible_start() -> Iterator[threading.Event]:
+    """Around starting a vLLM engine in the main thread: a Ctrl-C kills the processes started in the block and
+    ends it with KeyboardInterrupt (see above). Elsewhere (another thread, no /proc) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread() or not Path("/proc/self/stat").exists():
+        yield threading.Event()
+        return
+    me, before = os.getpid(), descendants(os.getpid())
+    hit, inside, lock = threading.Event(), [True], threading.Lock()
+
+    def kill_started() -> None:
+        for pid, start in descendants(me).items():  # not multiprocessing's resource tracker: shared, it ends with us
+            if before.get(pid) != start and not _is_resource_tracker(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def interrupt_again() -> None:  # until the block is left: vLLM may swallow one KeyboardInterrupt
+        while True:
+            time.sleep(RESEND_S)
+            with lock:
+                if not inside[0]:
+                    return
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    own = sys._getframe().f_code  # this generator's code: on the stack only while it sets up or cleans up
+
+    def on_sigint(signum, frame):
+        if not hit.is_set():
+            hit.set()
+            threading.Thread(target=interrupt_again, name="tvtool-interrupt", daemon=True).start()
+        kill_started()
+        while frame is not None:  # never in the middle of this block's own clean-up: it raises at its end
+            if frame.f_code is own:
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)  # (signal.signal runs pending handlers first: ours)
+    try:
+        yield hit
+    except BaseException:
+        if hit.is_set():  # whatever vLLM made of the interrupt (e.g. "Engine core initialization failed")
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        with lock:
+            inside[0] = False
+        signal.signal(signal.SIGINT, previous)
+        if hit.is_set():
+            kill_started()
+    if hit.is_set():  # the start finished although interrupted (vLLM swallowed it): the caller closes the engine
+        raise KeyboardInterrupt
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 # --- a Ray actor's vLLM processes die with the actor (tvtool.evaluation.cluster) ---------------------------

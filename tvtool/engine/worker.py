@@ -26,7 +26,9 @@ from tvtool.engine.placement import free_cpu_bytes
 from tvtool.engine.resident import Region, Resident
 from tvtool.engine.vllm_layout import Digests, bake, check_api, io_counters, swap
 from tvtool.io.checkpoint import Checkpoint
-from tvtool.merge.stream import MergeConfig, merged_tensors, output_plan
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.plan import output_plan
+from tvtool.merge.stream import merged_tensors
 from tvtool.vectors.source import DeltaSource
 
 _opened: dict[tuple, tuple] = {}  # this worker's last opened (source, stamp) → (θ1, Δ)
@@ -101,8 +103,9 @@ class WorkerExtension:
     def tvtool_load_folder(self, path: str) -> int:
         """Load a model folder's weights into this worker; returns the number of tensors."""
         ckpt = Checkpoint.open(path)
-        self.reload_weights(weights_iterator=ckpt.iter_tensors())
-        return len(ckpt.names())
+        counter = _Counted(ckpt.iter_stored())  # as stored: an fp8 folder's engine takes its fp8 weights and scales
+        self.reload_weights(weights_iterator=iter(counter))
+        return counter.n
 
 
 def _layout(worker, src: DeltaSource):
@@ -138,7 +141,7 @@ def _open(src: DeltaSource):
     key = (src, tuple(_stamp(p) for p in (src.base, src.delta, src.reasoner, *src.more)))
     if key not in _opened:
         _opened.clear()
-        _opened[key] = src.open_vectors()
+        _opened[key] = src.open()
     return _opened[key]
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -36,18 +37,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tvtool.io.atomic import write_json
-from tvtool.engine.engine import Engine
+from tvtool.engine.engine import Engine, write_shell_model
 from tvtool.engine.options import EngineOptions, SamplingOptions, check_engine_options
 from tvtool.errors import ClusterError, OptionsError, TvtoolError
 from tvtool.evaluation.report import EvalResult, RunResult, table_row
 from tvtool.io.layout import RUN, SUMMARY, parse_hub_ref, summary_table
-from tvtool.merge.stream import MergeConfig
-from tvtool.merge.options import MergeOptions, split_vectors
-from tvtool.engine.prompting import PromptOptions
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MergeOptions
+from tvtool.merge.stream import check_configs, check_finite_inputs
+from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
 from tvtool.evaluation.results import summary_of
-from tvtool.evaluation.runs import EvalOptions, begin_run, check_settings, finish_run, merge_shards, run_one
+from tvtool.evaluation.runs import (EvalOptions, begin_run, check_settings, finish_run, merge_shards, read_run,
+                                    run_one)
 from tvtool.evaluation.shards import generate_shard
 from tvtool.vectors.source import DeltaSource
 from tvtool.evaluation.units import (Complete, Plan, RayOptions, RunSpec, Unit, plan_units, settings_complete,
@@ -263,7 +266,7 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
     return res
 
 
-def _finish_shards(plan: Plan, pool: PoolResult, sharded: dict[str, RunSpec]) -> None:
+def _finish_shards(plan: Plan, pool: PoolResult, sharded: dict[str, RunSpec], tokenizer) -> None:
     """Each sharded run whose shards all finished: samples merged in the one-engine order, then finished as one
     engine finishes it, with the shards' loads (`load.shards`) in run.json. Others wait for a re-run."""
     for folder, r in sharded.items():
@@ -275,7 +278,7 @@ def _finish_shards(plan: Plan, pool: PoolResult, sharded: dict[str, RunSpec]) ->
         run = {k: v for k, v in json.loads((f / RUN).read_text()).items() if k != "finished"}
         run["load"] = {"shards": sorted((pool.values[u.name] for u in units), key=lambda x: x["problems"])}
         finish_run(folder=f, run=run, problems=r.problems, sampling=r.sampling, options=r.options,
-                   params_b=r.params_b, params_source=r.params_source)
+                   params_b=r.params_b, params_source=r.params_source, tokenizer=tokenizer)
 
 
 def _close(ray, actors: Sequence) -> None:
@@ -321,9 +324,8 @@ class ClusterEvalResult:
         return "\n\n".join([*(r.summary() for r in self.results), tail])
 
 
-def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), base: str | os.PathLike | None = None,
-                    delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-                    source: DeltaSource | None = None, merge: MergeOptions = MergeOptions(),
+def evaluate_on_ray(*, output: str | os.PathLike, source: DeltaSource | None, alphas: Sequence[float] = (),
+                    merge: MergeOptions = MergeOptions(),
                     configs: Sequence[MergeConfig] | None = None,
                     datasets: Sequence[tuple[EvalOptions, SamplingOptions]] | None = None,
                     options: EvalOptions = EvalOptions(), prompt: PromptOptions = PromptOptions(),
@@ -332,7 +334,7 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
                     progress: bool = True, on_start: Callable[[dict], None] | None = None) -> ClusterEvalResult:
     """An α sweep (one or more datasets) on a Ray pool, into `evaluate`'s folder layout.
 
-    `source` (or `base` with `delta`|`reasoner`) and `alphas` as for `evaluate`, with merge operators as
+    `source` and `alphas` as for `evaluate`, with merge operators as
     `merge` (× `alphas`, `options`' include/exclude) or `configs`; each actor's engine loads the same
     `MergeConfig` the one-engine path loads. `datasets`:
     (EvalOptions, SamplingOptions) per dataset, or the one of `options`/`sampling`. Runs that
@@ -340,14 +342,12 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
     (or, with overwrite, discarded) before any engine starts, as on one engine. Per dataset an
     `EvalResult` (runs in the one-engine order, its summary table written as `evaluate` writes it).
     Raises `ClusterError` naming the failed units after the others finished."""
-    weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
-    if source is None:
-        if base is None:
-            raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
-    if configs is None and (merge != MergeOptions() or source.more):  # operators: the configs `evaluate` makes
-        configs = merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+    if source is None or source.base is None:
+        raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+    if configs is None and (replace(merge, weights=()) != MergeOptions() or source.more):  # as `evaluate` makes them
+        configs = merge.configs(alphas, include=options.include, exclude=options.exclude)
+    if configs is not None:  # operator settings and α rules checked against the vectors before Ray starts
+        check_configs(source=source, configs=configs)
     datasets = list(datasets or [(options, sampling)])
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,
@@ -363,18 +363,22 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
                           options=r.options, engine_options=engine_options)
     if plan.units:
         Path(output).mkdir(parents=True, exist_ok=True)  # each actor checks it can write here
+        check_finite_inputs(source=source, config=plan.units[0].runs[0].config)  # once, here: not in every actor
     job = Job(source=source, output=str(output), engine=engine_options, prompt=prompt,
               seed=datasets[0][1].sample_seed or 0)
     pool = run_units(plan=plan, job=job, executor=executor, progress=progress, on_start=on_start)
-    _finish_shards(plan, pool, sharded)
+    tokenizer = _tokenizer(source) if plan.skipped or sharded else None  # to read answers here, not in actors
+    _finish_shards(plan, pool, sharded, tokenizer)
     if pool.failed:
         raise ClusterError(f"{len(pool.failed)} unit(s) failed: "
                            + "; ".join(f"{k}: {v}" for k, v in pool.failed.items()),
                            where=str(output), fix="re-run to retry them (finished runs are kept)")
     results: dict[str, EvalResult] = {}
     for r in runs:  # every run re-summarised from its samples, as `run_one` does for a complete run
+        if r in plan.skipped:  # no actor read it: another answer rule or delimiter is applied here
+            read_run(folder=r.folder, problems=r.problems, options=r.options, tokenizer=tokenizer)
         summary = summary_of(folder=Path(r.folder), problems=r.problems, n=r.sampling.n, params_b=r.params_b,
-                             params_source=r.params_source)
+                             params_source=r.params_source, difficulty=r.options.difficulty_field)
         write_json(Path(r.folder) / SUMMARY, summary)
         ev = results.setdefault(r.problems.name, EvalResult(engine_starts=pool.engine_starts))
         ev.runs.append(RunResult(r.label, r.alpha, Path(r.folder), summary))
@@ -382,3 +386,10 @@ def evaluate_on_ray(*, output: str | os.PathLike, alphas: Sequence[float] = (), 
         if len(ev.runs) > 1:
             ev.table = write_table(rows=[table_row(x) for x in ev.runs], folder=output, name=summary_table(name))
     return ClusterEvalResult(list(results.values()), pool)
+
+
+def _tokenizer(source: DeltaSource):
+    """The tokenizer the pool's engines use (their shell model's, `Engine.for_source`), without an engine."""
+    with tempfile.TemporaryDirectory(prefix="tvtool-tokenizer-") as shell:
+        write_shell_model(source=source, folder=shell)
+        return load_tokenizer(shell)

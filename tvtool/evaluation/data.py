@@ -60,7 +60,7 @@ class Problem:
     question: str  # text given to the model (ASDiv: Body + " " + Question)
     gold: str  # reference answer (GSM8K: commas removed; ASDiv: the number without unit)
     solution: str | None = None  # reference worked solution (GSM8K: no <<calc>> and no "#### N")
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # MATH-500 subject/level, GSM8K steps, ASDiv grade, …
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ def _gsm8k(rec: dict, *, pid: str, where: str) -> Problem:
         raise DatasetError("GSM8K answer is empty after '####'", where=where,
                            fix="Put the final number after '####'")
     solution = re.sub(r"<<[^>]*>>", "", work).strip()
-    return Problem(id=pid, question=rec["question"], gold=gold, solution=solution or None, meta={})
+    steps = sum(bool(line.strip()) for line in work.splitlines())  # the difficulty proxy (tvtool.evaluation.difficulty)
+    return Problem(id=pid, question=rec["question"], gold=gold, solution=solution or None,
+                   meta={**_extra(rec, ("question", "answer")), "steps": steps})
 
 
 def _math500(rec: dict, *, pid: str, where: str) -> Problem:
@@ -121,9 +123,17 @@ def _math500(rec: dict, *, pid: str, where: str) -> Problem:
         if not isinstance(rec.get(key), str):
             raise DatasetError(f"MATH-500 record has no {key!r} text", where=where,
                                fix='Each line must be {"problem": ..., "answer": ...}')
-    meta = {k: rec[k] for k in ("subject", "level", "unique_id") if k in rec}
+    meta = {**_extra(rec, ("problem", "answer", "solution")),
+            **{k: rec[k] for k in ("subject", "level", "unique_id") if k in rec}}
     return Problem(id=rec.get("unique_id") or pid, question=rec["problem"], gold=rec["answer"],
                    solution=rec.get("solution"), meta=meta)
+
+
+def _extra(rec: dict, used: tuple[str, ...]) -> dict:
+    """A record's other short fields (numbers, booleans, text up to 64 characters), kept in `Problem.meta`
+    so that any of them can name the difficulty (`--difficulty-field`)."""
+    return {k: v for k, v in rec.items() if k not in used and (isinstance(v, (int, float, bool))
+                                                               or isinstance(v, str) and len(v) <= 64)}
 
 
 def _aime(rec: dict, *, pid: str, where: str) -> Problem:
@@ -203,8 +213,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             raise DatasetError(f"not valid JSON: {e.msg}", where=f"{path}, line {n}",
                                fix="Each line must be one JSON object") from e
         if not isinstance(rec, dict):
-            raise DatasetError("not a JSON object", where=f"{path}, line {n}",
-                               fix="Each line must be one JSON object")
+            raise DatasetError(f"a JSON {json_kind(rec)}, not an object", where=f"{path}, line {n}",
+                               fix="Each line must be one JSON object, e.g. {\"question\": ..., \"answer\": ...}")
         out.append((n, rec))
     if not out:
         raise DatasetError("file has no records", where=str(path), fix="Pass a non-empty .jsonl file")
@@ -218,10 +228,21 @@ def _read_json_list(path: Path) -> list[tuple[int, dict]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"cannot read JSON: {type(e).__name__}", where=str(path),
                            fix="Pass a .json list of objects, or a .jsonl file") from e
-    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+    if not isinstance(data, list) or not data:
         raise DatasetError("not a non-empty JSON list of objects", where=str(path),
                            fix="Pass a .json list of objects, or a .jsonl file")
+    for i, r in enumerate(data, start=1):
+        if not isinstance(r, dict):
+            raise DatasetError(f"item {i} of the list is a JSON {json_kind(r)}, not an object", where=str(path),
+                               fix="Pass a .json list of objects, or a .jsonl file")
     return list(enumerate(data, start=1))
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type ('list', 'string', 'number', 'boolean', 'null', 'object'),
+    for messages that say what a line held instead of an object."""
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return kinds.get(type(value), "null")
 
 
 def _read_asdiv_xml(path: Path) -> list[dict]:

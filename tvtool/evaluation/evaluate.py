@@ -2,9 +2,13 @@
 
 Every run writes one folder:
   samples.jsonl  one line per sample (id, index, prompt, response, token_ids, num_tokens, extracted,
-                 gold, correct, finish_reason), appended and flushed batch by batch;
-  summary.json   accuracy, mean/median #tokens, #truncated, ACU (see `ACU_FORMULA`), per subject;
-  run.json       model, α, sampling, dataset, versions, times.
+                 gold, correct, finish_reason, think_end, thinking_tokens, answer_tokens,
+                 thinking_finished), appended and flushed batch by batch;
+  summary.json   accuracy, mean/median #tokens, #truncated, ACU (see `ACU_FORMULA`), thinking/answer
+                 tokens and unfinished share (`tvtool.evaluation.thinking`), n > 1 statistics
+                 (`tvtool.evaluation.sampled`), per subject and per difficulty level
+                 (`tvtool.evaluation.difficulty`);
+  run.json       model, α, sampling, dataset, versions, times, how answers were read.
 A re-run skips the samples already written (keyed by id and sampling index, a torn last
 line is dropped), so an interrupted run finishes into the same summary.
 
@@ -18,7 +22,10 @@ Engines are made lazily, so a finished re-run starts none.
   select the tensors α applies to): no checkpoint is written, no restart.
 - checkpoint folders: one engine for consecutive folders whose config.json (dtype aside)
   and tokenizer files equal the first's, weights loaded in place; else a new engine.
-- LoRA adapters: one engine with enable_lora serves them all.
+- LoRA adapters: one engine with enable_lora serves them all, every adapter's requests in one
+  generate call per batch (`tvtool.evaluation.batched`).
+- α sweep with `apply="lora"` (Δ a PEFT adapter or a factored delta): one α-scaled adapter per α
+  (`tvtool.lowrank.alpha_adapter`, cached) on an engine holding θ1, batched the same way.
 With `prompt_budgets` (one model or an α sweep) each budget is one more run on the same engine,
 `budget-<N>/<dataset>/`, with the paper's budget prompt (`tvtool.evaluation.budget`, Table 12).
 vLLM's own logs go to `<output>/vllm.log` unless `verbose` (`tvtool.engine.logs`).
@@ -28,27 +35,34 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tvtool.io.checkpoint import Checkpoint
+from tvtool.evaluation.budget import budget_variants
 from tvtool.evaluation.data import ProblemSet, load_problems
 from tvtool.engine.engine import Engine, alpha_weights, folder_weights, sweep_model
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.errors import OptionsError
-from tvtool.merge.finite import check_alphas
+from tvtool.io.finite import check_alphas
 from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
-from tvtool.engine.options import check_sampling
-from tvtool.merge.stream import MergeConfig
-from tvtool.merge.options import MergeOptions, config_name, split_vectors
+from tvtool.engine.options import check_engine_options, check_sampling
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MergeOptions, config_name
+from tvtool.merge.stream import check_configs, check_finite_inputs
 from tvtool.io.paths import check_output_apart, check_writable
-from tvtool.engine.prompting import PromptOptions
+from tvtool.engine.prompting import PromptOptions, uses_chat_template
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
-from tvtool.evaluation.runs import (EvalOptions, check_settings, is_complete, run_one, run_params, run_record)
+from tvtool.evaluation.batched import run_batched
+from tvtool.evaluation.runs import (EvalOptions, check_reading, check_settings, is_complete, open_run, run_one,
+                                    run_params, run_record)
+from tvtool.lowrank.alpha_adapter import alpha_adapters, open_valve
 from tvtool.io.fingerprint import input_fingerprint
+from tvtool.vectors.adapter import check_adapter, is_adapter
 from tvtool.vectors.source import DeltaSource
 
 
@@ -108,16 +122,21 @@ class _Session:
     def seed(self) -> int:
         return self.sampling.sample_seed or 0
 
-    def run(self, planned: Sequence[_Planned], new_engine: Callable[[], Engine]) -> None:
+    def run(self, planned: Sequence[_Planned], new_engine: Callable[[], Engine], *, batched: bool = False) -> None:
         """Do `planned` on one (lazily started) engine; results are appended in `planned` order.
 
         Complete runs are found before anything is loaded, so they start no engine; the run
-        whose weights the engine already holds goes first (no reload)."""
+        whose weights the engine already holds goes first (no reload). `batched`: the runs share the
+        engine's weights and differ by LoRA adapter; every run's batch goes in one generate call."""
         engine = self.engine if self.engine is not None else new_engine()
         done: dict[int, dict] = {}
         fps: dict = {}
+        checked: set[DeltaSource] = set()  # sources whose inputs were scanned for NaN/Inf
         try:
+            self._check_prompts(engine, planned)  # before the (lazy) engine starts
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
+            if batched:
+                done, order = self._batched(planned, engine, fps), []
             for i in order:
                 r = planned[i]
                 problems = r.problems or self.problems
@@ -127,6 +146,9 @@ class _Session:
                 load = None
                 if not is_complete(folder=r.folder, record=record, problems=problems, n=self.sampling.n):
                     check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
+                    if r.config is not None and r.source not in checked:  # NaN/Inf before the engine loads them
+                        check_finite_inputs(source=r.source, config=r.config)
+                        checked.add(r.source)
                     load = r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
                                   load=load, **kw)
@@ -136,12 +158,39 @@ class _Session:
                 engine.close()
         self.result.runs += [RunResult(r.label, r.alpha, r.folder, done[i], r.budget) for i, r in enumerate(planned)]
 
+    def _check_prompts(self, engine: Engine, planned: Sequence[_Planned]) -> None:
+        """Every prompt of the planned runs fits the engine's context (`Engine.check_prompts`): checked with the
+        tokenizer alone, so a too long prompt is refused before a ~30 s engine start, not after it."""
+        seen = []
+        for r in planned:
+            problems, prompt = r.problems or self.problems, r.prompt or self.prompt
+            if (problems, prompt) in seen:
+                continue
+            seen.append((problems, prompt))
+            engine.check_prompts(prompts=engine.prompts(questions=[p.question for p in problems], options=prompt),
+                                 add_special_tokens=not uses_chat_template(tokenizer=engine.tokenizer, options=prompt))
+    def _batched(self, planned: Sequence[_Planned], engine: Engine, fps: dict) -> dict[int, dict]:
+        """Every run opened (settings checked before anything loads), then `run_batched`: one generate call per
+        batch for all runs, each request with its run's adapter (`tvtool.evaluation.batched`)."""
+        kws = [dict(problems=self.problems, model=r.model, prompt=self.prompt, sampling=self.sampling,
+                    options=self.options, lora=r.lora, weights=r.fingerprint(fps)) for r in planned]
+        todo = [i for i, (r, kw) in enumerate(zip(planned, kws)) if not is_complete(
+            folder=r.folder, record=run_record(engine=engine, **kw), problems=self.problems, n=self.sampling.n)]
+        for i in todo:
+            check_settings(planned[i].folder, run_record(engine=engine, **kws[i]), self.options.overwrite)
+        if todo:
+            first = planned[todo[0]]
+            if first.config is not None:  # NaN/Inf before the engine loads them
+                check_finite_inputs(source=first.source, config=first.config)
+            first.hold(engine)  # the runs share the engine's weights (the base); adapters differ
+        opened = [open_run(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1], **kw)
+                  for r, kw in zip(planned, kws)]
+        return dict(enumerate(run_batched(engine=engine, runs=opened, prompt=self.prompt)))
+
     def with_budgets(self, out: Path, run: _Planned) -> list[_Planned]:
         """`run`, then one run per prompt budget on `run`'s weights (the Table 12 baseline, `tvtool.evaluation.budget`)."""
         if not self.options.prompt_budgets:
             return [run]
-        from tvtool.evaluation.budget import budget_variants
-
         o = self.options
         variants = budget_variants(problems=self.problems, prompt=self.prompt, budgets=o.prompt_budgets,
                                    template=o.budget_template)
@@ -189,51 +238,67 @@ def _evaluate_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> None
 def _evaluate_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequence[float]) -> None:
     ds = dataset_dir(s.problems.name)
     rank = max([s.engine_options.max_lora_rank, *(_lora_rank(p) for p in loras)])
-    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank)
+    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank,
+                 max_loras=s.engine_options.max_loras or len(set(loras)))
     labels = [alpha_name(a) for a in alphas] if alphas else [Path(p).name for p in loras]
     params = run_params(s.options, model)
     runs = [_Planned(lab, float(alphas[i]) if alphas else None, out / lab / ds, {"path": str(model), "label": lab},
                      params, path=str(model), lora=str(path)) for i, (lab, path) in enumerate(zip(labels, loras))]
-    s.run(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True))
+    s.run(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True), batched=True)
+
+
+def _evaluate_lora_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequence[float]) -> None:
+    """`apply="lora"`: θ1 + α·Δ with Δ a LoRA valve (PEFT adapter or factored delta), served as one α-scaled
+    adapter per α (`tvtool.lowrank.alpha_adapter`, cached) on an engine holding θ1; all α in one batch."""
+    valve = open_valve(source.delta)
+    if valve.not_carried > 0:
+        warnings.warn(f"the LoRA adapters leave out {100 * valve.not_carried:.3f}% of ‖Δ‖² (tensors the factored "
+                      f"delta keeps full): --apply lora evaluates θ1 + α·B·A on its linear layers only")
+    adapters = alpha_adapters(valve, alphas)  # α = 0 too (B = 0): no request of the batch is without adapter
+    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=max(s.engine_options.max_lora_rank, valve.rank),
+                 max_loras=s.engine_options.max_loras or len(adapters))
+    ds, params = dataset_dir(s.problems.name), run_params(s.options, source.base)
+    runs = [_Planned(alpha_name(a), a, out / alpha_name(a) / ds,
+                     {**sweep_model(source=source, config=MergeConfig(a)), "apply": "lora"}, params,
+                     path=source.base, lora=str(path)) for a, path in adapters.items()]
+    s.run(runs, lambda: Engine(model=source.base, options=eo, seed=s.seed, lazy=True), batched=True)
 
 
 # --- the public verb ----------------------------------------------------------------------
 
 
 def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = None,
-             base: str | os.PathLike | None = None, delta: str | os.PathLike | None = None,
-             reasoner: str | os.PathLike | None = None, alphas: Sequence[float] = (),
+             source: DeltaSource | None = None, alphas: Sequence[float] = (),
              checkpoints: Sequence[str | os.PathLike] = (), loras: Sequence[str | os.PathLike] = (),
-             source: DeltaSource | None = None, options: EvalOptions = EvalOptions(),
-             merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None,
-             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
-             engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None) -> EvalResult:
+             options: EvalOptions = EvalOptions(), merge: MergeOptions = MergeOptions(),
+             configs: Sequence[MergeConfig] | None = None, prompt: PromptOptions = PromptOptions(),
+             sampling: SamplingOptions = SamplingOptions(), engine_options: EngineOptions = EngineOptions(),
+             engine: Engine | None = None) -> EvalResult:
     """Evaluate one model, an α sweep, a list of checkpoints, or a list of LoRA adapters.
 
     - `model`: one checkpoint → `output/` (with `loras`: one run per adapter on that model);
-    - `base` + `delta`|`reasoner` (or a `source`) + `alphas`: θ1 + α·Δ loaded in place →
-      `output/alpha-<a>/<dataset>/`;
+    - `source` (θ1 and Δ: `DeltaSource.build` from the source flags) + `alphas`: θ1 + α·Δ (or an
+      operator's `merge`/`configs`) loaded in place → `output/<alpha-a|operator-alpha-a>/<dataset>/`;
     - `checkpoints`: model folders → `output/<folder name>/<dataset>/`;
     - `model` + `loras` (+ `alphas` as labels, one per adapter) → `output/<alpha-a|adapter>/<dataset>/`.
     Pass `engine` to reuse a running one (it must suit the mode; it is not closed).
     """
-    operators = merge != MergeOptions() or configs is not None
-    if operators and source is None:
-        delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-        if base is not None:
-            source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more, vocab=options.vocab)
-    else:
-        weights = (1.0,) * (1 + len(source.more)) if source is not None else ()
+    operators = replace(merge, weights=()) != MergeOptions() or configs is not None
     if configs is not None:
         alphas = alphas or tuple(c.alpha for c in configs)
-    mode, source = _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras, options, operators)
+    mode = _mode(model, source, alphas, checkpoints, loras, options, operators)
     out = Path(output)
     inputs = [model, *checkpoints, *loras,
               *((source.base, source.delta, source.reasoner, *source.more) if source else ())]
     _precheck(out, options, sampling, alphas, inputs)
+    check_engine_options(engine_options)
+    if options.apply == "lora" and mode != "lora-sweep":
+        raise OptionsError("--apply lora applies to an α sweep", where="--apply lora",
+                           fix="pass --base with --delta VALVE and --alpha")
     if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
         configs = list(configs) if configs is not None else \
-            merge.configs(alphas, include=options.include, exclude=options.exclude, weights=weights)
+            merge.configs(alphas, include=options.include, exclude=options.exclude)
+        check_configs(source=source, configs=configs)  # operator settings, selection, α rules: before any engine
     with output_lock(out):
         return _evaluate(out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
                          loras=loras, options=options, prompt=prompt, sampling=sampling,
@@ -255,12 +320,15 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
               engine_options: EngineOptions, engine: Engine | None) -> EvalResult:
     problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
                              seed=options.seed, kind=options.kind)
+    check_reading(options, problems)
     s = _Session(problems, prompt, sampling, options, engine_options, engine)
     with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
         if mode == "model":
             _evaluate_model(s, out, model)
         elif mode == "sweep":
             _evaluate_sweep(s, out, source, configs)
+        elif mode == "lora-sweep":
+            _evaluate_lora_sweep(s, out, source, alphas)
         elif mode == "checkpoints":
             _evaluate_checkpoints(s, out, checkpoints)
         else:
@@ -272,9 +340,9 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
     return res
 
 
-def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
-          options: EvalOptions, operators: bool = False) -> tuple[str, DeltaSource | None]:
-    sweep = source is not None or base is not None or delta is not None or reasoner is not None
+def _mode(model, source: DeltaSource | None, alphas, checkpoints, loras, options: EvalOptions,
+          operators: bool = False) -> str:
+    sweep = source is not None
     if options.prompt_budgets and (checkpoints or loras or (model is None and not sweep)):
         raise OptionsError("prompt budgets need one model or an α sweep", where="--prompt-budget",
                            fix="pass --model, or --base with --alpha (budget runs use --budget-alpha)")
@@ -287,35 +355,41 @@ def _mode(model, base, delta, reasoner, source, alphas, checkpoints, loras,
     if checkpoints:
         if model or sweep or loras:
             raise OptionsError("checkpoints are evaluated on their own", fix="pass only the checkpoint folders")
-        return "checkpoints", None
+        return "checkpoints"
     if loras:
         if model is None:
             raise OptionsError("LoRA adapters need the model they were trained on", fix="pass --model")
         if alphas and len(alphas) != len(loras):
             raise OptionsError(f"{len(alphas)} α labels for {len(loras)} adapters", where="--alpha",
                                fix="give one α per --lora, or none")
-        return "loras", None
+        return "loras"
     if model is not None:
         if sweep or alphas:
             raise OptionsError("a model and a sweep were both given", fix="pass --model, or --base with --alpha")
-        return "model", None
+        return "model"
     if not sweep or not alphas:
         raise OptionsError("nothing to evaluate", fix="pass a model, or --base with --delta|--reasoner and "
                                                      "--alpha, or checkpoint folders")
-    if source is None:
-        if base is None:
-            raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
-        source = DeltaSource(base=base, delta=delta, reasoner=reasoner, vocab=options.vocab)
-    return "sweep", source
+    if source.base is None:
+        raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+    if options.apply == "lora":
+        if source.delta is None or source.more or operators or options.include or options.exclude \
+                or options.prompt_budgets:
+            raise OptionsError("--apply lora serves one LoRA valve (a PEFT adapter or a factored delta) per α",
+                               where="--apply lora", fix="pass --delta VALVE (no --reasoner, --include/--exclude, "
+                                                        "operators or --prompt-budget), or use --apply swap")
+        return "lora-sweep"
+    return "sweep"
 
 
 def _lora_rank(path) -> int:
-    f = Path(path) / "adapter_config.json"
-    try:
-        return int(json.loads(f.read_text())["r"])
-    except (OSError, KeyError, ValueError, TypeError):
-        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json with r)", where=str(path),
-                           fix="save the adapter with peft's save_pretrained") from None
+    """The largest rank vLLM will serve for the adapter at `path`, once its config agrees with its tensors
+    (`check_adapter`, before the engine starts: vLLM would trust the config's r and scale by it)."""
+    if not is_adapter(path):
+        raise OptionsError("not a PEFT LoRA adapter folder (no adapter_config.json)", where=str(path),
+                           fix="save the adapter with peft's save_pretrained")
+    c = check_adapter(path)
+    return max([c["r"], *(c.get("rank_pattern") or {}).values()])
 
 
 def _same_model(a, b) -> bool:

@@ -4,8 +4,11 @@ Rows are the per-run summaries (`tvtool.evaluation.evaluate.table_row`): label, 
 settings (`method`, `params`: rows of a sweep over several operators, set by `tvtool.sweep.run`), the token budget asked
 for in the prompt (prompt-control rows, Table 12), accuracy (%), mean #tokens (= Table 12's
 "#Token Generated"), ACU (paper units), #truncated, #samples, and the answer statistics of
-`tvtool.evaluation.answers` (no-box share, hit-max share, accuracy on boxed responses, reflections per response).
-Columns that no row fills are left out.
+`tvtool.evaluation.answers` (no-box share, hit-max share, accuracy on boxed responses, reflections per response);
+for thinking models the mean thinking/answer tokens and the unfinished share (`tvtool.evaluation.thinking`);
+with n > 1 samples per problem ± SE, maj@n and pass@n (`tvtool.evaluation.sampled`).
+Columns that no row fills are left out. Rows that carry a difficulty level get the per-level tables and
+plot of `level_tables`/`plot_levels` (`tvtool.evaluation.difficulty`).
 """
 
 from __future__ import annotations
@@ -16,15 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from tvtool.engine.options import SamplingOptions, resolve_protocol
+from tvtool.evaluation.difficulty import relative_lengths
 from tvtool.io.atomic import atomic_write, write_text
 from tvtool.evaluation.results import ACU_FORMULA, STAT_KEYS
+from tvtool.evaluation.sampled import SAMPLED_KEYS
 
 COLUMNS = (("label", "run"), ("method", "method"), ("params", "params"), ("alpha", "α"),
-           ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"),
-           ("mean_tokens", "mean #tokens"), ("acu", "ACU"), ("truncated", "#truncated"), ("n_samples", "#samples"),
-           ("no_box_share", "no box %"), ("length_share", "hit max %"), ("boxed_accuracy", "acc. boxed %"),
-           ("reflections_mean", "reflections/resp."))
-_OPTIONAL = {"method", "params", "prompt_budget", "no_box_share", "length_share", "boxed_accuracy", "reflections_mean"}
+           ("prompt_budget", "tokens in prompt"), ("accuracy", "accuracy %"), ("accuracy_se", "± SE"),
+           ("maj_accuracy", "maj@n %"), ("pass_at_n", "pass@n %"), ("mean_tokens", "mean #tokens"),
+           ("thinking_tokens_mean", "thinking #tokens"), ("answer_tokens_mean", "answer #tokens"),
+           ("acu", "ACU"), ("truncated", "#truncated"), ("n_samples", "#samples"),
+           ("no_box_share", "no box %"), ("length_share", "hit max %"), ("unfinished_share", "unfinished %"),
+           ("boxed_accuracy", "acc. boxed %"), ("reflections_mean", "reflections/resp."))
+_OPTIONAL = {"method", "params", "prompt_budget", "no_box_share", "length_share", "boxed_accuracy", "reflections_mean",
+             "accuracy_se", "maj_accuracy", "pass_at_n", "thinking_tokens_mean", "answer_tokens_mean",
+             "unfinished_share", "reflective_share"}
+_ONE_DECIMAL = {"accuracy", "mean_tokens", "no_box_share", "length_share", "boxed_accuracy", "accuracy_se",
+                "maj_accuracy", "pass_at_n", "thinking_tokens_mean", "answer_tokens_mean", "unfinished_share",
+                "reflective_share"}
 
 
 def _cell(key: str, v) -> str:
@@ -32,18 +45,18 @@ def _cell(key: str, v) -> str:
         return "–"
     if key == "alpha":
         return f"{v:g}"
-    if key in ("accuracy", "mean_tokens", "no_box_share", "length_share", "boxed_accuracy"):
+    if key in _ONE_DECIMAL:
         return f"{v:.1f}"
-    if key == "reflections_mean":
+    if key in ("reflections_mean", "relative"):
         return f"{v:.2f}"
     if key == "acu":
         return f"{v:.2f}" if abs(v) < 1000 else f"{v:.3g}"  # tiny models give huge ACU
     return str(v)
 
 
-def markdown_table(*, rows: Sequence[dict]) -> str:
+def markdown_table(*, rows: Sequence[dict], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
     """One line per run; ACU = accuracy[%] / (params[B] × mean #tokens) × 10²."""
-    cols = [(k, t) for k, t in COLUMNS if k not in _OPTIONAL or any(r.get(k) is not None for r in rows)]
+    cols = [(k, t) for k, t in columns if k not in _OPTIONAL or any(r.get(k) is not None for r in rows)]
     head = "| " + " | ".join(t for _, t in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
     body = ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
@@ -55,10 +68,14 @@ def write_table(*, rows: Sequence[dict], folder: str | os.PathLike, name: str = 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     md, js, png = out / f"{name}.md", out / f"{name}.json", out / f"{name}.png"
-    write_text(md, markdown_table(rows=rows) + f"\n\n{ACU_FORMULA}\n")
+    levels = level_tables(rows=rows)
+    write_text(md, markdown_table(rows=rows) + f"\n\n{ACU_FORMULA}\n" + (f"\n{levels}\n" if levels else ""))
     write_text(js, json.dumps({"rows": list(rows), "acu_formula": ACU_FORMULA}, indent=2) + "\n")
     plot(rows=rows, path=png)
-    return {"markdown": md, "json": js, "png": png}
+    paths = {"markdown": md, "json": js, "png": png}
+    if plot_levels(rows=rows, path=out / f"{name}-levels.png") is not None:
+        paths["levels_png"] = out / f"{name}-levels.png"
+    return paths
 
 
 def plot(*, rows: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -208,15 +225,143 @@ class EvalResult:
     answer_rule: str | None = None  # how answers were read (None: not scored)
 
     def summary(self) -> str:
-        lines = [markdown_table(rows=[table_row(r) for r in self.runs]), "", ACU_FORMULA]
+        rows = [table_row(r) for r in self.runs]
+        lines = [markdown_table(rows=rows), "", ACU_FORMULA]
         lines += [answer_rule_line(self.answer_rule)] if self.answer_rule else []
+        lines += reading_notes(rows=rows)
+        levels = level_tables(rows=rows)
+        lines += ["", levels] if levels else []
         lines += [f"{k}: {v}" for k, v in self.table.items()]
         return "\n".join(lines)
 
 
-
 def table_row(run: RunResult) -> dict:
+    """A run's row: its summary's table figures (`COLUMNS`), pass@n, and its per-level rows if any."""
     s = run.summary
-    return {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
-            "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
-            "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS}}
+    row = {"label": run.label, "alpha": run.alpha, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
+           "acu": s["acu"], "truncated": s["truncated"], "n_samples": s["n_samples"],
+           "prompt_budget": run.budget, **{k: s.get(k) for k in STAT_KEYS if k not in SAMPLED_KEYS or k in s}}
+    if s.get("pass_at_k"):
+        row["pass_at_n"] = s["pass_at_k"][str(s["n_per_problem"])]
+    if s.get("think_end") is not None:
+        row["think_end"] = s["think_end"]
+    if s.get("by_level"):
+        row.update(difficulty_field=s["difficulty_field"], by_level=s["by_level"])
+    return row
+
+
+# --- how answers were read, and the decoding (REPORT.md header lines) ------------------------------
+
+
+def decoding_line(sampling: SamplingOptions) -> str:
+    """The decoding of a sweep's runs: "greedy=True, max_tokens=200", or the protocol and its settings."""
+    s = resolve_protocol(sampling)
+    line = f"greedy={s.temperature == 0}" if s.protocol is None else \
+        f"protocol **{s.protocol}** (temperature {s.temperature:g}, top-p {s.top_p:g})"
+    return line + f", max_tokens={s.max_tokens}" + (f", n={s.n} samples per problem" if s.n > 1 else "")
+
+
+def reading_notes(*, rows: Sequence[dict]) -> list[str]:
+    """REPORT.md lines on the thinking split and the n > 1 columns, only where some row has them."""
+    out = []
+    tags = sorted({r["think_end"] for r in rows if r.get("think_end")})
+    if tags:
+        out.append(f"Thinking: the answer rule read the text after the last {' / '.join(f'`{t}`' for t in tags)} "
+                   "(tvtool.evaluation.thinking); \"thinking/answer #tokens\": mean tokens up to and after it, "
+                   "from the engine's token ids; \"unfinished %\": responses whose thinking never closed, scored "
+                   "on their whole text (CoT-Valve A.1).")
+    if any(r.get("maj_accuracy") is not None for r in rows):
+        out.append("Several samples per problem: \"accuracy %\" is the mean over samples (pass@1 averaged), "
+                   "\"± SE\" its standard error across problems; \"maj@n %\": majority vote of the extracted "
+                   "answers (ties: first occurrence); \"pass@n %\": the unbiased pass@k estimator at k = n "
+                   "(smaller k in summary.json) (tvtool.evaluation.sampled).")
+    return [x for line in out for x in ("", line)]
+
+
+# --- per difficulty level (tvtool.evaluation.difficulty) ------------------------------------------
+
+LEVEL_COLUMNS = (("label", "run"), ("alpha", "α"), ("level", "level"), ("n_problems", "#problems"),
+                 ("accuracy", "accuracy %"), ("mean_tokens", "mean #tokens"),
+                 ("thinking_tokens_mean", "thinking #tokens"), ("answer_tokens_mean", "answer #tokens"),
+                 ("reflections_mean", "reflections/resp."), ("reflective_share", "reflective %"),
+                 ("unfinished_share", "unfinished %"))
+
+
+def _levels(rows: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(lev for r in rows for lev in r["by_level"]))
+
+
+def _pivot(rows: Sequence[dict], levels: Sequence[str], value, key: str) -> str:
+    """Runs × levels."""
+    head = "| run | α | " + " | ".join(levels) + " |"
+    body = [f"| {r['label']} | {_cell('alpha', r.get('alpha'))} | "
+            + " | ".join(_cell(key, value(r, lev)) for lev in levels) + " |" for r in rows]
+    return "\n".join([head, "|" + "|".join("---" for _ in range(len(levels) + 2)) + "|", *body])
+
+
+def level_tables(*, rows: Sequence[dict]) -> str:
+    """Markdown per difficulty level ("" when no row has levels): with several α, mean #tokens and the
+    length relative to α = 1 (per operator series) as runs × levels; then every run × level row."""
+    rows = [r for r in rows if r.get("by_level")]
+    if not rows:
+        return ""
+    field, levels = rows[0]["difficulty_field"], _levels(rows)
+    parts = [f"By difficulty (`{field}`):"]
+    curve = [r for r in rows if r.get("alpha") is not None and r.get("prompt_budget") is None]
+    if len(curve) > 1:
+        parts += ["Mean #tokens per level:", _pivot(curve, levels, lambda r, lev: r["by_level"].get(lev, {}).get(
+            "mean_tokens"), "mean_tokens")]
+        groups = series(rows=curve)
+        for name, part in groups.items():
+            ref, rel = relative_lengths(part)
+            if ref is not None and len(part) > 1:
+                what = f" ({name})" if len(groups) > 1 else ""
+                parts += [f"Length relative to {ref['label']}{what}: mean #tokens per level ÷ {ref['label']}'s "
+                          "(below 1: compressed):", _pivot(part, levels, lambda r, lev: rel[r["label"]].get(lev),
+                                                          "relative")]
+    flat = [{"label": r["label"], "alpha": r.get("alpha"), "level": lev, **s} for r in rows
+            for lev, s in r["by_level"].items()]
+    parts.append(markdown_table(rows=flat, columns=LEVEL_COLUMNS))
+    return "\n\n".join(parts)
+
+
+def plot_levels(*, rows: Sequence[dict], path: str | os.PathLike) -> Path | None:
+    """Mean #tokens vs α, one line per difficulty level (per operator series); None (nothing written)
+    when fewer than two runs with an α carry levels."""
+    curve = [r for r in rows if r.get("by_level") and r.get("alpha") is not None and r.get("prompt_budget") is None]
+    if len(curve) < 2:
+        return None
+    import matplotlib  # optional dependency (tvtool[eval]): imported only to plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups, levels = series(rows=curve), _levels(curve)
+    colors = plt.get_cmap("viridis")([i / max(1, len(levels) - 1) for i in range(len(levels))])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, part), style in zip(groups.items(), ("o-", "s--", "^-.", "d:", "v-", "x--") * 8):
+        part = sorted(part, key=lambda r: r["alpha"])
+        for lev, color in zip(levels, colors):
+            pts = [(r["alpha"], r["by_level"][lev]["mean_tokens"]) for r in part if lev in r["by_level"]]
+            ax.plot(*zip(*pts), style, color=color,
+                    label=f"{curve[0]['difficulty_field']} {lev}" + (f" ({name})" if len(groups) > 1 else ""))
+    ax.set_xlabel("α")
+    ax.set_ylabel("#Token")
+    ax.set_title("#tokens vs α per difficulty level")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def level_section(*, name: str, rows: Sequence[dict], folder: str | os.PathLike) -> tuple[list[str], Path | None]:
+    """A sweep report's per-level part for one dataset: (REPORT.md lines, the plot `plot-<name>-levels.png`);
+    ([], None) when its rows carry no levels."""
+    tables = level_tables(rows=rows)
+    if not tables:
+        return [], None
+    png = plot_levels(rows=rows, path=Path(folder) / f"plot-{name}-levels.png")
+    return [f"### {name} by difficulty", "", tables, "", *([f"![{name} by level]({png.name})", ""] if png else [])], png

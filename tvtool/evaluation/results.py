@@ -13,14 +13,18 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from tvtool.evaluation.answers import answer_stats
+from tvtool.evaluation.answers import THINK_KEYS, answer_stats
+from tvtool.evaluation.difficulty import by_level, problem_levels, resolve_field
+from tvtool.evaluation.options import AUTO
+from tvtool.evaluation.sampled import SAMPLED_KEYS, sampled_stats
 from tvtool.io.checkpoint import Checkpoint
 from tvtool.evaluation.data import ProblemSet
 from tvtool.errors import OutputError
 from tvtool.io.layout import SAMPLES
 
 ACU_FORMULA = "ACU = accuracy[%] / (params[B] × mean #tokens) × 10²"
-STAT_KEYS = ("no_box_share", "length_share", "boxed_accuracy", "reflections_mean")  # tvtool.evaluation.answers
+STAT_KEYS = ("no_box_share", "length_share", "boxed_accuracy", "reflections_mean",  # tvtool.evaluation.answers
+             *THINK_KEYS, *SAMPLED_KEYS)  # tvtool.evaluation.sampled (n > 1 only)
 
 
 def read_samples(path: Path, *, repair: bool = False) -> list[dict]:
@@ -43,9 +47,12 @@ def read_samples(path: Path, *, repair: bool = False) -> list[dict]:
     return out
 
 
-def summarize(*, records: Sequence[dict], params_b: float | None, params_source: str = "counted") -> dict:
-    """Accuracy (%), mean/median #tokens, #truncated, ACU and the answer statistics of
-    `tvtool.evaluation.answers.answer_stats` over `records` (+ per subject)."""
+def summarize(*, records: Sequence[dict], params_b: float | None, params_source: str = "counted",
+              kind: str | None = None, levels: dict[str, str] | None = None, difficulty: str | None = None) -> dict:
+    """Accuracy (%), mean/median #tokens, #truncated, ACU, the answer and thinking statistics of
+    `tvtool.evaluation.answers.answer_stats` over `records` (+ per subject); with several samples per
+    problem those of `tvtool.evaluation.sampled` (`kind`: how answers vote); with `levels` (id → level of
+    the `difficulty` field, `tvtool.evaluation.difficulty`) `by_level`."""
     n = len(records)
     scored = [r for r in records if r.get("correct") is not None]
     toks = [r["num_tokens"] for r in records]
@@ -56,10 +63,13 @@ def summarize(*, records: Sequence[dict], params_b: float | None, params_source:
            "mean_tokens": mean, "median_tokens": statistics.median(toks) if toks else None,
            "truncated": sum(r["finish_reason"] == "length" for r in records),
            "params_b": params_b, "params_source": params_source, "acu": acu, "acu_formula": ACU_FORMULA,
-           **answer_stats(records)}
+           **answer_stats(records), **sampled_stats(records, kind=kind)}
     subjects = sorted({r["subject"] for r in records if r.get("subject")})
     if subjects:
         out["by_subject"] = {s: summarize_small([r for r in records if r.get("subject") == s]) for s in subjects}
+    if levels:
+        out["difficulty_field"] = difficulty
+        out["by_level"] = by_level(records, levels=levels, field=difficulty)
     return out
 
 
@@ -77,8 +87,11 @@ def count_params_b(path: str | os.PathLike) -> float:
 
 
 def summary_of(*, folder: Path, problems: ProblemSet, n: int, params_b: float | None,
-               params_source: str = "counted") -> dict:
-    """The summary of this problem set's samples in `folder`, in problem order (one record per key)."""
+               params_source: str = "counted", difficulty: str = AUTO) -> dict:
+    """The summary of this problem set's samples in `folder`, in problem order (one record per key);
+    `difficulty`: the `AnswerOptions.difficulty_field` of the per-level rows."""
     by_key = {(r["id"], r["index"]): r for r in read_samples(Path(folder) / SAMPLES)}
     records = [by_key[(p.id, i)] for p in problems for i in range(n) if (p.id, i) in by_key]
-    return summarize(records=records, params_b=params_b, params_source=params_source)
+    field = resolve_field(difficulty, problems=problems)
+    return summarize(records=records, params_b=params_b, params_source=params_source, kind=problems.kind,
+                     levels=problem_levels(problems, field=field) if field else None, difficulty=field)

@@ -3,10 +3,11 @@
 A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
 run.json (`settings` and the finished-work `record` first, `finished` last; `load`: how the engine got
 the weights, `Engine.load_alpha`'s record: information, not identity). A run is complete
-when run.json holds the same record fingerprint (`run_record`: sampling, prompt, scoring, engine
-dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`) and every
-sample is written. Another record is refused (or, with overwrite, discarded, saying what
-changed); samples already written are not generated again.
+when run.json holds the same record fingerprint (`run_record`: sampling (with its protocol), prompt,
+scoring, engine dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`)
+and every sample is written. Another record is refused (or, with overwrite, discarded, saying what
+changed); samples already written are not generated again. How answers are read (answer rule,
+thinking delimiter, difficulty field) is not in the record: a change re-reads the samples.
 """
 
 from __future__ import annotations
@@ -17,27 +18,28 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from tvtool._version import __version__
-from tvtool.evaluation.answers import rescore_file
+from tvtool.evaluation.answers import read_sample, reread_file
 from tvtool.io.atomic import write_json, write_text
 from tvtool.evaluation.data import ProblemSet
-from tvtool.engine.engine import Engine
-from tvtool.engine.options import SamplingOptions, vllm_version
+from tvtool.engine.options import EngineLike, SamplingOptions, vllm_version
 from tvtool.errors import OutputError
 from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
 from tvtool.io.fingerprint import input_fingerprint
 from tvtool.io.layout import RUN, SAMPLES, SHARDS, SUMMARY
 from tvtool.engine.logs import RunProgress
-from tvtool.options import CliOptions, opt
+from tvtool.options import opt
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
+from tvtool.evaluation.difficulty import resolve_field
+from tvtool.evaluation.options import AUTO, NONE, AnswerOptions
 from tvtool.evaluation.results import count_params_b, read_samples, summary_of
-from tvtool.evaluation.scoring import score as score_response
+from tvtool.evaluation.thinking import ThinkReader, detect_think_end
 
 
 @dataclass(frozen=True)
-class EvalOptions(CliOptions):
+class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with the recipe's `eval:`)
     dataset: str = opt("gsm8k", "gsm8k | math500 | toy, a .jsonl/.xml path (ASDiv.xml), or a Hub id.")
     split: str = opt("test", "Dataset split.")
     limit: int | None = opt(None, "Evaluate only this many problems (the first N, or N random with --seed).")
@@ -48,9 +50,10 @@ class EvalOptions(CliOptions):
     include: str | None = opt(None, "α sweep: apply α only to tensors whose name matches this regex; others stay "
                                     "at the base (e.g. 'mlp' for an MLP-only Δ).")
     exclude: str | None = opt(None, "α sweep: do not apply α to tensors whose name matches this regex.")
-    vocab: Literal["error", "intersect"] = opt(
-        "error", "α sweep with --reasoner or several --vector: on a vocabulary-size mismatch, error or merge only "
-                 "the shared rows (the others keep the base's values).")
+    apply: Literal["swap", "lora"] = opt(
+        "swap", "α sweep: swap loads θ1 + α·Δ in place, one α at a time (rounded to the checkpoint dtype, as "
+                "materialize writes it); lora serves a LoRA or factored Δ (--delta) as one α-scaled adapter per α "
+                "(B·A applied in the engine dtype) and sends every α's requests in one generate call.")
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
@@ -64,7 +67,7 @@ class EvalOptions(CliOptions):
     verbose: bool = opt(False, "Show vLLM's own logs (default: written to <output>/vllm.log).")
 
 
-def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+def run_one(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLike, model: dict,
             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
             options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
             params_b: float | None = None, params_source: str = "counted", weights: dict | None = None,
@@ -74,6 +77,74 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
     `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given.
     `load`: how they were loaded (`Engine.load_alpha`'s record), kept in run.json next to the record
     (None: the load already recorded there for the same record, if any)."""
+    run = open_run(engine=engine, problems=problems, folder=folder, model=model, prompt=prompt, sampling=sampling,
+                   options=options, lora=lora, params_b=params_b, params_source=params_source, weights=weights,
+                   load=load)
+    with RunProgress(desc=run.desc, total=run.total, done=run.total - len(run.todo) * sampling.n,
+                     disable=not options.progress, records=read_samples(run.path)) as bar, \
+            open(run.path, "a", encoding="utf-8") as f:
+        for start in range(0, len(run.todo), options.batch_size):
+            batch = run.todo[start:start + options.batch_size]
+            texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
+            outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=run.special)
+            bar.update(run.write(f, batch, texts, outs), n=len(batch) * sampling.n)
+    return run.finish()
+
+
+@dataclass
+class OpenRun:
+    """A run whose run.json is written and whose samples are being generated (`open_run`): what is still to
+    do, how to append samples, and `finish` (score, summarise, mark finished). `run_one` drives one; a
+    batched caller (`tvtool.evaluation.batched`) drives several runs with one generate call per batch."""
+
+    folder: Path
+    problems: ProblemSet
+    sampling: SamplingOptions
+    options: EvalOptions
+    lora: str | None
+    run: dict  # run.json as written at the start
+    todo: list  # problems with samples still missing
+    done: set  # (id, sampling index) already written
+    special: bool  # add_special_tokens when tokenizing (no chat template)
+    params: tuple[float | None, str]
+    reader: ThinkReader  # splits thinking from the answer (`tvtool.evaluation.thinking`)
+    tokenizer: Any
+
+    @property
+    def path(self) -> Path:
+        return self.folder / SAMPLES
+
+    @property
+    def total(self) -> int:
+        return len(self.problems) * self.sampling.n
+
+    @property
+    def desc(self) -> str:
+        return f"{self.folder.parent.name} {self.folder.name}"
+
+    def write(self, f, batch, texts, outs) -> list[dict]:
+        """Append the records of `batch` (prompts `texts`, samples `outs`) to samples.jsonl, flushed and fsynced."""
+        o = self.options
+        recs = [_record(p, text, s, self.problems.kind, o.score and o.answer_rule, self.reader)
+                for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in self.done]
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+        f.flush()
+        os.fsync(f.fileno())
+        return recs
+
+    def finish(self) -> dict:
+        """`finish_run`: read the answers, summarise, mark finished."""
+        return finish_run(folder=self.folder, run=self.run, problems=self.problems, sampling=self.sampling,
+                          options=self.options, params_b=self.params[0], params_source=self.params[1],
+                          tokenizer=self.tokenizer)
+
+
+def open_run(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+             prompt: PromptOptions, sampling: SamplingOptions, options: EvalOptions,
+             lora: str | os.PathLike | None = None, params_b: float | None = None, params_source: str = "counted",
+             weights: dict | None = None, load: dict | None = None) -> OpenRun:
+    """Start (or resume) a run: check the folder's record, write run.json, gather the samples already there
+    (shards a pool of engines wrote included, `merge_shards`)."""
     folder = Path(folder)
     settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
                             sampling=sampling, options=options)
@@ -81,11 +152,17 @@ def run_one(*, engine: Engine, problems: ProblemSet, folder: str | os.PathLike, 
                         options=options, weights=weights)
     run = begin_run(folder=folder, settings=settings, record=record, problems=problems, options=options,
                     engine_options=engine.options, load=load)
-    merge_shards(folder, problems, sampling.n)  # samples a pool of engines wrote (tvtool.evaluation.shards)
-    generate_samples(engine=engine, problems=problems, path=folder / SAMPLES, prompt=prompt, sampling=sampling,
-                     options=options, lora=lora, desc=f"{folder.parent.name} {folder.name}")
-    return finish_run(folder=folder, run=run, problems=problems, sampling=sampling, options=options,
-                      params_b=params_b, params_source=params_source)
+    merge_shards(folder, problems, sampling.n)
+    done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES, repair=True)}
+    todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
+    special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
+    return OpenRun(folder, problems, sampling, options, str(lora) if lora else None, run, todo, done, special,
+                   (params_b, params_source), think_reader(engine.tokenizer, options), engine.tokenizer)
+
+
+def think_reader(tokenizer, options: EvalOptions) -> ThinkReader:
+    """How a run's responses are split into thinking and answer (`tvtool.evaluation.thinking`)."""
+    return ThinkReader(detect_think_end(option=options.think_end, tokenizer=tokenizer)[0], tokenizer=tokenizer)
 
 
 def begin_run(*, folder: Path, settings: dict, record: dict, problems: ProblemSet, options: EvalOptions,
@@ -103,12 +180,13 @@ def begin_run(*, folder: Path, settings: dict, record: dict, problems: ProblemSe
     return run
 
 
-def generate_samples(*, engine: Engine, problems: ProblemSet | Sequence, path: Path, prompt: PromptOptions,
+def generate_samples(*, engine: EngineLike, problems: ProblemSet | Sequence, path: Path, prompt: PromptOptions,
                      sampling: SamplingOptions, options: EvalOptions, lora=None, done: set | None = None,
                      kind: str | None = None, desc: str = "") -> None:
     """Append the samples of `problems` not written yet (in `path`, or in `done`) to `path`, batch by batch
-    (each batch flushed and fsynced), in problem order."""
+    (each batch flushed and fsynced), in problem order: a shard of a run (`tvtool.evaluation.shards`)."""
     kind = kind or problems.kind
+    reader = think_reader(engine.tokenizer, options)
     done = (done or set()) | {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
@@ -119,7 +197,7 @@ def generate_samples(*, engine: Engine, problems: ProblemSet | Sequence, path: P
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            recs = [_record(p, text, s, kind, options.score and options.answer_rule)
+            recs = [_record(p, text, s, kind, options.score and options.answer_rule, reader)
                     for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
             f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
@@ -143,19 +221,32 @@ def merge_shards(folder: Path, problems: ProblemSet, n: int) -> None:
 
 
 def finish_run(*, folder: Path, run: dict, problems: ProblemSet, sampling: SamplingOptions, options: EvalOptions,
-               params_b: float | None, params_source: str) -> dict:
-    """Re-score (another answer rule), summarise, and write run.json with `finished`, last."""
-    path = folder / SAMPLES
-    if options.score:  # records scored under another answer rule are re-scored, not regenerated
-        rescore_file(path, kind=problems.kind, rule=options.answer_rule)
+               params_b: float | None, params_source: str, tokenizer) -> dict:
+    """Read the answers (again, under the current answer rule and thinking delimiter), write summary.json,
+    and run.json with `finished`, last."""
+    scoring = read_run(folder=folder, problems=problems, options=options, tokenizer=tokenizer)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
-                         params_source=params_source)
+                         params_source=params_source, difficulty=options.difficulty_field)
     write_json(folder / SUMMARY, summary)
+    run["scoring"] = {**run["scoring"], **scoring, "difficulty_field": summary.get("difficulty_field")}
     write_json(folder / RUN, {**run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return summary
 
 
-def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+def read_run(*, folder: str | os.PathLike, problems: ProblemSet, options: EvalOptions, tokenizer) -> dict:
+    """Read (again) the samples of a run with `options`' answer rule and thinking delimiter (`auto`: from
+    the chat template of `tokenizer`, else from the outputs); records read another way are read again,
+    never generated again. Returns what run.json records: {think_end, think_end_from}."""
+    path = Path(folder) / SAMPLES
+    think_end, how = detect_think_end(option=options.think_end, tokenizer=tokenizer)
+    if how == "not found":  # auto, and the chat template does not say: do the outputs close a thinking block?
+        think_end, how = detect_think_end(option=AUTO, responses=(r.get("response") or "" for r in read_samples(path)))
+    reread_file(path, kind=problems.kind, rule=options.score and options.answer_rule,
+                reader=ThinkReader(think_end, tokenizer=tokenizer))
+    return {"think_end": think_end, "think_end_from": how}
+
+
+def run_settings(*, engine: EngineLike | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
                  sampling: SamplingOptions, options: EvalOptions, sampling_record: dict | None = None) -> dict:
     """What a run's results depend on (run.json `settings`); other settings in the folder are refused.
 
@@ -167,7 +258,7 @@ def run_settings(*, engine: Engine | None, problems: ProblemSet, model: dict, lo
             "dataset": {k: getattr(problems, k) for k in ("name", "kind", "source", "split")}}
 
 
-def run_record(*, engine: Engine | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
+def run_record(*, engine: EngineLike | None, problems: ProblemSet, model: dict, lora, prompt: PromptOptions,
                sampling: SamplingOptions, options: EvalOptions, weights: dict | None = None,
                sampling_record: dict | None = None, engine_options=None) -> dict:
     """The finished-work record of a run: what its samples depend on, inputs by content, never by path.
@@ -213,13 +304,11 @@ def _recorded_load(path: Path, record: dict) -> dict | None:
     return old.get("load") if same else None
 
 
-def _record(p, prompt: str, s, kind: str, rule: str | None) -> dict:
+def _record(p, prompt: str, s, kind: str, rule: str | None, reader: ThinkReader) -> dict:
     rec = {"id": p.id, "index": s.index, "prompt": prompt, "response": s.text, "token_ids": list(s.token_ids),
            "num_tokens": len(s.token_ids), "gold": p.gold, "finish_reason": s.finish_reason,
            "extracted": None, "correct": None}
-    if rule:
-        sc = score_response(s.text, p.gold, kind=kind, rule=rule)
-        rec.update(extracted=sc.extracted, correct=sc.correct, answer_rule=rule)
+    read_sample(rec, kind=kind, rule=rule, reader=reader)
     for k in ("subject", "level"):
         if k in p.meta:
             rec[k] = p.meta[k]
@@ -235,7 +324,7 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
     """Refuse a folder holding results made with another record; with `overwrite`, discard them (one line
     says what changed)."""
     f = folder / RUN
-    if not f.is_file() and not (folder / SAMPLES).is_file() and not (folder / SHARDS).is_dir():
+    if not f.is_file() and not (folder / SAMPLES).is_file():
         return
     old = read_record(f)
     if old is not None and old["fingerprint"] == record["fingerprint"]:
@@ -247,7 +336,12 @@ def check_settings(folder: Path, record: dict, overwrite: bool) -> None:
     say(f"{changes(old, record)}: redoing eval {folder.parent.name}/{folder.name}")
     for name in (SAMPLES, SUMMARY, RUN):
         (folder / name).unlink(missing_ok=True)
-    shutil.rmtree(folder / SHARDS, ignore_errors=True)
+
+
+def check_reading(options: EvalOptions, problems: ProblemSet) -> None:
+    """Refuse, before any engine starts, a thinking delimiter or difficulty field that cannot be used."""
+    ThinkReader(None if options.think_end in (AUTO, NONE) else options.think_end)  # an empty tag is refused
+    resolve_field(options.difficulty_field, problems=problems)
 
 
 def run_params(o: EvalOptions, path) -> tuple[float, str]:

@@ -35,11 +35,11 @@ from tvtool.errors import OptionsError
 from tvtool.engine.engine import sweep_model
 from tvtool.evaluation.runs import run_params
 from tvtool.io.layout import dataset_dir
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import config_name
 from tvtool.options import opt
 from tvtool.engine.prompting import PromptOptions
-from tvtool.evaluation.runs import EvalOptions, is_complete, run_record, run_settings
+from tvtool.evaluation.runs import EvalOptions, check_reading, is_complete, run_record, run_settings
 from tvtool.vectors.source import DeltaSource
 
 HARDNESS = {"math500": 2, "gsm8k": 1, "asdiv": 0}  # by answer kind; unknown kinds count as gsm8k
@@ -204,6 +204,7 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
     runs, fingerprint = [], source.fingerprint_record()
     for (o, sampling), rec in zip(datasets, records):
         problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+        check_reading(o, problems)
         params_b, params_source = run_params(o, source.base)
         for config in (dict.fromkeys(configs) if configs is not None else
                        [MergeConfig(a, o.include, o.exclude) for a in dict.fromkeys(float(x) for x in alphas)]):

@@ -23,6 +23,7 @@ from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, Rep
                                     RevisionNotFoundError)
 
 from tvtool.errors import CheckpointError
+from tvtool.io.fp8 import FP8, BlockScaled, dequantized_view, refused_error, unquantized_config
 from tvtool.io.layout import INDEX, parse_hub_ref
 from tvtool.io.safetensors_io import TensorInfo, read_header, read_rows
 
@@ -118,9 +119,16 @@ class Checkpoint:
 
     def __init__(self, source: Source, infos: dict[str, TensorInfo], metadata: dict[str, str],
                  pickled: dict[str, Path] | None = None):
-        self.source, self._infos, self.metadata = source, infos, metadata
+        self.source, self.metadata = source, metadata
         self._pickled = pickled or {}
         self._pickle_cache: tuple[Path, dict] | None = None
+        # float8 weights with block scales read as float32 weights; other fp8 tensors are refused (tvtool.io.fp8)
+        self._scaled: dict[str, BlockScaled] = {}
+        self._refused: dict[str, str] = {}
+        self._stored = infos  # as on disk: what an engine started from this folder loads (`iter_stored`)
+        if any(i.dtype in FP8 for i in infos.values()):
+            infos, self._scaled, self._refused = dequantized_view(infos, self._stored_config(), pickled=bool(pickled))
+        self._infos = infos
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -208,8 +216,14 @@ class Checkpoint:
         return self._infos[name]
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name` in its stored dtype."""
+        """Rows [start, stop) of tensor `name` in its stored dtype (float32 for a block-scaled fp8 weight)."""
         info = self._infos[name]
+        if name in self._scaled:
+            b = self._scaled[name]
+            stop = b.weight.shape[0] if stop is None else stop
+            return b.dequantize(read_rows(b.weight, start, stop), read_rows(b.scale, *b.scale_rows(start, stop)), start)
+        if name in self._refused:
+            raise refused_error(name, info, self._refused[name])
         if name in self._pickled:
             if self._pickle_cache is None or self._pickle_cache[0] != info.file:
                 self._pickle_cache = (info.file, torch.load(info.file, map_location="cpu",
@@ -222,6 +236,15 @@ class Checkpoint:
         """(name, tensor) for every tensor, one at a time."""
         for name in self.names():
             yield name, self.read(name)
+
+    def iter_stored(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) exactly as stored, fp8 weights and their scales included: what a vLLM engine started
+        from this folder (with its quantization_config) loads in place."""
+        if not self._scaled and not self._refused:
+            yield from self.iter_tensors()
+            return
+        for name in sorted(self._stored, key=lambda n: (str(self._stored[n].file), self._stored[n].begin)):
+            yield name, read_rows(self._stored[name])
 
     def files(self) -> list[Path]:
         """The weight files the tensors are read from (shards, a single file, or pickles), sorted."""
@@ -244,15 +267,47 @@ class Checkpoint:
         return self.source.path if self.source.path.is_dir() else self.source.path.parent
 
     def config(self) -> dict:
+        """config.json of the folder ({} without one), as the weights read here are: without an fp8
+        `quantization_config` once they read as float32 (tvtool.io.fp8)."""
+        cfg = self._stored_config()
+        if self._scaled:
+            cfg.pop("quantization_config", None)
+        return cfg
+
+    def _stored_config(self) -> dict:
         f = self.folder / "config.json"
-        return json.loads(f.read_text()) if f.is_file() else {}
+        return model_config(f) if f.is_file() else {}
 
     def side_files(self) -> dict[str, bytes]:
-        """config/tokenizer/chat-template/generation files of the folder, by file name."""
+        """config/tokenizer/chat-template/generation files of the folder, by file name (config.json as
+        `config()` gives it)."""
         if not self.source.path.is_dir():
             return {}
         out = {}
         for f in sorted(self.source.path.iterdir()):
             if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in SIDE_PATTERNS):
                 out[f.name] = f.read_bytes()
+        if "config.json" in out:
+            model_config(self.source.path)  # a broken config.json is named as such, not as a merge or load failure
+            if self._scaled:
+                out["config.json"] = unquantized_config(out["config.json"])
         return out
+
+
+def model_config(path: str | os.PathLike) -> dict:
+    """A model's config.json as a dict; a file that is not a JSON object is one CheckpointError naming it
+    (read before the tokenizer or an engine would report it as something else)."""
+    f = Path(path)
+    f = f / "config.json" if f.is_dir() else f
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"config.json is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
+                              where=str(f), fix="restore the file (re-download the model's config.json)") from None
+    except UnicodeDecodeError:
+        raise CheckpointError("config.json is not UTF-8 text", where=str(f),
+                              fix="restore the file (re-download the model's config.json)") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json is a JSON {type(cfg).__name__}, not an object", where=str(f),
+                              fix="restore the file (re-download the model's config.json)")
+    return cfg

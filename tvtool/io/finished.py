@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 from tvtool.io.atomic import write_json
 from tvtool.errors import OutputError
+from tvtool.io.safetensors_io import read_header
 
 RECORD_KEY = "record"  # the key of the record in a stage's JSON file (tvtool.json, run.json, …)
 META_KEY = "tvtool.record"  # … or in a safetensors output's metadata (delta, factored delta)
@@ -64,8 +65,6 @@ def read_record(path: str | os.PathLike) -> dict | None:
         if p.suffix == ".json":
             rec = json.loads(p.read_text(encoding="utf-8")).get(RECORD_KEY)
         else:
-            from tvtool.io.safetensors_io import read_header
-
             files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
             if not files:
                 return None

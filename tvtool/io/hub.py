@@ -107,7 +107,7 @@ def push(
         raise OptionsError("Folder to push does not exist", where=str(root), fix="Pass a tvtool output folder")
     targets = _targets(root)
     for target in targets:
-        _check_links(target)
+        _check_links(target, root)
     if options.eval_summary is not None and evaluation is None:
         evaluation = _read_text(Path(options.eval_summary))
     endpoint = (options.endpoint or constants.ENDPOINT).rstrip("/")
@@ -259,16 +259,20 @@ def _files(folder: Path) -> Iterator[tuple[str, Path]]:
             yield rel, path
 
 
-def _check_links(folder: Path) -> None:
-    """Refuse symlinks that lead out of `folder`: push uploads what links point to, which may be anything."""
+def _check_links(folder: Path, root: Path) -> None:
+    """Refuse symlinks that lead out: push uploads what links point to, which may be anything.
+
+    Resolved at every level: a target folder of a sweep (`root/alpha-0.5`) that is itself a link must lead
+    inside `root` (the folder given, taken as it resolves), and every link inside it must stay inside it."""
     top = folder.resolve()
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            target = path.resolve()
-            if target != top and top not in target.parents:
-                raise OptionsError(f"the folder to push has a link that leads out of it: "
-                                   f"{path.relative_to(folder).as_posix()} -> {target}", where=str(folder),
-                                   fix="replace the link by the file itself, or remove it")
+    links = [folder] if folder != root else []
+    links += [p for p in sorted(folder.rglob("*")) if p.is_symlink()]
+    for path in links:
+        target, inside = path.resolve(), top if path != folder else root.resolve()
+        if target != inside and inside not in target.parents:
+            raise OptionsError(f"the folder to push has a link that leads out of it: "
+                               f"{path.relative_to(root).as_posix()} -> {target}", where=str(root),
+                               fix="replace the link by the file itself, or remove it")
 
 
 def _visibility(options: PushOptions) -> str:

@@ -4,9 +4,10 @@ Two runs writing the same output at once would interleave their partial files (t
 second run's `atomic_dir` removes the first's `.partial` folder as stale), so every stage
 that writes an output holds `output_lock(output)` while it works, and `atomic_dir` holds
 the lock of the folder it writes (re-entrant: a verb already holding it goes on).
-The lock is `fcntl.flock` on a small file next to the output (`.<name>.tvtool-lock`, outside it, since atomic outputs are replaced
-as a whole) that records the holder's pid; a second writer fails at once with one line
-naming that pid. The kernel drops the lock when the holder dies, so a killed run never
+The lock is `fcntl.flock` on a small file next to the output's resolved path (`.<name>.tvtool-lock`,
+outside it, since atomic outputs are replaced as a whole; resolved, so a symlinked `-o` locks the folder it
+leads to) that records the holder's pid; a second writer fails at once with one line naming that pid.
+The kernel drops the lock when the holder dies, so a killed run never
 leaves a stale lock behind.
 """
 
@@ -28,8 +29,9 @@ _guard = threading.Lock()
 
 
 def lock_path(output: str | os.PathLike) -> Path:
-    """The lock file of `output`: a hidden sibling, so replacing the output keeps it."""
-    p = Path(os.path.abspath(output))
+    """The lock file of `output`: a hidden sibling of the output's resolved path (symlinks followed, at every
+    level), so replacing the output keeps it and two runs writing one folder through different links share it."""
+    p = Path(output).resolve()
     return p.with_name(f".{p.name}.tvtool-lock")
 
 

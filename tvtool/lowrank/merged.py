@@ -1,11 +1,12 @@
-"""What svd-rank factors: Δ, or an operator's merged task vector M (issue 12: "factor the trimmed Δ").
+"""What svd-rank factors: Δ, or an operator's merged task vector M (e.g. "factor the trimmed Δ").
 
 With operator settings (`MergeOptions`: `--merge-method trim --density 0.2`, TIES over several
 `--vector`s, …) svd-rank factors M, the very tensor that the one merge path scales by α
-(`merge.merge_chunks` → `operators.merged_delta` with the per-tensor cuts of `operators.prepare`),
-read through `operators.MergedVector`: one implementation of M, whole tensors or row chunks alike.
-Without them (one task vector, weight 1, task_arithmetic) it factors Δ as before, with the same
-finished-work record.
+(`Operator.merged` with the per-tensor state of `tvtool.merge.stream.prepare`), read through
+`tvtool.merge.merged.MergedVector`: one implementation of M, whole tensors or row chunks alike.
+Only operators of the form θ1 + α·M have such an M (`Operator.alpha_free`; not slerp): the others are
+refused in one line. Without operator settings (one task vector, weight 1, task_arithmetic) it
+factors Δ as before, with the same finished-work record.
 
 α, per-module α rules (`--alpha-rule`) and a layer schedule (`--layer-schedule`) are not part of
 M: they scale M where it is applied. svd-rank refuses them rather than baking them in: the factored
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tvtool.errors import OptionsError
-from tvtool.merge.stream import MergeConfig
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.merged import MergedVector
 from tvtool.merge.options import MergeOptions, operator_settings
-from tvtool.merge.operators import MergedVector
+from tvtool.merge.registry import operators
 from tvtool.vectors.source import DeltaSource
 from tvtool.vectors.taskvector import TaskVector
 
@@ -44,31 +46,35 @@ class LowRankInput:
 
     @property
     def values(self) -> TaskVector | MergedVector:
-        return self.tv if self.config is None else MergedVector(list(self.vectors), self.config.merge)
+        return self.tv if self.config is None else MergedVector(list(self.vectors), self.config.operator)
 
     def settings(self) -> dict | None:
         """The operator settings as recorded (finished-work record, metadata, report); None: plain Δ."""
         return None if self.config is None else operator_settings(self.config, more=self.source.more)
 
 
-def operator_config(*, merge: MergeOptions, weights: tuple[float, ...]) -> MergeConfig | None:
-    """The operator svd-rank factors (at α = 1), or None for plain Δ; rules and schedules are refused
-    (see the module doc). `weights`: per task vector (`merge_options.split_vectors`)."""
-    for flag, given in (("--alpha-rule", merge.alpha_rules), ("--layer-schedule", merge.layer_schedule)):
+def operator_config(*, merge: MergeOptions, n_vectors: int) -> MergeConfig | None:
+    """The operator svd-rank factors (at α = 1) over `n_vectors` task vectors, or None for plain Δ; operators
+    without an α-free M, rules and schedules are refused (see the module doc)."""
+    if not operators()[merge.method].alpha_free:
+        free = [n for n, cls in operators().items() if cls.alpha_free]
+        raise OptionsError(f"{merge.method} has no merged task vector M to factor (α enters it otherwise than "
+                           "θ1 + α·M)", where="--merge-method",
+                           fix=f"use one of {', '.join(free)}, or materialize {merge.method} models instead")
+    for flag, given in (("--alpha-rule", merge.rules), ("--layer-schedule", merge.layer_schedule)):
         if given:
             raise OptionsError("svd-rank factors the merged task vector M; α rules and layer schedules scale α "
                                "where M is applied", where=flag,
                                fix=f"drop {flag} here and pass it to materialize/eval with the factored delta")
-    (config,) = merge.configs([1.0], weights=weights)
-    return None if config.is_plain(len(weights)) else config
+    (config,) = merge.configs([1.0])
+    return None if config.is_plain(n_vectors) else config
 
 
 def open_input(*, source: DeltaSource, config: MergeConfig | None) -> LowRankInput:
     """Open the task vectors (headers only); several must share one architecture."""
-    vectors = tuple(source.task_vectors())
+    vectors = tuple(source.open().vectors)
     if config is not None:
-        config.merge.check(len(vectors))
-        MergedVector(list(vectors), config.merge)  # checks names and shapes (one architecture)
+        MergedVector(list(vectors), config.operator)  # checks the settings, names and shapes (one architecture)
     return LowRankInput(source, vectors, config)
 
 

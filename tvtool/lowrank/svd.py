@@ -35,12 +35,12 @@ from tvtool._version import __version__
 from tvtool.io.atomic import write_text
 from tvtool.errors import CheckpointError, OptionsError, OutputError
 from tvtool.io.finished import META_KEY, RECORD_KEY, is_finished, read_record, stage_record
-from tvtool.merge.finite import check_alphas, check_finite
+from tvtool.io.finite import check_alphas, check_finite
 from tvtool.io.layout import DTYPES, FACTOR_A, FACTOR_B, is_vocab_tensor
 from tvtool.io.lock import output_lock
 from tvtool.lowrank.merged import LowRankInput, open_input, operator_config
 from tvtool.lowrank.report import TensorReport, adapter_shares, compact, plot_spectra, totals
-from tvtool.merge.options import MergeOptions, split_vectors
+from tvtool.merge.options import MergeOptions
 from tvtool.options import CliOptions, check_regex, opt
 from tvtool.io.writer import check_free, human, parse_size, plan_bytes, write_tensors
 from tvtool.io.paths import check_output_apart
@@ -108,19 +108,16 @@ class LowRankResult:
     summary = table
 
 
-def svd_rank(*, output: str | os.PathLike, delta: str | os.PathLike | None = None,
-             base: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-             options: LowRankOptions, merge: MergeOptions = MergeOptions()) -> LowRankResult:
-    """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair;
-    with operator settings (`merge`, several `--vector`s), of the operator's merged M (`lowrank_merge`)."""
+def svd_rank(*, source: DeltaSource | None, output: str | os.PathLike, options: LowRankOptions,
+             merge: MergeOptions = MergeOptions()) -> LowRankResult:
+    """Write a factored delta (and optionally LoRA adapters) from a delta or a base/reasoner pair (`source`);
+    with operator settings (`merge`, several task vectors), of the operator's merged M (`tvtool.lowrank.merged`)."""
     o = options
-    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-    _check_options(o, delta, base, reasoner)
-    config = operator_config(merge=merge, weights=weights)
-    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more)
+    _check_options(o, source)
+    config = operator_config(merge=merge, n_vectors=1 + len(source.more))
     inp = open_input(source=source, config=config)
     tv = inp.tv
-    src = str(delta) if delta is not None else f"{base} → {reasoner}"
+    src = str(source.delta) if source.delta is not None else f"{source.base} → {source.reasoner}"
     src += f" ({config.tag()} of {len(inp.vectors)} task vectors)" if config is not None else ""
     names = tv.names()
     choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=o, where=src)
@@ -361,8 +358,8 @@ def _drop_reason(shape: tuple[int, ...]) -> str:
     return "not selected for factorization (--drop-unfactored)"
 
 
-def _check_options(o: LowRankOptions, delta, base, reasoner) -> None:
-    if (delta is None) == (base is None and reasoner is None) or (delta is None and (base is None or reasoner is None)):
+def _check_options(o: LowRankOptions, source: DeltaSource | None) -> None:
+    if source is None:
         raise OptionsError("give either a DELTA or both --base and --reasoner", fix="Δ comes from a delta file "
                                                                                     "or a base/reasoner pair")
     if (o.rank is None) == (o.energy is None):

@@ -15,44 +15,25 @@ import os
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from tvtool._version import __version__
 from tvtool.io.atomic import atomic_dir
 from tvtool.io.cards import model_card
 from tvtool.errors import OptionsError
 from tvtool.io.finished import RECORD_KEY, is_finished, stage_record
-from tvtool.merge.finite import check_alphas, warn_nonfinite
+from tvtool.io.finite import check_alphas, warn_nonfinite
 from tvtool.io.layout import SETTINGS_FILE
 from tvtool.io.lock import output_lock
-from tvtool.merge.stream import MergeConfig, check_selection, merge_chunks, merged_config, output_plan, plan_entries
-from tvtool.merge.options import MergeOptions, config_name, split_vectors
-from tvtool.options import CliOptions, opt
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MaterializeOptions, MergeOptions, config_name
+from tvtool.merge.registry import settings as all_settings
+from tvtool.merge.plan import merged_config, output_plan, plan_entries
+from tvtool.merge.stream import check_config, merge_chunks
 from tvtool.io.buffers import reuse
 from tvtool.io.writer import ShardedWriter, WriteBehind, parse_size, progress
 from tvtool.io.paths import check_inside, check_output_apart, check_writable
 from tvtool.vectors.source import DeltaSource
-
-@dataclass(frozen=True)
-class MaterializeOptions(CliOptions):
-    alphas: tuple[float, ...] = opt((), "α to write (repeat, or comma-separate): θ1 + α·Δ. Any real number.",
-                                    flag="--alpha", short="-a")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Output dtype. auto: the base's.")
-    config_from: Literal["reasoner", "base"] = opt(
-        "reasoner", "Take config.json, tokenizer, chat template and generation_config from this model.")
-    name_template: str = opt("alpha-{alpha}", "Name of each α's folder inside the output folder.")
-    include: str | None = opt(None, "Apply α only to tensors whose name matches this regex; others stay at the base.")
-    exclude: str | None = opt(None, "Do not apply α to tensors whose name matches this regex.")
-    max_shard_size: str = opt("5GB", "Largest safetensors shard in each output folder.")
-    allow_missing: bool = opt(False, "With --reasoner: skip tensors present in only one model (recorded).")
-    vocab: Literal["error", "intersect"] = opt(
-        "error", "With --reasoner or several --vector: on a vocabulary-size mismatch (base and reasoner, or between "
-                 "task vectors), error or merge only the shared rows (the others keep the base's values).")
-    allow_pickle: bool = opt(False, "Accept *.bin pickle checkpoints, loaded with torch.load(weights_only=True).")
-    allow_nonfinite: bool = opt(False, "Copy NaN/Inf values of the inputs into the merges (with a warning) instead "
-                                       "of stopping at the first one.")
-    overwrite: bool = opt(False, "Replace existing α folders made with other settings.")
-    progress: bool = opt(True, "Show a progress bar.")
 
 
 @dataclass(frozen=True)
@@ -71,27 +52,25 @@ class MaterializeResult:
         return "\n".join(s)
 
 
-def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
-                reasoner: str | os.PathLike | None = None, options: MaterializeOptions,
-                merge: MergeOptions = MergeOptions(), configs: Sequence[MergeConfig] | None = None
-                ) -> MaterializeResult:
-    """Write θ1 + α·Δ (or an operator's θ1 + α·M, `merge`) for every α in `options.alphas` under
-    `output`, reading each input once per pass. `configs` (instead of α × `merge`) writes several
-    operator settings in the same run.
+def materialize(*, source: DeltaSource, output: str | os.PathLike, options: MaterializeOptions,
+                merge: MergeOptions = MergeOptions(),
+                configs: Sequence[MergeConfig] | None = None) -> MaterializeResult:
+    """Write θ1 + α·Δ (or an operator's output at α, `merge`) for every α in `options.alphas` under `output`,
+    reading each input once per pass. `source`: Δ and θ1 (`DeltaSource.build` from the source flags).
+    `configs` (instead of α × `merge`) writes several operator settings in the same run.
 
     The tensors come from the shared merge stream (`tvtool.merge.stream.merge_chunks`), one output per configuration."""
     o = options
-    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                         allow_pickle=o.allow_pickle, more=more)
+    if source.base is None:
+        raise OptionsError("merging needs the base model", fix="pass the base (θ1)")
     alphas = _check_options(o, configs)
     cfgs = list(dict.fromkeys(configs)) if configs is not None else \
-        merge.configs(alphas, include=o.include, exclude=o.exclude, weights=weights)
+        merge.configs(alphas, include=o.include, exclude=o.exclude)
     check_alphas([c.alpha for c in cfgs])
-    b, tvs = source.open_vectors()
+    b, tvs = source.open()
     tv = tvs[0]
-    for sel in dict.fromkeys((c.include, c.exclude) for c in cfgs):  # a selection that merges nothing
-        check_selection(tv, MergeConfig(0.0, *sel))
+    for c in cfgs:  # settings for these vectors, a selection that merges nothing, α rules that apply to nothing
+        check_config(tvs, c)
     plan = output_plan(b, tv, dtype=o.dtype)
     files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
@@ -103,7 +82,7 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
     if len(set(folders.values())) != len(folders):
         raise OptionsError("two configurations map to the same folder name", where=o.name_template,
                            fix="include {alpha} in --name-template")
-    settings = {c: _settings(c, b, o, reasoner, delta, more) for c in cfgs}
+    settings = {c: _settings(c, b, o, source) for c in cfgs}
     inputs = source.fingerprint_record()
     records = {c: materialize_record(inputs, c, o) for c in cfgs}
     entries = plan_entries(plan)
@@ -134,7 +113,7 @@ def materialize(*, base: str | os.PathLike, output: str | os.PathLike, delta: st
                 wb.close()
         for c in todo:
             writers[c].close()
-            _write_extras(tmps[c], files, settings[c], records[c], prov, c, o, reasoner, delta, base, output, merge)
+            _write_extras(tmps[c], files, settings[c], records[c], prov, c, o, source, output)
     warn_nonfinite(nonfinite)
     return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
                              [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
@@ -171,36 +150,44 @@ def _folder_name(template: str, c: MergeConfig) -> str:
                            where=template, fix="the only field is {alpha}, e.g. alpha-{alpha}") from None
 
 
-def _settings(c: MergeConfig, b, o, reasoner, delta, more) -> dict:
-    keep = ("dtype", "config_from", "vocab", "allow_missing")
+def _settings(c: MergeConfig, b, o: MaterializeOptions, source: DeltaSource) -> dict:
+    keep = ("dtype", "config_from")
     op = {k: v for k, v in c.to_dict().items() if k not in ("alpha", "include", "exclude")}
-    return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": str(reasoner) if reasoner else None,
-            "delta": str(delta) if delta else None, "include": c.include, "exclude": c.exclude,
-            **{k: v for k, v in asdict(o).items() if k in keep},
-            **({"merge": json.loads(json.dumps(op))} if op else {}), **({"more": list(more)} if more else {})}
+    return {"alpha": c.alpha, "base": b.source.describe(), "reasoner": source.reasoner, "delta": source.delta,
+            "include": c.include, "exclude": c.exclude, **{k: v for k, v in asdict(o).items() if k in keep},
+            "vocab": source.vocab, "allow_missing": source.allow_missing,
+            **({"merge": json.loads(json.dumps(op))} if op else {}),
+            **({"more": list(source.more)} if source.more else {})}
 
 
-def _write_extras(tmp: Path, files, settings, record, prov, c: MergeConfig, o, reasoner, delta, base, output,
-                  merge: MergeOptions) -> None:
+def _write_extras(tmp: Path, files, settings, record, prov, c: MergeConfig, o: MaterializeOptions,
+                  source: DeltaSource, output) -> None:
     a = c.alpha
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
     dtype = json.loads(files["config.json"]).get("torch_dtype") or json.loads(files["config.json"]).get("dtype")
-    src = ["--reasoner", str(reasoner)] if reasoner else ["--delta", str(delta)]
-    ops: list[str] = []
-    if not c.is_plain(1 + len(settings.get("more", []))):  # the operator flags of this configuration
-        ops += ["--method", c.method] + [w for v in merge.vectors for w in ("--vector", v)]
-        ops += [w for k, v, d in (("density", c.density, 1.0), ("drop-p", c.p, 0.0), ("drop-seed", c.seed, 0),
-                                  ("beta", c.beta, 0.0), ("gamma", c.gamma, 0.0)) if v != d for w in (f"--{k}", f"{v:g}")]
-        ops += [w for r, f in c.rules for w in ("--alpha-rule", f"{r}={f:g}")]
-        ops += ["--layer-schedule", f"{c.schedule[0]:g}:{c.schedule[1]:g}"] if c.schedule else []
+    plain = c.is_plain(1 + len(source.more))
+    ops = [] if plain else ["--method", c.method]  # the operator flags of this configuration
+    src = source.cli_args(weights=() if plain else c.weights)
+    ops += [w for name, v in c.settings for w in _setting_args(name, v)]
+    ops += [w for r, f in c.rules for w in ("--alpha-rule", f"{r}={f:g}")]
+    ops += ["--layer-schedule", f"{c.schedule[0]:g}:{c.schedule[1]:g}"] if c.schedule else []
     flags = replace(o, alphas=(a,), include=c.include, exclude=c.exclude, overwrite=False, progress=True).to_cli_args()
-    cmd = shlex.join(["tvtool", "materialize", str(base), *src, *ops, *flags, "-o", str(output)])
+    cmd = shlex.join(["tvtool", "materialize", str(source.base), *ops[:2], *src, *ops[2:], *flags, "-o", str(output)])
     reasoner_src = prov.get("reasoner") if isinstance(prov.get("reasoner"), dict) else None
-    card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if delta else None,
+    card = model_card(alpha=a, base=settings["base"], reasoner=reasoner_src, delta=prov if source.delta else None,
                       dtype=str(dtype or o.dtype), include=c.include, exclude=c.exclude,
                       config_from=o.config_from, command=cmd, low_rank=prov.get("low_rank"))
     (tmp / "README.md").write_text(card)
     info = {"tvtool_version": __version__, "settings": settings, "delta_provenance": prov, RECORD_KEY: record}
     (tmp / SETTINGS_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
+
+def _setting_args(name: str, value) -> list[str]:
+    """The flag that sets an operator setting (none for those without one, e.g. weights: --vector)."""
+    s = next(s for s in all_settings() if s.name == name)
+    if not s.option:
+        return []
+    text = ",".join(f"{x:g}" for x in value) if isinstance(value, tuple) else \
+        f"{value:g}" if isinstance(value, float) else str(value)
+    return [s.flag or "--" + name.replace("_", "-"), text]

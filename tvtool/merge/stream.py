@@ -1,4 +1,4 @@
-"""The one merge path: θ1 + α·Δ for one or many configurations, as a stream of row chunks.
+"""The one merge path: every configuration's output, as a stream of row chunks.
 
 `merge_chunks` is the only place where merged weights are computed. `materialize`
 writes its chunks to disk; the vLLM worker (`tvtool.engine.worker`) streams `merged_tensors`
@@ -6,50 +6,42 @@ writes its chunks to disk; the vLLM worker (`tvtool.engine.worker`) streams `mer
 for the same settings:
 
     for every output tensor (the base's names, plus lm_head for a tied base/untied reasoner):
-        read θ1 rows (and Δ rows, or θ2 rows and Δ = θ2 − θ1) once,        # tv.merge_inputs
+        the operators' per-tensor passes (a shared exact top-k, statistics)     # prepare
+        read θ1 rows (and Δ rows, or θ2 rows and Δ = θ2 − θ1) once,             # _inputs
         for every MergeConfig:
             not selected (include/exclude) or no Δ  →  θ1 rows, as stored (cast to the output dtype)
-            α = 1 and θ2 rows at hand               →  θ2 rows, bit for bit
-            otherwise                               →  round_once(fp32(θ1) + fp32(α·Δ))
+            plain, α = 1 and θ2 rows at hand        →  θ2 rows, bit for bit
+            otherwise                               →  the operator's rows at α: round_once(fp32(θ1) + fp32(α·M))
+                                                       for the α-free ones, M once per distinct operator
 
-`merged_config` builds the config/tokenizer files of the merged model for both paths.
-
-Where a merge operator plugs in (TIES, DARE, trim): as a field of `MergeConfig`, applied
-to the Δ rows in `_merge_one` before `merge_rows` (an operator that needs whole tensors
-asks for `whole=True` chunks), or as a lazy `TaskVector` term.
+The operators come from the registry (`tvtool.merge.registry`); the plan and config files of the
+merged model from `tvtool.merge.plan`. How Δ's inputs are read together with θ1 (a plain pair over
+this base: θ1 read once for both) is here too (`_inputs`).
 """
 
 from __future__ import annotations
 
-import json
-import math
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from tvtool.errors import CheckpointError, OptionsError
+from tvtool.io.buffers import empty, reuse
 from tvtool.io.checkpoint import Checkpoint
-from tvtool.errors import MismatchError, OptionsError
-from tvtool.merge.finite import check_finite
-from tvtool.merge.kernels import count_nonfinite, fused_pair, merge_many, merge_rows, pair_rows  # noqa: F401  (merge_rows: the torch reference, re-exported)
-from tvtool.io.layout import DTYPES, LM_HEAD, dtype_name, embed_name, is_vocab_tensor
-from tvtool.merge.config import MergeConfig  # noqa: F401  (re-exported: the one merge path's settings)
-from tvtool.merge.operators import Merge, Prepared, check_vectors, merged_delta, prepare
-from tvtool.io.writer import prefetch
+from tvtool.io.finite import check_finite
+from tvtool.io.layout import dtype_name
 from tvtool.io.safetensors_io import row_chunks
-
-if TYPE_CHECKING:  # a type only: taskvector imports this module for TaskVector.apply_to
-    from tvtool.vectors.taskvector import TaskVector
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One output tensor: its name, the base tensor it starts from, output dtype and shape."""
-
-    name: str
-    src: str  # the base tensor read (the embedding, for the lm_head of a tied base)
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+from tvtool.io.writer import prefetch
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.kernels import count_nonfinite, fused_pair, merge_many, pair_rows
+from tvtool.merge.plan import PlannedTensor, output_plan
+from tvtool.merge.prepare import Prepared, prepare
+from tvtool.merge.registry import Operator, Rows, TensorInfo
+from tvtool.vectors.source import DeltaSource
+from tvtool.vectors.taskvector import TaskVector
+from tvtool.vectors.vocab import check_vectors
 
 
 @dataclass
@@ -64,48 +56,7 @@ class MergedChunk:
     bytes_read: int = 0
 
 
-def merge_plan(base: Checkpoint, tv: "TaskVector") -> list[tuple[str, str]]:
-    """(output name, base name to read) for every output tensor; checks Δ fits the base."""
-    names = base.names()
-    plan = [(n, n) for n in names]
-    prov = tv.provenance()
-    absent = {s["name"] for s in prov.get("skipped") or []} | set((prov.get("missing") or {}).get("base_only", []))
-    for n in sorted(names):
-        if n not in tv and n not in absent and not prov.get("zero_elsewhere"):  # an adapter: Δ = 0 off its modules
-            raise MismatchError(f"base tensor {n!r} has no delta, and the delta does not record it as skipped",
-                                fix="use the base model the delta was computed from")
-    for n in tv.names():
-        src = n
-        if n not in base:
-            emb = embed_name(names)
-            if n == LM_HEAD and emb is not None:  # tied base, untied reasoner
-                plan.append((n, emb))
-                src = emb
-            else:
-                raise MismatchError(f"the delta has tensor {n!r}, which the base does not have",
-                                    fix="use the base model the delta was computed from")
-        bs, ds = base.info(src).shape, tv.shape(n)
-        if bs != ds and not (is_vocab_tensor(n) and bs[1:] == ds[1:] and ds[0] <= bs[0]):
-            raise MismatchError(f"shape mismatch for tensor {n!r}: base {tuple(bs)} vs delta {tuple(ds)}",
-                                fix="use the base model the delta was computed from")
-    return plan
-
-
-def output_plan(base: Checkpoint, tv: "TaskVector", *,
-                dtype: Literal["auto", "float32", "bfloat16", "float16"] | torch.dtype | None = "auto"
-                ) -> list[PlannedTensor]:
-    """Every output tensor with its dtype: `dtype` for float tensors, or as stored ("auto"/None)."""
-    want = DTYPES[dtype] if isinstance(dtype, str) and dtype != "auto" else dtype if isinstance(dtype, torch.dtype) \
-        else None
-    out = []
-    for n, src in merge_plan(base, tv):
-        info = base.info(src)
-        dt = want if want is not None and info.dtype.is_floating_point else info.dtype
-        out.append(PlannedTensor(n, src, dt, tuple(info.shape)))
-    return out
-
-
-def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", configs: Sequence[MergeConfig],
+def merge_chunks(*, base: Checkpoint, tv: TaskVector | Sequence[TaskVector], configs: Sequence[MergeConfig],
                  plan: Sequence[PlannedTensor] | None = None, whole: bool = False, read_ahead: int = 2,
                  allow_nonfinite: bool = False, nonfinite: dict[str, int] | None = None,
                  outputs: Sequence[str] | None = None) -> Iterator[MergedChunk]:
@@ -113,10 +64,10 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
 
     `tv` is one task vector, or several of the same base (Δ_1..Δ_n, for the operators); the
     first gives the plan, config and provenance. Each input is read once per pass however many
-    configurations are asked for: one pass, plus two selection passes over a tensor when a
-    configuration trims by magnitude (TIES, trim, breadcrumbs) and the tensor spans several
-    chunks (`tvtool.merge.operators`). Reads run `read_ahead` chunks ahead in a thread. `whole=True`
-    gives one chunk per tensor (what a model loader wants); chunks never change the values.
+    configurations are asked for: one pass, plus the passes an operator needs over a tensor that
+    spans several chunks (trim, TIES, breadcrumbs: two selection passes shared by all of them; della:
+    one; slerp: two). Reads run `read_ahead` chunks ahead in a thread. `whole=True` gives one chunk
+    per tensor (what a model loader wants); chunks never change the values.
 
     Non-finite values: NaN/Inf in θ1 or Δ rows are an error naming the tensor and the first index
     (`allow_nonfinite` keeps them, counted per tensor in `nonfinite`); an output that is not finite
@@ -128,8 +79,7 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
     if len(tvs) > 1:
         check_vectors([{n: t.shape(n) for n in t.names()} for t in tvs])
     for c in configs:
-        c.merge.check(len(tvs))
-        check_selection(tvs[0], c)
+        check_config(tvs, c)
     plan = list(plan) if plan is not None else output_plan(base, tvs[0])
     names = [p.name for p in plan]
     alphas = [None if c.is_plain(len(tvs)) else c.alphas(names) for c in configs]
@@ -162,7 +112,25 @@ def merge_chunks(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", c
         yield chunk
 
 
-def check_selection(tv: "TaskVector", config: MergeConfig) -> None:
+def check_config(tvs: TaskVector | Sequence[TaskVector], config: MergeConfig) -> None:
+    """What can be checked before any tensor is read: the operator's settings for these task vectors,
+    the tensor selection (`check_selection`) and the α rules (`MergeConfig.alphas` over Δ's names)."""
+    tvs = list(tvs) if isinstance(tvs, (list, tuple)) else [tvs]
+    config.operator.check(len(tvs))
+    check_selection(tvs[0], config)
+    if config.rules:
+        config.alphas(tvs[0].names())
+
+
+def check_configs(*, source: DeltaSource, configs: Sequence[MergeConfig]) -> None:
+    """`check_config` of every configuration against the source's task vectors (headers only): what an
+    in-engine sweep checks before its engine starts, so that a bad setting is one line, not a worker's error."""
+    vectors = source.open().vectors
+    for c in configs:
+        check_config(vectors, c)
+
+
+def check_selection(tv: TaskVector, config: MergeConfig) -> None:
     """--include must match some Δ tensor and --exclude must leave some: else every "merge" is a base copy."""
     if config.include is None and config.exclude is None:
         return
@@ -179,7 +147,7 @@ def check_selection(tv: "TaskVector", config: MergeConfig) -> None:
                        fix="loosen --exclude (or --include) so that some tensors get α·Δ")
 
 
-def merged_tensors(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]", config: MergeConfig,
+def merged_tensors(*, base: Checkpoint, tv: TaskVector | Sequence[TaskVector], config: MergeConfig,
                    dtype: str | torch.dtype | None = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole merged tensor) for one configuration: what the in-engine load streams."""
     plan = output_plan(base, tv[0] if isinstance(tv, (list, tuple)) else tv, dtype=dtype)
@@ -187,43 +155,13 @@ def merged_tensors(*, base: Checkpoint, tv: "TaskVector | Sequence[TaskVector]",
         yield chunk.name, chunk.outputs[0]
 
 
-def merged_config(*, base: Checkpoint, tv: "TaskVector", plan: Sequence[PlannedTensor],
-                  config_from: Literal["reasoner", "base"] = "reasoner") -> dict[str, bytes]:
-    """The merged model's config/tokenizer/chat-template files, by name.
-
-    config.json comes from `config_from` (a delta without one, e.g. a PEFT adapter: the base's);
-    its vocab_size must match the output's vocabulary rows;
-    its dtype is the output's; a tied-embedding config is untied when the output has its own lm_head.
-    """
-    files = tv.side_files(base=base) if config_from == "reasoner" else base.side_files()
-    if "config.json" not in files:
-        raise MismatchError(f"no config.json in the {config_from}'s files",
-                            fix="use --config-from base" if config_from == "reasoner" else "add a config.json")
-    cfg = json.loads(files["config.json"])
-    vs = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-    for p in plan:
-        if is_vocab_tensor(p.name) and vs and p.shape[0] != vs:
-            raise MismatchError(f"output tensor {p.name!r} has {p.shape[0]} vocabulary rows but the {config_from}'s "
-                                f"config.json says vocab_size {vs}", fix="use --config-from base")
-    dtypes = {p.dtype for p in plan if p.dtype.is_floating_point}
-    if len(dtypes) == 1:
-        name = dtype_name(dtypes.pop())
-        for key in ("torch_dtype", "dtype"):
-            if key in cfg:
-                cfg[key] = name
-    if any(p.name == LM_HEAD for p in plan) and cfg.get("tie_word_embeddings"):
-        cfg["tie_word_embeddings"] = False  # the output has its own lm_head
-    files["config.json"] = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
-    return files
-
-
-def plan_entries(plan: Sequence[PlannedTensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """(name, dtype, shape) per tensor: the layout a `ShardedWriter` takes."""
-    return [(p.name, p.dtype, p.shape) for p in plan]
-
-
-def plan_nbytes(plan: Sequence[PlannedTensor]) -> int:
-    return sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+def apply_to(tv: TaskVector, base: str | os.PathLike | Checkpoint, *, alpha: float = 1.0,
+             dtype: torch.dtype | None = None, include: str | None = None,
+             exclude: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, θ1 + α·Δ) over the base's tensors, rounded once to `dtype` (default: stored): the
+    shared merge path (`merged_tensors`), so the same bytes as `materialize`."""
+    b = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
+    return merged_tensors(base=b, tv=tv, config=MergeConfig(alpha, include, exclude), dtype=dtype)
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -232,10 +170,10 @@ def plan_nbytes(plan: Sequence[PlannedTensor]) -> int:
 def _merge_one(configs: list[MergeConfig], alphas: list[dict | None], name: str, start: int,
                base_rows: torch.Tensor, base32: torch.Tensor | None, ds: list[torch.Tensor] | None,
                end: torch.Tensor | None, prep: Prepared | None, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Every configuration's rows of one chunk: selection, the α = 1 rule, M once per distinct
-    operator, then all α of that operator through one fused kernel (one rounding each)."""
+    """Every configuration's rows of one chunk: selection, the α = 1 rule, then each distinct operator
+    once with all its α (`Operator.outputs`: M once, every α through one fused kernel, one rounding each)."""
     out: list[torch.Tensor | None] = [None] * len(configs)
-    groups: dict[Merge, list[tuple[int, float]]] = {}
+    groups: dict[Operator, list[tuple[int, float]]] = {}
     for j, c in enumerate(configs):
         if ds is None or not c.selects(name):
             out[j] = base_rows.to(dtype)
@@ -244,10 +182,14 @@ def _merge_one(configs: list[MergeConfig], alphas: list[dict | None], name: str,
         if alphas[j] is None and a == 1.0 and end is not None and end.shape == base_rows.shape:
             out[j] = end.to(dtype)  # θ2 as stored: α=1 is the reasoner bit for bit
             continue
-        groups.setdefault(c.merge, []).append((j, a))
-    for m, items in groups.items():
-        delta = merged_delta(m, prep, ds, start) if prep is not None else ds[0]  # [rows, ...] fp32
-        res = merge_many(base=base_rows, delta=delta, alphas=[a for _, a in items], dtype=dtype, base32=base32)
+        groups.setdefault(c.operator, []).append((j, a))
+    rows = Rows(base_rows, ds, end, base32, start)
+    for op, items in groups.items():
+        al = [a for _, a in items]
+        if prep is None:  # only plain configurations: θ1 + α·Δ
+            res = merge_many(base=base_rows, delta=ds[0], alphas=al, dtype=dtype, base32=base32)
+        else:
+            res = op.outputs(prep.states.get(op), rows, prep.tensor, al, dtype)
         for (j, _), r in zip(items, res):
             out[j] = r
     return out
@@ -279,40 +221,71 @@ def _pair_fused(configs: list[MergeConfig], name: str, base_rows: torch.Tensor, 
             for c in configs]
 
 
+def _tv_inputs(tv: TaskVector, base: Checkpoint, name: str, src: str, start: int = 0, stop: int | None = None, *,
+               base_rows: torch.Tensor | None = None, base32: torch.Tensor | None = None, lazy: bool = False):
+    """(θ1 rows as stored, θ1 rows in fp32, Δ rows, θ2 rows or None) of one task vector for output tensor `name`.
+
+    Reads every input once: for a plain base/reasoner pair over this base (`TaskVector.pair`), Δ is
+    computed from the same θ1 rows (and θ2 rows are returned, so α=1 can be θ2 bit for bit). `base_rows`
+    (and `base32`) are θ1's rows when the caller already read them (several task vectors). `src` is the
+    base tensor to read (the embedding for a tied lm_head). `lazy`: for that plain pair, return
+    (θ1 rows, None, None, θ2 rows) and let the caller form Δ (`kernels.fused_pair`).
+    """
+    p, shape = tv.pair(), tv.shape(name)
+    whole = p is not None and shape == tuple(base.info(src).shape)
+    within = p is not None and stop is not None and bool(shape) and stop <= shape[0]
+    if (whole or within) and p.base.source.path.resolve() == base.source.path.resolve():
+        bn, rn, _ = p.tensors[name]
+        base_rows = p.base.read(bn, start, stop) if base_rows is None else base_rows
+        r = p.reasoner.read(rn, start, stop)
+        if lazy and base32 is None:
+            return base_rows, None, None, r
+        if base32 is None:  # [rows, ...] shared by Δ and every α; pooled buffers within a pass (tvtool.io.buffers)
+            base32 = empty(tuple(base_rows.shape), torch.float32).copy_(base_rows)
+        return base_rows, base32, empty(tuple(r.shape), torch.float32).copy_(r).sub_(base32), r
+    base_rows = base.read(src, start, stop) if base_rows is None else base_rows
+    # (vocab intersect over whole tensors: Δ re-reads θ1's shared rows)
+    return base_rows, base_rows.float() if base32 is None else base32, tv.rows(name, start, stop), None
+
+
 def _inputs(base: Checkpoint, tvs: list, name: str, src: str, start: int, stop: int | None, lazy: bool = False):
     """(θ1 rows, θ1 fp32 rows, [Δ_i rows], θ2 rows of the first vector | None); θ1 read once. `lazy`: a plain
     pair gives (θ1 rows, None, [None], θ2 rows), Δ left to `_pair_fused`."""
-    base_rows, base32, d, end = tvs[0].merge_inputs(base, name, src, start, stop, lazy=lazy)
-    ds = [d] + [t.merge_inputs(base, name, src, start, stop, base_rows=base_rows, base32=base32)[2] for t in tvs[1:]]
+    base_rows, base32, d, end = _tv_inputs(tvs[0], base, name, src, start, stop, lazy=lazy)
+    ds = [d] + [_tv_inputs(t, base, name, src, start, stop, base_rows=base_rows, base32=base32)[2] for t in tvs[1:]]
     return base_rows, base32, ds, end
 
 
 def _reads(base: Checkpoint, tvs: list, configs: list[MergeConfig], plan: list[PlannedTensor], whole: bool,
            lazy: bool = False):
     """Per chunk: (index, name, start, stop, θ1 rows, θ1 fp32 | None, [Δ_i rows] | None, θ2 rows | None,
-    the tensor's selection cuts | None, bytes read). A tensor that a magnitude operator trims gets its
-    selection passes (`operators.prepare`) here, before its first chunk, in the read-ahead thread."""
+    the tensor's `Prepared` | None, bytes read). A tensor that an operator prepares (selection passes,
+    statistics: `prepare`) gets its passes here, before its first chunk, in the read-ahead thread."""
     n = len(tvs)
     for i, p in enumerate(plan):
         sel = [c for c in configs if c.selects(p.name)]
         used = p.name in tvs[0] and bool(sel)
         n_delta = tvs[0].shape(p.name)[0] if used and p.shape else None
         chunks = [(0, None)] if whole else _chunks(p.shape, n_delta)
-        ops = [c.merge for c in sel if not c.is_plain(n)]
+        ops = [c.operator for c in sel if not c.is_plain(n)]
         prep, extra, cached = None, 0, None
         if used and ops:
             shape = tuple(tvs[0].shape(p.name))
             ranges = row_chunks(shape)
             if len(ranges) == 1 or whole:  # one read serves the selection and the output
                 cached = _inputs(base, tvs, p.name, p.src, 0, None if whole else chunks[0][1])
-                ranges, read = [(0, shape[0] if shape else 1)], lambda s, e: cached[2]
+                ranges = [(0, shape[0] if shape else 1)]
+
+                def read(s, e):
+                    return Rows(cached[0], cached[2], cached[3], cached[1], 0)
             else:
-                def read(s, e):  # a selection pass: a plain pair's Δ stays θ1/θ2 rows (kernels.PairRows)
+                def read(s, e):  # a pass before the output: a plain pair's Δ stays θ1/θ2 rows (kernels.PairRows)
                     nonlocal extra
-                    b, _, ds, end = _inputs(base, tvs, p.name, p.src, s, e, lazy=lazy)
+                    b, b32, ds, end = _inputs(base, tvs, p.name, p.src, s, e, lazy=lazy)
                     extra += b.numel() * b.element_size() * (1 + n)
-                    return ds if ds[0] is not None else [pair_rows(b, end) or end.float() - b.float()]
-            prep = prepare(ops, name=p.name, shape=shape, n_vectors=n, ranges=ranges, read=read)
+                    ds = ds if ds[0] is not None else [pair_rows(b, end) or end.float() - b.float()]
+                    return Rows(b, ds, end, b32, s)
+            prep = prepare(ops, tensor=TensorInfo(p.name, shape, n), ranges=ranges, read=read)
         for k, (s, e) in enumerate(chunks):
             if used and (n_delta is None or s < n_delta):
                 base_rows, base32, ds, end = cached if (cached is not None and k == 0) else \
@@ -331,3 +304,23 @@ def _chunks(shape, n_delta):
         return row_chunks(shape)
     return row_chunks((n_delta, *shape[1:])) + [(s + n_delta, e + n_delta)
                                                for s, e in row_chunks((shape[0] - n_delta, *shape[1:]))]
+
+
+__all__ = ["MergedChunk", "apply_to", "check_config", "check_configs", "check_selection", "merge_chunks",
+           "merged_tensors"]
+
+
+def check_finite_inputs(*, source: DeltaSource, config: MergeConfig) -> None:
+    """NaN/Inf in θ1 or Δ, found the way materialize finds them (`merge_chunks`: one streaming pass in row
+    chunks, `tvtool.io.finite`), before an engine loads them: the evaluation calls it before the engine starts,
+    so the error names the tensor and index instead of failing inside the workers' weight load after it."""
+    base, tvs = source.open()
+    try:
+        with reuse():  # chunk buffers recycled within the pass (tvtool.io.buffers)
+            for _ in merge_chunks(base=base, tv=tvs, configs=[config]):
+                pass
+    except CheckpointError as e:
+        if not e.what.startswith("non-finite value"):
+            raise
+        raise CheckpointError(e.what, where=e.where, fix="fix or re-download the checkpoint (an engine cannot "
+                                                         "generate from NaN or Inf weights)") from None

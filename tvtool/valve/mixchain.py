@@ -50,13 +50,14 @@ from tvtool.evaluation.data import Problem, load_problems
 from tvtool.engine.engine import Engine, write_shell_model
 from tvtool.engine.options import EngineOptions, SamplingOptions, vllm_version
 from tvtool.errors import OptionsError, OutputError
+from tvtool.evaluation.cluster import evaluate_on_ray
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.io.finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
-from tvtool.merge.finite import check_alphas
+from tvtool.io.finite import check_alphas
 from tvtool.io.layout import SAMPLES
 from tvtool.io.lock import output_lock
-from tvtool.merge.stream import MergeConfig
-from tvtool.merge.options import MergeOptions, operator_settings, split_vectors
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.options import MergeOptions, operator_settings
 from tvtool.valve.mixchain_length import betas, fit_context, solution_length
 from tvtool.valve.options import MixChainOptions, parse_min_correct
 from tvtool.io.writer import check_free
@@ -211,14 +212,14 @@ def write_dataset(*, rows: Sequence[dict], k: int, folder: str | os.PathLike, ca
 # --- the public verb ------------------------------------------------------------------------
 
 
-def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta: str | os.PathLike | None = None,
-                   reasoner: str | os.PathLike | None = None, options: MixChainOptions = MixChainOptions(),
+def build_mixchain(*, source: DeltaSource, output: str | os.PathLike, options: MixChainOptions = MixChainOptions(),
                    prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
                    engine_options: EngineOptions = EngineOptions(), engine: Engine | None = None,
                    scorer: Scorer | None = None, executor: RayOptions | None = None,
                    merge: MergeOptions = MergeOptions()) -> MixChainResult:
     """Generate (resuming) one solution per question and α, filter, compute β, write the dataset folder.
 
+    `source`: θ1 and Δ (`DeltaSource.build` from the source flags, `--vocab` included).
     `merge`: a merge operator over one or several task vectors (`--method`, `--vector`, …): solution_k is
     then the chain of θ1 + α_k·M, each α loaded as `evaluate` loads it (the same `MergeConfig`s).
     `engine`: reuse a running engine (not closed). `scorer(response, problem) -> bool` replaces
@@ -233,17 +234,18 @@ def build_mixchain(*, base: str | os.PathLike, output: str | os.PathLike, delta:
     if sampling.n != 1:
         raise OptionsError("MixChain takes one solution per question and α", where=f"n={sampling.n}",
                            fix="use n=1 (add α values for more solutions)")
-    delta, reasoner, more, weights = split_vectors(delta=delta, reasoner=reasoner, options=merge)
-    source = DeltaSource(base=base, delta=delta, reasoner=reasoner, more=more)
-    configs = merge.configs(alphas, weights=weights)  # one per α, sorted: plain θ1 + α·Δ without operators
+    if source.base is None:
+        raise OptionsError("MixChain needs the base model", fix="pass the base (θ1)")
+    configs = merge.configs(alphas)  # one per α, sorted: plain θ1 + α·Δ without operators
+    inputs = [source.base, source.delta, source.reasoner, *source.more]
     out = Path(output)
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".generations")
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise OptionsError("the work folder cannot be inside the dataset folder", where=str(work),
                            fix="choose another --work-dir")
     check_alphas(alphas)
-    check_output_apart(out, [base, delta, reasoner, *source.more])
-    check_output_apart(work, [base, delta, reasoner, *source.more], flag="--work-dir")
+    check_output_apart(out, inputs)
+    check_output_apart(work, inputs, flag="--work-dir")
     with output_lock(out):
         return _build(out=out, work=work, source=source, configs=configs, min_correct=min_correct, o=o, prompt=prompt,
                       sampling=sampling, engine_options=engine_options, engine=engine, scorer=scorer,
@@ -275,8 +277,6 @@ def _build(*, out: Path, work: Path, source: DeltaSource, configs: list[MergeCon
     ev_options = EvalOptions(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind,
                              batch_size=o.batch_size, overwrite=o.overwrite, progress=o.progress)
     if executor is not None:  # --- ray: the same α sweep on a pool of engines (tvtool.evaluation.cluster) ---
-        from tvtool.evaluation.cluster import evaluate_on_ray
-
         ev = evaluate_on_ray(output=work, source=source, configs=configs, prompt=prompt, sampling=sampling,
                              engine_options=engine_options, options=ev_options, executor=executor,
                              progress=o.progress).results[0]

@@ -39,11 +39,12 @@ import torch
 
 from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.errors import OptionsError
-from tvtool.io.atomic import commit_dir, discard, write_json
+from tvtool.io.atomic import commit_dir, discard, partial_path, write_json
 from tvtool.io.checkpoint import Checkpoint
 from tvtool.io.finished import RECORD_KEY, is_finished, stage_record
 from tvtool.io.fingerprint import input_fingerprint
 from tvtool.io.lock import output_lock
+from tvtool.io.paths import check_output_apart
 from tvtool.valve.options import EXECUTION, MODES, PRESETS, PlanOptions, TrainOptions, resolve
 from tvtool.valve.plan import TrainPlan, gib, plan_training
 from tvtool.valve.sharding import require_fsdp
@@ -90,6 +91,10 @@ def train(*, mode: str, model: str | os.PathLike, data: str | os.PathLike, outpu
     if o.fsdp:
         require_fsdp()
     out = Path(output)
+    # Never over an input: --overwrite would delete the model, and the adapter would replace the data. The
+    # resumable `<output>.partial/` is checked too: it is written and replaced as well.
+    check_output_apart(out, [model, data])
+    check_output_apart(partial_path(out), [model, data], flag="-o (resume folder)")
     # One writer per adapter folder (tvtool.io.lock): the main process holds the lock for the whole run, so the
     # resumable `<output>.partial/` it keeps (tvtool.io.atomic.resumable_dir) is never another live run's.
     main = os.environ.get("RANK", "0") == "0"  # accelerate/torchrun: the other processes write nothing

@@ -22,12 +22,14 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from tvtool.errors import DatasetError, OptionsError
 from tvtool.engine.prompting import PromptOptions, build_prompt, uses_chat_template
+from tvtool.evaluation.data import json_kind
 from tvtool.valve.mixchain_length import betas, solution_length
 
 _SOL = re.compile(r"^solution_(\d+)$")
@@ -86,12 +88,13 @@ def _data_files(p: Path) -> list[Path]:
                            "question/solution pairs")
 
 
-def _read(f: Path) -> list[dict]:
+def _read(f: Path) -> list[tuple[str, dict]]:
+    """(where, row) per row of one file: where is "<file>, line N" (jsonl) or "<file>, row N" (parquet)."""
     if f.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(f).to_pylist()
+            return [(f"{f}, row {i}", r) for i, r in enumerate(pq.read_table(f).to_pylist(), 1)]
         except Exception as e:  # pyarrow raises several types for bad files
             raise DatasetError(f"cannot read parquet: {type(e).__name__}", where=str(f),
                                fix="rebuild the dataset") from None
@@ -100,12 +103,22 @@ def _read(f: Path) -> list[dict]:
         with open(f, encoding="utf-8") as fh:
             for i, line in enumerate(fh, 1):
                 if line.strip():
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise DatasetError(f"a JSON {json_kind(row)}, not an object", where=f"{f}, line {i}",
+                                           fix=ROW_FIX)
+                    rows.append((f"{f}, line {i}", row))
     except json.JSONDecodeError as e:
         raise DatasetError(f"line {i} is not JSON: {e.msg}", where=str(f), fix="one JSON object per line") from None
+    except UnicodeDecodeError:
+        raise DatasetError("not UTF-8 text", where=str(f), fix="pass a UTF-8 .jsonl file (or a .parquet)") from None
     except OSError as e:
         raise DatasetError(f"cannot read: {e.strerror}", where=str(f)) from None
     return rows
+
+
+ROW_FIX = ("each row must be one JSON object with question text and solution_0..K (MixChain) or solution "
+           "(question/solution pairs)")
 
 
 def load_train_data(path: str | os.PathLike) -> TrainData:
@@ -114,15 +127,23 @@ def load_train_data(path: str | os.PathLike) -> TrainData:
     if not p.exists():
         raise DatasetError("training data not found", where=str(p), fix="check the --data path")
     files = _data_files(p)
-    rows = [r for f in files for r in _read(f)]
-    if not rows:
+    read = [wr for f in files for wr in _read(f)]
+    if not read:
         raise DatasetError("the training data has no rows", where=str(p))
+    for where, r in read:
+        if not isinstance(r.get("question"), str):
+            what = ("the row has no 'question'" if r.get("question") is None else
+                    f"'question' is a JSON {json_kind(r['question'])}, not text")
+            raise DatasetError(what, where=where, fix=ROW_FIX)
+    rows = [r for _, r in read]
     keys = set().union(*(r.keys() for r in rows[:100]))
-    if "question" not in keys:
-        raise DatasetError("the training data has no 'question' column", where=str(p),
-                           fix="rows need question and solution_0..K (MixChain) or solution (pairs)")
     sols = sorted((k for k in keys if _SOL.match(k)), key=lambda k: int(_SOL.match(k).group(1)))
     if sols:
+        gaps = [f"solution_{k}" for k in range(int(_SOL.match(sols[-1]).group(1))) if f"solution_{k}" not in sols]
+        if gaps:  # a stage of progressive training (and a β of valve++) would silently be missing
+            raise DatasetError(f"the MixChain data has {sols[-1]} but no {', '.join(gaps)}", where=str(p),
+                               fix="pass the complete MixChain (columns solution_0..K), or rebuild it with "
+                                   "tvtool mixchain")
         return TrainData(p, "mixchain", rows, sols, files)
     if "solution" in keys:
         return TrainData(p, "pairs", rows, ["solution"], files)
@@ -180,6 +201,10 @@ def stages_for(*, mode: str, data: TrainData, tokenizer: Any, column: str | None
                                where=where, fix="pass a MixChain dataset")
         order = data.columns[1:][::-1] + data.columns[:1]  # solution_K … solution_1, solution_0
         stages = [(c, [Sample(r["question"], r[c], 1.0, c) for r in data.rows if _present(r.get(c))]) for c in order]
+        empty = [c for c, samples in stages if not samples]
+        if empty and len(empty) < len(stages):  # e.g. an α whose chains were all wrong (--min-correct any)
+            warnings.warn(f"progressive training skips stage{'s' * (len(empty) > 1)} {', '.join(empty)}: no row has "
+                          f"a solution there ({where})", stacklevel=2)
         stages = [s for s in stages if s[1]]
     else:
         raise OptionsError(f"unknown mode {mode!r}", where="MODE", fix="use valve, valve++ or progressive")

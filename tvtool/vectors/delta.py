@@ -16,7 +16,7 @@ from typing import Literal
 from tvtool._version import __version__
 from tvtool.errors import OutputError
 from tvtool.io.finished import META_KEY, is_finished, stage_record
-from tvtool.merge.finite import check_finite, warn_nonfinite
+from tvtool.io.finite import check_finite, warn_nonfinite
 from tvtool.io.layout import DTYPES, dtype_name
 from tvtool.io.lock import output_lock
 from tvtool.options import CliOptions, opt
@@ -24,7 +24,7 @@ from tvtool.io.writer import human, parse_size, plan_bytes, progress, write_tens
 from tvtool.io.paths import check_output_apart
 from tvtool.io.safetensors_io import row_chunks
 from tvtool.vectors.source import DeltaSource
-from tvtool.vectors.taskvector import common_dtype
+from tvtool.vectors.terms import common_dtype
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
     o = options
     source = DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
                          allow_pickle=o.allow_pickle)
-    tv = source.task_vector()
-    pair = tv.pair
+    tv = source.open().tv
+    pair = tv.pair()
     dtype = common_dtype(pair.base, pair.reasoner) if o.dtype == "auto" else DTYPES[o.dtype]
     out = Path(output)
     single = out.suffix == ".safetensors"
