@@ -40,7 +40,7 @@ def main() -> None:
     from tvtool.engine.prompting import PromptOptions
     from tvtool.evaluation.data import load_problems
     from tvtool.lowrank.alpha_adapter import alpha_adapters, open_valve
-    from tvtool.merge.stream import MergeConfig
+    from tvtool.merge.config import MergeConfig
     from tvtool.toy import ASSET_DIR, REASONER_DIR
     from tvtool.vectors.source import DeltaSource
 
@@ -63,7 +63,7 @@ def main() -> None:
     prompts = eng.prompts(questions=questions, options=prompt)
     for a in alphas:
         t1 = time.perf_counter()
-        eng.hold_alpha(source=DeltaSource(base=str(REASONER_DIR), delta=str(valve)), config=MergeConfig(a))
+        eng.load_alpha(source=DeltaSource(base=str(REASONER_DIR), delta=str(valve)), config=MergeConfig(a))
         t2 = time.perf_counter()
         ids["swap"][a] = [o[0].token_ids for b in batches
                           for o in eng.generate(prompts=prompts[b], sampling=s, add_special_tokens=False)]

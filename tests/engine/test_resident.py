@@ -24,7 +24,8 @@ from tiny import edited_copy, finetune_like, state_dict
 from tvtool.engine.placement import Choice, choose
 from tvtool.engine.resident import Region, Resident, finish, tensor_rules
 from tvtool.merge.config import MergeConfig
-from tvtool.merge.stream import merged_tensors, output_plan
+from tvtool.merge.plan import output_plan
+from tvtool.merge.stream import merged_tensors
 from tvtool.vectors.source import DeltaSource
 
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

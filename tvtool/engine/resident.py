@@ -31,9 +31,10 @@ from tvtool.engine.placement import Placement
 from tvtool.io.checkpoint import Checkpoint, Source
 from tvtool.io.layout import dtype_name
 from tvtool.merge.config import MergeConfig
-from tvtool.merge.finite import check_finite
+from tvtool.io.finite import check_finite
 from tvtool.merge.kernels import fused_pair, merge_many
-from tvtool.merge.stream import PlannedTensor, merged_tensors, output_plan
+from tvtool.merge.plan import PlannedTensor, output_plan
+from tvtool.merge.stream import merged_tensors
 from tvtool.vectors.source import DeltaSource
 
 # a region's source view: only slicing/view ops, as vLLM records them (sharded_rdt_common.SUPPORTED_OPS)

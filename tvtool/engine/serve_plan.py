@@ -24,7 +24,7 @@ from tvtool.io.layout import format_alpha
 from tvtool.io.paths import cache_dir
 from tvtool.lowrank.alpha_adapter import Valve, alpha_adapters, check_alpha_range, open_valve, valve_kind
 from tvtool.lowrank.svd import LowRankOptions, svd_rank
-from tvtool.merge.finite import check_alphas
+from tvtool.io.finite import check_alphas
 from tvtool.vectors.source import DeltaSource
 from tvtool.options import CliOptions, opt
 
