@@ -38,7 +38,7 @@ def shard_layout(source: DeltaSource, *, tp: int, rank: int) -> tuple[list[Regio
     """Regions of rank `rank` of `tp` and the parameter shapes: q/k/v and gate/up fused along rows (each
     rank holding its slice of each), o/down sharded along columns, embeddings/lm_head along vocab rows,
     norms whole."""
-    base, tvs = source.open_vectors()
+    base, tvs = source.open()
     plan = output_plan(base, tvs[0])
     params: dict[str, list] = {}  # param → [(slot, tensor name, shape)]
     for p in plan:
@@ -102,7 +102,7 @@ def check(source: DeltaSource, configs, *, tp: int = 2, dtypes=(torch.float32, t
     held = [Resident(source=source, regions=regions, device=torch.device("cpu")) for regions, _ in layouts]
     seen = set()
     for config in configs:
-        base, tvs = source.open_vectors()
+        base, tvs = source.open()
         whole = dict(merged_tensors(base=base, tv=tvs, config=config))  # the streaming load, once per config
         for rank, ((regions, shapes), res) in enumerate(zip(layouts, held)):
             want_v = [(r, r.source_view(whole[r.tensor])) for r in regions]
@@ -150,7 +150,7 @@ def test_a_factored_delta(llama, tmp_path):
     from tvtool.lowrank.svd import LowRankOptions, svd_rank
 
     base, reasoner = llama
-    f = svd_rank(base=base, reasoner=reasoner, output=tmp_path / "f.safetensors",
+    f = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                  options=LowRankOptions(rank=4, method="exact", dtype="float32", progress=False)).output
     check(DeltaSource(base=str(base), delta=str(f)), plain((0.0, 1.0, 0.6)))
 
@@ -211,7 +211,7 @@ def test_vocab_intersect(pairs, tmp_path):
 
 def test_rules_follow_the_merge_path_table(pairs):
     base, reasoner = pairs["llama"]
-    b, tvs = DeltaSource(base=str(base), reasoner=str(reasoner)).open_vectors()
+    b, tvs = DeltaSource(base=str(base), reasoner=str(reasoner)).open()
     plan = output_plan(b, tvs[0])
     r = tensor_rules(plan=plan, tvs=tvs, config=MergeConfig(1.0, include="mlp"))
     assert {x.kind for n, x in r.items() if "mlp" in n} == {"end"}
@@ -314,7 +314,7 @@ def test_an_alpha_that_overflows_is_the_streaming_path_s_error(pairs):
 
     base, reasoner = pairs["llama"]
     source = DeltaSource(base=str(base), reasoner=str(reasoner))
-    b, tvs = source.open_vectors()
+    b, tvs = source.open()
     with pytest.raises(TvtoolError) as streaming:
         list(merged_tensors(base=b, tv=tvs, config=MergeConfig(1e39)))
     res = Resident(source=source, regions=shard_layout(source, tp=2, rank=0)[0], device=torch.device("cpu"))
@@ -333,7 +333,7 @@ def test_a_nan_in_the_base_is_the_streaming_path_s_error_and_leaves_nothing_held
     bad = edited_copy(base, tmp_path / "nan", lambda d: {**d, name: d[name].clone().index_put_(
         (torch.tensor([3]), torch.tensor([5])), torch.tensor(float("nan"), dtype=d[name].dtype))})
     source = DeltaSource(base=str(bad), reasoner=str(reasoner))
-    b, tvs = source.open_vectors()
+    b, tvs = source.open()
     with pytest.raises(TvtoolError) as streaming:
         list(merged_tensors(base=b, tv=tvs, config=MergeConfig(0.5)))
     res = Resident(source=source, regions=shard_layout(source, tp=1, rank=0)[0], device=torch.device("cpu"))

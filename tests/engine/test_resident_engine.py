@@ -179,7 +179,7 @@ def test_the_load_is_information_not_identity(llama, tmp_path, monkeypatch):
     from tvtool.evaluation.runs import EvalOptions
 
     monkeypatch.setattr(Engine, "for_source", RecordingEngine.for_source)
-    kw = dict(base=llama[0], reasoner=llama[1], alphas=(0.5,), output=tmp_path,
+    kw = dict(source=DeltaSource(base=str(llama[0]), reasoner=str(llama[1])), alphas=(0.5,), output=tmp_path,
               sampling=SamplingOptions(max_tokens=4), options=EvalOptions(dataset="toy", limit=2, progress=False))
     evaluate(engine_options=EngineOptions(resident="off"), **kw)
     run = tmp_path / "alpha-0.5" / "toy" / "run.json"

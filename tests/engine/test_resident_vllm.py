@@ -63,7 +63,7 @@ def test_delta_files_factored_deltas_and_peft_adapters(vengine, f32_deltas, lora
     e, base = vengine.engine, str(vengine.base)
     compare(e, DeltaSource(base=base, delta=str(f32_deltas["llama"])), [MergeConfig(0.5), MergeConfig(1.0)],
             vengine.prompts)
-    f = svd_rank(base=vengine.base, reasoner=vengine.reasoner, output=tmp_path / "f.safetensors",
+    f = svd_rank(source=DeltaSource(base=vengine.base, reasoner=vengine.reasoner), output=tmp_path / "f.safetensors",
                  options=LowRankOptions(rank=4, method="exact", dtype="float32", progress=False)).output
     compare(e, DeltaSource(base=base, delta=str(f)), [MergeConfig(0.6), MergeConfig(1.0)], vengine.prompts)
     compare(e, DeltaSource(base=base, delta=str(lora_pair.adapters[0])), [MergeConfig(1.0), MergeConfig(-0.5)],

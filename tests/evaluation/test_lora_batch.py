@@ -16,6 +16,7 @@ from tvtool.evaluation.evaluate import evaluate
 from tvtool.evaluation.runs import EvalOptions
 from tvtool.lowrank.alpha_adapter import alpha_adapters, open_valve
 from tvtool.toy import ASSET_DIR, REASONER_DIR
+from tvtool.vectors.source import DeltaSource
 
 VALVE = ASSET_DIR / "valves" / "plusplus"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -51,7 +52,7 @@ def test_lora_sweep_is_one_call_per_batch_with_the_ids_of_one_call_per_alpha(tmp
                       for a in ALPHAS}  # today's path: one call per α
         base = [o[0].token_ids for o in engine.generate(prompts=prompts, sampling=SAMPLING, add_special_tokens=False)]
         counting = Counting(engine)
-        res = evaluate(base=REASONER_DIR, delta=VALVE, alphas=ALPHAS, engine=counting, output=tmp_path / "o",
+        res = evaluate(source=DeltaSource(base=str(REASONER_DIR), delta=str(VALVE)), alphas=ALPHAS, engine=counting, output=tmp_path / "o",
                        options=EvalOptions(dataset="toy", limit=N, apply="lora", batch_size=BATCH, progress=False),
                        prompt=PROMPT, sampling=SAMPLING)
     assert counting.calls == [(BATCH * len(ALPHAS), len(ALPHAS))] * (N // BATCH)  # every α in each call

@@ -63,6 +63,9 @@ class DetEngine:
     def prompts(self, *, questions, options):
         return list(questions)
 
+    def check_prompts(self, *, prompts, add_special_tokens=True):
+        pass
+
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
         DetEngine.generated += len(prompts)
         out = []

@@ -169,8 +169,8 @@ def test_other_settings_are_refused_before_ray_starts(toy_runs, tmp_path, monkey
 def test_ray_refuses_non_sweep_modes_in_one_line(tmp_path):
     r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "-o", tmp_path / "x", "--ray")
     assert r.exit_code == 2
-    assert r.stderr.strip() == ("tvtool: error: --ray runs α sweeps (--ray). Pass --base with --delta|--reasoner "
-                                "and --alpha (or drop --ray)")
+    assert r.stderr.strip() == ("tvtool: error: --ray runs α sweeps loaded in place (--ray). Pass --base with "
+                                "--delta|--reasoner and --alpha, without --apply lora (or drop --ray)")
 
 
 def test_recipe_executor_ray(tmp_path):

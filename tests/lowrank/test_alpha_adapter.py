@@ -18,6 +18,7 @@ from tvtool.engine.serve_plan import factored_valve
 from tvtool.lowrank.alpha_adapter import RECORD, adapter_folder, alpha_adapter, alpha_adapters, open_valve
 from tvtool.lowrank.peft_adapter import VLLM_RANKS, write_peft_adapters
 from tvtool.lowrank.svd import LowRankOptions, svd_rank
+from tvtool.vectors.source import DeltaSource
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -85,7 +86,7 @@ def test_b_is_scaled_once_in_float32(patterned, tmp_path):
 def test_factored_delta_adapters_are_svd_rank_peft_adapters(llama, tmp_path):
     base, reasoner = llama
     f = tmp_path / "f.safetensors"
-    svd_rank(base=base, reasoner=reasoner, output=f, options=LowRankOptions(rank=4, progress=False))
+    svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=f, options=LowRankOptions(rank=4, progress=False))
     ours = alpha_adapter(open_valve(f), 0.6, cache=tmp_path / "cache")
     theirs = write_peft_adapters(factored=f, output=tmp_path / "peft", alphas=(0.6,))[0.6]
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):

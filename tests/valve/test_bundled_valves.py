@@ -10,6 +10,7 @@ import pytest
 
 from tvtool.lowrank.alpha_adapter import open_valve
 from tvtool.toy import REASONER_DIR, VALVE_DIR
+from tvtool.vectors.source import DeltaSource
 
 REPORT = Path(__file__).parents[2] / "reports" / "toy-valve" / "REPORT.md"
 
@@ -51,7 +52,7 @@ def test_bundled_plusplus_gives_the_reports_lengths(tmp_path):
     from tvtool.evaluation.runs import EvalOptions
 
     alphas = (0.0, 0.5, 1.0)
-    res = evaluate(base=REASONER_DIR, delta=VALVE_DIR / "plusplus", alphas=alphas, output=tmp_path,
+    res = evaluate(source=DeltaSource(base=str(REASONER_DIR), delta=str(VALVE_DIR / "plusplus")), alphas=alphas, output=tmp_path,
                    options=EvalOptions(dataset="toy", progress=False), prompt=PromptOptions(instruction=""),
                    sampling=SamplingOptions(max_tokens=200),
                    engine_options=EngineOptions(dtype="float32", max_model_len=256, enforce_eager=True,

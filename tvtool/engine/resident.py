@@ -97,7 +97,7 @@ def tensor_rules(*, plan: Sequence[PlannedTensor], tvs: Sequence, config: MergeC
         shape = tuple(tv.shape(p.name))
         if a == 0.0:
             out[p.name] = Rule("base")
-        elif plain and a == 1.0 and tv.pair is not None and shape == tuple(p.shape):
+        elif plain and a == 1.0 and tv.pair() is not None and shape == tuple(p.shape):
             out[p.name] = Rule("end")
         else:
             rows = shape[0] if p.shape and shape and shape[0] < p.shape[0] else None
@@ -136,7 +136,7 @@ class Resident:
     def __init__(self, *, source: DeltaSource, regions: Sequence[Region], device: torch.device,
                  placement: Placement = "cpu"):
         self.source, self.regions, self.placement, self.device = source, list(regions), placement, device
-        self.base, self.tvs = source.open_vectors()
+        self.base, self.tvs = source.open()
         self.plan = {p.name: p for p in output_plan(self.base, self.tvs[0])}
         self.by_tensor: dict[str, list[int]] = {}
         for i, r in enumerate(self.regions):
@@ -149,7 +149,7 @@ class Resident:
 
     def _paired(self) -> set[str]:
         tv = self.tvs[0]
-        if tv.pair is None or len(self.tvs) != 1:
+        if tv.pair() is None or len(self.tvs) != 1:
             return set()
         reasoner = Checkpoint.open(self.source.reasoner, allow_pickle=self.source.allow_pickle)
         out = set()
@@ -196,7 +196,7 @@ class Resident:
         key = m_key(config)
         if want and (key != self.m_key or not want <= self.m_names):
             self._capture_m(key, want)
-        if config.is_plain(len(self.tvs)) and self.tvs[0].pair is not None:
+        if config.is_plain(len(self.tvs)) and self.tvs[0].pair() is not None:
             self._capture_end(want)
 
     def _capture_m(self, key: MergeConfig, want: set[str]) -> None:

@@ -218,9 +218,8 @@ def factored_valve(*, valve: str | os.PathLike, base: str | os.PathLike, rank: i
     key = hashlib.sha256(f"{src.fingerprint()}:{rank}".encode()).hexdigest()[:16]
     out = cache_dir(cache) / "factored" / f"{key}-r{rank}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    given = dict(delta=valve) if kind == "delta" else dict(base=base, reasoner=valve)
-    svd_rank(output=out, **given, options=LowRankOptions(rank=rank, drop_unfactored=True, overwrite=True,
-                                                           progress=progress))
+    svd_rank(source=src, output=out, options=LowRankOptions(rank=rank, drop_unfactored=True, overwrite=True,
+                                                            progress=progress))
     return out
 
 
