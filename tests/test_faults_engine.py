@@ -150,8 +150,10 @@ def _run_tvtool(args, *, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
 def test_ctrl_c_while_materialize_starts_is_one_line(tmp_path, delay):
+    """Ctrl-C while Python imports, while tvtool loads, once the merge runs (the toy's merge takes ~1 s after a
+    ~2 s start on this machine; later than that the run is over and there is nothing to interrupt)."""
     out = tmp_path / "m"
     p = _run_tvtool(["materialize", TOY / "base", "--reasoner", TOY / "reasoner", "-a", "0.5", "-o", out,
                      "--no-progress"])

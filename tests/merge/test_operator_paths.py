@@ -113,7 +113,7 @@ def _in_process_pool(monkeypatch) -> list:
         actor = actor_cls(pickle.loads(pickle.dumps(job)), 0, None)
         actor.engine = _LoadingEngine(job.engine)
         for unit in plan.units:
-            actor.run(pickle.loads(pickle.dumps(unit)))  # what Ray ships to the actor
+            res.values[unit.name] = actor.run(pickle.loads(pickle.dumps(unit)))  # what Ray ships to the actor
             res.done.append(unit.name)
         return res
 
@@ -166,10 +166,12 @@ def test_eval_ray_cli_takes_the_operator_flags(trio, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     c = MergeConfig(0.55, method="ties", density=0.3, weights=(0.7, 0.5))
     (plan,) = plans
-    assert [r.label for u in plan.units for r in u.runs] == [config_name(c)] and plan.units[0].runs[0].config == c
-    ((_, got_c, got),) = _LoadingEngine.loads
-    assert got_c == c
-    assert_bit_equal(got, state_dict(_materialized(base, r1, r2, [c], tmp_path / "m")[c]))
+    runs = [r for u in plan.units for r in u.runs]  # one run (in shards of its problems: fewer runs than engines)
+    assert {r.label for r in runs} == {config_name(c)} and {r.config for r in runs} == {c}
+    assert [got_c for _, got_c, _ in _LoadingEngine.loads] == [c] * len(plan.units)  # one α load per unit
+    want = state_dict(_materialized(base, r1, r2, [c], tmp_path / "m")[c])
+    for _, _, got in _LoadingEngine.loads:
+        assert_bit_equal(got, want)
     assert (tmp_path / "ev" / config_name(c) / "toy" / "samples.jsonl").is_file()
 
 

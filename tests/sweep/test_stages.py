@@ -75,16 +75,18 @@ def test_serve_stage_prints_the_serve_command_in_the_output_and_the_report(tmp_p
     monkeypatch.chdir(tmp_path)
     serve = {"valve": "low_rank", "alphas": [0, 0.5, 1], "any_alpha": True, "alpha_range": [-0.5, 1.5],
              "host": "0.0.0.0", "port": 8001, "name": "toy valve"}
-    recipe = _recipe(tmp_path / "r.yaml", low_rank={"rank": 2}, serve=serve)
+    recipe = _recipe(tmp_path / "r.yaml", low_rank={"rank": 2}, serve=serve,
+                     engine={"dtype": "float32", "max_model_len": 256, "enforce_eager": True})
     r = cli("sweep", recipe, "-o", tmp_path / "run", "--no-progress")
     assert r.exit_code == 0, r.stderr
     base = Path(TOY / "base")
     import os
 
     want = (f"tvtool serve --base {os.path.relpath(base, tmp_path)} --delta run/lowrank/delta.safetensors "
-            "--alpha 0,0.5,1 --name 'toy valve' --any-alpha --alpha-range -0.5:1.5 --host 0.0.0.0 --port 8001")
+            "--alpha 0,0.5,1 --name 'toy valve' --any-alpha --alpha-range -0.5:1.5 --host 0.0.0.0 --port 8001 "
+            "--dtype float32 --max-model-len 256 --enforce-eager")  # the recipe's engine, as the server's
     report = (tmp_path / "run" / "REPORT.md").read_text()
-    section = "## Serve\n\nFrom the recipe's folder, once the sweep has finished:\n\n```bash\n" + want + "\n```\n"
+    section = "## Serve\n\nOnce the sweep has finished (paths as in Reproduce):\n\n```bash\n" + want + "\n```\n"
     assert section in report and section in r.stdout
     assert report.index("## Serve") < report.index("## Reproduce")
     assert "tvtool serve" not in report.split("## Reproduce")[1].split("## Recipe")[0]  # not a stage the sweep runs

@@ -77,7 +77,7 @@ def serve_command(recipe: RecipeCore, out: str) -> list[str]:
         words += ["--host", s.host]
     if s.port is not None:
         words += ["--port", str(s.port)]
-    return words
+    return words + r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank", "max_loras"))  # the recipe's engine
 
 
 @register
@@ -98,7 +98,7 @@ class ServeStage(Stage):
         shown = r.model_copy(update={"base": short(r.base, here), "reasoner": short(r.reasoner, here),
                                      "train": tuple(dataclasses.replace(t, model=short(named_model(r, t.model), here))
                                                     for t in r.train)})
-        return Part(notes=["", "## Serve", "", "From the recipe's folder, once the sweep has finished:", "", "```bash",
+        return Part(notes=["", "## Serve", "", "Once the sweep has finished (paths as in Reproduce):", "", "```bash",
                            sh(serve_command(shown, short(state.out, here))), "```", ""])
 
 
