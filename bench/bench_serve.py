@@ -129,7 +129,8 @@ def main() -> None:
               "## Memory per served α", "",
               f"vLLM's LoRA slot buffers: {slots[1]} bytes with max_loras 1, {slots[8]} bytes with max_loras 8: "
               f"**{per_slot / 1024:.0f} KiB per served α** (r × Σ(in + out) × 4 bytes over the adapted "
-              f"modules); the adapter on disk: {disk / 1024:.0f} KiB.", ""]
+              f"modules, plus vLLM's buffers for the embedding and lm_head, which every LoRA engine allocates); "
+              f"the adapter on disk: {disk / 1024:.0f} KiB.", ""]
     out = HERE / "results" / "serve.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
