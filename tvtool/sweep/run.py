@@ -67,6 +67,22 @@ class SweepResult:
 
 def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOptions()) -> SweepResult:
     """Run (or finish) every stage of `recipe`; returns where the report is."""
+    state, todo = prepare(recipe=recipe, options=options)
+    r, out = state.recipe, state.out
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if options.overwrite:
+            for folder in (f for s in STAGES for f in s.folders):
+                discard(out / folder)
+        write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False,
+                                                       allow_unicode=True))
+        report = _run(state, todo)
+    return SweepResult(out, report, state.tables, state.engine_starts)
+
+
+def prepare(*, recipe: str | os.PathLike | Recipe, options: SweepOptions) -> tuple[SweepState, list[Stage]]:
+    """The recipe with the options' overrides, the stages it runs, and their shared state; the output checked
+    apart from every input and each stage's refusals, before anything is written (`sweep`, `sweep --plan`)."""
     path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if options.alphas:
@@ -78,7 +94,6 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     check_alphas(alphas, where=f"alphas in {path}" if path else "alphas")
     out = Path(options.output or r.output.format(name=r.name))
     todo = [s for s in STAGES if s.runs(r)]
-    # --- before anything is written: the output apart from every input, and what each stage refuses ---
     check_output_apart(out, [p for s in todo for p in s.inputs(r)], flag="-o" if options.output else "output")
     source = delta_source(r)  # the recipe's vectors and source options (vocab policy), for swap as for materialize
     state = SweepState(recipe=r, recipe_path=path, out=out, alphas=alphas, source=source,
@@ -86,15 +101,7 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
                        progress=options.progress, verbose=options.verbose, ray=options.ray)
     for s in todo:
         s.check(state)
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
-        if options.overwrite:
-            for folder in (f for s in STAGES for f in s.folders):
-                discard(out / folder)
-        write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False,
-                                                       allow_unicode=True))
-        report = _run(state, todo)
-    return SweepResult(out, report, state.tables, state.engine_starts)
+    return state, todo
 
 
 def _run(state: SweepState, todo: list[Stage]) -> Path:
@@ -169,4 +176,4 @@ def commands(recipe: Recipe, out: str | os.PathLike, here: Path | None = None, *
             for c in s.commands(shown, to)]
 
 
-__all__ = ["SweepOptions", "SweepResult", "commands", "sweep", "write_report"]
+__all__ = ["SweepOptions", "SweepResult", "commands", "prepare", "sweep", "write_report"]
