@@ -36,11 +36,12 @@ def extra_copies(options: EngineOptions) -> int:
 
 
 def engine_dtype(options: EngineOptions, stored: str) -> str:
-    """The dtype the engine computes in: `--dtype`, or vLLM's `auto` rule (bf16 for a bf16 checkpoint, fp16 for
-    fp16 and fp32 ones)."""
+    """The dtype the engine computes in: `--dtype`, or vLLM 0.32's `auto` rule (`_resolve_auto_dtype`): the
+    checkpoint's dtype, a float32 one downcast to the platform's first supported dtype (bfloat16 on Ampere and
+    later GPUs and on x86 CPUs)."""
     if options.dtype != "auto":
         return options.dtype
-    return "bfloat16" if stored == "bfloat16" else "float16"
+    return "bfloat16" if stored == "float32" else stored
 
 
 @dataclass(frozen=True)

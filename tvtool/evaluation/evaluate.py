@@ -42,7 +42,8 @@ from tvtool.engine.engine import Engine, alpha_weights, folder_weights, shell_fi
 from tvtool.engine.options import EngineOptions, SamplingOptions, sampling_record
 from tvtool.errors import OptionsError
 from tvtool.io.finite import check_alphas
-from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
+from tvtool.io.finished import read_record
+from tvtool.io.layout import RUN, SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
 from tvtool.engine.options import check_engine_options, check_sampling
@@ -293,11 +294,12 @@ def finished_runs(*, output: str | os.PathLike, model: str | os.PathLike | None 
                   options: EvalOptions = EvalOptions(), configs: Sequence[MergeConfig] | None = None,
                   prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
                   engine_options: EngineOptions = EngineOptions(),
-                  shared: DeltaSource | None = None) -> list[tuple[Path, bool]]:
-    """(run folder, complete) for every run `evaluate` would do with these arguments: complete when the folder's
-    run.json holds the record `evaluate` checks and samples.jsonl every sample. No engine starts and nothing is
-    written (`sweep --plan`). `shared`: the runs go to a shared engine made by `Engine.for_source(source=shared)`
-    (a sweep's valve engine), whose shell model gives the sampling record."""
+                  shared: DeltaSource | None = None) -> list[tuple[Path, str]]:
+    """(run folder, state) for every run `evaluate` would do with these arguments: "finished" when its run.json
+    holds the record `evaluate` checks and samples.jsonl every sample, "resumes" (same record, samples left),
+    "changed" (another record: redone) or "absent". No engine starts and nothing is written (`sweep --plan`);
+    records are computed only for folders that hold a run.json. `shared`: the runs go to a shared engine made
+    by `Engine.for_source(source=shared)` (a sweep's valve engine), whose shell model gives the sampling record."""
     if configs is not None:
         alphas = alphas or tuple(c.alpha for c in configs)
     mode = _mode(model, source, alphas, checkpoints, loras, options, configs is not None)
@@ -306,19 +308,26 @@ def finished_runs(*, output: str | os.PathLike, model: str | os.PathLike | None 
     problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
                              seed=options.seed, kind=options.kind)
     s = _Session(problems, prompt, sampling, options, engine_options, None)
-    out, fps, done = Path(output), {}, []
+    out, fps, states = Path(output), {}, []
     for g in _plan(s, out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
                    loras=loras):
         if shared is not None:
             g = replace(g, shell=shared, folder=None, options=engine_options)
-        srec = g.sampling_record(sampling)
+        srec = None
         for r in g.runs:
+            if not (r.folder / RUN).is_file():
+                states.append((r.folder, "absent"))
+                continue
+            srec = srec or g.sampling_record(sampling)
             ps = r.problems or problems
             record = run_record(engine=None, problems=ps, model=r.model, prompt=r.prompt or prompt, sampling=sampling,
                                 options=options, lora=r.lora, weights=r.fingerprint(fps), sampling_record=srec,
                                 engine_options=g.options)
-            done.append((r.folder, is_complete(folder=r.folder, record=record, problems=ps, n=sampling.n)))
-    return done
+            state = "finished" if is_complete(folder=r.folder, record=record, problems=ps, n=sampling.n) else \
+                "resumes" if (read_record(r.folder / RUN) or {}).get("fingerprint") == record["fingerprint"] else \
+                "changed"
+            states.append((r.folder, state))
+    return states
 
 
 def _precheck(out: Path, options: EvalOptions, sampling: SamplingOptions, alphas, inputs) -> None:

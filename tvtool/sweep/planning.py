@@ -20,22 +20,46 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 from huggingface_hub import try_to_load_from_cache
 
+from tvtool.engine.memory import DTYPE_BYTES, engine_dtype, plan_engine
 from tvtool.errors import CheckpointError, TvtoolError
 from tvtool.evaluation.data import BUNDLED, ProblemSet, load_problems
 from tvtool.io.checkpoint import Checkpoint, Source, local_only, model_config
 from tvtool.io.finished import finished_state
-from tvtool.io.layout import DTYPES, INDEX, parse_hub_ref
-from tvtool.io.safetensors_io import TensorInfo
+from tvtool.io.layout import DTYPES, INDEX, dtype_name, parse_hub_ref
+from tvtool.io.safetensors_io import ROW_CHUNK, TensorInfo
 from tvtool.merge.config import MergeConfig
-from tvtool.valve.plan import ARCHES, Arch
+from tvtool.merge.plan import output_plan
+from tvtool.options import CliOptions, opt
+from tvtool.valve.plan import ARCHES, Arch, parse_memory
 from tvtool.vectors.source import DeltaSource, Opened
 
 GiB = 2**30
 ID_BYTES = 2  # a token id in samples.jsonl's token_ids list: its digits plus ", "
 TEXT_BYTES = 5  # a generated token's text in the response, JSON-escaped (measured on the toy sweep: 5.2)
 SAMPLE_BYTES = 600  # a sample's other fields (id, gold, extracted, thinking counts, …), besides the prompt
+
+
+@dataclass(frozen=True)
+class SweepPlanOptions(CliOptions):
+    gpus: int = opt(1, "With --plan: training processes (GPUs) to plan each train entry for (as train --gpus).")
+    gpu_memory: str | None = opt(None, "With --plan: memory per GPU, e.g. 80GiB or 24GB (default: this machine's "
+                                       "GPU; none: the engines are planned on the CPU).")
+
+
+def machine(options: SweepPlanOptions) -> tuple[int | None, int, str]:
+    """(bytes per GPU or None for CPU engines, this machine's RAM, the words for them)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if options.gpu_memory is not None:
+        gpu, where = parse_memory(options.gpu_memory), "--gpu-memory"
+    elif torch.cuda.is_available():
+        gpu, where = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    else:
+        return None, ram, (f"no GPU here: engines planned on the CPU, RAM {human(ram)} (--gpu-memory plans GPUs); "
+                           f"training: {options.gpus} process(es) sharing the RAM")
+    return gpu, ram, f"GPUs of {human(gpu)} ({where}); training: {options.gpus} process(es)"
 
 
 # --- the plan's data ---------------------------------------------------------------------------------
@@ -91,6 +115,62 @@ class StagePlan:
         d = asdict(self)
         d["status"] = {"state": self.status.state, "detail": self.status.detail}
         return d
+
+
+@dataclass
+class SweepPlan:
+    """A recipe's plan: the machine it is planned for, the inputs and where their shapes came from, and
+    each stage's plan in pipeline order."""
+
+    recipe: str
+    out: Path
+    machine: str
+    inputs: dict[str, str]  # ref → where its shapes were read (headers, or a config.json)
+    stages: list[StagePlan]
+
+    @property
+    def disk(self) -> int | None:
+        sizes = [d.bytes for p in self.stages for d in p.disk]
+        return None if any(b is None for b in sizes) else sum(sizes)
+
+    def fits(self) -> bool:
+        return not any(m.fits is False for p in self.stages for m in p.memory)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "output": str(self.out), "machine": self.machine, "inputs": self.inputs,
+                "disk": self.disk, "fits": self.fits(), "stages": [p.to_dict() for p in self.stages]}
+
+    def lines(self) -> list[str]:
+        out = [f"plan of {self.recipe} → {self.out} (nothing run, written or downloaded)",
+               f"  machine: {self.machine}"]
+        out += [f"  input {ref}: {where}" for ref, where in self.inputs.items()]
+        total = self.disk
+        out.append(f"  disk, all stages: {human(total) if total is not None else 'unknown (see the stages)'}"
+                   + ("" if all(d.exact for p in self.stages for d in p.disk) else " (some sizes are upper estimates)"))
+        if not self.fits():
+            out.append("  does not fit: " + ", ".join(p.name for p in self.stages if any(m.fits is False
+                                                                                        for m in p.memory)))
+        for i, p in enumerate(self.stages, 1):
+            out += ["", f"[{i}] {p.name}: {p.status.text()}"]
+            out += [f"  $ {c}" for c in p.commands]
+            for d in p.disk:
+                size = "size unknown" if d.bytes is None else (human(d.bytes) if d.exact else f"≤ {human(d.bytes)}")
+                out.append(f"  disk: {d.what}: {size}" + (f" ({d.note})" if d.note else ""))
+            for m in p.memory:
+                out += [f"  memory: {m.lines[0]}", *(f"    {x.strip()}" if x.startswith("  ") else f"    {x}"
+                                                     for x in m.lines[1:])] if m.lines else [f"  memory: {m.what}"]
+                if m.fits is False and m.fix:
+                    out.append(f"    fix: {m.fix}")
+            out += [f"  note: {n}" for n in p.notes]
+        return out
+
+
+def human(n: int) -> str:
+    """Bytes in the largest unit (B, KiB, MiB, GiB, TiB) that keeps the number ≥ 1."""
+    for unit, k in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
 
 
 # --- models without their weights -------------------------------------------------------------------
@@ -183,13 +263,18 @@ class PlanContext:
     recipe: Any  # the validated recipe (`tvtool.sweep.recipe.Recipe`)
     out: Path  # the output folder (not created)
     alphas: tuple[float, ...]
-    configs: list[MergeConfig]
-    gpus: int  # GPUs planned for (--gpus; default 1)
+    configs: list[MergeConfig]  # as the run's state holds them (low_rank's plan replaces them, as its run does)
+    source: DeltaSource  # where Δ comes from (low_rank's plan replaces it by the factored delta, as its run does)
+    gpus: int  # training processes planned for (--gpus; default 1)
     gpu_memory: int | None  # bytes per GPU (--gpu-memory, else this machine's GPU); None: engines run on a CPU
     ram: int  # this machine's memory
     overwrite: bool = False
     ray: Any = None  # the Ray pool an α sweep runs on (`tvtool.evaluation.units.RayOptions`), or None
     _models: dict[str, PlannedModel] = field(default_factory=dict, repr=False)
+
+    def plain(self) -> bool:
+        """Whether every run is plain θ1 + α·Δ (`SweepState.plain`)."""
+        return all(c.is_plain(len(self.source.more) + 1) for c in self.configs)
 
     def model(self, ref: str) -> PlannedModel:
         ref = str(ref)
@@ -200,10 +285,39 @@ class PlanContext:
     def checkpoint(self, ref: str) -> Checkpoint:
         return self.model(ref).checkpoint
 
+    def models(self) -> dict[str, PlannedModel]:
+        """Every model planned so far, by ref."""
+        return dict(self._models)
+
     def open(self, source: DeltaSource) -> Opened:
         """θ1 and the task vectors of `source`, headers only (shapes from config.json where weights are absent)."""
         with local_only():
             return source.open(checkpoints=self.checkpoint)
+
+    def exists(self, source: DeltaSource) -> bool:
+        """Whether every file `source` names is on disk (a factored delta an earlier stage writes may not be)."""
+        return all(Path(p).exists() for p in (source.delta, *source.more) if p is not None) if \
+            source.reasoner is None else True
+
+    def engine(self, *, weights: int, dtype: str, config: dict, options: Any, lora: int = 0) -> Memory:
+        """An engine's memory (`tvtool.engine.memory.plan_engine`) on the GPUs (or the CPU) planned for."""
+        m = plan_engine(weights=weights, dtype=dtype, config=config, options=options, gpu_memory=self.gpu_memory,
+                        ram=self.ram, lora=lora)
+        fix = None if m.fits is not False else ("raise tensor_parallel_size or gpu_memory_utilization, or lower "
+                                                "max_model_len" if m.device == "GPU" else "lower cpu_kv_cache_gb")
+        return Memory(f"vLLM engine ({m.device})", m.held + max(0, m.kv or 0), m.budget, tuple(m.lines()),
+                      m.fits, fix, m.to_dict())
+
+    def served(self, source: DeltaSource, options: Any, *, dtype: str = "auto", lora: int = 0) -> Memory:
+        """The memory of an engine serving θ1 + α·Δ of `source` (its shell model's tensors, `dtype` as stored
+        or as materialized), or θ1 with `lora` bytes per LoRA slot."""
+        opened = self.open(source)
+        plan = output_plan(opened.base, opened.tv, dtype=dtype)
+        numel = sum(math.prod(p.shape) for p in plan)
+        stored = max(plan, key=lambda p: math.prod(p.shape) * p.dtype.itemsize).dtype  # the bulk's dtype
+        edt = engine_dtype(options, dtype_name(stored))
+        return self.engine(weights=numel * DTYPE_BYTES[edt], dtype=edt, config=self.model(source.base).config,
+                           options=options, lora=lora)
 
     def derived(self, *refs: str) -> list[str]:
         """Those of `refs` planned from config.json alone."""
@@ -233,6 +347,21 @@ class PlanContext:
         return self.combine([s == "finished" for s, _ in states], sum(s != "absent" for s, _ in states),
                             [c for s, c in states if s == "changed"])
 
+    def status_of(self, find: Callable[[], Status]) -> Status:
+        """`find()` with Hub ids resolved from the local cache only; what it cannot read makes it unknown."""
+        try:
+            with local_only():
+                return find()
+        except TvtoolError as e:
+            return Status("unknown", str(e))
+
+    def runs_status(self, states: list[str], *, unit: str = "") -> Status:
+        """One status from per-output states: finished, resumes (same record, work left), changed, absent."""
+        present = sum(s != "absent" for s in states)
+        st = self.combine([s == "finished" for s in states], present,
+                          ["their record differs (edited settings or inputs)"] * ("changed" in states), unit)
+        return st
+
     def combine(self, done: list[bool], present: int, changes: list[str] = (), unit: str = "") -> Status:
         """One status from per-output results: `done` (finished or not), how many are present at all."""
         n, k = len(done), sum(done)
@@ -255,6 +384,14 @@ class PlanContext:
         return load_problems(dataset=name, split=split, limit=limit, seed=seed, kind=kind)
 
 
+def streaming(what: str) -> Memory:
+    """A streaming pass's memory: row chunks of at most `ROW_CHUNK` elements per input (fp32, with the output
+    chunks and the write-behind queue), whatever the model's size: not planned by component."""
+    return Memory(what, None, None, (f"{what}: streamed in row chunks of ≤ {ROW_CHUNK:,} elements "
+                                     f"({ROW_CHUNK * 4 / 2**20:.0f} MiB in float32) per input; no whole tensor "
+                                     "set, no whole model in memory",))
+
+
 def samples_bytes(*, problems: ProblemSet | None, n: int, max_tokens: int, vocab: int, runs: int = 1) -> Size:
     """An upper estimate of samples.jsonl: every sample at max_tokens (chains usually end long before)."""
     if problems is None:
@@ -268,5 +405,5 @@ def samples_bytes(*, problems: ProblemSet | None, n: int, max_tokens: int, vocab
                 "id); chains that stop early write less")
 
 
-__all__ = ["Memory", "PlanContext", "PlannedModel", "Size", "StagePlan", "Status", "config_checkpoint",
-           "plan_model", "samples_bytes"]
+__all__ = ["Memory", "PlanContext", "PlannedModel", "Size", "StagePlan", "Status", "SweepPlan", "SweepPlanOptions", "config_checkpoint",
+           "human", "machine", "plan_model", "samples_bytes", "streaming"]

@@ -33,7 +33,9 @@ from tvtool.io.atomic import discard, write_bytes, write_json, write_text
 from tvtool.io.lock import output_lock
 from tvtool.io.paths import check_output_apart
 from tvtool.io.finite import check_alphas
+from tvtool.errors import TvtoolError
 from tvtool.options import CliOptions, opt
+from tvtool.sweep.planning import PlanContext, StagePlan, Status, SweepPlan, SweepPlanOptions, machine
 from tvtool.sweep.recipe import Recipe, load_recipe, portable, to_dict
 from tvtool.sweep.spec import delta_source, merge_configs
 from tvtool.sweep.stage import Stage, SweepState
@@ -102,6 +104,31 @@ def prepare(*, recipe: str | os.PathLike | Recipe, options: SweepOptions) -> tup
     for s in todo:
         s.check(state)
     return state, todo
+
+
+def plan(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOptions(),
+         plan_options: SweepPlanOptions = SweepPlanOptions()) -> SweepPlan:
+    """`sweep --plan`: per stage, its exact commands, the disk it will write, its memory (engines, training,
+    streaming passes) and whether it is finished (by the records a run checks). Nothing runs, nothing is
+    written or downloaded: inputs are read by their safetensors headers, or their config.json alone. A stage
+    whose plan needs what is not at hand says so in its status; the recipe is refused as `sweep` refuses it."""
+    state, todo = prepare(recipe=recipe, options=options)
+    gpu, ram, words = machine(plan_options)
+    ctx = PlanContext(recipe=state.recipe, out=state.out, alphas=state.alphas, configs=list(state.configs),
+                      source=state.source, gpus=plan_options.gpus, gpu_memory=gpu, ram=ram,
+                      overwrite=options.overwrite, ray=state.ray)
+    plans = []
+    for s in todo:
+        try:
+            p = s.plan(ctx)
+        except TvtoolError as e:  # an input not at hand, a model type without derived shapes: this stage only
+            p = StagePlan(s.name, Status("cannot plan", str(e)))
+        if not p.commands:
+            p.commands = commands(state.recipe, state.out, stages=[s.name])
+        plans.append(p)
+    inputs = {ref: f"{'config.json only (shapes derived)' if m.from_config else 'safetensors headers'}: {m.where}"
+              for ref, m in ctx.models().items()}
+    return SweepPlan(str(state.recipe_path or state.recipe.name), state.out, words, inputs, plans)
 
 
 def _run(state: SweepState, todo: list[Stage]) -> Path:
@@ -176,4 +203,4 @@ def commands(recipe: Recipe, out: str | os.PathLike, here: Path | None = None, *
             for c in s.commands(shown, to)]
 
 
-__all__ = ["SweepOptions", "SweepResult", "commands", "prepare", "sweep", "write_report"]
+__all__ = ["SweepOptions", "SweepResult", "commands", "plan", "prepare", "sweep", "write_report"]
