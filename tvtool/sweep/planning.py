@@ -144,9 +144,11 @@ class SweepPlan:
         out = [f"plan of {self.recipe} → {self.out} (nothing run, written or downloaded)",
                f"  machine: {self.machine}"]
         out += [f"  input {ref}: {where}" for ref, where in self.inputs.items()]
-        total = self.disk
-        out.append(f"  disk, all stages: {human(total) if total is not None else 'unknown (see the stages)'}"
-                   + ("" if all(d.exact for p in self.stages for d in p.disk) else " (some sizes are upper estimates)"))
+        sizes = [d for p in self.stages for d in p.disk]
+        known = sum(d.bytes for d in sizes if d.bytes is not None)
+        unknown = sum(d.bytes is None for d in sizes)
+        out.append(f"  disk, all stages: {'≤ ' if not all(d.exact for d in sizes) else ''}{human(known)}"
+                   + (f" and {unknown} size(s) unknown (see the stages)" if unknown else ""))
         if not self.fits():
             out.append("  does not fit: " + ", ".join(p.name for p in self.stages if any(m.fits is False
                                                                                         for m in p.memory)))

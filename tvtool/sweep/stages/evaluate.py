@@ -20,7 +20,7 @@ from tvtool.errors import OptionsError
 from tvtool.evaluation.cluster import evaluate_on_ray
 from tvtool.engine.memory import DTYPE_BYTES, engine_dtype
 from tvtool.evaluation.evaluate import evaluate, finished_runs
-from tvtool.io.layout import is_vocab_tensor
+from tvtool.io.layout import dataset_dir, is_vocab_tensor
 from tvtool.lowrank.peft_adapter import adapter_folders, padded_rank
 from tvtool.merge.materialize import output_folders
 from tvtool.evaluation.report import table_row
@@ -91,7 +91,7 @@ class EvalStage(Stage):
         disk = [replace(samples_bytes(problems=ctx.problems(name=ev.dataset, split=ev.split, limit=ev.limit,
                                                              seed=ev.seed, kind=ev.kind),
                                       n=sampling.n, max_tokens=sampling.max_tokens, vocab=vocab, runs=runs),
-                        what=f"eval/{ev.dataset}: " + "samples.jsonl of " + f"{runs} run(s)")
+                        what=f"eval/{dataset_dir(ev.dataset)}: " + "samples.jsonl of " + f"{runs} run(s)")
                 for ev, sampling in evals]
         notes = [] if ctx.ray is None else [f"on a Ray pool: each engine of the pool as planned here"]
         return StagePlan(self.name, ctx.status_of(lambda: _status(ctx, out, evals)), disk, [memory], notes)

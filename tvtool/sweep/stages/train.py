@@ -18,6 +18,7 @@ from tvtool.evaluation.evaluate import evaluate, finished_runs
 from tvtool.evaluation.report import table_row
 from tvtool.evaluation.runs import EvalOptions
 from tvtool.io.atomic import discard
+from tvtool.io.layout import dataset_dir
 from tvtool.options import cli_number, opt
 from tvtool.sweep.planning import Memory, PlanContext, Size, StagePlan, Status, human, samples_bytes
 from tvtool.sweep.spec import Invalid, RecipeCore, named_model
@@ -130,7 +131,7 @@ class TrainStage(Stage):
                 disk.append(replace(samples_bytes(problems=ctx.problems(name=ev.dataset, split=ev.split, limit=ev.limit,
                                                                        seed=ev.seed, kind=ev.kind), n=sampling.n,
                                                   max_tokens=sampling.max_tokens, vocab=vocab, runs=len(t.alphas)),
-                                    what=f"valves/{t.name}/{ev.dataset}: samples.jsonl of {len(t.alphas)} α"))
+                                    what=f"valves/{t.name}/{dataset_dir(ev.dataset)}: samples.jsonl of {len(t.alphas)} α"))
             states.append(ctx.status_of(lambda t=t, model=model: _status(ctx, t, model, shared)))
         if ctx.gpus > 1:
             notes.append(f"trained on {ctx.gpus} processes: launch each entry by hand (recipes/launch/), the sweep "
