@@ -56,10 +56,14 @@ def main() -> None:
         for r in a.recipes:
             name = Path(r).name
             mem = a.gpu_memory or RECIPES.get(name, "80GB")
-            print(f"### {name} (--gpu-memory {mem} --gpus {a.gpus}); stand-in configs: "
-                  + ", ".join(f"{k} ← {v}" for k, v in STAND_INS.items()), flush=True)
-            subprocess.run([sys.executable, "-m", "tvtool", "sweep", str(ROOT / "recipes" / name), "--plan",
-                            "--gpu-memory", mem, "--gpus", a.gpus], env=env, cwd=ROOT, check=False)
+            text = (ROOT / "recipes" / name).read_text()
+            used = ", ".join(f"{k} ← tests/fixtures/configs/{v}" for k, v in STAND_INS.items() if k in text)
+            print(f"tvtool sweep recipes/{name} --plan --gpu-memory {mem} --gpus {a.gpus}; config.json only, "
+                  f"stand-ins: {used}")
+            res = subprocess.run([sys.executable, "-m", "tvtool", "sweep", f"recipes/{name}", "--plan",
+                                  "--gpu-memory", mem, "--gpus", a.gpus], env=env, cwd=ROOT, capture_output=True,
+                                 text=True, check=False)
+            print((res.stdout + res.stderr).replace(tmp, "$HF_HUB_CACHE"), flush=True)
 
 
 if __name__ == "__main__":
