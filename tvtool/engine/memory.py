@@ -5,7 +5,7 @@ Per GPU under tensor (TP) and pipeline (PP) parallelism, each GPU holding 1/(TP�
 shards the projections and the vocabulary; the few replicated norms are noise):
   weights   W / (TP·PP), W = Σ numel × the engine dtype's bytes over the served tensors
   copies    `extra_copies(options)` × the weights: whole copies of the weights the engine keeps besides the
-            served ones (none today; see `extra_copies`)
+            served ones (`extra_copies`)
   LoRA      `max_loras` (vLLM's default, 1) adapter slots at `max_lora_rank`: A [r, in] and B [out, r] per
             projection of every layer, in the engine dtype
   KV cache  on a GPU: gpu_memory_utilization × the GPU's memory, less the above and less vLLM's activation
@@ -28,10 +28,8 @@ LORA_SLOTS = 1  # vLLM's default max_loras (tvtool does not set it): adapter slo
 
 
 def extra_copies(options: EngineOptions) -> int:
-    """Whole copies of the weights an engine keeps besides the ones it serves, per GPU. None today: each α is
-    merged from the checkpoints straight into the served weights (`tvtool.engine.worker`). An engine option
-    that keeps θ1 and Δ resident to set each α from memory adds its copies here, e.g.
-    `return 2 if options.resident in ("gpu", "auto") else 0` (and says where they go)."""
+    """Whole copies of the weights an engine keeps besides the ones it serves, per GPU: none, each α is merged
+    from the checkpoints straight into the served weights (`tvtool.engine.worker`)."""
     return 0
 
 
