@@ -37,6 +37,7 @@ def main() -> None:
     from tvtool.engine.engine import Engine
     from tvtool.engine.options import EngineOptions, SamplingOptions, vllm_version
     from tvtool.engine.prompting import PromptOptions
+    from tvtool.merge.config import MergeConfig
 
     t_import = time.perf_counter()
     import vllm  # noqa: F401  - imports are paid once by either strategy; kept out of both columns
@@ -61,7 +62,7 @@ def main() -> None:
     prompts = eng.prompts(questions=questions, options=PromptOptions())
     for a in alphas:
         t1 = time.perf_counter()
-        eng.set_alpha(base=base, reasoner=reasoner, alpha=a)
+        eng.load_alpha(source=DeltaSource(base=str(base), reasoner=str(reasoner)), config=MergeConfig(a))
         t2 = time.perf_counter()
         ids["in-place"][a] = [o[0].token_ids for o in eng.generate(prompts=prompts, sampling=s,
                                                                      add_special_tokens=False)]

@@ -22,6 +22,7 @@ os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_port}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tvtool-hf-home-")
+os.environ["TVTOOL_CACHE"] = tempfile.mkdtemp(prefix="tvtool-cache-")  # α adapters: never the user's cache
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -4,7 +4,7 @@ Engine starts are slow (~25-70 s on CPU), so the whole session shares:
 - `vengine`: ONE engine started FRESH on the materialized θ1 + 0.5·Δ checkpoint of the tiny
   llama pair (float32, LoRA enabled, rank 8). Its first greedy outputs, taken before any
   in-place load, are the "fresh engine" reference for the in-place α tests; afterwards
-  tests swap weights in place (set_alpha / load_weights) as they need.
+  tests swap weights in place (load_alpha / load_weights) as they need.
 - `lora_pair`: a PEFT rank-8 adapter with random non-zero weights on the tiny llama base,
   and the PEFT-merged model saved in float32 (the LoRA test starts a second engine on it).
 Load with `pytest_plugins = ["engine_setup"]` in tests/conftest.py.
@@ -136,11 +136,11 @@ class RecordingEngine:
     def for_source(cls, *, source, options=None, lazy=True, **kw):
         return cls(options)
 
-    def hold_alpha(self, *, source, config):
+    def load_alpha(self, *, source, config, force=False):
         from tvtool.engine.engine import alpha_weights
 
         self.weights = alpha_weights(source=source, config=config)
-        return True
+        return {"path": "streaming", "seconds": 0.0, "bytes_read": 0, "storage_bytes": 0, "workers": 1}
 
     def hold_folder(self, *, path):
         self.weights = {"kind": "folder", "path": str(path)}

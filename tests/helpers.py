@@ -58,6 +58,6 @@ class _Worker(WorkerExtension):
 def engine_loaded(source, config) -> dict[str, torch.Tensor]:
     w = _Worker()
     # what Engine.load_alpha sends through collective_rpc: plain data only
-    n = w.tvtool_load_alpha(source=json.loads(json.dumps(source.to_dict())), config=config.to_dict())
-    assert n == len(w.received)
+    report = w.tvtool_load_alpha(source=json.loads(json.dumps(source.to_dict())), config=config.to_dict())
+    assert report["path"] == "streaming" and report["tensors"] == len(w.received)
     return w.received

@@ -27,6 +27,7 @@ BASE_DIR = ASSET_DIR / "base"
 REASONER_DIR = ASSET_DIR / "reasoner"
 TEST_PATH = ASSET_DIR / "test.jsonl"
 TRAIN_PATH = ASSET_DIR / "train.jsonl"
+VALVE_DIR = ASSET_DIR / "valves"  # the trained ++ and +P valves of recipes/toy-valve.yaml (PEFT adapters)
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 BOXED = "\\boxed{"

@@ -11,6 +11,8 @@ from tvtool.engine.engine import Engine
 
 from tvtool.engine.options import SamplingOptions
 from tvtool.errors import EngineError
+from tvtool.merge.config import MergeConfig
+from tvtool.vectors.source import DeltaSource
 
 
 def test_missing_vllm_is_an_engine_error(monkeypatch, llama):
@@ -43,10 +45,11 @@ def test_greedy_output_is_well_formed_and_repeatable(vengine):
 @pytest.mark.vllm
 def test_in_place_alpha_equals_fresh_engine_on_materialized_checkpoint(vengine):
     e, s = vengine.engine, SamplingOptions(max_tokens=MAX_TOKENS)
-    e.set_alpha(base=vengine.base, reasoner=vengine.reasoner, alpha=0.0)
+    source = DeltaSource(base=str(vengine.base), reasoner=str(vengine.reasoner))
+    e.load_alpha(source=source, config=MergeConfig(0.0))
     at0 = _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False))
     assert at0 != vengine.fresh_ids  # the swap really changed the weights
-    e.set_alpha(base=vengine.base, reasoner=vengine.reasoner, alpha=ALPHA)
+    e.load_alpha(source=source, config=MergeConfig(ALPHA))
     assert _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False)) == vengine.fresh_ids
     e.load_weights(path=vengine.materialized)
     assert _ids(e.generate(prompts=vengine.prompts, sampling=s, add_special_tokens=False)) == vengine.fresh_ids
@@ -59,7 +62,7 @@ def test_in_place_alpha_from_a_delta_file(vengine, tmp_path):
     d = tmp_path / "delta.safetensors"
     delta(base=vengine.base, reasoner=vengine.reasoner, output=d, options=DeltaOptions(progress=False))
     e = vengine.engine
-    e.set_alpha(base=vengine.base, delta=d, alpha=ALPHA)
+    e.load_alpha(source=DeltaSource(base=str(vengine.base), delta=str(d)), config=MergeConfig(ALPHA))
     outs = e.generate(prompts=vengine.prompts, sampling=SamplingOptions(max_tokens=MAX_TOKENS),
                       add_special_tokens=False)
     assert _ids(outs) == vengine.fresh_ids

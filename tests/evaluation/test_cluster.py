@@ -1,10 +1,12 @@
-"""An α sweep on a local Ray cluster (2 CPUs, 2 actors): same records and table as one engine, survives a kill.
+"""An α sweep on a local Ray cluster (2 CPUs, 2 actors): units are shards of each run's problems, each actor
+switches α in place with the resident swap; same records and table as one engine, survives a kill.
 
 Slow: a Ray start (~5-8 s) and, for the vLLM test, three engine starts in actors plus one reference engine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -17,7 +19,7 @@ from tvtool.evaluation.data import Problem, ProblemSet
 from tvtool.engine.engine import Engine
 from tvtool.engine.options import EngineOptions, SamplingOptions
 from tvtool.evaluation.evaluate import evaluate
-from tvtool.io.layout import SAMPLES
+from tvtool.io.layout import RUN, SAMPLES, SHARDS
 from tvtool.merge.config import MergeConfig
 from tvtool.engine.prompting import PromptOptions
 from tvtool.evaluation.results import read_samples
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "tvtool" / "assets" / "toy"
 ALPHAS = (0.0, 0.5, 1.0)
-LIMIT, BATCH = 24, 4
+LIMIT, BATCH, SHARD = 24, 4, 8
 PROMPT = PromptOptions(instruction="")
 SAMPLING = SamplingOptions(max_tokens=120)
 ENGINE = EngineOptions(dtype="float32", max_model_len=256, cpu_kv_cache_gb=1, enforce_eager=True)
@@ -110,16 +112,16 @@ def _alive(pid: int) -> bool:
 
 
 def _kill_mid_unit(actors: list[dict], folders: list[Path], killed: list[int], stop: threading.Event) -> None:
-    """SIGKILL the actor that holds a samples.jsonl open once that file has some, not all, samples."""
+    """SIGKILL the actor that holds a shard's samples open once that file has some, not all, samples."""
     while not stop.is_set() and not killed:
-        for f in folders:
-            n = len(read_samples(f / SAMPLES)) if (f / SAMPLES).exists() else 0
-            if not BATCH <= n < LIMIT:
+        for f in (x for folder in folders for x in (folder / SHARDS).glob("*.jsonl")):
+            n = len(read_samples(f))
+            if not BATCH <= n < SHARD:
                 continue
             for a in list(actors):
                 fds = Path(f"/proc/{a['pid']}/fd")
                 try:
-                    if any(os.readlink(x) == str(f / SAMPLES) for x in fds.iterdir()):
+                    if any(os.readlink(x) == str(f) for x in fds.iterdir()):
                         os.kill(a["pid"], signal.SIGKILL)
                         killed.append(a["pid"])
                         return
@@ -145,23 +147,32 @@ def test_ray_sweep_equals_one_engine_and_survives_a_kill(local_ray, tmp_path):
     watcher = threading.Thread(target=_kill_mid_unit, args=(actors, folders, killed, stop), daemon=True)
     watcher.start()
     try:
-        res = evaluate_on_ray(output=out, executor=RayOptions(engines=2, retries=2), on_start=actors.append,
-                              progress=False, **common)
+        res = evaluate_on_ray(output=out, executor=RayOptions(engines=2, retries=2, shard=SHARD),
+                              on_start=actors.append, progress=False, **common)
     finally:
         stop.set()
     assert len(killed) == 1, "the kill did not land mid-unit"
     pool = res.pool
     assert pool.actor_deaths == 1 and pool.spawned == 3 and 2 <= pool.engine_starts <= 3 and not pool.failed
-    assert sorted(pool.done) == ["alpha-0", "alpha-0.5", "alpha-1"] and sum(pool.attempts.values()) == 1
+    assert sorted(pool.done) == sorted(f"alpha-{a:g}/toy[{s}:{s + SHARD}]" for a in ALPHAS for s in (0, 8, 16))
+    assert sum(pool.attempts.values()) == 1
     binds = {a["slot"]: a["bind"] for a in pool.actors}  # a replacement takes its slot's cores
     assert len(binds) == 2 and len(set(binds.values())) == 2  # distinct core lists per slot
 
-    # the same records (token ids) and the same table as one engine; no sample lost or duplicated
+    # the same records (token ids, in the same order) and the same table as one engine; nothing lost or duplicated
+    loads = []
     for f, a in zip(folders, ALPHAS):
         mine = read_samples(f / SAMPLES)
-        theirs = {r["id"]: r["token_ids"] for r in read_samples(tmp_path / "local" / f.relative_to(out) / SAMPLES)}
+        theirs = read_samples(tmp_path / "local" / f.relative_to(out) / SAMPLES)
         assert len(mine) == LIMIT and len({r["id"] for r in mine}) == LIMIT, a
-        assert {r["id"]: r["token_ids"] for r in mine} == theirs, a
+        assert [(r["id"], r["token_ids"]) for r in mine] == [(r["id"], r["token_ids"]) for r in theirs], a
+        run = json.loads((f / RUN).read_text())
+        assert run["record"] == json.loads((tmp_path / "local" / f.relative_to(out) / RUN).read_text())["record"]
+        loads += run["load"]["shards"]
+    # each actor swaps α with the resident swap: it captures once, then sets α from memory, reading nothing
+    assert {x["path"] for x in loads} <= {"resident", "held"} and any(x["path"] == "resident" for x in loads)
+    later = [x for x in loads if x["path"] == "resident" and not x["captured"]]
+    assert later and all(x["bytes_read"] < 1024 for x in later)  # (an eventfd read may count: not an input)
     (ev,) = res.results
     assert [(r.label, r.summary) for r in ev.runs] == [(r.label, r.summary) for r in ref.runs]
     assert (out / "summary-toy.md").read_text() == (tmp_path / "local" / "summary-toy.md").read_text()

@@ -56,9 +56,12 @@ def test_fewer_alphas_than_engines_splits_by_dataset():
                                                 "alpha-0.6/math500"]
     assert len(plan.units) == 9 and all(len(u.runs) == 1 for u in plan.units)
     # same hardness: the larger token budget first
-    big = plan_units(runs=[_spec(1.0, "a", "gsm8k", 10, 100), _spec(1.0, "b", "gsm8k", 10, 400)], engines=4,
-                     complete=lambda r: False)
+    two = [_spec(1.0, "a", "gsm8k", 10, 100), _spec(1.0, "b", "gsm8k", 10, 400)]
+    big = plan_units(runs=two, engines=2, complete=lambda r: False)
     assert [u.name for u in big.units] == ["alpha-1/b", "alpha-1/a"]
+    # fewer runs than engines: shards of problems (tests/evaluation/test_shards.py), the larger budget first
+    assert [u.name for u in plan_units(runs=two, engines=4, complete=lambda r: False).units][:2] == [
+        "alpha-1/b[0:2]", "alpha-1/b[2:4]"]
     with pytest.raises(OptionsError, match="engines must be at least 1"):
         plan_units(runs=_qwq_runs(), engines=0)
 

@@ -188,9 +188,9 @@ def test_mixchain_engine_receives_the_materialized_bytes(trio, tmp_path, monkeyp
     loads = []
 
     class Loading(RecordingEngine):
-        def hold_alpha(self, *, source, config):
+        def load_alpha(self, *, source, config, **kw):
             loads.append((config, engine_loaded(source, config)))
-            return super().hold_alpha(source=source, config=config)
+            return super().load_alpha(source=source, config=config, **kw)
 
     monkeypatch.setattr(Engine, "for_source", Loading.for_source)
     r = CliRunner().invoke(tvtool.cli.main, [

@@ -202,13 +202,15 @@ class _FakeEngine:
     def check_prompts(self, *, prompts, add_special_tokens=True):
         pass
 
-    def hold_alpha(self, *, source, config):
-        from tvtool.engine.engine import alpha_weights
+    def load_alpha(self, *, source, config, force=False):
+        from tvtool.engine.engine import HELD, alpha_weights
 
-        if self.weights != alpha_weights(source=source, config=config):
-            self.starts = 1
-            self.loads.append(config)
-            self.weights = alpha_weights(source=source, config=config)
+        if self.weights == alpha_weights(source=source, config=config):
+            return dict(HELD)
+        self.starts = 1
+        self.loads.append(config)
+        self.weights = alpha_weights(source=source, config=config)
+        return {"path": "streaming", "seconds": 0.0, "bytes_read": 0, "storage_bytes": 0, "workers": 1}
 
     def generate(self, *, prompts, sampling, lora=None, add_special_tokens=True):
         from tvtool.engine.options import Sample

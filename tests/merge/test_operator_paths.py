@@ -5,7 +5,7 @@
   and the runs it feeds; the stage-by-stage commands parse back into the same settings;
 - Ray sweeps (recipe `executor.ray`, `eval --ray`) plan one unit per (operator, α) carrying its
   `MergeConfig` and the vectors (`DeltaSource.more`), and the actor's load (`EngineActor.run` →
-  `Engine.hold_alpha` → the worker's `tvtool_load_alpha`) receives materialize's bytes; run in-process
+  `Engine.load_alpha` → the worker's `tvtool_load_alpha`) receives materialize's bytes; run in-process
   (units pickled as Ray would), no Ray and no vLLM;
 - `tvtool mixchain` with operator flags generates each solution from the operator's config at its α
   (the weights its engine receives equal materialize's bytes), records the operator (mixchain.json,
@@ -95,10 +95,10 @@ class _LoadingEngine(_FakeEngine):
 
     loads: list[tuple] = []
 
-    def hold_alpha(self, *, source, config):
-        if super().hold_alpha(source=source, config=config):
-            _LoadingEngine.loads.append((source, config, _loaded(source, config)))
-        return True
+    def load_alpha(self, *, source, config, force=False):
+        load = super().load_alpha(source=source, config=config)
+        _LoadingEngine.loads.append((source, config, _loaded(source, config)))
+        return load
 
 
 def _in_process_pool(monkeypatch) -> list:

@@ -176,3 +176,22 @@ def test_a_gpu_recipe_plans_from_config_json_in_the_hf_cache(tmp_path, monkeypat
     p = plan(recipe=recipe, options=SweepOptions(output=str(out)))
     assert {s.status.state for s in p.stages if s.name in ("delta", "low_rank", "eval")} == {"cannot plan"}
     assert "not in the local Hugging Face cache, and --plan downloads nothing" in p.stages[0].status.detail
+
+
+def test_the_resident_swap_copies_are_planned_from_the_engine_options(tmp_path):
+    """apply: swap keeps θ1 and θ2 as stored per worker (bf16 toy pair: 4 bytes per parameter) where
+    `--resident` allows; off plans none; gpu on a CPU engine is refused as the engine refuses it."""
+    per_param = _numel_bytes(TOY / "base", 4)  # θ1 (bf16) + θ2 (bf16)
+    engine = {"dtype": "float32", "max_model_len": 256, "cpu_kv_cache_gb": 1}
+
+    def eval_memory(resident: str) -> dict:
+        r = _recipe(tmp_path, apply="swap", keep={}, engine={**engine, "resident": resident})
+        return {s.name: s for s in plan(recipe=r).stages}["eval"].memory[0].data
+
+    cpu = eval_memory("cpu")
+    assert cpu["resident"]["need"] == per_param and cpu["resident"]["placement"] == "cpu"
+    assert cpu["components"]["resident θ1 and Δ"] == per_param and cpu["fits"] is True
+    assert eval_memory("off")["resident"] is None
+    gpu = eval_memory("gpu")
+    assert gpu["fits"] is False and gpu["resident"]["message"] == \
+        "--resident gpu needs a GPU engine; this engine runs on the CPU"

@@ -13,6 +13,7 @@ import torch
 from engine_setup import MAX_TOKENS
 
 from tvtool import toy
+from tvtool.merge.config import MergeConfig
 from tvtool.vectors.source import DeltaSource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,9 +88,9 @@ def test_a_trained_adapter_gives_the_same_greedy_tokens_everywhere(vengine, tmp_
                       options=MaterializeOptions(alphas=(1.0,), dtype="float32", progress=False)).folders[1.0]
     eng.load_weights(path=mat)
     assert vllm() == peft_ids  # materialize --delta ADAPTER
-    eng.set_alpha(base=base, alpha=1.0, delta=adapter)
+    eng.load_alpha(source=DeltaSource(base=str(base), delta=str(adapter)), config=MergeConfig(1.0))
     assert vllm() == peft_ids  # the in-engine sweep's θ + α·Δθ at α = 1
-    eng.set_alpha(base=base, alpha=0.0, delta=adapter)
+    eng.load_alpha(source=DeltaSource(base=str(base), delta=str(adapter)), config=MergeConfig(0.0))
     assert vllm() == plain
 
 

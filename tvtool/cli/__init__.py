@@ -34,6 +34,7 @@ COMMANDS = {  # name → "module:click command"
     "mixchain": "tvtool.cli.valve:mixchain_cmd",
     "train": "tvtool.cli.valve:train_cmd",
     "sweep": "tvtool.cli.sweep:sweep_cmd",
+    "serve": "tvtool.cli.serve:serve_cmd",
     "push": "tvtool.cli.push:push_cmd",
 }
 

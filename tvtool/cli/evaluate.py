@@ -70,9 +70,9 @@ def _run(local, executor: RayOptions | None, kwargs: dict):
     """The one-engine verb, or (`--ray`) the α sweep on a Ray pool."""
     if executor is None:
         return local(**kwargs)
-    if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"]:
-        raise OptionsError("--ray runs α sweeps", where="--ray",
-                          fix="pass --base with --delta|--reasoner and --alpha (or drop --ray)")
+    if kwargs["model"] or kwargs["checkpoints"] or kwargs["loras"] or kwargs["options"].apply == "lora":
+        raise OptionsError("--ray runs α sweeps loaded in place", where="--ray",
+                          fix="pass --base with --delta|--reasoner and --alpha, without --apply lora (or drop --ray)")
     if local is generate_responses:
         kwargs["options"] = replace(kwargs["options"], score=False)
     for k in ("model", "checkpoints", "loras"):

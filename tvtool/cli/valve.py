@@ -25,7 +25,7 @@ from tvtool.valve.train import plan_run, train
 @merge_options()
 @click_options(SamplingOptions, exclude=("n",))
 @click_options(PromptOptions)
-@click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank"))
+@click_options(EngineOptions, exclude=("enable_lora", "max_lora_rank", "max_loras"))
 @RAY
 @click_options(RayOptions, exclude=("address",))
 def mixchain_cmd(output: str, **kw) -> None:

@@ -6,11 +6,13 @@ checkpoint's generation_config.json never changes the decoding silently; what wa
 used is recorded by `Engine.sampling_record`.
 
 Weights are swapped in place, without restarting the engine: `load_alpha` sends a
-`DeltaSource` and a `MergeConfig` (plain data) to each worker, which streams
-θ1 + α·Δ through the shared merge path (`tvtool.engine.worker`, `tvtool.merge.stream`); no tensor
-crosses a process boundary. `hold_alpha`/`hold_folder` load only what the engine does
-not already hold. An α-sweep engine starts from its own shell-model folder
-(`Engine.for_source`): the merged model's config and tokenizer, placeholder weights.
+`DeltaSource` and a `MergeConfig` (plain data) to each worker; no tensor crosses a process
+boundary. Resident (`EngineOptions.resident`, `tvtool.engine.resident`): on the first α each
+worker captures θ1 and θ2/M in the engine's own layout, and every later α is set from memory.
+Streaming (`--resident off`, or what does not fit): each worker merges θ1 + α·Δ from the inputs
+through the shared merge path (`tvtool.engine.worker`, `tvtool.merge.stream`). `load_alpha` and
+`hold_folder` load only what the engine does not already hold. An α-sweep engine starts from its
+own shell-model folder (`Engine.for_source`): the merged model's config and tokenizer, placeholder weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 import weakref
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -27,11 +32,13 @@ from tvtool.errors import EngineError, OptionsError
 from tvtool.io.checkpoint import model_config
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import merged_config, output_plan
-from tvtool.engine.options import (EngineOptions, Sample, SamplingOptions, check_engine_options, check_sampling,
-                                   sampling_record, vllm_module)
+from tvtool.engine.options import (TESTED_VLLM, EngineOptions, Sample, SamplingOptions, check_engine_options,
+                                   check_sampling, sampling_record, vllm_module)
 from tvtool.engine.prompting import PromptOptions, build_prompt, load_tokenizer
 from tvtool.engine.logs import engine_start
 from tvtool.engine.reaper import interruptible_start, reap_on_death
+from tvtool.engine.placement import choose
+from tvtool.io.finished import say
 from tvtool.vectors.source import DeltaSource
 
 WORKER_EXTENSION = "tvtool.engine.worker.WorkerExtension"  # vLLM's worker_extension_cls
@@ -75,12 +82,33 @@ def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
     return out
 
 
+def load_record(reports: Sequence[dict], *, seconds: float) -> dict:
+    """One in-place load as run.json records it (`load`; information, not part of the finished-work record):
+    the path (resident: from memory, `captured` when inputs were read for it; streaming; held: nothing
+    loaded), the engine's wall seconds, and the bytes every worker read during it (/proc/self/io: `bytes_read`
+    through read calls, page cache included; `storage_bytes` from storage)."""
+    paths = {r["path"] for r in reports}
+    rec = {"path": paths.pop() if len(paths) == 1 else "mixed", "seconds": round(seconds, 3),
+           "bytes_read": sum(r["bytes_read"] for r in reports),
+           "storage_bytes": sum(r["storage_bytes"] for r in reports), "workers": len(reports)}
+    if rec["path"] == "resident":
+        rec.update(captured=any(r["captured"] for r in reports), placement=reports[0]["placement"],
+                   resident_bytes=max(r["resident_bytes"] for r in reports),
+                   processing_s=max(r.get("processing_s", 0.0) for r in reports))
+    if any("digest" in r for r in reports):
+        rec["digests"] = [r.get("digest") for r in reports]
+    return rec
+
+
+HELD = {"path": "held", "seconds": 0.0, "bytes_read": 0, "storage_bytes": 0}
+
+
 class Engine:
-    """One vLLM `LLM`; weights can be replaced in place (`set_alpha`, `load_weights`).
+    """One vLLM `LLM`; weights can be replaced in place (`load_alpha`, `load_weights`).
 
     `model` is the folder the engine starts from (config, tokenizer and, unless
     `dummy_weights`, weights). With `dummy_weights=True` the engine starts with random
-    weights and `set_alpha`/`load_weights` must be called before generating.
+    weights and `load_alpha`/`load_weights` must be called before generating.
     """
 
     def __init__(self, *, model: str | os.PathLike, options: EngineOptions = EngineOptions(),
@@ -98,6 +126,8 @@ class Engine:
             trust_remote_code=o.trust_remote_code, worker_extension_cls=WORKER_EXTENSION)
         if o.enable_lora:
             kw["max_lora_rank"] = o.max_lora_rank
+            if o.max_loras is not None:
+                kw["max_loras"] = o.max_loras
         for k in ("max_model_len", "distributed_executor_backend", "max_num_seqs"):
             if getattr(o, k) is not None:
                 kw[k] = getattr(o, k)
@@ -108,6 +138,11 @@ class Engine:
         if not lazy:
             self._start()
         self.weights: dict[str, Any] = {"kind": "dummy" if dummy_weights else "folder", "path": str(model)}
+        self.last_load: dict = dict(HELD)
+        self._resident_mode = o.resident
+        self._resident_missing: list[str] = []  # what this vLLM lacks for the resident swap (checked at start)
+        self._placed: tuple | None = None  # ((source, M key), placement) decided for the engine's copies
+        self._said: set[str] = set()
         self._lora_ids: dict[str, int] = {}
         self.tokenizer = load_tokenizer(model)
 
@@ -145,6 +180,11 @@ class Engine:
                               fix="check the model folder and the engine options (dtype, max_model_len, "
                                   "memory)") from e
         self.starts += 1
+        try:
+            self._check_swap()
+        except BaseException:
+            self._stop()
+            raise
 
     @property
     def llm(self):
@@ -153,32 +193,99 @@ class Engine:
             self._start()
         return self._llm
 
-    # -- weights ---------------------------------------------------------------------
-    def load_alpha(self, *, source: DeltaSource, config: MergeConfig) -> None:
-        """Put θ1 + α·Δ into the running engine: each worker streams `tvtool.merge.stream.merged_tensors`
-        from the inputs (only the source and the configuration, as plain data, cross processes)."""
-        want = alpha_weights(source=source, config=config)
-        self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"]})
-        self.weights = want
+    def _check_swap(self) -> None:
+        """What the in-place swaps need from this vLLM, at engine start rather than mid-sweep."""
+        info = self._llm.collective_rpc("tvtool_check")[0]
+        version, missing = info["vllm"], info["missing"]
+        tested = any(str(version).startswith(v + ".") or version == v for v in TESTED_VLLM)
+        if "worker.reload_weights" in missing:
+            raise EngineError(f"vLLM {version} has no in-place weight reload (worker.reload_weights)",
+                              fix=f"install vLLM {' or '.join(TESTED_VLLM)} (what tvtool's worker is tested with)")
+        if missing and self._resident_mode in ("gpu", "cpu"):
+            raise EngineError(f"vLLM {version} lacks what the resident α swap needs: {', '.join(missing[:3])}",
+                              where=f"--resident {self._resident_mode}",
+                              fix=f"use --resident off (streaming), or vLLM {' or '.join(TESTED_VLLM)}")
+        self._resident_missing = list(missing)
+        if missing and self._resident_mode == "auto":
+            self._say(f"resident α swap off: vLLM {version} lacks {', '.join(missing[:2])} (tested with "
+                      f"{', '.join(TESTED_VLLM)}); every α streams from the checkpoints")
+        elif not tested and self._resident_mode != "off":
+            self._say(f"note: vLLM {version} is not a version the in-place swap is tested with "
+                      f"({', '.join(TESTED_VLLM)})")
 
-    def set_alpha(self, *, alpha: float, base: str | os.PathLike | None = None,
-                  delta: str | os.PathLike | None = None, reasoner: str | os.PathLike | None = None,
-                  include: str | None = None, exclude: str | None = None) -> None:
-        """`load_alpha` from paths."""
-        self.load_alpha(source=DeltaSource(base=base, delta=delta, reasoner=reasoner),
-                        config=MergeConfig(alpha, include, exclude))
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            say(message)
+
+    # -- weights ---------------------------------------------------------------------
+    def load_alpha(self, *, source: DeltaSource, config: MergeConfig, force: bool = False,
+                   resident: Literal["auto", "gpu", "cpu", "off"] | None = None) -> dict:
+        """Put θ1 + α·M into the running engine unless it already holds it (`force`: load anyway); returns
+        the load's record (`load_record`: path, seconds, bytes read). `resident` overrides the engine's
+        option for this load (e.g. "off" to compare with the streaming path).
+
+        Resident (`EngineOptions.resident`): each worker sets every region of its parameters from its
+        captured θ1 and θ2/M (captured on the first α). Streaming: each worker streams
+        `tvtool.merge.stream.merged_tensors` from the inputs. The same bytes either way; only the
+        source and the configuration, as plain data, cross processes."""
+        want = alpha_weights(source=source, config=config)
+        if self.weights == want and not force:
+            self.last_load = dict(HELD)
+            return self.last_load
+        t0 = time.perf_counter()
+        placement = self._placement(source, config, resident)
+        reports = self._rpc("tvtool_load_alpha", {"source": want["source"], "config": want["config"],
+                                                 "placement": placement})
+        self.weights = want
+        self.last_load = load_record(reports, seconds=time.perf_counter() - t0)
+        return self.last_load
+
+    def _placement(self, source: DeltaSource, config: MergeConfig, mode: str | None = None) -> str | None:
+        """Where the workers keep the resident copies for `config` ("gpu", "cpu"), or None (stream): decided
+        per source from what they need and what is free, and checked again for each new operator setting."""
+        mode = self._resident_mode if mode is None else mode
+        if mode == "off" or (mode == "auto" and self._resident_missing):
+            return None
+        if self._resident_missing:
+            raise EngineError("this vLLM lacks what the resident α swap needs: "
+                              + ", ".join(self._resident_missing[:3]), where=f"--resident {mode}",
+                              fix="use --resident off (streaming)")
+        key = (source, replace(config, alpha=1.0, include=None, exclude=None, rules=(), schedule=None))  # M's
+        if self._placed is not None and self._placed[0] == key:
+            return self._placed[1]
+        same = self._placed is not None and self._placed[0][0] == source
+        if same and self._placed[1] is None:
+            return None
+        needs = self._rpc("tvtool_resident_need", {"source": source.to_dict(), "config": config.to_dict()},
+                          loads=False)
+        per_host = max(Counter(n["host"] for n in needs).values())
+        gpus = [n["free_gpu"] for n in needs if n["free_gpu"] is not None]
+        ask = self._placed[1] if same else mode
+        choice = choose(mode=ask, need=max(n["need"] for n in needs), free_gpu=min(gpus) if gpus else None,
+                        free_cpu=min(n["free_cpu"] for n in needs), workers_per_host=per_host)
+        if choice.refused and (mode != "auto" or not same):
+            raise OptionsError(choice.message, where=f"--resident {mode}",
+                               fix="free memory, or use --resident auto (which streams what does not fit) or off")
+        if choice.refused:
+            self._say(f"{choice.message}: every α streams from now on")
+            self._rpc("tvtool_release", {}, loads=False)
+        elif choice.message:
+            self._say(choice.message)
+        if needs[0].get("notice"):
+            self._say(needs[0]["notice"])
+        self._placed = (key, None if choice.refused else choice.placement)
+        return self._placed[1]
+
+    def record_digests(self, *, source: DeltaSource) -> None:
+        """From now on every load's record holds `digests`: per worker, a sha256 of the bytes written into
+        each region of its parameters before vLLM's processing (to compare load paths bit for bit)."""
+        self._rpc("tvtool_watch_digests", {"source": source.to_dict()}, loads=False)
 
     def load_weights(self, *, path: str | os.PathLike) -> None:
         """Put a model folder's weights (same architecture) into the running engine."""
         self._rpc("tvtool_load_folder", {"path": str(path)})
         self.weights = folder_weights(path)
-
-    def hold_alpha(self, *, source: DeltaSource, config: MergeConfig) -> bool:
-        """Load θ1 + α·Δ unless the engine already holds it; True when it loaded."""
-        if self.weights == alpha_weights(source=source, config=config):
-            return False
-        self.load_alpha(source=source, config=config)
-        return True
 
     def hold_folder(self, *, path: str | os.PathLike) -> bool:
         """Load a model folder's weights unless the engine already holds them; True when it loaded."""
@@ -187,14 +294,16 @@ class Engine:
         self.load_weights(path=path)
         return True
 
-    def _rpc(self, method: str, kwargs: dict) -> None:
+    def _rpc(self, method: str, kwargs: dict, *, loads: bool = True) -> list:
         try:
-            self.llm.collective_rpc(method, kwargs=kwargs)
+            out = self.llm.collective_rpc(method, kwargs=kwargs)
         except Exception as e:  # errors come back from the worker processes
             raise EngineError(f"in-place weight load failed: {type(e).__name__}: {str(e)[:300]}",
                               where=str(kwargs), fix="check that the weights match the engine's model "
                                                      "(same architecture and tensor names)") from e
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if loads:
+            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return out
 
     # -- generation ------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingOptions):
@@ -220,6 +329,12 @@ class Engine:
         from vllm.lora.request import LoRARequest  # vLLM is optional: imported only with an engine
 
         return LoRARequest(lora_name=f"adapter-{i}", lora_int_id=i, lora_path=key)
+
+    def reserve_loras(self, n: int) -> None:
+        """Before the engine starts, let one batch hold `n` adapters (vLLM's `max_loras`); a started engine
+        keeps its setting (requests of more adapters still run, in turns)."""
+        if self._llm is None and self.options.enable_lora and n > self._kw.get("max_loras", 1):
+            self._kw["max_loras"] = n
 
     def prompts(self, *, questions: Sequence[str], options: PromptOptions) -> list[str]:
         return [build_prompt(question=q, tokenizer=self.tokenizer, options=options) for q in questions]
@@ -258,13 +373,33 @@ class Engine:
                           fix=f"{fix}: --instruction, --system-prompt, or the dataset's questions")
 
     def generate(self, *, prompts: Sequence[str], sampling: SamplingOptions, lora: str | os.PathLike | None = None,
+                 loras: Sequence[str | os.PathLike | None] | None = None,
                  add_special_tokens: bool = True) -> list[list[Sample]]:
-        """Per prompt, its n samples (token ids, text, finish reason), in prompt order."""
+        """Per prompt, its n samples (token ids, text, finish reason), in prompt order.
+
+        `lora`: one adapter for every prompt; `loras`: one per prompt (None: the engine's weights), so
+        requests through different adapters are batched together in one call."""
         if self.weights["kind"] == "dummy":
             raise EngineError("the engine holds placeholder weights", where=str(self.model_dir),
-                              fix="call set_alpha or load_weights first")
+                              fix="call load_alpha or load_weights first")
         params = self.sampling_params(sampling)
-        req = self.lora_request(lora) if lora else None
+        if loras is not None:
+            if lora is not None or len(loras) != len(prompts):
+                raise OptionsError(f"{len(loras)} adapters for {len(prompts)} prompts", where="loras",
+                                   fix="give one adapter (or None) per prompt, and no `lora`")
+            if any(loras) and not all(loras):  # never mixed: vLLM's CPU build reads "no adapter" (index -1)
+                # as its last adapter slot (torch LoRA ops), so prompts without one go in a call of their own
+                plain = [i for i, p in enumerate(loras) if not p]
+                lora_ix = [i for i, p in enumerate(loras) if p]
+                outs = dict(zip(plain, self.generate(prompts=[prompts[i] for i in plain], sampling=sampling,
+                                                     add_special_tokens=add_special_tokens)))
+                outs.update(zip(lora_ix, self.generate(prompts=[prompts[i] for i in lora_ix], sampling=sampling,
+                                                       loras=[loras[i] for i in lora_ix],
+                                                       add_special_tokens=add_special_tokens)))
+                return [outs[i] for i in range(len(prompts))]
+            req = [self.lora_request(p) if p else None for p in loras]
+        else:
+            req = self.lora_request(lora) if lora else None
         self.check_prompts(prompts=prompts, add_special_tokens=add_special_tokens)
         try:  # vLLM is optional: imported only with an engine (older vLLM raised ValueError)
             from vllm.exceptions import VLLMValidationError

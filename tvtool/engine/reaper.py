@@ -86,11 +86,25 @@ def _watch(parent: int) -> None:
                 return
             if not data:
                 break  # the pipe closed without a word: tvtool died
+    kill_recorded(seen)
+
+
+def kill_recorded(seen: dict[int, int]) -> int:
+    """SIGKILL every recorded process ({pid: start time}, from `descendants`) that still runs: the same
+    process, checked by start time, so a reused pid is never hit. Returns how many were killed."""
+    n = 0
     for pid, start in seen.items():
         st = _stat(pid)
         if st is not None and st[1] == start and st[2] != "Z":
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+                n += 1
+    return n
+
+
+def running(seen: dict[int, int]) -> list[int]:
+    """The recorded processes ({pid: start time}) that still run (zombies count as gone)."""
+    return [pid for pid, start in seen.items() if (st := _stat(pid)) is not None and st[1] == start and st[2] != "Z"]
 
 
 # --- Ctrl-C while vLLM starts stops the start --------------------------------------------------------------

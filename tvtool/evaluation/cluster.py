@@ -6,9 +6,13 @@ loads each α in place, as the one-engine path does (its shell model is written 
 `Engine.for_source`, and removed when the engine closes).
 
 - The plan (`tvtool.evaluation.units`) is made before Ray starts; a finished re-run starts no engine and no Ray.
-- Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first.
-- Each actor does what the one-engine path does per run: `Engine.hold_alpha(source, config)` (a
-  `DeltaSource` and a `MergeConfig`, plain data; loaded only if not held), then `runs.run_one`, into
+- Units are pulled from a queue as actors free up (`ray.wait` on their futures), longest first. A unit is
+  an α (all datasets), a run, or a shard of a run's problems (`tvtool.evaluation.shards`): each engine
+  switches α in place, resident after its first α; a run's shards are merged into its folder, in the
+  one-engine order, when all are done, and the run finished as one engine finishes it.
+- Each actor does what the one-engine path does per run: `Engine.load_alpha(source, config)` (a
+  `DeltaSource` and a `MergeConfig`, plain data; loaded only if not held; resident in the actor's engine
+  after its first α, as on one engine), then `runs.run_one`, into
   the same resumable folder as `tvtool eval`; so a Ray sweep and a local one give the same table and
   can resume each other.
 - An actor that dies (OOM, node lost, SIGKILL) is replaced and its unit retried, up to `retries`
@@ -23,6 +27,7 @@ loads each α in place, as the one-engine path does (its shell model is written 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -36,7 +41,7 @@ from tvtool.engine.engine import Engine, write_shell_model
 from tvtool.engine.options import EngineOptions, SamplingOptions, check_engine_options
 from tvtool.errors import ClusterError, OptionsError, TvtoolError
 from tvtool.evaluation.report import EvalResult, RunResult, table_row
-from tvtool.io.layout import SUMMARY, parse_hub_ref, summary_table
+from tvtool.io.layout import RUN, SUMMARY, parse_hub_ref, summary_table
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.options import MergeOptions
 from tvtool.merge.stream import check_configs, check_finite_inputs
@@ -44,9 +49,12 @@ from tvtool.engine.prompting import PromptOptions, load_tokenizer
 from tvtool.engine.reaper import descendants, reap_actor
 from tvtool.evaluation.report import write_table
 from tvtool.evaluation.results import summary_of
-from tvtool.evaluation.runs import EvalOptions, check_settings, read_run, run_one
+from tvtool.evaluation.runs import (EvalOptions, begin_run, check_settings, finish_run, merge_shards, read_run,
+                                    run_one)
+from tvtool.evaluation.shards import generate_shard
 from tvtool.vectors.source import DeltaSource
-from tvtool.evaluation.units import Complete, Plan, RayOptions, Unit, plan_units, settings_complete, sweep_runs
+from tvtool.evaluation.units import (Complete, Plan, RayOptions, RunSpec, Unit, plan_units, settings_complete,
+                                    sweep_runs)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class PoolResult:
     actor_deaths: int = 0
     spawned: int = 0  # actors created (a replacement still starting when the work ran out is killed)
     unit_s: dict[str, float] = field(default_factory=dict)  # unit name -> seconds of its last (finished) try
+    values: dict[str, object] = field(default_factory=dict)  # unit name -> what its actor returned
     wall_s: float = 0.0
 
     @property
@@ -104,14 +113,22 @@ class EngineActor:
         return {"slot": self.slot, "node": node, "pid": me, "vllm_pids": kids,
                 "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "start_s": time.perf_counter() - t0}
 
-    def run(self, unit: Unit) -> list[str]:
+    def run(self, unit: Unit) -> list[str] | dict:
         """The one-engine path's per-run steps: hold θ1 + α·Δ (loaded only if not held), then `run_one`
-        (which resumes from the samples already written)."""
+        (which resumes from the samples already written). A shard: its problems into its shard file;
+        returns the load."""
+        if unit.shard is not None:
+            r = unit.runs[0]
+            load = self.engine.load_alpha(source=r.source, config=r.config)
+            generate_shard(engine=self.engine, folder=r.folder, problems=r.problems, start=unit.shard[0],
+                           stop=unit.shard[1], prompt=self.job.prompt, sampling=r.sampling,
+                           options=replace(r.options, progress=False))
+            return {"problems": list(unit.shard), "engine": self.slot, **load}
         for r in unit.runs:
-            self.engine.hold_alpha(source=r.source, config=r.config)
+            load = self.engine.load_alpha(source=r.source, config=r.config)
             run_one(engine=self.engine, problems=r.problems, folder=r.folder, model=r.model, prompt=self.job.prompt,
                     sampling=r.sampling, options=replace(r.options, progress=False), params_b=r.params_b,
-                    params_source=r.params_source, weights=r.weights)
+                    params_source=r.params_source, weights=r.weights, load=load)
         return [r.folder for r in unit.runs]
 
     def close(self) -> None:
@@ -227,6 +244,7 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
                     on_start(value)
             else:
                 res.done.append(unit.name)
+                res.values[unit.name] = value
                 res.unit_s[unit.name] = time.perf_counter() - given[unit.name]
                 bar.update(1)
             give(i)
@@ -246,6 +264,21 @@ def run_units(*, plan: Plan, job: Job, executor: RayOptions, actor_cls: type = E
             ray.shutdown()
         res.wall_s = time.perf_counter() - t0
     return res
+
+
+def _finish_shards(plan: Plan, pool: PoolResult, sharded: dict[str, RunSpec], tokenizer) -> None:
+    """Each sharded run whose shards all finished: samples merged in the one-engine order, then finished as one
+    engine finishes it, with the shards' loads (`load.shards`) in run.json. Others wait for a re-run."""
+    for folder, r in sharded.items():
+        units = [u for u in plan.units if u.shard is not None and u.runs[0].folder == folder]
+        if any(u.name not in pool.values for u in units):
+            continue
+        f = Path(folder)
+        merge_shards(f, r.problems, r.sampling.n)
+        run = {k: v for k, v in json.loads((f / RUN).read_text()).items() if k != "finished"}
+        run["load"] = {"shards": sorted((pool.values[u.name] for u in units), key=lambda x: x["problems"])}
+        finish_run(folder=f, run=run, problems=r.problems, sampling=r.sampling, options=r.options,
+                   params_b=r.params_b, params_source=r.params_source, tokenizer=tokenizer)
 
 
 def _close(ray, actors: Sequence) -> None:
@@ -319,22 +352,28 @@ def evaluate_on_ray(*, output: str | os.PathLike, source: DeltaSource | None, al
     check_engine_options(engine_options)
     runs = sweep_runs(output=output, source=source, alphas=alphas, datasets=datasets, prompt=prompt,
                       engine_options=engine_options, configs=configs)
-    plan = plan_units(runs=runs, engines=executor.engines, complete=complete)
+    plan = plan_units(runs=runs, engines=executor.engines, shard=executor.shard, complete=complete)
+    sharded: dict[str, RunSpec] = {}
     for u in plan.units:  # refuse (or discard) other settings' results now, not in an actor
         for r in u.runs:
             check_settings(Path(r.folder), r.record, r.options.overwrite)
+            if u.shard is not None and r.folder not in sharded:  # run.json's first form; finished below
+                sharded[r.folder] = r
+                begin_run(folder=Path(r.folder), settings=r.settings, record=r.record, problems=r.problems,
+                          options=r.options, engine_options=engine_options)
     if plan.units:
         Path(output).mkdir(parents=True, exist_ok=True)  # each actor checks it can write here
         check_finite_inputs(source=source, config=plan.units[0].runs[0].config)  # once, here: not in every actor
     job = Job(source=source, output=str(output), engine=engine_options, prompt=prompt,
               seed=datasets[0][1].sample_seed or 0)
     pool = run_units(plan=plan, job=job, executor=executor, progress=progress, on_start=on_start)
+    tokenizer = _tokenizer(source) if plan.skipped or sharded else None  # to read answers here, not in actors
+    _finish_shards(plan, pool, sharded, tokenizer)
     if pool.failed:
         raise ClusterError(f"{len(pool.failed)} unit(s) failed: "
                            + "; ".join(f"{k}: {v}" for k, v in pool.failed.items()),
                            where=str(output), fix="re-run to retry them (finished runs are kept)")
     results: dict[str, EvalResult] = {}
-    tokenizer = _tokenizer(source) if plan.skipped else None
     for r in runs:  # every run re-summarised from its samples, as `run_one` does for a complete run
         if r in plan.skipped:  # no actor read it: another answer rule or delimiter is applied here
             read_run(folder=r.folder, problems=r.problems, options=r.options, tokenizer=tokenizer)

@@ -14,14 +14,18 @@ line is dropped), so an interrupted run finishes into the same summary.
 
 Each mode plans its runs, then `_Session.run` goes through them on one engine: a run
 that is complete is only re-summarised; otherwise the engine is given the run's weights
-(`Engine.hold_alpha`/`hold_folder`: loaded only if not already held) and generates.
+(`Engine.load_alpha`/`hold_folder`: loaded only if not already held) and generates; run.json records
+how the weights were loaded (`load`: path, seconds, bytes read), which is no part of the finished-work record.
 Engines are made lazily, so a finished re-run starts none.
 - α sweep: ONE engine (placeholder weights, its own shell-model folder with the merged
   config and tokenizer); θ1 + α·Δ is loaded in place for each α (`--include/--exclude`
   select the tensors α applies to): no checkpoint is written, no restart.
 - checkpoint folders: one engine for consecutive folders whose config.json (dtype aside)
   and tokenizer files equal the first's, weights loaded in place; else a new engine.
-- LoRA adapters: one engine with enable_lora serves them all.
+- LoRA adapters: one engine with enable_lora serves them all, every adapter's requests in one
+  generate call per batch (`tvtool.evaluation.batched`).
+- α sweep with `apply="lora"` (Δ a PEFT adapter or a factored delta): one α-scaled adapter per α
+  (`tvtool.lowrank.alpha_adapter`, cached) on an engine holding θ1, batched the same way.
 With `prompt_budgets` (one model or an α sweep) each budget is one more run on the same engine,
 `budget-<N>/<dataset>/`, with the paper's budget prompt (`tvtool.evaluation.budget`, Table 12).
 vLLM's own logs go to `<output>/vllm.log` unless `verbose` (`tvtool.engine.logs`).
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -53,8 +58,10 @@ from tvtool.merge.stream import check_configs, check_finite_inputs
 from tvtool.io.paths import check_output_apart, check_writable
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
 from tvtool.evaluation.report import EvalResult, RunResult, table_row, write_table
-from tvtool.evaluation.runs import (EvalOptions, check_reading, check_settings, is_complete, run_one, run_params,
-                                    run_record)
+from tvtool.evaluation.batched import run_batched
+from tvtool.evaluation.runs import (EvalOptions, check_reading, check_settings, is_complete, open_run, run_one,
+                                    run_params, run_record)
+from tvtool.lowrank.alpha_adapter import alpha_adapters, open_valve
 from tvtool.io.fingerprint import input_fingerprint
 from tvtool.vectors.adapter import check_adapter, is_adapter
 from tvtool.vectors.source import DeltaSource
@@ -94,12 +101,12 @@ class _Planned:
             cache[self.path] = input_fingerprint(self.path)
         return {"folder": cache[self.path]}
 
-    def hold(self, engine: Engine) -> None:
-        """Load this run's weights into `engine` unless it already holds them."""
+    def hold(self, engine: Engine) -> dict | None:
+        """Load this run's weights into `engine` unless it already holds them; the α load's record."""
         if self.config is not None:
-            engine.hold_alpha(source=self.source, config=self.config)
-        else:
-            engine.hold_folder(path=self.path)
+            return engine.load_alpha(source=self.source, config=self.config)
+        engine.hold_folder(path=self.path)
+        return None
 
 
 @dataclass
@@ -116,11 +123,12 @@ class _Session:
     def seed(self) -> int:
         return self.sampling.sample_seed or 0
 
-    def run(self, planned: Sequence[_Planned], new_engine: Callable[[], Engine]) -> None:
+    def run(self, planned: Sequence[_Planned], new_engine: Callable[[], Engine], *, batched: bool = False) -> None:
         """Do `planned` on one (lazily started) engine; results are appended in `planned` order.
 
         Complete runs are found before anything is loaded, so they start no engine; the run
-        whose weights the engine already holds goes first (no reload)."""
+        whose weights the engine already holds goes first (no reload). `batched`: the runs share the
+        engine's weights and differ by LoRA adapter; every run's batch goes in one generate call."""
         engine = self.engine if self.engine is not None else new_engine()
         done: dict[int, dict] = {}
         fps: dict = {}
@@ -128,20 +136,23 @@ class _Session:
         try:
             self._check_prompts(engine, planned)  # before the (lazy) engine starts
             order = sorted(range(len(planned)), key=lambda i: planned[i].weights() != engine.weights)
+            if batched:
+                done, order = self._batched(planned, engine, fps), []
             for i in order:
                 r = planned[i]
                 problems = r.problems or self.problems
                 kw = dict(problems=problems, model=r.model, prompt=r.prompt or self.prompt, sampling=self.sampling,
                           options=self.options, lora=r.lora, weights=r.fingerprint(fps))
                 record = run_record(engine=engine, **kw)
+                load = None
                 if not is_complete(folder=r.folder, record=record, problems=problems, n=self.sampling.n):
                     check_settings(r.folder, record, self.options.overwrite)  # refuse (or discard) before loading
                     if r.config is not None and r.source not in checked:  # NaN/Inf before the engine loads them
                         check_finite_inputs(source=r.source, config=r.config)
                         checked.add(r.source)
-                    r.hold(engine)  # the explicit load step: only what the engine does not hold
+                    load = r.hold(engine)  # the explicit load step: only what the engine does not hold
                 done[i] = run_one(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1],
-                                  **kw)
+                                  load=load, **kw)
         finally:
             if self.engine is None:
                 self.result.engine_starts += engine.starts
@@ -159,6 +170,23 @@ class _Session:
             seen.append((problems, prompt))
             engine.check_prompts(prompts=engine.prompts(questions=[p.question for p in problems], options=prompt),
                                  add_special_tokens=not uses_chat_template(tokenizer=engine.tokenizer, options=prompt))
+    def _batched(self, planned: Sequence[_Planned], engine: Engine, fps: dict) -> dict[int, dict]:
+        """Every run opened (settings checked before anything loads), then `run_batched`: one generate call per
+        batch for all runs, each request with its run's adapter (`tvtool.evaluation.batched`)."""
+        kws = [dict(problems=self.problems, model=r.model, prompt=self.prompt, sampling=self.sampling,
+                    options=self.options, lora=r.lora, weights=r.fingerprint(fps)) for r in planned]
+        todo = [i for i, (r, kw) in enumerate(zip(planned, kws)) if not is_complete(
+            folder=r.folder, record=run_record(engine=engine, **kw), problems=self.problems, n=self.sampling.n)]
+        for i in todo:
+            check_settings(planned[i].folder, run_record(engine=engine, **kws[i]), self.options.overwrite)
+        if todo:
+            first = planned[todo[0]]
+            if first.config is not None:  # NaN/Inf before the engine loads them
+                check_finite_inputs(source=first.source, config=first.config)
+            first.hold(engine)  # the runs share the engine's weights (the base); adapters differ
+        opened = [open_run(engine=engine, folder=r.folder, params_b=r.params[0], params_source=r.params[1], **kw)
+                  for r, kw in zip(planned, kws)]
+        return dict(enumerate(run_batched(engine=engine, runs=opened, prompt=self.prompt)))
 
     def with_budgets(self, out: Path, run: _Planned) -> list[_Planned]:
         """`run`, then one run per prompt budget on `run`'s weights (the Table 12 baseline, `tvtool.evaluation.budget`)."""
@@ -185,6 +213,7 @@ class _Group:
     options: EngineOptions
     folder: str | None = None  # the model folder the engine starts from …
     shell: DeltaSource | None = None  # … or the shell model of θ1 + α·Δ (`Engine.for_source`)
+    batched: bool = False  # the runs differ by LoRA adapter only: one generate call (`_Session.run`)
 
     def sampling_record(self, sampling: SamplingOptions) -> dict:
         """`Engine.sampling_record` of the engine this group would start, without starting it."""
@@ -231,12 +260,33 @@ def _plan_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> list[_Gr
 def _plan_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequence[float]) -> list[_Group]:
     ds = dataset_dir(s.problems.name)
     rank = max([s.engine_options.max_lora_rank, *(_lora_rank(p) for p in loras)])
-    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank)
+    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank,
+                 max_loras=s.engine_options.max_loras or len(set(loras)))
     labels = [alpha_name(a) for a in alphas] if alphas else [Path(p).name for p in loras]
     params = run_params(s.options, model)
     runs = [_Planned(lab, float(alphas[i]) if alphas else None, out / lab / ds, {"path": str(model), "label": lab},
                      params, path=str(model), lora=str(path)) for i, (lab, path) in enumerate(zip(labels, loras))]
-    return [_Group(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True), eo, folder=str(model))]
+    return [_Group(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True), eo, folder=str(model),
+                   batched=True)]
+
+
+def _plan_lora_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequence[float]) -> list[_Group]:
+    """`apply="lora"`: θ1 + α·Δ with Δ a LoRA valve (PEFT adapter or factored delta), served as one α-scaled
+    adapter per α (`tvtool.lowrank.alpha_adapter`, cached: written here) on an engine holding θ1; all α in one
+    batch."""
+    valve = open_valve(source.delta)
+    if valve.not_carried > 0:
+        warnings.warn(f"the LoRA adapters leave out {100 * valve.not_carried:.3f}% of ‖Δ‖² (tensors the factored "
+                      f"delta keeps full): --apply lora evaluates θ1 + α·B·A on its linear layers only")
+    adapters = alpha_adapters(valve, alphas)  # α = 0 too (B = 0): no request of the batch is without adapter
+    eo = replace(s.engine_options, enable_lora=True, max_lora_rank=max(s.engine_options.max_lora_rank, valve.rank),
+                 max_loras=s.engine_options.max_loras or len(adapters))
+    ds, params = dataset_dir(s.problems.name), run_params(s.options, source.base)
+    runs = [_Planned(alpha_name(a), a, out / alpha_name(a) / ds,
+                     {**sweep_model(source=source, config=MergeConfig(a)), "apply": "lora"}, params,
+                     path=source.base, lora=str(path)) for a, path in adapters.items()]
+    return [_Group(runs, lambda: Engine(model=source.base, options=eo, seed=s.seed, lazy=True), eo,
+                   folder=str(source.base), batched=True)]
 
 
 def _plan(s: _Session, out: Path, mode: str, source: DeltaSource | None, *, model, alphas, configs, checkpoints,
@@ -245,6 +295,8 @@ def _plan(s: _Session, out: Path, mode: str, source: DeltaSource | None, *, mode
         return _plan_model(s, out, model)
     if mode == "sweep":
         return _plan_sweep(s, out, source, configs)
+    if mode == "lora-sweep":
+        return _plan_lora_sweep(s, out, source, alphas)
     if mode == "checkpoints":
         return _plan_checkpoints(s, out, checkpoints)
     return _plan_loras(s, out, model, loras, alphas)
@@ -278,6 +330,9 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
               *((source.base, source.delta, source.reasoner, *source.more) if source else ())]
     _precheck(out, options, sampling, alphas, inputs)
     check_engine_options(engine_options)
+    if options.apply == "lora" and mode != "lora-sweep":
+        raise OptionsError("--apply lora applies to an α sweep", where="--apply lora",
+                           fix="pass --base with --delta VALVE and --alpha")
     if mode == "sweep":  # the α sweep's merge configs (operators included), checked before the engine starts
         configs = list(configs) if configs is not None else \
             merge.configs(alphas, include=options.include, exclude=options.exclude)
@@ -303,6 +358,9 @@ def finished_runs(*, output: str | os.PathLike, model: str | os.PathLike | None 
     if configs is not None:
         alphas = alphas or tuple(c.alpha for c in configs)
     mode = _mode(model, source, alphas, checkpoints, loras, options, configs is not None)
+    if mode == "lora-sweep":  # its α adapters are written (cached) when planned: not a read-only question
+        raise OptionsError("the runs of --apply lora are not planned without writing their adapters",
+                           where="--apply lora", fix="ask evaluate itself (it skips finished runs)")
     if mode == "sweep" and configs is None:
         configs = MergeOptions().configs(alphas, include=options.include, exclude=options.exclude)
     problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
@@ -350,7 +408,7 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
     with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
         for group in _plan(s, out, mode, source, model=model, alphas=alphas, configs=configs,
                            checkpoints=checkpoints, loras=loras):
-            s.run(group.runs, group.make)
+            s.run(group.runs, group.make, batched=group.batched)
     res = s.result
     res.answer_rule = options.answer_rule if options.score else None
     if len(res.runs) > 1:
@@ -390,6 +448,13 @@ def _mode(model, source: DeltaSource | None, alphas, checkpoints, loras, options
                                                      "--alpha, or checkpoint folders")
     if source.base is None:
         raise OptionsError("an α sweep needs the base model", where="--base", fix="pass --base")
+    if options.apply == "lora":
+        if source.delta is None or source.more or operators or options.include or options.exclude \
+                or options.prompt_budgets:
+            raise OptionsError("--apply lora serves one LoRA valve (a PEFT adapter or a factored delta) per α",
+                               where="--apply lora", fix="pass --delta VALVE (no --reasoner, --include/--exclude, "
+                                                        "operators or --prompt-budget), or use --apply swap")
+        return "lora-sweep"
     return "sweep"
 
 

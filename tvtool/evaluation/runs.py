@@ -1,7 +1,8 @@
 """One evaluation run: generate with the engine's current weights (resuming), score, summarise.
 
 A run folder holds samples.jsonl (appended and fsynced batch by batch), summary.json and
-run.json (`settings` and the finished-work `record` first, `finished` last). A run is complete
+run.json (`settings` and the finished-work `record` first, `finished` last; `load`: how the engine got
+the weights, `Engine.load_alpha`'s record: information, not identity). A run is complete
 when run.json holds the same record fingerprint (`run_record`: sampling (with its protocol), prompt,
 scoring, engine dtype/max_model_len, the weights' and the dataset file's content, `tvtool.io.finished`)
 and every sample is written. Another record is refused (or, with overwrite, discarded, saying what
@@ -13,20 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 from tvtool._version import __version__
 from tvtool.evaluation.answers import read_sample, reread_file
-from tvtool.io.atomic import write_json
+from tvtool.io.atomic import write_json, write_text
 from tvtool.evaluation.data import ProblemSet
 from tvtool.engine.options import EngineLike, SamplingOptions, vllm_version
 from tvtool.errors import OutputError
 from tvtool.io.finished import RECORD_KEY, changes, dataset_fingerprint, read_record, say, stage_record
 from tvtool.io.fingerprint import input_fingerprint
-from tvtool.io.layout import RUN, SAMPLES, SUMMARY
+from tvtool.io.layout import RUN, SAMPLES, SHARDS, SUMMARY
 from tvtool.engine.logs import RunProgress
 from tvtool.options import opt
 from tvtool.engine.prompting import PromptOptions, uses_chat_template
@@ -48,6 +50,10 @@ class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with 
     include: str | None = opt(None, "α sweep: apply α only to tensors whose name matches this regex; others stay "
                                     "at the base (e.g. 'mlp' for an MLP-only Δ).")
     exclude: str | None = opt(None, "α sweep: do not apply α to tensors whose name matches this regex.")
+    apply: Literal["swap", "lora"] = opt(
+        "swap", "α sweep: swap loads θ1 + α·Δ in place, one α at a time (rounded to the checkpoint dtype, as "
+                "materialize writes it); lora serves a LoRA or factored Δ (--delta) as one α-scaled adapter per α "
+                "(B·A applied in the engine dtype) and sends every α's requests in one generate call.")
     score: bool = opt(True, "Score the responses (off: generation only).")
     overwrite: bool = opt(False, "Discard existing results made with other settings.")
     progress: bool = opt(True, "Show a progress bar.")
@@ -64,44 +70,161 @@ class EvalOptions(AnswerOptions):  # + think_end, difficulty_field (shared with 
 def run_one(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLike, model: dict,
             prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
             options: EvalOptions = EvalOptions(), lora: str | os.PathLike | None = None,
-            params_b: float | None = None, params_source: str = "counted", weights: dict | None = None) -> dict:
+            params_b: float | None = None, params_source: str = "counted", weights: dict | None = None,
+            load: dict | None = None) -> dict:
     """Generate (resuming), score and summarise `problems` with the engine's current weights.
 
-    `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given."""
+    `weights`: the content fingerprint of those weights (see `run_record`); default: `model` as given.
+    `load`: how they were loaded (`Engine.load_alpha`'s record), kept in run.json next to the record
+    (None: the load already recorded there for the same record, if any)."""
+    run = open_run(engine=engine, problems=problems, folder=folder, model=model, prompt=prompt, sampling=sampling,
+                   options=options, lora=lora, params_b=params_b, params_source=params_source, weights=weights,
+                   load=load)
+    with RunProgress(desc=run.desc, total=run.total, done=run.total - len(run.todo) * sampling.n,
+                     disable=not options.progress, records=read_samples(run.path)) as bar, \
+            open(run.path, "a", encoding="utf-8") as f:
+        for start in range(0, len(run.todo), options.batch_size):
+            batch = run.todo[start:start + options.batch_size]
+            texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
+            outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=run.special)
+            bar.update(run.write(f, batch, texts, outs), n=len(batch) * sampling.n)
+    return run.finish()
+
+
+@dataclass
+class OpenRun:
+    """A run whose run.json is written and whose samples are being generated (`open_run`): what is still to
+    do, how to append samples, and `finish` (score, summarise, mark finished). `run_one` drives one; a
+    batched caller (`tvtool.evaluation.batched`) drives several runs with one generate call per batch."""
+
+    folder: Path
+    problems: ProblemSet
+    sampling: SamplingOptions
+    options: EvalOptions
+    lora: str | None
+    run: dict  # run.json as written at the start
+    todo: list  # problems with samples still missing
+    done: set  # (id, sampling index) already written
+    special: bool  # add_special_tokens when tokenizing (no chat template)
+    params: tuple[float | None, str]
+    reader: ThinkReader  # splits thinking from the answer (`tvtool.evaluation.thinking`)
+    tokenizer: Any
+
+    @property
+    def path(self) -> Path:
+        return self.folder / SAMPLES
+
+    @property
+    def total(self) -> int:
+        return len(self.problems) * self.sampling.n
+
+    @property
+    def desc(self) -> str:
+        return f"{self.folder.parent.name} {self.folder.name}"
+
+    def write(self, f, batch, texts, outs) -> list[dict]:
+        """Append the records of `batch` (prompts `texts`, samples `outs`) to samples.jsonl, flushed and fsynced."""
+        o = self.options
+        recs = [_record(p, text, s, self.problems.kind, o.score and o.answer_rule, self.reader)
+                for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in self.done]
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+        f.flush()
+        os.fsync(f.fileno())
+        return recs
+
+    def finish(self) -> dict:
+        """`finish_run`: read the answers, summarise, mark finished."""
+        return finish_run(folder=self.folder, run=self.run, problems=self.problems, sampling=self.sampling,
+                          options=self.options, params_b=self.params[0], params_source=self.params[1],
+                          tokenizer=self.tokenizer)
+
+
+def open_run(*, engine: EngineLike, problems: ProblemSet, folder: str | os.PathLike, model: dict,
+             prompt: PromptOptions, sampling: SamplingOptions, options: EvalOptions,
+             lora: str | os.PathLike | None = None, params_b: float | None = None, params_source: str = "counted",
+             weights: dict | None = None, load: dict | None = None) -> OpenRun:
+    """Start (or resume) a run: check the folder's record, write run.json, gather the samples already there
+    (shards a pool of engines wrote included, `merge_shards`)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt,
                             sampling=sampling, options=options)
     record = run_record(engine=engine, problems=problems, model=model, lora=lora, prompt=prompt, sampling=sampling,
                         options=options, weights=weights)
+    run = begin_run(folder=folder, settings=settings, record=record, problems=problems, options=options,
+                    engine_options=engine.options, load=load)
+    merge_shards(folder, problems, sampling.n)
+    done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES, repair=True)}
+    todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
+    special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
+    return OpenRun(folder, problems, sampling, options, str(lora) if lora else None, run, todo, done, special,
+                   (params_b, params_source), think_reader(engine.tokenizer, options), engine.tokenizer)
+
+
+def think_reader(tokenizer, options: EvalOptions) -> ThinkReader:
+    """How a run's responses are split into thinking and answer (`tvtool.evaluation.thinking`)."""
+    return ThinkReader(detect_think_end(option=options.think_end, tokenizer=tokenizer)[0], tokenizer=tokenizer)
+
+
+def begin_run(*, folder: Path, settings: dict, record: dict, problems: ProblemSet, options: EvalOptions,
+              engine_options, load: dict | None = None) -> dict:
+    """Check the folder holds nothing of other settings and write run.json's first form (no `finished`)."""
+    folder.mkdir(parents=True, exist_ok=True)
     check_settings(folder, record, options.overwrite)
-    run = {"settings": settings, RECORD_KEY: record, "dataset": _dataset_record(problems),
+    load = load if load is not None else _recorded_load(folder / RUN, record)
+    run = {"settings": settings, RECORD_KEY: record, **({"load": load} if load is not None else {}),
+           "dataset": _dataset_record(problems),
            "tvtool_version": __version__, "scoring": {"answer_rule": options.answer_rule if options.score else None},
            "vllm_version": vllm_version(),
-           "engine": asdict(engine.options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "engine": asdict(engine_options), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(folder / RUN, run)
-    path = folder / SAMPLES
-    reader = ThinkReader(detect_think_end(option=options.think_end, tokenizer=engine.tokenizer)[0],
-                         tokenizer=engine.tokenizer)
-    rule = options.score and options.answer_rule
-    done = {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
+    return run
+
+
+def generate_samples(*, engine: EngineLike, problems: ProblemSet | Sequence, path: Path, prompt: PromptOptions,
+                     sampling: SamplingOptions, options: EvalOptions, lora=None, done: set | None = None,
+                     kind: str | None = None, desc: str = "") -> None:
+    """Append the samples of `problems` not written yet (in `path`, or in `done`) to `path`, batch by batch
+    (each batch flushed and fsynced), in problem order: a shard of a run (`tvtool.evaluation.shards`)."""
+    kind = kind or problems.kind
+    reader = think_reader(engine.tokenizer, options)
+    done = (done or set()) | {(r["id"], r["index"]) for r in read_samples(path, repair=True)}
     todo = [p for p in problems if any((p.id, i) not in done for i in range(sampling.n))]
     special = not uses_chat_template(tokenizer=engine.tokenizer, options=prompt)
     total = len(problems) * sampling.n
-    desc = f"{folder.parent.name} {folder.name}"
     with RunProgress(desc=desc, total=total, done=total - len(todo) * sampling.n, disable=not options.progress,
                      records=read_samples(path)) as bar, open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start:start + options.batch_size]
             texts = engine.prompts(questions=[p.question for p in batch], options=prompt)
             outs = engine.generate(prompts=texts, sampling=sampling, lora=lora, add_special_tokens=special)
-            recs = [_record(p, text, s, problems.kind, rule, reader)
+            recs = [_record(p, text, s, kind, options.score and options.answer_rule, reader)
                     for p, text, samples in zip(batch, texts, outs) for s in samples if (p.id, s.index) not in done]
             f.write("".join(json.dumps(r) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
             bar.update(recs, n=len(batch) * sampling.n)
-    scoring = read_run(folder=folder, problems=problems, options=options, tokenizer=engine.tokenizer)
+
+
+def merge_shards(folder: Path, problems: ProblemSet, n: int) -> None:
+    """samples.jsonl ← its samples and those of the run's shard files (tvtool.evaluation.shards), in the order
+    one engine writes them (problems in order, samples by index), atomically; then the shard files go."""
+    shards = sorted((folder / SHARDS).glob("*.jsonl"))
+    if not shards:
+        return
+    by_key: dict[tuple[str, int], dict] = {}
+    for f in [folder / SAMPLES, *shards]:
+        for r in read_samples(f, repair=True):
+            by_key.setdefault((r["id"], r["index"]), r)
+    order = [(p.id, i) for p in problems for i in range(n)]
+    write_text(folder / SAMPLES, "".join(json.dumps(by_key[k]) + "\n" for k in order if k in by_key))
+    shutil.rmtree(folder / SHARDS)
+
+
+def finish_run(*, folder: Path, run: dict, problems: ProblemSet, sampling: SamplingOptions, options: EvalOptions,
+               params_b: float | None, params_source: str, tokenizer) -> dict:
+    """Read the answers (again, under the current answer rule and thinking delimiter), write summary.json,
+    and run.json with `finished`, last."""
+    scoring = read_run(folder=folder, problems=problems, options=options, tokenizer=tokenizer)
     summary = summary_of(folder=folder, problems=problems, n=sampling.n, params_b=params_b,
                          params_source=params_source, difficulty=options.difficulty_field)
     write_json(folder / SUMMARY, summary)
@@ -169,6 +292,16 @@ def is_complete(*, folder: str | os.PathLike, record: dict, problems: ProblemSet
         return False
     done = {(r["id"], r["index"]) for r in read_samples(folder / SAMPLES)}
     return all((p.id, i) in done for p in problems for i in range(n))
+
+
+def _recorded_load(path: Path, record: dict) -> dict | None:
+    """The `load` run.json holds for the same record (a re-summarised run keeps how its weights were loaded)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = isinstance(old, dict) and (old.get(RECORD_KEY) or {}).get("fingerprint") == record["fingerprint"]
+    return old.get("load") if same else None
 
 
 def _record(p, prompt: str, s, kind: str, rule: str | None, reader: ThinkReader) -> dict:

@@ -7,7 +7,10 @@ actor starts, so a finished re-run costs neither an engine nor a Ray cluster.
   path writes: `<output>/alpha-<a>/<dataset>/` (samples.jsonl, summary.json, run.json).
 - A *unit* (`Unit`) is what one engine does in one go: one configuration (α, or an operator at α: one
   run folder name) for all its datasets (the engine loads θ1 + α·Δ, or θ1 + α·M, once), or one
-  configuration on one dataset when there are fewer configurations than engines (`per="auto"`).
+  configuration on one dataset when there are fewer configurations than engines, or a shard of one
+  run's problems (α, dataset, problems [start, stop)) when there are fewer runs than engines or
+  `RayOptions.shard` asks for it (`per="auto"`): with the resident swap an engine switches α in memory,
+  so a unit can be that small; shards land in the run's folder (`tvtool.evaluation.shards`).
 - Order: longest expected work first, so that the last unit to finish is a short one:
   α descending (a larger α gives longer chains, CoT-Valve Fig. 3), then the hardest set first by
   `HARDNESS` (answer kind: MATH-500 > GSM8K > ASDiv; chains grow with difficulty), then by expected
@@ -55,6 +58,9 @@ class RayOptions:
     retries: int = opt(2, "Retries of a unit whose engine process died (OOM, node lost, kill).", flag="--ray-retries")
     cpu_bind: Literal["auto", "nobind"] = opt("auto", "CPU build: auto = a distinct core list per engine (cores "
                                                       "i·c … i·c+c−1 of the node), nobind = no binding.")
+    shard: int | None = opt(None, "Problems per unit: cut each run (one α on one dataset) into shards of this many "
+                                  "problems, taken longest first by engines that switch α in place (default: "
+                                  "shards only when there are fewer runs than engines, about 2 units per engine).")
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,14 +104,19 @@ class RunSpec:
 
 @dataclass(frozen=True, eq=False)
 class Unit:
-    """Work for one engine in one go: one configuration (run folder name), its runs hardest first."""
+    """Work for one engine in one go: one configuration (run folder name), its runs hardest first; or
+    problems [start, stop) of one run (`shard`)."""
 
     name: str
     alpha: float
     runs: tuple[RunSpec, ...]
+    shard: tuple[int, int] | None = None
 
     @property
     def expected_tokens(self) -> int:
+        if self.shard is not None:
+            r = self.runs[0]
+            return (self.shard[1] - self.shard[0]) * r.sampling.n * r.sampling.max_tokens
         return sum(r.expected_tokens for r in self.runs)
 
 
@@ -125,16 +136,23 @@ def settings_complete(run: RunSpec) -> bool:
     return is_complete(folder=run.folder, record=run.record, problems=run.problems, n=run.sampling.n)
 
 
-def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto", "alpha", "run"] = "auto",
+SHARDS_PER_ENGINE = 2  # automatic shards: about this many units per engine
+
+
+def plan_units(*, runs: Sequence[RunSpec], engines: int = 1,
+               per: Literal["auto", "alpha", "run", "shard"] = "auto", shard: int | None = None,
                complete: Complete = settings_complete) -> Plan:
-    """Cut `runs` into units (longest first), leaving out the complete ones; see the module doc."""
+    """Cut `runs` into units (longest first), leaving out the complete ones; see the module doc. `shard`:
+    problems per shard (`per="shard"`; by default sized for about `SHARDS_PER_ENGINE` units per engine)."""
     if engines < 1:
         raise OptionsError(f"engines must be at least 1, got {engines}", where="--engines")
+    if shard is not None and shard < 1:
+        raise OptionsError(f"a shard needs at least one problem, got {shard}", where="--shard")
     todo = [r for r in runs if not complete(r)]
     skipped = tuple(r for r in runs if r not in todo)
     labels = list(dict.fromkeys(r.label for r in todo))  # one per α (and operator): one weight load each
     if per == "auto":
-        per = "alpha" if len(labels) >= engines else "run"
+        per = "shard" if shard is not None or len(todo) < engines else "alpha" if len(labels) >= engines else "run"
     hard_first = lambda r: (-r.hardness, -r.expected_tokens, r.name)  # noqa: E731
     if per == "alpha":
         units = []
@@ -143,10 +161,23 @@ def plan_units(*, runs: Sequence[RunSpec], engines: int = 1, per: Literal["auto"
             units.append(Unit(lab, mine[0].alpha, mine))
     elif per == "run":
         units = [Unit(r.name, r.alpha, (r,)) for r in todo]
+    elif per == "shard":
+        units = [u for r in todo for u in _shards(r, shard, engines, sum(x.expected_tokens for x in todo))]
     else:
-        raise OptionsError(f"unknown unit granularity {per!r}", where="plan_units(per=...)", fix="use auto, alpha or run")
+        raise OptionsError(f"unknown unit granularity {per!r}", where="plan_units(per=...)",
+                           fix="use auto, alpha, run or shard")
     units.sort(key=lambda u: (-u.alpha, -max(r.hardness for r in u.runs), -u.expected_tokens, u.name))
     return Plan(tuple(units), skipped, tuple(runs))
+
+
+def _shards(run: RunSpec, size: int | None, engines: int, total_tokens: int) -> list[Unit]:
+    """`run`'s problems in shards of `size` (default: its share of SHARDS_PER_ENGINE units per engine)."""
+    n = len(run.problems)
+    if size is None:
+        k = max(1, round(SHARDS_PER_ENGINE * engines * run.expected_tokens / max(1, total_tokens)))
+        size = -(-n // k)
+    return [Unit(f"{run.name}[{s}:{min(n, s + size)}]", run.alpha, (run,), (s, min(n, s + size)))
+            for s in range(0, n, max(1, size))]
 
 
 def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequence[float],

@@ -57,3 +57,13 @@ def check_writable(folder: str | os.PathLike, *, flag: str = "-o") -> None:
         raise OutputError(f"cannot write to the output folder: {e.strerror or e}", where=f"{flag} {folder}",
                           fix="choose a folder you can write to (check permissions, free space, read-only mounts)"
                           ) from None
+
+
+def cache_dir(given: str | os.PathLike | None = None) -> Path:
+    """tvtool's cache folder (derived files that can be rebuilt: α-scaled adapters, factored valves):
+    `given`, else $TVTOOL_CACHE, else $XDG_CACHE_HOME/tvtool, else ~/.cache/tvtool."""
+    if given:
+        return Path(given)
+    if os.environ.get("TVTOOL_CACHE"):
+        return Path(os.environ["TVTOOL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvtool"

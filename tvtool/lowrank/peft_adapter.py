@@ -14,9 +14,12 @@ kept full: their share of ‖Δ‖² is stated in the model card and the report.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
@@ -60,9 +63,77 @@ def target_modules(reports: list[TensorReport]) -> list[str]:
     return out
 
 
-def write_peft_adapters(*, factored: str | os.PathLike, output: str | os.PathLike, alphas: tuple[float, ...],
-                        overwrite: bool = False) -> dict[float, Path]:
-    """Write one PEFT LoRA adapter per α from a factored delta (`tvtool svd-rank` output)."""
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear module: Δ[module.weight] = scale · B @ A, its factors read on demand."""
+
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    read_a: Callable[[], torch.Tensor]  # A [k, in]
+    read_b: Callable[[], torch.Tensor]  # B [out, k]
+    shape: tuple[int, int]  # (out, in)
+    scale: float = 1.0
+
+
+def factored_modules(ckpt: Checkpoint, carried: list[TensorReport]) -> list[LoraModule]:
+    """The factors of a factored delta (`X.lora_A`, `X.lora_B`), scale 1."""
+    return [LoraModule(t.name.removesuffix(".weight"), functools.partial(ckpt.read, t.name + FACTOR_A),
+                       functools.partial(ckpt.read, t.name + FACTOR_B), tuple(t.shape)) for t in carried]
+
+
+def write_lora_weights(path: Path, modules: list[LoraModule], *, rank: int, alpha: float,
+                       dtype: torch.dtype) -> None:
+    """PEFT keys base_model.model.<module>.lora_{A,B}.weight: A [r, in] and B_α = (α·scale)·B [out, r], both
+    zero-padded to `rank`; B_α is computed in float32 and rounded to `dtype` once."""
+    plan = []
+    for m in modules:
+        key = "base_model.model." + m.module
+        out_f, in_f = m.shape
+        plan += [(key + ".lora_A.weight", dtype, (rank, in_f)), (key + ".lora_B.weight", dtype, (out_f, rank))]
+    w = StreamWriter(path, plan, {"format": "pt"})
+    try:
+        for m in modules:
+            key = "base_model.model." + m.module
+            A = m.read_a()  # [k, in]
+            B = m.read_b().float() * (alpha * m.scale)  # [out, k] fp32
+            k = A.shape[0]
+            A_pad = torch.zeros((rank, A.shape[1]), dtype=dtype)
+            A_pad[:k] = A
+            B_pad = torch.zeros((B.shape[0], rank), dtype=dtype)
+            B_pad[:, :k] = B.to(dtype)
+            w.write(key + ".lora_A.weight", A_pad)
+            w.write(key + ".lora_B.weight", B_pad)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+
+
+@dataclass(frozen=True)
+class FactoredAdapter:
+    """A factored delta read as LoRA adapters: the factors an adapter carries, one rank vLLM accepts, the
+    adapter_config.json and what the adapter leaves out (`adapter_shares`)."""
+
+    path: Path
+    meta: dict
+    modules: list[LoraModule]
+    rank: int
+    dtype: torch.dtype
+    base: dict
+    config: dict
+    shares: dict
+
+    def write(self, folder: Path, alpha: float) -> None:
+        """adapter_model.safetensors (B scaled by α), adapter_config.json and README.md into `folder`."""
+        write_lora_weights(folder / "adapter_model.safetensors", self.modules, rank=self.rank, alpha=alpha,
+                           dtype=self.dtype)
+        (folder / "adapter_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        (folder / "README.md").write_text(adapter_card(alpha=alpha, rank=self.rank, base=self.base,
+                                                       shares=self.shares, meta=self.meta,
+                                                       targets=self.config["target_modules"]))
+
+
+def open_factored(factored: str | os.PathLike) -> FactoredAdapter:
+    """A factored delta (`tvtool svd-rank` output) as LoRA adapters (headers only; factors are read on write)."""
     ckpt = Checkpoint.open(factored)
     meta = ckpt.metadata
     if meta.get("tvtool.kind") != "factored-delta":
@@ -75,50 +146,31 @@ def write_peft_adapters(*, factored: str | os.PathLike, output: str | os.PathLik
                               fix="factorize the projections (e.g. --include 'proj')")
     r = padded_rank(max(max(ckpt.info(t.name + FACTOR_A).shape[0] for t in carried), 1))
     base = json.loads(meta.get("tvtool.base") or "null") or {}
-    base_id = base.get("repo_id") or base.get("source")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id,
-              "r": r, "lora_alpha": r, "target_modules": target_modules(reports), "lora_dropout": 0.0,
-              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
-              "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
-              "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
-    shares = adapter_shares(reports)
+    config = lora_config(base_id=base.get("repo_id") or base.get("source"), rank=r, targets=target_modules(reports))
+    return FactoredAdapter(Path(factored), meta, factored_modules(ckpt, carried), r,
+                           ckpt.info(carried[0].name + FACTOR_A).dtype, base, config, adapter_shares(reports))
+
+
+def lora_config(*, base_id: str | None, rank: int, targets: list[str]) -> dict:
+    """adapter_config.json of a plain LoRA with scale 1 (lora_alpha = r) and no per-module patterns."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id,
+            "r": rank, "lora_alpha": rank, "target_modules": targets, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+            "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
+
+
+def write_peft_adapters(*, factored: str | os.PathLike, output: str | os.PathLike, alphas: tuple[float, ...],
+                        overwrite: bool = False) -> dict[float, Path]:
+    """Write one PEFT LoRA adapter per α from a factored delta (`tvtool svd-rank` output)."""
+    adapter = open_factored(factored)
     folders = adapter_folders(output=output, alphas=alphas)
     for f in folders.values():
         check_free(f, overwrite=overwrite, what="adapter folder")
     for a, folder in folders.items():
         with atomic_dir(folder) as tmp:
-            _write_weights(tmp / "adapter_model.safetensors", ckpt, carried, r, a)
-            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-            (tmp / "README.md").write_text(adapter_card(alpha=a, rank=r, base=base, shares=shares, meta=meta,
-                                                        targets=config["target_modules"]))
+            adapter.write(tmp, a)
     return folders
-
-
-def _write_weights(path: Path, ckpt: Checkpoint, carried: list[TensorReport], r: int, alpha: float) -> None:
-    """PEFT keys base_model.model.<module>.lora_{A,B}.weight; A [r, in], B_α = α·B [out, r], zero-padded."""
-    dtype = ckpt.info(carried[0].name + FACTOR_A).dtype
-    plan = []
-    for t in carried:
-        m = "base_model.model." + t.name.removesuffix(".weight")
-        out_f, in_f = t.shape
-        plan += [(m + ".lora_A.weight", dtype, (r, in_f)), (m + ".lora_B.weight", dtype, (out_f, r))]
-    w = StreamWriter(path, plan, {"format": "pt"})
-    try:
-        for t in carried:
-            m = "base_model.model." + t.name.removesuffix(".weight")
-            A = ckpt.read(t.name + FACTOR_A)  # [k, in]
-            B = ckpt.read(t.name + FACTOR_B).float() * alpha  # [out, k] fp32
-            k = A.shape[0]
-            A_pad = torch.zeros((r, A.shape[1]), dtype=dtype)
-            A_pad[:k] = A
-            B_pad = torch.zeros((B.shape[0], r), dtype=dtype)
-            B_pad[:, :k] = B.to(dtype)
-            w.write(m + ".lora_A.weight", A_pad)
-            w.write(m + ".lora_B.weight", B_pad)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
 
 
 def adapter_card(*, alpha: float, rank: int, base: dict, shares: dict, meta: dict, targets: list[str]) -> str:
@@ -188,4 +240,5 @@ def _merged(merge: dict | None) -> str:
             "and M (not Δ) was ")
 
 
-__all__ = ["VLLM_RANKS", "adapter_card", "adapter_folders", "padded_rank", "target_modules", "write_peft_adapters"]
+__all__ = ["FactoredAdapter", "LoraModule", "VLLM_RANKS", "adapter_card", "adapter_folders", "factored_modules",
+           "lora_config", "open_factored", "padded_rank", "target_modules", "write_lora_weights", "write_peft_adapters"]

@@ -24,6 +24,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 
 from tvtool.engine.memory import DTYPE_BYTES, engine_dtype, plan_engine
+from tvtool.engine.placement import held_bytes
 from tvtool.errors import CheckpointError, TvtoolError
 from tvtool.evaluation.data import BUNDLED, ProblemSet, load_problems
 from tvtool.io.checkpoint import Checkpoint, Source, local_only, model_config
@@ -47,19 +48,22 @@ class SweepPlanOptions(CliOptions):
     gpus: int = opt(1, "With --plan: training processes (GPUs) to plan each train entry for (as train --gpus).")
     gpu_memory: str | None = opt(None, "With --plan: memory per GPU, e.g. 80GiB or 24GB (default: this machine's "
                                        "GPU; none: the engines are planned on the CPU).")
+    ram: str | None = opt(None, "With --plan: memory of each host, e.g. 1TiB (default: this machine's): where "
+                                "the resident α swap's copies fit.")
 
 
 def machine(options: SweepPlanOptions) -> tuple[int | None, int, str]:
     """(bytes per GPU or None for CPU engines, this machine's RAM, the words for them)."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = parse_memory(options.ram) if options.ram else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host = f"host RAM {human(ram)} ({'--ram' if options.ram else 'this machine; --ram plans another'})"
     if options.gpu_memory is not None:
         gpu, where = parse_memory(options.gpu_memory), "--gpu-memory"
     elif torch.cuda.is_available():
         gpu, where = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
     else:
-        return None, ram, (f"no GPU here: engines planned on the CPU, RAM {human(ram)} (--gpu-memory plans GPUs); "
+        return None, ram, (f"no GPU here: engines planned on the CPU (--gpu-memory plans GPUs), {host}; "
                            f"training: {options.gpus} process(es) sharing the RAM")
-    return gpu, ram, f"GPUs of {human(gpu)} ({where}); training: {options.gpus} process(es)"
+    return gpu, ram, f"GPUs of {human(gpu)} ({where}), {host}; training: {options.gpus} process(es)"
 
 
 # --- the plan's data ---------------------------------------------------------------------------------
@@ -301,25 +305,40 @@ class PlanContext:
         return all(Path(p).exists() for p in (source.delta, *source.more) if p is not None) if \
             source.reasoner is None else True
 
-    def engine(self, *, weights: int, dtype: str, config: dict, options: Any, lora: int = 0) -> Memory:
+    def engine(self, *, weights: int, dtype: str, config: dict, options: Any, lora: int = 0,
+               resident: int | None = None) -> Memory:
         """An engine's memory (`tvtool.engine.memory.plan_engine`) on the GPUs (or the CPU) planned for."""
         m = plan_engine(weights=weights, dtype=dtype, config=config, options=options, gpu_memory=self.gpu_memory,
-                        ram=self.ram, lora=lora)
-        fix = None if m.fits is not False else ("raise tensor_parallel_size or gpu_memory_utilization, or lower "
+                        ram=self.ram, lora=lora, resident=resident)
+        refused = m.resident is not None and m.resident["refused"]
+        fix = None if m.fits is not False else "use resident: auto (streams what does not fit) or off" if refused \
+            else ("raise tensor_parallel_size or gpu_memory_utilization, or lower "
                                                 "max_model_len" if m.device == "GPU" else "lower cpu_kv_cache_gb")
         return Memory(f"vLLM engine ({m.device})", m.held + max(0, m.kv or 0), m.budget, tuple(m.lines()),
                       m.fits, fix, m.to_dict())
 
-    def served(self, source: DeltaSource, options: Any, *, dtype: str = "auto", lora: int = 0) -> Memory:
+    def served(self, source: DeltaSource, options: Any, *, dtype: str = "auto", lora: int = 0,
+               swap: Iterable[str] | None = None, pair: bool = False) -> Memory:
         """The memory of an engine serving θ1 + α·Δ of `source` (its shell model's tensors, `dtype` as stored
-        or as materialized), or θ1 with `lora` bytes per LoRA slot."""
+        or as materialized), or θ1 with `lora` bytes per LoRA slot. `swap`: the tensors an in-place α sweep's
+        Δ reaches, whose resident copies (`--resident`) are planned too (None: no in-place α on this engine);
+        `pair`: Δ is `source`'s plain base/reasoner pair (the copies are θ2 as stored, else a float32 M)."""
         opened = self.open(source)
         plan = output_plan(opened.base, opened.tv, dtype=dtype)
         numel = sum(math.prod(p.shape) for p in plan)
         stored = max(plan, key=lambda p: math.prod(p.shape) * p.dtype.itemsize).dtype  # the bulk's dtype
         edt = engine_dtype(options, dtype_name(stored))
+        share = options.tensor_parallel_size * options.pipeline_parallel_size if self.gpu_memory else 1
+        resident = None
+        if swap is not None:
+            reaches = set(swap)
+            end = self.checkpoint(source.reasoner) if pair else None
+            resident = sum(held_bytes(numel=math.prod(p.shape) // share, itemsize=p.dtype.itemsize,
+                                      in_delta=p.name in reaches,
+                                      paired=pair and p.name in end and end.info(p.name).dtype == p.dtype
+                                      and tuple(end.info(p.name).shape) == tuple(p.shape)) for p in plan)
         return self.engine(weights=numel * DTYPE_BYTES[edt], dtype=edt, config=self.model(source.base).config,
-                           options=options, lora=lora)
+                           options=options, lora=lora, resident=resident)
 
     def derived(self, *refs: str) -> list[str]:
         """Those of `refs` planned from config.json alone."""

@@ -84,8 +84,10 @@ class EvalStage(Stage):
                        and not is_vocab_tensor(n)) * DTYPE_BYTES[engine_dtype(engine, "bfloat16")]
             memory = ctx.served(DeltaSource(base=r.base, reasoner=r.base), engine, lora=lora)
         else:  # the shell model of θ1 + α·Δ, or the materialized folders (their shapes, the materialized dtype)
+            swap = r.apply == "swap" and ctx.ray is None  # in place on this engine (a Ray pool's: the same)
             memory = ctx.served(delta_source(r), engine, dtype=r.materialize.dtype if r.apply == "materialize"
-                                else "auto")
+                                else "auto", swap=ctx.open(delta_source(r)).tv.names() if swap else None,
+                                pair=ctx.source.reasoner is not None and ctx.plain())
         runs = len(ctx.configs)
         vocab = int(ctx.model(r.base).config.get("vocab_size") or 0)
         disk = [replace(samples_bytes(problems=ctx.problems(name=ev.dataset, split=ev.split, limit=ev.limit,

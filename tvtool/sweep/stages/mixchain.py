@@ -104,7 +104,8 @@ class MixChainStage(Stage):
                        what=f"mixchain/ (one chain per question and α, {len(mc.alphas)} α)")
         status = ctx.status_of(lambda: ctx.status([(folder, lambda: mixchain_record(source=delta_source(r), **args),
                                                     RECORD)]))
-        memory = ctx.served(DeltaSource(base=r.base, reasoner=r.reasoner), r.engine)
+        memory = ctx.served(DeltaSource(base=r.base, reasoner=r.reasoner), r.engine,
+                            swap=ctx.open(delta_source(r)).tv.names(), pair=not r.merge and not r.vectors)
         return StagePlan(self.name, status, [disk], [replace(memory, what="vLLM engine (shared with train's α sweeps)")])
         state.valves["mixchain"] = json.loads((folder / "mixchain.json").read_text())["stats"]["table9"]
 

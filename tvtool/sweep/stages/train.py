@@ -109,7 +109,8 @@ class TrainStage(Stage):
     def plan(self, ctx: PlanContext) -> StagePlan:
         r, out = ctx.recipe, ctx.out
         shared = DeltaSource(base=r.base, reasoner=r.reasoner)  # the valve engine (`_engine`)
-        engine = ctx.served(shared, r.engine)
+        targets = {n for t in r.train for n in _adapted(ctx, t)}  # what the valves' Δθ′ reach
+        engine = ctx.served(shared, r.engine, swap=targets)
         disk, memory, states, notes = [], [], [], []
         for t in r.train:
             model = named_model(r, t.model)
@@ -172,6 +173,13 @@ def _evals(r: RecipeCore, progress: bool, verbose: bool) -> list[tuple[EvalOptio
                          params_b=r.params_b, answer_rule=r.answer_rule, think_end=r.eval.think_end,
                          difficulty_field=r.eval.difficulty_field, progress=progress, verbose=verbose, overwrite=True),
              replace(r.sampling, max_tokens=ds.max_tokens or r.sampling.max_tokens)) for ds in r.datasets]
+
+
+def _adapted(ctx: PlanContext, t: TrainSpec) -> list[str]:
+    """The weight tensors a valve's LoRA adapts (its target projections in every layer)."""
+    projections = targets_of(resolve(t.options, mode=t.mode).target_modules)
+    return [n for n in ctx.checkpoint(named_model(ctx.recipe, t.model)).names()
+            if n.endswith(".weight") and n.rsplit(".", 2)[-2] in projections]
 
 
 def _status(ctx: PlanContext, t: TrainSpec, model: str, shared: DeltaSource) -> Status:
