@@ -63,13 +63,18 @@ def sweep_model(*, source: DeltaSource, config: MergeConfig) -> dict:
     return {**source.describe(), **{k: v for k, v in config.to_dict().items() if v is not None}}
 
 
-def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
-                      config_from: Literal["reasoner", "base"] = "reasoner") -> Path:
-    """Write the merged model's config/tokenizer files (no weights) into `folder`: what an engine
-    for θ1 + α·Δ starts from. The same files as a materialized α folder (`merged_config`)."""
+def shell_files(*, source: DeltaSource, config_from: Literal["reasoner", "base"] = "reasoner") -> dict[str, bytes]:
+    """The merged model's config/tokenizer files by name (no weights): what an engine for θ1 + α·Δ starts
+    from. The same files as a materialized α folder (`merged_config`)."""
     opened = source.open()
     base, tv = opened.base, opened.tv
-    files = merged_config(base=base, tv=tv, plan=output_plan(base, tv), config_from=config_from)
+    return merged_config(base=base, tv=tv, plan=output_plan(base, tv), config_from=config_from)
+
+
+def write_shell_model(*, source: DeltaSource, folder: str | os.PathLike,
+                      config_from: Literal["reasoner", "base"] = "reasoner") -> Path:
+    """Write `shell_files` into `folder`."""
+    files = shell_files(source=source, config_from=config_from)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():

@@ -128,14 +128,20 @@ class EngineLike(Protocol):
     def sampling_record(self, sampling: SamplingOptions) -> dict: ...
 
 
-def sampling_record(*, model_dir: str | os.PathLike, sampling: SamplingOptions) -> dict:
-    """What decoding uses with an engine started from `model_dir`, and its generation_config.json that is
-    NOT applied. A function, so that a planner without an engine (tvtool.evaluation.units) records the same.
+def sampling_record(*, model_dir: str | os.PathLike | None = None, sampling: SamplingOptions,
+                    files: dict[str, bytes] | None = None) -> dict:
+    """What decoding uses with an engine started from `model_dir` (or from a folder of `files`, not written:
+    `tvtool.engine.engine.shell_files`), and its generation_config.json that is NOT applied. A function, so
+    that a planner without an engine (tvtool.evaluation.units, `sweep --plan`) records the same.
 
     A protocol is recorded (a changed protocol is new work); without one the record is what it was before
     protocols existed, so runs finished then still count as finished."""
-    gen = Path(model_dir) / "generation_config.json"
-    ignored = json.loads(gen.read_text()) if gen.is_file() else None
+    if files is not None:
+        data = files.get("generation_config.json")
+    else:
+        gen = Path(model_dir) / "generation_config.json"
+        data = gen.read_bytes() if gen.is_file() else None
+    ignored = json.loads(data) if data is not None else None
     sampling = resolve_protocol(sampling)
     rec = asdict(sampling)
     if sampling.protocol is None:

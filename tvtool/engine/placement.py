@@ -55,6 +55,14 @@ def choose(*, mode: Mode, need: int, free_gpu: int | None, free_cpu: int, worker
                         "from the checkpoints")
 
 
+def held_bytes(*, numel: int, itemsize: int, in_delta: bool, paired: bool) -> int:
+    """What the resident swap keeps for `numel` elements of one tensor stored with `itemsize` bytes: θ1 as
+    stored; plus θ2 as stored where Δ comes from a single pair (`paired`), else a float32 M (an upper bound:
+    M is kept in bf16 where exact); a tensor Δ does not reach keeps θ1 only. `Resident.need` sums it over a
+    worker's regions; `sweep --plan` over a worker's share of the tensors."""
+    return numel * (itemsize + (0 if not in_delta else itemsize if paired else 4))
+
+
 def free_cpu_bytes() -> int:
     """MemAvailable of this host (Linux), else 0."""
     try:

@@ -27,7 +27,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from tvtool.engine.placement import Placement
+from tvtool.engine.placement import Placement, held_bytes
 from tvtool.io.checkpoint import Checkpoint, Source
 from tvtool.io.layout import dtype_name
 from tvtool.merge.config import MergeConfig
@@ -255,12 +255,9 @@ class Resident:
         """Bytes this worker will keep for `config` (headers only, nothing read): θ1 as stored, θ2 as stored
         where Δ comes from a single pair, else a float32 M (an upper bound: M is kept in bf16 where exact)."""
         ident = identity_merge(config, len(self.tvs))
-        total = 0
-        for r in self.regions:
-            p = self.plan[r.tensor]
-            x = 0 if r.tensor not in self.tvs[0] else p.dtype.itemsize if ident and r.tensor in self.paired else 4
-            total += r.numel * (p.dtype.itemsize + x)
-        return total
+        return sum(held_bytes(numel=r.numel, itemsize=self.plan[r.tensor].dtype.itemsize,
+                              in_delta=r.tensor in self.tvs[0], paired=ident and r.tensor in self.paired)
+                   for r in self.regions)
 
     @property
     def nbytes(self) -> int:

@@ -43,11 +43,12 @@ from typing import Callable, Sequence
 from tvtool.io.checkpoint import Checkpoint
 from tvtool.evaluation.budget import budget_variants
 from tvtool.evaluation.data import ProblemSet, load_problems
-from tvtool.engine.engine import Engine, alpha_weights, folder_weights, sweep_model
-from tvtool.engine.options import EngineOptions, SamplingOptions
+from tvtool.engine.engine import Engine, alpha_weights, folder_weights, shell_files, sweep_model
+from tvtool.engine.options import EngineOptions, SamplingOptions, sampling_record
 from tvtool.errors import OptionsError
 from tvtool.io.finite import check_alphas
-from tvtool.io.layout import SETTINGS_FILE, alpha_name, dataset_dir, summary_table
+from tvtool.io.finished import read_record
+from tvtool.io.layout import RUN, SETTINGS_FILE, alpha_name, dataset_dir, summary_table
 from tvtool.io.lock import output_lock
 from tvtool.engine.logs import vllm_logs
 from tvtool.engine.options import check_engine_options, check_sampling
@@ -199,15 +200,35 @@ class _Session:
                         for b, ps, po, extra in variants]
 
 
-# --- one function per mode -------------------------------------------------------------------
+# --- one function per mode: the runs, in groups that share an engine ---------------------------------
 
 
-def _evaluate_model(s: _Session, out: Path, model) -> None:
+@dataclass(frozen=True)
+class _Group:
+    """Runs done on one engine: how to make it, and what it starts from (the sampling record's folder, or the
+    shell model's source) with which options."""
+
+    runs: list[_Planned]
+    make: Callable[[], Engine]
+    options: EngineOptions
+    folder: str | None = None  # the model folder the engine starts from …
+    shell: DeltaSource | None = None  # … or the shell model of θ1 + α·Δ (`Engine.for_source`)
+    batched: bool = False  # the runs differ by LoRA adapter only: one generate call (`_Session.run`)
+
+    def sampling_record(self, sampling: SamplingOptions) -> dict:
+        """`Engine.sampling_record` of the engine this group would start, without starting it."""
+        if self.shell is not None:
+            return sampling_record(files=shell_files(source=self.shell), sampling=sampling)
+        return sampling_record(model_dir=self.folder, sampling=sampling)
+
+
+def _plan_model(s: _Session, out: Path, model) -> list[_Group]:
     r = _Planned(Path(model).name, None, out, {"path": str(model)}, run_params(s.options, model), path=str(model))
-    s.run(s.with_budgets(out, r), lambda: Engine(model=model, options=s.engine_options, seed=s.seed, lazy=True))
+    return [_Group(s.with_budgets(out, r), lambda: Engine(model=model, options=s.engine_options, seed=s.seed,
+                                                          lazy=True), s.engine_options, folder=str(model))]
 
 
-def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequence[MergeConfig]) -> None:
+def _plan_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequence[MergeConfig]) -> list[_Group]:
     o, ds = s.options, dataset_dir(s.problems.name)
     params = run_params(o, source.base)
     runs = []
@@ -219,23 +240,24 @@ def _evaluate_sweep(s: _Session, out: Path, source: DeltaSource, configs: Sequen
         c = MergeConfig(float(o.budget_alpha), o.include, o.exclude)
         runs += s.with_budgets(out, _Planned(alpha_name(c.alpha), c.alpha, out, sweep_model(source=source, config=c),
                                              params, source=source, config=c))[1:]
-    s.run(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True))
+    return [_Group(runs, lambda: Engine.for_source(source=source, options=s.engine_options, seed=s.seed, lazy=True),
+                   s.engine_options, shell=source)]
 
 
-def _evaluate_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> None:
+def _plan_checkpoints(s: _Session, out: Path, checkpoints: Sequence) -> list[_Group]:
     ds, groups = dataset_dir(s.problems.name), []
     for ck in checkpoints:  # consecutive folders of the same model share an engine
         if groups and _same_model(groups[-1][0], ck):
             groups[-1].append(ck)
         else:
             groups.append([ck])
-    for group in groups:
-        runs = [_Planned(Path(ck).name, _alpha_of(ck), out / Path(ck).name / ds, {"path": str(ck)},
-                         run_params(s.options, ck), path=str(ck)) for ck in group]
-        s.run(runs, lambda: Engine(model=group[0], options=s.engine_options, seed=s.seed, lazy=True))
+    return [_Group([_Planned(Path(ck).name, _alpha_of(ck), out / Path(ck).name / ds, {"path": str(ck)},
+                             run_params(s.options, ck), path=str(ck)) for ck in group],
+                   lambda first=group[0]: Engine(model=first, options=s.engine_options, seed=s.seed, lazy=True),
+                   s.engine_options, folder=str(group[0])) for group in groups]
 
 
-def _evaluate_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequence[float]) -> None:
+def _plan_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequence[float]) -> list[_Group]:
     ds = dataset_dir(s.problems.name)
     rank = max([s.engine_options.max_lora_rank, *(_lora_rank(p) for p in loras)])
     eo = replace(s.engine_options, enable_lora=True, max_lora_rank=rank,
@@ -244,12 +266,14 @@ def _evaluate_loras(s: _Session, out: Path, model, loras: Sequence, alphas: Sequ
     params = run_params(s.options, model)
     runs = [_Planned(lab, float(alphas[i]) if alphas else None, out / lab / ds, {"path": str(model), "label": lab},
                      params, path=str(model), lora=str(path)) for i, (lab, path) in enumerate(zip(labels, loras))]
-    s.run(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True), batched=True)
+    return [_Group(runs, lambda: Engine(model=model, options=eo, seed=s.seed, lazy=True), eo, folder=str(model),
+                   batched=True)]
 
 
-def _evaluate_lora_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequence[float]) -> None:
+def _plan_lora_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Sequence[float]) -> list[_Group]:
     """`apply="lora"`: θ1 + α·Δ with Δ a LoRA valve (PEFT adapter or factored delta), served as one α-scaled
-    adapter per α (`tvtool.lowrank.alpha_adapter`, cached) on an engine holding θ1; all α in one batch."""
+    adapter per α (`tvtool.lowrank.alpha_adapter`, cached: written here) on an engine holding θ1; all α in one
+    batch."""
     valve = open_valve(source.delta)
     if valve.not_carried > 0:
         warnings.warn(f"the LoRA adapters leave out {100 * valve.not_carried:.3f}% of ‖Δ‖² (tensors the factored "
@@ -261,7 +285,21 @@ def _evaluate_lora_sweep(s: _Session, out: Path, source: DeltaSource, alphas: Se
     runs = [_Planned(alpha_name(a), a, out / alpha_name(a) / ds,
                      {**sweep_model(source=source, config=MergeConfig(a)), "apply": "lora"}, params,
                      path=source.base, lora=str(path)) for a, path in adapters.items()]
-    s.run(runs, lambda: Engine(model=source.base, options=eo, seed=s.seed, lazy=True), batched=True)
+    return [_Group(runs, lambda: Engine(model=source.base, options=eo, seed=s.seed, lazy=True), eo,
+                   folder=str(source.base), batched=True)]
+
+
+def _plan(s: _Session, out: Path, mode: str, source: DeltaSource | None, *, model, alphas, configs, checkpoints,
+          loras) -> list[_Group]:
+    if mode == "model":
+        return _plan_model(s, out, model)
+    if mode == "sweep":
+        return _plan_sweep(s, out, source, configs)
+    if mode == "lora-sweep":
+        return _plan_lora_sweep(s, out, source, alphas)
+    if mode == "checkpoints":
+        return _plan_checkpoints(s, out, checkpoints)
+    return _plan_loras(s, out, model, loras, alphas)
 
 
 # --- the public verb ----------------------------------------------------------------------
@@ -305,6 +343,51 @@ def evaluate(*, output: str | os.PathLike, model: str | os.PathLike | None = Non
                          engine_options=engine_options, engine=engine)
 
 
+def finished_runs(*, output: str | os.PathLike, model: str | os.PathLike | None = None,
+                  source: DeltaSource | None = None, alphas: Sequence[float] = (),
+                  checkpoints: Sequence[str | os.PathLike] = (), loras: Sequence[str | os.PathLike] = (),
+                  options: EvalOptions = EvalOptions(), configs: Sequence[MergeConfig] | None = None,
+                  prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
+                  engine_options: EngineOptions = EngineOptions(),
+                  shared: DeltaSource | None = None) -> list[tuple[Path, str]]:
+    """(run folder, state) for every run `evaluate` would do with these arguments: "finished" when its run.json
+    holds the record `evaluate` checks and samples.jsonl every sample, "resumes" (same record, samples left),
+    "changed" (another record: redone) or "absent". No engine starts and nothing is written (`sweep --plan`);
+    records are computed only for folders that hold a run.json. `shared`: the runs go to a shared engine made
+    by `Engine.for_source(source=shared)` (a sweep's valve engine), whose shell model gives the sampling record."""
+    if configs is not None:
+        alphas = alphas or tuple(c.alpha for c in configs)
+    mode = _mode(model, source, alphas, checkpoints, loras, options, configs is not None)
+    if mode == "lora-sweep":  # its α adapters are written (cached) when planned: not a read-only question
+        raise OptionsError("the runs of --apply lora are not planned without writing their adapters",
+                           where="--apply lora", fix="ask evaluate itself (it skips finished runs)")
+    if mode == "sweep" and configs is None:
+        configs = MergeOptions().configs(alphas, include=options.include, exclude=options.exclude)
+    problems = load_problems(dataset=options.dataset, split=options.split, limit=options.limit,
+                             seed=options.seed, kind=options.kind)
+    s = _Session(problems, prompt, sampling, options, engine_options, None)
+    out, fps, states = Path(output), {}, []
+    for g in _plan(s, out, mode, source, model=model, alphas=alphas, configs=configs, checkpoints=checkpoints,
+                   loras=loras):
+        if shared is not None:
+            g = replace(g, shell=shared, folder=None, options=engine_options)
+        srec = None
+        for r in g.runs:
+            if not (r.folder / RUN).is_file():
+                states.append((r.folder, "absent"))
+                continue
+            srec = srec or g.sampling_record(sampling)
+            ps = r.problems or problems
+            record = run_record(engine=None, problems=ps, model=r.model, prompt=r.prompt or prompt, sampling=sampling,
+                                options=options, lora=r.lora, weights=r.fingerprint(fps), sampling_record=srec,
+                                engine_options=g.options)
+            state = "finished" if is_complete(folder=r.folder, record=record, problems=ps, n=sampling.n) else \
+                "resumes" if (read_record(r.folder / RUN) or {}).get("fingerprint") == record["fingerprint"] else \
+                "changed"
+            states.append((r.folder, state))
+    return states
+
+
 def _precheck(out: Path, options: EvalOptions, sampling: SamplingOptions, alphas, inputs) -> None:
     """What can fail before the ~30 s engine start: options, α, and where the results go."""
     if options.batch_size < 1:
@@ -323,16 +406,9 @@ def _evaluate(out: Path, mode: str, source: DeltaSource | None, *, model, alphas
     check_reading(options, problems)
     s = _Session(problems, prompt, sampling, options, engine_options, engine)
     with vllm_logs(folder=out, verbose=options.verbose):  # vLLM's own lines go to out/vllm.log
-        if mode == "model":
-            _evaluate_model(s, out, model)
-        elif mode == "sweep":
-            _evaluate_sweep(s, out, source, configs)
-        elif mode == "lora-sweep":
-            _evaluate_lora_sweep(s, out, source, alphas)
-        elif mode == "checkpoints":
-            _evaluate_checkpoints(s, out, checkpoints)
-        else:
-            _evaluate_loras(s, out, model, loras, alphas)
+        for group in _plan(s, out, mode, source, model=model, alphas=alphas, configs=configs,
+                           checkpoints=checkpoints, loras=loras):
+            s.run(group.runs, group.make, batched=group.batched)
     res = s.result
     res.answer_rule = options.answer_rule if options.score else None
     if len(res.runs) > 1:
@@ -413,4 +489,4 @@ def _alpha_of(path) -> float | None:
         return None
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "finished_runs"]

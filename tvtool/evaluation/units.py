@@ -23,13 +23,12 @@ actor starts, so a finished re-run costs neither an engine nor a Ray cluster.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from tvtool.evaluation.data import ProblemSet, load_problems
-from tvtool.engine.engine import write_shell_model
+from tvtool.engine.engine import shell_files
 from tvtool.engine.options import EngineOptions, SamplingOptions, sampling_record
 from tvtool.errors import OptionsError
 from tvtool.engine.engine import sweep_model
@@ -198,9 +197,8 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
         raise OptionsError("a Ray sweep needs --base, one of --delta|--reasoner, and --alpha",
                            fix="pass them (checkpoint, --model and --lora evaluations run on one engine)")
     out = Path(output)
-    with tempfile.TemporaryDirectory(prefix="tvtool-plan-") as shell:  # what each actor's engine starts from
-        write_shell_model(source=source, folder=shell)
-        records = [sampling_record(model_dir=shell, sampling=sampling) for _, sampling in datasets]
+    shell = shell_files(source=source)  # what each actor's engine starts from (not written: read from here)
+    records = [sampling_record(files=shell, sampling=sampling) for _, sampling in datasets]
     runs, fingerprint = [], source.fingerprint_record()
     for (o, sampling), rec in zip(datasets, records):
         problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)

@@ -8,6 +8,8 @@ cache. Tensors are matched by name, never by file, and read in row chunks.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import fnmatch
 import json
@@ -31,6 +33,22 @@ from tvtool.io.safetensors_io import TensorInfo, read_header, read_rows
 SIDE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                  "added_tokens.json", "vocab.*", "merges.txt", "chat_template*", "*.tiktoken")
 _CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+_LOCAL_ONLY = contextvars.ContextVar("tvtool_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only():
+    """Within this block a Hub id resolves from the local Hugging Face cache only: nothing is downloaded
+    (what `sweep --plan` needs: it reads headers and config.json files, never fetches weights)."""
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
+def is_local_only() -> bool:
+    return _LOCAL_ONLY.get()
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,8 @@ def resolve(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
     repo_id, revision = hub
     patterns = ["*.safetensors", "*.json", *SIDE_PATTERNS] + (["*.bin"] if allow_pickle else [])
     try:
-        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                 local_files_only=is_local_only())
     except RevisionNotFoundError:
         raise CheckpointError(f"revision {revision!r} not found on the Hub", where=repo_id,
                               fix="check the branch, tag or commit after '@'") from None
@@ -66,6 +85,10 @@ def resolve(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
         raise CheckpointError("Hub repository not found or not accessible", where=repo_id,
                               fix="check the id, or log in (huggingface-cli login / HF_TOKEN) for a private repo") from None
     except LocalEntryNotFoundError:
+        if is_local_only():
+            raise CheckpointError("not in the local Hugging Face cache (nothing is downloaded here)", where=ref,
+                                  fix=f"download it (or only its config.json: huggingface-cli download {repo_id} "
+                                      "config.json), or pass a local folder") from None
         raise CheckpointError("not in the local Hugging Face cache and the Hub cannot be reached", where=ref,
                               fix="download it on a machine with a network (or unset HF_HUB_OFFLINE), "
                                   "or pass a local folder") from None

@@ -115,6 +115,21 @@ def say(message: str) -> None:
     tqdm.write(f"tvtool: {message}", file=sys.stderr)
 
 
+def finished_state(output: str | os.PathLike, record: dict, *, name: str | None = None) -> tuple[str, str]:
+    """Where `output` stands against `record`, reading only: ("finished", "") when its stored record has the
+    same fingerprint; ("absent", "") when there is no output; else ("changed", what differs in a few words).
+    `is_finished` acts on it; `sweep --plan` reports it."""
+    state, old = _compare(output, record, name)
+    return state, changes(old, record) if state == "changed" else ""
+
+
+def _compare(output: str | os.PathLike, record: dict, name: str | None) -> tuple[str, dict | None]:
+    old = read_record(Path(output) / name if name else Path(output))
+    if old is not None and old.get("fingerprint") == record["fingerprint"]:
+        return "finished", old
+    return ("absent" if not Path(output).exists() else "changed"), old
+
+
 def is_finished(output: str | os.PathLike, record: dict, *, overwrite: bool, what: str,
                 name: str | None = None) -> bool:
     """True when the record stored with `output` has `record`'s fingerprint (skip the stage).
@@ -125,12 +140,9 @@ def is_finished(output: str | os.PathLike, record: dict, *, overwrite: bool, wha
     says what changed and that `what` is redone. Without `overwrite`, an output made from other
     inputs or options is an OutputError naming the change.
     """
-    where = Path(output) / name if name else Path(output)
-    old = read_record(where)
-    if old is not None and old.get("fingerprint") == record["fingerprint"]:
-        return True
-    if not Path(output).exists():
-        return False
+    state, old = _compare(output, record, name)
+    if state != "changed":
+        return state == "finished"
     change = changes(old, record)
     if not overwrite:
         what_is = ("the output already exists, with no tvtool record of how it was made" if old is None else
@@ -145,5 +157,5 @@ def write_record(folder: str | os.PathLike, record: dict, *, name: str, extra: M
     return write_json(Path(folder) / name, {**dict(extra), RECORD_KEY: record})
 
 
-__all__ = ["META_KEY", "RECORD_KEY", "changes", "dataset_fingerprint", "is_finished", "read_record", "say",
+__all__ = ["META_KEY", "RECORD_KEY", "changes", "dataset_fingerprint", "finished_state", "is_finished", "read_record", "say",
            "stage_record", "write_record"]

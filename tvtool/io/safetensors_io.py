@@ -179,7 +179,10 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torc
     return out.reshape(info.shape) if len(info.shape) == 0 else out
 
 
-def row_chunks(shape: tuple[int, ...], max_elems: int = 1 << 23) -> list[tuple[int, int]]:
+ROW_CHUNK = 1 << 23  # elements per row chunk: the unit every streaming pass reads, merges and writes
+
+
+def row_chunks(shape: tuple[int, ...], max_elems: int = ROW_CHUNK) -> list[tuple[int, int]]:
     """Split the first axis into [start, stop) ranges of at most ~max_elems elements each."""
     if len(shape) <= 1:
         return [(0, shape[0] if shape else 1)]

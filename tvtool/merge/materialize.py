@@ -63,9 +63,8 @@ def materialize(*, source: DeltaSource, output: str | os.PathLike, options: Mate
     o = options
     if source.base is None:
         raise OptionsError("merging needs the base model", fix="pass the base (θ1)")
-    alphas = _check_options(o, configs)
-    cfgs = list(dict.fromkeys(configs)) if configs is not None else \
-        merge.configs(alphas, include=o.include, exclude=o.exclude)
+    folders = output_folders(output=output, options=o, merge=merge, configs=configs)
+    cfgs = list(folders)
     check_alphas([c.alpha for c in cfgs])
     b, tvs = source.open()
     tv = tvs[0]
@@ -75,7 +74,6 @@ def materialize(*, source: DeltaSource, output: str | os.PathLike, options: Mate
     files = merged_config(base=b, tv=tv, plan=plan, config_from=o.config_from)
     prov = tv.provenance()
     out = Path(output)
-    folders = {c: out / _folder_name(o.name_template, c) for c in cfgs}
     for f in folders.values():
         check_inside(f, out, flag=f"--name-template {o.name_template}")
         check_output_apart(f, [b.source.path, *(p for t in tvs for p in t.sources())], flag="-o/--name-template")
@@ -117,6 +115,15 @@ def materialize(*, source: DeltaSource, output: str | os.PathLike, options: Mate
     warn_nonfinite(nonfinite)
     return MaterializeResult({c.alpha: f for c, f in folders.items()}, [c.alpha for c in todo],
                              [c.alpha for c in cfgs if c not in todo], read, total_w, folders)
+
+
+def output_folders(*, output: str | os.PathLike, options: MaterializeOptions, merge: MergeOptions = MergeOptions(),
+                   configs: Sequence[MergeConfig] | None = None) -> dict[MergeConfig, Path]:
+    """Each configuration `materialize` writes (α × `merge`, or `configs`) and its folder under `output`."""
+    alphas = _check_options(options, configs)
+    cfgs = list(dict.fromkeys(configs)) if configs is not None else \
+        merge.configs(alphas, include=options.include, exclude=options.exclude)
+    return {c: Path(output) / _folder_name(options.name_template, c) for c in cfgs}
 
 
 def _check_options(o: MaterializeOptions, configs) -> list[float]:

@@ -33,7 +33,9 @@ from tvtool.io.atomic import discard, write_bytes, write_json, write_text
 from tvtool.io.lock import output_lock
 from tvtool.io.paths import check_output_apart
 from tvtool.io.finite import check_alphas
+from tvtool.errors import TvtoolError
 from tvtool.options import CliOptions, opt
+from tvtool.sweep.planning import PlanContext, StagePlan, Status, SweepPlan, SweepPlanOptions, machine
 from tvtool.sweep.recipe import Recipe, load_recipe, portable, to_dict
 from tvtool.sweep.spec import delta_source, merge_configs
 from tvtool.sweep.stage import Stage, SweepState
@@ -67,6 +69,22 @@ class SweepResult:
 
 def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOptions()) -> SweepResult:
     """Run (or finish) every stage of `recipe`; returns where the report is."""
+    state, todo = prepare(recipe=recipe, options=options)
+    r, out = state.recipe, state.out
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if options.overwrite:
+            for folder in (f for s in STAGES for f in s.folders):
+                discard(out / folder)
+        write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False,
+                                                       allow_unicode=True))
+        report = _run(state, todo)
+    return SweepResult(out, report, state.tables, state.engine_starts)
+
+
+def prepare(*, recipe: str | os.PathLike | Recipe, options: SweepOptions) -> tuple[SweepState, list[Stage]]:
+    """The recipe with the options' overrides, the stages it runs, and their shared state; the output checked
+    apart from every input and each stage's refusals, before anything is written (`sweep`, `sweep --plan`)."""
     path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if options.alphas:
@@ -78,7 +96,6 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
     check_alphas(alphas, where=f"alphas in {path}" if path else "alphas")
     out = Path(options.output or r.output.format(name=r.name))
     todo = [s for s in STAGES if s.runs(r)]
-    # --- before anything is written: the output apart from every input, and what each stage refuses ---
     check_output_apart(out, [p for s in todo for p in s.inputs(r)], flag="-o" if options.output else "output")
     source = delta_source(r)  # the recipe's vectors and source options (vocab policy), for swap as for materialize
     state = SweepState(recipe=r, recipe_path=path, out=out, alphas=alphas, source=source,
@@ -86,15 +103,32 @@ def sweep(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOp
                        progress=options.progress, verbose=options.verbose, ray=options.ray)
     for s in todo:
         s.check(state)
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
-        if options.overwrite:
-            for folder in (f for s in STAGES for f in s.folders):
-                discard(out / folder)
-        write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(portable(r, out)), sort_keys=False,
-                                                       allow_unicode=True))
-        report = _run(state, todo)
-    return SweepResult(out, report, state.tables, state.engine_starts)
+    return state, todo
+
+
+def plan(*, recipe: str | os.PathLike | Recipe, options: SweepOptions = SweepOptions(),
+         plan_options: SweepPlanOptions = SweepPlanOptions()) -> SweepPlan:
+    """`sweep --plan`: per stage, its exact commands, the disk it will write, its memory (engines, training,
+    streaming passes) and whether it is finished (by the records a run checks). Nothing runs, nothing is
+    written or downloaded: inputs are read by their safetensors headers, or their config.json alone. A stage
+    whose plan needs what is not at hand says so in its status; the recipe is refused as `sweep` refuses it."""
+    state, todo = prepare(recipe=recipe, options=options)
+    gpu, ram, words = machine(plan_options)
+    ctx = PlanContext(recipe=state.recipe, out=state.out, alphas=state.alphas, configs=list(state.configs),
+                      source=state.source, gpus=plan_options.gpus, gpu_memory=gpu, ram=ram,
+                      overwrite=options.overwrite, ray=state.ray)
+    plans = []
+    for s in todo:
+        try:
+            p = s.plan(ctx)
+        except TvtoolError as e:  # an input not at hand, a model type without derived shapes: this stage only
+            p = StagePlan(s.name, Status("cannot plan", str(e)))
+        if not p.commands:
+            p.commands = commands(state.recipe, state.out, stages=[s.name])
+        plans.append(p)
+    inputs = {ref: f"{'config.json only (shapes derived)' if m.from_config else 'safetensors headers'}: {m.where}"
+              for ref, m in ctx.models().items()}
+    return SweepPlan(str(state.recipe_path or state.recipe.name), state.out, words, inputs, plans)
 
 
 def _run(state: SweepState, todo: list[Stage]) -> Path:
@@ -169,4 +203,4 @@ def commands(recipe: Recipe, out: str | os.PathLike, here: Path | None = None, *
             for c in s.commands(shown, to)]
 
 
-__all__ = ["SweepOptions", "SweepResult", "commands", "sweep", "write_report"]
+__all__ = ["SweepOptions", "SweepResult", "commands", "plan", "prepare", "sweep", "write_report"]

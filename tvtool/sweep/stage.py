@@ -10,7 +10,9 @@ the folder discovers its modules, so adding a stage is adding that one file. A s
   - how it runs (`run`: resumable, its outputs skipped when their finished-work record matches,
     `tvtool.io.finished`) and what it leaves for later stages in the `SweepState`;
   - the commands it contributes to REPORT.md (`commands`: the exact verbs it runs, from the recipe
-    alone, no run needed) and any report lines or plots (`report`).
+    alone, no run needed) and any report lines or plots (`report`);
+  - its plan (`plan`, for `sweep --plan`): the disk it will write, the memory it needs, and whether its
+    outputs are finished, by the same records `run` checks.
 Every hook but `run` reads the recipe only, so that a planning pass can ask each stage about its work
 without running it.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
 from tvtool.merge.config import MergeConfig
+from tvtool.sweep.planning import PlanContext, StagePlan, Status
 from tvtool.vectors.source import DeltaSource
 
 Recipe = Any  # a validated `tvtool.sweep.recipe.Recipe`: the shared fields (`tvtool.sweep.spec.RecipeCore`) and
@@ -149,6 +152,12 @@ class Stage:
     def report(self, state: SweepState) -> Part | None:
         """What the stage adds to REPORT.md (None: nothing)."""
         return None
+
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        """What a run of this stage would write (`disk`), hold (`memory`) and skip (`status`, by the records
+        `run` checks), from the recipe and the inputs' headers or config.json: nothing runs, nothing is
+        written, nothing is downloaded (`sweep --plan`). Its commands are added from `commands`."""
+        return StagePlan(self.name, Status("nothing to run"))
 
 
 _REGISTRY: dict[str, Stage] = {}

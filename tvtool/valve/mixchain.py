@@ -299,6 +299,19 @@ def _build(*, out: Path, work: Path, source: DeltaSource, configs: list[MergeCon
     return MixChainResult(out, work, len(rows), stats, ev.engine_starts, (note,) if note else ())
 
 
+def mixchain_record(*, source: DeltaSource, options: MixChainOptions = MixChainOptions(),
+                    prompt: PromptOptions = PromptOptions(), sampling: SamplingOptions = SamplingOptions(),
+                    engine_options: EngineOptions = EngineOptions(), merge: MergeOptions = MergeOptions()) -> dict:
+    """The finished-work record `build_mixchain` checks for these arguments (default scorer), with no engine
+    and nothing written (`sweep --plan`); `engine_options`: those of the engine it would run on."""
+    configs = merge.configs(sorted(dict.fromkeys(float(a) for a in options.alphas)))
+    o = options
+    problems = load_problems(dataset=o.dataset, split=o.split, limit=o.limit, seed=o.seed, kind=o.kind)
+    return _finished_record(source=source, problems=problems, alphas=[c.alpha for c in configs],
+                            op=operator_settings(configs[0], more=source.more), o=o, prompt=prompt, sampling=sampling,
+                            engine_options=engine_options, scorer=None)
+
+
 def _finished_record(*, source: DeltaSource, problems, alphas, op: dict | None, o: MixChainOptions,
                      prompt: PromptOptions, sampling: SamplingOptions, engine_options: EngineOptions, scorer) -> dict:
     """The finished-work record of the dataset folder (`tvtool.io.finished`): the options (the merge operator

@@ -88,6 +88,27 @@ class Arch:
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter tensor of the Hugging Face checkpoint, by name, with its shape: what a model's
+        weights look like from config.json alone (`params` is their sum)."""
+        h, lin = self.hidden, self.linears()
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        biased = {"q_proj": self.qkv_bias, "k_proj": self.qkv_bias, "v_proj": self.qkv_bias, "o_proj": self.o_bias,
+                  "gate_proj": self.mlp_bias, "up_proj": self.mlp_bias, "down_proj": self.mlp_bias}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = (h,)
+            for name, (fan_in, fan_out) in lin.items():
+                where = p + ("self_attn." if name in PROJECTIONS[:4] else "mlp.") + name
+                out[where + ".weight"] = (fan_out, fan_in)  # [out, in], as nn.Linear stores it
+                if biased[name]:
+                    out[where + ".bias"] = (fan_out,)
+            out[p + "post_attention_layernorm.weight"] = (h,)
+        out["model.norm.weight"] = (h,)
+        if not self.tied:
+            out["lm_head.weight"] = (self.vocab, h)
+        return out
+
     def layer_params(self) -> int:
         lin = self.linears()
         biases = (self.qkv_bias * sum(lin[n][1] for n in ("q_proj", "k_proj", "v_proj")) + self.o_bias * self.hidden

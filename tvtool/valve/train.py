@@ -118,6 +118,13 @@ def plan_run(*, mode: str, model: str | os.PathLike, data: str | os.PathLike | N
                          gpu_memory=plan.gpu_memory if plan.gpu_memory is not None else device_memory(processes=gpus))
 
 
+def train_record(*, mode: str, model: str | os.PathLike, data: str | os.PathLike,
+                 options: TrainOptions = TrainOptions(), prompt: PromptOptions = PromptOptions()) -> dict:
+    """The finished-work record `train` checks (its `RECORD` file) for these arguments: no tokenizer, no model
+    loaded, nothing written (`sweep --plan`)."""
+    return _record(mode, model, load_train_data(data), resolve(options, mode=mode), prompt)
+
+
 def device_memory(*, processes: int | None = None) -> int:
     """Memory per process here: the GPU's; on a CPU, the RAM shared by the `processes` on this machine
     (default: this launch's LOCAL_WORLD_SIZE)."""
@@ -255,5 +262,5 @@ def _f(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-__all__ = ["MODES", "PRESETS", "PlanOptions", "TrainOptions", "TrainResult", "device_memory", "plan_run", "resolve",
-           "train"]
+__all__ = ["MODES", "PRESETS", "RECORD", "PlanOptions", "TrainOptions", "TrainResult", "device_memory", "plan_run",
+           "resolve", "train", "train_record"]

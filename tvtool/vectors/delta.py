@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from tvtool._version import __version__
 from tvtool.errors import OutputError
 from tvtool.io.finished import META_KEY, is_finished, stage_record
@@ -68,15 +70,12 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
           options: DeltaOptions = DeltaOptions()) -> DeltaResult:
     """Write Δ = reasoner − base to `output` (a .safetensors file, or a folder of shards)."""
     o = options
-    source = DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
-                         allow_pickle=o.allow_pickle)
+    source = delta_source(base=base, reasoner=reasoner, options=o)
     tv = source.open().tv
-    pair = tv.pair()
-    dtype = common_dtype(pair.base, pair.reasoner) if o.dtype == "auto" else DTYPES[o.dtype]
+    dtype, plan = delta_plan(tv, o)
     out = Path(output)
     single = out.suffix == ".safetensors"
     max_shard = parse_size(o.max_shard_size)
-    plan = [(n, dtype, tv.shape(n)) for n in tv.names()]
     if single and plan_bytes(plan) > max_shard:
         raise OutputError(f"Δ is {human(plan_bytes(plan))}, over --max-shard-size {o.max_shard_size}",
                           where=str(out), fix="give a folder path for -o (it will be sharded) "
@@ -115,6 +114,20 @@ def delta(*, base: str | os.PathLike, reasoner: str | os.PathLike, output: str |
     return DeltaResult(out, written, len(plan), plan_bytes(plan), dtype_name(dtype),
                        prov["skipped"], prov["missing"])
 
+
+
+def delta_source(*, base: str | os.PathLike, reasoner: str | os.PathLike, options: DeltaOptions) -> DeltaSource:
+    """The pair `delta` reads, with its options' source settings."""
+    o = options
+    return DeltaSource(base=base, reasoner=reasoner, allow_missing=o.allow_missing, vocab=o.vocab,
+                       allow_pickle=o.allow_pickle)
+
+
+def delta_plan(tv, options: DeltaOptions) -> tuple[torch.dtype, list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """(stored dtype, [(name, dtype, shape)]) of the Δ that `delta` writes for the pair `tv` (headers only)."""
+    pair = tv.pair()
+    dtype = common_dtype(pair.base, pair.reasoner) if options.dtype == "auto" else DTYPES[options.dtype]
+    return dtype, [(n, dtype, tv.shape(n)) for n in tv.names()]
 
 
 def delta_record(source: DeltaSource, *, dtype: str, allow_nonfinite: bool) -> dict:

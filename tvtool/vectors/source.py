@@ -17,7 +17,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 from tvtool.errors import OptionsError
 from tvtool.io.checkpoint import Checkpoint
@@ -101,19 +101,20 @@ class DeltaSource(SourceOptions):
         return SourceOptions(**{f.name: getattr(self, f.name) for f in fields(SourceOptions)})
 
     # -- the one opener ----------------------------------------------------------------------
-    def open(self) -> Opened:
+    def open(self, *, checkpoints: Callable[[str], Checkpoint] | None = None) -> Opened:
         """θ1 (None without a base: deltas alone, for svd-rank) and every task vector (`more` after the
         first), opened once, headers only. Vocabulary tensors of different sizes across several vectors
         follow `vocab` (`tvtool.vectors.vocab.shared_vectors`): an error, or every Δ_i over the rows the
-        base and all vectors share (the rows past them stay θ1)."""
+        base and all vectors share (the rows past them stay θ1). `checkpoints` opens a model by its ref
+        instead of `Checkpoint.open` (`sweep --plan`: headers, or shapes from config.json)."""
+        ck = checkpoints or (lambda ref: Checkpoint.open(ref, allow_pickle=self.allow_pickle))
         if self.reasoner is not None:
-            first = TaskVector.between(self.base, self.reasoner, allow_missing=self.allow_missing, vocab=self.vocab,
-                                       allow_pickle=self.allow_pickle)
-            base = first.pair().base
-            more = [TaskVector.between(base, r, allow_missing=self.allow_missing, vocab=self.vocab,
-                                       allow_pickle=self.allow_pickle) for r in self.more]
+            base = ck(self.base)
+            first = TaskVector.between(base, ck(self.reasoner), allow_missing=self.allow_missing, vocab=self.vocab)
+            more = [TaskVector.between(base, ck(r), allow_missing=self.allow_missing, vocab=self.vocab)
+                    for r in self.more]
         else:
-            base = Checkpoint.open(self.base, allow_pickle=self.allow_pickle) if self.base is not None else None
+            base = ck(self.base) if self.base is not None else None
             first, *more = [TaskVector.load(d, allow_pickle=self.allow_pickle) for d in (self.delta, *self.more)]
         if not more:
             return Opened(base, [first])

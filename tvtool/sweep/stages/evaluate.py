@@ -18,13 +18,18 @@ from tvtool.engine.logs import vllm_logs
 from tvtool.engine.options import SamplingOptions
 from tvtool.errors import OptionsError
 from tvtool.evaluation.cluster import evaluate_on_ray
-from tvtool.evaluation.evaluate import evaluate
+from tvtool.engine.memory import DTYPE_BYTES, engine_dtype
+from tvtool.evaluation.evaluate import evaluate, finished_runs
+from tvtool.io.layout import dataset_dir, is_vocab_tensor
+from tvtool.lowrank.peft_adapter import adapter_folders, padded_rank
+from tvtool.merge.materialize import output_folders
 from tvtool.evaluation.report import table_row
 from tvtool.evaluation.runs import EvalOptions
 from tvtool.evaluation.units import RayOptions
 from tvtool.merge.options import MergeOptions
 from tvtool.options import cli_number, opt, to_cli_args
-from tvtool.sweep.spec import DatasetSpec, RecipeCore, low_rank_merge, merge_options
+from tvtool.sweep.planning import PlanContext, StagePlan, Status, samples_bytes
+from tvtool.sweep.spec import DatasetSpec, RecipeCore, delta_source, low_rank_merge, merge_options
 from tvtool.sweep.stage import Section, Stage, SweepState, register
 from tvtool.sweep.words import Glob, operator_rows, source_words, vector_words
 from tvtool.vectors.source import DeltaSource
@@ -67,6 +72,32 @@ class EvalStage(Stage):
         state.tables.update(tables)
         state.engine_starts += starts
 
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        r, out = ctx.recipe, ctx.out / "eval"
+        evals = [eval_options(r, ds, False) for ds in r.datasets]
+        engine = r.engine
+        if r.apply == "lora":  # θ1 and one LoRA slot at the adapters' (padded) rank
+            shapes = ctx.open(delta_source(r)).tv
+            rank = padded_rank(r.low_rank.rank or r.low_rank.max_rank or engine.max_lora_rank)
+            engine = dataclasses.replace(engine, enable_lora=True, max_lora_rank=rank)
+            lora = sum(rank * sum(shapes.shape(n)) for n in shapes.names() if len(shapes.shape(n)) == 2
+                       and not is_vocab_tensor(n)) * DTYPE_BYTES[engine_dtype(engine, "bfloat16")]
+            memory = ctx.served(DeltaSource(base=r.base, reasoner=r.base), engine, lora=lora)
+        else:  # the shell model of θ1 + α·Δ, or the materialized folders (their shapes, the materialized dtype)
+            swap = r.apply == "swap" and ctx.ray is None  # in place on this engine (a Ray pool's: the same)
+            memory = ctx.served(delta_source(r), engine, dtype=r.materialize.dtype if r.apply == "materialize"
+                                else "auto", swap=ctx.open(delta_source(r)).tv.names() if swap else None,
+                                pair=ctx.source.reasoner is not None and ctx.plain())
+        runs = len(ctx.configs)
+        vocab = int(ctx.model(r.base).config.get("vocab_size") or 0)
+        disk = [replace(samples_bytes(problems=ctx.problems(name=ev.dataset, split=ev.split, limit=ev.limit,
+                                                             seed=ev.seed, kind=ev.kind),
+                                      n=sampling.n, max_tokens=sampling.max_tokens, vocab=vocab, runs=runs),
+                        what=f"eval/{dataset_dir(ev.dataset)}: " + "samples.jsonl of " + f"{runs} run(s)")
+                for ev, sampling in evals]
+        notes = [] if ctx.ray is None else ["on a Ray pool: each engine of the pool as planned here"]
+        return StagePlan(self.name, ctx.status_of(lambda: _status(ctx, out, evals)), disk, [memory], notes)
+
     def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
         r, alphas = recipe, tuple(dict.fromkeys(recipe.alphas))
         op = low_rank_merge(r) if r.low_rank else None
@@ -105,6 +136,33 @@ def _ray(state: SweepState) -> RayOptions | None:
         raise OptionsError(f"a Ray sweep loads α in place; apply is {r.apply!r}", where="executor.ray",
                            fix="use apply: swap, or run without --ray / executor.ray")
     return ray
+
+
+def _status(ctx: PlanContext, out: Path, evals) -> Status:
+    """The runs' status, by the records `evaluate` checks (`finished_runs`); inputs an earlier stage writes
+    (α folders, adapters, the factored delta) are read only when the runs' folders are there at all."""
+    r = ctx.recipe
+    if not out.exists():
+        return Status("to do")
+    if r.apply == "materialize":
+        folders = output_folders(output=ctx.out / "models", configs=None if ctx.plain() else ctx.configs,
+                                 options=replace(r.materialize, alphas=ctx.alphas))
+        given = dict(checkpoints=[str(f) for f in folders.values()])
+        need = list(folders.values())
+    elif r.apply == "lora":
+        adapters = adapter_folders(output=ctx.out / "lowrank" / "adapters", alphas=ctx.alphas)
+        given = dict(model=r.base, loras=[str(adapters[a]) for a in ctx.alphas], alphas=ctx.alphas)
+        need = list(adapters.values())
+    else:
+        given = dict(source=ctx.source, **(dict(alphas=ctx.alphas) if ctx.plain() else dict(configs=ctx.configs)))
+        need = [] if ctx.exists(ctx.source) else [Path(ctx.source.delta)]
+    if not all(Path(p).exists() for p in need):
+        return Status("unknown", "its inputs are not written yet (an earlier stage writes them)")
+    states = []
+    for ev, sampling in evals:
+        states += [st for _, st in finished_runs(output=out, options=ev, prompt=r.prompt, sampling=sampling,
+                                                 engine_options=r.engine, **given)]
+    return ctx.runs_status(states, unit="runs")
 
 
 def eval_options(r: RecipeCore, ds: DatasetSpec, progress: bool, *,

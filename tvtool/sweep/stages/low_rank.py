@@ -5,17 +5,20 @@ after it apply α to the factored delta. Each output is skipped when its record 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 from tvtool.io.finished import changes, read_record, say, stage_record, write_record
 from tvtool.io.fingerprint import input_fingerprint
-from tvtool.lowrank.merged import MERGE_FLAGS, applied_configs
-from tvtool.lowrank.peft_adapter import adapter_folders, write_peft_adapters
-from tvtool.lowrank.svd import LowRankOptions, svd_rank
+from tvtool.io.layout import DTYPES
+from tvtool.lowrank.merged import MERGE_FLAGS, applied_configs, open_input, operator_config
+from tvtool.lowrank.peft_adapter import adapter_folders, padded_rank, write_peft_adapters
+from tvtool.lowrank.svd import LowRankOptions, lowrank_record, report_path, select, svd_rank
 from tvtool.merge.options import MergeOptions
 from tvtool.merge.config import MergeConfig
 from tvtool.options import to_cli_args
+from tvtool.sweep.planning import Memory, PlanContext, Size, StagePlan, Status, human
 from tvtool.sweep.spec import Invalid, RecipeCore, delta_source, low_rank_merge, one_merged_vector
 from tvtool.sweep.stage import Part, Section, Stage, SweepState, register
 from tvtool.sweep.words import describe, vector_words
@@ -61,6 +64,55 @@ class LowRankStage(Stage):
             state.configs = applied_configs(state.configs)
             state.alphas = tuple(dict.fromkeys(c.alpha for c in state.configs))
 
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        r, lr, folder = ctx.recipe, ctx.recipe.low_rank, ctx.out / "lowrank"
+        op, factored, o = low_rank_merge(r), folder / "delta.safetensors", replace(ctx.recipe.low_rank, plot=True)
+        tv = ctx.open(delta_source(r)).tv  # Δ's names and shapes (M has the same)
+        names = tv.names()
+        choice = select(names=names, shapes={n: tv.shape(n) for n in names}, options=lr, where=f"{r.base} → Δ")
+        item = DTYPES[lr.dtype].itemsize
+
+        def rank(shape) -> int:  # --energy: at most max_rank, else the full rank (an upper bound)
+            return min(lr.rank or lr.max_rank or min(shape), min(shape))
+
+        factors = [tv.shape(n) for n in names if choice[n] == "factor"]
+        size = sum(rank(s) * sum(s) for s in factors) * item + \
+            sum(math.prod(tv.shape(n)) for n in names if choice[n] == "full") * item
+        exact = lr.rank is not None
+        at = str(lr.rank) if exact else f"≤ {lr.max_rank or 'min(shape)'} (energy {lr.energy})"
+        disk = [Size(f"lowrank/delta.safetensors ({len(factors)} tensors factored at rank {at}, {lr.dtype})",
+                     size, exact)]
+        alphas = ctx.alphas
+        if r.apply == "lora":
+            pr = padded_rank(lr.rank or lr.max_rank or max(min(s) for s in factors))
+            each = sum(pr * sum(s) for s in factors if len(s) == 2) * item
+            disk.append(Size(f"lowrank/adapters/: {len(alphas)} LoRA adapter(s) at rank {pr}, {human(each)} each",
+                             len(alphas) * each, exact))
+        big = max(math.prod(s) for s in factors)
+        memory = [Memory("SVD", None, None, (f"SVD: one tensor at a time in float32, the largest {human(big * 4)} "
+                                             f"(plus the SVD's workspace); Δ read in row chunks",))]
+        source = DeltaSource(base=None, delta=str(ctx.out / "delta")) if op is None else delta_source(r)
+
+        def find() -> Status:
+            if not ctx.exists(source) and folder.exists():
+                return Status("unknown", "its input (delta/) is not written yet (the delta stage writes it)")
+            operator = None if op is None else open_input(
+                source=source, config=operator_config(merge=op, n_vectors=1 + len(source.more))).settings()
+            outputs = [(report_path(factored), lambda: lowrank_record(source, o, operator=operator), None)]
+            if r.apply == "lora":
+                outputs.append((folder / ADAPTERS_RECORD, lambda: _adapters_record(alphas, factored), None))
+            st = ctx.status(outputs)
+            want = adapter_folders(output=folder / "adapters", alphas=alphas).values() if r.apply == "lora" else []
+            return Status("resumes", "adapter folders missing") if st.state == "finished" and \
+                not all(p.exists() for p in want) else st
+
+        status = ctx.status_of(find)
+        ctx.source = DeltaSource(base=r.base, delta=str(factored))  # as `run` leaves the state
+        if op is not None:
+            ctx.configs = applied_configs(ctx.configs)
+            ctx.alphas = tuple(dict.fromkeys(c.alpha for c in ctx.configs))
+        return StagePlan(self.name, status, disk, memory)
+
     def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
         r, alphas = recipe, tuple(dict.fromkeys(recipe.alphas))
         op = low_rank_merge(r)
@@ -95,8 +147,7 @@ def _low_rank(r: RecipeCore, d_path: Path, folder: Path, alphas, progress: bool,
     out = {"factored": factored, "report": report, "plot": report.with_suffix(".png")}
     if r.apply == "lora":
         want = adapter_folders(output=folder / "adapters", alphas=alphas)
-        rec = stage_record(stage="adapters", options={"alphas": list(alphas)},
-                           inputs={"factored": input_fingerprint(factored)})
+        rec = _adapters_record(alphas, factored)
         old = read_record(folder / ADAPTERS_RECORD)
         if (old or {}).get("fingerprint") != rec["fingerprint"] or not all(p.exists() for p in want.values()):
             if old is not None:
@@ -105,6 +156,12 @@ def _low_rank(r: RecipeCore, d_path: Path, folder: Path, alphas, progress: bool,
             write_record(folder, rec, name=ADAPTERS_RECORD)  # last
         out["adapters"] = want
     return out
+
+
+def _adapters_record(alphas, factored: Path) -> dict:
+    """The finished-work record of the LoRA adapters (`ADAPTERS_RECORD`): their α and the factored delta."""
+    return stage_record(stage="adapters", options={"alphas": list(alphas)},
+                        inputs={"factored": input_fingerprint(factored)})
 
 
 def _factored(op: dict | None) -> str:

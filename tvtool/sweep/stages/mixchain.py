@@ -17,7 +17,9 @@ from tvtool.options import cli_number, opt, to_cli_args
 from tvtool.sweep.spec import Invalid, MergeSpec, RecipeCore, delta_source, merge_options, one_merged_vector
 from tvtool.sweep.stage import VALVE_ENGINE, Section, Stage, SweepState, register
 from tvtool.sweep.words import rel
-from tvtool.valve.mixchain import build_mixchain
+from tvtool.io.cards import MIXCHAIN_RECORD as RECORD
+from tvtool.sweep.planning import PlanContext, StagePlan, samples_bytes
+from tvtool.valve.mixchain import build_mixchain, mixchain_record
 from tvtool.valve.options import MixChainOptions, parse_min_correct
 from tvtool.vectors.source import DeltaSource
 
@@ -55,6 +57,15 @@ def _engine(state: SweepState) -> Engine:
                                                                 options=r.engine, lazy=True))
 
 
+def _arguments(r: RecipeCore, progress: bool) -> dict:
+    """`build_mixchain`'s arguments besides the source, output and engine (its run and its plan's record)."""
+    mc = r.mixchain
+    return dict(prompt=r.prompt, sampling=replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens),
+                engine_options=r.engine, merge=mixchain_merge(r),  # the recipe's operator over its vectors
+                options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit, alphas=mc.alphas,
+                                        min_correct=mc.min_correct, overwrite=True, progress=progress))
+
+
 def mixchain_merge(recipe: RecipeCore) -> MergeOptions:
     """The MixChain stage's operator: the recipe's (one) `merge:` entry over its `vectors:`, all its settings
     (α rules, schedule) at the stage's own α; plain θ1 + α·Δ without `merge:`/`vectors:`."""
@@ -79,17 +90,24 @@ class MixChainStage(Stage):
 
     def run(self, state: SweepState) -> None:
         r, folder = state.recipe, state.out / "mixchain"
-        mc = r.mixchain
-        sampling = replace(r.sampling, max_tokens=mc.max_tokens or r.sampling.max_tokens)
-        op = mixchain_merge(r)  # the recipe's operator over its vectors (with `merge:`/`vectors:`)
         with vllm_logs(folder=state.out / "valves", verbose=state.verbose):  # vLLM's lines go to valves/vllm.log
-            build_mixchain(source=delta_source(r), output=folder,
-                           engine=_engine(state), prompt=r.prompt, sampling=sampling, engine_options=r.engine,
-                           merge=op,  # skipped inside when its record matches (tvtool.io.finished)
-                           options=MixChainOptions(dataset=mc.dataset, split=mc.split, limit=mc.limit,
-                                                   alphas=mc.alphas, min_correct=mc.min_correct,
-                                                   overwrite=True, progress=state.progress))
+            build_mixchain(source=delta_source(r), output=folder, engine=_engine(state),
+                           **_arguments(r, state.progress))  # skipped inside when its record matches
         state.valves["mixchain"] = json.loads((folder / "mixchain.json").read_text())["stats"]["table9"]
+
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        r, folder, mc = ctx.recipe, ctx.out / "mixchain", ctx.recipe.mixchain
+        args = _arguments(r, False)
+        sampling = args["sampling"]
+        problems = ctx.problems(name=mc.dataset, split=mc.split, limit=mc.limit, seed=None, kind=None)
+        disk = replace(samples_bytes(problems=problems, n=len(mc.alphas), max_tokens=sampling.max_tokens,
+                                     vocab=int(ctx.model(r.base).config.get("vocab_size") or 0)),
+                       what=f"mixchain/ (one chain per question and α, {len(mc.alphas)} α)")
+        status = ctx.status_of(lambda: ctx.status([(folder, lambda: mixchain_record(source=delta_source(r), **args),
+                                                    RECORD)]))
+        memory = ctx.served(DeltaSource(base=r.base, reasoner=r.reasoner), r.engine,
+                            swap=ctx.open(delta_source(r)).tv.names(), pair=not r.merge and not r.vectors)
+        return StagePlan(self.name, status, [disk], [replace(memory, what="vLLM engine (shared with train's α sweeps)")])
 
     def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
         r, m = recipe, recipe.mixchain

@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from tvtool.merge.materialize import materialize
+from tvtool.io.layout import SETTINGS_FILE
+from tvtool.merge.materialize import materialize, materialize_record, output_folders
 from tvtool.merge.options import MergeOptions
+from tvtool.merge.plan import output_plan, plan_nbytes
 from tvtool.options import to_cli_args
-from tvtool.sweep.spec import RecipeCore, low_rank_merge, merge_options
+from tvtool.sweep.planning import PlanContext, Size, StagePlan, Status, human, streaming
+from tvtool.sweep.spec import RecipeCore, delta_source, low_rank_merge, merge_options
 from tvtool.sweep.stage import Stage, SweepState, register
 from tvtool.sweep.words import source_words, vector_words
 
@@ -37,6 +40,25 @@ class ModelsStage(Stage):
             state.folders = materialize(
                 source=source, output=models, configs=state.configs,
                 options=replace(r.materialize, progress=state.progress, overwrite=True)).configs
+
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        r, o = ctx.recipe, replace(ctx.recipe.materialize, alphas=ctx.alphas)
+        folders = output_folders(output=ctx.out / "models", options=o, configs=None if ctx.plain() else ctx.configs)
+        opened = ctx.open(delta_source(r))  # the shapes (a factored delta has Δ's names and shapes)
+        each = plan_nbytes(output_plan(opened.base, opened.tv, dtype=o.dtype))
+        source = ctx.source
+
+        def find() -> Status:
+            if not ctx.exists(source) and any(f.exists() for f in folders.values()):
+                return Status("unknown", "its input is not written yet (an earlier stage writes it)")
+            return ctx.status((f, lambda c=c: materialize_record(source.fingerprint_record(), c, o), SETTINGS_FILE)
+                              for c, f in folders.items())
+
+        return StagePlan(self.name, ctx.status_of(find),
+                         [Size(f"models/: {len(folders)} folder(s) of θ1 + α·Δ "
+                               f"({'as the base stores it' if o.dtype == 'auto' else o.dtype}), {human(each)} each",
+                               each * len(folders))],
+                         [streaming("every α in one pass")])
 
     def commands(self, recipe: RecipeCore, out: Path) -> list[list[str]]:
         r, alphas = recipe, tuple(dict.fromkeys(recipe.alphas))

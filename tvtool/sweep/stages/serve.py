@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from tvtool.options import cli_number, opt
+from tvtool.sweep.planning import PlanContext, StagePlan, Status
 from tvtool.sweep.spec import Invalid, RecipeCore, named_model
 from tvtool.sweep.stage import Part, Section, Stage, SweepState, register
 from tvtool.sweep.words import sh, short
@@ -91,6 +92,11 @@ class ServeStage(Stage):
 
     def runs(self, recipe: RecipeCore) -> bool:
         return recipe.serve is not None
+
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        return StagePlan(self.name, Status("nothing to run", "the sweep prints this command; serving does not end, "
+                                                             "so a sweep never starts it"),
+                         commands=[sh(serve_command(ctx.recipe, short(ctx.out)))])
 
     def report(self, state: SweepState) -> Part:
         here = state.here()

@@ -6,6 +6,7 @@ it reads what `eval`, `mixchain` and `train` left."""
 from __future__ import annotations
 
 from tvtool.io.layout import format_alpha
+from tvtool.sweep.planning import PlanContext, StagePlan, Status
 from tvtool.sweep.spec import RecipeCore
 from tvtool.sweep.stage import Part, Stage, SweepState, register
 from tvtool.sweep.words import rel
@@ -23,6 +24,10 @@ class Table1Stage(Stage):
 
     def report(self, state: SweepState) -> Part:
         return Part(headline=valve_section(recipe=state.recipe, tables=state.tables, valves=state.valves))
+
+    def plan(self, ctx: PlanContext) -> StagePlan:
+        return StagePlan(self.name, Status("nothing to run", "REPORT.md's Table 1, from what eval, mixchain and "
+                                                             "train leave"))
 
 
 def table1(*, recipe, tables: dict[str, list[dict]], dataset: str) -> list[dict]:
