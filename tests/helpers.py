@@ -61,3 +61,21 @@ def engine_loaded(source, config) -> dict[str, torch.Tensor]:
     report = w.tvtool_load_alpha(source=json.loads(json.dumps(source.to_dict())), config=config.to_dict())
     assert report["path"] == "streaming" and report["tensors"] == len(w.received)
     return w.received
+
+
+def hub_cache_config(repo: str, data: bytes) -> None:
+    """`repo`'s config.json alone in the HF hub cache, in its real layout (snapshots/<sha>/config.json →
+    ../../blobs/<hash>), under conftest's throwaway HF_HOME: a Hub id that resolves without network."""
+    import hashlib
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    d = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    blob, sha = hashlib.sha256(data).hexdigest(), hashlib.sha1(repo.encode()).hexdigest()
+    (d / "blobs").mkdir(parents=True)
+    (d / "blobs" / blob).write_bytes(data)
+    (d / "snapshots" / sha).mkdir(parents=True)
+    (d / "snapshots" / sha / "config.json").symlink_to(f"../../blobs/{blob}")
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text(sha)

@@ -3,7 +3,6 @@ nothing run, written or downloaded, no engine; shapes from config.json alone whe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import yaml
 from safetensors import safe_open
 
 import tvtool
-from helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, hub_cache_config
 from tvtool.engine import engine as engine_module
 from tvtool.sweep.planning import SweepPlanOptions, plan_model
 from tvtool.sweep.run import SweepOptions, plan, prepare
@@ -134,18 +133,8 @@ def test_shapes_from_config_json_equal_the_checkpoint_headers(tmp_path):
 
 def _hub_cache(repos: dict[str, Path]) -> None:
     """config.json alone per Hub id, in the real HF cache layout (conftest's throwaway HF_HOME)."""
-    from huggingface_hub import constants
-
     for repo, cfg in repos.items():
-        d = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-        data, sha = cfg.read_bytes(), hashlib.sha1(repo.encode()).hexdigest()
-        blob = hashlib.sha256(data).hexdigest()
-        (d / "blobs").mkdir(parents=True)
-        (d / "blobs" / blob).write_bytes(data)
-        (d / "snapshots" / sha).mkdir(parents=True)
-        (d / "snapshots" / sha / "config.json").symlink_to(f"../../blobs/{blob}")
-        (d / "refs").mkdir()
-        (d / "refs" / "main").write_text(sha)
+        hub_cache_config(repo, cfg.read_bytes())
 
 
 def test_a_gpu_recipe_plans_from_config_json_in_the_hf_cache(tmp_path, monkeypatch, no_engine):

@@ -4,7 +4,6 @@ and bad input. (Plan against measured memory: tests/valve/test_train_memory.py.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, hub_cache_config
 from valve_data import mixchain_rows, write_jsonl
 
 from tvtool import toy
@@ -169,15 +168,7 @@ def test_plan_of_a_hub_id_reads_config_json_from_the_hf_cache(tmp_path, monkeypa
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    repo = Path(constants.HF_HUB_CACHE) / "models--Qwen--QwQ-32B-Preview"
-    data = QWQ.read_bytes()
-    blob, sha = hashlib.sha256(data).hexdigest(), "c" * 40
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "blobs" / blob).write_bytes(data)
-    (repo / "snapshots" / sha).mkdir(parents=True)
-    (repo / "snapshots" / sha / "config.json").symlink_to(f"../../blobs/{blob}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+    hub_cache_config("Qwen/QwQ-32B-Preview", QWQ.read_bytes())
     p = plan_training(model="Qwen/QwQ-32B-Preview", mode="valve", gpus=2, gpu_memory="80GB",
                       options=TrainOptions(preset="qwq", precision="bf16", max_seq_len=4608, fsdp=True))
     assert p.model == "Qwen/QwQ-32B-Preview" and p.params == 32_763_876_352
