@@ -341,3 +341,39 @@ def test_a_nan_in_the_base_is_the_streaming_path_s_error_and_leaves_nothing_held
         res.capture(MergeConfig(0.5))
     assert type(resident.value) is type(streaming.value) and f"{name!r} at index (3, 5)" in str(resident.value)
     assert res.held == {} and res.m_key is None
+
+
+_ENDPOINT_FIRST = """
+import sys
+sys.path[:0] = [{tests!r}, {here!r}]
+import torch
+from test_resident import shard_layout
+from tvtool.engine.resident import Resident
+from tvtool.engine.vllm_layout import io_counters
+from tvtool.merge.config import MergeConfig
+from tvtool.toy import ASSET_DIR
+from tvtool.vectors.source import DeltaSource
+
+src = DeltaSource(base=str(ASSET_DIR / "base"), reasoner=str(ASSET_DIR / "reasoner"))
+res = Resident(source=src, regions=shard_layout(src, tp=1, rank=0)[0], device=torch.device("cpu"))
+for a in (1.0, 0.5, 0.25):
+    io0 = io_counters()
+    list(res.values(MergeConfig(a)))
+    io1 = io_counters()
+    print(io1["rchar"] - io0["rchar"] - io0["own"])
+"""
+
+
+def test_after_the_capture_no_alpha_reads_even_code(tmp_path):
+    """A fresh process (as an engine worker) whose first α is an endpoint (α = 1: θ2 copied, no kernel runs):
+    the next α must not read either, not even the compiled kernels numba loads from its cache on first call."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve()
+    code = _ENDPOINT_FIRST.format(tests=str(here.parents[1]), here=str(here.parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=here.parents[2])
+    assert out.returncode == 0, out.stderr
+    first, *later = map(int, out.stdout.split())
+    assert first > 10_000_000 and later == [0, 0]  # the capture read θ1 and θ2 (15 MB); later α nothing

@@ -164,12 +164,30 @@ class Resident:
     def capture(self, config: MergeConfig) -> None:
         """Read what `config` needs and is not held yet: θ1, θ2 (a single pair), M of its operator. A capture
         that fails (a NaN in an input, an error reading) leaves nothing held: the next one starts over."""
+        before = self.captures
         try:
             self._capture(config)
         except BaseException:
             self.held.clear()
             self.m_key, self.m_names = None, set()
             raise
+        if self.captures != before:
+            self._warm()
+
+    def _warm(self) -> None:
+        """Run `finish` once on one element of each kind of region, so that its compiled kernels are loaded
+        now: numba reads each kernel from its on-disk cache on its first call (~60 KB, seen in a Ray actor
+        whose first α was an endpoint), which a later α's load would count as input read."""
+        seen = set()
+        for i, r in enumerate(self.regions):
+            h, dtype = self.held[i], self.plan[r.tensor].dtype
+            for pair, x in ((True, h.end), (False, h.m)):
+                key = (pair, h.theta1.dtype, None if x is None else x.dtype, dtype)
+                if x is None or key in seen or not h.theta1.numel():
+                    continue
+                seen.add(key)
+                finish(theta1=h.theta1.reshape(-1)[:1], x=x.reshape(-1)[:1], pair=pair, alpha=0.5, dtype=dtype,
+                       device=self.device)
 
     def _capture(self, config: MergeConfig) -> None:
         if not self.held:
