@@ -330,3 +330,23 @@ def test_max_tokens_is_clamped_to_the_context_left_after_the_longest_prompt():
     s, note = fit_context(problems=probs, tokenizer=tok, shell=toy.REASONER_DIR, prompt=prompt,
                            sampling=SamplingOptions(max_tokens=100), engine_options=EngineOptions(max_model_len=200))
     assert s.max_tokens == 100 and note is None
+
+
+def test_a_mixchain_that_keeps_no_question_is_one_line(tmp_path, monkeypatch):
+    """Every generated answer wrong under --min-correct all: nothing to write (an empty dataset would crash
+    `datasets` and train nothing), so one line that says how to keep some; the generations stay for a re-run."""
+    from engine_setup import RecordingEngine  # answers \boxed{0}: wrong for every toy question
+    from helpers import assert_one_line_error, cli
+
+    from tvtool.engine.engine import Engine
+    from tvtool.toy import ASSET_DIR
+
+    monkeypatch.setattr(Engine, "for_source", RecordingEngine.for_source)
+    out = tmp_path / "mc"
+    r = cli("mixchain", ASSET_DIR / "base", "--reasoner", ASSET_DIR / "reasoner", "--dataset", "toy", "--limit", "3",
+            "--alpha", "0.5", "--min-correct", "all", "--max-tokens", "8", "--instruction", "", "--no-progress",
+            "-o", out)
+    assert_one_line_error(r, "MixChain-Z would be empty: none of 3 questions kept (3 too few "
+                             f"correct; --min-correct all of 1 α) ({out}). Lower --min-correct, raise --limit or "
+                             f"--max-tokens (the generations in {tmp_path / 'mc.generations'} are reused)")
+    assert not out.exists() and (tmp_path / "mc.generations").is_dir()

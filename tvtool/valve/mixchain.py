@@ -49,7 +49,7 @@ from tvtool.io.cards import MIXCHAIN_RECORD as RECORD, dataset_card
 from tvtool.evaluation.data import Problem, load_problems
 from tvtool.engine.engine import Engine, write_shell_model
 from tvtool.engine.options import EngineOptions, SamplingOptions, vllm_version
-from tvtool.errors import OptionsError, OutputError
+from tvtool.errors import DatasetError, OptionsError, OutputError
 from tvtool.evaluation.cluster import evaluate_on_ray
 from tvtool.evaluation.evaluate import evaluate
 from tvtool.io.finished import RECORD_KEY, dataset_fingerprint, is_finished, stage_record
@@ -289,6 +289,12 @@ def _build(*, out: Path, work: Path, source: DeltaSource, configs: list[MergeCon
     rows, stats = assemble(problems=problems, alphas=alphas, generations=gens, min_correct=min_correct,
                            count_tokens=lambda t: solution_length(text=t, tokenizer=tok),
                            keep_truncated=o.keep_truncated, scorer=scorer)
+    if not rows:  # an empty MixChain-Z trains nothing; the generations stay in the work folder for a re-run
+        why = ", ".join(f"{v} {k}" for k, v in stats["dropped"].items() if v) or "none generated"
+        raise DatasetError(f"MixChain-Z would be empty: none of {len(problems)} questions kept ({why}; "
+                           f"--min-correct {o.min_correct} of {len(alphas)} α)", where=str(out),
+                           fix="lower --min-correct, raise --limit or --max-tokens (the generations in "
+                               f"{work} are reused)")
     record = _record(base=base, delta=delta, reasoner=reasoner, alphas=alphas, op=op, problems=problems, o=o,
                      prompt=prompt, sampling=sampling, stats=stats, custom_scorer=scorer is not None)
     record[RECORD_KEY] = finished
