@@ -135,9 +135,16 @@ def test_vllm_log_lines_that_cannot_be_written_are_dropped_not_printed(tmp_path,
     from tvtool.engine.logs import vllm_logs
 
     (tmp_path / "vllm.log").symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
-    with vllm_logs(folder=tmp_path):
-        for i in range(20):
-            logging.getLogger("vllm.v1.engine.core_client").info("[shutdown] MPClient: step %d", i)
+    vllm, client = logging.getLogger("vllm"), logging.getLogger("vllm.v1.engine.core_client")
+    level = vllm.level
+    vllm.setLevel(logging.DEBUG)  # the lines are emitted, whatever vLLM's import configured
+    try:
+        with vllm_logs(folder=tmp_path):
+            for i in range(20):
+                assert client.isEnabledFor(logging.INFO)
+                client.info("[shutdown] MPClient: step %d", i)
+    finally:
+        vllm.setLevel(level)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 

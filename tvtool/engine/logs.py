@@ -42,6 +42,14 @@ class _LogFile(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         pass
 
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):  # the disk is full: what is buffered is dropped, as a record is
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes the stream's buffer once more (ENOSPC again)
+            super().close()
+
 
 def _route(logger: logging.Logger, path: Path) -> None:
     if any(getattr(h, "_tvtool", None) == str(path) for h in logger.handlers):
