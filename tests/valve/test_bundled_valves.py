@@ -52,9 +52,9 @@ def test_bundled_plusplus_gives_the_reports_lengths(tmp_path):
     from tvtool.evaluation.runs import EvalOptions
 
     alphas = (0.0, 0.5, 1.0)
-    res = evaluate(source=DeltaSource(base=str(REASONER_DIR), delta=str(VALVE_DIR / "plusplus")), alphas=alphas, output=tmp_path,
-                   options=EvalOptions(dataset="toy", progress=False), prompt=PromptOptions(instruction=""),
-                   sampling=SamplingOptions(max_tokens=200),
+    res = evaluate(source=DeltaSource(base=str(REASONER_DIR), delta=str(VALVE_DIR / "plusplus")), alphas=alphas,
+                   output=tmp_path, options=EvalOptions(dataset="toy", progress=False),
+                   prompt=PromptOptions(instruction=""), sampling=SamplingOptions(max_tokens=200),
                    engine_options=EngineOptions(dtype="float32", max_model_len=256, enforce_eager=True,
                                                 cpu_kv_cache_gb=1))
     want = report_table("toy-plusplus")
