@@ -159,17 +159,23 @@ def _run_tvtool(args, *, env=None) -> subprocess.Popen:
 
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
 def test_ctrl_c_while_materialize_starts_is_one_line(tmp_path, delay):
-    """Ctrl-C while Python imports, while tvtool loads, once the merge runs (the toy's merge takes ~1 s after a
-    ~2 s start on this machine; later than that the run is over and there is nothing to interrupt)."""
+    """Ctrl-C while Python imports (0.3 s: always, the imports take longer), while tvtool loads, or once the
+    merge runs. The toy's whole run can end in ~1 s on an idle machine: a run the signal finds finished must
+    then be complete, never half-written."""
     out = tmp_path / "m"
     p = _run_tvtool(["materialize", TOY / "base", "--reasoner", TOY / "reasoner", "-a", "0.5", "-o", out,
                      "--no-progress"])
     time.sleep(delay)
+    finished = p.poll() is not None
     os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert err.strip() in (LOADING, INTERRUPTED), err  # while importing, or once the merge runs
-    assert not out.exists() or sorted(os.listdir(out)) == []  # nothing half-written (no alpha-0.5(.partial))
+    if finished or p.returncode == 0:  # over before the signal (or in its last instant, after the rename)
+        assert delay > 0.3 and p.returncode == 0, err
+        assert sorted(os.listdir(out)) == ["alpha-0.5"] and (out / "alpha-0.5" / "tvtool.json").is_file()
+    else:  # 130; rarely the interpreter ends by SIGINT after the line (−2): a shell shows both as $? = 130
+        assert p.returncode in (130, -signal.SIGINT), err
+        assert err.strip() in (LOADING, INTERRUPTED), err  # while importing, or once the merge runs
+        assert not out.exists() or sorted(os.listdir(out)) == []  # nothing half-written (no alpha-0.5(.partial))
     assert not list(tmp_path.glob(".*tvtool-lock"))
 
 
