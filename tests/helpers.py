@@ -79,3 +79,23 @@ def hub_cache_config(repo: str, data: bytes) -> None:
     (d / "snapshots" / sha / "config.json").symlink_to(f"../../blobs/{blob}")
     (d / "refs").mkdir()
     (d / "refs" / "main").write_text(sha)
+
+
+def hold_lock(path) -> "subprocess.Popen":
+    """Another process holding the output lock of `path` until its stdin closes."""
+    import os
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent(f"""
+        import sys
+        from tvtool.io.lock import output_lock
+        with output_lock({str(path)!r}):
+            print("locked", flush=True)
+            sys.stdin.read()
+    """)
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.stdout.readline().strip() == "locked"
+    return p

@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 
 import tvtool
 from engine_setup import RecordingEngine as _FakeEngine
-from helpers import assert_bit_equal, assert_one_line_error, cli
+from helpers import assert_bit_equal, assert_one_line_error, cli, hold_lock
 from tiny import edited_copy as _edit, state_dict
 from tvtool import Checkpoint, DeltaOptions, MaterializeOptions
 from tvtool.errors import CheckpointError
@@ -41,7 +40,7 @@ def _tree_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-# --- 6. sharded models given as Hub ids: the real cache layout (blobs + symlinks) -------------------------
+# --- sharded models given as Hub ids: the real cache layout (blobs + symlinks) -------------------------
 
 from hub_fixture import ALICE, ENDPOINT  # noqa: E402
 
@@ -100,7 +99,7 @@ def test_a_cache_snapshot_link_leaving_the_repo_folder_is_refused(llama, tmp_pat
                             f"({snap / 'model.safetensors.index.json'}). The index is unsafe or damaged; re-create it")
 
 
-# --- 7. a tensor with 0 rows ------------------------------------------------------------------------------
+# --- a tensor with 0 rows ------------------------------------------------------------------------------
 
 def test_a_tensor_with_zero_rows_in_delta_and_materialize(llama, tmp_path):
     base, reasoner = llama
@@ -129,7 +128,7 @@ def test_sharded_writer_never_makes_a_shard_it_did_not_fill(tmp_path):
     assert not (tmp_path / "model-00002-of-00002.safetensors").exists()
 
 
-# --- 8. malformed headers: as strict as the safetensors library ---------------------------------------------
+# --- malformed headers: as strict as the safetensors library ---------------------------------------------
 
 def _raw(path: Path, header, data: bytes = b"") -> Path:
     blob = json.dumps(header).encode()
@@ -196,27 +195,13 @@ def test_weight_map_that_is_a_list(llama, tmp_path):
                              f"file names) ({idx}). The index is damaged; re-download or re-create it")
 
 
-# --- 2. one writer per output -----------------------------------------------------------------------------
-
-def _hold_lock(path: Path) -> subprocess.Popen:
-    """Another process holding the output lock of `path` until its stdin closes."""
-    code = textwrap.dedent(f"""
-        import sys
-        from tvtool.io.lock import output_lock
-        with output_lock({str(path)!r}):
-            print("locked", flush=True)
-            sys.stdin.read()
-    """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert p.stdout.readline().strip() == "locked"
-    return p
+# --- one writer per output -----------------------------------------------------------------------------
 
 
 def test_a_second_materialize_into_the_same_output_is_refused(llama, tmp_path):
     base, reasoner = llama
     out = tmp_path / "out"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         r = cli("materialize", base, "--reasoner", reasoner, "-a", "0.5", "-o", out, "--no-progress")
         assert_one_line_error(r, f"another tvtool run (pid {holder.pid}) is writing this output ({out}). "
@@ -252,7 +237,7 @@ def test_two_materialize_processes_at_once_one_refuses_and_the_output_is_whole(l
 
 def test_a_second_eval_into_the_same_folder_is_refused_before_the_engine_starts(tmp_path):
     out = tmp_path / "run"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "--limit", "2", "-o", out)
         assert_one_line_error(r, f"another tvtool run (pid {holder.pid}) is writing this output ({out}). "
@@ -262,7 +247,7 @@ def test_a_second_eval_into_the_same_folder_is_refused_before_the_engine_starts(
         holder.wait()
 
 
-# --- 3. outputs apart from inputs -------------------------------------------------------------------------
+# --- outputs apart from inputs -------------------------------------------------------------------------
 
 APART = "Write the output somewhere outside every input"
 
@@ -313,7 +298,7 @@ def test_eval_into_an_input_folder_is_refused(tmp_path):
     assert not (TOY / "base" / "runs").exists()
 
 
-# --- 4. non-finite values -----------------------------------------------------------------------------------
+# --- non-finite values -----------------------------------------------------------------------------------
 
 NAN_AT = "model.layers.0.mlp.up_proj.weight"
 
@@ -402,7 +387,7 @@ def test_nan_alpha_is_refused_by_eval_and_by_recipes(tmp_path):
     assert_one_line_error(r, f"field alphas must be finite numbers, got nan ({recipe})")  # the recipe schema
 
 
-# --- 5. --include / --exclude that select nothing -------------------------------------------------------------
+# --- --include / --exclude that select nothing -------------------------------------------------------------
 
 def test_include_matching_nothing_and_exclude_leaving_nothing(tmp_path):
     args = ["materialize", TOY / "base", "--reasoner", TOY / "reasoner", "-a", "0.5", "-o", tmp_path / "m"]
@@ -417,7 +402,7 @@ def test_include_matching_nothing_and_exclude_leaving_nothing(tmp_path):
     assert not (tmp_path / "m" / "alpha-0.5").exists()
 
 
-# --- 10. OS errors, and what can be checked before the engine starts ---------------------------------------
+# --- OS errors, and what can be checked before the engine starts ---------------------------------------
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     import tvtool.io.atomic
@@ -489,7 +474,7 @@ def test_unknown_name_template_key(tmp_path):
                              "The only field is {alpha}, e.g. alpha-{alpha}")
 
 
-# --- 11. misleading messages ---------------------------------------------------------------------------------
+# --- misleading messages ---------------------------------------------------------------------------------
 
 def test_offline_push_says_offline(tmp_path, monkeypatch):
     from huggingface_hub import constants
@@ -521,7 +506,7 @@ def test_int64_tensor_is_recorded_as_int64(llama, tmp_path):
                                                            "the base)"}]
 
 
-# --- 12. push: links out of the folder, and what a dry run makes public ------------------------------------
+# --- push: links out of the folder, and what a dry run makes public ------------------------------------
 
 def test_push_refuses_links_leaving_the_folder(tmp_path):
     folder = tmp_path / "alpha-0.5"
@@ -548,7 +533,7 @@ def test_dry_run_says_what_becomes_public(tmp_path):
                          "to keep it private)")
 
 
-# --- 9. a killed eval leaves no engine process behind -------------------------------------------------------
+# --- a killed eval leaves no engine process behind -------------------------------------------------------
 
 def _alive(pid: int, start: int) -> bool:
     from tvtool.engine.reaper import _stat
@@ -596,7 +581,7 @@ def test_killed_eval_leaves_no_engine_process(tmp_path):
             p.kill()
 
 
-# --- 1. one rule for finished work: options + inputs' content, written last ----------------------------------
+# --- one rule for finished work: options + inputs' content, written last ----------------------------------
 
 def _recipe(path: Path, **low_rank) -> Path:
     import yaml

@@ -10,9 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import tvtool
-from helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, hold_lock
 from tvtool.engine.reaper import descendants
 
 TOY = Path(tvtool.__file__).parent / "assets" / "toy"
@@ -154,19 +151,6 @@ def test_push_still_follows_a_link_inside_the_sweep_and_the_given_folder_itself(
 
 # --- the output lock follows links ----------------------------------------------------------------------
 
-def _hold_lock(path: Path) -> subprocess.Popen:
-    code = textwrap.dedent(f"""
-        import sys
-        from tvtool.io.lock import output_lock
-        with output_lock({str(path)!r}):
-            print("locked", flush=True)
-            sys.stdin.read()
-    """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert p.stdout.readline().strip() == "locked"
-    return p
-
 
 @pytest.mark.parametrize("held", ["real", "link"])
 def test_two_evals_through_a_symlinked_output_cannot_both_run(tmp_path, monkeypatch, no_new_processes, held):
@@ -177,7 +161,7 @@ def test_two_evals_through_a_symlinked_output_cannot_both_run(tmp_path, monkeypa
     real.mkdir(parents=True)
     link = tmp_path / "ev-link"
     link.symlink_to(real, target_is_directory=True)
-    holder = _hold_lock(real if held == "real" else link)
+    holder = hold_lock(real if held == "real" else link)
     other = link if held == "real" else real
     try:
         r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "--limit", "2", "-o", other)
