@@ -163,12 +163,14 @@ def check_engine_options(options: EngineOptions) -> None:
                            fix="give its size in whole GiB, e.g. --cpu-kv-cache-gb 4, or leave it unset "
                                "(VLLM_CPU_KVCACHE_SPACE, else vLLM's own choice)")
     if options.resident == "gpu":
+        # vLLM is optional: imported only for a setting that needs it
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
             raise OptionsError("--resident gpu needs a GPU engine; this vLLM build runs on the CPU",
                                where="--resident gpu", fix="use --resident cpu or auto")
     if options.distributed_executor_backend == "ray":
+        # vLLM is optional: imported only for a setting that needs it
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():

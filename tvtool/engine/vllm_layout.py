@@ -87,6 +87,7 @@ class Layout:
 def bake(model: torch.nn.Module, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
          device: torch.device) -> Layout:
     """Record where the model's loaders put each of `tensors` (name, shape, stored dtype); moves no data."""
+    # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
     from vllm.distributed.weight_transfer.sharded_rdt_fake import BakeSink, FakeRDTTensor
     from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
     from vllm.model_executor.model_loader.reload.utils import get_layer_size
@@ -150,6 +151,7 @@ def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
     Each region's value is written as it comes (a layer is materialized at its first region and processed
     after its last), so the values' buffers are recycled (`tvtool.io.buffers.reuse`) instead of page-faulting
     fresh memory for every region."""
+    # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
                                                                   initialize_layerwise_reload)
@@ -185,6 +187,7 @@ def swap(worker, values: Iterable[tuple[Region, torch.Tensor]], *,
 
 def _open_layer(layer: torch.nn.Module) -> None:
     """vLLM's `_layerwise_process` up to its loaders: the layer materialized, its loaders unwrapped."""
+    # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
     from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader, get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import materialize_layer
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
@@ -198,6 +201,7 @@ def _open_layer(layer: torch.nn.Module) -> None:
 
 def _process_layer(layer: torch.nn.Module) -> float:
     """The rest of vLLM's `_layerwise_process`: its processing, then the kernel tensors; returns the seconds."""
+    # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
     from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
     from vllm.model_executor.model_loader.reload.layerwise import _copy_and_restore_kernel_tensors, get_layerwise_info
 
@@ -220,6 +224,7 @@ def _process_layer(layer: torch.nn.Module) -> float:
 def _stamp(model: torch.nn.Module, sink) -> list:
     """Wrap each loadable tensor's ORIGINAL loader so the sink can attribute each copy to (layer, param);
     returns a list holding the layer whose loader ran last (for naming a failure)."""
+    # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
     from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -250,6 +255,7 @@ def _stamp(model: torch.nn.Module, sink) -> list:
 
 def _restore(model: torch.nn.Module) -> None:
     """Undo the dry run: kernel tensors back in place, layerwise state reset, stamps removed."""
+    # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _place_kernel_tensors
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
 
@@ -312,6 +318,7 @@ class Digests:
             self.hashes[i] = hashlib.sha256(v.view(torch.uint8).numpy().tobytes()).hexdigest()
 
     def after_load(self) -> None:
+        # vLLM is optional: imported where the engine's workers call in, not when tvtool loads
         from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 
         for name in self.regions:

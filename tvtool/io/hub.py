@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -148,8 +148,6 @@ def push(
 
 def _push_one(api, plan: RepoPush, card: bytes, options: PushOptions) -> RepoPush:
     """Create repo and branch if missing, then one commit; no commit when nothing changed."""
-    from dataclasses import replace
-
     from huggingface_hub import CommitOperationAdd
 
     rid, rtype, rev = plan.repo_id, plan.repo_type, plan.revision
