@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import pytest
@@ -298,9 +299,10 @@ def test_vllm_validation_errors_are_one_line(vengine, monkeypatch):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_a_full_disk_during_eval_is_one_line(tmp_path, monkeypatch):
-    """samples.jsonl cannot be synced (ENOSPC) and vllm.log cannot be written: the engine shuts down, and the
-    user sees tvtool's one line, not vLLM's shutdown logging."""
+@pytest.mark.parametrize("full", ["log", "samples"])
+def test_a_full_disk_during_eval_is_one_line(tmp_path, monkeypatch, full):
+    """A full disk, met by vllm.log as the engine starts (vLLM cannot print) or by samples.jsonl's sync
+    mid-run: tvtool's one line, not vLLM's start-up error or its shutdown logging, and no engine left."""
     pytest.importorskip("vllm")
     import tvtool.evaluation.runs as runs
 
@@ -316,7 +318,9 @@ def test_a_full_disk_during_eval_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     out = tmp_path / "ev"
     out.mkdir()
-    (out / "vllm.log").symlink_to("/dev/full")
+    if full == "log":
+        (out / "vllm.log").symlink_to("/dev/full")
+    resource_tracker.ensure_running()  # Python's own, one per process for its lifetime (vLLM starts it)
     before = set(descendants(os.getpid()))
     r = cli("eval", "--model", TOY / "base", "--dataset", "toy", "--limit", "2", "--dtype", "float32",
             "--enforce-eager", "--max-model-len", "256", "--max-tokens", "4", "--no-progress", "-o", out)

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from tvtool.errors import EngineError, OptionsError
+from tvtool.errors import EngineError, OptionsError, TvtoolError
 from tvtool.io.checkpoint import model_config
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import merged_config, output_plan
@@ -172,6 +172,9 @@ class Engine:
                 self._llm = vllm_module().LLM(**self._kw)
         except KeyboardInterrupt:
             self._stop()  # an engine the interrupted start made anyway (its processes are already killed)
+            self._end_reaper()
+            raise
+        except TvtoolError:  # ours, already one line (the log's disk is full)
             self._end_reaper()
             raise
         except Exception as e:  # vLLM raises many types at start-up

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from tvtool.errors import os_error
+
 LOG_NAME = "vllm.log"
 _target: list[Path] = []  # the log file of the innermost active `vllm_logs`, if any
 
@@ -109,9 +111,15 @@ def engine_start() -> Iterator[None]:
         os.dup2(fd, 2)
         sys.stdout = sys.stderr = text
         yield
+    except Exception as e:
+        # vLLM fails to start when it cannot print (its processes write to the log): say it is the disk
+        if (full := _unwritable(fd)) is not None:
+            raise os_error(full) from e
+        raise
     finally:
         sys.stdout, sys.stderr = streams
-        text.close()
+        with contextlib.suppress(OSError):  # closing flushes a partial line (ENOSPC again on a full disk)
+            text.close()
         for stream in streams:
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -120,6 +128,15 @@ def engine_start() -> Iterator[None]:
         for x in (fd, *saved):
             os.close(x)
         _route(_vllm_logger(), path)  # vLLM may have re-configured its logger while starting
+
+
+def _unwritable(fd: int) -> OSError | None:
+    """The error a one-byte write to the log gives (a full disk: ENOSPC), or None when it can be written."""
+    try:
+        os.write(fd, b"\n")
+    except OSError as e:
+        return e
+    return None
 
 
 class RunProgress:
