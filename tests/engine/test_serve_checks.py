@@ -90,6 +90,8 @@ def test_a_valve_that_is_not_an_adapter_is_one_line(tmp_path, pairs):
 
 @pytest.mark.parametrize("args, message", [
     (["--any-alpha", "--alpha-range", "1:0"], "bad α range '1:0' (--alpha-range). Need finite LO ≤ HI, e.g. 0:1.25"),
+    (["--alpha-range", "0:1"], "--alpha-range needs --any-alpha (--alpha-range). Add --any-alpha, or remove "
+                               "--alpha-range"),
     (["--any-alpha", "--alpha", "0,2"], "α 2 is outside the served range [0, 1.25] (--alpha). Ask for α in [0, 1.25]"),
     (["--name", "my@valve"], "bad model name 'my@valve' (--name). Use letters, digits, '.', '_' or '-' (the α goes "
                              "after an '@')"),

@@ -52,15 +52,19 @@ VALVE = {"name": "pp", "mode": "valve++", "data": "d.jsonl"}
                                        "Name one of: pp"),
     ({"valve": "low_rank", "alphas": [0.5]}, "field serve.valve is 'low_rank', not a valve of this recipe ({p}). "
                                              "Name one of: pp"),
-    ({"valve": "pp", "alphas": []}, "field serve.alphas must list at least one α ({p}). E.g. alphas: [0, 0.5, 1]"),
-    ({"valve": "pp", "alphas": [0.5], "alpha_range": [0, 1]},
-     "field serve.alpha_range needs any_alpha: true ({p}). Add any_alpha: true, or remove alpha_range"),
-    ({"valve": "pp", "alphas": [0.5], "any_alpha": True, "alpha_range": [1, 0.5]},
-     "field serve.alpha_range must be [LO, HI] with LO < HI, got [1, 0.5] ({p}). E.g. alpha_range: [0, 1]"),
-    ({"valve": "pp", "alphas": [0.5], "any_alpha": True, "alpha_range": "0:1"},
-     "field serve.alpha_range must be a list, got '0:1' ({p})"),
+    ({"valve": "pp", "alphas": []}, "field serve.alphas is invalid: no α to serve ({p}). Pass e.g. --alpha 0,0.5,1"),
+    ({"valve": "pp", "alphas": [0.5], "alpha_range": "0:1"},
+     "field serve.alpha_range is invalid: --alpha-range needs --any-alpha ({p}). Add --any-alpha, or remove --alpha-range"),
+    ({"valve": "pp", "alphas": [0.5], "any_alpha": True, "alpha_range": "1:0.5"},
+     "field serve.alpha_range is invalid: bad α range '1:0.5' ({p}). Need finite LO ≤ HI, e.g. 0:1.25"),
+    ({"valve": "pp", "alphas": [0.5], "any_alpha": True, "alpha_range": [0, 1]},
+     "field serve.alpha_range must be a string, got list ({p})"),
     ({"valve": "pp", "alphas": [0.5], "port": 70000},
-     "field serve.port must be a port number (1 to 65535), got 70000 ({p})"),
+     "field serve.port is invalid: port 70000 is not a TCP port ({p}). Use 1-65535"),
+    ({"valve": "pp", "name": "toy valve"},
+     "field serve.name is invalid: bad model name 'toy valve' ({p}). Use letters, digits"),
+    ({"valve": "pp", "api_key": "sk-1"}, "field serve.api_key would be written into the run's recipe.yaml and "
+                                         "REPORT.md ({p}). Remove it and set VLLM_API_KEY where the server runs"),
 ])
 def test_a_bad_serve_entry_names_its_field(tmp_path, serve, message):
     p = _recipe(tmp_path / "r.yaml", train=[VALVE], serve=serve)
@@ -73,8 +77,8 @@ def test_serve_stage_prints_the_serve_command_in_the_output_and_the_report(tmp_p
     """A recipe ending with `serve:` runs its stages, then prints (and only prints) `tvtool serve` for the valve."""
     monkeypatch.setattr(sys.modules["tvtool.sweep.stages.evaluate"], "Engine", RecordingEngine)
     monkeypatch.chdir(tmp_path)
-    serve = {"valve": "low_rank", "alphas": [0, 0.5, 1], "any_alpha": True, "alpha_range": [-0.5, 1.5],
-             "host": "0.0.0.0", "port": 8001, "name": "toy valve"}
+    serve = {"valve": "low_rank", "alphas": [0, 0.5, 1], "any_alpha": True, "alpha_range": "-0.5:1.5",
+             "host": "0.0.0.0", "port": 8001, "name": "toy-valve", "max_loras": 2}
     recipe = _recipe(tmp_path / "r.yaml", low_rank={"rank": 2}, serve=serve,
                      engine={"dtype": "float32", "max_model_len": 256, "enforce_eager": True})
     r = cli("sweep", recipe, "-o", tmp_path / "run", "--no-progress")
@@ -83,7 +87,8 @@ def test_serve_stage_prints_the_serve_command_in_the_output_and_the_report(tmp_p
     import os
 
     want = (f"tvtool serve --base {os.path.relpath(base, tmp_path)} --delta run/lowrank/delta.safetensors "
-            "--alpha 0,0.5,1 --name 'toy valve' --any-alpha --alpha-range -0.5:1.5 --host 0.0.0.0 --port 8001 "
+            "--alpha 0,0.5,1 --name toy-valve --any-alpha --alpha-range -0.5:1.5 --max-loras 2 --host 0.0.0.0 "
+            "--port 8001 "
             "--dtype float32 --max-model-len 256 --enforce-eager")  # the recipe's engine, as the server's
     report = (tmp_path / "run" / "REPORT.md").read_text()
     section = "## Serve\n\nOnce the sweep has finished (paths as in Reproduce):\n\n```bash\n" + want + "\n```\n"

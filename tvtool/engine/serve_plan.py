@@ -28,6 +28,7 @@ from tvtool.io.finite import check_alphas
 from tvtool.vectors.source import DeltaSource
 from tvtool.options import CliOptions, opt
 
+DEFAULT_ALPHA_RANGE = "0:1.25"  # the α a request may ask for with --any-alpha: the paper's α ∈ [0, 1] and beyond
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -39,7 +40,8 @@ class ServeOptions(CliOptions):
     name: str = opt("valve", "Model name prefix: a request asks for NAME@α.")
     any_alpha: bool = opt(False, "Also serve NAME@α for any α in --alpha-range, its adapter built on the first "
                                  "request (a vLLM LoRA resolver).")
-    alpha_range: str = opt("0:1.25", "With --any-alpha: the α a request may ask for, LO:HI.")
+    alpha_range: str | None = opt(None, f"With --any-alpha: the α a request may ask for, LO:HI (default "
+                                        f"{DEFAULT_ALPHA_RANGE}).")
     max_loras: int | None = opt(None, "Adapters decoded in one batch (default: every served α, plus 4 with "
                                       "--any-alpha).")
     rank: int | None = opt(None, "VALVE is a full-rank delta or a reasoner: factor it at this rank first "
@@ -129,7 +131,10 @@ def check_serve_options(o: ServeOptions) -> tuple[float, float] | None:
         raise OptionsError(f"--rank must be a positive integer, got {o.rank}", where="--rank")
     if o.ready_timeout <= 0:
         raise OptionsError("--ready-timeout must be positive", where="--ready-timeout")
-    rng = parse_range(o.alpha_range) if o.any_alpha else None
+    if o.alpha_range is not None and not o.any_alpha:
+        raise OptionsError("--alpha-range needs --any-alpha", where="--alpha-range",
+                           fix="add --any-alpha, or remove --alpha-range")
+    rng = parse_range(o.alpha_range or DEFAULT_ALPHA_RANGE) if o.any_alpha else None
     if rng is not None:
         for a in o.alphas:
             check_alpha_range(a, rng, where="--alpha")

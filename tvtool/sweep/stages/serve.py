@@ -2,36 +2,41 @@
 (`tvtool serve --base M --delta VALVE --alpha a,b,c …`). The sweep only prints it, in its output and in
 REPORT.md: serving does not end, so a sweep never starts it.
 
-    serve: {valve: plusplus, alphas: [0, 0.5, 1], any_alpha: true, alpha_range: [0, 1.25]}
+    serve: {valve: plusplus, alphas: [0, 0.5, 1], any_alpha: true, alpha_range: "0:1.25"}
 
 `valve` is a `train:` entry's name (θ + α·Δθ′ on the model it was trained on) or `low_rank` (θ1 + α·Δ with
-the factored delta)."""
+the factored delta); every other field is `tvtool serve`'s own option (`ServeOptions`: the same names,
+defaults and checks), except `api_key`, which stays out of recipes and reports."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from tvtool.options import cli_number, opt
+from tvtool.engine.serve_plan import ServeOptions, check_serve_options
+from tvtool.errors import OptionsError
+from tvtool.options import cli_number
 from tvtool.sweep.planning import PlanContext, StagePlan, Status
 from tvtool.sweep.spec import Invalid, RecipeCore, named_model
 from tvtool.sweep.stage import Part, Section, Stage, SweepState, register
 from tvtool.sweep.words import sh, short
 
 LOW_RANK = "low_rank"  # `valve: low_rank` serves the factored delta of the recipe's low_rank stage
+_SECRET = "api_key"  # a recipe is copied into the run folder and its command into REPORT.md
 
 
 @dataclass(frozen=True)
-class ServeSpec:
-    valve: str = dataclasses.field(metadata={"help": "What to serve: a train entry's name, or low_rank (the "
-                                                     "low-rank delta)."})
-    alphas: tuple[float, ...] = dataclasses.field(metadata={"help": "α values served, one model name each."})
-    any_alpha: bool = opt(False, "Also accept any α a request asks for (within alpha_range).")
-    alpha_range: tuple[float, float] | None = opt(None, "[LO, HI]: the α a request may ask for with any_alpha.")
-    host: str | None = opt(None, "Address to listen on (default: the serve command's).")
-    port: int | None = opt(None, "Port to listen on (default: the serve command's).")
-    name: str | None = opt(None, "Served model name (default: the serve command's).")
+class ServeSpec(ServeOptions):
+    """`serve:`: which valve, and `tvtool serve`'s options."""
+
+    valve: str = dataclasses.field(kw_only=True, metadata={"help": "What to serve: a train entry's name, or "
+                                                                   "low_rank (the low-rank delta)."})
+
+
+def _field(flag: str | None) -> str:
+    """The ServeOptions field an OptionsError's flag names (`--alpha` → alphas)."""
+    flags = {f.metadata.get("flag") or "--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServeSpec)}
+    return flags.get(flag or "", (flag or "").removeprefix("--").replace("-", "_"))
 
 
 def _check(r: RecipeCore) -> None:
@@ -43,20 +48,13 @@ def _check(r: RecipeCore) -> None:
         raise Invalid(f"is {s.valve!r}, not a valve of this recipe",
                       f"name one of: {', '.join(valves)}" if valves else "add a train: entry or low_rank: to serve",
                       "serve.valve")
-    if not s.alphas:
-        raise Invalid("must list at least one α", "e.g. alphas: [0, 0.5, 1]", "serve.alphas")
-    bad = [a for a in s.alphas if not math.isfinite(a)]
-    if bad:
-        raise Invalid(f"must be finite numbers, got {bad[0]}", field="serve.alphas")
-    if s.alpha_range is not None:
-        if not s.any_alpha:
-            raise Invalid("needs any_alpha: true", "add any_alpha: true, or remove alpha_range", "serve.alpha_range")
-        lo, hi = s.alpha_range
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise Invalid(f"must be [LO, HI] with LO < HI, got [{cli_number(lo)}, {cli_number(hi)}]",
-                          "e.g. alpha_range: [0, 1]", "serve.alpha_range")
-    if s.port is not None and not 0 < s.port < 65536:
-        raise Invalid(f"must be a port number (1 to 65535), got {s.port}", field="serve.port")
+    if getattr(s, _SECRET) is not None:
+        raise Invalid("would be written into the run's recipe.yaml and REPORT.md",
+                      "remove it and set VLLM_API_KEY where the server runs", f"serve.{_SECRET}")
+    try:
+        check_serve_options(s)
+    except OptionsError as e:
+        raise Invalid(f"is invalid: {e.what}", e.fix, f"serve.{_field(e.where)}") from None
 
 
 def serve_command(recipe: RecipeCore, out: str) -> list[str]:
@@ -67,18 +65,9 @@ def serve_command(recipe: RecipeCore, out: str) -> list[str]:
     else:
         t = next(t for t in r.train if t.name == s.valve)
         base, delta = named_model(r, t.model), f"{out}/train/{t.name}"
-    words = ["tvtool", "serve", "--base", base, "--delta", delta, "--alpha", ",".join(map(cli_number, s.alphas))]
-    if s.name:
-        words += ["--name", s.name]
-    if s.any_alpha:
-        words += ["--any-alpha"]
-        if s.alpha_range:
-            words += ["--alpha-range", ":".join(map(cli_number, s.alpha_range))]
-    if s.host:
-        words += ["--host", s.host]
-    if s.port is not None:
-        words += ["--port", str(s.port)]
-    return words + r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank", "max_loras"))  # the recipe's engine
+    return (["tvtool", "serve", "--base", base, "--delta", delta, "--alpha", ",".join(map(cli_number, s.alphas))]
+            + s.to_cli_args(exclude=("valve", "alphas", _SECRET))  # the α list always shown; the rest if not default
+            + r.engine.to_cli_args(exclude=("enable_lora", "max_lora_rank", "max_loras")))  # the recipe's engine
 
 
 @register
