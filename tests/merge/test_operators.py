@@ -239,6 +239,26 @@ def test_dare_mask_is_the_documented_hash_and_independent_of_chunking():
     assert abs(ref.mean() - (1 - p)) < 4.5 * np.sqrt(p * (1 - p) / n)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_each_task_vector_draws_its_own_dare_mask(monkeypatch, fused):
+    """Vector 0 hashes the tensor name (one vector: the single-vector mask), vector v > 0 'v:name': the masks
+    are independent (kept in both ≈ (1 − p)², as mergekit's draws), on the fused and the torch path."""
+    if not fused:
+        monkeypatch.setattr(kernels, "combine", lambda **kw: None)  # → the torch expression
+    g = torch.Generator().manual_seed(4)
+    d, zero = torch.randn(200, 64, generator=g), torch.zeros(200, 64)
+    p, c = 0.5, MergeConfig(1.0, method="dare_linear", p=0.5, seed=7, weights=(1.0, 1.0))
+    keeps = []
+    for v, ds in enumerate([[d, zero], [zero, d]]):  # Δ in vector v only: M = Δ·keep_v / (1 − p)
+        m, prep = _prepared(c, ds, [(0, 200)], name="t")
+        got = _m(m, prep, ds, 0, 200)
+        keep = torch.from_numpy(_numpy_mask(7, "t" if v == 0 else f"{v}:t", p, d.numel()).reshape(d.shape))
+        assert torch.equal(got, torch.where(keep, (d.double() / (1 - p)).float(), 0.0)), v
+        keeps.append(keep)
+    both = (keeps[0] & keeps[1]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 4.5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / d.numel()) ** 0.5
+
+
 def test_dare_mask_is_the_same_in_another_process():
     code = ("from tvtool.merge import kernels; import hashlib; "
             "m = kernels.dare_keep(seed=5, name='x.weight', p=0.3, flat_start=123, shape=(40, 50)); "

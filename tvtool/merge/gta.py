@@ -153,8 +153,7 @@ class Random(GTA):
     """DARE: drop each element of Δ_i with probability p (a hash of seed, tensor name and flat index),
     rescale the kept ones by 1/(1 − p), computed in float64 and rounded once (the DARE paper; mergekit's
     `rescale` matches the L1 norm of the whole tensor instead, and draws its mask from torch's RNG).
-    Every task vector of a tensor hashes the same stream (a kept index is kept in each vector with the
-    same p)."""
+    Each task vector draws its own mask (`kernels.tensor_key`), independent of the others, as mergekit's."""
 
     p: PerVector = P.field()
     seed: int = SEED.field()
@@ -168,13 +167,13 @@ class Random(GTA):
                                    fix="p is the fraction of Δ dropped, e.g. 0.9")
 
     def fused(self, state, tensor: TensorInfo, n: int) -> dict:
-        key = kernels.tensor_key(self.seed, tensor.name)
-        return {"dare": [(key, int(p * 2.0**53), 1.0 - p) for p in self.per("p", n)]}
+        return {"dare": [(kernels.tensor_key(self.seed, tensor.name, vector=v), int(p * 2.0**53), 1.0 - p)
+                         for v, p in enumerate(self.per("p", n))]}
 
     def sparsify(self, v, d, state, tensor, flat):
         p = self.per("p", tensor.n_vectors)[v]
         if p > 0:
-            keep = kernels.dare_keep(seed=self.seed, name=tensor.name, p=p, flat_start=flat, shape=d.shape)
+            keep = kernels.dare_keep(seed=self.seed, name=tensor.name, p=p, flat_start=flat, shape=d.shape, vector=v)
             d = (d * keep.to(d.dtype)).double().div_(1.0 - p).float()  # Δ/(1−p), rounded once
         return d
 

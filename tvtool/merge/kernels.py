@@ -218,25 +218,29 @@ def keep_by_cut(x: torch.Tensor, flat_start: int, key: int, last_tie: int) -> to
 # -- DARE: a counter-based hash of (seed, tensor name, flat element index) -----------------
 
 
-def tensor_key(seed: int, name: str) -> int:
-    """The 64-bit stream key of one tensor: splitmix64(seed ⊕ blake2b-64(name)), stable across processes."""
-    h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+def tensor_key(seed: int, name: str, *, vector: int = 0) -> int:
+    """The 64-bit stream key of one tensor: splitmix64(seed ⊕ blake2b-64(name)), stable across processes.
+    Task vector `vector` > 0 hashes 'vector:name': each vector draws its own mask (as mergekit's do), and
+    one vector's mask is the same as with a single vector."""
+    text = name if vector == 0 else f"{vector}:{name}"
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
     z = (int(seed) ^ h) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
 
 
-def dare_keep(*, seed: int, name: str, p: float, flat_start: int, shape) -> torch.Tensor:
-    """Bool keep-mask of the elements [flat_start, flat_start + numel(shape)) of tensor `name`.
+def dare_keep(*, seed: int, name: str, p: float, flat_start: int, shape, vector: int = 0) -> torch.Tensor:
+    """Bool keep-mask of the elements [flat_start, flat_start + numel(shape)) of tensor `name` (task vector
+    `vector`, see `tensor_key`).
 
     Element e (flat row-major index in the whole tensor) is dropped iff
     splitmix64(key + (e+1)·0x9E3779B97F4A7C15) >> 11 < ⌊p·2⁵³⌋: P(drop) = p to 2⁻⁵³, and the
-    mask depends only on (seed, name, e), never on chunking, process or worker.
+    mask depends only on (seed, name, vector, e), never on chunking, process or worker.
     """
     n = int(np.prod(shape)) if len(shape) else 1
     out = np.empty(n, dtype=np.bool_)
-    _nk()._dare_keep(np.uint64(tensor_key(seed, name)), flat_start, np.uint64(int(p * 2.0**53)), out)
+    _nk()._dare_keep(np.uint64(tensor_key(seed, name, vector=vector)), flat_start, np.uint64(int(p * 2.0**53)), out)
     return torch.from_numpy(out).view(tuple(shape))
 
 
