@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -269,29 +267,38 @@ def test_adapter_card_yaml_names_a_hub_base():
 
 
 # -- vLLM -------------------------------------------------------------------------------------------------
-def _vllm(spec: dict) -> dict:
-    p = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "vllm_lora_check.py"), json.dumps(spec)],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+def _greedy(llm, prompts: list[list[int]], n: int, lora=None) -> list[list[int]]:
+    """vLLM's own greedy ids for token-id prompts (no tvtool in between), optionally through a LoRA."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), lora_request=lora,
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 @pytest.mark.vllm
-def test_vllm_serves_adapters_like_the_materialized_low_rank_model(llama, tmp_path):
-    """Two α adapters side by side in one engine; α=12 (extrapolated, so greedy output moves away from the
-    base) must match vLLM on θ1 + 12·B·A materialized in float32; α=1 must match transformers on θ1 + B·A."""
+def test_vllm_serves_adapters_like_the_materialized_low_rank_model(vengine, tmp_path):
+    """Two α adapters on one engine; α=12 (extrapolated, so greedy output moves away from the base) must match
+    vLLM on θ1 + 12·B·A materialized in float32; α=1 must match transformers on θ1 + B·A. The session engine
+    holds each model by an in-place load (equal to a fresh engine: tests/engine/test_engine.py)."""
     from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
 
-    base, reasoner = llama
+    base, reasoner = vengine.base, vengine.reasoner
     res = svd_rank(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path / "f.safetensors",
                    options=_opts(rank=4, drop_unfactored=True, peft=str(tmp_path / "ad"), peft_alpha=(12.0, 1.0)))
     m = tvtool.materialize(source=DeltaSource(base=base, delta=res.output), output=tmp_path / "m",
                            options=tvtool.MaterializeOptions(alphas=(12.0, 1.0), dtype="float32", progress=False))
     prompts, n = [[1, 5, 9, 13, 40], [1, 7, 7, 30], [1, 100, 42], [1, 60, 61, 62, 63, 64]], 10
-    lora = _vllm({"model": str(base), "prompts": prompts, "n": n, "max_lora_rank": 8,
-                  "loras": {"a12": str(res.adapters[12.0]), "a1": str(res.adapters[1.0])}})
-    merged = _vllm({"model": str(m.folders[12.0]), "prompts": prompts, "n": n})
-    assert lora["a12"] == merged[""]
+    e = vengine.engine
+    e.load_weights(path=base)
+    lora = {name: _greedy(e.llm, prompts, n, LoRARequest(f"lowrank-{name}", 900 + i, str(path)) if path else None)
+            for i, (name, path) in enumerate([("", None), ("a12", res.adapters[12.0]), ("a1", res.adapters[1.0])])}
+    e.load_weights(path=m.folders[12.0])
+    merged = _greedy(e.llm, prompts, n)
+    assert lora["a12"] == merged
     assert lora["a12"] != lora[""]  # not vacuous: the adapter changes the greedy output
     model = AutoModelForCausalLM.from_pretrained(m.folders[1.0], dtype=torch.float32)
     for ids, out in zip(prompts, lora["a1"]):
