@@ -2,7 +2,7 @@
 
 Engine starts are slow (~25-70 s on CPU), so the whole session shares:
 - `vengine`: ONE engine started FRESH on the materialized θ1 + 0.5·Δ checkpoint of the tiny
-  llama pair (float32, LoRA enabled, rank 8). Its first greedy outputs, taken before any
+  llama pair, written in 200 KB shards as big checkpoints are (float32, LoRA enabled, rank 8). Its first greedy outputs, taken before any
   in-place load, are the "fresh engine" reference for the in-place α tests; afterwards
   tests swap weights in place (load_alpha / load_weights) as they need.
 - `lora_pair`: a PEFT rank-8 adapter with random non-zero weights on the tiny llama base,
@@ -38,7 +38,7 @@ class VEngine:
     engine: object  # tvtool.engine.engine.Engine
     base: Path
     reasoner: Path
-    materialized: Path  # θ1 + ALPHA·Δ written by tvtool.merge.materialize
+    materialized: Path  # θ1 + ALPHA·Δ written by tvtool.merge.materialize, in several shards
     prompts: list[str]  # PROBES through the engine's chat template
     fresh_ids: list[tuple[int, ...]]  # greedy ids of the fresh engine on `materialized`
 
@@ -54,7 +54,7 @@ def vengine(pairs, tmp_path_factory):
     base, reasoner = pairs["llama"]
     out = tmp_path_factory.mktemp("vengine")
     res = materialize(source=DeltaSource(base=base, reasoner=reasoner), output=out,
-                      options=MaterializeOptions(alphas=(ALPHA,), progress=False))
+                      options=MaterializeOptions(alphas=(ALPHA,), progress=False, max_shard_size="200KB"))
     mat = res.folders[ALPHA]
     eng = Engine(model=mat, options=engine_options(enable_lora=True, max_lora_rank=8))
     prompts = eng.prompts(questions=PROBES, options=PromptOptions())

@@ -1,34 +1,27 @@
-"""A materialized α folder loads in vLLM (CPU) and generates what transformers generates."""
+"""A materialized α folder, sharded as real checkpoints are, starts a fresh vLLM engine (CPU) that generates
+what transformers generates."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import tvtool
-from tvtool.vectors.source import DeltaSource
-
 
 @pytest.mark.vllm
-def test_materialized_folder_runs_in_vllm(llama, tmp_path):
+def test_materialized_folder_runs_in_vllm(vengine):
+    """The session engine was started fresh on a materialized sharded folder; its first greedy tokens are
+    those of transformers on that folder."""
     from transformers import AutoModelForCausalLM
 
-    base, reasoner = llama
-    res = tvtool.materialize(source=DeltaSource(base=base, reasoner=reasoner), output=tmp_path,
-                             options=tvtool.MaterializeOptions(alphas=(0.6,), progress=False, max_shard_size="200KB"))
-    folder = res.folders[0.6]
-    prompts = [[1, 5, 9, 13, 40], [1, 7, 7, 30]]
-    p = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "vllm_greedy.py"), str(folder),
-                        json.dumps(prompts), "8"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    folder = vengine.materialized
+    assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    for ids, out in zip(prompts, got):
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+    n = 8
+    for text, got in zip(vengine.prompts, vengine.fresh_ids):
+        ids = vengine.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
                              pad_token_id=3)[0, len(ids):].tolist()
-        assert out == ref
+        assert list(got[:n]) == ref
