@@ -196,3 +196,33 @@ def test_one_pair_trimmed_in_chunks_equals_whole_tensors_and_the_reference(trio,
         assert_bit_equal(got, _loaded(source, c))
         if ref is not None:
             assert_bit_equal(got, ref)
+
+
+def test_a_folder_written_when_dare_vectors_shared_one_mask_is_not_taken_as_finished(trio, tmp_path):
+    """Several vectors under DARE once shared one mask. A folder written then has a record without the
+    per-vector mask: a re-run refuses it as made otherwise (or redoes it with --overwrite), never takes it
+    as finished. One vector's mask never changed, so its record did not either."""
+    from tvtool.errors import OutputError
+    from tvtool.io.finished import stage_record
+
+    base, r1, r2 = trio
+    c = MergeConfig(0.8, method="dare_linear", p=0.5, seed=3, weights=(1.0, 1.0))
+    one = MergeConfig(0.8, method="dare_linear", p=0.5, seed=3)
+    assert one.record() == one.to_dict() and c.record() == {**c.to_dict(), "mask": "per-vector"}
+    assert MergeConfig.from_record(c.record()) == c
+    src = DeltaSource(base=base, reasoner=r1, more=(r2,))
+    folder = tvtool.materialize(source=src, output=tmp_path, configs=[c],
+                                options=MaterializeOptions(progress=False)).configs[c]
+    meta = json.loads((folder / "tvtool.json").read_text())
+    rec = meta["record"]
+    assert rec["options"]["mask"] == "per-vector"
+    meta["record"] = stage_record(stage=rec["stage"], options={k: v for k, v in rec["options"].items() if k != "mask"},
+                                  inputs=rec["inputs"])  # as the earlier version wrote it
+    (folder / "tvtool.json").write_text(json.dumps(meta))
+    with pytest.raises(OutputError) as e:
+        tvtool.materialize(source=src, output=tmp_path, configs=[c], options=MaterializeOptions(progress=False))
+    assert str(e.value) == (f"the output holds a result made from other inputs or options (mask null → per-vector) "
+                            f"({folder}). Pass --overwrite to redo it, or choose another output")
+    again = tvtool.materialize(source=src, output=tmp_path, configs=[c],
+                               options=MaterializeOptions(progress=False, overwrite=True))
+    assert json.loads((again.configs[c] / "tvtool.json").read_text())["record"]["options"]["mask"] == "per-vector"

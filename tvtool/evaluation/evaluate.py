@@ -96,7 +96,7 @@ class _Planned:
         if self.config is not None:
             if self.source not in cache:
                 cache[self.source] = self.source.fingerprint_record()
-            return {"source": cache[self.source], "merge": self.config.to_dict()}
+            return {"source": cache[self.source], "merge": self.config.record()}
         if self.path not in cache:
             cache[self.path] = input_fingerprint(self.path)
         return {"folder": cache[self.path]}

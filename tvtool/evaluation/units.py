@@ -209,7 +209,7 @@ def sweep_runs(*, output: str | os.PathLike, source: DeltaSource, alphas: Sequen
             model = sweep_model(source=source, config=config)
             settings = run_settings(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
                                     sampling=sampling, options=o, sampling_record=rec)
-            weights = {"source": fingerprint, "merge": config.to_dict()}
+            weights = {"source": fingerprint, "merge": config.record()}
             record = run_record(engine=None, problems=problems, model=model, lora=None, prompt=prompt,
                                 sampling=sampling, options=o, weights=weights, sampling_record=rec,
                                 engine_options=engine_options)

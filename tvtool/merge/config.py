@@ -152,11 +152,22 @@ class MergeConfig:
         d.update({"schedule": self.schedule} if self.schedule is not None else {})
         return d
 
+    def record(self) -> dict:
+        """The settings as finished-work records hold them: `to_dict` plus the operator's revision (an output
+        an earlier version wrote differently for the same settings is redone)."""
+        return {**self.to_dict(), **self.operator.revision(self.n_vectors)}
+
     @classmethod
     def from_dict(cls, d: dict) -> "MergeConfig":
         d = dict(d)
         d["rules"] = tuple(tuple(r) for r in d.get("rules") or ())
         return cls(**d)
+
+    @classmethod
+    def from_record(cls, d: dict) -> "MergeConfig":
+        """The configuration a record's settings describe (`record`'s revision and other entries dropped)."""
+        known = {"alpha", "include", "exclude", "method", "rules", "schedule", *(s.name for s in all_settings())}
+        return cls.from_dict({k: v for k, v in d.items() if k in known})
 
 
 def _plain(value: Any, s: Setting) -> Any:

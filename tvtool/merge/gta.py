@@ -166,6 +166,10 @@ class Random(GTA):
                 raise OptionsError(f"DARE drop probability p must be in [0, 1), got {p}", where="merge.p",
                                    fix="p is the fraction of Δ dropped, e.g. 0.9")
 
+    def revision(self, n_vectors: int) -> dict:
+        # several vectors once shared one mask: their outputs differ since each draws its own
+        return {"mask": "per-vector"} if n_vectors > 1 else {}
+
     def fused(self, state, tensor: TensorInfo, n: int) -> dict:
         return {"dare": [(kernels.tensor_key(self.seed, tensor.name, vector=v), int(p * 2.0**53), 1.0 - p)
                          for v, p in enumerate(self.per("p", n))]}

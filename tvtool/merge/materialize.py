@@ -144,7 +144,7 @@ def materialize_record(inputs: dict, config: MergeConfig, o: MaterializeOptions)
     """The finished-work record of one folder: the merge settings (operator included) and the inputs'
     content (`DeltaSource.fingerprint_record`)."""
     keep = ("dtype", "config_from", "allow_nonfinite")
-    return stage_record(stage="materialize", options={**inputs["options"], **json.loads(json.dumps(config.to_dict())),
+    return stage_record(stage="materialize", options={**inputs["options"], **json.loads(json.dumps(config.record())),
                                                       **{k: getattr(o, k) for k in keep}}, inputs=inputs["inputs"])
 
 

@@ -95,7 +95,7 @@ def operator_settings(config: MergeConfig, *, more: Sequence[str] = ()) -> dict 
     operator fields and the further task vectors `more`; None for plain θ1 + α·Δ."""
     if config.is_plain(1 + len(more)):
         return None
-    op = {k: v for k, v in config.to_dict().items() if k not in ("alpha", "include", "exclude")}
+    op = {k: v for k, v in config.record().items() if k not in ("alpha", "include", "exclude")}
     return json.loads(json.dumps({**op, **({"more": [str(m) for m in more]} if more else {})}))  # lists: YAML-safe
 
 

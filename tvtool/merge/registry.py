@@ -102,6 +102,11 @@ class Operator:
     def check(self, n_vectors: int) -> None:
         """Raise OptionsError on a bad setting (naming `merge.<setting>`) for `n_vectors` task vectors."""
 
+    def revision(self, n_vectors: int) -> dict:
+        """What the finished-work records add when this operator's output changed for the same settings
+        (`MergeConfig.record`): outputs of an earlier version are then redone, never taken as finished."""
+        return {}
+
     def is_identity(self, n_vectors: int) -> bool:
         """Whether M is Δ itself (plain θ1 + α·Δ: the α = 1 rule and the fused pair path apply)."""
         return False

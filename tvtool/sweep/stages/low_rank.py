@@ -168,5 +168,5 @@ def _factored(op: dict | None) -> str:
     """The report's words on an operator's M factored instead of Δ (`svd_rank`'s report `merge`)."""
     if not op:
         return ""
-    c = MergeConfig.from_dict({"alpha": 1.0, **{k: v for k, v in op.items() if k != "more"}})
+    c = MergeConfig.from_record({"alpha": 1.0, **op})
     return f"The `{c.method}` operator's M ({describe(c)['params'] or 'default settings'}) in place of Δ; "
