@@ -127,3 +127,10 @@ def test_a_sweep_into_an_input_is_refused_before_anything_is_written(tmp_path, w
     assert r.exit_code == 2
     assert _digest(tmp_path / "models") == before  # no byte of the input changed, nothing added to it
     assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no lock file, no output folder
+
+
+def test_serve_paths_are_from_the_recipes_folder_as_every_recipe_path(tmp_path):
+    (tmp_path / "sub" / "c").mkdir(parents=True)  # a local path that exists (else it could be a Hub id)
+    p = _recipe(tmp_path / "sub" / "r.yaml", train=[VALVE], serve={"valve": "pp", "cache": "c", "log": "/abs/s.log"})
+    s = load_recipe(p).serve
+    assert (s.cache, s.log) == (str(tmp_path / "sub" / "c"), "/abs/s.log")

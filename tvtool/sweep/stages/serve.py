@@ -57,6 +57,11 @@ def _check(r: RecipeCore) -> None:
         raise Invalid(f"is invalid: {e.what}", e.fix, f"serve.{_field(e.where)}") from None
 
 
+def _paths(s: ServeSpec | None, to) -> ServeSpec | None:
+    """The local paths a serve entry names (`cache`, `log`), from the recipe's folder as every recipe path."""
+    return dataclasses.replace(s, **{k: to(getattr(s, k)) for k in ("cache", "log") if getattr(s, k)}) if s else None
+
+
 def serve_command(recipe: RecipeCore, out: str) -> list[str]:
     """`tvtool serve …` for the recipe's serve entry (paths as the recipe and `out` name them)."""
     r, s = recipe, recipe.serve
@@ -76,7 +81,7 @@ class ServeStage(Stage):
     order = 100
     section = Section("serve", ServeSpec | None, None, "Print the command that serves a valve of this recipe "
                                                        "(`tvtool serve`) once the sweep has finished.",
-                      after="train", check=_check)
+                      after="train", check=_check, paths=_paths)
     publish = True
 
     def runs(self, recipe: RecipeCore) -> bool:
